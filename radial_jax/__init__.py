@@ -1,0 +1,34 @@
+"""radial-jax: Radial Attention (arXiv 2506.19852) for video diffusion transformers, in JAX.
+
+Dimension glossary, used by annotations, einsum strings and comments alike:
+  B batch, L query tokens, M key tokens, N heads, D head_dim, C width, T text tokens,
+  F/H/W latent frames/height/width, QB/KB query/key blocks.
+
+Public API:
+  radial_block_mask(num_frames, tokens_per_frame, ...) -> bool numpy [QB, KB]
+  radial_attention(q, k, v, *, block_mask, block_size=128, implementation="auto", scale=None)
+"""
+
+from radial_jax.attention import radial_attention
+from radial_jax.mask import (
+    attention_flops,
+    block_density,
+    computed_token_pairs,
+    expand_block_mask,
+    radial_block_mask,
+    radial_token_mask,
+    video_tokens,
+)
+from radial_jax.reference import attention_reference
+
+__all__ = [
+    "attention_flops",
+    "attention_reference",
+    "block_density",
+    "computed_token_pairs",
+    "expand_block_mask",
+    "radial_attention",
+    "radial_block_mask",
+    "radial_token_mask",
+    "video_tokens",
+]
