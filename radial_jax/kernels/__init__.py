@@ -1,0 +1,81 @@
+"""Pallas block-sparse attention kernels driven by a static block mask.
+
+`block_sparse_attention` picks the kernel: Mosaic GPU (TMA + wgmma) on Hopper for 128-token
+blocks in bf16/f16, else the Triton-lowered twin (any CUDA GPU, or the CPU in interpret mode).
+Both loop over the same index tables (tables.py) and return the row logsumexp beside the
+output. Gradients go through jax.custom_vjp.
+"""
+
+import functools
+
+import jax
+import numpy as np
+
+from radial_jax.kernels import mosaic_fwd, triton_fwd
+from radial_jax.kernels.tables import BlockTables, block_tables
+from radial_jax.reference import attention_reference
+
+BACKENDS = ("mosaic", "triton", "interpret")
+
+
+def default_backend(q_dtype, head_dim: int, block_size: int) -> str:
+    """Returns the fastest kernel backend that can run here for these inputs."""
+    if jax.default_backend() != "gpu":
+        return "interpret"
+    device = jax.devices()[0]
+    if str(getattr(device, "compute_capability", "0")).startswith("9") and (
+        mosaic_fwd.supported(q_dtype, head_dim, block_size) is None
+    ):
+        return "mosaic"
+    return "triton"
+
+
+def block_sparse_attention(q, k, v, block_mask: np.ndarray, *, block_size: int, scale: float | None = None,
+                           return_lse: bool = False, backend: str | None = None):
+    """Returns out [B, L, N, D] (and lse [B, N, L], natural log, if return_lse).
+
+    q: [batch, seq_q, heads, head_dim]; k, v: [batch, seq_kv, heads, head_dim];
+    block_mask: static bool numpy [ceil(seq_q/B), ceil(seq_kv/B)]. Rows with no key block
+    give zeros and lse = -inf.
+    """
+    head_dim = q.shape[-1]
+    scale = float(head_dim**-0.5 if scale is None else scale)
+    backend = backend or default_backend(q.dtype, head_dim, block_size)
+    if backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r} must be one of {BACKENDS}")
+    if backend == "mosaic" and (reason := mosaic_fwd.supported(q.dtype, head_dim, block_size)):
+        raise NotImplementedError(f"mosaic kernel: {reason}")
+    tables = block_tables(block_mask, block_size, q.shape[1], k.shape[1])
+    out, lse = _attention(q, k, v, tables, scale, backend)
+    return (out, lse) if return_lse else out
+
+
+def _forward(q, k, v, tables: BlockTables, scale: float, backend: str):
+    if backend == "mosaic":
+        return mosaic_fwd.mosaic_forward(q, k, v, tables=tables, scale=scale)
+    return triton_fwd.triton_forward(q, k, v, tables=tables, scale=scale, interpret=backend == "interpret")
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _attention(q, k, v, tables, scale, backend):
+    return _forward(q, k, v, tables, scale, backend)
+
+
+def _attention_fwd(q, k, v, tables, scale, backend):
+    out, lse = _forward(q, k, v, tables, scale, backend)
+    return (out, lse), (q, k, v)
+
+
+def _attention_bwd(tables, scale, backend, residuals, cotangents):
+    # Until the backward kernels land: differentiate the jnp reference (recomputes the forward).
+    q, k, v = residuals
+    d_out, d_lse = cotangents
+
+    def ref(q, k, v):
+        return attention_reference(q, k, v, tables.block_mask, block_size=tables.block_size, scale=scale)
+
+    _, vjp = jax.vjp(ref, q, k, v)
+    return vjp((d_out, d_lse))
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd)

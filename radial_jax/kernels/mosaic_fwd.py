@@ -1,0 +1,205 @@
+"""Block-sparse flash attention forward for Hopper, Pallas Mosaic GPU (TMA + wgmma).
+
+FlashAttention-3 structure (as in jax's attention_mgpu example and tokamax's sm90 kernel) with
+the key loop driven by the index tables: one CTA per (head, 128-token query block, batch), two
+compute warpgroups of 64 query rows each and one memory warpgroup that TMA-loads the K/V
+blocks listed for this query block into a ring of `num_stages` shared-memory slots. Empty
+blocks are never loaded.
+
+Ragged lengths are handled in the kernel: TMA zero-fills reads past the end and clips writes;
+keys past seq_kv are masked in the one step that needs it (the ragged key block is the last
+in every row's list, see tables.py); the lse output is padded to whole blocks and sliced.
+"""
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from radial_jax.kernels.tables import BlockTables
+
+LOG2_E = math.log2(math.e)
+LN_2 = math.log(2.0)
+COMPUTE_WGS = 2  # compute warpgroups per CTA
+MASK_BLOCK = 128  # tokens per mask block this kernel serves: COMPUTE_WGS x block_q
+
+
+@dataclasses.dataclass(frozen=True)
+class MosaicTuning:
+    block_q: int = 64  # query rows per compute warpgroup (wgmma M)
+    block_kv: int = 128  # keys per pipeline step; equals the mask block
+    num_stages: int = 2  # K/V ring depth; 3 gave no gain on H100 (shared/GPU.md)
+
+
+def supported(q_dtype, head_dim: int, block_size: int) -> str | None:
+    """Returns None if the Mosaic kernel can run this case, else the reason it cannot."""
+    if block_size != MASK_BLOCK:
+        return f"block_size={block_size} (the Mosaic kernel serves {MASK_BLOCK})"
+    if jnp.dtype(q_dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+        return f"dtype {jnp.dtype(q_dtype)} (the Mosaic kernel takes bf16/f16)"
+    if head_dim not in (64, 128):
+        return f"head_dim={head_dim} (the Mosaic kernel takes 64 or 128)"
+    return None
+
+
+@functools.partial(jax.jit, static_argnames=("tables", "scale", "tuning"))
+def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: MosaicTuning = MosaicTuning()):
+    """Returns (out [B, L, N, D] in q.dtype, lse [B, N, L] float32, natural log).
+
+    q: [batch, seq_q, heads, head_dim]; k, v: [batch, seq_kv, heads, head_dim], bf16 or f16.
+    """
+    import jax.experimental.pallas as pl
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+
+    batch, q_len, heads, head_dim = q.shape
+    kv_len = k.shape[1]
+    dtype = q.dtype
+    block_q, block_kv, stages = tuning.block_q, tuning.block_kv, tuning.num_stages
+    assert COMPUTE_WGS * block_q == MASK_BLOCK == block_kv == tables.block_size
+    num_q_tiles = tables.num_q_blocks
+    qk_scale = scale * LOG2_E
+
+    kv_ids = jnp.asarray(tables.kv_ids)
+    counts = jnp.stack([jnp.asarray(tables.kv_counts), jnp.asarray(tables.kv_full_counts)], axis=1)
+
+    def kernel(q_ref, k_ref, v_ref, ids_ref, counts_ref, out_ref, lse_ref,
+               qo_smem2, k_smem, v_smem, lse_smem2,
+               k_barriers, v_barriers, q_barriers, k_consumed, v_consumed, schedule_barrier):
+        b = lax.axis_index("batch")
+        head = lax.axis_index("heads")
+        q_tile = lax.axis_index("q_seq")
+        wg = lax.axis_index("wg")
+        count = counts_ref[q_tile, 0]
+        full_count = counts_ref[q_tile, 1]
+
+        def schedule():
+            plgpu.barrier_arrive(schedule_barrier)
+            plgpu.barrier_wait(schedule_barrier)
+
+        @pl.when(wg < COMPUTE_WGS)
+        def _compute_wg():
+            plgpu.set_max_registers(232, action="increase")
+            qo_smem = qo_smem2.at[wg]
+            lse_smem = lse_smem2.at[wg]
+            q_base = q_tile * MASK_BLOCK + wg * block_q
+            plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(q_base, block_q), head], qo_smem, q_barriers.at[wg])
+            plgpu.barrier_wait(q_barriers.at[wg])
+
+            row = plgpu.Layout.WGMMA.reduce(1)
+            m_i = plgpu.layout_cast(jnp.full((block_q,), -jnp.inf, jnp.float32), row)
+            l_i = plgpu.layout_cast(jnp.full((block_q,), 0.0, jnp.float32), row)
+            acc = plgpu.layout_cast(jnp.full((block_q, head_dim), 0.0, jnp.float32), plgpu.Layout.WGMMA)
+
+            @pl.when(count > 0)
+            def _():
+                plgpu.barrier_wait(k_barriers.at[0])
+
+            pl.when(wg == 1)(schedule)
+
+            def kv_step(step, carry, *, mask_tail):
+                acc, m_i, l_i = carry
+                slot = lax.rem(step, stages)
+
+                def compute_qk(acc_ref):
+                    plgpu.wgmma(acc_ref, qo_smem, k_smem.at[slot].transpose((1, 0)))
+                    schedule()
+                    return acc_ref[...]
+
+                s = pl.run_scoped(compute_qk, plgpu.ACC((block_q, block_kv), jnp.float32))
+                plgpu.barrier_arrive(k_consumed.at[slot])
+                if mask_tail:
+                    kv_start = ids_ref[q_tile, step] * block_kv
+                    cols = plgpu.broadcasted_iota(jnp.int32, (block_q, block_kv), 1, layout=plgpu.Layout.WGMMA)
+                    s = jnp.where(kv_start + cols < kv_len, s, -jnp.inf)
+                # m_i is kept in log2 units (scaled logits) so that p is one FMA + exp2.
+                m_new = jnp.maximum(m_i, s.max(axis=1) * qk_scale)
+                alpha = jnp.exp2(m_i - m_new)
+                p = jnp.exp2(s * qk_scale - lax.broadcast_in_dim(m_new, s.shape, [0]))
+                acc *= lax.broadcast_in_dim(alpha, acc.shape, [0])
+                l_i = l_i * alpha + p.sum(axis=1)
+                p16 = p.astype(dtype)
+                # Ordering found by the jax example to matter for speed on H100.
+                acc, l_i, m_new, p16 = lax.optimization_barrier((acc, l_i, m_new, p16))
+                plgpu.barrier_arrive(schedule_barrier)
+                plgpu.barrier_wait(v_barriers.at[slot])
+                plgpu.barrier_wait(schedule_barrier)
+
+                def compute_pv(acc_ref):
+                    plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
+                    next_slot = lax.rem(step + 1, stages)
+
+                    @pl.when(step + 1 < count)
+                    def _():
+                        plgpu.barrier_wait(k_barriers.at[next_slot])
+
+                acc = pl.run_state(compute_pv)(plgpu.ACC.init(acc))
+                plgpu.barrier_arrive(v_consumed.at[slot])
+                return acc, m_new, l_i
+
+            carry = lax.fori_loop(0, full_count, functools.partial(kv_step, mask_tail=False), (acc, m_i, l_i))
+            if tables.kv_ragged:
+                carry = lax.fori_loop(full_count, count, functools.partial(kv_step, mask_tail=True), carry)
+            acc, m_i, l_i = carry
+            pl.when(wg == 0)(schedule)
+
+            # An empty row (count == 0) has l_i == 0: write zeros and lse = -inf, never NaN.
+            nonempty = l_i > 0.0
+            inv = jnp.where(nonempty, 1.0 / jnp.where(nonempty, l_i, 1.0), 0.0)
+            acc *= lax.broadcast_in_dim(inv, acc.shape, [0])
+            qo_smem[...] = acc.astype(dtype)
+            lse_smem[...] = jnp.where(nonempty, (m_i + jnp.log2(jnp.where(nonempty, l_i, 1.0))) * LN_2, -jnp.inf)
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(qo_smem, out_ref.at[b, pl.ds(q_base, block_q), head])
+            plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[b, head, pl.ds(q_base, block_q)])
+            plgpu.wait_smem_to_gmem(0)
+
+        @pl.when(wg == COMPUTE_WGS)
+        def _memory_wg():
+            plgpu.set_max_registers(40, action="decrease")
+
+            def load(step, slot):
+                kv = (b, pl.ds(ids_ref[q_tile, step] * block_kv, block_kv), head)
+                plgpu.copy_gmem_to_smem(k_ref.at[kv], k_smem.at[slot], k_barriers.at[slot])
+                plgpu.copy_gmem_to_smem(v_ref.at[kv], v_smem.at[slot], v_barriers.at[slot])
+
+            for i in range(stages):
+                pl.when(i < count)(functools.partial(load, i, i))
+
+            @pl.loop(0, jnp.maximum(count - stages, 0))
+            def _(step):
+                slot = lax.rem(step, stages)
+                plgpu.barrier_wait(k_consumed.at[slot])
+                plgpu.barrier_wait(v_consumed.at[slot])
+                load(step + stages, slot)
+
+    tiling = plgpu.TilingTransform((8, 64 * 2 // jnp.dtype(dtype).itemsize))
+    swizzle = plgpu.SwizzleTransform(128)
+    scratch = [
+        plgpu.SMEM((COMPUTE_WGS, block_q, head_dim), dtype, transforms=(tiling, swizzle)),
+        plgpu.SMEM((stages, block_kv, head_dim), dtype, transforms=(tiling, swizzle)),
+        plgpu.SMEM((stages, block_kv, head_dim), dtype, transforms=(tiling, swizzle)),
+        plgpu.SMEM((COMPUTE_WGS, block_q), jnp.float32),
+        plgpu.Barrier(num_barriers=stages),
+        plgpu.Barrier(num_barriers=stages),
+        plgpu.Barrier(num_barriers=COMPUTE_WGS),
+        plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages),
+        plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages),
+        plgpu.Barrier(num_arrivals=COMPUTE_WGS),
+    ]
+    out, lse = plgpu.kernel(
+        kernel,
+        out_type=[
+            jax.ShapeDtypeStruct(q.shape, dtype),
+            jax.ShapeDtypeStruct((batch, heads, num_q_tiles * MASK_BLOCK), jnp.float32),
+        ],
+        scratch_types=scratch,
+        grid=(heads, num_q_tiles, batch),  # heads fastest: best measured order (shared/GPU.md)
+        grid_names=("heads", "q_seq", "batch"),
+        num_threads=COMPUTE_WGS + 1,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(approx_math=True),
+    )(q, k, v, kv_ids, counts)
+    return out, lse[..., :q_len]

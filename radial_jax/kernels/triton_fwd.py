@@ -1,0 +1,106 @@
+"""Block-sparse flash attention forward, Pallas Triton lowering: the portable twin.
+
+The same algorithm as the Mosaic GPU kernel (mosaic_fwd.py) on the same index tables: each
+program owns one query block of one head and loops over that block's key blocks only. It runs
+on any CUDA GPU and, with interpret=True, on the CPU, where the test suite checks it. On Hopper
+it runs at about half the speed of the Mosaic kernel (the Triton lowering issues no wgmma).
+"""
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from radial_jax.kernels.tables import BlockTables
+
+LOG2_E = math.log2(math.e)
+LN_2 = math.log(2.0)
+
+
+def _forward_kernel(table_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, scale, block, kv_len, ragged):
+    """One query block x one head. table_ref: [1 + max_kv] = (count, kv block ids...)."""
+    count = table_ref[0]
+    q = q_ref[...]  # [block, D]
+    head_dim = q.shape[-1]
+    qk_scale = scale * LOG2_E  # exp(x) = exp2(x log2 e): one FMA per logit
+
+    def body(step, carry):
+        acc, row_max, row_sum = carry
+        kv_block = table_ref[1 + step]
+        start = pl.multiple_of(kv_block * block, block)
+        k = k_ref[pl.ds(start, block), :]  # [block, D]
+        v = v_ref[pl.ds(start, block), :]
+        s = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32) * qk_scale  # [block_q, block_kv], log2 units
+        if ragged:
+            cols = start + jax.lax.broadcasted_iota(jnp.int32, s.shape, 1)
+            s = jnp.where(cols < kv_len, s, -jnp.inf)
+        new_max = jnp.maximum(row_max, s.max(axis=1))
+        p = jnp.exp2(s - new_max[:, None])
+        correction = jnp.exp2(row_max - new_max)
+        acc = acc * correction[:, None] + jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+        return acc, new_max, row_sum * correction + p.sum(axis=1)
+
+    init = (
+        jnp.zeros((q.shape[0], head_dim), jnp.float32),
+        jnp.full((q.shape[0],), -jnp.inf, jnp.float32),
+        jnp.zeros((q.shape[0],), jnp.float32),
+    )
+    acc, row_max, row_sum = jax.lax.fori_loop(0, count, body, init)
+    # An empty row (count == 0) has row_sum 0: return zeros and lse -inf, never NaN.
+    nonempty = row_sum > 0
+    inv = jnp.where(nonempty, 1.0 / jnp.where(nonempty, row_sum, 1.0), 0.0)
+    o_ref[...] = (acc * inv[:, None]).astype(o_ref.dtype)
+    lse_ref[...] = jnp.where(nonempty, (row_max + jnp.log2(jnp.where(nonempty, row_sum, 1.0))) * LN_2, -jnp.inf)
+
+
+def packed_kv_table(tables: BlockTables) -> jax.Array:
+    """Returns int32 [QB, 2^k]: per query block (count, kv ids..., padding); Triton blocks are powers of 2."""
+    width = pl.next_power_of_2(1 + tables.kv_ids.shape[1])
+    table = jnp.zeros((tables.num_q_blocks, width), jnp.int32)
+    table = table.at[:, 0].set(jnp.asarray(tables.kv_counts))
+    return table.at[:, 1 : 1 + tables.kv_ids.shape[1]].set(jnp.asarray(tables.kv_ids))
+
+
+@functools.partial(jax.jit, static_argnames=("tables", "scale", "interpret", "num_warps", "num_stages"))
+def triton_forward(q, k, v, *, tables: BlockTables, scale: float, interpret: bool = False,
+                   num_warps: int = 4, num_stages: int = 2):
+    """Returns (out [B, L, N, D] in q.dtype, lse [B, N, L] float32, natural log).
+
+    q: [batch, seq_q, heads, head_dim]; k, v: [batch, seq_kv, heads, head_dim]. Sequences are
+    zero-padded to whole blocks inside (keys past seq_kv are masked; padded query rows dropped).
+    """
+    from jax.experimental.pallas import triton as pltriton
+
+    batch, q_len, heads, head_dim = q.shape
+    kv_len = k.shape[1]
+    block = tables.block_size
+    qb, kb = tables.num_q_blocks, tables.num_kv_blocks
+    pad = lambda x, n: jnp.pad(x, ((0, 0), (0, n * block - x.shape[1]), (0, 0), (0, 0)))
+    q, k, v = pad(q, qb), pad(k, kb), pad(v, kb)
+    table = packed_kv_table(tables)
+    kernel = functools.partial(_forward_kernel, scale=scale, block=block, kv_len=kv_len,
+                               ragged=tables.kv_ragged)
+    out, lse = pl.pallas_call(
+        kernel,
+        grid=(heads, qb, batch),  # heads fastest: neighbouring programs share a K/V row
+        in_specs=[
+            pl.BlockSpec((None, table.shape[1]), lambda h, i, b: (i, 0)),
+            pl.BlockSpec((None, block, None, head_dim), lambda h, i, b: (b, i, h, 0)),
+            pl.BlockSpec((None, kb * block, None, head_dim), lambda h, i, b: (b, 0, h, 0)),
+            pl.BlockSpec((None, kb * block, None, head_dim), lambda h, i, b: (b, 0, h, 0)),
+        ],
+        out_specs=[
+            pl.BlockSpec((None, block, None, head_dim), lambda h, i, b: (b, i, h, 0)),
+            pl.BlockSpec((None, None, block), lambda h, i, b: (b, h, i)),
+        ],
+        out_shape=[
+            jax.ShapeDtypeStruct(q.shape, q.dtype),
+            jax.ShapeDtypeStruct((batch, heads, qb * block), jnp.float32),
+        ],
+        compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        interpret=interpret,
+        name="radial_block_sparse_fwd_triton",
+    )(table, q, k, v)
+    return out[:, :q_len], lse[..., :q_len]

@@ -1,0 +1,183 @@
+"""Pallas kernels vs the jnp reference: interpret mode on the CPU, the real kernels on a GPU.
+
+One base class over the kernel API; the interpret subclass runs the Triton twin at small sizes
+everywhere, the GPU subclasses (skipped without a GPU) run the Triton and Mosaic kernels.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from radial_jax import attention_reference, radial_block_mask
+from radial_jax.kernels import block_sparse_attention
+from radial_jax.kernels.tables import block_tables
+
+ON_GPU = jax.default_backend() == "gpu"
+IS_HOPPER = ON_GPU and str(getattr(jax.devices()[0], "compute_capability", "")).startswith("9")
+
+
+def _qkv(seed, batch, q_len, kv_len, heads, head_dim, dtype):
+    kq, kk, kv = jax.random.split(jax.random.key(seed), 3)
+    shape_q, shape_kv = (batch, q_len, heads, head_dim), (batch, kv_len, heads, head_dim)
+    return (jax.random.normal(kq, shape_q, jnp.float32).astype(dtype),
+            jax.random.normal(kk, shape_kv, jnp.float32).astype(dtype),
+            jax.random.normal(kv, shape_kv, jnp.float32).astype(dtype))
+
+
+def _random_mask(seed, q_blocks, kv_blocks, density, empty_rows=()):
+    rng = np.random.default_rng(seed)
+    mask = rng.random((q_blocks, kv_blocks)) < density
+    mask[list(empty_rows)] = False
+    return mask
+
+
+def _masks(q_len, kv_len, block):
+    qb, kb = -(-q_len // block), -(-kv_len // block)
+    masks = {
+        "all_on": np.ones((qb, kb), bool),
+        "random_with_empty_rows": _random_mask(qb * 7 + kb, qb, kb, 0.4, empty_rows=(0, qb - 1)),
+        "single_block_per_row": np.eye(qb, kb, k=0, dtype=bool)[:, ::-1].copy(),
+    }
+    frame_tokens = {1000: 100, 1560: 260, 512: 64}
+    if q_len == kv_len and q_len in frame_tokens:
+        s = frame_tokens[q_len]
+        masks["radial"] = radial_block_mask(q_len // s, s, block_size=block, decay_factor=0.5)
+    return masks
+
+
+class KernelChecks:
+    """Forward of block_sparse_attention vs attention_reference (f32 HIGHEST) on one backend."""
+
+    backend: str
+    block: int = 128
+    # (q_len, kv_len, heads, head_dim, batch)
+    cases = [(1000, 1000, 3, 64, 2), (512, 768, 1, 128, 1), (1560, 1560, 12, 64, 1)]
+    dtypes = (jnp.float32, jnp.bfloat16)
+
+    def tolerance(self, dtype):
+        # f32: <= 2e-5 of the output scale catches a wrong block or a missing rescale.
+        return 2e-5 if dtype == jnp.float32 else 2e-2
+
+    def check(self, q_len, kv_len, heads, head_dim, batch, dtype, mask):
+        q, k, v = _qkv(q_len + heads, batch, q_len, kv_len, heads, head_dim, dtype)
+        out, lse = block_sparse_attention(q, k, v, mask, block_size=self.block, return_lse=True,
+                                          backend=self.backend)
+        f32 = lambda x: x.astype(jnp.float32)
+        ref_out, ref_lse = attention_reference(f32(q), f32(k), f32(v), mask, block_size=self.block)
+        assert out.shape == q.shape and out.dtype == q.dtype
+        assert lse.shape == (batch, heads, q_len)
+        assert not jnp.isnan(out).any() and not jnp.isnan(lse).any()
+        scale = float(jnp.abs(ref_out).max())
+        err = float(jnp.abs(f32(out) - ref_out).max())
+        assert err <= self.tolerance(dtype) * scale, (err, scale)
+        finite = jnp.isfinite(ref_lse)
+        assert bool((finite == jnp.isfinite(lse)).all())
+        lse_err = float(jnp.abs(jnp.where(finite, lse - ref_lse, 0.0)).max())
+        assert lse_err <= (1e-4 if dtype == jnp.float32 else 2e-2), lse_err
+        empty = ~mask.any(axis=1)
+        if empty.any():
+            rows = np.repeat(empty, self.block)[:q_len]
+            assert bool((out[:, rows] == 0).all())
+
+    @pytest.mark.parametrize("case", range(3))
+    @pytest.mark.parametrize("mask_name", ["all_on", "random_with_empty_rows", "single_block_per_row", "radial"])
+    def test_kernel_matches_reference(self, case, mask_name):
+        q_len, kv_len, heads, head_dim, batch = self.cases[case]
+        masks = _masks(q_len, kv_len, self.block)
+        if mask_name not in masks:
+            pytest.skip(f"no {mask_name} mask for q_len={q_len}, kv_len={kv_len}")
+        for dtype in self.dtypes:
+            self.check(q_len, kv_len, heads, head_dim, batch, dtype, masks[mask_name])
+
+    def test_custom_scale(self):
+        q, k, v = _qkv(9, 1, 256, 256, 2, 64, self.dtypes[-1])
+        mask = np.array([[True, False], [True, True]])
+        out = block_sparse_attention(q, k, v, mask, block_size=self.block, scale=0.05, backend=self.backend)
+        f32 = lambda x: x.astype(jnp.float32)
+        ref, _ = attention_reference(f32(q), f32(k), f32(v), mask, block_size=self.block, scale=0.05)
+        assert float(jnp.abs(f32(out) - ref).max()) <= self.tolerance(self.dtypes[-1]) * float(jnp.abs(ref).max())
+
+
+class TestInterpret(KernelChecks):
+    """The Triton twin under Pallas interpret mode: runs on any machine."""
+
+    backend = "interpret"
+    cases = [(1000, 1000, 3, 64, 2), (200, 520, 1, 128, 1), (1560, 1560, 12, 64, 1)]
+    block = 128
+
+    def test_kernel_block_64_ragged(self):
+        mask = radial_block_mask(10, 100, block_size=64)
+        self.block = 64
+        self.check(1000, 1000, 2, 64, 1, jnp.float32, mask)
+
+    def test_gradients_flow_through_the_kernel(self):
+        q, k, v = _qkv(3, 1, 300, 300, 2, 64, jnp.float32)
+        mask = _random_mask(1, 3, 3, 0.6, empty_rows=(1,))
+        loss = lambda q, k, v: jnp.sum(jnp.sin(block_sparse_attention(q, k, v, mask, block_size=128,
+                                                                    backend="interpret")))
+        ref_loss = lambda q, k, v: jnp.sum(jnp.sin(attention_reference(q, k, v, mask, block_size=128)[0]))
+        grads = jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+        ref_grads = jax.grad(ref_loss, argnums=(0, 1, 2))(q, k, v)
+        for g, r in zip(grads, ref_grads):
+            assert float(jnp.abs(g - r).max()) <= 1e-4 * float(jnp.abs(r).max())
+
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+
+@settings(max_examples=8, deadline=None)
+@given(q_len=st.integers(1, 400), kv_len=st.integers(1, 400), density=st.floats(0.0, 1.0),
+       seed=st.integers(0, 2**16))
+def test_interpret_kernel_matches_reference_on_drawn_masks(q_len, kv_len, density, seed):
+    block = 64
+    mask = _random_mask(seed, -(-q_len // block), -(-kv_len // block), density)
+    checks = TestInterpret()
+    checks.block = block
+    checks.check(q_len, kv_len, 2, 64, 1, jnp.float32, mask)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU")
+class TestTritonGPU(KernelChecks):
+    backend = "triton"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not IS_HOPPER, reason="needs a Hopper GPU (sm90) for the Mosaic kernel")
+class TestMosaicGPU(KernelChecks):
+    backend = "mosaic"
+    dtypes = (jnp.bfloat16, jnp.float16)
+    cases = [(1000, 1000, 3, 64, 2), (512, 768, 1, 128, 1), (1560, 1560, 12, 128, 1)]
+
+    def tolerance(self, dtype):
+        return 2e-2
+
+
+def test_tables_list_exactly_the_mask_blocks():
+    mask = _random_mask(4, 9, 7, 0.5, empty_rows=(2,))
+    t = block_tables(mask, 128, 9 * 128 - 5, 7 * 128 - 50)
+    for i in range(9):
+        ids = t.kv_ids[i, : t.kv_counts[i]]
+        assert sorted(ids.tolist()) == np.flatnonzero(mask[i]).tolist()
+        if mask[i, -1]:  # the ragged key block comes last and is not counted as full
+            assert ids[-1] == 6 and t.kv_full_counts[i] == t.kv_counts[i] - 1
+        else:
+            assert t.kv_full_counts[i] == t.kv_counts[i]
+    for j in range(7):
+        assert t.q_ids[j, : t.q_counts[j]].tolist() == np.flatnonzero(mask[:, j]).tolist()
+    assert t.kv_counts[2] == 0
+
+
+def test_tables_are_cached_per_mask():
+    mask = radial_block_mask(8, 256)
+    assert block_tables(mask, 128, 2048, 2048) is block_tables(mask.copy(), 128, 2048, 2048)
+
+
+def test_tables_build_fast_at_720p_161f():
+    import time
+
+    mask = radial_block_mask(41, 3600)
+    start = time.perf_counter()
+    block_tables(mask, 128, 41 * 3600, 41 * 3600)
+    assert time.perf_counter() - start < 1.0
