@@ -101,7 +101,7 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
 
             def kv_step(step, carry, *, mask_tail):
                 acc, m_i, l_i = carry
-                slot = lax.rem(step, stages)
+                slot = lax.rem(step, jnp.int32(stages))
 
                 def compute_qk(acc_ref):
                     plgpu.wgmma(acc_ref, qo_smem, k_smem.at[slot].transpose((1, 0)))
@@ -129,7 +129,7 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
 
                 def compute_pv(acc_ref):
                     plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
-                    next_slot = lax.rem(step + 1, stages)
+                    next_slot = lax.rem(step + 1, jnp.int32(stages))
 
                     @pl.when(step + 1 < count)
                     def _():
@@ -170,7 +170,7 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
 
             @pl.loop(0, jnp.maximum(count - stages, 0))
             def _(step):
-                slot = lax.rem(step, stages)
+                slot = lax.rem(step, jnp.int32(stages))
                 plgpu.barrier_wait(k_consumed.at[slot])
                 plgpu.barrier_wait(v_consumed.at[slot])
                 load(step + stages, slot)

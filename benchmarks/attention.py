@@ -1,0 +1,242 @@
+"""Radial block-sparse attention vs dense baselines on one GPU, side by side in one run.
+
+    python benchmarks/attention.py [--shapes ...] [--backward] [--no-torch] [--out FILE]
+
+Times, bf16, head_dim 128, batch 1, Wan's real token counts (ragged last block): ours with the
+radial mask (decay 1.0), ours with an all-on mask, cuDNN dense via
+jax.nn.dot_product_attention(implementation="cudnn"), and where torch with CUDA is importable,
+FlexAttention with the same block mask and SDPA. TFLOP/s count 4*pairs*D*H for the forward on
+the computed blocks only (ragged edge blocks exactly), and 3.5x that for forward+backward.
+Writes JSON with the device, the command and the date.
+"""
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import sys
+import time
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # leave memory for torch
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from radial_jax import attention_flops, block_density, computed_token_pairs, radial_block_mask  # noqa: E402
+from radial_jax.kernels import block_sparse_attention  # noqa: E402
+from radial_jax.kernels.tables import block_tables  # noqa: E402
+
+# name: (latent frames, tokens per frame, heads)
+SHAPES = {
+    "1.3b-480p-81f": (21, 1560, 12),
+    "1.3b-480p-161f": (41, 1560, 12),
+    "14b-480p-81f": (21, 1560, 40),
+    "14b-720p-81f": (21, 3600, 40),
+    "14b-720p-161f": (41, 3600, 40),
+}
+FWD_SHAPES = "1.3b-480p-81f,14b-480p-81f,14b-720p-81f,14b-720p-161f"
+BWD_SHAPES = "1.3b-480p-81f,1.3b-480p-161f,14b-720p-81f"
+HEAD_DIM = 128
+BWD_FLOP_FACTOR = 3.5  # forward + backward counted as 3.5 forwards (shared/GPU.md convention)
+
+
+def median_seconds(fn, iters: int, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        jax.block_until_ready(fn())
+    times = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def jax_case(q, k, v, mask, backward: bool, backend: str | None):
+    """Returns a no-argument callable running ours (forward, or value_and_grad wrt q, k, v)."""
+    attend = lambda q, k, v: block_sparse_attention(q, k, v, mask, block_size=128, backend=backend)
+    return _wrap(attend, q, k, v, backward)
+
+
+def cudnn_case(q, k, v, backward: bool):
+    attend = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
+    return _wrap(attend, q, k, v, backward)
+
+
+def _wrap(attend, q, k, v, backward):
+    if not backward:
+        fn = jax.jit(attend)
+        return lambda: fn(q, k, v)
+    loss = lambda q, k, v: jnp.sum(attend(q, k, v).astype(jnp.float32) * cotangent_weights(q))
+    fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
+    return lambda: fn(q, k, v)
+
+
+def cotangent_weights(q):
+    # A fixed non-uniform cotangent so that the backward does real work on every row.
+    return jnp.cos(jnp.arange(q.shape[1], dtype=jnp.float32))[None, :, None, None]
+
+
+def sampled_block_error(q, k, v, mask, out, rows=(0, -1), heads=4) -> float:
+    """Returns max |ours - f32 masked reference| over a few query blocks and heads."""
+    b = 128
+    worst = 0.0
+    for r in rows:
+        r = r % mask.shape[0]
+        sl = slice(r * b, min((r + 1) * b, q.shape[1]))
+        qs = q[:, sl, :heads].astype(jnp.float32)
+        ks, vs = k[:, :, :heads].astype(jnp.float32), v[:, :, :heads].astype(jnp.float32)
+        logits = jnp.einsum("blnd,bmnd->bnlm", qs, ks, precision="highest") * HEAD_DIM**-0.5
+        cols = jnp.asarray(np.repeat(mask[r], b)[: k.shape[1]])
+        probs = jax.nn.softmax(jnp.where(cols, logits, -jnp.inf), axis=-1)
+        ref = jnp.einsum("bnlm,bmnd->blnd", probs, vs, precision="highest")
+        worst = max(worst, float(jnp.abs(out[:, sl, :heads].astype(jnp.float32) - ref).max()))
+    return worst
+
+
+def torch_cases(q_len, heads, mask, backward, iters):
+    """Returns {name: ms} for FlexAttention (same block mask) and SDPA, or {} without torch+CUDA."""
+    try:
+        import torch
+        from torch.nn.attention.flex_attention import BlockMask, flex_attention
+    except ImportError as e:
+        print(f"torch baselines skipped: {e}")
+        return {}
+    if not torch.cuda.is_available():
+        return {}
+    dev = "cuda"
+    shape = (1, heads, q_len, HEAD_DIM)
+    q, k, v = (torch.randn(shape, device=dev, dtype=torch.bfloat16, requires_grad=backward) for _ in range(3))
+    tables = block_tables(mask, 128, q_len, q_len)
+    as_t = lambda a: torch.as_tensor(np.ascontiguousarray(a), device=dev, dtype=torch.int32)
+    kv_num = as_t(tables.kv_counts)[None, None].expand(1, heads, -1).contiguous()
+    kv_idx = as_t(tables.kv_ids)[None, None].expand(1, heads, -1, -1).contiguous()
+    zeros_num = torch.zeros_like(kv_num)
+    # Every computed block passed as a full block (no mask_mod work), as for FA4 in shared/GPU.md.
+    block_mask = BlockMask.from_kv_blocks(zeros_num, kv_idx, kv_num, kv_idx, BLOCK_SIZE=128,
+                                          seq_lengths=(q_len, q_len))
+    flex = torch.compile(flex_attention, dynamic=False)
+    runs = {
+        "flex": lambda: flex(q, k, v, block_mask=block_mask),
+        "sdpa": lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v),
+    }
+    results = {}
+    for name, fn in runs.items():
+        step = (lambda fn=fn: fn().float().mul(1.0).sum().backward()) if backward else fn
+        try:
+            for _ in range(2):
+                step()
+            torch.cuda.synchronize()
+            times = []
+            for _ in range(iters):
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                step()
+                end.record()
+                torch.cuda.synchronize()
+                times.append(start.elapsed_time(end))
+            results[name] = statistics.median(times)
+        except Exception as e:  # a baseline failing must not lose ours
+            print(f"torch {name} failed: {type(e).__name__}: {e}")
+    del q, k, v
+    torch.cuda.empty_cache()
+    return results
+
+
+def run_shape(name, args):
+    frames, tokens, heads = SHAPES[name]
+    L = frames * tokens
+    start = time.perf_counter()
+    mask = radial_block_mask(frames, tokens, decay_factor=1.0)
+    mask_s = time.perf_counter() - start
+    start = time.perf_counter()
+    block_tables(mask, 128, L, L)
+    tables_s = time.perf_counter() - start
+    all_on = np.ones_like(mask)
+    keys = jax.random.split(jax.random.key(0), 3)
+    q, k, v = (jax.random.normal(key, (1, L, heads, HEAD_DIM), jnp.bfloat16) for key in keys)
+    pairs = computed_token_pairs(mask, 128, L, L)
+    factor = BWD_FLOP_FACTOR if args.backward else 1.0
+    flops = attention_flops(pairs, heads=heads, head_dim=HEAD_DIM) * factor
+    dense_flops = attention_flops(L * L, heads=heads, head_dim=HEAD_DIM) * factor
+    row = dict(shape=name, seq=L, heads=heads, density=block_density(mask),
+               mask_build_s=mask_s, tables_build_s=tables_s)
+
+    cases = {"ours_radial": jax_case(q, k, v, mask, args.backward, args.backend),
+             "ours_all_on": jax_case(q, k, v, all_on, args.backward, args.backend),
+             "cudnn_dense": cudnn_case(q, k, v, args.backward)}
+    for case, fn in cases.items():
+        start = time.perf_counter()
+        try:
+            jax.block_until_ready(fn())
+        except Exception as e:
+            print(f"{name} {case} failed: {type(e).__name__}: {str(e)[:2000]}")
+            continue
+        row[f"{case}_first_call_s"] = time.perf_counter() - start
+        row[f"{case}_ms"] = median_seconds(fn, args.iters) * 1e3
+    if not args.backward and "ours_radial_ms" in row:
+        out = block_sparse_attention(q, k, v, mask, block_size=128, backend=args.backend)
+        row["ours_radial_max_err_sampled_blocks"] = sampled_block_error(q, k, v, mask, out)
+        if "cudnn_dense_ms" in row:
+            dense = block_sparse_attention(q, k, v, all_on, block_size=128, backend=args.backend)
+            ref = jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
+            row["ours_all_on_max_err_vs_cudnn"] = float(jnp.abs(dense.astype(jnp.float32) - ref.astype(jnp.float32)).max())
+    del q, k, v
+    if not args.no_torch:
+        for case, ms in torch_cases(L, heads, mask, args.backward, args.iters).items():
+            row[f"torch_{case}_ms"] = ms
+    for key in [k for k in row if k.endswith("_ms")]:
+        on_blocks = flops if key in ("ours_radial_ms", "torch_flex_ms") else dense_flops
+        row[key.replace("_ms", "_tflops")] = on_blocks / (row[key] * 1e-3) / 1e12
+    if "cudnn_dense_ms" in row:
+        for key in [k for k in row if k.endswith("_ms") and k != "cudnn_dense_ms"]:
+            row[key.replace("_ms", "_speedup_vs_cudnn")] = row["cudnn_dense_ms"] / row[key]
+    return row
+
+
+def print_table(rows, backward):
+    mode = "fwd+bwd" if backward else "fwd"
+    print(f"\n{mode}, bf16, D={HEAD_DIM}, B=1; TFLOP/s on computed blocks (radial) or all blocks (dense)")
+    cols = ["ours_radial", "ours_all_on", "cudnn_dense", "torch_flex", "torch_sdpa"]
+    print(f"{'shape':16} {'dens':>5} " + " ".join(f"{c:>22}" for c in cols) + "  radial/cudnn")
+    for r in rows:
+        cells = []
+        for c in cols:
+            ms = r.get(f"{c}_ms")
+            cells.append(f"{ms:9.2f} ms {r[c + '_tflops']:5.0f} TF" if ms else f"{'-':>22}")
+        speed = r.get("ours_radial_speedup_vs_cudnn")
+        print(f"{r['shape']:16} {r['density']:5.3f} " + " ".join(f"{c:>22}" for c in cells)
+              + (f"  {speed:5.2f}x" if speed else ""))
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shapes", help=f"comma list of {list(SHAPES)}")
+    parser.add_argument("--backward", action="store_true", help="time forward+backward (value_and_grad wrt q, k, v)")
+    parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--backend", choices=["mosaic", "triton"], help="our kernel (default: fastest available)")
+    parser.add_argument("--no-torch", action="store_true", help="skip the torch baselines")
+    parser.add_argument("--out", help="JSON path (default benchmarks/results/attention[-backward]-<device>.json)")
+    args = parser.parse_args(argv)
+    if jax.default_backend() != "gpu":
+        sys.exit("benchmarks/attention.py needs a GPU")
+    names = (args.shapes or (BWD_SHAPES if args.backward else FWD_SHAPES)).split(",")
+    rows = []
+    for name in names:
+        rows.append(run_shape(name, args))
+        print(json.dumps(rows[-1]), flush=True)
+    print_table(rows, args.backward)
+    device = jax.devices()[0].device_kind
+    tag = "h200" if "H200" in device else "h100" if "H100" in device else device.replace(" ", "_").lower()
+    out = args.out or f"benchmarks/results/attention{'-backward' if args.backward else ''}-{tag}.json"
+    record = dict(device=device, command="python " + " ".join(sys.argv), date=datetime.date.today().isoformat(),
+                  jax=jax.__version__, rows=rows)
+    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    with open(out, "w") as f:
+        json.dump(record, f, indent=1)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
