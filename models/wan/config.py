@@ -1,0 +1,153 @@
+"""Wan2.1 DiT hyperparameters (WanConfig, presets) and the self-attention plan (AttentionConfig).
+
+Field names follow the original Wan2.1 `WanModel` (dim, ffn_dim, in_dim, ...) so a checkpoint's
+config.json reads straight into them.
+"""
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+BACKENDS = ("dense", "radial", "reference")
+DTYPES = ("float32", "bfloat16", "float16")
+MODEL_TYPES = ("t2v", "i2v")
+CLIP_TOKENS = 257  # CLIP ViT-H/14 image tokens per image (256 patches + class token)
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionConfig:
+    """How self-attention is computed, per layer and per sampling step.
+
+    backend: "dense" everywhere (jax.nn.dot_product_attention, cuDNN on a GPU), "radial" (the
+      radial block mask through radial_jax.radial_attention with `implementation`), or
+      "reference" (the radial mask through the pure-jnp reference, for checking).
+    dense_layers: the first N blocks stay dense (reference: 1 at 1x length, 2 at 2x).
+    dense_timesteps: the first N sampling steps stay dense (reference: 12 at 1x, 2 at 2x).
+    dense_final_timesteps: the last N steps stay dense (not in the reference; users report it
+      sharpens fine detail).
+    decay_factor, block_size: of the radial mask (radial_jax.radial_block_mask).
+    implementation: passed to radial_attention for backend "radial".
+    Cross-attention is always dense.
+    """
+
+    backend: str = "dense"
+    dense_layers: int = 0
+    dense_timesteps: int = 0
+    dense_final_timesteps: int = 0
+    decay_factor: float = 1.0
+    block_size: int = 128
+    implementation: str | tuple[str, ...] = "auto"
+
+    def __post_init__(self):
+        if self.backend not in BACKENDS:
+            raise ValueError(f"attention backend={self.backend!r} must be one of {BACKENDS}")
+        for name in ("dense_layers", "dense_timesteps", "dense_final_timesteps"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
+        if isinstance(self.implementation, list):  # keep the dataclass hashable (a jit static)
+            object.__setattr__(self, "implementation", tuple(self.implementation))
+
+    def is_dense_step(self, step: int | None, num_steps: int | None) -> bool:
+        """Returns whether sampling step `step` (0-based) of `num_steps` runs all layers dense.
+
+        Decide this in Python and pass it to the model as the static `dense=` argument: a jitted
+        sampler then compiles at most two programs (dense and radial), not one per step.
+        """
+        if self.backend == "dense":
+            return True
+        if step is None:
+            return False
+        if step < self.dense_timesteps:
+            return True
+        if self.dense_final_timesteps:
+            if num_steps is None:
+                raise ValueError("dense_final_timesteps needs num_steps (the sampler's step count)")
+            return step >= num_steps - self.dense_final_timesteps
+        return False
+
+    def is_dense_layer(self, layer: int) -> bool:
+        """Returns whether block `layer` (0-based) is dense at a non-dense step."""
+        return self.backend == "dense" or layer < self.dense_layers
+
+
+@dataclasses.dataclass(frozen=True)
+class WanConfig:
+    """Wan2.1 diffusion transformer (original field names; see wan/modules/model.py).
+
+    param_dtype: storage of the large matmul weights (bfloat16 for real runs); dtype: their
+    compute dtype. Norms, modulation, the time embedding, the head and the residual stream stay
+    float32, as in the original (it runs those under float32 autocast).
+    """
+
+    model_type: str = "t2v"
+    patch_size: tuple[int, int, int] = (1, 2, 2)
+    text_len: int = 512
+    in_dim: int = 16
+    dim: int = 2048
+    ffn_dim: int = 8192
+    freq_dim: int = 256
+    text_dim: int = 4096
+    out_dim: int = 16
+    num_heads: int = 16
+    num_layers: int = 32
+    qk_norm: bool = True
+    cross_attn_norm: bool = True
+    eps: float = 1e-6
+    img_dim: int = 1280  # CLIP feature width, used by model_type "i2v" only
+    rope_theta: float = 10000.0
+    param_dtype: str = "float32"
+    dtype: str = "float32"
+    remat: bool = False  # jax.checkpoint each block (training)
+    attention: AttentionConfig = AttentionConfig()
+
+    def __post_init__(self):
+        object.__setattr__(self, "patch_size", tuple(self.patch_size))
+        if self.model_type not in MODEL_TYPES:
+            raise ValueError(f"model_type={self.model_type!r} must be one of {MODEL_TYPES} (flf2v/vace: not ported)")
+        if self.dim % self.num_heads or (self.dim // self.num_heads) % 2:
+            raise ValueError(f"dim={self.dim} must split into num_heads={self.num_heads} heads of even width")
+        if self.head_dim < 6:
+            raise ValueError(f"head_dim={self.head_dim} too small for the 3-axis RoPE split (>= 6)")
+        for name in ("param_dtype", "dtype"):
+            if getattr(self, name) not in DTYPES:
+                raise ValueError(f"{name}={getattr(self, name)!r} must be one of {DTYPES}")
+        if not (self.qk_norm and self.cross_attn_norm):
+            raise ValueError("qk_norm=False / cross_attn_norm=False: no Wan2.1 checkpoint uses them; not ported")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.num_heads
+
+    def to_dict(self) -> dict[str, Any]:
+        """Returns a JSON-ready dict (config.json of our checkpoints)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, fields: Mapping[str, Any]) -> "WanConfig":
+        """Returns the config from `to_dict` output; unknown keys are an error."""
+        fields = dict(fields)
+        unknown = set(fields) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown WanConfig fields {sorted(unknown)}")
+        attention = fields.pop("attention", None)
+        if isinstance(attention, Mapping):
+            fields["attention"] = AttentionConfig(**attention)
+        elif attention is not None:
+            fields["attention"] = attention
+        return cls(**fields)
+
+
+WAN_T2V_1_3B = WanConfig(dim=1536, ffn_dim=8960, num_heads=12, num_layers=30)
+WAN_T2V_14B = WanConfig(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40)
+# in_dim 36 = 16 noisy latent channels + 4 mask channels + 16 channels of the encoded first frame.
+WAN_I2V_14B = WanConfig(model_type="i2v", in_dim=36, dim=5120, ffn_dim=13824, num_heads=40, num_layers=40)
+# Tests and the offline demo: the same network, a few layers wide enough to exercise every path.
+WAN_TINY = WanConfig(dim=64, ffn_dim=128, num_heads=4, num_layers=2, text_dim=32, text_len=32, in_dim=4,
+                     out_dim=4, img_dim=24)
+
+PRESETS = {
+    "t2v-1.3B": WAN_T2V_1_3B,
+    "t2v-14B": WAN_T2V_14B,
+    "i2v-14B": WAN_I2V_14B,
+    "tiny": WAN_TINY,
+}

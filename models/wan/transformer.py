@@ -1,0 +1,242 @@
+"""The Wan2.1 diffusion transformer (T2V and I2V) in Flax NNX, channels-last.
+
+Parameter paths follow the original PyTorch module names (wan/modules/model.py: blocks.N.
+self_attn.q, ffn.0, modulation, head.head, img_emb.proj.1, ...) so checkpoint converters are
+plain name tables; leaves use Flax names (kernel [in, out], bias, scale).
+
+Call: model(latents [B, F, H, W, C], timestep [B], context [B, T, text_dim], *, clip_fea=None,
+y=None, dense=None) -> [B, F, H, W, out_dim] float32. Whether a sampling step runs dense is a
+static Python bool: pass dense=config.attention.is_dense_step(step, num_steps) (jit with
+`dense` static, two programs at most), or step=/num_steps= outside jit.
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jaxtyping import Array, Float
+
+from models.wan.attention import Attend, CrossAttention, SelfAttention, self_attention_fn
+from models.wan.config import WanConfig
+from models.wan.layers import (
+    F32, LayerNorm, compute_dtype, gelu_exact, gelu_tanh, layer_norm, linear, sinusoidal_embedding,
+)
+from models.wan.rope import rope_tables
+
+TORCH_LAYER_NORM_EPS = 1e-5  # the image projection uses torch.nn.LayerNorm's default
+EMBEDDING_INIT_STD = 0.02  # the original's init for text and time embeddings
+
+
+def _modulation(rngs: nnx.Rngs, rows: int, dim: int) -> nnx.Param:
+    return nnx.Param(jax.random.normal(rngs.params(), (1, rows, dim), F32) * dim**-0.5)
+
+
+class WanBlock(nnx.Module):
+    """Self-attention, cross-attention and FFN, modulated by the 6-way time projection."""
+
+    def __init__(self, config: WanConfig, *, rngs: nnx.Rngs):
+        self.eps = config.eps
+        self.self_attn = SelfAttention(config, rngs=rngs)
+        self.norm3 = LayerNorm(config.dim, eps=config.eps)  # the original calls the cross-attn norm norm3
+        self.cross_attn = CrossAttention(config, rngs=rngs)
+        self.ffn = nnx.List([
+            linear(config.dim, config.ffn_dim, config=config, rngs=rngs),
+            None,  # tanh-GELU: index 1 of the original nn.Sequential
+            linear(config.ffn_dim, config.dim, config=config, rngs=rngs),
+        ])
+        self.modulation = _modulation(rngs, 6, config.dim)
+
+    def __call__(
+        self,
+        x: Float[Array, "B L C"],
+        e0: Float[Array, "B 6 C"],
+        context: Float[Array, "B T C"],
+        context_img: Float[Array, "B I C"] | None,
+        rope: tuple[Array, Array],
+        attend: Attend,
+    ) -> Float[Array, "B L C"]:
+        """Returns the float32 residual stream [batch, tokens, dim] after the block."""
+        e = self.modulation[...] + e0
+        shift, scale, gate, ffn_shift, ffn_scale, ffn_gate = (e[:, i : i + 1] for i in range(6))
+        y = self.self_attn(layer_norm(x, self.eps) * (1 + scale) + shift, rope, attend)
+        x = x + y.astype(F32) * gate
+        x = x + self.cross_attn(self.norm3(x), context, context_img).astype(F32)
+        h = layer_norm(x, self.eps) * (1 + ffn_scale) + ffn_shift
+        y = self.ffn[2](gelu_tanh(self.ffn[0](h)))
+        return x + y.astype(F32) * ffn_gate
+
+
+class Head(nnx.Module):
+    """Final modulated LayerNorm and projection to patch pixels, float32 as in the original."""
+
+    def __init__(self, config: WanConfig, *, rngs: nnx.Rngs):
+        self.eps = config.eps
+        # The original zero-initialises head.head for training from scratch; we keep a random
+        # init so that an unconverted model's output still depends on every layer (tests).
+        self.head = linear(config.dim, math.prod(config.patch_size) * config.out_dim, config=config, rngs=rngs,
+                           precise=True)
+        self.modulation = _modulation(rngs, 2, config.dim)
+
+    def __call__(self, x: Float[Array, "B L C"], e: Float[Array, "B C"]) -> Float[Array, "B L P"]:
+        mod = self.modulation[...] + e[:, None, :]
+        shift, scale = mod[:, 0:1], mod[:, 1:2]
+        return self.head(layer_norm(x, self.eps) * (1 + scale) + shift)
+
+
+class ImageEmbedding(nnx.Module):
+    """I2V: CLIP features [B, 257, img_dim] -> context tokens [B, 257, dim] (the original MLPProj)."""
+
+    def __init__(self, config: WanConfig, *, rngs: nnx.Rngs):
+        self.proj = nnx.List([
+            LayerNorm(config.img_dim, eps=TORCH_LAYER_NORM_EPS),
+            linear(config.img_dim, config.img_dim, config=config, rngs=rngs),
+            None,  # exact GELU
+            linear(config.img_dim, config.dim, config=config, rngs=rngs),
+            LayerNorm(config.dim, eps=TORCH_LAYER_NORM_EPS),
+        ])
+
+    def __call__(self, clip_fea: Float[Array, "B I E"]) -> Float[Array, "B I C"]:
+        h = self.proj[3](gelu_exact(self.proj[1](self.proj[0](clip_fea))))
+        return self.proj[4](h)
+
+
+class WanModel(nnx.Module):
+    """Wan2.1 DiT. See the module docstring for the call; `config` is static."""
+
+    def __init__(self, config: WanConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        dim, patch = config.dim, config.patch_size
+        normal = nnx.initializers.normal(EMBEDDING_INIT_STD)
+        self.patch_embedding = nnx.Conv(
+            config.in_dim, dim, kernel_size=patch, strides=patch, padding="VALID",
+            dtype=compute_dtype(config), param_dtype=jnp.dtype(config.param_dtype),
+            kernel_init=nnx.initializers.variance_scaling(1.0, "fan_avg", "uniform", in_axis=(0, 1, 2, 3)),
+            bias_init=nnx.initializers.zeros_init(), rngs=rngs,
+        )
+        self.text_embedding = nnx.List([
+            linear(config.text_dim, dim, config=config, rngs=rngs, kernel_init=normal),
+            None,  # tanh-GELU
+            linear(dim, dim, config=config, rngs=rngs, kernel_init=normal),
+        ])
+        self.time_embedding = nnx.List([
+            linear(config.freq_dim, dim, config=config, rngs=rngs, precise=True, kernel_init=normal),
+            None,  # SiLU
+            linear(dim, dim, config=config, rngs=rngs, precise=True, kernel_init=normal),
+        ])
+        self.time_projection = nnx.List([None, linear(dim, 6 * dim, config=config, rngs=rngs, precise=True)])
+        self.blocks = nnx.List([WanBlock(config, rngs=rngs) for _ in range(config.num_layers)])
+        self.head = Head(config, rngs=rngs)
+        if config.model_type == "i2v":
+            self.img_emb = ImageEmbedding(config, rngs=rngs)
+
+    def __call__(
+        self,
+        latents: Float[Array, "B F H W Cin"],
+        timestep: Float[Array, "B"],
+        context: Float[Array, "B T Ct"],
+        *,
+        clip_fea: Float[Array, "B I E"] | None = None,
+        y: Float[Array, "B F H W Cy"] | None = None,
+        dense: bool | None = None,
+        step: int | None = None,
+        num_steps: int | None = None,
+    ) -> Float[Array, "B F H W Cout"]:
+        """Returns the model output (flow prediction) [B, F, H, W, out_dim], float32.
+
+        latents: noisy latents, channels-last; timestep: [B] in [0, 1000]; context: text
+        embeddings (umT5), zero-padded here to config.text_len as the original does; I2V also
+        takes clip_fea [B, 257, img_dim] and y [B, F, H, W, in_dim - C] (mask + first-frame
+        latents, concatenated to the latents on channels). dense=True runs every layer dense
+        (a dense_timesteps step); None decides from step/num_steps, or radial where configured.
+        """
+        out, _ = self._forward(latents, timestep, context, clip_fea, y, self._dense(dense, step, num_steps), False)
+        return out
+
+    def block_outputs(
+        self,
+        latents: Float[Array, "B F H W Cin"],
+        timestep: Float[Array, "B"],
+        context: Float[Array, "B T Ct"],
+        *,
+        clip_fea: Float[Array, "B I E"] | None = None,
+        y: Float[Array, "B F H W Cy"] | None = None,
+        dense: bool | None = None,
+    ) -> list[Float[Array, "B L C"]]:
+        """Returns the residual stream [B, F*H*W/patch, dim] after each block (to localise mismatches)."""
+        _, outputs = self._forward(latents, timestep, context, clip_fea, y, self._dense(dense, None, None), True)
+        return outputs
+
+    def _dense(self, dense: bool | None, step: int | None, num_steps: int | None) -> bool:
+        if dense is not None:
+            return bool(dense)
+        return self.config.attention.is_dense_step(step, num_steps)
+
+    def _forward(self, latents, timestep, context, clip_fea, y, dense: bool, collect: bool):
+        x, grid = self._patchify(latents, y)
+        e = self._time_embedding(timestep)
+        e0 = self.time_projection[1](jax.nn.silu(e)).reshape(e.shape[0], 6, self.config.dim)
+        context, context_img = self._context(context, clip_fea)
+        rope = rope_tables(grid, self.config.head_dim, self.config.rope_theta)
+        attention = self.config.attention
+        outputs = []
+        for i, block in enumerate(self.blocks):
+            attend = self_attention_fn(attention, grid, dense=dense or attention.is_dense_layer(i))
+            x = _run_block(block, x, e0, context, context_img, rope, attend, remat=self.config.remat)
+            if collect:
+                outputs.append(x)
+        return self._unpatchify(self.head(x, e), grid), outputs
+
+    def _patchify(self, latents, y) -> tuple[Array, tuple[int, int, int]]:
+        """Returns tokens float32 [B, F*H*W/patch, dim] and the latent grid after patching."""
+        config = self.config
+        if latents.ndim != 5:
+            raise ValueError(f"latents must be [batch, frames, height, width, channels], got {latents.shape}")
+        if y is not None:
+            latents = jnp.concatenate([latents.astype(F32), y.astype(F32)], axis=-1)
+        if latents.shape[-1] != config.in_dim:
+            raise ValueError(f"latents (+ y) have {latents.shape[-1]} channels; this model takes in_dim="
+                             f"{config.in_dim}" + (" (I2V: pass y with the mask and image latents)"
+                                                   if config.model_type == "i2v" else ""))
+        if any(size % p for size, p in zip(latents.shape[1:4], config.patch_size)):
+            raise ValueError(f"latent (frames, height, width) {latents.shape[1:4]} must be multiples of "
+                             f"patch_size {config.patch_size}")
+        tokens = self.patch_embedding(latents)  # [B, F', H', W', dim]
+        grid = tuple(tokens.shape[1:4])
+        return tokens.reshape(tokens.shape[0], -1, config.dim).astype(F32), grid
+
+    def _time_embedding(self, timestep) -> Array:
+        if timestep.ndim != 1:
+            raise ValueError(f"timestep must be [batch], got shape {timestep.shape}")
+        h = self.time_embedding[0](sinusoidal_embedding(timestep, self.config.freq_dim))
+        return self.time_embedding[2](jax.nn.silu(h))
+
+    def _context(self, context, clip_fea) -> tuple[Array, Array | None]:
+        config = self.config
+        if context.ndim != 3 or context.shape[1] > config.text_len:
+            raise ValueError(f"context must be [batch, <= text_len={config.text_len}, text_dim], got {context.shape}")
+        context = jnp.pad(context, ((0, 0), (0, config.text_len - context.shape[1]), (0, 0)))
+        context = self.text_embedding[2](gelu_tanh(self.text_embedding[0](context)))
+        if config.model_type == "t2v":
+            if clip_fea is not None:
+                raise ValueError("clip_fea is for I2V models; this is a T2V model")
+            return context, None
+        if clip_fea is None:
+            raise ValueError("an I2V model needs clip_fea [batch, 257, img_dim] (and y)")
+        return context, self.img_emb(clip_fea)
+
+    def _unpatchify(self, patches, grid) -> Array:
+        """Returns [B, F, H, W, out_dim] from per-token patch pixels [B, L, pt*ph*pw*out_dim]."""
+        (f, h, w), (pt, ph, pw), c = grid, self.config.patch_size, self.config.out_dim
+        x = patches.reshape(patches.shape[0], f, h, w, pt, ph, pw, c)
+        x = x.transpose(0, 1, 4, 2, 5, 3, 6, 7)
+        return x.reshape(patches.shape[0], f * pt, h * ph, w * pw, c)
+
+
+def _run_block(block, x, e0, context, context_img, rope, attend, *, remat: bool):
+    def run(block, x, e0, context, context_img, rope):
+        return block(x, e0, context, context_img, rope, attend)
+
+    if remat:
+        run = nnx.remat(run)
+    return run(block, x, e0, context, context_img, rope)
