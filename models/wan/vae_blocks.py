@@ -27,7 +27,7 @@ _TORCH_UNIFORM = nnx.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
 
 def conv3d(in_dim: int, out_dim: int, window=(3, 3, 3), *, dtype, rngs: nnx.Rngs, **kwargs) -> nnx.Conv:
     """Returns a 3D conv, valid in time and 'same' in space (the caller supplies the time history)."""
-    padding = [(0, 0)] + [(k // 2, k // 2) for k in window[1:]]
+    padding = ((0, 0), *((k // 2, k // 2) for k in window[1:]))  # tuples: hashable graphdef
     return nnx.Conv(
         in_dim, out_dim, window, padding=padding, dtype=dtype, param_dtype=dtype,
         kernel_init=_TORCH_UNIFORM, rngs=rngs, **kwargs,
@@ -115,9 +115,9 @@ class Resample(nnx.Module):
         self.mode = mode
         conv = dict(dtype=dtype, param_dtype=dtype, kernel_init=_TORCH_UNIFORM, rngs=rngs)
         if mode.startswith("upsample"):
-            self.resample = nnx.Conv(dim, dim // 2, (3, 3), padding=[(1, 1), (1, 1)], **conv)
+            self.resample = nnx.Conv(dim, dim // 2, (3, 3), padding=((1, 1), (1, 1)), **conv)
         else:  # ZeroPad2d((0, 1, 0, 1)) then an unpadded stride-2 conv
-            self.resample = nnx.Conv(dim, dim, (3, 3), strides=(2, 2), padding=[(0, 1), (0, 1)], **conv)
+            self.resample = nnx.Conv(dim, dim, (3, 3), strides=(2, 2), padding=((0, 1), (0, 1)), **conv)
         if mode == "upsample3d":
             self.time_conv = nnx.Conv(dim, 2 * dim, (3, 1, 1), padding="VALID", **conv)
         elif mode == "downsample3d":
