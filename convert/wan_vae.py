@@ -1,154 +1,238 @@
 """Wan2.1 VAE checkpoints -> our WanVAE tree (models/wan/vae.py), and loading converted ones.
 
-Two source formats, one name table each, read top to bottom:
+Two source layouts, one name table each, read top to bottom:
 - original: `Wan2.1_VAE.pth` (wan/modules/vae.py). Our module tree keeps its structure
   (encoder.downsamples.k, middle.k, decoder.upsamples.k, conv1/conv2) and names its
   nn.Sequential slots: residual.0/2/3/6 -> norm1/conv1/norm2/conv2, head.0/2 -> head_norm/head_conv.
-- diffusers: the `vae/` folder of a Wan *-Diffusers repo (AutoencoderKLWan, safetensors);
-  its decoder groups the flat upsamples list into up_blocks.i.resnets.j / upsamplers.0.
-Transforms: conv3d (O,I,t,h,w)->(t,h,w,I,O), conv2d (O,I,h,w)->(h,w,I,O), the attention's 1x1
-convs (O,I,1,1)->(I,O), RMS-norm gammas (C,1,1[,1])->(C,).
+- diffusers: the `vae/` folder of a Wan *-Diffusers repo (AutoencoderKLWan, safetensors); its
+  decoder groups the flat upsamples list into up_blocks.i.resnets.j / up_blocks.i.upsamplers.0.
+The tables walk our (abstract) module, so which blocks have a shortcut or a temporal conv comes
+from the config. Transforms: conv3d (O,I,t,h,w)->(t,h,w,I,O), conv2d (O,I,h,w)->(h,w,I,O),
+the attention's 1x1 convs (O,I,1,1)->(I,O), RMS-norm gammas (C,1,1[,1])->(C,).
 """
 
 import dataclasses
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 from flax import nnx
 
-from convert.streaming import (
-    Rule, SafetensorsSource, conv1x1_to_linear, conv2d, conv3d, convert_tree, identity, load_tree,
-    open_source, read_config, vector,
-)  # fmt: skip
+from convert.checkpoint import canonical_dtype, staged_directory
+from convert.component import ComponentPlan, load_component, plan_component, read_component_config, write_component
+from convert.io import CheckpointError, iter_tensor_infos, open_shards
+from convert.transforms import Row, conv, identity
 from models.wan.vae import WAN21_VAE, VAEConfig, WanVAE
 from models.wan.vae_blocks import AttentionBlock, ResidualBlock, Resample
 
-MODEL = "wan_vae"
+MODEL = "wan-vae"
+SUBFOLDER = "vae"  # in a converted checkpoint, and in a diffusers pipeline folder
+ORIGINAL_FILE = "Wan2.1_VAE.pth"
+ORIGINAL_MARKER = "encoder.conv1.weight"  # a key only the original layout has
+DIFFUSERS_MARKER = "encoder.conv_in.weight"
 
-# Our ResidualBlock attribute -> the source's name for it.
+# Our ResidualBlock attribute -> the layout's name for it.
 ORIGINAL_RESIDUAL = {"norm1": "residual.0", "conv1": "residual.2", "norm2": "residual.3",
                      "conv2": "residual.6", "shortcut": "shortcut"}  # fmt: skip
 DIFFUSERS_RESIDUAL = {"norm1": "norm1", "conv1": "conv1", "norm2": "norm2",
                       "conv2": "conv2", "shortcut": "conv_shortcut"}  # fmt: skip
+DIFFUSERS_MIDDLE = ("resnets.0", "attentions.0", "resnets.1")  # our middle.0, .1, .2
 
 
-def original_rules(vae: WanVAE) -> list[Rule]:
-    """Returns the Wan2.1_VAE.pth -> ours table for `vae`'s (abstract) structure."""
-    rules = _conv("encoder.conv1", "encoder.conv1")
+def conv2d(weight: np.ndarray) -> np.ndarray:
+    """nn.Conv2d weight (O, I, h, w) -> kernel (h, w, I, O)."""
+    if weight.ndim != 4:
+        raise ValueError(f"a Conv2d weight is 4-D (O, I, h, w), got shape {weight.shape}")
+    return weight.transpose(2, 3, 1, 0)
+
+
+def conv1x1_to_linear(weight: np.ndarray) -> np.ndarray:
+    """A 1x1 nn.Conv2d weight (O, I, 1, 1) -> Linear kernel (I, O)."""
+    if weight.ndim != 4 or weight.shape[2:] != (1, 1):
+        raise ValueError(f"a 1x1 Conv2d weight is (O, I, 1, 1), got shape {weight.shape}")
+    return weight[:, :, 0, 0].T
+
+
+def gamma(weight: np.ndarray) -> np.ndarray:
+    """An RMS_norm gamma (C, 1, 1[, 1]) -> (C,)."""
+    if weight.ndim < 1 or any(n != 1 for n in weight.shape[1:]):
+        raise ValueError(f"an RMS_norm gamma is (C, 1, ..., 1), got shape {weight.shape}")
+    return weight.reshape(weight.shape[0])
+
+
+def original_table(vae: WanVAE) -> list[Row]:
+    """Returns the Wan2.1_VAE.pth -> ours rows for `vae`'s (abstract) structure."""
+    rows = [*conv("encoder.conv1", "encoder.conv1")]
     for k, block in enumerate(vae.encoder.downsamples):
-        rules += _block(f"encoder.downsamples.{k}", f"encoder.downsamples.{k}", block, ORIGINAL_RESIDUAL)
+        rows += _block(f"encoder.downsamples.{k}", f"encoder.downsamples.{k}", block, ORIGINAL_RESIDUAL)
     for k, block in enumerate(vae.encoder.middle):
-        rules += _block(f"encoder.middle.{k}", f"encoder.middle.{k}", block, ORIGINAL_RESIDUAL)
-    rules += [Rule("encoder.head.0.gamma", "encoder.head_norm.gamma", vector)]
-    rules += _conv("encoder.head.2", "encoder.head_conv")
-    rules += _conv("conv1", "conv1") + _conv("conv2", "conv2")
-    rules += _conv("decoder.conv1", "decoder.conv1")
+        rows += _block(f"encoder.middle.{k}", f"encoder.middle.{k}", block, ORIGINAL_RESIDUAL)
+    rows += [Row("encoder.head.0.gamma", "encoder.head_norm.gamma", gamma), *conv("encoder.head.2", "encoder.head_conv")]
+    rows += [*conv("conv1", "conv1"), *conv("conv2", "conv2")]
+    rows += [*conv("decoder.conv1", "decoder.conv1")]
     for k, block in enumerate(vae.decoder.middle):
-        rules += _block(f"decoder.middle.{k}", f"decoder.middle.{k}", block, ORIGINAL_RESIDUAL)
+        rows += _block(f"decoder.middle.{k}", f"decoder.middle.{k}", block, ORIGINAL_RESIDUAL)
     for k, block in enumerate(vae.decoder.upsamples):
-        rules += _block(f"decoder.upsamples.{k}", f"decoder.upsamples.{k}", block, ORIGINAL_RESIDUAL)
-    rules += [Rule("decoder.head.0.gamma", "decoder.head_norm.gamma", vector)]
-    rules += _conv("decoder.head.2", "decoder.head_conv")
-    return rules
+        rows += _block(f"decoder.upsamples.{k}", f"decoder.upsamples.{k}", block, ORIGINAL_RESIDUAL)
+    rows += [Row("decoder.head.0.gamma", "decoder.head_norm.gamma", gamma), *conv("decoder.head.2", "decoder.head_conv")]
+    return rows
 
 
-def diffusers_rules(vae: WanVAE) -> list[Rule]:
-    """Returns the diffusers AutoencoderKLWan -> ours table for `vae`'s (abstract) structure."""
-    rules = _conv("encoder.conv_in", "encoder.conv1")
+def diffusers_table(vae: WanVAE) -> list[Row]:
+    """Returns the diffusers AutoencoderKLWan -> ours rows for `vae`'s (abstract) structure."""
+    rows = [*conv("encoder.conv_in", "encoder.conv1")]
     for k, block in enumerate(vae.encoder.downsamples):
-        rules += _block(f"encoder.down_blocks.{k}", f"encoder.downsamples.{k}", block, DIFFUSERS_RESIDUAL)
-    for k, name in enumerate(("resnets.0", "attentions.0", "resnets.1")):
-        rules += _block(f"encoder.mid_block.{name}", f"encoder.middle.{k}", vae.encoder.middle[k], DIFFUSERS_RESIDUAL)
-    rules += [Rule("encoder.norm_out.gamma", "encoder.head_norm.gamma", vector)]
-    rules += _conv("encoder.conv_out", "encoder.head_conv")
-    rules += _conv("quant_conv", "conv1") + _conv("post_quant_conv", "conv2")
-    rules += _conv("decoder.conv_in", "decoder.conv1")
-    for k, name in enumerate(("resnets.0", "attentions.0", "resnets.1")):
-        rules += _block(f"decoder.mid_block.{name}", f"decoder.middle.{k}", vae.decoder.middle[k], DIFFUSERS_RESIDUAL)
-    level, resnet = 0, 0  # diffusers groups each level's resnets and its upsampler into up_blocks.level
+        rows += _block(f"encoder.down_blocks.{k}", f"encoder.downsamples.{k}", block, DIFFUSERS_RESIDUAL)
+    for k, name in enumerate(DIFFUSERS_MIDDLE):
+        rows += _block(f"encoder.mid_block.{name}", f"encoder.middle.{k}", vae.encoder.middle[k], DIFFUSERS_RESIDUAL)
+    rows += [Row("encoder.norm_out.gamma", "encoder.head_norm.gamma", gamma), *conv("encoder.conv_out", "encoder.head_conv")]
+    rows += [*conv("quant_conv", "conv1"), *conv("post_quant_conv", "conv2")]
+    rows += [*conv("decoder.conv_in", "decoder.conv1")]
+    for k, name in enumerate(DIFFUSERS_MIDDLE):
+        rows += _block(f"decoder.mid_block.{name}", f"decoder.middle.{k}", vae.decoder.middle[k], DIFFUSERS_RESIDUAL)
+    level, resnet = 0, 0  # diffusers groups a level's resnets and its upsampler into up_blocks.level
     for k, block in enumerate(vae.decoder.upsamples):
         if isinstance(block, Resample):
-            rules += _block(f"decoder.up_blocks.{level}.upsamplers.0", f"decoder.upsamples.{k}", block, {})
+            rows += _block(f"decoder.up_blocks.{level}.upsamplers.0", f"decoder.upsamples.{k}", block, {})
             level, resnet = level + 1, 0
         else:
-            rules += _block(f"decoder.up_blocks.{level}.resnets.{resnet}", f"decoder.upsamples.{k}", block, DIFFUSERS_RESIDUAL)
+            source = f"decoder.up_blocks.{level}.resnets.{resnet}"
+            rows += _block(source, f"decoder.upsamples.{k}", block, DIFFUSERS_RESIDUAL)
             resnet += 1
-    rules += [Rule("decoder.norm_out.gamma", "decoder.head_norm.gamma", vector)]
-    rules += _conv("decoder.conv_out", "decoder.head_conv")
-    return rules
+    rows += [Row("decoder.norm_out.gamma", "decoder.head_norm.gamma", gamma), *conv("decoder.conv_out", "decoder.head_conv")]
+    return rows
 
 
-def _conv(source: str, target: str, transform=conv3d) -> list[Rule]:
-    return [Rule(f"{source}.weight", f"{target}.kernel", transform), Rule(f"{source}.bias", f"{target}.bias", identity)]
-
-
-def _block(source: str, target: str, block, residual_names: dict[str, str]) -> list[Rule]:
+def _block(source: str, target: str, block: nnx.Module, residual_names: dict[str, str]) -> list[Row]:
     if isinstance(block, ResidualBlock):
-        names = {ours: f"{source}.{theirs}" for ours, theirs in residual_names.items()}
-        rules = [Rule(f"{names['norm1']}.gamma", f"{target}.norm1.gamma", vector)]
-        rules += _conv(names["conv1"], f"{target}.conv1")
-        rules += [Rule(f"{names['norm2']}.gamma", f"{target}.norm2.gamma", vector)]
-        rules += _conv(names["conv2"], f"{target}.conv2")
+        name = {ours: f"{source}.{theirs}" for ours, theirs in residual_names.items()}
+        rows = [Row(f"{name['norm1']}.gamma", f"{target}.norm1.gamma", gamma), *conv(name["conv1"], f"{target}.conv1")]
+        rows += [Row(f"{name['norm2']}.gamma", f"{target}.norm2.gamma", gamma), *conv(name["conv2"], f"{target}.conv2")]
         if block.shortcut is not None:
-            rules += _conv(names["shortcut"], f"{target}.shortcut")
-        return rules
+            rows += conv(name["shortcut"], f"{target}.shortcut")
+        return rows
     if isinstance(block, AttentionBlock):
         return [
-            Rule(f"{source}.norm.gamma", f"{target}.norm.gamma", vector),
-            *_conv(f"{source}.to_qkv", f"{target}.to_qkv", conv1x1_to_linear),
-            *_conv(f"{source}.proj", f"{target}.proj", conv1x1_to_linear),
+            Row(f"{source}.norm.gamma", f"{target}.norm.gamma", gamma),
+            Row(f"{source}.to_qkv.weight", f"{target}.to_qkv.kernel", conv1x1_to_linear),
+            Row(f"{source}.to_qkv.bias", f"{target}.to_qkv.bias", identity),
+            Row(f"{source}.proj.weight", f"{target}.proj.kernel", conv1x1_to_linear),
+            Row(f"{source}.proj.bias", f"{target}.proj.bias", identity),
         ]
     if isinstance(block, Resample):  # nn.Sequential(Upsample or ZeroPad2d, Conv2d): the conv is slot 1
-        rules = _conv(f"{source}.resample.1", f"{target}.resample", conv2d)
+        rows = [
+            Row(f"{source}.resample.1.weight", f"{target}.resample.kernel", conv2d),
+            Row(f"{source}.resample.1.bias", f"{target}.resample.bias", identity),
+        ]
         if block.time_conv is not None:
-            rules += _conv(f"{source}.time_conv", f"{target}.time_conv")
-        return rules
-    raise TypeError(f"no conversion rule for {type(block).__name__} at {target}")
+            rows += conv(f"{source}.time_conv", f"{target}.time_conv")
+        return rows
+    raise TypeError(f"no conversion rows for {type(block).__name__} at {target}")
 
 
-def config_from_diffusers(folder) -> VAEConfig:
+def config_from_diffusers(config_json: dict) -> VAEConfig:
     """Returns our VAEConfig from a diffusers AutoencoderKLWan config.json (Wan2.1 layouts only)."""
-    path = Path(folder) / "config.json"
-    if not path.exists():
-        raise FileNotFoundError(f"{path} not found: expected the vae/ folder of a diffusers Wan checkpoint")
-    cfg = json.loads(path.read_text())
+    c = config_json
     wan21 = {"is_residual": False, "attn_scales": [], "patch_size": None, "in_channels": 3,
              "out_channels": 3, "decoder_base_dim": None}  # fmt: skip
     for key, expected in wan21.items():
-        if cfg.get(key, expected) != expected:
-            raise ValueError(f"{path}: {key}={cfg[key]!r} is not a Wan2.1 VAE (only {key}={expected!r} is supported)")
-    default = WAN21_VAE
+        if c.get(key, expected) != expected:
+            raise CheckpointError(f"vae config {key}={c[key]!r}: not a Wan2.1 VAE (needs {key}={expected!r}; "
+                                  "the Wan2.2 VAE is not ported)")  # fmt: skip
+    d = WAN21_VAE
     return VAEConfig(
-        base_dim=cfg.get("base_dim", default.base_dim),
-        z_dim=cfg.get("z_dim", default.z_dim),
-        dim_mult=tuple(cfg.get("dim_mult", default.dim_mult)),
-        num_res_blocks=cfg.get("num_res_blocks", default.num_res_blocks),
-        temporal_downsample=tuple(cfg.get("temperal_downsample", default.temporal_downsample)),
-        latents_mean=tuple(cfg.get("latents_mean", default.latents_mean)),
-        latents_std=tuple(cfg.get("latents_std", default.latents_std)),
-    )
+        base_dim=c.get("base_dim", d.base_dim), z_dim=c.get("z_dim", d.z_dim),
+        dim_mult=tuple(c.get("dim_mult", d.dim_mult)), num_res_blocks=c.get("num_res_blocks", d.num_res_blocks),
+        temporal_downsample=tuple(c.get("temperal_downsample", d.temporal_downsample)),
+        latents_mean=tuple(c.get("latents_mean", d.latents_mean)),
+        latents_std=tuple(c.get("latents_std", d.latents_std)),
+    )  # fmt: skip
 
 
-def convert_vae(src, dst, dtype: str = "float32", *, config: VAEConfig | None = None, overwrite: bool = False) -> Path:
-    """Converts a Wan2.1 VAE into dst (config.json + model.safetensors in `dtype`); returns dst.
+def find_vae(src: Path) -> tuple[list[Path], Path | None] | None:
+    """Returns (checkpoint files, diffusers config.json or None) of the VAE in `src`, or None.
 
-    src: `Wan2.1_VAE.pth` (original; config defaults to WAN21_VAE) or a diffusers `vae/` folder
-    (config read from its config.json unless given).
+    src: a .pth or .safetensors file, a diffusers vae/ folder or pipeline folder (uses vae/),
+    or an original Wan2.1 folder (Wan2.1_VAE.pth).
     """
     src = Path(src)
-    if src.is_dir():
-        config = config or config_from_diffusers(src)
-        source, make_rules = SafetensorsSource(src), diffusers_rules
+    if src.is_file():
+        config = src.parent / "config.json"
+        return [src], config if src.suffix == ".safetensors" and config.is_file() else None
+    if not src.is_dir():
+        raise CheckpointError(f"{src} does not exist")
+    if (src / SUBFOLDER).is_dir():
+        return find_vae(src / SUBFOLDER)
+    if (src / ORIGINAL_FILE).is_file():
+        return [src / ORIGINAL_FILE], None
+    config = src / "config.json"
+    if config.is_file() and json.loads(config.read_text()).get("_class_name") == "AutoencoderKLWan":
+        files = sorted(src.glob("*.safetensors.index.json")) or sorted(src.glob("diffusion_pytorch_model.safetensors"))
+        if not files:
+            raise CheckpointError(f"{src}: AutoencoderKLWan config.json but no diffusion_pytorch_model.safetensors")
+        return files, config
+    return None
+
+
+def plan_vae(files: Sequence[Path], config_path: Path | None, dtype: str, *, config: VAEConfig | None = None) -> ComponentPlan:
+    """Returns the conversion plan of a Wan2.1 VAE checkpoint, or raises listing every problem.
+
+    config: the VAE's config; default from the diffusers config.json, else from the tensor
+    shapes (base_dim, z_dim) on top of WAN21_VAE.
+    """
+    shards = open_shards(files)
+    shapes = {name: info.shape for name, info, _ in iter_tensor_infos(shards)}
+    if ORIGINAL_MARKER in shapes:
+        layout, make_table, probes = "original", original_table, ("encoder.conv1.weight", "conv2.weight")
+    elif DIFFUSERS_MARKER in shapes:
+        layout, make_table, probes = "diffusers", diffusers_table, ("encoder.conv_in.weight", "post_quant_conv.weight")
     else:
-        config = config or WAN21_VAE
-        source, make_rules = open_source(src), original_rules
-    config = dataclasses.replace(config, dtype=dtype)
+        raise CheckpointError(f"{files[0]}: not a Wan2.1 VAE: neither {ORIGINAL_MARKER} (original) nor "
+                              f"{DIFFUSERS_MARKER} (diffusers) among {sorted(shapes)[:8]}...")  # fmt: skip
+    if config is None and config_path is not None:
+        config = config_from_diffusers(json.loads(Path(config_path).read_text()))
+    if config is None:
+        base_dim, z_dim = (shapes[p][0] if p in shapes else None for p in probes)
+        try:
+            config = dataclasses.replace(WAN21_VAE, base_dim=base_dim or WAN21_VAE.base_dim, z_dim=z_dim or 16)
+        except ValueError as e:
+            raise CheckpointError(f"{files[0]}: z_dim={z_dim} has no Wan latent statistics; pass config=: {e}") from None
+    config = dataclasses.replace(config, dtype=canonical_dtype(dtype))
     abstract = nnx.eval_shape(lambda: WanVAE(config, rngs=nnx.Rngs(0)))
-    return convert_tree(source, make_rules(abstract), abstract, dst, model=MODEL, config=config, overwrite=overwrite)
+    return plan_component(MODEL, config, abstract, make_table(abstract), shards, layout=layout)
 
 
-def load_vae(folder) -> WanVAE:
-    """Returns the WanVAE converted into `folder` by convert_vae, on the default device."""
-    config = VAEConfig(**read_config(folder, MODEL))
+def write_vae(plan: ComponentPlan, folder: Path, *, progress: bool = True) -> None:
+    """Streams a planned VAE into folder (model.safetensors + config.json)."""
+    write_component(plan, folder, progress=progress)
+
+
+def convert_vae(src, dst, dtype: str = "float32", *, config: VAEConfig | None = None, progress: bool = False) -> Path:
+    """Converts the Wan2.1 VAE at `src` into the new folder `dst`; returns dst.
+
+    src: see find_vae. dtype: of the stored parameters and of compute after load_vae ("float32",
+    as Wan runs its VAE, or "bf16"). All names and shapes are checked before writing; dst
+    appears only when complete.
+    """
+    found = find_vae(Path(src))
+    if found is None:
+        raise CheckpointError(f"{src}: no Wan2.1 VAE found (looked for {ORIGINAL_FILE}, a vae/ folder, "
+                              "an AutoencoderKLWan config.json)")  # fmt: skip
+    plan = plan_vae(*found, dtype, config=config)
+    with staged_directory(Path(dst)) as staging:
+        write_vae(plan, staging, progress=progress)
+    return Path(dst)
+
+
+def load_vae(path, *, dtype: str | None = None) -> WanVAE:
+    """Returns the WanVAE converted into `path` (the component folder or a checkpoint root with vae/).
+
+    dtype: param and compute dtype; default as converted.
+    """
+    folder, fields = read_component_config(path, MODEL, SUBFOLDER)
+    config = VAEConfig(**fields)
+    if dtype is not None:
+        config = dataclasses.replace(config, dtype=canonical_dtype(dtype))
     abstract = nnx.eval_shape(lambda: WanVAE(config, rngs=nnx.Rngs(0)))
-    return load_tree(folder, abstract, MODEL)
+    return load_component(folder, abstract)
