@@ -29,15 +29,18 @@ def dense_attention(
 ) -> Float[Array, "B L N D"]:
     """Returns softmax attention over all keys, in q's dtype.
 
-    On a GPU in bf16/f16 this is cuDNN flash attention; elsewhere XLA's attention over query
-    chunks, so the logits never form an [L, M] array beyond XLA_LOGITS_BUDGET bytes.
+    On a GPU in bf16/f16 this is cuDNN flash attention; elsewhere XLA's attention in float32
+    over query chunks, so the logits never form an [L, M] array beyond XLA_LOGITS_BUDGET bytes.
     """
     if jax.default_backend() == "gpu" and q.dtype in CUDNN_DTYPES:
         try:
             return jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
         except (NotImplementedError, RuntimeError):  # shape/dtype cuDNN declines, or no cuDNN
             pass
-    return _chunked_xla_attention(q, k, v)
+    # float32: the CPU fallback has no fast bf16 path, and jax.nn's XLA attention mixes bf16
+    # with float32 logits in a way strict dtype promotion rejects.
+    f32 = jnp.float32
+    return _chunked_xla_attention(q.astype(f32), k.astype(f32), v.astype(f32)).astype(q.dtype)
 
 
 def _chunked_xla_attention(q, k, v):
