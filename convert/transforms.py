@@ -37,6 +37,19 @@ def transformed_shape(transform: Callable, shape: tuple[int, ...]) -> tuple[int,
         return None
 
 
+def conv3d_inverse(kernel: np.ndarray) -> np.ndarray:
+    return kernel.transpose(4, 3, 0, 1, 2)
+
+
+INVERSES = {identity: identity, transpose_linear: transpose_linear, conv3d: conv3d_inverse}
+
+
+def source_shape(transform: Callable, target_shape: tuple[int, ...]) -> tuple[int, ...] | None:
+    """Returns the source shape that `transform` maps to `target_shape` (None if not known)."""
+    inverse = INVERSES.get(transform)
+    return None if inverse is None else transformed_shape(inverse, target_shape)
+
+
 @dataclasses.dataclass(frozen=True)
 class Row:
     source: str

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from convert import wan_diffusers, wan_original
 from convert.checkpoint import abstract_wan, mismatch_report, target_info, write_component_metadata
 from convert.io import CheckpointError, Shard, TensorInfo, SafetensorsWriter, iter_tensor_infos, open_shards
-from convert.transforms import Row, transformed_shape
+from convert.transforms import Row, source_shape, transformed_shape
 from models.wan import WanConfig
 
 LAYOUTS = (wan_original, wan_diffusers)
@@ -147,7 +147,8 @@ def plan_transformer(files: Sequence[Path], config_path: Path | None, dtype: str
         want = target_info(flat[row.target][1])
         got = transformed_shape(row.transform, info.shape)
         if got != want.shape or not np.issubdtype(info.dtype, np.floating):
-            mismatched.append((name, f"{want.shape} float (our {row.target})", f"{info.shape} {info.dtype}"))
+            expected = source_shape(row.transform, want.shape) or f"{want.shape} after {row.transform.__name__}"
+            mismatched.append((name, f"{expected} float (for our {row.target} {want.shape})", f"{info.shape} {info.dtype}"))
             continue
         entries.append(Entry(shard, by_name[name], row.target, row.transform, want))
     if missing or unexpected or mismatched:

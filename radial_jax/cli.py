@@ -84,6 +84,14 @@ def _float64_masked_attention(q, k, v, token_mask):
     return np.einsum("bnlm,bmnd->blnd", probs / probs.sum(-1, keepdims=True), v)
 
 
+def run_convert(args) -> int:
+    from convert import convert_checkpoint  # deferred: pulls in flax and the model
+
+    components = convert_checkpoint(args.src, args.dst, dtype=args.dtype)
+    print(f"wrote {', '.join(components)} to {args.dst}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="radial-jax", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -107,6 +115,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--head-dim", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=run_demo)
+
+    p = sub.add_parser("convert", help="convert a Wan2.1 PyTorch checkpoint (original or diffusers) to ours",
+                       description="Convert a Wan2.1 checkpoint folder or file (original layout: "
+                                   "diffusion_pytorch_model*.safetensors [+ .index.json] or a .pth; diffusers "
+                                   "layout: a pipeline folder with transformer/) into radial-jax's format, "
+                                   "streaming one shard at a time. Load it with convert.load_wan(DST).")
+    p.add_argument("--src", required=True, help="checkpoint folder or file")
+    p.add_argument("--dst", required=True, help="output folder (must not exist, or be empty)")
+    p.add_argument("--dtype", choices=("bf16", "f32"), default="bf16",
+                   help="storage dtype of the large weights (norms, modulation, head stay f32; default %(default)s)")
+    p.set_defaults(func=run_convert)
     return parser
 
 
