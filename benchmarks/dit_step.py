@@ -1,0 +1,297 @@
+"""One Wan2.1 DiT forward step on one GPU: ours dense, ours radial, diffusers + cuDNN SDPA.
+
+    python benchmarks/dit_step.py [--shapes 1.3b-480p-81f,14b-720p-81f] [--impls ours-dense,ours-radial,diffusers]
+                                  [--iters 3] [--warmup 1] [--out FILE]
+    python benchmarks/dit_step.py --dry-run [--out FILE]   # tiny model on the CPU, the same code path
+
+Random weights built on the device (no download, no host copy of the 14B), bf16, batch 1, 512
+text tokens. Each (shape, implementation) runs in its own process, so peak memory is that
+run's alone and JAX and torch never share a GPU. Ours: the Flax model under jax.jit, dense =
+cuDNN attention everywhere; radial = decay_factor 1.0, dense_layers=1, our Pallas kernel
+(--radial-impl). Baseline: diffusers' WanTransformer3DModel in eager torch, bf16 with its
+float32 modules (as from_pretrained(torch_dtype=bfloat16) keeps them), SDPA on the cuDNN
+backend. diffusers is pure Python; where it is not installed the baseline is skipped with a
+message (carry its wheel and importlib_metadata's; see the README). Prints ms/step, peak GPU
+memory and speedup vs diffusers; writes benchmarks/results/dit-<device>.json (device,
+command, date), merging rows into an existing file of the same device.
+"""
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+GIB = 1 << 30
+# Literal sizes so the torch worker needs neither flax nor our package; the JAX worker checks
+# them against models.wan's presets. (preset, latent frames, height, width)
+SHAPES = {
+    "1.3b-480p-81f": ("t2v-1.3B", 21, 60, 104),  # 21 x 30 x 52 = 32,760 tokens
+    "14b-720p-81f": ("t2v-14B", 21, 90, 160),  # 21 x 45 x 80 = 75,600 tokens
+    "tiny": ("tiny", 5, 16, 16),  # --dry-run only
+}
+MODELS = {  # preset: dim, ffn_dim, heads, layers, in/out channels, text_dim, text_len
+    "t2v-1.3B": dict(dim=1536, ffn_dim=8960, num_heads=12, num_layers=30, in_dim=16, out_dim=16, text_dim=4096, text_len=512),
+    "t2v-14B": dict(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40, in_dim=16, out_dim=16, text_dim=4096, text_len=512),
+    "tiny": dict(dim=64, ffn_dim=128, num_heads=4, num_layers=2, in_dim=4, out_dim=4, text_dim=32, text_len=32),
+}
+IMPLS = ("ours-dense", "ours-radial", "diffusers")
+WEIGHT_STD = 0.02  # random weights: scale of a trained Wan's linears, keeps activations finite
+TIMESTEP = 500.0
+
+
+def timed(fn, sync, iters: int, warmup: int) -> list[float]:
+    """Returns per-call seconds of fn() after `warmup` untimed calls; sync() waits for the device."""
+    for _ in range(warmup):
+        sync(fn())
+    times = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        sync(fn())
+        times.append(time.perf_counter() - start)
+    return times
+
+
+# ---------------------------------------------------------------- ours (JAX)
+
+
+def jax_worker(shape: str, impl: str, args) -> dict:
+    import dataclasses
+
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from models.wan import PRESETS, AttentionConfig, WanModel
+    from models.wan.attention import radial_mask
+
+    preset, frames, height, width = SHAPES[shape]
+    config = PRESETS[preset]
+    sizes = MODELS[preset]
+    assert all(getattr(config, k) == v for k, v in sizes.items()), f"{preset} differs from MODELS[{preset!r}]"
+    if impl == "ours-dense":
+        attention = AttentionConfig(backend="dense")
+    else:
+        radial_impl = "reference" if args.dry_run else args.radial_impl
+        attention = AttentionConfig(backend="radial", decay_factor=1.0, dense_layers=1, implementation=radial_impl)
+    config = dataclasses.replace(config, param_dtype="bfloat16", dtype="bfloat16", attention=attention)
+    graphdef, state = random_state(config)
+    keys = jax.random.split(jax.random.key(1), 2)
+    latents = jax.random.normal(keys[0], (1, frames, height, width, config.in_dim), jnp.bfloat16)
+    context = jax.random.normal(keys[1], (1, config.text_len, config.text_dim), jnp.bfloat16)
+    timestep = jnp.full((1,), TIMESTEP, jnp.float32)
+
+    @jax.jit
+    def step(state, latents, timestep, context):
+        return nnx.merge(graphdef, state)(latents, timestep, context, dense=False)
+
+    start = time.perf_counter()
+    compiled = step.lower(state, latents, timestep, context).compile()
+    compile_s = time.perf_counter() - start
+    times = timed(lambda: compiled(state, latents, timestep, context), jax.block_until_ready, args.iters, args.warmup)
+    stats = jax.devices()[0].memory_stats() or {}
+    row = dict(device=jax.devices()[0].device_kind, jax=jax.__version__, compile_s=round(compile_s, 1),
+               weights_gib=sum(x.nbytes for x in jax.tree.leaves(state)) / GIB,
+               peak_gib=stats["peak_bytes_in_use"] / GIB if "peak_bytes_in_use" in stats else None)
+    if impl == "ours-radial":
+        mask = radial_mask(frames, (height // 2) * (width // 2), attention.block_size, attention.decay_factor)
+        row.update(radial_implementation=attention.implementation, mask_density=float(mask.mean()), dense_layers=1)
+    return dict(row, times_s=times)
+
+
+def random_state(config):
+    """Returns (graphdef, state) with random bf16/f32 parameters created on the default device."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from models.wan import WanModel
+
+    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: WanModel(config, rngs=nnx.Rngs(0))))
+    leaves = []
+    for i, (path, var) in enumerate(nnx.to_flat_state(abstract)):
+        shape, dtype = var.get_value().shape, var.get_value().dtype
+        if path[-1] == "scale":
+            value = jnp.ones(shape, dtype)
+        elif path[-1] == "bias":
+            value = jnp.zeros(shape, dtype)
+        else:
+            value = (jax.random.normal(jax.random.key(i), shape, jnp.float32) * WEIGHT_STD).astype(dtype)
+        leaves.append((path, var.replace(value)))
+    return graphdef, nnx.from_flat_state(leaves)
+
+
+# ---------------------------------------------------------------- diffusers (torch)
+
+
+def torch_worker(shape: str, args) -> dict:
+    import torch
+
+    try:
+        from diffusers import WanTransformer3DModel
+    except ImportError as e:
+        return dict(skipped=f"diffusers is not importable here ({e}); carry the diffusers and importlib_metadata "
+                            "wheels to get the baseline")
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    device = "cpu" if args.dry_run else "cuda"
+    preset, frames, height, width = SHAPES[shape]
+    m = MODELS[preset]
+    kwargs = dict(patch_size=(1, 2, 2), num_attention_heads=m["num_heads"], attention_head_dim=m["dim"] // m["num_heads"],
+                  in_channels=m["in_dim"], out_channels=m["out_dim"], text_dim=m["text_dim"], freq_dim=256,
+                  ffn_dim=m["ffn_dim"], num_layers=m["num_layers"], cross_attn_norm=True,
+                  qk_norm="rms_norm_across_heads", eps=1e-6)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)  # parameters are born bf16 on the device: no fp32 copy
+    try:
+        with torch.device(device), torch.no_grad():
+            model = WanTransformer3DModel(**kwargs).eval().requires_grad_(False)
+            for name, p in model.named_parameters():
+                if any(part in model._keep_in_fp32_modules for part in name.split(".")):
+                    p.data = p.data.float()
+                p.normal_(0.0, WEIGHT_STD) if p.ndim >= 2 else None
+    finally:
+        torch.set_default_dtype(previous)
+    gen = torch.Generator(device).manual_seed(1)
+    hidden = torch.randn(1, m["in_dim"], frames, height, width, device=device, dtype=torch.bfloat16, generator=gen)
+    context = torch.randn(1, m["text_len"], m["text_dim"], device=device, dtype=torch.bfloat16, generator=gen)
+    timestep = torch.full((1,), TIMESTEP, device=device)
+    sync = (lambda _: torch.cuda.synchronize()) if device == "cuda" else (lambda _: None)
+
+    def run():
+        with torch.inference_mode():
+            return model(hidden, timestep, context, return_dict=False)[0]
+
+    backends = [("cudnn", SDPBackend.CUDNN_ATTENTION), ("flash", SDPBackend.FLASH_ATTENTION)]
+    if device == "cpu":
+        backends = [("math", SDPBackend.MATH)]
+    for backend_name, backend in backends:
+        try:
+            with sdpa_kernel([backend]):
+                if device == "cuda":
+                    torch.cuda.reset_peak_memory_stats()
+                times = timed(run, sync, args.iters, args.warmup)
+            break
+        except RuntimeError as e:  # "No available kernel": this backend declines the shapes
+            print(f"SDPA {backend_name} failed ({str(e)[:200]}); trying the next backend", file=sys.stderr)
+    else:
+        raise RuntimeError("no SDPA backend ran")
+    return dict(device=torch.cuda.get_device_name() if device == "cuda" else "cpu", torch=torch.__version__,
+                sdpa_backend=backend_name, weights_gib=sum(p.numel() * p.element_size() for p in model.parameters()) / GIB,
+                peak_gib=torch.cuda.max_memory_allocated() / GIB if device == "cuda" else None, times_s=times)
+
+
+# ---------------------------------------------------------------- orchestration
+
+
+def run_worker(shape: str, impl: str, args) -> dict:
+    """Runs one (shape, impl) in a child process; returns its result row (or an error row)."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", impl, "--shapes", shape, "--iters",
+           str(args.iters), "--warmup", str(args.warmup), "--radial-impl", args.radial_impl]
+    cmd += ["--dry-run"] if args.dry_run else []
+    env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false", PYTHONPATH=f"{REPO}{os.pathsep}"
+               + os.environ.get("PYTHONPATH", ""))
+    if args.dry_run:
+        env["JAX_PLATFORMS"] = "cpu"
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.timeout, cwd=REPO)
+    except subprocess.TimeoutExpired:
+        return dict(error=f"timed out after {args.timeout} s")
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT "):])
+    return dict(error=f"exit {proc.returncode}: {proc.stderr[-3000:]}")
+
+
+def summarise(rows: list[dict]) -> list[dict]:
+    """Adds ms_per_step (median) and speedup vs diffusers to each row; returns the rows."""
+    for row in rows:
+        if "times_s" in row:
+            row["ms_per_step"] = 1e3 * statistics.median(row["times_s"])
+    for row in rows:
+        base = next((r for r in rows if r["shape"] == row["shape"] and r["impl"] == "diffusers"), {})
+        if "ms_per_step" in row and "ms_per_step" in base:
+            row["speedup_vs_diffusers"] = base["ms_per_step"] / row["ms_per_step"]
+    return rows
+
+
+def print_table(rows: list[dict]) -> None:
+    print(f"{'shape':16} {'impl':12} {'ms/step':>10} {'peak GiB':>9} {'speedup':>8}  note")
+    for r in rows:
+        ms = f"{r['ms_per_step']:.1f}" if "ms_per_step" in r else "-"
+        peak = f"{r['peak_gib']:.1f}" if r.get("peak_gib") is not None else "-"
+        speedup = f"{r['speedup_vs_diffusers']:.2f}x" if "speedup_vs_diffusers" in r else "-"
+        note = r.get("skipped") or r.get("error", "")[:100] or r.get("sdpa_backend", r.get("radial_implementation", ""))
+        print(f"{r['shape']:16} {r['impl']:12} {ms:>10} {peak:>9} {speedup:>8}  {note}")
+
+
+def write_results(rows: list[dict], out: Path, args) -> None:
+    device = next((r["device"] for r in rows if "device" in r and r["device"] != "cpu"), "cpu")
+    record = dict(device=device, command="python " + " ".join(sys.argv), date=datetime.date.today().isoformat(),
+                  rows=rows)
+    if out.is_file():  # merge: runs split across calls (one shape per call) land in one file
+        old = json.loads(out.read_text())
+        if old.get("device") == device:
+            keep = [r for r in old.get("rows", []) if (r["shape"], r["impl"]) not in {(n["shape"], n["impl"]) for n in rows}]
+            record["rows"] = keep + rows
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(record, indent=1) + "\n")
+    print(f"wrote {out}")
+
+
+def device_tag(rows: list[dict]) -> str:
+    device = next((r["device"] for r in rows if "device" in r), "unknown")
+    for tag in ("H200", "H100", "A100", "L40S"):
+        if tag in device:
+            return tag.lower()
+    return device.replace(" ", "_").lower()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shapes", default="1.3b-480p-81f,14b-720p-81f", help=f"comma list of {list(SHAPES)}")
+    parser.add_argument("--impls", default=",".join(IMPLS), help=f"comma list of {IMPLS}")
+    parser.add_argument("--iters", type=int, default=3, help="timed steps (median reported; default %(default)s)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps after compilation (default %(default)s)")
+    parser.add_argument("--radial-impl", default="pallas",
+                        help="radial_attention implementation for ours-radial (default %(default)s; 'auto' would "
+                             "fall back to the slow jnp reference silently)")
+    parser.add_argument("--timeout", type=int, default=1500, help="seconds per worker process (default %(default)s)")
+    parser.add_argument("--out", help="JSON path (default benchmarks/results/dit-<device>.json; --dry-run: none)")
+    parser.add_argument("--dry-run", action="store_true", help="tiny model on the CPU: checks the path in seconds")
+    parser.add_argument("--worker", choices=IMPLS, help=argparse.SUPPRESS)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    shapes = ["tiny"] if args.dry_run else args.shapes.split(",")
+    if args.worker:
+        if str(REPO) not in sys.path:
+            sys.path.insert(0, str(REPO))
+        shape = shapes[0]
+        row = torch_worker(shape, args) if args.worker == "diffusers" else jax_worker(shape, args.worker, args)
+        print("RESULT " + json.dumps(dict(row, shape=shape, impl=args.worker)), flush=True)
+        return 0
+    unknown = [s for s in shapes if s not in SHAPES] + [i for i in args.impls.split(",") if i not in IMPLS]
+    if unknown:
+        sys.exit(f"unknown shapes/impls {unknown}; shapes: {list(SHAPES)}, impls: {IMPLS}")
+    rows = []
+    for shape in shapes:
+        for impl in args.impls.split(","):
+            print(f"running {shape} {impl} ...", flush=True)
+            rows.append(dict(run_worker(shape, impl, args), shape=shape, impl=impl))
+    print_table(summarise(rows))
+    out = args.out or (None if args.dry_run else f"benchmarks/results/dit-{device_tag(rows)}.json")
+    if out:
+        write_results(rows, REPO / out if not Path(out).is_absolute() else Path(out), args)
+    return 0 if all("error" not in r for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
