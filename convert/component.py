@@ -85,9 +85,14 @@ def plan_component(
         paths = sorted({str(s.path) for s in shards})
         raise CheckpointError(
             mismatch_report(missing, unexpected, mismatched, what=f"{layout} {model} checkpoint {', '.join(paths)}")
-            + f"\n  (config used: {config})"
+            + f"\n  config used (from the checkpoint's shapes and config.json): {_short(config)}"
         )
     return ComponentPlan(model, config, tuple(entries), {"layout": layout, "path": str(shards[0].path)})
+
+
+def _short(config: Any) -> str:
+    fields = dataclasses.asdict(config)
+    return ", ".join(f"{k}={v}" for k, v in fields.items() if not (isinstance(v, tuple) and len(v) > 8))
 
 
 def _is_float(dtype: np.dtype) -> bool:
