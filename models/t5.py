@@ -168,7 +168,9 @@ def _encode(graphdef, state, ids, mask):
     return nnx.merge(graphdef, state)(ids, mask)
 
 
-def encode_text(encoder: UMT5Encoder, ids: Int[Array, "B T"], mask: Int[Array, "B T"]) -> Float[Array, "B T C"]:
+def encode_text(
+    encoder: UMT5Encoder, ids: Int[Array | np.ndarray, "B T"], mask: Int[Array | np.ndarray, "B T"]
+) -> Float[Array, "B T C"]:
     """Returns the jitted encoder's context [B, T, dim] in its dtype (one compile per shape)."""
     graphdef, state = nnx.split(encoder)
     return _encode(graphdef, state, jnp.asarray(ids, jnp.int32), jnp.asarray(mask, jnp.int32))
@@ -252,7 +254,7 @@ class Tokenizer:
             mask[row, : len(tokens)] = 1
         return ids, mask
 
-    def decode(self, ids: Sequence[int], mask: Sequence[int] | None = None) -> str:
+    def decode(self, ids: Sequence[int] | np.ndarray, mask: Sequence[int] | np.ndarray | None = None) -> str:
         """Returns the text of one row of ids (tokens where mask is 1, EOS and padding dropped)."""
         ids = [int(i) for i, keep in zip(ids, mask if mask is not None else [1] * len(ids)) if keep]
         return self._decode([i for i in ids if i not in (self.eos_id, self.pad_id)])
