@@ -11,7 +11,6 @@ from typing import Any
 BACKENDS = ("dense", "radial", "reference")
 DTYPES = ("float32", "bfloat16", "float16")
 MODEL_TYPES = ("t2v", "i2v")
-CLIP_TOKENS = 257  # CLIP ViT-H/14 image tokens per image (256 patches + class token)
 
 
 @dataclasses.dataclass(frozen=True)
