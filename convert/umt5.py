@@ -87,10 +87,11 @@ def config_fields_from_json(config_json: dict) -> dict:
     """Returns the UMT5Config fields a transformers UMT5 config.json states (umT5 gated-GELU only)."""
     c = config_json
     if c.get("model_type", "umt5") != "umt5":
-        raise CheckpointError(f"text encoder model_type={c['model_type']!r}: only umT5 (a position bias per layer) is ported")
+        raise CheckpointError(f"text encoder model_type={c['model_type']!r}: only umT5 (a position bias per layer) "
+                              "is ported")  # fmt: skip
     if c.get("feed_forward_proj", "gated-gelu") != "gated-gelu" or c.get("dense_act_fn", "gelu_new") != "gelu_new":
-        raise CheckpointError(f"feed_forward_proj={c.get('feed_forward_proj')!r}, dense_act_fn={c.get('dense_act_fn')!r}: "
-                              "only gated-gelu with gelu_new (umT5) is ported")  # fmt: skip
+        raise CheckpointError(f"feed_forward_proj={c.get('feed_forward_proj')!r}, "
+                              f"dense_act_fn={c.get('dense_act_fn')!r}: only gated-gelu with gelu_new (umT5) is ported")
     renames = {"relative_attention_max_distance": "max_distance", "layer_norm_epsilon": "eps"}
     return {ours: c[theirs] for theirs, ours in renames.items() if theirs in c}
 

@@ -68,14 +68,16 @@ def original_table(vae: WanVAE) -> list[Row]:
         rows += _block(f"encoder.downsamples.{k}", f"encoder.downsamples.{k}", block, ORIGINAL_RESIDUAL)
     for k, block in enumerate(vae.encoder.middle):
         rows += _block(f"encoder.middle.{k}", f"encoder.middle.{k}", block, ORIGINAL_RESIDUAL)
-    rows += [Row("encoder.head.0.gamma", "encoder.head_norm.gamma", gamma), *conv("encoder.head.2", "encoder.head_conv")]
+    rows += [Row("encoder.head.0.gamma", "encoder.head_norm.gamma", gamma)]
+    rows += conv("encoder.head.2", "encoder.head_conv")
     rows += [*conv("conv1", "conv1"), *conv("conv2", "conv2")]
     rows += [*conv("decoder.conv1", "decoder.conv1")]
     for k, block in enumerate(vae.decoder.middle):
         rows += _block(f"decoder.middle.{k}", f"decoder.middle.{k}", block, ORIGINAL_RESIDUAL)
     for k, block in enumerate(vae.decoder.upsamples):
         rows += _block(f"decoder.upsamples.{k}", f"decoder.upsamples.{k}", block, ORIGINAL_RESIDUAL)
-    rows += [Row("decoder.head.0.gamma", "decoder.head_norm.gamma", gamma), *conv("decoder.head.2", "decoder.head_conv")]
+    rows += [Row("decoder.head.0.gamma", "decoder.head_norm.gamma", gamma)]
+    rows += conv("decoder.head.2", "decoder.head_conv")
     return rows
 
 
@@ -86,7 +88,8 @@ def diffusers_table(vae: WanVAE) -> list[Row]:
         rows += _block(f"encoder.down_blocks.{k}", f"encoder.downsamples.{k}", block, DIFFUSERS_RESIDUAL)
     for k, name in enumerate(DIFFUSERS_MIDDLE):
         rows += _block(f"encoder.mid_block.{name}", f"encoder.middle.{k}", vae.encoder.middle[k], DIFFUSERS_RESIDUAL)
-    rows += [Row("encoder.norm_out.gamma", "encoder.head_norm.gamma", gamma), *conv("encoder.conv_out", "encoder.head_conv")]
+    rows += [Row("encoder.norm_out.gamma", "encoder.head_norm.gamma", gamma)]
+    rows += conv("encoder.conv_out", "encoder.head_conv")
     rows += [*conv("quant_conv", "conv1"), *conv("post_quant_conv", "conv2")]
     rows += [*conv("decoder.conv_in", "decoder.conv1")]
     for k, name in enumerate(DIFFUSERS_MIDDLE):
@@ -100,7 +103,8 @@ def diffusers_table(vae: WanVAE) -> list[Row]:
             source = f"decoder.up_blocks.{level}.resnets.{resnet}"
             rows += _block(source, f"decoder.upsamples.{k}", block, DIFFUSERS_RESIDUAL)
             resnet += 1
-    rows += [Row("decoder.norm_out.gamma", "decoder.head_norm.gamma", gamma), *conv("decoder.conv_out", "decoder.head_conv")]
+    rows += [Row("decoder.norm_out.gamma", "decoder.head_norm.gamma", gamma)]
+    rows += conv("decoder.conv_out", "decoder.head_conv")
     return rows
 
 
@@ -175,7 +179,9 @@ def find_vae(src: Path) -> tuple[list[Path], Path | None] | None:
     return None
 
 
-def plan_vae(files: Sequence[Path], config_path: Path | None, dtype: str, *, config: VAEConfig | None = None) -> ComponentPlan:
+def plan_vae(
+    files: Sequence[Path], config_path: Path | None, dtype: str, *, config: VAEConfig | None = None
+) -> ComponentPlan:
     """Returns the conversion plan of a Wan2.1 VAE checkpoint, or raises listing every problem.
 
     config: the VAE's config; default from the diffusers config.json, else from the tensor
@@ -197,7 +203,8 @@ def plan_vae(files: Sequence[Path], config_path: Path | None, dtype: str, *, con
         try:
             config = dataclasses.replace(WAN21_VAE, base_dim=base_dim or WAN21_VAE.base_dim, z_dim=z_dim or 16)
         except ValueError as e:
-            raise CheckpointError(f"{files[0]}: z_dim={z_dim} has no Wan latent statistics; pass config=: {e}") from None
+            message = f"{files[0]}: z_dim={z_dim} has no Wan latent statistics; pass config=: {e}"
+            raise CheckpointError(message) from None
     config = dataclasses.replace(config, dtype=canonical_dtype(dtype))
     abstract = nnx.eval_shape(lambda: WanVAE(config, rngs=nnx.Rngs(0)))
     return plan_component(MODEL, config, abstract, make_table(abstract), shards, layout=layout)

@@ -131,9 +131,9 @@ class T5Block(nnx.Module):
         self.attn = T5Attention(config, rngs=rngs)
         self.norm2 = T5LayerNorm(config.dim, eps=config.eps, dtype=dtype)
         self.ffn = T5FeedForward(config, rngs=rngs)
+        bias_std = (2 * config.num_buckets * config.num_heads) ** -0.5
         self.pos_embedding = nnx.Embed(config.num_buckets, config.num_heads, dtype=dtype, param_dtype=dtype,
-                                       embedding_init=nnx.initializers.normal((2 * config.num_buckets * config.num_heads) ** -0.5),
-                                       rngs=rngs)  # fmt: skip
+                                       embedding_init=nnx.initializers.normal(bias_std), rngs=rngs)  # fmt: skip
 
     def __call__(self, x: jax.Array, buckets: np.ndarray, mask: jax.Array) -> jax.Array:
         bias = jnp.transpose(self.pos_embedding(buckets), (2, 0, 1))  # [T, T, N] -> [N, T, T]

@@ -20,8 +20,9 @@ Schedules: `schedule="wan"` (default) is the original's: sigmas = shift(linspace
 steps + 1)[:-1]), 0.999 = 1 - 1/1000 being its training sigma_max. `schedule="diffusers"` is
 diffusers' use_flow_sigmas grid: shift(linspace(1, 0.001, steps + 1)[:-1]), first sigma
 1 - 1e-6. They differ by 0.001 before the shift: at shift 5 and 50 steps by up to 0.0043 in
-sigma (the last nonzero sigma is 0.0925 vs 0.0968); both end at sigma 0. Timesteps follow. Default shift: 5.0 at 720p and 3.0 at 480p, the Wan README's
-(and diffusers') recommendation; Wan's generate.py uses 5.0 for T2V at every size.
+sigma (the last nonzero sigma is 0.0925 vs 0.0968); both end at sigma 0. Timesteps follow.
+Default shift: 5.0 at 720p and 3.0 at 480p, the Wan README's (and diffusers') recommendation;
+Wan's generate.py uses 5.0 for T2V at every size.
 """
 
 import dataclasses
@@ -191,7 +192,9 @@ def _bh_weights(lam, sigma, s0: int, t: int, o: int, solver_type: str, *, correc
     else:
         # Wan and diffusers fix rho = 0.5 at order 2; higher orders solve R[:-1, :-1] rho = b[:-1].
         rhos = [0.5] if o == 2 else (_solve_rhos(rks, hh, h_phi_1, b_h, o) if o > 2 else [])
-    m0 = -alpha_t * h_phi_1  # x_t = sigma_t/sigma_s0 x - alpha_t h_phi_1 m0 - alpha_t B(h) (sum_k rho_k D_k [+ rho D_t])
+    # x_t = sigma_t / sigma_s0 x - alpha_t h_phi_1 m0 - alpha_t B(h) (sum_k rho_k D_k [+ rho_t D_t]),
+    # expanded into one weight per x0.
+    m0 = -alpha_t * h_phi_1
     earlier = []  # D_k = (m_{s0-k} - m0) / r_k
     for k in range(o - 1):
         m0 += alpha_t * b_h * rhos[k] / rks[k]

@@ -96,7 +96,8 @@ def test_decode_matches_diffusers_across_chunk_boundaries(models, latent_frames)
     video = decode(vae, jnp.asarray(latents))
     mean, std = (np.asarray(reference.config[k], np.float32) for k in ("latents_mean", "latents_std"))
     with torch.no_grad():  # diffusers decodes un-normalised latents; Wan's pipeline normalises
-        expected = _channels_last(reference.decode(torch.from_numpy(latents * std + mean).permute(0, 4, 1, 2, 3)).sample)
+        raw = torch.from_numpy(latents * std + mean).permute(0, 4, 1, 2, 3)
+        expected = _channels_last(reference.decode(raw).sample)
     assert video.shape == (1, 1 + 4 * (latent_frames - 1), HEIGHT, WIDTH, 3) == expected.shape
     assert np.mean(np.abs(expected) >= 1.0) < 0.01  # the comparison is not hidden by clipping
     assert _relative_error(video, expected) <= TOLERANCE
