@@ -91,7 +91,7 @@ class Encoder3d(nnx.Module):
 
     def __call__(self, x: jax.Array, cache: list | None = None) -> tuple[jax.Array, list]:
         """Returns (features of this chunk, the caches for the next); cache None: first chunk."""
-        return _run_chunk(self, self.downsamples, x, cache)
+        return _run_chunk(self, (*self.downsamples, *self.middle), x, cache)
 
 
 class Decoder3d(nnx.Module):
@@ -120,7 +120,7 @@ class Decoder3d(nnx.Module):
 
     def __call__(self, x: jax.Array, cache: list | None = None) -> tuple[jax.Array, list]:
         """Returns (pixels of this chunk, the caches for the next); cache None: first chunk."""
-        return _run_chunk(self, self.upsamples, x, cache)
+        return _run_chunk(self, (*self.middle, *self.upsamples), x, cache)
 
 
 def _middle(dim, dtype, rngs):
@@ -131,10 +131,8 @@ def _middle(dim, dtype, rngs):
     ]
 
 
-def _run_chunk(coder, resampling_blocks, x, cache):
-    """conv1, blocks, head in the original's order; caches are a flat list in that order."""
-    encoder = isinstance(coder, Encoder3d)
-    blocks = (*resampling_blocks, *coder.middle) if encoder else (*coder.middle, *resampling_blocks)
+def _run_chunk(coder, blocks, x, cache):
+    """conv1, blocks, head (the original's order); caches are a flat list in that order."""
     old = iter(cache) if cache is not None else iter([None] * (len(blocks) + 2))
     new = []
     x, layer_cache = conv_with_cache(coder.conv1, x, next(old))

@@ -25,12 +25,12 @@ RESAMPLE_MODES = ("upsample2d", "upsample3d", "downsample2d", "downsample3d")
 _TORCH_UNIFORM = nnx.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
 
 
-def conv3d(in_dim: int, out_dim: int, window=(3, 3, 3), *, dtype, rngs: nnx.Rngs, **kwargs) -> nnx.Conv:
+def conv3d(in_dim: int, out_dim: int, window=(3, 3, 3), *, dtype, rngs: nnx.Rngs) -> nnx.Conv:
     """Returns a 3D conv, valid in time and 'same' in space (the caller supplies the time history)."""
     padding = ((0, 0), *((k // 2, k // 2) for k in window[1:]))  # tuples: hashable graphdef
     return nnx.Conv(
         in_dim, out_dim, window, padding=padding, dtype=dtype, param_dtype=dtype,
-        kernel_init=_TORCH_UNIFORM, rngs=rngs, **kwargs,
+        kernel_init=_TORCH_UNIFORM, rngs=rngs,
     )
 
 
