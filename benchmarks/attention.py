@@ -110,8 +110,11 @@ def torch_cases(q_len, heads, mask, backward, iters):
     q, k, v = (torch.randn(shape, device=dev, dtype=torch.bfloat16, requires_grad=backward) for _ in range(3))
     tables = block_tables(mask, 128, q_len, q_len)
     as_t = lambda a: torch.as_tensor(np.ascontiguousarray(a), device=dev, dtype=torch.int32)
+    # FlexAttention's kv_indices are [B, H, QB, KB] (it transposes them as a dense matrix).
+    ids = np.zeros(mask.shape, np.int32)
+    ids[:, : tables.kv_ids.shape[1]] = tables.kv_ids
     kv_num = as_t(tables.kv_counts)[None, None].expand(1, heads, -1).contiguous()
-    kv_idx = as_t(tables.kv_ids)[None, None].expand(1, heads, -1, -1).contiguous()
+    kv_idx = as_t(ids)[None, None].expand(1, heads, -1, -1).contiguous()
     zeros_num = torch.zeros_like(kv_num)
     # Every computed block passed as a full block (no mask_mod work), as for FA4 in shared/GPU.md.
     block_mask = BlockMask.from_kv_blocks(zeros_num, kv_idx, kv_num, kv_idx, BLOCK_SIZE=128,
@@ -144,7 +147,30 @@ def torch_cases(q_len, heads, mask, backward, iters):
     return results
 
 
-def run_shape(name, args):
+def run_torch_shape(name, args):
+    frames, tokens, heads = SHAPES[name]
+    mask = radial_block_mask(frames, tokens, decay_factor=1.0)
+    return torch_cases(frames * tokens, heads, mask, args.backward, args.iters)
+
+
+def torch_in_subprocess(names, args) -> dict:
+    """Runs the torch baselines in a child process: a device assert there cannot lose ours,
+    and the child's GPU memory is gone before JAX allocates."""
+    import subprocess
+
+    cmd = [sys.executable, __file__, "--torch-only", "--shapes", ",".join(names), "--iters", str(args.iters)]
+    cmd += ["--backward"] if args.backward else []
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    results = {}
+    for line in proc.stdout.splitlines():
+        if line.startswith("TORCH_JSON "):
+            results.update(json.loads(line[len("TORCH_JSON "):]))
+    if proc.returncode:
+        print(f"torch baselines exited with {proc.returncode}: {proc.stderr[-1500:]}")
+    return results
+
+
+def run_shape(name, args, torch_ms):
     frames, tokens, heads = SHAPES[name]
     L = frames * tokens
     start = time.perf_counter()
@@ -183,9 +209,8 @@ def run_shape(name, args):
             ref = jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
             row["ours_all_on_max_err_vs_cudnn"] = float(jnp.abs(dense.astype(jnp.float32) - ref.astype(jnp.float32)).max())
     del q, k, v
-    if not args.no_torch:
-        for case, ms in torch_cases(L, heads, mask, args.backward, args.iters).items():
-            row[f"torch_{case}_ms"] = ms
+    for case, ms in torch_ms.items():
+        row[f"torch_{case}_ms"] = ms
     for key in [k for k in row if k.endswith("_ms")]:
         on_blocks = flops if key in ("ours_radial_ms", "torch_flex_ms") else dense_flops
         row[key.replace("_ms", "_tflops")] = on_blocks / (row[key] * 1e-3) / 1e12
@@ -217,14 +242,20 @@ def main(argv=None):
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--backend", choices=["mosaic", "triton"], help="our kernel (default: fastest available)")
     parser.add_argument("--no-torch", action="store_true", help="skip the torch baselines")
+    parser.add_argument("--torch-only", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--out", help="JSON path (default benchmarks/results/attention[-backward]-<device>.json)")
     args = parser.parse_args(argv)
-    if jax.default_backend() != "gpu":
+    if not args.torch_only and jax.default_backend() != "gpu":
         sys.exit("benchmarks/attention.py needs a GPU")
     names = (args.shapes or (BWD_SHAPES if args.backward else FWD_SHAPES)).split(",")
+    if args.torch_only:
+        for name in names:
+            print("TORCH_JSON " + json.dumps({name: run_torch_shape(name, args)}), flush=True)
+        return
+    torch_ms = {} if args.no_torch else torch_in_subprocess(names, args)
     rows = []
     for name in names:
-        rows.append(run_shape(name, args))
+        rows.append(run_shape(name, args, torch_ms.get(name, {})))
         print(json.dumps(rows[-1]), flush=True)
     print_table(rows, args.backward)
     device = jax.devices()[0].device_kind

@@ -11,9 +11,8 @@ import functools
 import jax
 import numpy as np
 
-from radial_jax.kernels import mosaic_fwd, triton_fwd
+from radial_jax.kernels import mosaic_bwd, mosaic_fwd, triton_bwd, triton_fwd
 from radial_jax.kernels.tables import BlockTables, block_tables
-from radial_jax.reference import attention_reference
 
 BACKENDS = ("mosaic", "triton", "interpret")
 
@@ -63,19 +62,18 @@ def _attention(q, k, v, tables, scale, backend):
 
 def _attention_fwd(q, k, v, tables, scale, backend):
     out, lse = _forward(q, k, v, tables, scale, backend)
-    return (out, lse), (q, k, v)
+    return (out, lse), (q, k, v, out, lse)
 
 
 def _attention_bwd(tables, scale, backend, residuals, cotangents):
-    # Until the backward kernels land: differentiate the jnp reference (recomputes the forward).
-    q, k, v = residuals
+    """Backward kernels: O(L) memory; the forward's lse and delta = rowsum(dO * O) - dlse."""
+    q, k, v, out, lse = residuals
     d_out, d_lse = cotangents
-
-    def ref(q, k, v):
-        return attention_reference(q, k, v, tables.block_mask, block_size=tables.block_size, scale=scale)
-
-    _, vjp = jax.vjp(ref, q, k, v)
-    return vjp((d_out, d_lse))
+    d_out = d_out.astype(q.dtype)
+    if backend == "mosaic":
+        return mosaic_bwd.mosaic_backward(q, k, v, out, lse, d_out, d_lse, tables=tables, scale=scale)
+    return triton_bwd.triton_backward(q, k, v, out, lse, d_out, d_lse, tables=tables, scale=scale,
+                                      interpret=backend == "interpret")
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)

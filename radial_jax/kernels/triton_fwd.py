@@ -19,27 +19,35 @@ LOG2_E = math.log2(math.e)
 LN_2 = math.log(2.0)
 
 
-def _forward_kernel(table_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, scale, block, kv_len, ragged):
-    """One query block x one head. table_ref: [1 + max_kv] = (count, kv block ids...)."""
-    count = table_ref[0]
+def _forward_kernel(table_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, scale, block, tile, kv_len, ragged):
+    """One query tile x one head. table_ref: [1 + max_kv] = (count, kv block ids...) of its block.
+
+    Tiles of `tile` tokens split each `block`-token mask block (tile < block where shared
+    memory is short: f32, head_dim 128); the loop visits every tile of every listed block.
+    """
+    per_block = block // tile
+    count = table_ref[0] if per_block == 1 else table_ref[0] * per_block
     q = q_ref[...]  # [block, D]
     head_dim = q.shape[-1]
     qk_scale = scale * LOG2_E  # exp(x) = exp2(x log2 e): one FMA per logit
+    # f32 inputs get IEEE f32 products (Triton's default for f32 is TF32, ~1e-3 relative).
+    precision = jax.lax.Precision.HIGHEST if q.dtype == jnp.float32 else None
 
     def body(step, carry):
         acc, row_max, row_sum = carry
-        kv_block = table_ref[1 + step]
-        start = pl.multiple_of(kv_block * block, block)
-        k = k_ref[pl.ds(start, block), :]  # [block, D]
-        v = v_ref[pl.ds(start, block), :]
-        s = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32) * qk_scale  # [block_q, block_kv], log2 units
+        start = pl.multiple_of(tile_start(table_ref, step, block, tile), tile)
+        k = k_ref[pl.ds(start, tile), :]  # [tile, D]
+        v = v_ref[pl.ds(start, tile), :]
+        s = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=precision,
+                                preferred_element_type=jnp.float32) * qk_scale  # [block_q, block_kv], log2 units
         if ragged:
             cols = start + jax.lax.broadcasted_iota(jnp.int32, s.shape, 1)
             s = jnp.where(cols < kv_len, s, -jnp.inf)
         new_max = jnp.maximum(row_max, s.max(axis=1))
         p = jnp.exp2(s - new_max[:, None])
         correction = jnp.exp2(row_max - new_max)
-        acc = acc * correction[:, None] + jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+        pv = jnp.dot(p.astype(v.dtype), v, precision=precision, preferred_element_type=jnp.float32)
+        acc = acc * correction[:, None] + pv
         return acc, new_max, row_sum * correction + p.sum(axis=1)
 
     init = (
@@ -55,12 +63,32 @@ def _forward_kernel(table_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, scale, bl
     lse_ref[...] = jnp.where(nonempty, (row_max + jnp.log2(jnp.where(nonempty, row_sum, 1.0))) * LN_2, -jnp.inf)
 
 
+def block_of_tile(i, per_block: int):
+    """Returns the mask block of kernel tile i (Triton mis-lowers // by 1, so skip it)."""
+    return i if per_block == 1 else jax.lax.div(i, jnp.int32(per_block))
+
+
+def tile_start(table_ref, step, block: int, tile: int):
+    """Returns the first token of loop step `step`: tile (step mod r) of listed block (step div r)."""
+    if tile == block:  # jnp // and % by 1 mis-lower in Triton (an i1 constant)
+        return table_ref[1 + step] * block
+    per_block = jnp.int32(block // tile)
+    return table_ref[1 + jax.lax.div(step, per_block)] * block + jax.lax.rem(step, per_block) * tile
+
+
 def packed_kv_table(tables: BlockTables) -> jax.Array:
     """Returns int32 [QB, 2^k]: per query block (count, kv ids..., padding); Triton blocks are powers of 2."""
     width = pl.next_power_of_2(1 + tables.kv_ids.shape[1])
     table = jnp.zeros((tables.num_q_blocks, width), jnp.int32)
     table = table.at[:, 0].set(jnp.asarray(tables.kv_counts))
     return table.at[:, 1 : 1 + tables.kv_ids.shape[1]].set(jnp.asarray(tables.kv_ids))
+
+
+def default_tile(dtype, head_dim: int, block: int, interpret: bool) -> int:
+    """Returns the kernel tile: the whole block, or 64 tokens where 128 x D tiles overflow shared memory."""
+    if interpret or block <= 64 or (jnp.dtype(dtype).itemsize <= 2 and head_dim <= 128):
+        return block
+    return 64
 
 
 @functools.partial(jax.jit, static_argnames=("tables", "scale", "interpret", "num_warps", "num_stages"))
@@ -80,20 +108,22 @@ def triton_forward(q, k, v, *, tables: BlockTables, scale: float, interpret: boo
     pad = lambda x, n: jnp.pad(x, ((0, 0), (0, n * block - x.shape[1]), (0, 0), (0, 0)))
     q, k, v = pad(q, qb), pad(k, kb), pad(v, kb)
     table = packed_kv_table(tables)
-    kernel = functools.partial(_forward_kernel, scale=scale, block=block, kv_len=kv_len,
+    tile = default_tile(q.dtype, head_dim, block, interpret)
+    per_block = block // tile
+    kernel = functools.partial(_forward_kernel, scale=scale, block=block, tile=tile, kv_len=kv_len,
                                ragged=tables.kv_ragged)
     out, lse = pl.pallas_call(
         kernel,
-        grid=(heads, qb, batch),  # heads fastest: neighbouring programs share a K/V row
+        grid=(heads, qb * per_block, batch),  # heads fastest: neighbouring programs share a K/V row
         in_specs=[
-            pl.BlockSpec((None, table.shape[1]), lambda h, i, b: (i, 0)),
-            pl.BlockSpec((None, block, None, head_dim), lambda h, i, b: (b, i, h, 0)),
+            pl.BlockSpec((None, table.shape[1]), lambda h, i, b: (block_of_tile(i, per_block), 0)),
+            pl.BlockSpec((None, tile, None, head_dim), lambda h, i, b: (b, i, h, 0)),
             pl.BlockSpec((None, kb * block, None, head_dim), lambda h, i, b: (b, 0, h, 0)),
             pl.BlockSpec((None, kb * block, None, head_dim), lambda h, i, b: (b, 0, h, 0)),
         ],
         out_specs=[
-            pl.BlockSpec((None, block, None, head_dim), lambda h, i, b: (b, i, h, 0)),
-            pl.BlockSpec((None, None, block), lambda h, i, b: (b, h, i)),
+            pl.BlockSpec((None, tile, None, head_dim), lambda h, i, b: (b, i, h, 0)),
+            pl.BlockSpec((None, None, tile), lambda h, i, b: (b, h, i)),
         ],
         out_shape=[
             jax.ShapeDtypeStruct(q.shape, q.dtype),

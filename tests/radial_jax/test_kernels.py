@@ -54,6 +54,7 @@ class KernelChecks:
     # (q_len, kv_len, heads, head_dim, batch)
     cases = [(1000, 1000, 3, 64, 2), (512, 768, 1, 128, 1), (1560, 1560, 12, 64, 1)]
     dtypes = (jnp.float32, jnp.bfloat16)
+    grad_case = (1000, 1000, 2, 64, 2)
 
     def tolerance(self, dtype):
         # f32: <= 2e-5 of the output scale catches a wrong block or a missing rescale.
@@ -90,6 +91,39 @@ class KernelChecks:
         for dtype in self.dtypes:
             self.check(q_len, kv_len, heads, head_dim, batch, dtype, masks[mask_name])
 
+    def grad_tolerance(self, dtype):
+        # f32: <= 1e-4 of the gradient scale catches a wrong transpose table or a missing term.
+        return 1e-4 if dtype == jnp.float32 else 3e-2
+
+    @pytest.mark.parametrize("mask_name", ["all_on", "random_with_empty_rows", "single_block_per_row", "radial"])
+    def test_gradients_match_reference(self, mask_name):
+        q_len, kv_len, heads, head_dim, batch = self.grad_case
+        mask = _masks(q_len, kv_len, self.block)[mask_name]
+        dtype = self.dtypes[0]
+        q, k, v = _qkv(5, batch, q_len, kv_len, heads, head_dim, dtype)
+        weights = jax.random.normal(jax.random.key(7), (batch, q_len, heads, head_dim), jnp.float32)
+        f32 = lambda x: x.astype(jnp.float32)
+
+        def loss(q, k, v):
+            out, lse = block_sparse_attention(q, k, v, mask, block_size=self.block, return_lse=True,
+                                              backend=self.backend)
+            return jnp.sum(f32(out) * weights) + 0.1 * jnp.sum(jnp.where(jnp.isfinite(lse), lse, 0.0))
+
+        def ref_loss(q, k, v):
+            out, lse = attention_reference(q, k, v, mask, block_size=self.block)
+            return jnp.sum(out * weights) + 0.1 * jnp.sum(jnp.where(jnp.isfinite(lse), lse, 0.0))
+
+        grads = jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+        ref_grads = jax.grad(ref_loss, argnums=(0, 1, 2))(f32(q), f32(k), f32(v))
+        for name, g, r in zip("qkv", grads, ref_grads):
+            assert g.dtype == dtype and not jnp.isnan(g).any(), name
+            err = float(jnp.abs(f32(g) - r).max())
+            assert err <= self.grad_tolerance(dtype) * float(jnp.abs(r).max()), (name, err)
+        empty = ~mask.any(axis=1)
+        if empty.any():
+            rows = np.repeat(empty, self.block)[:q_len]
+            assert bool((grads[0][:, rows] == 0).all())
+
     def test_custom_scale(self):
         q, k, v = _qkv(9, 1, 256, 256, 2, 64, self.dtypes[-1])
         mask = np.array([[True, False], [True, True]])
@@ -105,22 +139,59 @@ class TestInterpret(KernelChecks):
     backend = "interpret"
     cases = [(1000, 1000, 3, 64, 2), (200, 520, 1, 128, 1), (1560, 1560, 12, 64, 1)]
     block = 128
+    grad_case = (1000, 1000, 2, 64, 1)
 
     def test_kernel_block_64_ragged(self):
         mask = radial_block_mask(10, 100, block_size=64)
         self.block = 64
         self.check(1000, 1000, 2, 64, 1, jnp.float32, mask)
 
-    def test_gradients_flow_through_the_kernel(self):
-        q, k, v = _qkv(3, 1, 300, 300, 2, 64, jnp.float32)
-        mask = _random_mask(1, 3, 3, 0.6, empty_rows=(1,))
-        loss = lambda q, k, v: jnp.sum(jnp.sin(block_sparse_attention(q, k, v, mask, block_size=128,
+    def test_gradients_ragged_cross_lengths_block_64(self):
+        q, k, v = _qkv(3, 1, 300, 200, 2, 32, jnp.float32)
+        mask = _random_mask(1, 5, 4, 0.6, empty_rows=(1,))
+        loss = lambda q, k, v: jnp.sum(jnp.sin(block_sparse_attention(q, k, v, mask, block_size=64,
                                                                     backend="interpret")))
-        ref_loss = lambda q, k, v: jnp.sum(jnp.sin(attention_reference(q, k, v, mask, block_size=128)[0]))
+        ref_loss = lambda q, k, v: jnp.sum(jnp.sin(attention_reference(q, k, v, mask, block_size=64)[0]))
         grads = jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
         ref_grads = jax.grad(ref_loss, argnums=(0, 1, 2))(q, k, v)
         for g, r in zip(grads, ref_grads):
             assert float(jnp.abs(g - r).max()) <= 1e-4 * float(jnp.abs(r).max())
+
+    def test_gradient_matches_float64_finite_differences(self):
+        q, k, v = _qkv(11, 1, 70, 90, 1, 16, jnp.float32)
+        mask = np.array([[True, False], [True, True]])
+        loss = lambda q, k, v: jnp.sum(jnp.cos(block_sparse_attention(q, k, v, mask, block_size=64,
+                                                                    backend="interpret")))
+        grads = jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+        token_mask = np.repeat(np.repeat(mask, 64, 0), 64, 1)[:70, :90]
+
+        def f64(q, k, v):
+            logits = np.einsum("blnd,bmnd->bnlm", q, k) / 4.0
+            logits = np.where(token_mask, logits, -np.inf)
+            p = np.exp(logits - logits.max(-1, keepdims=True))
+            return np.cos(np.einsum("bnlm,bmnd->blnd", p / p.sum(-1, keepdims=True), v)).sum()
+
+        base = [np.asarray(x, np.float64) for x in (q, k, v)]
+        rng = np.random.default_rng(0)
+        for i in range(3):
+            direction = rng.standard_normal(base[i].shape)
+            plus, minus = list(base), list(base)
+            plus[i], minus[i] = base[i] + 1e-6 * direction, base[i] - 1e-6 * direction
+            numeric = (f64(*plus) - f64(*minus)) / 2e-6
+            analytic = float(np.sum(np.asarray(grads[i], np.float64) * direction))
+            assert abs(numeric - analytic) <= 1e-3 * max(1.0, abs(numeric)), (i, numeric, analytic)
+
+    def test_grad_under_jit_remat_and_vmap(self):
+        q, k, v = _qkv(12, 2, 256, 256, 1, 32, jnp.float32)
+        mask = np.array([[True, False], [True, True]])
+        attend = lambda q, k, v: block_sparse_attention(q, k, v, mask, block_size=128, backend="interpret")
+        loss = lambda q, k, v: jnp.sum(jnp.sin(attend(q, k, v)))
+        expected = jax.grad(loss)(q, k, v)
+        remat = jax.jit(jax.grad(lambda q, k, v: jnp.sum(jnp.sin(jax.checkpoint(attend)(q, k, v)))))(q, k, v)
+        per_example = jax.vmap(jax.grad(lambda q, k, v: jnp.sum(jnp.sin(attend(q[None], k[None], v[None])))))
+        vmapped = per_example(q, k, v)
+        np.testing.assert_allclose(remat, expected, atol=1e-6)
+        np.testing.assert_allclose(vmapped, expected, atol=1e-6)
 
 
 from hypothesis import given, settings, strategies as st  # noqa: E402
@@ -149,6 +220,8 @@ class TestMosaicGPU(KernelChecks):
     backend = "mosaic"
     dtypes = (jnp.bfloat16, jnp.float16)
     cases = [(1000, 1000, 3, 64, 2), (512, 768, 1, 128, 1), (1560, 1560, 12, 128, 1)]
+
+    grad_case = (1560, 1560, 3, 128, 2)
 
     def tolerance(self, dtype):
         return 2e-2

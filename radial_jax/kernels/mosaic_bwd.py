@@ -1,0 +1,229 @@
+"""Block-sparse flash attention backward for Hopper, Pallas Mosaic GPU.
+
+Two warp-specialized kernels (the structure of jax's attention_mgpu backward) whose pipelines
+run over the index tables instead of a contiguous range: `emit_pipeline_warp_specialized`
+takes a traced step count and index maps that read the tables from GMEM; only the memory
+warpgroup evaluates them.
+
+- dq: one CTA per (head, 128-query block, batch), two compute warpgroups of 64 rows; the
+  pipeline streams K/V tiles of `block_kv_dq` tokens over the block's key blocks.
+- dk/dv: one CTA per (head, 128-key block, batch), two compute warpgroups of 64 keys; the
+  pipeline streams q, dO, lse and delta tiles over the key block's query blocks (the
+  transposed table).
+
+Pipeline tiles are smaller than mask blocks (64 vs 128 tokens) to keep the accumulators in
+registers, so step t of a row visits tile (ids[t // r] * r + t % r), r = 128 / tile.
+Ragged ends need no masks: TMA zero-fills reads past the end and clips writes, padded keys are
+zeros (their ds * k terms vanish) and padded query rows have q = dO = delta = 0.
+"""
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from radial_jax.kernels.tables import BlockTables
+
+LOG2_E = math.log2(math.e)
+COMPUTE_WGS = 2
+MASK_BLOCK = 128
+
+
+@dataclasses.dataclass(frozen=True)
+class MosaicBwdTuning:
+    block_q_dq: int = 64  # query rows per warpgroup in the dq kernel
+    block_kv_dq: int = 64  # key tile streamed by the dq pipeline
+    block_q_dkv: int = 64  # query tile streamed by the dk/dv pipeline
+    block_kv_dkv: int = 64  # key rows per warpgroup in the dk/dv kernel
+    max_concurrent_steps: int = 2
+
+
+@functools.partial(jax.jit, static_argnames=("tables", "scale", "tuning"))
+def mosaic_backward(q, k, v, out, lse, d_out, d_lse, *, tables: BlockTables, scale: float,
+                    tuning: MosaicBwdTuning = MosaicBwdTuning()):
+    """Returns (dq, dk, dv). q, out, d_out: [B, L, N, D]; k, v: [B, M, N, D]; lse, d_lse: [B, N, L]."""
+    import jax.experimental.pallas as pl
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+
+    batch, q_len, heads, head_dim = q.shape
+    dtype = q.dtype
+    t = tuning
+    assert COMPUTE_WGS * t.block_q_dq == MASK_BLOCK == COMPUTE_WGS * t.block_kv_dkv == tables.block_size
+    qb, kb = tables.num_q_blocks, tables.num_kv_blocks
+    padded = qb * MASK_BLOCK
+    delta = jnp.einsum("blnd,blnd->bnl", d_out.astype(jnp.float32), out.astype(jnp.float32)) - d_lse
+    lse2 = jnp.where(jnp.isfinite(lse), lse, 0.0) * LOG2_E  # empty rows are never visited
+    pad_row = lambda x: jnp.pad(x, ((0, 0), (0, 0), (0, padded - q_len)))
+    lse2, delta = pad_row(lse2), pad_row(delta)
+    qk_scale = scale * LOG2_E
+
+    tiling = plgpu.TilingTransform((8, 64 * 2 // jnp.dtype(dtype).itemsize))
+    swizzle = plgpu.SwizzleTransform(128)
+    row = plgpu.Layout.WGMMA.reduce(1)
+    col = plgpu.Layout.WGMMA.reduce(0)
+    kv_ids, kv_counts = jnp.asarray(tables.kv_ids), jnp.asarray(tables.kv_counts)
+    q_ids, q_counts = jnp.asarray(tables.q_ids), jnp.asarray(tables.q_counts)
+
+    # ---- dq: per query block, over its key blocks -------------------------------------------------
+    r_dq = MASK_BLOCK // t.block_kv_dq
+
+    def kernel_dq(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, ids_ref, counts_ref, dq_ref,
+                  smem, barriers):
+        b, head, q_tile = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("q_seq")
+        wg = lax.axis_index("wg")
+        q_smem2, do_smem2, lse_smem2, delta_smem2 = smem
+        block_q, block_kv = t.block_q_dq, t.block_kv_dq
+
+        def compute_thread(pipeline):
+            q_smem, do_smem = q_smem2.at[wg], do_smem2.at[wg]
+            lse_smem, delta_smem = lse_smem2.at[wg], delta_smem2.at[wg]
+            q_base = q_tile * MASK_BLOCK + wg * block_q
+            rows = (b, pl.ds(q_base, block_q), head)
+            plgpu.copy_gmem_to_smem(q_ref.at[rows], q_smem, barriers[0].at[wg])
+            plgpu.copy_gmem_to_smem(do_ref.at[rows], do_smem, barriers[1].at[wg])
+            plgpu.copy_gmem_to_smem(lse_ref.at[b, head, pl.ds(q_base, block_q)], lse_smem, barriers[2].at[wg])
+            plgpu.copy_gmem_to_smem(delta_ref.at[b, head, pl.ds(q_base, block_q)], delta_smem, barriers[3].at[wg])
+            for barrier in barriers:
+                plgpu.barrier_wait(barrier.at[wg])
+            lse = plgpu.load(lse_smem, layout=row)
+            delta = plgpu.load(delta_smem, layout=row)
+            dq = plgpu.layout_cast(jnp.zeros((block_q, head_dim), jnp.float32), plgpu.Layout.WGMMA)
+            dq, _, _ = pipeline((dq, lse, delta))
+            q_smem[...] = (dq * scale).astype(dtype)
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(q_smem, dq_ref.at[rows])
+            plgpu.wait_smem_to_gmem(0)
+
+        def step(_, k_smem, v_smem, k_consumed, v_consumed, carry):
+            q_smem, do_smem = q_smem2.at[wg], do_smem2.at[wg]
+            dq, lse, delta = carry
+
+            def compute_s(acc):
+                plgpu.wgmma(acc, q_smem, k_smem.transpose((1, 0)))
+                return acc[...]
+
+            s = pl.run_scoped(compute_s, plgpu.ACC((block_q, block_kv), jnp.float32))
+            p = jnp.exp2(s * qk_scale - lax.broadcast_in_dim(lse, s.shape, [0]))
+
+            def compute_dp(acc):
+                plgpu.wgmma(acc, do_smem, v_smem.transpose((1, 0)))
+                return acc[...]
+
+            dp = pl.run_scoped(compute_dp, plgpu.ACC((block_q, block_kv), jnp.float32))
+            plgpu.barrier_arrive(v_consumed)
+            ds = p * (dp - lax.broadcast_in_dim(delta, dp.shape, [0]))
+
+            def compute_dq(acc):
+                plgpu.wgmma(acc, ds.astype(dtype), k_smem)
+
+            dq = pl.run_state(compute_dq)(plgpu.ACC.init(dq))
+            plgpu.barrier_arrive(k_consumed)
+            return dq, lse, delta
+
+        kv_tile = lambda i: ids_ref[q_tile, i // r_dq] * r_dq + lax.rem(i, jnp.int32(r_dq))
+        spec = plgpu.BlockSpec(block_shape=(block_kv, head_dim), index_map=lambda i: (kv_tile(i), 0),
+                               transforms=[tiling, swizzle])
+        pipeline = plgpu.emit_pipeline_warp_specialized(
+            step, grid=(counts_ref[q_tile] * r_dq,), max_concurrent_steps=t.max_concurrent_steps,
+            num_compute_wgs=COMPUTE_WGS, memory_registers=40, wg_axis="wg",
+            manual_consumed_barriers=True, compute_context=compute_thread, in_specs=[spec, spec])
+        pipeline(k_ref.at[b, :, head, :], v_ref.at[b, :, head, :])
+
+    q_scratch = plgpu.SMEM((COMPUTE_WGS, t.block_q_dq, head_dim), dtype, transforms=(tiling, swizzle))
+    row_scratch = plgpu.SMEM((COMPUTE_WGS, t.block_q_dq), jnp.float32)
+    dq = plgpu.kernel(
+        kernel_dq,
+        out_type=jax.ShapeDtypeStruct(q.shape, dtype),
+        scratch_types=[(q_scratch, q_scratch, row_scratch, row_scratch),
+                       (plgpu.Barrier(num_barriers=COMPUTE_WGS),) * 4],
+        compiler_params=plgpu.CompilerParams(approx_math=True),
+        grid=(heads, qb, batch), grid_names=("heads", "q_seq", "batch"),
+        num_threads=COMPUTE_WGS + 1, thread_name="wg",
+    )(q, k, v, d_out, lse2, delta, kv_ids, kv_counts)
+
+    # ---- dk, dv: per key block, over the query blocks that see it ------------------------------------
+    r_dkv = MASK_BLOCK // t.block_q_dkv
+
+    def kernel_dkv(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, ids_ref, counts_ref, dk_ref, dv_ref,
+                   smem, barriers):
+        b, head, kv_block = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("kv_seq")
+        wg = lax.axis_index("wg")
+        k_smem2, v_smem2 = smem
+        block_q, block_kv = t.block_q_dkv, t.block_kv_dkv
+
+        def compute_thread(pipeline):
+            k_smem, v_smem = k_smem2.at[wg], v_smem2.at[wg]
+            kv_base = kv_block * MASK_BLOCK + wg * block_kv
+            rows = (b, pl.ds(kv_base, block_kv), head)
+            plgpu.copy_gmem_to_smem(k_ref.at[rows], k_smem, barriers[0].at[wg])
+            plgpu.copy_gmem_to_smem(v_ref.at[rows], v_smem, barriers[1].at[wg])
+            plgpu.barrier_wait(barriers[0].at[wg])
+            plgpu.barrier_wait(barriers[1].at[wg])
+            zeros = plgpu.layout_cast(jnp.zeros((block_kv, head_dim), jnp.float32), plgpu.Layout.WGMMA)
+            dk, dv = pipeline((zeros, zeros))
+            k_smem[...] = (dk * scale).astype(dtype)
+            v_smem[...] = dv.astype(dtype)
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(k_smem, dk_ref.at[rows], commit_group=False)
+            plgpu.copy_smem_to_gmem(v_smem, dv_ref.at[rows], commit_group=False)
+            plgpu.commit_smem_to_gmem_group()
+            plgpu.wait_smem_to_gmem(0)
+
+        def step(_, q_smem, do_smem, lse_smem, delta_smem, q_consumed, do_consumed, lse_consumed,
+                 delta_consumed, carry):
+            k_smem, v_smem = k_smem2.at[wg], v_smem2.at[wg]
+            dk, dv = carry
+
+            def compute_s_t(acc):
+                plgpu.wgmma(acc, k_smem, q_smem.transpose((1, 0)))
+                return acc[...]
+
+            s_t = pl.run_scoped(compute_s_t, plgpu.ACC((block_kv, block_q), jnp.float32))
+            lse = plgpu.load(lse_smem, layout=col)
+            plgpu.barrier_arrive(lse_consumed)
+            p_t = jnp.exp2(s_t * qk_scale - lax.broadcast_in_dim(lse, s_t.shape, [1]))
+
+            def compute_dv_dp(refs):
+                dv_acc, dp_acc = refs
+                plgpu.wgmma(dv_acc, p_t.astype(dtype), do_smem)
+                plgpu.wgmma(dp_acc, v_smem, do_smem.transpose((1, 0)))
+
+            zeros = plgpu.layout_cast(jnp.zeros((block_kv, block_q), jnp.float32), plgpu.Layout.WGMMA)
+            dv, dp_t = pl.run_state(compute_dv_dp)((plgpu.ACC.init(dv), plgpu.ACC.init(zeros)))
+            plgpu.barrier_arrive(do_consumed)
+            delta = plgpu.load(delta_smem, layout=col)
+            plgpu.barrier_arrive(delta_consumed)
+            ds_t = p_t * (dp_t - lax.broadcast_in_dim(delta, dp_t.shape, [1]))
+
+            def compute_dk(acc):
+                plgpu.wgmma(acc, ds_t.astype(dtype), q_smem)
+
+            dk = pl.run_state(compute_dk)(plgpu.ACC.init(dk))
+            plgpu.barrier_arrive(q_consumed)
+            return dk, dv
+
+        q_tile = lambda i: ids_ref[kv_block, i // r_dkv] * r_dkv + lax.rem(i, jnp.int32(r_dkv))
+        seq_spec = plgpu.BlockSpec(block_shape=(block_q, head_dim), index_map=lambda i: (q_tile(i), 0),
+                                   transforms=[tiling, swizzle])
+        row_spec = plgpu.BlockSpec(block_shape=(block_q,), index_map=lambda i: (q_tile(i),))
+        pipeline = plgpu.emit_pipeline_warp_specialized(
+            step, grid=(counts_ref[kv_block] * r_dkv,), max_concurrent_steps=t.max_concurrent_steps,
+            num_compute_wgs=COMPUTE_WGS, memory_registers=40, wg_axis="wg",
+            manual_consumed_barriers=True, compute_context=compute_thread,
+            in_specs=[seq_spec, seq_spec, row_spec, row_spec])
+        pipeline(q_ref.at[b, :, head, :], do_ref.at[b, :, head, :], lse_ref.at[b, head, :],
+                 delta_ref.at[b, head, :])
+
+    kv_scratch = plgpu.SMEM((COMPUTE_WGS, t.block_kv_dkv, head_dim), dtype, transforms=(tiling, swizzle))
+    dk, dv = plgpu.kernel(
+        kernel_dkv,
+        out_type=[jax.ShapeDtypeStruct(k.shape, dtype)] * 2,
+        scratch_types=[(kv_scratch, kv_scratch), (plgpu.Barrier(num_barriers=COMPUTE_WGS),) * 2],
+        compiler_params=plgpu.CompilerParams(approx_math=True),
+        grid=(heads, kb, batch), grid_names=("heads", "kv_seq", "batch"),
+        num_threads=COMPUTE_WGS + 1, thread_name="wg",
+    )(q, k, v, d_out, lse2, delta, q_ids, q_counts)
+    return dq, dk, dv
