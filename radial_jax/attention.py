@@ -75,6 +75,8 @@ def _resolve(implementation: str | Sequence[str]) -> tuple[str, ...]:
     if implementation == "auto":
         if jax.default_backend() == "gpu":
             return ("pallas", "reference")
+        warnings.warn("radial_attention: no GPU, implementation='auto' runs the jnp reference "
+                      "(implementation='pallas' runs the kernel in interpret mode, slower still)", stacklevel=3)
         return ("reference",)
     names = (implementation,) if isinstance(implementation, str) else tuple(implementation)
     for name in names:

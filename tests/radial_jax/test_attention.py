@@ -141,3 +141,20 @@ def test_unknown_implementation_raises():
     q = jnp.zeros((1, 128, 1, 16), jnp.float32)
     with pytest.raises(ValueError, match="implementation"):
         radial_attention(q, q, q, block_mask=np.ones((1, 1), bool), implementation="flash")
+
+
+@pytest.mark.skipif(jax.default_backend() == "gpu", reason="the CPU fallback")
+def test_auto_falls_back_to_reference_on_cpu_with_a_warning():
+    q, k, v = _qkv(jax.random.key(8), 1, 128, 128, 1, 16)
+    mask = np.ones((1, 1), bool)
+    with pytest.warns(UserWarning, match="reference"):
+        out = radial_attention(q, k, v, block_mask=mask)
+    np.testing.assert_array_equal(out, radial_attention(q, k, v, block_mask=mask, implementation="reference"))
+
+
+def test_pallas_implementation_matches_reference():
+    q, k, v = _qkv(jax.random.key(9), 1, 300, 300, 2, 32)
+    mask = radial_block_mask(3, 100, block_size=64)
+    out = radial_attention(q, k, v, block_mask=mask, block_size=64, implementation="pallas")
+    ref = radial_attention(q, k, v, block_mask=mask, block_size=64, implementation="reference")
+    np.testing.assert_allclose(out, ref, atol=2e-6, rtol=0)
