@@ -67,10 +67,12 @@ def cudnn_case(q, k, v, backward: bool):
 def _wrap(attend, q, k, v, backward):
     if not backward:
         fn = jax.jit(attend)
-        return lambda: fn(q, k, v)
-    loss = lambda q, k, v: jnp.sum(attend(q, k, v).astype(jnp.float32) * cotangent_weights(q))
-    fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
-    return lambda: fn(q, k, v)
+    else:
+        loss = lambda q, k, v: jnp.sum(attend(q, k, v).astype(jnp.float32) * cotangent_weights(q))
+        fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
+    call = lambda: fn(q, k, v)
+    call.temp_bytes = lambda: fn.lower(q, k, v).compile().memory_analysis().temp_size_in_bytes
+    return call
 
 
 def cotangent_weights(q):
@@ -201,6 +203,20 @@ def run_shape(name, args, torch_ms):
             continue
         row[f"{case}_first_call_s"] = time.perf_counter() - start
         row[f"{case}_ms"] = median_seconds(fn, args.iters) * 1e3
+        if args.backward:  # XLA's buffer plan: scratch the gradient needs beyond q, k, v, dq, dk, dv
+            row[f"{case}_temp_gib"] = fn.temp_bytes() / 2**30
+    if args.backward:
+        fwd_flops = flops / BWD_FLOP_FACTOR
+        for case, fn, on in (("ours_radial", jax_case(q, k, v, mask, False, args.backend), fwd_flops),
+                             ("cudnn_dense", cudnn_case(q, k, v, False), dense_flops / BWD_FLOP_FACTOR)):
+            if f"{case}_ms" not in row:
+                continue
+            fwd_ms = median_seconds(fn, args.iters) * 1e3
+            row[f"{case}_fwd_only_msec"] = fwd_ms
+            bwd_s = (row[f"{case}_ms"] - fwd_ms) * 1e-3
+            row[f"{case}_bwd_only_tflops"] = (BWD_FLOP_FACTOR - 1) * on / bwd_s / 1e12
+        if "cudnn_dense_bwd_only_tflops" in row and "ours_radial_bwd_only_tflops" in row:
+            row["bwd_throughput_vs_cudnn"] = row["ours_radial_bwd_only_tflops"] / row["cudnn_dense_bwd_only_tflops"]
     if not args.backward and "ours_radial_ms" in row:
         out = block_sparse_attention(q, k, v, mask, block_size=128, backend=args.backend)
         row["ours_radial_max_err_sampled_blocks"] = sampled_block_error(q, k, v, mask, out)
