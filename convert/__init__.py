@@ -1,38 +1,61 @@
 """PyTorch checkpoints -> our Flax parameter trees.
 
-    convert_checkpoint(src, dst, dtype="bf16")   # what `radial-jax convert` runs
+    convert_checkpoint(src, dst, dtype="bf16")   # what `radial-jax convert` runs: every component found
     load_wan(dst, dtype="bf16")                  # -> models.wan.WanModel, ready to call
+    load_pipeline(dst, dtype="bf16")             # -> models.wan.pipeline.Components (DiT, VAE, umT5, ...)
 
 One module per source format with a name table read top to bottom (wan_original.py,
-wan_diffusers.py); io.py streams tensors; checkpoint.py writes and reads our format.
+wan_diffusers.py, wan_vae.py, umt5.py, clip.py); io.py streams tensors; checkpoint.py and
+component.py write and read our format.
 """
 
 from pathlib import Path
 
-from convert import wan
+from convert import clip, umt5, wan, wan_vae
 from convert.checkpoint import TRANSFORMER_DIR, canonical_dtype, load_wan, read_config, staged_directory
 from convert.io import CheckpointError
+from models.t5 import Tokenizer
+from models.wan import AttentionConfig
+from models.wan.pipeline import Components
 
-# What a source folder may hold: (output subfolder, finder, planner, writer). The VAE and umT5
-# encoder plug in here; each finder returns None when its component is absent.
+
+def _plan_vae_float32(files, config_path, dtype: str):
+    # Wan runs its VAE in float32 whatever the DiT's dtype; bf16 would cost detail for ~0.5 GB.
+    return wan_vae.plan_vae(files, config_path, "float32")
+
+
+def _find_tokenizer(src: Path):
+    # Only beside a text encoder: a diffusers transformer/ folder would otherwise pick up ../tokenizer.
+    return umt5.find_tokenizer(src) if umt5.find_umt5(src) is not None else None
+
+
+# What a source folder may hold: (output subfolder, finder, planner, writer). Each finder
+# returns None when its component is absent; only the DiT is looked for in a single file.
 COMPONENTS = (
     (TRANSFORMER_DIR, wan.find_transformer, wan.plan_transformer, wan.write_transformer),
+    (wan_vae.SUBFOLDER, wan_vae.find_vae, _plan_vae_float32, wan_vae.write_vae),
+    (umt5.SUBFOLDER, umt5.find_umt5, umt5.plan_umt5, umt5.write_umt5),
+    (umt5.TOKENIZER_SUBFOLDER, _find_tokenizer, umt5.plan_tokenizer, umt5.write_tokenizer),
+    (clip.SUBFOLDER, clip.find_clip, clip.plan_clip, clip.write_clip),
 )
+GENERATION_PARTS = (TRANSFORMER_DIR, wan_vae.SUBFOLDER, umt5.SUBFOLDER, umt5.TOKENIZER_SUBFOLDER)
 
 
 def convert_checkpoint(src: str | Path, dst: str | Path, *, dtype: str = "bf16", progress: bool = True) -> list[str]:
     """Converts every component found in `src` into `dst`; returns the component names.
 
     All components are checked (names, shapes) before anything is written; output goes to a
-    temporary folder beside `dst` that is renamed into place only when complete.
+    temporary folder beside `dst` that is renamed into place only when complete. The VAE is
+    stored in float32 whatever `dtype` says.
     """
     dtype = canonical_dtype(dtype)
+    src = Path(src)
     plans = []
     for name, find, plan, write in COMPONENTS:
-        found = find(Path(src))
+        found = find(src) if src.is_dir() or name == TRANSFORMER_DIR else None
         if found is not None:
             plans.append((name, plan(*found, dtype), write))
-    if not plans:
+    if not any(name == TRANSFORMER_DIR for name, _, _ in plans):
         raise CheckpointError(f"{src}: no Wan2.1 checkpoint found (looked for *.safetensors.index.json, "
                               "*.safetensors, a DiT .pth, or a diffusers transformer/ folder)")
     with staged_directory(Path(dst)) as staging:
@@ -41,4 +64,28 @@ def convert_checkpoint(src: str | Path, dst: str | Path, *, dtype: str = "bf16",
     return [name for name, _, _ in plans]
 
 
-__all__ = ["CheckpointError", "convert_checkpoint", "load_wan", "read_config"]
+def load_pipeline(path: str | Path, *, dtype: str | None = None, attention: AttentionConfig | None = None) -> Components:
+    """Returns the generation components of a converted checkpoint folder, on the default device.
+
+    dtype: of the DiT, text and image encoders ("bf16", "f32"; default: as converted; the VAE
+    stays as converted, float32); attention: the DiT's self-attention plan (default dense).
+    """
+    root = Path(path)
+    missing = [part for part in GENERATION_PARTS if not (root / part).is_dir()]
+    if missing:
+        raise CheckpointError(f"{root}: no {', '.join(p + '/' for p in missing)}; convert the whole Wan2.1 "
+                              f"folder (not one file): radial-jax convert --src WAN_FOLDER --dst NEW_DIR")
+    dit = load_wan(root, dtype=dtype, attention=attention)
+    image_encoder = None
+    if dit.config.model_type == "i2v":
+        if not (root / clip.SUBFOLDER).is_dir():
+            raise CheckpointError(f"{root}: an I2V DiT but no {clip.SUBFOLDER}/ (CLIP); convert the whole I2V folder")
+        image_encoder = clip.load_clip(root, dtype=dtype)
+    return Components(
+        dit=dit, vae=wan_vae.load_vae(root), text_encoder=umt5.load_umt5(root, dtype=dtype),
+        tokenizer=Tokenizer.from_dir(root / umt5.TOKENIZER_SUBFOLDER, text_len=dit.config.text_len),
+        image_encoder=image_encoder,
+    )  # fmt: skip
+
+
+__all__ = ["CheckpointError", "convert_checkpoint", "load_pipeline", "load_wan", "read_config"]

@@ -11,8 +11,8 @@ import contextlib
 import dataclasses
 import json
 import os
+import secrets
 import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -73,7 +73,9 @@ def staged_directory(dst: Path) -> Iterator[Path]:
     if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
         raise CheckpointError(f"destination {dst} exists and is not an empty folder; choose a new path or remove it")
     dst.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{dst.name}.partial-", dir=dst.parent))
+    # mkdir, not tempfile.mkdtemp: mkdtemp makes the folder 0700, and it becomes `dst`.
+    staging = dst.parent / f".{dst.name}.partial-{secrets.token_hex(4)}"
+    staging.mkdir()
     try:
         yield staging
         if dst.exists():

@@ -72,7 +72,8 @@ def test_diffusers_single_file_and_shards_give_the_same_tree(i2v_model, diffuser
 
 def test_original_layout_safetensors_converts_to_the_identical_tree(i2v_model, diffusers_tree, tmp_path):
     src = _save_original(i2v_model, tmp_path / "Wan2.1-I2V")
-    torch.save({"unrelated": torch.zeros(1)}, src / "Wan2.1_VAE.pth")  # other files of the folder
+    # Another .pth of the folder that the DiT finder must skip (Wan2.1_VAE.pth itself is now converted).
+    torch.save({"unrelated": torch.zeros(1)}, src / "Wan2.1_VAE_bf16.pth")
     convert_checkpoint(src, tmp_path / "ours", dtype="f32", progress=False)
     _assert_same_tree(_tensors(tmp_path / "ours"), diffusers_tree)
     meta = json.loads((tmp_path / "ours" / "transformer" / "config.json").read_text())

@@ -1,0 +1,276 @@
+"""Wan2.1 video generation from built modules: prompts -> umT5 context, seeded noise, a flow
+sampler with classifier-free guidance (one jitted step), VAE decode -> uint8 frames.
+
+    components = convert.load_pipeline("wan-1.3b", dtype="bf16")   # or tiny_components()
+    video = generate(components, "a cat surfing", frames=81, height=480, width=832)  # uint8 [81, 480, 832, 3]
+
+Nothing here reads files or prints: the caller loads the modules and shows progress through
+`on_step(step, num_steps, dense)`. As Wan2.1 (wan/text2video.py, image2video.py): the negative
+prompt defaults to Wan's; guidance runs the DiT twice per step (cond, then uncond; no second
+pass at guidance 1); I2V conditions on CLIP features of the image and on y = 4 mask channels
+(1 on the first latent frame) + the VAE latents of the image followed by black frames. The
+noise comes from jax.random, so a seed does not reproduce the original's torch noise.
+"""
+
+import dataclasses
+import functools
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jaxtyping import Array, Float, UInt8
+
+from models import clip as clip_lib
+from models import t5
+from models.wan import sampler as sampler_lib
+from models.wan import vae as vae_lib
+from models.wan.config import WAN_TINY, AttentionConfig
+from models.wan.transformer import WanModel
+
+# Wan2.1's default negative prompt (wan/configs/shared_config.py, sample_neg_prompt).
+WAN_NEGATIVE_PROMPT = (
+    "色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，"
+    "JPEG压缩残留，丑陋的，残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，"
+    "手指融合，静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走"
+)
+FPS = 16  # Wan2.1's sample_fps
+SAMPLERS = ("unipc", "euler")
+I2V_MASK_CHANNELS = 4  # y's leading channels: 1 where the frame is given (the first latent frame)
+BYTE_OFFSET = 3  # byte tokenizer: ids 0 pad, 1 EOS, 2 unk (umT5's), then the 256 byte values
+
+StepCallback = Callable[[int, int, bool], None]
+
+
+@dataclasses.dataclass
+class Components:
+    """The modules of one Wan2.1 checkpoint. Mutable so that generate(free_text_encoder=True)
+    can drop the text encoder (its device memory is freed once nothing else refers to it)."""
+
+    dit: WanModel
+    vae: vae_lib.WanVAE
+    text_encoder: t5.UMT5Encoder | None
+    tokenizer: t5.Tokenizer
+    image_encoder: clip_lib.CLIPVisionEncoder | None = None  # I2V only
+
+
+def check_video_size(frames: int, height: int, width: int, patch: Sequence[int] = (1, 2, 2)) -> None:
+    """Raises ValueError (one line saying what to pass) unless frames is 4k+1 and height/width
+    are multiples of 8 * the DiT's spatial patch (16 for Wan2.1)."""
+    if frames < 1 or (frames - 1) % vae_lib.TEMPORAL_STRIDE:
+        raise ValueError(f"frames={frames} must be 4k+1 (e.g. 17, 81, 161)")
+    step = vae_lib.SPATIAL_STRIDE * max(patch[1], patch[2])
+    if height < step or width < step or height % step or width % step:
+        raise ValueError(f"size {width}x{height} (width x height) must be positive multiples of {step}, "
+                         "e.g. 832x480 or 1280x720")  # fmt: skip
+
+
+def latent_shape(frames: int, height: int, width: int, channels: int) -> tuple[int, int, int, int, int]:
+    """Returns the latent shape [1, F, H, W, C] of a video of frames x height x width pixels."""
+    t, s = vae_lib.TEMPORAL_STRIDE, vae_lib.SPATIAL_STRIDE
+    return (1, (frames - 1) // t + 1, height // s, width // s, channels)
+
+
+@functools.lru_cache(maxsize=8)
+def make_sampler(name: str, num_steps: int, shift: float) -> sampler_lib.FlowEuler:
+    """Returns the sampler; cached, so that equal settings give the same (hashable, static) object
+    and a second generate() reuses the compiled step."""
+    if name == "unipc":
+        return sampler_lib.unipc_sampler(num_steps, shift)
+    if name == "euler":
+        return sampler_lib.euler_sampler(num_steps, shift)
+    raise ValueError(f"sampler={name!r} must be one of {SAMPLERS}")
+
+
+def encode_prompts(
+    encoder: t5.UMT5Encoder, tokenizer: t5.Tokenizer, prompts: Sequence[str]
+) -> Float[Array, "B T C"]:
+    """Returns the umT5 context [len(prompts), text_len, dim], zero beyond each prompt."""
+    ids, mask = tokenizer(list(prompts))
+    return t5.encode_text(encoder, ids, mask)
+
+
+def image_to_unit_range(image: UInt8[np.ndarray, "H W 3"]) -> Float[Array, "1 H W 3"]:
+    """Returns an RGB uint8 image as float32 [1, H, W, 3] in [-1, 1]."""
+    image = np.asarray(image)
+    if image.ndim != 3 or image.shape[-1] != 3 or image.dtype != np.uint8:
+        raise ValueError(f"image must be RGB uint8 [H, W, 3], got {image.dtype} {image.shape}")
+    return jnp.asarray(image, jnp.float32)[None] / 127.5 - 1.0
+
+
+def image_condition(
+    vae: vae_lib.WanVAE, image: Float[Array, "1 h w 3"], frames: int, height: int, width: int
+) -> Float[Array, "1 F H W Cy"]:
+    """Returns I2V's y [1, F', H/8, W/8, 4 + z_dim]: the mask channels, then the VAE latents of the
+    image (resized to height x width, bicubic) followed by frames - 1 black frames."""
+    first = jax.image.resize(image, (1, height, width, 3), "cubic", antialias=False)
+    video = jnp.concatenate([first[:, None], jnp.zeros((1, frames - 1, height, width, 3), jnp.float32)], axis=1)
+    latents = vae_lib.encode(vae, video)
+    mask = jnp.zeros((*latents.shape[:-1], I2V_MASK_CHANNELS), jnp.float32).at[:, 0].set(1.0)
+    return jnp.concatenate([mask, latents], axis=-1)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "sampler", "dense"), donate_argnames=("state",))
+def denoise_step(graphdef, params, sampler, state, context, negative_context, guidance, clip_fea, y, *, dense):
+    """Returns the sampler state after one step: the DiT on (cond[, uncond]) context, cfg, update.
+
+    graphdef/params: nnx.split(dit); sampler: static (see make_sampler); state: donated;
+    context/negative_context: [1, T, C] (negative None: no guidance pass); guidance: float32
+    scalar; clip_fea/y: I2V inputs or None; dense: static, so at most two programs compile.
+    """
+    dit = nnx.merge(graphdef, params)
+    timestep = jnp.broadcast_to(sampler.timestep(state), state.sample.shape[:1])
+    flow = dit(state.sample, timestep, context, clip_fea=clip_fea, y=y, dense=dense)
+    if negative_context is not None:
+        uncond = dit(state.sample, timestep, negative_context, clip_fea=clip_fea, y=y, dense=dense)
+        flow = sampler_lib.cfg(flow, uncond, guidance)
+    return sampler.step(state, flow)
+
+
+def denoise(
+    dit: WanModel,
+    sampler: sampler_lib.FlowEuler,
+    noise: Float[Array, "1 F H W C"],
+    context: Float[Array, "1 T Ct"],
+    negative_context: Float[Array, "1 T Ct"] | None,
+    guidance: float,
+    *,
+    clip_fea: Float[Array, "1 I E"] | None = None,
+    y: Float[Array, "1 F H W Cy"] | None = None,
+    on_step: StepCallback | None = None,
+) -> Float[Array, "1 F H W C"]:
+    """Returns the denoised latents after all sampler steps (noise is consumed: donated).
+
+    Whether a step is dense follows dit.config.attention.is_dense_step. on_step(step, num_steps,
+    dense) runs after each step has finished on the device, so its timing is the step's.
+    """
+    graphdef, params = nnx.split(dit)  # once: every step reuses the same static graph
+    attention = dit.config.attention
+    state = sampler.init(noise)
+    scale = jnp.float32(guidance)
+    for step in range(sampler.num_steps):
+        dense = attention.is_dense_step(step, sampler.num_steps)
+        state = denoise_step(graphdef, params, sampler, state, context, negative_context, scale, clip_fea, y,
+                             dense=dense)  # fmt: skip
+        if on_step is not None:
+            jax.block_until_ready(state.sample)
+            on_step(step, sampler.num_steps, dense)
+    return state.sample
+
+
+def decode_video(vae: vae_lib.WanVAE, latents: Float[Array, "1 F H W C"]) -> UInt8[np.ndarray, "Fp Hp Wp 3"]:
+    """Returns the decoded video as uint8 [frames, height, width, 3] (from [-1, 1], rounded)."""
+    pixels = vae_lib.decode(vae, latents)[0]
+    return np.asarray(jnp.round((pixels + 1.0) * 127.5)).astype(np.uint8)
+
+
+def generate(
+    components: Components,
+    prompt: str,
+    *,
+    negative_prompt: str | None = None,
+    image: UInt8[np.ndarray, "H W 3"] | None = None,
+    frames: int = 81,
+    height: int = 480,
+    width: int = 832,
+    steps: int = sampler_lib.DEFAULT_STEPS,
+    guidance: float = 5.0,
+    shift: float | None = None,
+    seed: int = 0,
+    sampler: str = "unipc",
+    free_text_encoder: bool = False,
+    on_step: StepCallback | None = None,
+) -> UInt8[np.ndarray, "Fp Hp Wp 3"]:
+    """Returns the generated video, uint8 [frames, height, width, 3] (RGB, FPS frames a second).
+
+    negative_prompt: None for Wan's default; image: RGB uint8 [H, W, 3], needed by (and only by)
+    an I2V DiT; shift: None for Wan's default at this size (3.0 at 480p, 5.0 at 720p);
+    free_text_encoder: set components.text_encoder to None once the prompts are encoded.
+    Deterministic for a seed on a given device and dtype.
+    """
+    dit = components.dit
+    check_video_size(frames, height, width, dit.config.patch_size)
+    if components.text_encoder is None:
+        raise ValueError("components.text_encoder is None (freed by an earlier generate(free_text_encoder=True)); "
+                         "load the pipeline again")  # fmt: skip
+    sampler_ = make_sampler(sampler, steps, sampler_lib.default_shift(height, width) if shift is None else shift)
+    negative = WAN_NEGATIVE_PROMPT if negative_prompt is None else negative_prompt
+    context = encode_prompts(components.text_encoder, components.tokenizer, [prompt, negative])
+    if free_text_encoder:
+        components.text_encoder = None
+    clip_fea, y = _image_inputs(components, image, frames, height, width)
+    noise = sampler_lib.initial_noise(seed, latent_shape(frames, height, width, dit.config.out_dim))
+    latents = denoise(dit, sampler_, noise, context[:1], context[1:] if guidance != 1.0 else None, guidance,
+                      clip_fea=clip_fea, y=y, on_step=on_step)  # fmt: skip
+    return decode_video(components.vae, latents)
+
+
+def _image_inputs(components: Components, image, frames: int, height: int, width: int):
+    """Returns (clip_fea, y) for an I2V DiT, (None, None) for T2V; checks that they go together."""
+    if components.dit.config.model_type == "t2v":
+        if image is not None:
+            raise ValueError("an image was given but this is a text-to-video checkpoint; use an I2V one")
+        return None, None
+    if image is None:
+        raise ValueError("this image-to-video checkpoint needs an image (--image)")
+    if components.image_encoder is None:
+        raise ValueError("this image-to-video checkpoint has no CLIP image encoder; convert its folder again")
+    unit = image_to_unit_range(image)
+    return clip_lib.encode_image(components.image_encoder, unit), image_condition(components.vae, unit, frames,
+                                                                                    height, width)
+
+
+# ---------------------------------------------------------------- the tiny preset (no download)
+
+
+def byte_tokenizer(text_len: int) -> t5.Tokenizer:
+    """Returns a tokenizer whose ids are UTF-8 bytes + 3 (0 pad, 1 EOS, 2 unk as in umT5): no
+    vocabulary file needed, for the tiny preset's random text encoder."""
+    return t5.Tokenizer(
+        lambda text: [b + BYTE_OFFSET for b in text.encode("utf-8")],
+        lambda ids: bytes(i - BYTE_OFFSET for i in ids if i >= BYTE_OFFSET).decode("utf-8", errors="replace"),
+        eos_id=1, pad_id=0, text_len=text_len,
+    )  # fmt: skip
+
+
+def tiny_components(*, seed: int = 0, model_type: str = "t2v", attention: AttentionConfig | None = None) -> Components:
+    """Returns the tiny preset with seeded random weights: WAN_TINY-sized DiT, VAE_TINY, UMT5_TINY,
+    a byte tokenizer (and CLIP_TINY for "i2v"). Runs on a CPU in seconds; its videos are noise."""
+    z = vae_lib.VAE_TINY.z_dim
+    dit_config = dataclasses.replace(
+        WAN_TINY, model_type=model_type, in_dim=z if model_type == "t2v" else 2 * z + I2V_MASK_CHANNELS,
+        out_dim=z, text_dim=t5.UMT5_TINY.dim, img_dim=clip_lib.CLIP_TINY.dim, attention=attention or AttentionConfig(),
+    )  # fmt: skip
+    if t5.UMT5_TINY.vocab_size < 256 + BYTE_OFFSET:
+        raise ValueError("UMT5_TINY's vocabulary cannot hold the byte tokenizer's ids")
+    return Components(
+        dit=random_weights(lambda rngs: WanModel(dit_config, rngs=rngs), seed),
+        vae=random_weights(lambda rngs: vae_lib.WanVAE(vae_lib.VAE_TINY, rngs=rngs), seed + 1),
+        text_encoder=random_weights(lambda rngs: t5.UMT5Encoder(t5.UMT5_TINY, rngs=rngs), seed + 2),
+        tokenizer=byte_tokenizer(dit_config.text_len),
+        image_encoder=random_weights(lambda rngs: clip_lib.CLIPVisionEncoder(clip_lib.CLIP_TINY, rngs=rngs), seed + 3)
+        if model_type == "i2v" else None,
+    )  # fmt: skip
+
+
+def random_weights(build: Callable[[nnx.Rngs], nnx.Module], seed: int) -> nnx.Module:
+    """Returns build(rngs)'s module with seeded numpy weights: norm scales 1, biases 0, other
+    tensors normal with std 1/sqrt(fan in = product of all but the last axis).
+
+    Not the modules' own initialisers: those compile one random program per parameter shape
+    (~10 s for the tiny VAE on a CPU); this takes milliseconds and keeps activations O(1).
+    """
+    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: build(nnx.Rngs(0))))
+    rng = np.random.default_rng(seed)
+    leaves = []
+    for path, var in nnx.to_flat_state(abstract):
+        shape, dtype = var.get_value().shape, var.get_value().dtype
+        if path[-1] in ("scale", "gamma"):
+            value = np.ones(shape)
+        elif path[-1] == "bias":
+            value = np.zeros(shape)
+        else:
+            value = rng.standard_normal(shape) / np.sqrt(max(1, int(np.prod(shape[:-1]))))
+        leaves.append((path, var.replace(jnp.asarray(value, dtype))))
+    return nnx.merge(graphdef, nnx.from_flat_state(leaves))
