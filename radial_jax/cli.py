@@ -113,7 +113,8 @@ def run_generate(args) -> int:
     """Text (or image) to video: loads the components, generates, writes an mp4."""
     defaults = CKPT_DEFAULTS if args.ckpt else TINY_DEFAULTS
     width, height = _parse_size(args.size or defaults["size"])
-    frames, steps = args.frames or defaults["frames"], args.steps or defaults["steps"]
+    frames = defaults["frames"] if args.frames is None else args.frames
+    steps = defaults["steps"] if args.steps is None else args.steps
     if args.lora:
         raise ValueError("--lora is not supported yet (LoRA training issue); run without it")
     if steps < 1 or args.guidance < 0:

@@ -9,6 +9,7 @@ import torch
 from convert.clip import convert_clip, load_clip
 from convert.io import CheckpointError, read_safetensors
 from models.clip import CLIP_MEAN, CLIP_STD, encode_image, preprocess
+from pipeline_testing import clip_original_state_dict
 
 DIM, HEADS, LAYERS, IMAGE, PATCH = 160, 2, 3, 28, 14  # head_dim 80 as ViT-H/14
 TOLERANCE = 1e-4  # of the reference's max |value|; f32 reorderings give ~1e-6
@@ -28,28 +29,6 @@ def tiny_transformers_clip(seed: int = 0):
             if "norm" in name:
                 tensor.add_(torch.randn_like(tensor) * 0.3)
     return model
-
-
-def original_state_dict(model) -> dict[str, torch.Tensor]:
-    """Returns the model's tensors as Wan's XLMRobertaCLIP .pth names them (wan/modules/clip.py):
-    visual.* with a fused to_qkv, plus a stand-in text tower and log_scale the converter must skip."""
-    state = {k.removeprefix("vision_model."): v for k, v in model.state_dict().items()}
-    out = {
-        "visual.patch_embedding.weight": state["embeddings.patch_embedding.weight"],
-        "visual.cls_embedding": state["embeddings.class_embedding"].reshape(1, 1, -1),
-        "visual.pos_embedding": state["embeddings.position_embedding.weight"][None],
-        "visual.pre_norm.weight": state["pre_layrnorm.weight"], "visual.pre_norm.bias": state["pre_layrnorm.bias"],
-        "visual.post_norm.weight": state["post_layernorm.weight"], "visual.post_norm.bias": state["post_layernorm.bias"],
-        "visual.head": torch.zeros(DIM, 8), "log_scale": torch.zeros(()), "textual.token_embedding.weight": torch.zeros(5, 4),
-    }  # fmt: skip
-    for n in range(LAYERS):
-        theirs, ours = f"encoder.layers.{n}.", f"visual.transformer.{n}."
-        for leaf in ("weight", "bias"):
-            out[ours + f"attn.to_qkv.{leaf}"] = torch.cat([state[theirs + f"self_attn.{p}_proj.{leaf}"] for p in "qkv"])
-            for mine, name in (("attn.proj", "self_attn.out_proj"), ("norm1", "layer_norm1"), ("norm2", "layer_norm2"),
-                               ("mlp.0", "mlp.fc1"), ("mlp.2", "mlp.fc2")):  # fmt: skip
-                out[ours + f"{mine}.{leaf}"] = state[theirs + f"{name}.{leaf}"]
-    return {k: v.contiguous() for k, v in out.items()}
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +66,7 @@ def test_preprocess_normalises_with_clip_statistics_at_the_native_size():
 
 def test_original_pth_and_transformers_folder_convert_to_identical_trees(models, tmp_path):
     reference, _, root = models
-    torch.save(original_state_dict(reference), tmp_path / "models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth")
+    torch.save(clip_original_state_dict(reference), tmp_path / "models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth")
     convert_clip(tmp_path, tmp_path / "ours", "f32")
     from_pth, from_transformers = read_safetensors(tmp_path / "ours" / "model.safetensors"), read_safetensors(
         root / "ours" / "model.safetensors")  # fmt: skip
