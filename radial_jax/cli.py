@@ -1,6 +1,7 @@
 """The `radial-jax` command line: one subcommand per job, each with --help."""
 
 import argparse
+import dataclasses
 import sys
 import time
 import warnings
@@ -163,10 +164,14 @@ def _read_image(path: str) -> np.ndarray:
 
 def _load_components(args, attention, i2v: bool):
     if not args.ckpt:
+        import jax
+
         from models.wan import pipeline
 
         print("no --ckpt: the built-in tiny preset with seeded random weights (no download); the video is "
               "meaningless noise. Convert a Wan2.1 checkpoint (radial-jax convert) and pass --ckpt for a real one.")
+        if jax.default_backend() == "cpu":  # what "auto" picks there, named so that it does not warn mid-bar
+            attention = dataclasses.replace(attention, implementation="reference")
         return pipeline.tiny_components(seed=args.seed, model_type="i2v" if i2v else "t2v", attention=attention)
     from convert import load_pipeline
 

@@ -234,14 +234,18 @@ def byte_tokenizer(text_len: int) -> t5.Tokenizer:
     )  # fmt: skip
 
 
+# The tiny preset's DiT: WAN_TINY with the tiny VAE's latent channels, umT5's and CLIP's widths.
+TINY_T2V = dataclasses.replace(WAN_TINY, in_dim=vae_lib.VAE_TINY.z_dim, out_dim=vae_lib.VAE_TINY.z_dim,
+                               text_dim=t5.UMT5_TINY.dim, img_dim=clip_lib.CLIP_TINY.dim)  # fmt: skip
+TINY_I2V = dataclasses.replace(TINY_T2V, model_type="i2v", in_dim=2 * TINY_T2V.in_dim + I2V_MASK_CHANNELS)
+
+
 def tiny_components(*, seed: int = 0, model_type: str = "t2v", attention: AttentionConfig | None = None) -> Components:
-    """Returns the tiny preset with seeded random weights: WAN_TINY-sized DiT, VAE_TINY, UMT5_TINY,
-    a byte tokenizer (and CLIP_TINY for "i2v"). Runs on a CPU in seconds; its videos are noise."""
-    z = vae_lib.VAE_TINY.z_dim
-    dit_config = dataclasses.replace(
-        WAN_TINY, model_type=model_type, in_dim=z if model_type == "t2v" else 2 * z + I2V_MASK_CHANNELS,
-        out_dim=z, text_dim=t5.UMT5_TINY.dim, img_dim=clip_lib.CLIP_TINY.dim, attention=attention or AttentionConfig(),
-    )  # fmt: skip
+    """Returns the tiny preset with seeded random weights: TINY_T2V/TINY_I2V DiT, VAE_TINY,
+    UMT5_TINY, a byte tokenizer (and CLIP_TINY for "i2v"). Runs on a CPU in seconds; its videos
+    are noise."""
+    dit_config = dataclasses.replace(TINY_T2V if model_type == "t2v" else TINY_I2V,
+                                     attention=attention or AttentionConfig())  # fmt: skip
     if t5.UMT5_TINY.vocab_size < 256 + BYTE_OFFSET:
         raise ValueError("UMT5_TINY's vocabulary cannot hold the byte tokenizer's ids")
     return Components(
