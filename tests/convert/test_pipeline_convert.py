@@ -58,3 +58,10 @@ def test_load_pipeline_of_a_dit_only_conversion_names_the_missing_parts(tmp_path
     assert sorted(p.name for p in (tmp_path / "dit_only").iterdir()) == ["transformer"]
     with pytest.raises(CheckpointError, match=r"no vae/, text_encoder/, tokenizer/; convert the whole"):
         load_pipeline(tmp_path / "dit_only")
+
+
+def test_diffusers_i2v_folder_converts_its_image_encoder(tmp_path):
+    src = diffusers_folder(tmp_path / "Wan2.1-I2V-tiny-Diffusers", kind="i2v")
+    assert convert_checkpoint(src, tmp_path / "ours", dtype="f32", progress=False) == [*T2V_PARTS, "image_encoder"]
+    components = load_pipeline(tmp_path / "ours")
+    assert components.image_encoder.config.num_layers == 3 and len(components.image_encoder.transformer) == 2
