@@ -1,10 +1,11 @@
 """Folder-level conversion: a whole tiny Wan2.1 checkpoint (original and diffusers layouts, T2V
 and I2V) converts in one call into transformer/, vae/, text_encoder/, tokenizer/ [image_encoder/],
-loads with load_pipeline and generates."""
+loads with load_pipeline and generates (from Python and from `radial-jax generate --ckpt`)."""
 
 import json
 import os
 import stat
+import warnings
 
 import numpy as np
 import pytest
@@ -12,6 +13,7 @@ import pytest
 from convert import CheckpointError, convert_checkpoint, load_pipeline
 from models.wan.pipeline import generate
 from pipeline_testing import diffusers_folder, original_folder
+from radial_jax.cli import main
 
 T2V_PARTS = ["transformer", "vae", "text_encoder", "tokenizer"]
 VIDEO = dict(frames=5, height=32, width=32, steps=2)
@@ -37,8 +39,14 @@ def test_diffusers_folder_converts_every_part_with_normal_permissions_and_genera
     assert _dtype(dst / "transformer", "param_dtype") == "bfloat16" and _dtype(dst / "text_encoder") == "bfloat16"
     assert _dtype(dst / "vae") == "float32"  # whatever --dtype says, as Wan runs it
     assert (dst / "tokenizer" / "spiece.model").is_file()
-    video = generate(load_pipeline(dst, dtype="f32"), "a cat", **VIDEO)
-    assert video.shape == (5, 32, 32, 3) and video.dtype == np.uint8
+    out = tmp_path / "cat.mp4"  # through the command line, in bf16 as converted
+    assert main(["generate", "--ckpt", str(dst), "--frames", "5", "--size", "32x32", "--steps", "2", "--out", str(out)]) == 0
+    import imageio.v2 as imageio
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="os.fork", category=RuntimeWarning)  # ffmpeg child: exec only
+        frames = imageio.mimread(out)
+    assert len(frames) == 5 and frames[0].shape == (32, 32, 3)
 
 
 def test_original_i2v_folder_converts_clip_too_and_generates_from_an_image(tmp_path):
