@@ -21,9 +21,9 @@ import numpy as np
 from flax import nnx
 
 from convert.checkpoint import canonical_dtype, staged_directory
-from convert.component import ComponentPlan, load_component, plan_component, read_component_config, write_component
+from convert.component import ComponentPlan, find_checkpoint, load_model, plan_component, write_component
 from convert.io import CheckpointError, iter_tensor_infos, open_shards
-from convert.transforms import Row, identity, layer_norm, linear, transpose_linear
+from convert.transforms import Row, layer_norm, linear
 from convert.wan_vae import conv2d
 from models.clip import CLIP_VIT_H_14, CLIPVisionConfig, CLIPVisionEncoder
 
@@ -121,26 +121,14 @@ def config_from_transformers(config_json: dict) -> dict:
 
 
 def find_clip(src: Path) -> tuple[list[Path], Path | None] | None:
-    """Returns (checkpoint files, transformers config.json or None) of the CLIP image encoder in
-    `src`, or None: a .pth/.safetensors file, an image_encoder/ folder or a pipeline folder
-    holding one, or an original Wan2.1 I2V folder (models_clip_...pth)."""
-    src = Path(src)
-    if src.is_file():
-        config = src.parent / "config.json"
-        return [src], config if src.suffix == ".safetensors" and config.is_file() else None
-    if not src.is_dir():
-        raise CheckpointError(f"{src} does not exist")
-    if (src / SUBFOLDER).is_dir():
-        return find_clip(src / SUBFOLDER)
-    if (src / ORIGINAL_FILE).is_file():
-        return [src / ORIGINAL_FILE], None
-    config = src / "config.json"
-    if config.is_file() and json.loads(config.read_text()).get("model_type") in ("clip_vision_model", "clip"):
-        files = sorted(src.glob("*.safetensors.index.json")) or sorted(src.glob("*.safetensors"))
-        if not files:
-            raise CheckpointError(f"{src}: a CLIP config.json but no .safetensors files")
-        return files, config
-    return None
+    """Returns (checkpoint files, config.json or None) of the image encoder in `src`, or None.
+
+    src: a .pth or .safetensors file, an image_encoder/ folder or a pipeline folder holding one,
+    or an original Wan2.1 I2V folder (models_clip_...pth).
+    """
+    return find_checkpoint(src, subfolder=SUBFOLDER, original_file=ORIGINAL_FILE, what="CLIP vision",
+                           is_config=lambda c: c.get("model_type") in ("clip_vision_model", "clip"),
+                           weights_glob="*.safetensors")
 
 
 def plan_clip(files: Sequence[Path], config_path: Path | None, dtype: str) -> ComponentPlan:
@@ -206,9 +194,4 @@ def load_clip(path, *, dtype: str | None = None) -> CLIPVisionEncoder:
 
     dtype: param and compute dtype; default as converted.
     """
-    folder, fields = read_component_config(path, MODEL, SUBFOLDER)
-    config = CLIPVisionConfig(**fields)
-    if dtype is not None:
-        config = dataclasses.replace(config, dtype=canonical_dtype(dtype))
-    abstract = nnx.eval_shape(lambda: CLIPVisionEncoder(config, rngs=nnx.Rngs(0)))
-    return load_component(folder, abstract)
+    return load_model(path, CLIPVisionEncoder, CLIPVisionConfig, model=MODEL, subfolder=SUBFOLDER, dtype=dtype)

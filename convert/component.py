@@ -11,7 +11,7 @@ convert/__init__.py's COMPONENTS entries.
 
 import dataclasses
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,7 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
-from convert.checkpoint import mismatch_report
+from convert.checkpoint import canonical_dtype, mismatch_report
 from convert.io import CheckpointError, SafetensorsWriter, Shard, TensorInfo, iter_tensor_infos, read_safetensors
 from convert.transforms import Row, transformed_shape
 
@@ -152,3 +152,46 @@ def load_component(folder: Path, abstract: nnx.Module) -> nnx.Module:
     if missing or unexpected or mismatched:
         raise CheckpointError(mismatch_report(missing, unexpected, mismatched, what=str(folder)))
     return nnx.merge(graphdef, nnx.from_flat_state(loaded))
+
+
+def find_checkpoint(
+    src: str | Path, *, subfolder: str, original_file: str, is_config: Callable[[dict], bool],
+    weights_glob: str, what: str,
+) -> tuple[list[Path], Path | None] | None:  # fmt: skip
+    """Returns (checkpoint files, config.json or None) of one component in `src`, or None.
+
+    src: a .pth or .safetensors file; the component's own folder (a config.json that
+    `is_config` accepts, weights matching `weights_glob` or a .safetensors.index.json); a
+    pipeline or converted folder holding it as `subfolder`/; or an original Wan2.1 folder
+    holding `original_file`. `what` names the component in errors.
+    """
+    src = Path(src)
+    if src.is_file():
+        config = src.parent / "config.json"
+        return [src], config if src.suffix == ".safetensors" and config.is_file() else None
+    if not src.is_dir():
+        raise CheckpointError(f"{src} does not exist")
+    if (src / subfolder).is_dir():
+        return find_checkpoint(src / subfolder, subfolder=subfolder, original_file=original_file,
+                               is_config=is_config, weights_glob=weights_glob, what=what)
+    if (src / original_file).is_file():
+        return [src / original_file], None
+    config = src / "config.json"
+    if config.is_file() and is_config(json.loads(config.read_text())):
+        files = sorted(src.glob("*.safetensors.index.json")) or sorted(src.glob(weights_glob))
+        if not files:
+            raise CheckpointError(f"{src}: a {what} config.json but no {weights_glob} files")
+        return files, config
+    return None
+
+
+def load_model(path: str | Path, module_cls: type, config_cls: type, *, model: str, subfolder: str,
+               dtype: str | None = None) -> nnx.Module:
+    """Returns module_cls(config) with the weights converted into `path` (the component folder or
+    a root holding `subfolder`/); dtype: param and compute dtype, default as converted."""
+    folder, fields = read_component_config(path, model, subfolder)
+    config = config_cls(**fields)
+    if dtype is not None:
+        config = dataclasses.replace(config, dtype=canonical_dtype(dtype))
+    abstract = nnx.eval_shape(lambda: module_cls(config, rngs=nnx.Rngs(0)))
+    return load_component(folder, abstract)

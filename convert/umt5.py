@@ -19,7 +19,7 @@ from pathlib import Path
 from flax import nnx
 
 from convert.checkpoint import canonical_dtype, staged_directory
-from convert.component import ComponentPlan, load_component, plan_component, read_component_config, write_component
+from convert.component import ComponentPlan, find_checkpoint, load_model, plan_component, write_component
 from convert.io import CheckpointError, iter_tensor_infos, open_shards
 from convert.transforms import Row, identity, transpose_linear
 from models.t5 import UMT5_XXL, UMT5Config, UMT5Encoder
@@ -97,28 +97,13 @@ def config_fields_from_json(config_json: dict) -> dict:
 
 
 def find_umt5(src: Path) -> tuple[list[Path], Path | None] | None:
-    """Returns (checkpoint files, transformers config.json or None) of the umT5 encoder in `src`, or None.
+    """Returns (checkpoint files, config.json or None) of the umT5 encoder in `src`, or None.
 
     src: a .pth or .safetensors file, a diffusers text_encoder/ folder or pipeline folder, or an
     original Wan2.1 folder (models_t5_umt5-xxl-enc-bf16.pth).
     """
-    src = Path(src)
-    if src.is_file():
-        config = src.parent / "config.json"
-        return [src], config if src.suffix == ".safetensors" and config.is_file() else None
-    if not src.is_dir():
-        raise CheckpointError(f"{src} does not exist")
-    if (src / SUBFOLDER).is_dir():
-        return find_umt5(src / SUBFOLDER)
-    if (src / ORIGINAL_FILE).is_file():
-        return [src / ORIGINAL_FILE], None
-    config = src / "config.json"
-    if config.is_file() and json.loads(config.read_text()).get("model_type") in ("umt5", "t5"):
-        files = sorted(src.glob("*.safetensors.index.json")) or sorted(src.glob("*.safetensors"))
-        if not files:
-            raise CheckpointError(f"{src}: a T5 config.json but no .safetensors files")
-        return files, config
-    return None
+    return find_checkpoint(src, subfolder=SUBFOLDER, original_file=ORIGINAL_FILE, what="T5",
+                           is_config=lambda c: c.get("model_type") in ("umt5", "t5"), weights_glob="*.safetensors")
 
 
 def plan_umt5(files: Sequence[Path], config_path: Path | None, dtype: str) -> ComponentPlan:
@@ -203,9 +188,4 @@ def load_umt5(path, *, dtype: str | None = None) -> UMT5Encoder:
 
     dtype: param and compute dtype; default as converted.
     """
-    folder, fields = read_component_config(path, MODEL, SUBFOLDER)
-    config = UMT5Config(**fields)
-    if dtype is not None:
-        config = dataclasses.replace(config, dtype=canonical_dtype(dtype))
-    abstract = nnx.eval_shape(lambda: UMT5Encoder(config, rngs=nnx.Rngs(0)))
-    return load_component(folder, abstract)
+    return load_model(path, UMT5Encoder, UMT5Config, model=MODEL, subfolder=SUBFOLDER, dtype=dtype)

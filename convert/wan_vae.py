@@ -20,7 +20,7 @@ import numpy as np
 from flax import nnx
 
 from convert.checkpoint import canonical_dtype, staged_directory
-from convert.component import ComponentPlan, load_component, plan_component, read_component_config, write_component
+from convert.component import ComponentPlan, find_checkpoint, load_model, plan_component, write_component
 from convert.io import CheckpointError, iter_tensor_infos, open_shards
 from convert.transforms import Row, conv, identity
 from models.wan.vae import WAN21_VAE, VAEConfig, WanVAE
@@ -155,28 +155,14 @@ def config_from_diffusers(config_json: dict) -> VAEConfig:
 
 
 def find_vae(src: Path) -> tuple[list[Path], Path | None] | None:
-    """Returns (checkpoint files, diffusers config.json or None) of the VAE in `src`, or None.
+    """Returns (checkpoint files, config.json or None) of the VAE in `src`, or None.
 
     src: a .pth or .safetensors file, a diffusers vae/ folder or pipeline folder (uses vae/),
     or an original Wan2.1 folder (Wan2.1_VAE.pth).
     """
-    src = Path(src)
-    if src.is_file():
-        config = src.parent / "config.json"
-        return [src], config if src.suffix == ".safetensors" and config.is_file() else None
-    if not src.is_dir():
-        raise CheckpointError(f"{src} does not exist")
-    if (src / SUBFOLDER).is_dir():
-        return find_vae(src / SUBFOLDER)
-    if (src / ORIGINAL_FILE).is_file():
-        return [src / ORIGINAL_FILE], None
-    config = src / "config.json"
-    if config.is_file() and json.loads(config.read_text()).get("_class_name") == "AutoencoderKLWan":
-        files = sorted(src.glob("*.safetensors.index.json")) or sorted(src.glob("diffusion_pytorch_model.safetensors"))
-        if not files:
-            raise CheckpointError(f"{src}: AutoencoderKLWan config.json but no diffusion_pytorch_model.safetensors")
-        return files, config
-    return None
+    return find_checkpoint(src, subfolder=SUBFOLDER, original_file=ORIGINAL_FILE, what="AutoencoderKLWan",
+                           is_config=lambda c: c.get("_class_name") == "AutoencoderKLWan",
+                           weights_glob="diffusion_pytorch_model.safetensors")
 
 
 def plan_vae(
@@ -233,13 +219,8 @@ def convert_vae(src, dst, dtype: str = "float32", *, config: VAEConfig | None = 
 
 
 def load_vae(path, *, dtype: str | None = None) -> WanVAE:
-    """Returns the WanVAE converted into `path` (the component folder or a checkpoint root with vae/).
+    """Returns the WanVAE converted into `path` (the component folder or a root with vae/).
 
     dtype: param and compute dtype; default as converted.
     """
-    folder, fields = read_component_config(path, MODEL, SUBFOLDER)
-    config = VAEConfig(**fields)
-    if dtype is not None:
-        config = dataclasses.replace(config, dtype=canonical_dtype(dtype))
-    abstract = nnx.eval_shape(lambda: WanVAE(config, rngs=nnx.Rngs(0)))
-    return load_component(folder, abstract)
+    return load_model(path, WanVAE, VAEConfig, model=MODEL, subfolder=SUBFOLDER, dtype=dtype)
