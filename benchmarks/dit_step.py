@@ -19,14 +19,13 @@ command, date), merging rows into an existing file of the same device.
 import argparse
 import datetime
 import json
-import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from workers import REPO, RESULT_PREFIX, device_tag, run_child
+
 GIB = 1 << 30
 # Literal sizes so the torch worker needs neither flax nor our package; the JAX worker checks
 # them against models.wan's presets. (preset, latent frames, height, width)
@@ -67,7 +66,7 @@ def jax_worker(shape: str, impl: str, args) -> dict:
     import jax.numpy as jnp
     from flax import nnx
 
-    from models.wan import PRESETS, AttentionConfig, WanModel
+    from models.wan import PRESETS, AttentionConfig
     from models.wan.attention import radial_mask
 
     preset, frames, height, width = SHAPES[shape]
@@ -194,18 +193,7 @@ def run_worker(shape: str, impl: str, args) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", impl, "--shapes", shape, "--iters",
            str(args.iters), "--warmup", str(args.warmup), "--radial-impl", args.radial_impl]
     cmd += ["--dry-run"] if args.dry_run else []
-    env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false", PYTHONPATH=f"{REPO}{os.pathsep}"
-               + os.environ.get("PYTHONPATH", ""))
-    if args.dry_run:
-        env["JAX_PLATFORMS"] = "cpu"
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.timeout, cwd=REPO)
-    except subprocess.TimeoutExpired:
-        return dict(error=f"timed out after {args.timeout} s")
-    for line in proc.stdout.splitlines():
-        if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT "):])
-    return dict(error=f"exit {proc.returncode}: {proc.stderr[-3000:]}")
+    return run_child(cmd, timeout=args.timeout, dry_run=args.dry_run)
 
 
 def summarise(rows: list[dict]) -> list[dict]:
@@ -244,14 +232,6 @@ def write_results(rows: list[dict], out: Path, args) -> None:
     print(f"wrote {out}")
 
 
-def device_tag(rows: list[dict]) -> str:
-    device = next((r["device"] for r in rows if "device" in r), "unknown")
-    for tag in ("H200", "H100", "A100", "L40S"):
-        if tag in device:
-            return tag.lower()
-    return device.replace(" ", "_").lower()
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", default="1.3b-480p-81f,14b-720p-81f", help=f"comma list of {list(SHAPES)}")
@@ -276,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
             sys.path.insert(0, str(REPO))
         shape = shapes[0]
         row = torch_worker(shape, args) if args.worker == "diffusers" else jax_worker(shape, args.worker, args)
-        print("RESULT " + json.dumps(dict(row, shape=shape, impl=args.worker)), flush=True)
+        print(RESULT_PREFIX + json.dumps(dict(row, shape=shape, impl=args.worker)), flush=True)
         return 0
     unknown = [s for s in shapes if s not in SHAPES] + [i for i in args.impls.split(",") if i not in IMPLS]
     if unknown:

@@ -23,14 +23,13 @@ rows into an existing file of the same device.
 import argparse
 import datetime
 import json
-import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from workers import REPO, RESULT_PREFIX, device_tag, run_child
+
 GIB = 1 << 30
 NUM_STEPS = 50  # Wan2.1 T2V sampling steps: the extrapolation's
 DENSE_TIMESTEPS = 12  # the reference's 1x setting (with dense_layers=1)
@@ -168,18 +167,7 @@ def run_worker(shape: str, config: str, args) -> dict:
     """Runs one (shape, config) in a child process; returns its result row (or an error row)."""
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", config, "--shapes", shape,
            "--steps", str(args.steps), "--radial-impl", args.radial_impl] + (["--dry-run"] if args.dry_run else [])
-    env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false",
-               PYTHONPATH=f"{REPO}{os.pathsep}" + os.environ.get("PYTHONPATH", ""))  # fmt: skip
-    if args.dry_run:
-        env["JAX_PLATFORMS"] = "cpu"
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.timeout, cwd=REPO)
-    except subprocess.TimeoutExpired:
-        return dict(error=f"timed out after {args.timeout} s")
-    for line in proc.stdout.splitlines():
-        if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT "):])
-    return dict(error=f"exit {proc.returncode}: {proc.stderr[-3000:]}")
+    return run_child(cmd, timeout=args.timeout, dry_run=args.dry_run)
 
 
 def print_table(rows: list[dict]) -> None:
@@ -217,12 +205,6 @@ def write_results(rows: list[dict], out: Path) -> None:
     print(f"wrote {out}")
 
 
-def device_tag(rows: list[dict]) -> str:
-    device = next((r["device"] for r in rows if "device" in r), "unknown")
-    return next((tag.lower() for tag in ("H200", "H100", "A100", "L40S") if tag in device),
-                device.replace(" ", "_").lower())  # fmt: skip
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", default="1.3b-480p-81f,14b-720p-81f", help=f"comma list of {list(SHAPES)}")
@@ -248,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
         if str(REPO) not in sys.path:
             sys.path.insert(0, str(REPO))
         row = worker(shapes[0], args.worker, args)
-        print("RESULT " + json.dumps(dict(row, shape=shapes[0], config=args.worker)), flush=True)
+        print(RESULT_PREFIX + json.dumps(dict(row, shape=shapes[0], config=args.worker)), flush=True)
         return 0
     unknown = [s for s in shapes if s not in SHAPES] + [c for c in configs if c not in CONFIGS]
     if unknown or args.steps < 1:
