@@ -1,15 +1,18 @@
 """Block-sparse flash attention backward for Hopper, Pallas Mosaic GPU.
 
-Two warp-specialized kernels (the structure of jax's attention_mgpu backward) whose pipelines
-run over the index tables instead of a contiguous range: `emit_pipeline_warp_specialized`
-takes a traced step count and index maps that read the tables from GMEM; only the memory
-warpgroup evaluates them.
+Two designs on the same index tables, both on `emit_pipeline_warp_specialized` (a traced step
+count, index maps that read the tables from GMEM; only the memory warpgroup evaluates them):
 
-- dq: one CTA per (head, 128-query block, batch), two compute warpgroups of 64 rows; the
-  pipeline streams K/V tiles of `block_kv_dq` tokens over the block's key blocks.
-- dk/dv: one CTA per (head, 128-key block, batch), two compute warpgroups of 64 keys; the
-  pipeline streams q, dO, lse and delta tiles over the key block's query blocks (the
-  transposed table).
+- fused (default for head_dim % 128 == 0; FlashAttention-3's design): one CTA per (head, 128-key
+  block, batch), two compute warpgroups of 64 keys, streaming q, dO, lse and delta tiles over the
+  key block's query blocks (the transposed table). Per step it does the five matmuls of the
+  backward once: S^T = K Q^T, dP^T = V dO^T, dV += P^T dO, dK += dS^T Q, and dQ_partial =
+  dS K, which needs both warpgroups' dS: each stores its dS^T to shared memory, the two meet at
+  a barrier, and warpgroup w computes the partial dQ of head-dim half w from all 128 keys, then
+  adds it into an f32 dQ accumulator in GMEM with a TMA reduce-add. A cast turns it into dq.
+- split (any head_dim; jax's attention_mgpu structure): a dq kernel per query block over its
+  key blocks and a dk/dv kernel per key block over its query blocks; it recomputes S and dP in
+  both, seven matmuls per block pair instead of five, and needs no atomics.
 
 Pipeline tiles are smaller than mask blocks (64 vs 128 tokens) to keep the accumulators in
 registers, so step t of a row visits tile (ids[t // r] * r + t % r), r = 128 / tile.
@@ -39,6 +42,7 @@ class MosaicBwdTuning:
     block_q_dkv: int = 64  # query tile streamed by the dk/dv pipeline
     block_kv_dkv: int = 64  # key rows per warpgroup in the dk/dv kernel
     max_concurrent_steps: int = 2
+    fused: bool = True  # one kernel, dq by TMA reduce-add (head_dim % 128 == 0); else split
 
 
 @functools.partial(jax.jit, static_argnames=("tables", "scale", "tuning"))
@@ -66,6 +70,8 @@ def mosaic_backward(q, k, v, out, lse, d_out, d_lse, *, tables: BlockTables, sca
     col = plgpu.Layout.WGMMA.reduce(0)
     kv_ids, kv_counts = jnp.asarray(tables.kv_ids), jnp.asarray(tables.kv_counts)
     q_ids, q_counts = jnp.asarray(tables.q_ids), jnp.asarray(tables.q_counts)
+    if t.fused and head_dim % (COMPUTE_WGS * 64) == 0:
+        return _fused_backward(q, k, v, d_out, lse2, delta, q_ids, q_counts, tables=tables, scale=scale, tuning=t)
 
     # ---- dq: per query block, over its key blocks -------------------------------------------------
     r_dq = MASK_BLOCK // t.block_kv_dq
@@ -226,4 +232,141 @@ def mosaic_backward(q, k, v, out, lse, d_out, d_lse, *, tables: BlockTables, sca
         grid=(heads, kb, batch), grid_names=("heads", "kv_seq", "batch"),
         num_threads=COMPUTE_WGS + 1, thread_name="wg",
     )(q, k, v, d_out, lse2, delta, q_ids, q_counts)
+    return dq, dk, dv
+
+
+def _fused_backward(q, k, v, d_out, lse2, delta, q_ids, q_counts, *, tables: BlockTables, scale: float,
+                    tuning: MosaicBwdTuning):
+    """The fused kernel (module docstring). lse2 (log2 units), delta: [B, N, padded L] f32."""
+    import jax.experimental.pallas as pl
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+
+    batch, q_len, heads, head_dim = q.shape
+    dtype = q.dtype
+    block_q, block_kv = tuning.block_q_dkv, tuning.block_kv_dkv
+    d_half = head_dim // COMPUTE_WGS  # head-dim columns of dQ per warpgroup
+    r = MASK_BLOCK // block_q
+    padded = tables.num_q_blocks * MASK_BLOCK
+    qk_scale = scale * LOG2_E
+
+    tiling = plgpu.TilingTransform((8, 64 * 2 // jnp.dtype(dtype).itemsize))
+    swizzle = plgpu.SwizzleTransform(128)
+    f32_tiling = plgpu.TilingTransform((8, 32))
+    col = plgpu.Layout.WGMMA.reduce(0)
+    bcast_col = lambda x, shape: lax.broadcast_in_dim(x, shape, [1])
+
+    def kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, ids_ref, counts_ref, dq_acc_ref, dk_ref, dv_ref,
+               smem, barriers):
+        b, head, kv_block = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("kv_seq")
+        wg = lax.axis_index("wg")
+        k_smem, v_smem2, ds_smem, dq_smem2 = smem
+        k_loaded, v_loaded, ds_ready, done = barriers
+        own = pl.ds(wg * block_kv, block_kv)
+        k_own, v_own, dq_smem = k_smem.at[own], v_smem2.at[wg], dq_smem2.at[wg]
+        k_cols = k_smem.at[:, pl.ds(wg * d_half, d_half)]  # all 128 keys, this warpgroup's dQ columns
+
+        def compute_thread(pipeline):
+            rows = (b, pl.ds(kv_block * MASK_BLOCK + wg * block_kv, block_kv), head)
+            plgpu.copy_gmem_to_smem(k_ref.at[rows], k_own, k_loaded.at[wg])
+            plgpu.copy_gmem_to_smem(v_ref.at[rows], v_own, v_loaded.at[wg])
+            plgpu.barrier_wait(k_loaded.at[wg])
+            plgpu.barrier_wait(v_loaded.at[wg])
+
+            def run(dk_acc, dv_acc):
+                pipeline((dk_acc, dv_acc))
+                return dk_acc[...], dv_acc[...]
+
+            acc = plgpu.ACC((block_kv, head_dim), jnp.float32)
+            dk, dv = pl.run_scoped(run, acc, acc)
+            # The other warpgroup may still read this one's K rows for its last dQ.
+            plgpu.barrier_arrive(done)
+            plgpu.barrier_wait(done)
+            k_own[...] = (dk * scale).astype(dtype)
+            v_own[...] = dv.astype(dtype)
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(k_own, dk_ref.at[rows], commit_group=False)
+            plgpu.copy_smem_to_gmem(v_own, dv_ref.at[rows], commit_group=False)
+            plgpu.commit_smem_to_gmem_group()
+            plgpu.wait_smem_to_gmem(0)
+
+        def step(index, q_smem, do_smem, lse_smem, delta_smem, q_consumed, do_consumed, lse_consumed,
+                 delta_consumed, carry):
+            (i,) = index
+            dk_acc, dv_acc = carry
+            slot = lax.rem(i, jnp.int32(2))
+
+            def compute_s_t(acc):
+                plgpu.wgmma(acc, k_own, q_smem.transpose((1, 0)))
+                return acc[...]
+
+            s_t = pl.run_scoped(compute_s_t, plgpu.ACC((block_kv, block_q), jnp.float32))
+            lse = plgpu.load(lse_smem, layout=col)
+            plgpu.barrier_arrive(lse_consumed)
+            p_t = jnp.exp2(s_t * qk_scale - bcast_col(lse, s_t.shape))
+
+            def compute_dp_t(acc):
+                plgpu.wgmma(acc, v_own, do_smem.transpose((1, 0)))
+                plgpu.wgmma(dv_acc, p_t.astype(dtype), do_smem)
+                return plgpu.wgmma_accumulator_load(acc, wait_n=1)  # dP^T, dV may still run
+
+            dp_t = pl.run_scoped(compute_dp_t, plgpu.ACC((block_kv, block_q), jnp.float32))
+            delta = plgpu.load(delta_smem, layout=col)
+            plgpu.barrier_arrive(delta_consumed)
+            ds_t = (p_t * (dp_t - bcast_col(delta, dp_t.shape))).astype(dtype)
+            plgpu.wgmma(dk_acc, ds_t, q_smem)
+            ds_smem.at[slot, own][...] = ds_t
+            plgpu.commit_smem()
+            plgpu.barrier_arrive(ds_ready.at[slot])
+            plgpu.barrier_wait(ds_ready.at[slot])
+
+            def compute_dq(acc):
+                plgpu.wgmma(acc, ds_smem.at[slot].transpose((1, 0)), k_cols)
+                plgpu.wgmma_wait(1)  # dV and dK are done: q and dO may be refilled
+                plgpu.barrier_arrive(do_consumed)
+                plgpu.barrier_arrive(q_consumed)
+                return acc[...]
+
+            dq = pl.run_scoped(compute_dq, plgpu.ACC((block_q, d_half), jnp.float32))
+            plgpu.wait_smem_to_gmem(1, wait_read_only=True)  # this slot's reduce-add of step i - 2
+            dq_smem.at[slot][...] = dq
+            plgpu.commit_smem()
+            q_rows = pl.ds(q_tile(i) * block_q, block_q)
+            plgpu.copy_smem_to_gmem(dq_smem.at[slot], dq_acc_ref.at[b, head, q_rows, pl.ds(wg * d_half, d_half)],
+                                    reduction_op="add")
+            return dk_acc, dv_acc
+
+        q_tile = lambda i: ids_ref[kv_block, i // r] * r + lax.rem(i, jnp.int32(r))
+        seq_spec = plgpu.BlockSpec(block_shape=(block_q, head_dim), index_map=lambda i: (q_tile(i), 0),
+                                   transforms=[tiling, swizzle])
+        row_spec = plgpu.BlockSpec(block_shape=(block_q,), index_map=lambda i: (q_tile(i),))
+        pipeline = plgpu.emit_pipeline_warp_specialized(
+            step, grid=(counts_ref[kv_block] * r,), max_concurrent_steps=tuning.max_concurrent_steps,
+            num_compute_wgs=COMPUTE_WGS, memory_registers=40, wg_axis="wg",
+            manual_consumed_barriers=True, compute_context=compute_thread,
+            in_specs=[seq_spec, seq_spec, row_spec, row_spec])
+        pipeline(q_ref.at[b, :, head, :], do_ref.at[b, :, head, :], lse_ref.at[b, head, :], delta_ref.at[b, head, :])
+
+    smem = (
+        plgpu.SMEM((COMPUTE_WGS * block_kv, head_dim), dtype, transforms=(tiling, swizzle)),  # K, both halves
+        plgpu.SMEM((COMPUTE_WGS, block_kv, head_dim), dtype, transforms=(tiling, swizzle)),  # V
+        plgpu.SMEM((2, COMPUTE_WGS * block_kv, block_q), dtype, transforms=(tiling, swizzle)),  # dS^T, 2 slots
+        plgpu.SMEM((COMPUTE_WGS, 2, block_q, d_half), jnp.float32, transforms=(f32_tiling, swizzle)),  # dQ partials
+    )
+    barriers = (
+        plgpu.Barrier(num_barriers=COMPUTE_WGS),  # K loaded
+        plgpu.Barrier(num_barriers=COMPUTE_WGS),  # V loaded
+        plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=2),  # both dS^T halves stored, per slot
+        plgpu.Barrier(num_arrivals=COMPUTE_WGS),  # both warpgroups done with K
+    )
+    # The accumulator must start at zero and plgpu.kernel has no input/output aliasing: pass a Ref.
+    dq_acc = jax.new_ref(jnp.zeros((batch, heads, padded, head_dim), jnp.float32))
+    dk, dv = plgpu.kernel(
+        kernel,
+        out_type=[jax.ShapeDtypeStruct(k.shape, dtype)] * 2,
+        scratch_types=[smem, barriers],
+        compiler_params=plgpu.CompilerParams(approx_math=True),
+        grid=(heads, tables.num_kv_blocks, batch), grid_names=("heads", "kv_seq", "batch"),
+        num_threads=COMPUTE_WGS + 1, thread_name="wg",
+    )(q, k, v, d_out, lse2, delta, jnp.asarray(q_ids), jnp.asarray(q_counts), dq_acc)
+    dq = (dq_acc[...][:, :, :q_len] * scale).astype(dtype).transpose(0, 2, 1, 3)
     return dq, dk, dv
