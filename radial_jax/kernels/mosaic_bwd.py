@@ -96,8 +96,12 @@ def mosaic_backward(q, k, v, out, lse, d_out, d_lse, *, tables: BlockTables, sca
                 plgpu.barrier_wait(barrier.at[wg])
             lse = plgpu.load(lse_smem, layout=row)
             delta = plgpu.load(delta_smem, layout=row)
-            dq = plgpu.layout_cast(jnp.zeros((block_q, head_dim), jnp.float32), plgpu.Layout.WGMMA)
-            dq, _, _ = pipeline((dq, lse, delta))
+
+            def run(dq_acc):
+                pipeline((dq_acc, lse, delta))
+                return dq_acc[...]
+
+            dq = pl.run_scoped(run, plgpu.ACC((block_q, head_dim), jnp.float32))
             q_smem[...] = (dq * scale).astype(dtype)
             plgpu.commit_smem()
             plgpu.copy_smem_to_gmem(q_smem, dq_ref.at[rows])
@@ -105,29 +109,24 @@ def mosaic_backward(q, k, v, out, lse, d_out, d_lse, *, tables: BlockTables, sca
 
         def step(_, k_smem, v_smem, k_consumed, v_consumed, carry):
             q_smem, do_smem = q_smem2.at[wg], do_smem2.at[wg]
-            dq, lse, delta = carry
+            dq_acc, lse, delta = carry
 
-            def compute_s(acc):
-                plgpu.wgmma(acc, q_smem, k_smem.transpose((1, 0)))
-                return acc[...]
+            def compute_p_dp(s_acc, dp_acc):
+                plgpu.wgmma(s_acc, q_smem, k_smem.transpose((1, 0)))
+                plgpu.wgmma(dp_acc, do_smem, v_smem.transpose((1, 0)))
+                s = plgpu.wgmma_accumulator_load(s_acc, wait_n=1)  # S; dP may still run
+                p = jnp.exp2(s * qk_scale - lax.broadcast_in_dim(lse, s.shape, [0]))
+                dp = dp_acc[...]
+                plgpu.barrier_arrive(v_consumed)
+                return p, dp
 
-            s = pl.run_scoped(compute_s, plgpu.ACC((block_q, block_kv), jnp.float32))
-            p = jnp.exp2(s * qk_scale - lax.broadcast_in_dim(lse, s.shape, [0]))
-
-            def compute_dp(acc):
-                plgpu.wgmma(acc, do_smem, v_smem.transpose((1, 0)))
-                return acc[...]
-
-            dp = pl.run_scoped(compute_dp, plgpu.ACC((block_q, block_kv), jnp.float32))
-            plgpu.barrier_arrive(v_consumed)
+            acc = plgpu.ACC((block_q, block_kv), jnp.float32)
+            p, dp = pl.run_scoped(compute_p_dp, acc, acc)
             ds = p * (dp - lax.broadcast_in_dim(delta, dp.shape, [0]))
-
-            def compute_dq(acc):
-                plgpu.wgmma(acc, ds.astype(dtype), k_smem)
-
-            dq = pl.run_state(compute_dq)(plgpu.ACC.init(dq))
+            plgpu.wgmma(dq_acc, ds.astype(dtype), k_smem)
+            plgpu.wgmma_wait(0)
             plgpu.barrier_arrive(k_consumed)
-            return dq, lse, delta
+            return dq_acc, lse, delta
 
         kv_tile = lambda i: ids_ref[q_tile, i // r_dq] * r_dq + lax.rem(i, jnp.int32(r_dq))
         spec = plgpu.BlockSpec(block_shape=(block_kv, head_dim), index_map=lambda i: (kv_tile(i), 0),
@@ -168,8 +167,13 @@ def mosaic_backward(q, k, v, out, lse, d_out, d_lse, *, tables: BlockTables, sca
             plgpu.copy_gmem_to_smem(v_ref.at[rows], v_smem, barriers[1].at[wg])
             plgpu.barrier_wait(barriers[0].at[wg])
             plgpu.barrier_wait(barriers[1].at[wg])
-            zeros = plgpu.layout_cast(jnp.zeros((block_kv, head_dim), jnp.float32), plgpu.Layout.WGMMA)
-            dk, dv = pipeline((zeros, zeros))
+
+            def run(dk_acc, dv_acc):
+                pipeline((dk_acc, dv_acc))
+                return dk_acc[...], dv_acc[...]
+
+            acc = plgpu.ACC((block_kv, head_dim), jnp.float32)
+            dk, dv = pl.run_scoped(run, acc, acc)
             k_smem[...] = (dk * scale).astype(dtype)
             v_smem[...] = dv.astype(dtype)
             plgpu.commit_smem()
@@ -181,7 +185,7 @@ def mosaic_backward(q, k, v, out, lse, d_out, d_lse, *, tables: BlockTables, sca
         def step(_, q_smem, do_smem, lse_smem, delta_smem, q_consumed, do_consumed, lse_consumed,
                  delta_consumed, carry):
             k_smem, v_smem = k_smem2.at[wg], v_smem2.at[wg]
-            dk, dv = carry
+            dk_acc, dv_acc = carry
 
             def compute_s_t(acc):
                 plgpu.wgmma(acc, k_smem, q_smem.transpose((1, 0)))
@@ -192,24 +196,21 @@ def mosaic_backward(q, k, v, out, lse, d_out, d_lse, *, tables: BlockTables, sca
             plgpu.barrier_arrive(lse_consumed)
             p_t = jnp.exp2(s_t * qk_scale - lax.broadcast_in_dim(lse, s_t.shape, [1]))
 
-            def compute_dv_dp(refs):
-                dv_acc, dp_acc = refs
+            def compute_dp_t(acc):
+                plgpu.wgmma(acc, v_smem, do_smem.transpose((1, 0)))
                 plgpu.wgmma(dv_acc, p_t.astype(dtype), do_smem)
-                plgpu.wgmma(dp_acc, v_smem, do_smem.transpose((1, 0)))
+                return plgpu.wgmma_accumulator_load(acc, wait_n=1)  # dP^T; dV may still run
 
-            zeros = plgpu.layout_cast(jnp.zeros((block_kv, block_q), jnp.float32), plgpu.Layout.WGMMA)
-            dv, dp_t = pl.run_state(compute_dv_dp)((plgpu.ACC.init(dv), plgpu.ACC.init(zeros)))
-            plgpu.barrier_arrive(do_consumed)
+            dp_t = pl.run_scoped(compute_dp_t, plgpu.ACC((block_kv, block_q), jnp.float32))
             delta = plgpu.load(delta_smem, layout=col)
             plgpu.barrier_arrive(delta_consumed)
             ds_t = p_t * (dp_t - lax.broadcast_in_dim(delta, dp_t.shape, [1]))
-
-            def compute_dk(acc):
-                plgpu.wgmma(acc, ds_t.astype(dtype), q_smem)
-
-            dk = pl.run_state(compute_dk)(plgpu.ACC.init(dk))
+            plgpu.wgmma(dk_acc, ds_t.astype(dtype), q_smem)
+            plgpu.wgmma_wait(1)
+            plgpu.barrier_arrive(do_consumed)
+            plgpu.wgmma_wait(0)
             plgpu.barrier_arrive(q_consumed)
-            return dk, dv
+            return dk_acc, dv_acc
 
         q_tile = lambda i: ids_ref[kv_block, i // r_dkv] * r_dkv + lax.rem(i, jnp.int32(r_dkv))
         seq_spec = plgpu.BlockSpec(block_shape=(block_q, head_dim), index_map=lambda i: (q_tile(i), 0),
@@ -265,6 +266,15 @@ def _fused_backward(q, k, v, d_out, lse2, delta, q_ids, q_counts, *, tables: Blo
         k_own, v_own, dq_smem = k_smem.at[own], v_smem2.at[wg], dq_smem2.at[wg]
         k_cols = k_smem.at[:, pl.ds(wg * d_half, d_half)]  # all 128 keys, this warpgroup's dQ columns
 
+        def add_dq(dq, i, predicate=None):
+            """Reduce-adds this warpgroup's dQ partial of step i into the f32 accumulator in GMEM."""
+            slot = lax.rem(i, jnp.int32(2))
+            plgpu.wait_smem_to_gmem(1, wait_read_only=True)  # this slot's copy of two steps ago
+            dq_smem.at[slot][...] = dq
+            plgpu.commit_smem()
+            dst = dq_acc_ref.at[b, head, pl.ds(q_tile(i) * block_q, block_q), pl.ds(wg * d_half, d_half)]
+            plgpu.copy_smem_to_gmem(dq_smem.at[slot], dst, predicate, reduction_op="add")
+
         def compute_thread(pipeline):
             rows = (b, pl.ds(kv_block * MASK_BLOCK + wg * block_kv, block_kv), head)
             plgpu.copy_gmem_to_smem(k_ref.at[rows], k_own, k_loaded.at[wg])
@@ -278,6 +288,19 @@ def _fused_backward(q, k, v, d_out, lse2, delta, q_ids, q_counts, *, tables: Blo
 
             acc = plgpu.ACC((block_kv, head_dim), jnp.float32)
             dk, dv = pl.run_scoped(run, acc, acc)
+            steps = counts_ref[kv_block] * r
+
+            @pl.when(steps > 0)
+            def _():  # the last step's dQ, deferred like every other (see step)
+                last = steps - 1
+                plgpu.barrier_wait(ds_ready.at[lax.rem(last, jnp.int32(2))])
+
+                def compute_dq(acc):
+                    plgpu.wgmma(acc, ds_smem.at[lax.rem(last, jnp.int32(2))].transpose((1, 0)), k_cols)
+                    return acc[...]
+
+                add_dq(pl.run_scoped(compute_dq, plgpu.ACC((block_q, d_half), jnp.float32)), last)
+
             # The other warpgroup may still read this one's K rows for its last dQ.
             plgpu.barrier_arrive(done)
             plgpu.barrier_wait(done)
@@ -291,48 +314,51 @@ def _fused_backward(q, k, v, d_out, lse2, delta, q_ids, q_counts, *, tables: Blo
 
         def step(index, q_smem, do_smem, lse_smem, delta_smem, q_consumed, do_consumed, lse_consumed,
                  delta_consumed, carry):
+            # Step i computes dQ of step i - 1: by then the other warpgroup has usually stored its
+            # half of that dS^T, so the barrier rarely stalls and the two warpgroups need not run
+            # in lockstep (in lockstep their softmax phases coincide and the tensor cores idle).
             (i,) = index
             dk_acc, dv_acc = carry
-            slot = lax.rem(i, jnp.int32(2))
+            slot, prev = lax.rem(i, jnp.int32(2)), lax.rem(i + 1, jnp.int32(2))
 
-            def compute_s_t(acc):
-                plgpu.wgmma(acc, k_own, q_smem.transpose((1, 0)))
-                return acc[...]
+            def compute_p_and_previous_dq(s_acc, dq_acc):
+                plgpu.wgmma(s_acc, k_own, q_smem.transpose((1, 0)))
 
-            s_t = pl.run_scoped(compute_s_t, plgpu.ACC((block_kv, block_q), jnp.float32))
-            lse = plgpu.load(lse_smem, layout=col)
-            plgpu.barrier_arrive(lse_consumed)
-            p_t = jnp.exp2(s_t * qk_scale - bcast_col(lse, s_t.shape))
+                @pl.when(i > 0)
+                def _():
+                    plgpu.barrier_wait(ds_ready.at[prev])
+
+                # At i == 0 the slot holds no dS yet: the product is computed and not stored.
+                plgpu.wgmma(dq_acc, ds_smem.at[prev].transpose((1, 0)), k_cols)
+                s_t = plgpu.wgmma_accumulator_load(s_acc, wait_n=1)
+                lse = plgpu.load(lse_smem, layout=col)
+                plgpu.barrier_arrive(lse_consumed)
+                p_t = jnp.exp2(s_t * qk_scale - bcast_col(lse, s_t.shape))
+                return p_t, dq_acc[...]
+
+            p_t, dq_prev = pl.run_scoped(compute_p_and_previous_dq, plgpu.ACC((block_kv, block_q), jnp.float32),
+                                         plgpu.ACC((block_q, d_half), jnp.float32))
+            add_dq(dq_prev, jnp.maximum(i - 1, 0), predicate=i > 0)
 
             def compute_dp_t(acc):
                 plgpu.wgmma(acc, v_own, do_smem.transpose((1, 0)))
                 plgpu.wgmma(dv_acc, p_t.astype(dtype), do_smem)
-                return plgpu.wgmma_accumulator_load(acc, wait_n=1)  # dP^T, dV may still run
+                return plgpu.wgmma_accumulator_load(acc, wait_n=1)  # dP^T; dV may still run
 
             dp_t = pl.run_scoped(compute_dp_t, plgpu.ACC((block_kv, block_q), jnp.float32))
             delta = plgpu.load(delta_smem, layout=col)
             plgpu.barrier_arrive(delta_consumed)
             ds_t = (p_t * (dp_t - bcast_col(delta, dp_t.shape))).astype(dtype)
             plgpu.wgmma(dk_acc, ds_t, q_smem)
+            # Safe to overwrite: both warpgroups read this slot (dQ of step i - 2) before they
+            # arrived for step i - 1, and this warpgroup waited for that arrival above.
             ds_smem.at[slot, own][...] = ds_t
             plgpu.commit_smem()
             plgpu.barrier_arrive(ds_ready.at[slot])
-            plgpu.barrier_wait(ds_ready.at[slot])
-
-            def compute_dq(acc):
-                plgpu.wgmma(acc, ds_smem.at[slot].transpose((1, 0)), k_cols)
-                plgpu.wgmma_wait(1)  # dV and dK are done: q and dO may be refilled
-                plgpu.barrier_arrive(do_consumed)
-                plgpu.barrier_arrive(q_consumed)
-                return acc[...]
-
-            dq = pl.run_scoped(compute_dq, plgpu.ACC((block_q, d_half), jnp.float32))
-            plgpu.wait_smem_to_gmem(1, wait_read_only=True)  # this slot's reduce-add of step i - 2
-            dq_smem.at[slot][...] = dq
-            plgpu.commit_smem()
-            q_rows = pl.ds(q_tile(i) * block_q, block_q)
-            plgpu.copy_smem_to_gmem(dq_smem.at[slot], dq_acc_ref.at[b, head, q_rows, pl.ds(wg * d_half, d_half)],
-                                    reduction_op="add")
+            plgpu.wgmma_wait(1)
+            plgpu.barrier_arrive(do_consumed)
+            plgpu.wgmma_wait(0)
+            plgpu.barrier_arrive(q_consumed)
             return dk_acc, dv_acc
 
         q_tile = lambda i: ids_ref[kv_block, i // r] * r + lax.rem(i, jnp.int32(r))
