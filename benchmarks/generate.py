@@ -1,7 +1,7 @@
 """End-to-end Wan2.1 T2V generation on one GPU: seconds per denoising step and in total, dense vs radial.
 
     python benchmarks/generate.py [--shapes 1.3b-480p-81f,14b-720p-81f] [--configs dense,radial-0.2,radial-1.0]
-                                  [--steps 2] [--radial-impl pallas] [--out FILE]
+                                  [--steps 2] [--radial-impl pallas] [--out FILE] [--log-dir DIR]
     python benchmarks/generate.py --dry-run [--out FILE]   # tiny preset on the CPU, the same code path
 
 Random weights born on the device (no download, no host copy of the 14B): umT5-XXL (bf16), the
@@ -15,9 +15,19 @@ dense), radial blocks with decay_factor D, our Pallas kernel (--radial-impl).
 To keep a run within minutes, only `--steps` steps of each compiled program (dense; radial) are
 timed after one untimed compiling call, and the total is EXTRAPOLATED: encode + 12 x dense step
 + 38 x radial step (50 x dense step for dense) + decode, compile times excluded (reported apart).
-Each (shape, config) runs in its own process, so peak memory (all phases, weights included) is
-that run's. Writes benchmarks/results/generate-<device>.json (device, command, date), merging
-rows into an existing file of the same device.
+
+One worker process per shape times every config, since weight init, encode and decode (minutes
+at 14B) are the same for all: encode (compile, then timed), drop the text encoder, the dense
+step program (the same program for every config: a radial config's dense steps run the dense
+attention code), decode (compile on 2 latent frames, then the timed full decode), then each
+radial config's radial step program on the same weights (a graphdef with its AttentionConfig).
+Peak memory (weights included) is the worker's so far when a config's last phase ends: dense's
+covers encode, dense steps and decode; a radial config's also its radial program and those of the
+radial configs before it, an upper bound on a lone run of it (which also runs all these phases).
+The worker prints every row as a RESULT line after each phase (and, with --log-dir, writes them as
+a results file), so a run cut off by a time limit keeps the configs it finished; a row it did not
+finish lists its missing phases under "pending". Writes benchmarks/results/generate-<device>.json
+(device, command, date), merging rows into an existing file of the same device.
 """
 
 import argparse
@@ -28,7 +38,7 @@ import sys
 import time
 from pathlib import Path
 
-from workers import REPO, RESULT_PREFIX, device_tag, run_child
+from workers import REPO, RESULT_PREFIX, device_tag, run_child_rows
 
 GIB = 1 << 30
 NUM_STEPS = 50  # Wan2.1 T2V sampling steps: the extrapolation's
@@ -66,33 +76,58 @@ def random_module(build, seed: int):
     return nnx.merge(graphdef, nnx.from_flat_state(leaves))
 
 
-def build_components(shape: str, decay: float | None, radial_impl: str):
-    """Returns (Components with random weights, frames, height, width) for one run."""
+def dit_config(shape: str, decay: float | None, radial_impl: str):
+    """Returns the DiT's WanConfig for a shape: dense attention (decay None) or a radial config's."""
     import dataclasses
 
-    from models import t5
-    from models.wan import PRESETS, AttentionConfig, WanModel, pipeline
-    from models.wan import vae as vae_lib
+    from models.wan import PRESETS, AttentionConfig, pipeline
 
-    preset, frames, height, width = SHAPES[shape]
-    tiny = preset == "tiny"
+    preset = SHAPES[shape][0]
     if decay is None:
         attention = AttentionConfig(backend="dense")
     else:
         attention = AttentionConfig(backend="radial", dense_layers=1, dense_timesteps=DENSE_TIMESTEPS,
                                     decay_factor=decay, implementation=radial_impl)  # fmt: skip
-    dtype = "float32" if tiny else "bfloat16"
-    dit_config = dataclasses.replace(pipeline.TINY_T2V if tiny else PRESETS[preset], param_dtype=dtype, dtype=dtype,
-                                     attention=attention)  # fmt: skip
+    dtype = "float32" if preset == "tiny" else "bfloat16"
+    base = pipeline.TINY_T2V if preset == "tiny" else PRESETS[preset]
+    return dataclasses.replace(base, param_dtype=dtype, dtype=dtype, attention=attention)
+
+
+def build_components(shape: str):
+    """Returns (Components with random weights and a dense-attention DiT, frames, height, width)."""
+    from models import t5
+    from models.wan import WanModel, pipeline
+    from models.wan import vae as vae_lib
+
+    preset, frames, height, width = SHAPES[shape]
+    tiny = preset == "tiny"
+    config = dit_config(shape, None, "")
     t5_config = t5.UMT5_TINY if tiny else t5.UMT5_XXL
     vae_config = vae_lib.VAE_TINY if tiny else vae_lib.WAN21_VAE
     components = pipeline.Components(
-        dit=random_module(lambda rngs: WanModel(dit_config, rngs=rngs), 1),
+        dit=random_module(lambda rngs: WanModel(config, rngs=rngs), 1),
         vae=random_module(lambda rngs: vae_lib.WanVAE(vae_config, rngs=rngs), 2),
         text_encoder=random_module(lambda rngs: t5.UMT5Encoder(t5_config, rngs=rngs), 3),
-        tokenizer=pipeline.byte_tokenizer(dit_config.text_len),  # any ids do for timing
+        tokenizer=pipeline.byte_tokenizer(config.text_len),  # any ids do for timing
     )  # fmt: skip
     return components, frames, height, width
+
+
+def graphdef_for(config, params):
+    """Returns the graphdef of a WanModel(config) that takes `params` (the same weights under
+    another AttentionConfig); raises ValueError if their paths, shapes or dtypes differ."""
+    from flax import nnx
+
+    from models.wan import WanModel
+
+    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: WanModel(config, rngs=nnx.Rngs(0))))
+
+    def signature(state):
+        return [(path, var.get_value().shape, var.get_value().dtype) for path, var in nnx.to_flat_state(state)]
+
+    if signature(abstract) != signature(params):
+        raise ValueError(f"attention={config.attention} changes the DiT's parameters; it cannot share the weights")
+    return graphdef
 
 
 def timed_steps(step, state, count: int) -> tuple[float, list[float], object]:
@@ -107,54 +142,137 @@ def timed_steps(step, state, count: int) -> tuple[float, list[float], object]:
     return times[0], times[1:], state
 
 
-def worker(shape: str, config: str, args) -> dict:
-    import jax
+def time_program(graphdef, params, sampler, state, context, steps: int, *, dense: bool) -> tuple[dict, object]:
+    """Returns ({name}_compile_s, {name}_step_times_s and their median {name}_step_s; the last state)
+    of one step program, name "dense" or "radial"; context: [2, T, C], the prompt then the negative."""
     import jax.numpy as jnp
+
+    from models.wan import pipeline
+
+    def step(s):
+        return pipeline.denoise_step(graphdef, params, sampler, s, context[:1], context[1:], jnp.float32(5.0),
+                                     None, None, dense=dense)  # fmt: skip
+
+    name = "dense" if dense else "radial"
+    compile_s, times, state = timed_steps(step, state, steps)
+    return {f"{name}_compile_s": compile_s, f"{name}_step_times_s": times,
+            f"{name}_step_s": statistics.median(times)}, state  # fmt: skip
+
+
+def time_encode(components) -> tuple[dict, object]:
+    """Returns ({encode_compile_s, encode_s}, the umT5 context [2, T, C] of the prompt and Wan's
+    negative prompt); the first, compiling call is timed apart."""
+    import jax
+
+    from models.wan import pipeline
+
+    prompts = [PROMPT, pipeline.WAN_NEGATIVE_PROMPT]
+    times = []
+    for _ in range(2):
+        start = time.perf_counter()
+        context = jax.block_until_ready(pipeline.encode_prompts(components.text_encoder, components.tokenizer, prompts))
+        times.append(time.perf_counter() - start)
+    return dict(encode_compile_s=times[0], encode_s=times[1]), context
+
+
+def time_decode(vae, latents, video_shape: tuple[int, ...]) -> dict:
+    """Returns {decode_compile_s: a decode of the first 2 latent frames, which compiles both chunk
+    programs; decode_s: the full decode to uint8}; checks the video is video_shape."""
+    import jax
+
+    from models.wan import pipeline
+
+    start = time.perf_counter()
+    jax.block_until_ready(pipeline.decode_video(vae, latents[:, :2]))
+    compile_s = time.perf_counter() - start
+    start = time.perf_counter()
+    video = pipeline.decode_video(vae, latents)
+    decode_s = time.perf_counter() - start
+    if video.shape != video_shape:
+        raise ValueError(f"decoded video {video.shape}, expected {video_shape}")
+    return dict(decode_compile_s=compile_s, decode_s=decode_s)
+
+
+def peak_gib() -> float | None:
+    """Returns the device's peak memory in use so far, GiB (None where unreported, e.g. the CPU)."""
+    import jax
+
+    stats = jax.devices()[0].memory_stats() or {}
+    return stats["peak_bytes_in_use"] / GIB if "peak_bytes_in_use" in stats else None
+
+
+def finish_phase(rows: dict, configs: list[str], phase: str, values: dict) -> None:
+    """Adds a phase's measurements to the configs' rows and takes the phase off their "pending"."""
+    for config in configs:
+        row = rows[config]
+        row.update(values)
+        row["pending"] = [p for p in row["pending"] if p != phase]
+        if not row["pending"]:
+            del row["pending"]
+
+
+def worker(shape: str, configs: list[str], args, emit) -> None:
+    """Times all configs of one shape in this process; calls emit(rows) after each phase."""
+    import jax
     from flax import nnx
 
     from models.wan import pipeline
     from models.wan import sampler as sampler_lib
 
+    radial = [c for c in configs if CONFIGS[c] is not None]
+    rows = {c: dict(shape=shape, config=c, device=jax.devices()[0].device_kind, jax=jax.__version__,
+                    pending=["init", "encode", "dense steps", "decode"] + (["radial steps"] if c in radial else []))
+            for c in configs}  # fmt: skip
     start = time.perf_counter()
-    components, frames, height, width = build_components(shape, CONFIGS[config], args.radial_impl)
-    row = dict(device=jax.devices()[0].device_kind, jax=jax.__version__, frames=frames, height=height, width=width,
-               weights_init_s=time.perf_counter() - start)  # fmt: skip
-    prompts = [PROMPT, pipeline.WAN_NEGATIVE_PROMPT]
-    jax.block_until_ready(pipeline.encode_prompts(components.text_encoder, components.tokenizer, prompts))  # compile
-    start = time.perf_counter()
-    context = jax.block_until_ready(pipeline.encode_prompts(components.text_encoder, components.tokenizer, prompts))
-    row["encode_s"] = time.perf_counter() - start
+    components, frames, height, width = build_components(shape)
+    init = dict(frames=frames, height=height, width=width, weights_init_s=time.perf_counter() - start)
+    finish_phase(rows, configs, "init", init)
+    emit(rows)
+
+    encode, context = time_encode(components)
     components.text_encoder = None  # as `radial-jax generate` does before denoising
+    finish_phase(rows, configs, "encode", encode)
+    emit(rows)
 
-    dit = components.dit
+    graphdef, params = nnx.split(components.dit)
     sampler = pipeline.make_sampler("unipc", NUM_STEPS, sampler_lib.default_shift(height, width))
-    graphdef, params = nnx.split(dit)
-    guidance = jnp.float32(5.0)
-    state = sampler.init(sampler_lib.initial_noise(0, pipeline.latent_shape(frames, height, width, dit.config.out_dim)))
-    programs = [True] if CONFIGS[config] is None else [True, False]  # dense steps; radial steps
-    for dense in programs:
-        step = lambda s, dense=dense: pipeline.denoise_step(  # noqa: E731
-            graphdef, params, sampler, s, context[:1], context[1:], guidance, None, None, dense=dense)
-        name = "dense" if dense else "radial"
-        row[f"{name}_compile_s"], row[f"{name}_step_times_s"], state = timed_steps(step, state, args.steps)
-        row[f"{name}_step_s"] = statistics.median(row[f"{name}_step_times_s"])
+    latents_shape = pipeline.latent_shape(frames, height, width, components.dit.config.out_dim)
 
-    latents = state.sample
-    jax.block_until_ready(pipeline.decode_video(components.vae, latents[:, :2]))  # compiles both chunk programs
-    start = time.perf_counter()
-    video = pipeline.decode_video(components.vae, latents)
-    row["decode_s"] = time.perf_counter() - start
-    assert video.shape == (frames, height, width, 3), video.shape
-    stats = jax.devices()[0].memory_stats() or {}
-    row["peak_gib"] = stats["peak_bytes_in_use"] / GIB if "peak_bytes_in_use" in stats else None
-    return row
+    def fresh_state():  # each program starts at step 0 (the state is donated), so steps stay in range
+        return sampler.init(sampler_lib.initial_noise(0, latents_shape))
+
+    dense_times, state = time_program(graphdef, params, sampler, fresh_state(), context, args.steps, dense=True)
+    finish_phase(rows, configs, "dense steps", dense_times)
+    emit(rows)
+
+    decode = time_decode(components.vae, state.sample, (frames, height, width, 3))
+    decode.update(peak_gib=peak_gib(), peak_note="worker peak over encode, dense steps and decode, weights included")
+    finish_phase(rows, configs, "decode", decode)
+    emit(rows)
+
+    for i, config in enumerate(radial):
+        config_graphdef = graphdef_for(dit_config(shape, CONFIGS[config], args.radial_impl), params)
+        timed, _ = time_program(config_graphdef, params, sampler, fresh_state(), context, args.steps, dense=False)
+        note = f"worker peak over encode, dense steps, decode and the radial programs of {', '.join(radial[: i + 1])}"
+        finish_phase(rows, [config], "radial steps", dict(timed, peak_gib=peak_gib(), peak_note=note))
+        emit(rows)
 
 
-def extrapolate(row: dict, config: str) -> dict:
+def emit_rows(rows: dict, log_dir: str | None) -> None:
+    """Prints each row as a RESULT line (the parent keeps each config's last) and, with log_dir,
+    writes them extrapolated to log_dir/generate-<shape>.json, which outlives a killed parent."""
+    for row in rows.values():
+        print(RESULT_PREFIX + json.dumps(row), flush=True)
+    if log_dir:
+        finished = summarise([extrapolate(dict(row)) for row in rows.values()])
+        write_results(finished, Path(log_dir) / f"generate-{finished[0]['shape']}.json")
+
+
+def extrapolate(row: dict) -> dict:
     """Adds the 50-step totals: denoise_s and total_s (encode + steps + decode, no compile)."""
-    if "dense_step_s" not in row:
+    if "pending" in row or "error" in row:
         return row
-    dense_steps = NUM_STEPS if CONFIGS[config] is None else DENSE_TIMESTEPS
+    dense_steps = NUM_STEPS if CONFIGS[row["config"]] is None else DENSE_TIMESTEPS
     radial_steps = NUM_STEPS - dense_steps
     row["denoise_s"] = dense_steps * row["dense_step_s"] + radial_steps * row.get("radial_step_s", 0.0)
     row["total_s"] = row["encode_s"] + row["denoise_s"] + row["decode_s"]
@@ -163,26 +281,39 @@ def extrapolate(row: dict, config: str) -> dict:
     return row
 
 
-def run_worker(shape: str, config: str, args) -> dict:
-    """Runs one (shape, config) in a child process; returns its result row (or an error row)."""
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", config, "--shapes", shape,
+def run_worker(shape: str, configs: list[str], args) -> list[dict]:
+    """Runs one shape's worker for all configs in a child process; returns a row per config, with
+    an error where the worker stopped before finishing it."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "--shapes", shape, "--configs", ",".join(configs),
            "--steps", str(args.steps), "--radial-impl", args.radial_impl] + (["--dry-run"] if args.dry_run else [])
-    return run_child(cmd, timeout=args.timeout, dry_run=args.dry_run)
+    cmd += ["--log-dir", str(Path(args.log_dir).resolve())] if args.log_dir else []
+    printed, failure = run_child_rows(cmd, timeout=args.timeout, dry_run=args.dry_run, key="config")
+    by_config = {row["config"]: row for row in printed}
+    rows = []
+    for config in configs:
+        row = by_config.get(config, dict(shape=shape, config=config, pending=["any phase"]))
+        if "pending" in row:
+            row["error"] = f"worker stopped before {', '.join(row['pending'])}: {failure or 'exit 0'}"
+        rows.append(row)
+    return rows
 
 
 def print_table(rows: list[dict]) -> None:
+    def cell(row, key, fmt=".2f"):
+        return format(row[key], fmt) if row.get(key) is not None else "-"
+
     print(f"{'shape':15} {'config':11} {'dense s/step':>12} {'radial s/step':>13} {'encode s':>8} {'decode s':>8} "
           f"{'total s':>8} {'speedup':>7} {'peak GiB':>8}")  # fmt: skip
     for r in rows:
-        def f(key, fmt=".2f"):
-            return format(r[key], fmt) if r.get(key) is not None else "-"
-
-        print(f"{r['shape']:15} {r['config']:11} {f('dense_step_s'):>12} {f('radial_step_s'):>13} {f('encode_s'):>8} "
-              f"{f('decode_s'):>8} {f('total_s', '.0f'):>8} {f('speedup_vs_dense'):>7} {f('peak_gib', '.1f'):>8}"
+        print(f"{r['shape']:15} {r['config']:11} {cell(r, 'dense_step_s', '.3f'):>12} "
+              f"{cell(r, 'radial_step_s', '.3f'):>13} {cell(r, 'encode_s'):>8} {cell(r, 'decode_s'):>8} "
+              f"{cell(r, 'total_s', '.1f'):>8} {cell(r, 'speedup_vs_dense'):>7} {cell(r, 'peak_gib', '.1f'):>8}"
               + (f"  {r['error'][:200]}" if "error" in r else ""))  # fmt: skip
 
 
 def summarise(rows: list[dict]) -> list[dict]:
+    """Adds speedup_vs_dense (the dense row's total_s / the row's, same shape) where both totals
+    exist; returns the rows."""
     for row in rows:
         base = next((r for r in rows if r["shape"] == row["shape"] and r["config"] == "dense"), {})
         if "total_s" in row and "total_s" in base:
@@ -191,6 +322,8 @@ def summarise(rows: list[dict]) -> list[dict]:
 
 
 def write_results(rows: list[dict], out: Path) -> None:
+    """Writes the rows with device, command and date to out, replacing the (shape, config) rows
+    of an existing file of the same device; written whole, then renamed, so a kill leaves no half file."""
     device = next((r["device"] for r in rows if "device" in r), "unknown")
     record = dict(device=device, command="python " + " ".join(sys.argv), date=datetime.date.today().isoformat(),
                   note="random weights, batch 1, T2V; total_s is extrapolated from the timed steps (see each row's "
@@ -201,7 +334,9 @@ def write_results(rows: list[dict], out: Path) -> None:
             new = {(r["shape"], r["config"]) for r in rows}
             record["rows"] = [r for r in old.get("rows", []) if (r["shape"], r["config"]) not in new] + rows
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(record, indent=1) + "\n")
+    partial = out.with_name(out.name + ".partial")
+    partial.write_text(json.dumps(record, indent=1) + "\n")
+    partial.replace(out)
     print(f"wrote {out}")
 
 
@@ -214,10 +349,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--radial-impl", default="pallas",
                         help="radial_attention implementation (default %(default)s; 'auto' may fall back to the "
                              "slow jnp reference silently)")  # fmt: skip
-    parser.add_argument("--timeout", type=int, default=600, help="seconds per worker process (default %(default)s)")
+    parser.add_argument("--timeout", type=int, default=1800,
+                        help="seconds per worker process, one per shape (default %(default)s)")
     parser.add_argument("--out", help="JSON path (default benchmarks/results/generate-<device>.json; --dry-run: none)")
     parser.add_argument("--dry-run", action="store_true", help="tiny preset on the CPU: checks the path in seconds")
-    parser.add_argument("--worker", choices=tuple(CONFIGS), help=argparse.SUPPRESS)
+    parser.add_argument("--log-dir", help="each worker also writes its rows so far to DIR/generate-<shape>.json "
+                                           "after every phase: results that outlive a killed run")  # fmt: skip
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     return parser
 
 
@@ -225,22 +363,20 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.dry_run:
         args.shapes, args.radial_impl = "tiny", "reference"
-    shapes, configs = args.shapes.split(","), args.configs.split(",")
+    shapes, configs = args.shapes.split(","), list(dict.fromkeys(args.configs.split(",")))
     if args.worker:
         if str(REPO) not in sys.path:
             sys.path.insert(0, str(REPO))
-        row = worker(shapes[0], args.worker, args)
-        print(RESULT_PREFIX + json.dumps(dict(row, shape=shapes[0], config=args.worker)), flush=True)
+        worker(shapes[0], configs, args, lambda rows: emit_rows(rows, args.log_dir))
         return 0
     unknown = [s for s in shapes if s not in SHAPES] + [c for c in configs if c not in CONFIGS]
-    if unknown or args.steps < 1:
-        sys.exit(f"unknown shapes/configs {unknown} or --steps {args.steps} < 1; shapes: {list(SHAPES)}, "
-                 f"configs: {list(CONFIGS)}")  # fmt: skip
+    if unknown or not 1 <= args.steps < NUM_STEPS:
+        sys.exit(f"unknown shapes/configs {unknown} or --steps {args.steps} not in [1, {NUM_STEPS - 1}]; "
+                 f"shapes: {list(SHAPES)}, configs: {list(CONFIGS)}")  # fmt: skip
     rows = []
     for shape in shapes:
-        for config in configs:
-            print(f"running {shape} {config} ...", flush=True)
-            rows.append(extrapolate(dict(run_worker(shape, config, args), shape=shape, config=config), config))
+        print(f"running {shape}: {', '.join(configs)} ...", flush=True)
+        rows += [extrapolate(row) for row in run_worker(shape, configs, args)]
     print_table(summarise(rows))
     out = args.out or (None if args.dry_run else f"benchmarks/results/generate-{device_tag(rows)}.json")
     if out:

@@ -1,4 +1,4 @@
-"""What the one-process-per-run benchmarks share: running a worker child and naming the device."""
+"""What the worker-process benchmarks share: running a worker child and naming the device."""
 
 import json
 import os
@@ -6,14 +6,17 @@ import subprocess
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-RESULT_PREFIX = "RESULT "  # a worker prints its row as one line: RESULT {json}
+RESULT_PREFIX = "RESULT "  # a worker prints each row as one line: RESULT {json}, again whenever it grows
 
 
-def run_child(cmd: list[str], *, timeout: float, dry_run: bool) -> dict:
-    """Runs a worker command in a child process; returns its result row, or an error row.
+def run_child_rows(cmd: list[str], *, timeout: float, dry_run: bool, key: str | None) -> tuple[list[dict], str | None]:
+    """Returns (the last RESULT row the child printed for each value of row[key] (key None: one
+    row), in order of first print; None if the child exited 0, else why it failed: exit status and
+    stderr tail, or the timeout).
 
-    A child per run keeps each run's peak memory its own and JAX and torch off one GPU; the
-    child does not preallocate, and a dry run pins it to the CPU.
+    Rows printed before a crash or a timeout are kept, so a worker that prints as it goes loses only
+    the phases it did not reach. The child does not preallocate GPU memory (its peak is its own, and
+    JAX and torch can share one GPU); a dry run pins it to the CPU.
     """
     env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false",
                PYTHONPATH=f"{REPO}{os.pathsep}" + os.environ.get("PYTHONPATH", ""))  # fmt: skip
@@ -21,12 +24,26 @@ def run_child(cmd: list[str], *, timeout: float, dry_run: bool) -> dict:
         env["JAX_PLATFORMS"] = "cpu"
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout, cwd=REPO)
-    except subprocess.TimeoutExpired:
-        return dict(error=f"timed out after {timeout} s")
-    for line in proc.stdout.splitlines():
+        stdout, failure = proc.stdout, (f"exit {proc.returncode}: {proc.stderr[-3000:]}" if proc.returncode else None)
+    except subprocess.TimeoutExpired as expired:  # its output so far comes as bytes (or None)
+        stdout = (expired.stdout or b"").decode(errors="replace")
+        stderr = (expired.stderr or b"").decode(errors="replace")[-3000:]
+        failure = f"timed out after {timeout} s" + (f": {stderr}" if stderr else "")
+    rows = {}
+    for line in stdout.splitlines():
         if line.startswith(RESULT_PREFIX):
-            return json.loads(line[len(RESULT_PREFIX):])
-    return dict(error=f"exit {proc.returncode}: {proc.stderr[-3000:]}")
+            try:
+                row = json.loads(line[len(RESULT_PREFIX) :])
+            except json.JSONDecodeError:  # the last line of a killed child may be cut short
+                continue
+            rows[row.get(key) if key else None] = row
+    return list(rows.values()), failure
+
+
+def run_child(cmd: list[str], *, timeout: float, dry_run: bool) -> dict:
+    """Returns the result row of a worker that prints one (its last RESULT line), or an error row."""
+    rows, failure = run_child_rows(cmd, timeout=timeout, dry_run=dry_run, key=None)
+    return rows[-1] if rows else dict(error=failure or "exit 0 without a RESULT line")
 
 
 def device_tag(rows: list[dict]) -> str:
