@@ -3,16 +3,17 @@
 Two designs on the same index tables, both on `emit_pipeline_warp_specialized` (a traced step
 count, index maps that read the tables from GMEM; only the memory warpgroup evaluates them):
 
-- fused (default for head_dim % 128 == 0; FlashAttention-3's design): one CTA per (head, 128-key
-  block, batch), two compute warpgroups of 64 keys, streaming q, dO, lse and delta tiles over the
-  key block's query blocks (the transposed table). Per step it does the five matmuls of the
-  backward once: S^T = K Q^T, dP^T = V dO^T, dV += P^T dO, dK += dS^T Q, and dQ_partial =
-  dS K, which needs both warpgroups' dS: each stores its dS^T to shared memory, the two meet at
-  a barrier, and warpgroup w computes the partial dQ of head-dim half w from all 128 keys, then
-  adds it into an f32 dQ accumulator in GMEM with a TMA reduce-add. A cast turns it into dq.
-- split (any head_dim; jax's attention_mgpu structure): a dq kernel per query block over its
-  key blocks and a dk/dv kernel per key block over its query blocks; it recomputes S and dP in
-  both, seven matmuls per block pair instead of five, and needs no atomics.
+- split (the default; jax's attention_mgpu structure, with tokamax's overlaps): a dq kernel
+  per (head, 128-query block, batch) over its key blocks, and a dk/dv kernel per (head,
+  128-key block, batch) over its query blocks (the transposed table); two compute warpgroups
+  of 64 rows each. It recomputes S and dP in both kernels, seven matmuls per block pair
+  instead of five, but needs no atomics and no cross-warpgroup barrier, and on the H100 it is
+  the faster of the two.
+- fused (`MosaicBwdTuning(fused=True)`, head_dim % 128 == 0; FlashAttention-3's design): the
+  dk/dv kernel also computes dQ_partial = dS K. Each warpgroup stores its dS^T to shared
+  memory, the two meet at a barrier, and warpgroup w computes head-dim half w of the partial
+  dQ from all 128 keys one step later (so the two need not run in lockstep), adding it into an
+  f32 dQ accumulator in GMEM with a TMA reduce-add; a cast turns it into dq.
 
 Pipeline tiles are smaller than mask blocks (64 vs 128 tokens) to keep the accumulators in
 registers, so step t of a row visits tile (ids[t // r] * r + t % r), r = 128 / tile.
@@ -42,7 +43,9 @@ class MosaicBwdTuning:
     block_q_dkv: int = 64  # query tile streamed by the dk/dv pipeline
     block_kv_dkv: int = 64  # key rows per warpgroup in the dk/dv kernel
     max_concurrent_steps: int = 2
-    fused: bool = True  # one kernel, dq by TMA reduce-add (head_dim % 128 == 0); else split
+    # One kernel with dq by TMA reduce-add (head_dim % 128 == 0). Off: on the H100 it ran the
+    # backward at ~430 on-block TFLOP/s where the split kernels ran ~505 (benchmarks/NOTES.md).
+    fused: bool = False
 
 
 @functools.partial(jax.jit, static_argnames=("tables", "scale", "tuning"))
