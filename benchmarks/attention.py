@@ -3,8 +3,8 @@
     python benchmarks/attention.py [--shapes ...] [--backward] [--no-torch] [--out FILE]
 
 Times, bf16, head_dim 128, batch 1, Wan's real token counts (ragged last block): ours with the
-radial mask (decay 1.0), ours with an all-on mask, (--backward on Hopper) ours with the fused
-backward kernel instead of the default split dq / dk-dv kernels, cuDNN dense via
+radial mask (decay 1.0), ours with an all-on mask, (--backward on Hopper) ours with other
+backward designs (--variants: the fused kernel, a 128-key dq tile) beside the default, cuDNN dense via
 jax.nn.dot_product_attention(implementation="cudnn"), and where torch with CUDA is importable,
 FlexAttention with the same block mask and SDPA. TFLOP/s count 4*pairs*D*H for the forward on
 the computed blocks only (ragged edge blocks exactly), and 3.5x that for forward+backward.
@@ -60,9 +60,16 @@ def jax_case(q, k, v, mask, backward: bool, backend: str | None):
     return _wrap(attend, q, k, v, backward)
 
 
-def fused_backward_case(q, k, v, mask):
-    """value_and_grad through the Mosaic forward and the fused Mosaic backward (one kernel, dq by
-    TMA reduce-add): the alternative to the default split kernels, timed beside them."""
+def backward_variants():
+    """{case name: MosaicBwdTuning} of the Mosaic backward designs --variants can time beside the default."""
+    from radial_jax.kernels.mosaic_bwd import MosaicBwdTuning
+
+    return {"fused_bwd": MosaicBwdTuning(fused=True), "dq_tile_128_bwd": MosaicBwdTuning(block_kv_dq=128),
+            "stages_3_bwd": MosaicBwdTuning(max_concurrent_steps=3)}
+
+
+def variant_backward_case(q, k, v, mask, tuning):
+    """value_and_grad through the Mosaic forward and the Mosaic backward with `tuning`."""
     from radial_jax.kernels import mosaic_bwd, mosaic_fwd
 
     tables, scale = block_tables(mask, 128, q.shape[1], k.shape[1]), HEAD_DIM**-0.5
@@ -78,7 +85,7 @@ def fused_backward_case(q, k, v, mask):
     def bwd(res, d_out):
         q, k, v, out, lse = res
         return mosaic_bwd.mosaic_backward(q, k, v, out, lse, d_out, jnp.zeros_like(lse), tables=tables,
-                                          scale=scale, tuning=mosaic_bwd.MosaicBwdTuning(fused=True))
+                                          scale=scale, tuning=tuning)
 
     attend.defvjp(fwd, bwd)
     return _wrap(attend, q, k, v, True)
@@ -220,7 +227,8 @@ def run_shape(name, args, torch_ms):
              "ours_all_on": jax_case(q, k, v, all_on, args.backward, args.backend),
              "cudnn_dense": cudnn_case(q, k, v, args.backward)}
     if args.backward and args.backend in (None, "mosaic"):
-        cases["ours_radial_fused_bwd"] = fused_backward_case(q, k, v, mask)
+        for variant in filter(None, args.variants.split(",")):
+            cases[f"ours_radial_{variant}"] = variant_backward_case(q, k, v, mask, backward_variants()[variant])
     for case, fn in cases.items():
         start = time.perf_counter()
         try:
@@ -242,9 +250,10 @@ def run_shape(name, args, torch_ms):
             row[f"{case}_fwd_only_msec"] = fwd_ms
             bwd_s = (row[f"{case}_ms"] - fwd_ms) * 1e-3
             row[f"{case}_bwd_only_tflops"] = (BWD_FLOP_FACTOR - 1) * on / bwd_s / 1e12
-        if "ours_radial_fused_bwd_ms" in row and "ours_radial_fwd_only_msec" in row:  # same forward kernel
-            bwd_s = (row["ours_radial_fused_bwd_ms"] - row["ours_radial_fwd_only_msec"]) * 1e-3
-            row["ours_radial_fused_bwd_bwd_only_tflops"] = (BWD_FLOP_FACTOR - 1) * fwd_flops / bwd_s / 1e12
+        timed = [c for c in cases if c.endswith("_bwd") and f"{c}_ms" in row and "ours_radial_fwd_only_msec" in row]
+        for variant in timed:  # the default's forward kernel: time it once
+            bwd_s = (row[f"{variant}_ms"] - row["ours_radial_fwd_only_msec"]) * 1e-3
+            row[f"{variant}_bwd_only_tflops"] = (BWD_FLOP_FACTOR - 1) * fwd_flops / bwd_s / 1e12
         if "cudnn_dense_bwd_only_tflops" in row and "ours_radial_bwd_only_tflops" in row:
             row["bwd_throughput_vs_cudnn"] = row["ours_radial_bwd_only_tflops"] / row["cudnn_dense_bwd_only_tflops"]
     if not args.backward and "ours_radial_ms" in row:
@@ -258,7 +267,7 @@ def run_shape(name, args, torch_ms):
     for case, ms in torch_ms.items():
         row[f"torch_{case}_ms"] = ms
     for key in [k for k in row if k.endswith("_ms")]:
-        on_blocks = flops if key in ("ours_radial_ms", "ours_radial_fused_bwd_ms", "torch_flex_ms") else dense_flops
+        on_blocks = flops if key.startswith("ours_radial") or key == "torch_flex_ms" else dense_flops
         row[key.replace("_ms", "_tflops")] = on_blocks / (row[key] * 1e-3) / 1e12
     if "cudnn_dense_ms" in row:
         for key in [k for k in row if k.endswith("_ms") and k != "cudnn_dense_ms"]:
@@ -287,10 +296,16 @@ def main(argv=None):
     parser.add_argument("--backward", action="store_true", help="time forward+backward (value_and_grad wrt q, k, v)")
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--backend", choices=["mosaic", "triton"], help="our kernel (default: fastest available)")
+    parser.add_argument("--variants", default="fused_bwd",
+                        help="with --backward on Hopper: comma list of other Mosaic backward designs to time "
+                             "beside the default: fused_bwd, dq_tile_128_bwd, stages_3_bwd, or '' (default %(default)s)")
     parser.add_argument("--no-torch", action="store_true", help="skip the torch baselines")
     parser.add_argument("--torch-only", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--out", help="JSON path (default benchmarks/results/attention[-backward]-<device>.json)")
     args = parser.parse_args(argv)
+    unknown = [v for v in filter(None, args.variants.split(",")) if v not in backward_variants()]
+    if unknown:
+        sys.exit(f"unknown --variants {unknown}; choose from {list(backward_variants())}")
     if not args.torch_only and jax.default_backend() != "gpu":
         sys.exit("benchmarks/attention.py needs a GPU")
     names = (args.shapes or (BWD_SHAPES if args.backward else FWD_SHAPES)).split(",")
