@@ -1,6 +1,6 @@
 """Radial block-sparse attention vs dense baselines on one GPU, side by side in one run.
 
-    python benchmarks/attention.py [--shapes ...] [--backward] [--no-torch] [--out FILE]
+    python benchmarks/attention.py [--shapes ...] [--backward [--variants ...] [--breakdown]] [--no-torch] [--out FILE]
 
 Times, bf16, head_dim 128, batch 1, Wan's real token counts (ragged last block): ours with the
 radial mask (decay 1.0), ours with an all-on mask, (--backward on Hopper) ours with other
@@ -89,6 +89,36 @@ def variant_backward_case(q, k, v, mask, tuning):
 
     attend.defvjp(fwd, bwd)
     return _wrap(attend, q, k, v, True)
+
+
+def backward_breakdown(q, k, v, mask, iters: int, fwd_flops: float) -> dict:
+    """Times the default Mosaic backward's parts alone: the row statistics (XLA), the dq kernel and
+    the dk/dv kernel. Each kernel's TFLOP/s count the matmuls it executes (dq: S, dP, dQ = 1.5x
+    the forward's FLOPs; dk/dv: S, dP, dV, dK = 2x), i.e. how busy its tensor cores are."""
+    import functools
+
+    from radial_jax.kernels import mosaic_bwd, mosaic_fwd
+
+    tables, scale = block_tables(mask, 128, q.shape[1], k.shape[1]), HEAD_DIM**-0.5
+    tuning = mosaic_bwd.MosaicBwdTuning()
+    out, lse = mosaic_fwd.mosaic_forward(q, k, v, tables=tables, scale=scale)
+    d_out = (out.astype(jnp.float32) * cotangent_weights(q)).astype(q.dtype)
+    d_lse = jnp.zeros_like(lse)
+    rows = jax.jit(functools.partial(mosaic_bwd.row_statistics, tables=tables))
+    lse2, delta = rows(out, lse, d_out, d_lse)
+    kernel_args = (q, k, v, d_out, lse2, delta)
+    dq = jax.jit(functools.partial(mosaic_bwd.dq_kernel, tables=tables, scale=scale, tuning=tuning))
+    dkv = jax.jit(functools.partial(mosaic_bwd.dkv_kernel, tables=tables, scale=scale, tuning=tuning))
+    parts = {"rows": (lambda: rows(out, lse, d_out, d_lse), None),
+             "dq_kernel": (lambda: dq(*kernel_args), 1.5 * fwd_flops),
+             "dkv_kernel": (lambda: dkv(*kernel_args), 2.0 * fwd_flops)}
+    result = {}
+    for name, (fn, executed_flops) in parts.items():
+        ms = median_seconds(fn, iters) * 1e3
+        result[f"bwd_{name}_ms"] = ms
+        if executed_flops:
+            result[f"bwd_{name}_executed_tflops"] = executed_flops / (ms * 1e-3) / 1e12
+    return result
 
 
 def cudnn_case(q, k, v, backward: bool):
@@ -254,6 +284,8 @@ def run_shape(name, args, torch_ms):
         for variant in timed:  # the default's forward kernel: time it once
             bwd_s = (row[f"{variant}_ms"] - row["ours_radial_fwd_only_msec"]) * 1e-3
             row[f"{variant}_bwd_only_tflops"] = (BWD_FLOP_FACTOR - 1) * fwd_flops / bwd_s / 1e12
+        if args.breakdown and args.backend in (None, "mosaic"):
+            row.update(backward_breakdown(q, k, v, mask, args.iters, fwd_flops))
         if "cudnn_dense_bwd_only_tflops" in row and "ours_radial_bwd_only_tflops" in row:
             row["bwd_throughput_vs_cudnn"] = row["ours_radial_bwd_only_tflops"] / row["cudnn_dense_bwd_only_tflops"]
     if not args.backward and "ours_radial_ms" in row:
@@ -262,7 +294,8 @@ def run_shape(name, args, torch_ms):
         if "cudnn_dense_ms" in row:
             dense = block_sparse_attention(q, k, v, all_on, block_size=128, backend=args.backend)
             ref = jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
-            row["ours_all_on_max_err_vs_cudnn"] = float(jnp.abs(dense.astype(jnp.float32) - ref.astype(jnp.float32)).max())
+            err = jnp.abs(dense.astype(jnp.float32) - ref.astype(jnp.float32)).max()
+            row["ours_all_on_max_err_vs_cudnn"] = float(err)
     del q, k, v
     for case, ms in torch_ms.items():
         row[f"torch_{case}_ms"] = ms
@@ -298,7 +331,11 @@ def main(argv=None):
     parser.add_argument("--backend", choices=["mosaic", "triton"], help="our kernel (default: fastest available)")
     parser.add_argument("--variants", default="fused_bwd",
                         help="with --backward on Hopper: comma list of other Mosaic backward designs to time "
-                             "beside the default: fused_bwd, dq_tile_128_bwd, stages_3_bwd, or '' (default %(default)s)")
+                             "beside the default: fused_bwd, dq_tile_128_bwd, stages_3_bwd, or '' "
+                             "(default %(default)s)")
+    parser.add_argument("--breakdown", action="store_true",
+                        help="with --backward on Hopper: also time the backward's row statistics, dq kernel and "
+                             "dk/dv kernel alone")
     parser.add_argument("--no-torch", action="store_true", help="skip the torch baselines")
     parser.add_argument("--torch-only", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--out", help="JSON path (default benchmarks/results/attention[-backward]-<device>.json)")

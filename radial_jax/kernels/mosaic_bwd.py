@@ -52,32 +52,48 @@ class MosaicBwdTuning:
 def mosaic_backward(q, k, v, out, lse, d_out, d_lse, *, tables: BlockTables, scale: float,
                     tuning: MosaicBwdTuning = MosaicBwdTuning()):
     """Returns (dq, dk, dv). q, out, d_out: [B, L, N, D]; k, v: [B, M, N, D]; lse, d_lse: [B, N, L]."""
+    assert COMPUTE_WGS * tuning.block_q_dq == MASK_BLOCK == COMPUTE_WGS * tuning.block_kv_dkv == tables.block_size
+    lse2, delta = row_statistics(out, lse, d_out, d_lse, tables)
+    args = (q, k, v, d_out, lse2, delta)
+    if tuning.fused and q.shape[-1] % (COMPUTE_WGS * 64) == 0:
+        return fused_kernel(*args, tables=tables, scale=scale, tuning=tuning)
+    return (dq_kernel(*args, tables=tables, scale=scale, tuning=tuning),
+            *dkv_kernel(*args, tables=tables, scale=scale, tuning=tuning))
+
+
+def row_statistics(out, lse, d_out, d_lse, tables: BlockTables):
+    """Returns (lse2, delta): [B, N, padded L] f32, the kernels' per-row inputs.
+
+    lse2 = lse * log2(e) (the kernels use exp2; empty rows, lse = -inf, are never visited and get
+    0), delta = rowsum(dO * O) - d_lse (the lse cotangent folds into delta); rows padded with
+    zeros to whole mask blocks.
+    """
+    q_len = out.shape[1]
+    delta = jnp.einsum("blnd,blnd->bnl", d_out.astype(jnp.float32), out.astype(jnp.float32)) - d_lse
+    lse2 = jnp.where(jnp.isfinite(lse), lse, 0.0) * LOG2_E
+    pad_row = lambda x: jnp.pad(x, ((0, 0), (0, 0), (0, tables.num_q_blocks * MASK_BLOCK - q_len)))
+    return pad_row(lse2), pad_row(delta)
+
+
+def _smem_transforms(dtype):
+    """(tiling, swizzle) of a wgmma operand in shared memory: 128-byte rows, swizzled."""
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+
+    return plgpu.TilingTransform((8, 128 // jnp.dtype(dtype).itemsize)), plgpu.SwizzleTransform(128)
+
+
+def dq_kernel(q, k, v, d_out, lse2, delta, *, tables: BlockTables, scale: float, tuning: MosaicBwdTuning):
+    """The split design's dq: per (head, 128-query block, batch), over its key blocks. -> [B, L, N, D]."""
     import jax.experimental.pallas as pl
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
-    batch, q_len, heads, head_dim = q.shape
-    dtype = q.dtype
-    t = tuning
-    assert COMPUTE_WGS * t.block_q_dq == MASK_BLOCK == COMPUTE_WGS * t.block_kv_dkv == tables.block_size
-    qb, kb = tables.num_q_blocks, tables.num_kv_blocks
-    padded = qb * MASK_BLOCK
-    delta = jnp.einsum("blnd,blnd->bnl", d_out.astype(jnp.float32), out.astype(jnp.float32)) - d_lse
-    lse2 = jnp.where(jnp.isfinite(lse), lse, 0.0) * LOG2_E  # empty rows are never visited
-    pad_row = lambda x: jnp.pad(x, ((0, 0), (0, 0), (0, padded - q_len)))
-    lse2, delta = pad_row(lse2), pad_row(delta)
+    batch, _, heads, head_dim = q.shape
+    dtype, t = q.dtype, tuning
     qk_scale = scale * LOG2_E
-
-    tiling = plgpu.TilingTransform((8, 64 * 2 // jnp.dtype(dtype).itemsize))
-    swizzle = plgpu.SwizzleTransform(128)
+    tiling, swizzle = _smem_transforms(dtype)
     row = plgpu.Layout.WGMMA.reduce(1)
-    col = plgpu.Layout.WGMMA.reduce(0)
-    kv_ids, kv_counts = jnp.asarray(tables.kv_ids), jnp.asarray(tables.kv_counts)
-    q_ids, q_counts = jnp.asarray(tables.q_ids), jnp.asarray(tables.q_counts)
-    if t.fused and head_dim % (COMPUTE_WGS * 64) == 0:
-        return _fused_backward(q, k, v, d_out, lse2, delta, q_ids, q_counts, tables=tables, scale=scale, tuning=t)
-
-    # ---- dq: per query block, over its key blocks -------------------------------------------------
     r_dq = MASK_BLOCK // t.block_kv_dq
+
 
     def kernel_dq(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, ids_ref, counts_ref, dq_ref,
                   smem, barriers):
@@ -148,11 +164,24 @@ def mosaic_backward(q, k, v, out, lse, d_out, d_lse, *, tables: BlockTables, sca
         scratch_types=[(q_scratch, q_scratch, row_scratch, row_scratch),
                        (plgpu.Barrier(num_barriers=COMPUTE_WGS),) * 4],
         compiler_params=plgpu.CompilerParams(approx_math=True),
-        grid=(heads, qb, batch), grid_names=("heads", "q_seq", "batch"),
+        grid=(heads, tables.num_q_blocks, batch), grid_names=("heads", "q_seq", "batch"),
         num_threads=COMPUTE_WGS + 1, thread_name="wg",
-    )(q, k, v, d_out, lse2, delta, kv_ids, kv_counts)
+    )(q, k, v, d_out, lse2, delta, jnp.asarray(tables.kv_ids), jnp.asarray(tables.kv_counts))
+    return dq
 
-    # ---- dk, dv: per key block, over the query blocks that see it ------------------------------------
+
+def dkv_kernel(q, k, v, d_out, lse2, delta, *, tables: BlockTables, scale: float, tuning: MosaicBwdTuning):
+    """The split design's dk, dv: per (head, 128-key block, batch), over the query blocks that see
+    it (the transposed table). -> ([B, M, N, D], [B, M, N, D])."""
+    import jax.experimental.pallas as pl
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+
+    batch, _, heads, head_dim = q.shape
+    dtype, t = q.dtype, tuning
+    qk_scale = scale * LOG2_E
+    tiling, swizzle = _smem_transforms(dtype)
+    col = plgpu.Layout.WGMMA.reduce(0)
+
     r_dkv = MASK_BLOCK // t.block_q_dkv
 
     def kernel_dkv(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, ids_ref, counts_ref, dk_ref, dv_ref,
@@ -233,15 +262,14 @@ def mosaic_backward(q, k, v, out, lse, d_out, d_lse, *, tables: BlockTables, sca
         out_type=[jax.ShapeDtypeStruct(k.shape, dtype)] * 2,
         scratch_types=[(kv_scratch, kv_scratch), (plgpu.Barrier(num_barriers=COMPUTE_WGS),) * 2],
         compiler_params=plgpu.CompilerParams(approx_math=True),
-        grid=(heads, kb, batch), grid_names=("heads", "kv_seq", "batch"),
+        grid=(heads, tables.num_kv_blocks, batch), grid_names=("heads", "kv_seq", "batch"),
         num_threads=COMPUTE_WGS + 1, thread_name="wg",
-    )(q, k, v, d_out, lse2, delta, q_ids, q_counts)
-    return dq, dk, dv
+    )(q, k, v, d_out, lse2, delta, jnp.asarray(tables.q_ids), jnp.asarray(tables.q_counts))
+    return dk, dv
 
 
-def _fused_backward(q, k, v, d_out, lse2, delta, q_ids, q_counts, *, tables: BlockTables, scale: float,
-                    tuning: MosaicBwdTuning):
-    """The fused kernel (module docstring). lse2 (log2 units), delta: [B, N, padded L] f32."""
+def fused_kernel(q, k, v, d_out, lse2, delta, *, tables: BlockTables, scale: float, tuning: MosaicBwdTuning):
+    """The fused design (module docstring): one kernel per (head, 128-key block, batch). -> (dq, dk, dv)."""
     import jax.experimental.pallas as pl
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
@@ -253,8 +281,7 @@ def _fused_backward(q, k, v, d_out, lse2, delta, q_ids, q_counts, *, tables: Blo
     padded = tables.num_q_blocks * MASK_BLOCK
     qk_scale = scale * LOG2_E
 
-    tiling = plgpu.TilingTransform((8, 64 * 2 // jnp.dtype(dtype).itemsize))
-    swizzle = plgpu.SwizzleTransform(128)
+    tiling, swizzle = _smem_transforms(dtype)
     f32_tiling = plgpu.TilingTransform((8, 32))
     col = plgpu.Layout.WGMMA.reduce(0)
     bcast_col = lambda x, shape: lax.broadcast_in_dim(x, shape, [1])
@@ -396,6 +423,6 @@ def _fused_backward(q, k, v, d_out, lse2, delta, q_ids, q_counts, *, tables: Blo
         compiler_params=plgpu.CompilerParams(approx_math=True),
         grid=(heads, tables.num_kv_blocks, batch), grid_names=("heads", "kv_seq", "batch"),
         num_threads=COMPUTE_WGS + 1, thread_name="wg",
-    )(q, k, v, d_out, lse2, delta, jnp.asarray(q_ids), jnp.asarray(q_counts), dq_acc)
+    )(q, k, v, d_out, lse2, delta, jnp.asarray(tables.q_ids), jnp.asarray(tables.q_counts), dq_acc)
     dq = (dq_acc[...][:, :, :q_len] * scale).astype(dtype).transpose(0, 2, 1, 3)
     return dq, dk, dv
