@@ -244,17 +244,8 @@ def dkv_kernel(q, k, v, d_out, lse2, delta, *, tables: BlockTables, scale: float
             plgpu.barrier_arrive(q_consumed)
             return dk_acc, dv_acc
 
-        q_tile = lambda i: ids_ref[kv_block, i // r_dkv] * r_dkv + lax.rem(i, jnp.int32(r_dkv))
-        seq_spec = plgpu.BlockSpec(block_shape=(block_q, head_dim), index_map=lambda i: (q_tile(i), 0),
-                                   transforms=[tiling, swizzle])
-        row_spec = plgpu.BlockSpec(block_shape=(block_q,), index_map=lambda i: (q_tile(i),))
-        pipeline = plgpu.emit_pipeline_warp_specialized(
-            step, grid=(counts_ref[kv_block] * r_dkv,), max_concurrent_steps=t.max_concurrent_steps,
-            num_compute_wgs=COMPUTE_WGS, memory_registers=40, wg_axis="wg",
-            manual_consumed_barriers=True, compute_context=compute_thread,
-            in_specs=[seq_spec, seq_spec, row_spec, row_spec])
-        pipeline(q_ref.at[b, :, head, :], do_ref.at[b, :, head, :], lse_ref.at[b, head, :],
-                 delta_ref.at[b, head, :])
+        _query_tile_pipeline(step, compute_thread, (q_ref, do_ref, lse_ref, delta_ref), ids_ref, counts_ref,
+                             (b, head, kv_block), block_q, t.max_concurrent_steps)
 
     kv_scratch = plgpu.SMEM((COMPUTE_WGS, t.block_kv_dkv, head_dim), dtype, transforms=(tiling, swizzle))
     dk, dv = plgpu.kernel(
@@ -266,6 +257,33 @@ def dkv_kernel(q, k, v, d_out, lse2, delta, *, tables: BlockTables, scale: float
         num_threads=COMPUTE_WGS + 1, thread_name="wg",
     )(q, k, v, d_out, lse2, delta, jnp.asarray(tables.q_ids), jnp.asarray(tables.q_counts))
     return dk, dv
+
+
+def _tile_of_step(ids_ref, row, i, r):
+    """The pipeline tile that step i of table row `row` visits: tiles are 1/r of a mask block."""
+    return ids_ref[row, i // r] * r + lax.rem(i, jnp.int32(r))
+
+
+def _query_tile_pipeline(step, compute_thread, refs, ids_ref, counts_ref, where, block_q: int, stages: int):
+    """Runs the dk/dv-side pipeline: q, dO ([block_q, D]) and lse2, delta ([block_q]) tiles of the
+    query blocks that see key block `kv_block` (the transposed table), in `stages` buffers.
+
+    refs: (q, dO, lse2, delta) GMEM refs; where: (batch, head, kv_block) of this CTA.
+    """
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+
+    q_ref, do_ref, lse_ref, delta_ref = refs
+    b, head, kv_block = where
+    r = MASK_BLOCK // block_q
+    tile = lambda i: _tile_of_step(ids_ref, kv_block, i, r)
+    seq_spec = plgpu.BlockSpec(block_shape=(block_q, q_ref.shape[-1]), index_map=lambda i: (tile(i), 0),
+                               transforms=_smem_transforms(q_ref.dtype))
+    row_spec = plgpu.BlockSpec(block_shape=(block_q,), index_map=lambda i: (tile(i),))
+    pipeline = plgpu.emit_pipeline_warp_specialized(
+        step, grid=(counts_ref[kv_block] * r,), max_concurrent_steps=stages, num_compute_wgs=COMPUTE_WGS,
+        memory_registers=40, wg_axis="wg", manual_consumed_barriers=True, compute_context=compute_thread,
+        in_specs=[seq_spec, seq_spec, row_spec, row_spec])
+    pipeline(q_ref.at[b, :, head, :], do_ref.at[b, :, head, :], lse_ref.at[b, head, :], delta_ref.at[b, head, :])
 
 
 def fused_kernel(q, k, v, d_out, lse2, delta, *, tables: BlockTables, scale: float, tuning: MosaicBwdTuning):
@@ -391,16 +409,9 @@ def fused_kernel(q, k, v, d_out, lse2, delta, *, tables: BlockTables, scale: flo
             plgpu.barrier_arrive(q_consumed)
             return dk_acc, dv_acc
 
-        q_tile = lambda i: ids_ref[kv_block, i // r] * r + lax.rem(i, jnp.int32(r))
-        seq_spec = plgpu.BlockSpec(block_shape=(block_q, head_dim), index_map=lambda i: (q_tile(i), 0),
-                                   transforms=[tiling, swizzle])
-        row_spec = plgpu.BlockSpec(block_shape=(block_q,), index_map=lambda i: (q_tile(i),))
-        pipeline = plgpu.emit_pipeline_warp_specialized(
-            step, grid=(counts_ref[kv_block] * r,), max_concurrent_steps=tuning.max_concurrent_steps,
-            num_compute_wgs=COMPUTE_WGS, memory_registers=40, wg_axis="wg",
-            manual_consumed_barriers=True, compute_context=compute_thread,
-            in_specs=[seq_spec, seq_spec, row_spec, row_spec])
-        pipeline(q_ref.at[b, :, head, :], do_ref.at[b, :, head, :], lse_ref.at[b, head, :], delta_ref.at[b, head, :])
+        q_tile = lambda i: _tile_of_step(ids_ref, kv_block, i, r)
+        _query_tile_pipeline(step, compute_thread, (q_ref, do_ref, lse_ref, delta_ref), ids_ref, counts_ref,
+                             (b, head, kv_block), block_q, tuning.max_concurrent_steps)
 
     smem = (
         plgpu.SMEM((COMPUTE_WGS * block_kv, head_dim), dtype, transforms=(tiling, swizzle)),  # K, both halves
