@@ -116,8 +116,7 @@ def run_generate(args) -> int:
     width, height = _parse_size(args.size or defaults["size"])
     frames = defaults["frames"] if args.frames is None else args.frames
     steps = defaults["steps"] if args.steps is None else args.steps
-    if args.lora:
-        raise ValueError("--lora is not supported yet (LoRA training issue); run without it")
+    loras = [_lora_arg(arg) for arg in args.lora]
     if steps < 1 or args.guidance < 0:
         raise ValueError(f"--steps {steps} must be >= 1 and --guidance {args.guidance} >= 0")
     try:
@@ -134,6 +133,11 @@ def run_generate(args) -> int:
                                 decay_factor=args.decay_factor)  # fmt: skip
     start = time.perf_counter()
     components = _load_components(args, attention, image is not None)
+    if loras:
+        from convert.lora import merge_loras
+
+        merge_loras(components.dit, loras)
+        print("merged LoRA " + ", ".join(f"{path} (strength {strength:g})" for path, strength in loras))
     print(f"loaded in {time.perf_counter() - start:.1f} s; generating {frames} frames at {width}x{height}, "
           f"{steps} steps, attention {args.attention}")
     start = time.perf_counter()
@@ -150,6 +154,16 @@ def run_generate(args) -> int:
     print(f"wrote {args.out}: {video.shape[0]} frames, {width}x{height}, {pipeline.FPS} fps "
           f"({time.perf_counter() - start:.1f} s)" + ("; random weights: the video is noise" if not args.ckpt else ""))
     return 0
+
+
+def _lora_arg(arg: str):
+    """Returns (path, strength) of a --lora FILE[:STRENGTH], checked before any model loads."""
+    from convert.lora import parse_lora_arg
+
+    path, strength = parse_lora_arg(arg)
+    if not path.is_file() or path.suffix != ".safetensors":
+        raise ValueError(f"--lora {arg}: no such .safetensors file")
+    return path, strength
 
 
 def _read_image(path: str) -> np.ndarray:
@@ -225,7 +239,9 @@ def _add_generate_parser(sub) -> None:
     p.add_argument("--dense-final-timesteps", type=int, default=0, help="last N steps stay dense (default %(default)s)")
     p.add_argument("--decay-factor", type=float, default=0.2, help="radial window decay (default %(default)s)")
     p.add_argument("--dtype", choices=("bf16", "f32"), default="bf16", help="DiT and encoders (default %(default)s)")
-    p.add_argument("--lora", action="append", default=[], help="LoRA weights (not supported yet)")
+    p.add_argument("--lora", action="append", default=[], metavar="FILE[:STRENGTH]",
+                   help="LoRA weights (.safetensors; original, diffusers, PEFT or kohya names) merged into the DiT "
+                        "before generating; repeatable; strength default 1")
     p.add_argument("--out", default="video.mp4", help="mp4 to write (default %(default)s)")
     p.set_defaults(func=run_generate)
 

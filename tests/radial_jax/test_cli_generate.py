@@ -5,6 +5,7 @@ import subprocess
 import sys
 import warnings
 
+import numpy as np
 import pytest
 
 from radial_jax.cli import main
@@ -56,7 +57,7 @@ def test_image_without_checkpoint_runs_the_tiny_i2v_preset(tmp_path):
         (["--size", "830x480"], "multiples of 16"),
         (["--size", "big"], "WIDTHxHEIGHT"),
         (["--steps", "0"], "--steps 0 must be >= 1"),
-        (["--lora", "style.safetensors"], "not supported yet (LoRA training issue)"),
+        (["--lora", "style.safetensors:0.5"], "--lora style.safetensors:0.5: no such .safetensors file"),
         (["--ckpt", "no/such/folder"], "convert the whole Wan2.1"),
         (["--image", "no_such.png"], "--image no_such.png: cannot read it"),
     ],
@@ -66,3 +67,24 @@ def test_bad_arguments_exit_nonzero_with_one_line(args, message, capsys, tmp_pat
     err = capsys.readouterr().err.strip()
     assert message in err and "\n" not in err and err.startswith("radial-jax generate: error:")
     assert not (tmp_path / "x.mp4").exists()
+
+
+def test_lora_is_merged_before_generating_and_changes_the_video(tmp_path, capsys):
+    from safetensors.numpy import save_file
+
+    from models.wan import pipeline
+
+    config = pipeline.TINY_T2V
+    rng = np.random.default_rng(0)
+    lora = tmp_path / "style.safetensors"
+    save_file({"diffusion_model.blocks.0.self_attn.q.lora_down.weight": rng.normal(size=(4, config.dim)).astype("f4"),
+               "diffusion_model.blocks.0.self_attn.q.lora_up.weight": rng.normal(size=(config.dim, 4)).astype("f4"),
+               "diffusion_model.blocks.0.ffn.2.lora_down.weight": rng.normal(size=(4, config.ffn_dim)).astype("f4"),
+               "diffusion_model.blocks.0.ffn.2.lora_up.weight": rng.normal(size=(config.dim, 4)).astype("f4")},
+              str(lora))  # fmt: skip
+    plain, merged = tmp_path / "plain.mp4", tmp_path / "lora.mp4"
+    assert main(["generate", *SMALL, "--out", str(plain)]) == 0
+    assert main(["generate", *SMALL, "--lora", f"{lora}:0.8", "--out", str(merged)]) == 0
+    assert f"merged LoRA {lora} (strength 0.8)" in capsys.readouterr().out
+    assert plain.read_bytes() != merged.read_bytes()
+    assert len(_read_mp4(merged)[0]) == 9
