@@ -94,7 +94,6 @@ def dq_kernel(q, k, v, d_out, lse2, delta, *, tables: BlockTables, scale: float,
     row = plgpu.Layout.WGMMA.reduce(1)
     r_dq = MASK_BLOCK // t.block_kv_dq
 
-
     def kernel_dq(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, ids_ref, counts_ref, dq_ref,
                   smem, barriers):
         b, head, q_tile = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("q_seq")
@@ -147,7 +146,7 @@ def dq_kernel(q, k, v, d_out, lse2, delta, *, tables: BlockTables, scale: float,
             plgpu.barrier_arrive(k_consumed)
             return dq_acc, lse, delta
 
-        kv_tile = lambda i: ids_ref[q_tile, i // r_dq] * r_dq + lax.rem(i, jnp.int32(r_dq))
+        kv_tile = lambda i: _tile_of_step(ids_ref, q_tile, i, r_dq)
         spec = plgpu.BlockSpec(block_shape=(block_kv, head_dim), index_map=lambda i: (kv_tile(i), 0),
                                transforms=[tiling, swizzle])
         pipeline = plgpu.emit_pipeline_warp_specialized(
@@ -181,8 +180,6 @@ def dkv_kernel(q, k, v, d_out, lse2, delta, *, tables: BlockTables, scale: float
     qk_scale = scale * LOG2_E
     tiling, swizzle = _smem_transforms(dtype)
     col = plgpu.Layout.WGMMA.reduce(0)
-
-    r_dkv = MASK_BLOCK // t.block_q_dkv
 
     def kernel_dkv(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, ids_ref, counts_ref, dk_ref, dv_ref,
                    smem, barriers):
