@@ -56,6 +56,8 @@ def mosaic_backward(q, k, v, out, lse, d_out, d_lse, *, tables: BlockTables, sca
     lse2, delta = row_statistics(out, lse, d_out, d_lse, tables)
     args = (q, k, v, d_out, lse2, delta)
     if tuning.fused and q.shape[-1] % (COMPUTE_WGS * 64) == 0:
+        if jax.__version_info__ < (0, 11):  # 0.10 cannot pass the accumulator Ref through plgpu.kernel
+            raise NotImplementedError(f"the fused Mosaic backward needs jax >= 0.11, not {jax.__version__}")
         return fused_kernel(*args, tables=tables, scale=scale, tuning=tuning)
     return (dq_kernel(*args, tables=tables, scale=scale, tuning=tuning),
             *dkv_kernel(*args, tables=tables, scale=scale, tuning=tuning))
@@ -80,6 +82,16 @@ def _smem_transforms(dtype):
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
     return plgpu.TilingTransform((8, 128 // jnp.dtype(dtype).itemsize)), plgpu.SwizzleTransform(128)
+
+
+def _load(ref, *, layout):
+    """plgpu.load of a whole ref: jax 0.10 requires an index argument, 0.11 deprecates it."""
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+
+    try:
+        return plgpu.load(ref, layout=layout)
+    except TypeError:
+        return plgpu.load(ref, None, layout=layout)
 
 
 def dq_kernel(q, k, v, d_out, lse2, delta, *, tables: BlockTables, scale: float, tuning: MosaicBwdTuning):
@@ -112,8 +124,8 @@ def dq_kernel(q, k, v, d_out, lse2, delta, *, tables: BlockTables, scale: float,
             plgpu.copy_gmem_to_smem(delta_ref.at[b, head, pl.ds(q_base, block_q)], delta_smem, barriers[3].at[wg])
             for barrier in barriers:
                 plgpu.barrier_wait(barrier.at[wg])
-            lse = plgpu.load(lse_smem, layout=row)
-            delta = plgpu.load(delta_smem, layout=row)
+            lse = _load(lse_smem, layout=row)
+            delta = _load(delta_smem, layout=row)
 
             def run(dq_acc):
                 pipeline((dq_acc, lse, delta))
@@ -221,7 +233,7 @@ def dkv_kernel(q, k, v, d_out, lse2, delta, *, tables: BlockTables, scale: float
                 return acc[...]
 
             s_t = pl.run_scoped(compute_s_t, plgpu.ACC((block_kv, block_q), jnp.float32))
-            lse = plgpu.load(lse_smem, layout=col)
+            lse = _load(lse_smem, layout=col)
             plgpu.barrier_arrive(lse_consumed)
             p_t = jnp.exp2(s_t * qk_scale - lax.broadcast_in_dim(lse, s_t.shape, [1]))
 
@@ -231,7 +243,7 @@ def dkv_kernel(q, k, v, d_out, lse2, delta, *, tables: BlockTables, scale: float
                 return plgpu.wgmma_accumulator_load(acc, wait_n=1)  # dP^T; dV may still run
 
             dp_t = pl.run_scoped(compute_dp_t, plgpu.ACC((block_kv, block_q), jnp.float32))
-            delta = plgpu.load(delta_smem, layout=col)
+            delta = _load(delta_smem, layout=col)
             plgpu.barrier_arrive(delta_consumed)
             ds_t = p_t * (dp_t - lax.broadcast_in_dim(delta, dp_t.shape, [1]))
             plgpu.wgmma(dk_acc, ds_t.astype(dtype), q_smem)
@@ -376,7 +388,7 @@ def fused_kernel(q, k, v, d_out, lse2, delta, *, tables: BlockTables, scale: flo
                 # At i == 0 the slot holds no dS yet: the product is computed and not stored.
                 plgpu.wgmma(dq_acc, ds_smem.at[prev].transpose((1, 0)), k_cols)
                 s_t = plgpu.wgmma_accumulator_load(s_acc, wait_n=1)
-                lse = plgpu.load(lse_smem, layout=col)
+                lse = _load(lse_smem, layout=col)
                 plgpu.barrier_arrive(lse_consumed)
                 p_t = jnp.exp2(s_t * qk_scale - bcast_col(lse, s_t.shape))
                 return p_t, dq_acc[...]
@@ -391,7 +403,7 @@ def fused_kernel(q, k, v, d_out, lse2, delta, *, tables: BlockTables, scale: flo
                 return plgpu.wgmma_accumulator_load(acc, wait_n=1)  # dP^T; dV may still run
 
             dp_t = pl.run_scoped(compute_dp_t, plgpu.ACC((block_kv, block_q), jnp.float32))
-            delta = plgpu.load(delta_smem, layout=col)
+            delta = _load(delta_smem, layout=col)
             plgpu.barrier_arrive(delta_consumed)
             ds_t = (p_t * (dp_t - bcast_col(delta, dp_t.shape))).astype(dtype)
             plgpu.wgmma(dk_acc, ds_t, q_smem)

@@ -1,0 +1,71 @@
+"""The Mosaic GPU kernels lower for CUDA on a machine without a GPU.
+
+jax's cross-platform lowering (`.trace(...).lower(lowering_platforms=("cuda",))`) runs the whole
+Pallas Mosaic GPU lowering here: wgmma shapes and transposes, smem tilings and swizzles, TMA
+copies, barriers. The kernels themselves run only on a Hopper GPU (test_kernels.py); this
+catches tracing and lowering errors in CI, on the jax version CI has.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from radial_jax.kernels import mosaic_bwd, mosaic_fwd
+from radial_jax.kernels.tables import block_tables
+
+CASES = [(1000, 1000, 3, 128), (512, 768, 1, 64), (1560, 1000, 2, 128)]  # (q_len, kv_len, heads, head_dim)
+
+
+def _lowered_text(fn, *shapes) -> str:
+    return jax.jit(fn).trace(*shapes).lower(lowering_platforms=("cuda",)).as_text()
+
+
+def _setup(q_len, kv_len, heads, head_dim):
+    mask = np.random.default_rng(q_len + kv_len).random((-(-q_len // 128), -(-kv_len // 128))) < 0.5
+    mask[:, 0] = True
+    tables = block_tables(mask, 128, q_len, kv_len)
+    q = jax.ShapeDtypeStruct((2, q_len, heads, head_dim), jnp.bfloat16)
+    kv = jax.ShapeDtypeStruct((2, kv_len, heads, head_dim), jnp.bfloat16)
+    rows = jax.ShapeDtypeStruct((2, heads, q_len), jnp.float32)
+    return tables, q, kv, rows
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_forward_lowers_to_one_mosaic_kernel(case):
+    tables, q, kv, _ = _setup(*case)
+    text = _lowered_text(lambda q, k, v: mosaic_fwd.mosaic_forward(q, k, v, tables=tables, scale=0.1), q, kv, kv)
+    assert text.count("mosaic_gpu") >= 1 and "wgmma" in text
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("tuning", [mosaic_bwd.MosaicBwdTuning(), mosaic_bwd.MosaicBwdTuning(block_kv_dq=128)],
+                         ids=["split", "split_dq_tile_128"])
+def test_split_backward_lowers(case, tuning):
+    tables, q, kv, rows = _setup(*case)
+
+    def backward(q, k, v, out, lse, d_out, d_lse):
+        return mosaic_bwd.mosaic_backward(q, k, v, out, lse, d_out, d_lse, tables=tables, scale=0.1, tuning=tuning)
+
+    text = _lowered_text(backward, q, kv, kv, q, rows, q, rows)
+    assert "wgmma" in text and "cp.async.bulk" in text
+
+
+@pytest.mark.skipif(jax.__version_info__ < (0, 11), reason="the fused backward needs jax >= 0.11")
+def test_fused_backward_lowers_with_a_tma_reduce():
+    tables, q, kv, rows = _setup(*CASES[0])
+
+    def backward(q, k, v, out, lse, d_out, d_lse):
+        return mosaic_bwd.mosaic_backward(q, k, v, out, lse, d_out, d_lse, tables=tables, scale=0.1,
+                                          tuning=mosaic_bwd.MosaicBwdTuning(fused=True))  # fmt: skip
+
+    assert "reduce" in _lowered_text(backward, q, kv, kv, q, rows, q, rows)
+
+
+@pytest.mark.skipif(jax.__version_info__ >= (0, 11), reason="jax >= 0.11 runs the fused backward")
+def test_fused_backward_refuses_jax_0_10_with_a_message():
+    tables, q, kv, rows = _setup(*CASES[0])
+    with pytest.raises(NotImplementedError, match="needs jax >= 0.11"):
+        jax.eval_shape(lambda *a: mosaic_bwd.mosaic_backward(*a, tables=tables, scale=0.1,
+                                                             tuning=mosaic_bwd.MosaicBwdTuning(fused=True)),
+                       q, kv, kv, q, rows, q, rows)  # fmt: skip
