@@ -45,13 +45,14 @@ class Shard:
     path: Path
     tensors: dict[str, TensorInfo]
     read: Callable[[str], np.ndarray]
+    metadata: dict[str, str] = dataclasses.field(default_factory=dict)  # safetensors __metadata__
 
 
 # ---------------------------------------------------------------- safetensors
 
 
-def _safetensors_header(path: Path) -> tuple[dict, int]:
-    """Returns (header without __metadata__, byte offset of the data section)."""
+def _safetensors_header(path: Path) -> tuple[dict, int, dict[str, str]]:
+    """Returns (header without __metadata__, byte offset of the data section, __metadata__)."""
     size = path.stat().st_size
     with open(path, "rb") as f:
         head = f.read(HEADER_LENGTH_BYTES)
@@ -65,19 +66,19 @@ def _safetensors_header(path: Path) -> tuple[dict, int]:
             header = json.loads(f.read(header_len))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise CheckpointError(f"{path}: corrupt safetensors header ({e})") from None
-    header.pop("__metadata__", None)
+    metadata = header.pop("__metadata__", None) or {}
     data_start = HEADER_LENGTH_BYTES + header_len
     needed = data_start + max((v["data_offsets"][1] for v in header.values()), default=0)
     if size < needed:
         raise CheckpointError(f"{path}: truncated: the header needs {needed} bytes, the file has {size} "
                               f"(an interrupted download? fetch it again)")
-    return header, data_start
+    return header, data_start, metadata
 
 
 def read_safetensors(path: Path) -> Shard:
     """Returns the shard of one .safetensors file; tensors are read lazily from a memory map."""
     path = Path(path)
-    header, data_start = _safetensors_header(path)
+    header, data_start, metadata = _safetensors_header(path)
     tensors = {}
     for name, entry in header.items():
         if entry["dtype"] not in SAFETENSORS_DTYPES:
@@ -97,7 +98,7 @@ def read_safetensors(path: Path) -> Shard:
                                   f"{info.shape} and dtype need {count * info.dtype.itemsize}")
         return np.frombuffer(mapped["map"], info.dtype, count, data_start + begin).reshape(info.shape)
 
-    return Shard(path, tensors, read)
+    return Shard(path, tensors, read, metadata)
 
 
 def read_index(index_path: Path) -> list[Shard]:

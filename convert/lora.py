@@ -1,24 +1,27 @@
 """LoRA weights for the Wan2.1 DiT, merged into our parameters when a model is loaded.
 
 A LoRA adds a low-rank update to a Linear weight: W' = W + strength * scale * B @ A, with A
-[rank, in] ("lora_A" / "lora_down") and B [out, rank] ("lora_B" / "lora_up"); scale = alpha /
-rank where the file gives an alpha (per module, or PEFT's `lora_alpha` and `r` in the
-safetensors metadata), else 1. Merging once at load costs nothing per step, which is how the
+[rank, in] ("lora_A" / "lora_down") and B [out, rank] ("lora_B" / "lora_up"). scale = alpha /
+rank, alpha from the module's `.alpha` tensor, else from the PEFT config diffusers stores in the
+safetensors metadata (`lora_alpha`, `alpha_pattern`, `use_rslora`: alpha / sqrt(rank)), else
+alpha = rank (scale 1). Merging once at load costs nothing per step, which is how the
 length-extension LoRAs are meant to run.
 
 Read from safetensors, in the spellings Wan LoRAs ship in:
-- module names in the original Wan2.1 layout (`blocks.0.self_attn.q`) or the diffusers layout
-  (`blocks.0.attn1.to_q`), under any prefix (`diffusion_model.`, `transformer.`,
-  `base_model.model.`, ...), with dots or underscores (kohya: `lora_unet_blocks_0_self_attn_q`);
-- `.lora_A[.adapter].weight` / `.lora_B[...]` (PEFT), `.lora_down.weight` / `.lora_up.weight`
-  with `.alpha` (kohya and the original trainers);
-- `.diff` and `.diff_b`: full deltas of a weight and a bias, as some trainers add for norms.
-Modules map through the DiT converter's tables (convert/wan_original.py, wan_diffusers.py), so
-a LoRA lands exactly where its base weight does.
+- module names of the original Wan2.1 layout (`blocks.0.self_attn.q`) or the diffusers layout
+  (`blocks.0.attn1.to_q`), bare or under one of PREFIXES, with dots or underscores (kohya:
+  `lora_unet_blocks_0_self_attn_q`), mapped through the DiT converter's tables
+  (convert/wan_original.py, wan_diffusers.py), so a LoRA lands exactly where its base weight does;
+- `.lora_A[.adapter].weight` / `.lora_B[...].weight` (PEFT; `.lora_B.bias`: a bias delta),
+  `.lora_down.weight` / `.lora_up.weight` with `.alpha` (kohya and the original trainers);
+- `.diff` / `.diff_b`: full deltas of a weight and a bias. Applied everywhere they fit, norms
+  included, as ComfyUI does (diffusers drops the norm ones).
+Anything else (another model's modules, DoRA, LoKr, LoHa) is an error naming every such key.
 """
 
 import dataclasses
 import json
+import math
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -28,26 +31,44 @@ import numpy as np
 from flax import nnx
 
 from convert import wan_diffusers, wan_original
+from convert.checkpoint import abstract_wan
 from convert.io import CheckpointError, read_safetensors
 from convert.transforms import Row, transpose_linear
+from convert.wan import expand_rows
 from models.wan import WanConfig, WanModel
 
-LORA_KEY = re.compile(r"^(?P<module>.+?)\.(?P<kind>lora_A|lora_B|lora_down|lora_up)(?:\.[\w-]+)?\.weight$")
-OTHER_KEY = re.compile(r"^(?P<module>.+)\.(?P<kind>alpha|diff|diff_b)$")
-UP = {"lora_B", "lora_up"}
+# Where trainers and exporters put the DiT's modules; matched exactly after one of these.
+PREFIXES = ("", "diffusion_model.", "model.diffusion_model.", "transformer.", "base_model.model.", "lora_unet_",
+            "lora_transformer_")  # fmt: skip
+KEY = re.compile(r"^(?P<module>.+?)\.(?P<kind>lora_A|lora_B|lora_down|lora_up)(?:\.[\w-]+)?\.(?P<leaf>weight|bias)$"
+                 r"|^(?P<module2>.+)\.(?P<kind2>alpha|diff|diff_b)$")  # fmt: skip
+ROLE = {("lora_A", "weight"): "down", ("lora_down", "weight"): "down", ("lora_B", "weight"): "up",
+        ("lora_up", "weight"): "up", ("lora_B", "bias"): "up_bias"}  # fmt: skip
+UNSUPPORTED = re.compile(r"dora_scale|lora_magnitude_vector|lokr_|hada_")
 
 
 @dataclasses.dataclass(frozen=True)
 class Update:
-    """One parameter's change: our path ("blocks.0.self_attn.q.kernel") and the float32 delta
-    in our layout, strength and scale applied."""
+    """One parameter's change, kept factored: delta = factor * transform(up @ down), or
+    factor * transform(full) for a `.diff`/bias delta (down None). Arrays in PyTorch layout."""
 
-    target: str
-    delta: np.ndarray
+    target: str  # our parameter path, "blocks.0.self_attn.q.kernel"
+    transform: object
+    factor: float
+    up: np.ndarray  # [out, rank], or the full delta
+    down: np.ndarray | None  # [rank, in]
+
+    def delta(self) -> jnp.ndarray:
+        """The float32 delta in our layout, computed on the default device."""
+        full = jnp.asarray(self.up, jnp.float32)
+        if self.down is not None:
+            full = full @ jnp.asarray(self.down, jnp.float32)
+        return self.transform(full) * self.factor
 
 
 def parse_lora_arg(arg: str) -> tuple[Path, float]:
-    """Returns (file, strength) from the CLI's "FILE" or "FILE:STRENGTH"."""
+    """Returns (file, strength) from the CLI's "FILE" or "FILE:STRENGTH". A colon that is not
+    followed by a number stays in the path (C:/loras/a.safetensors)."""
     path, _, tail = arg.rpartition(":")
     if path and re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?", tail):
         return Path(path), float(tail)
@@ -56,51 +77,21 @@ def parse_lora_arg(arg: str) -> tuple[Path, float]:
 
 def lora_updates(path: str | Path, config: WanConfig, *, strength: float = 1.0) -> list[Update]:
     """Returns the updates a LoRA file makes to a DiT of `config`, or raises CheckpointError
-    listing every key it cannot place (unknown module, A without B, wrong shape)."""
+    listing every key it cannot place. Checks names and shapes only; no delta is built."""
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"LoRA file {path} does not exist")
-    if path.suffix != ".safetensors":
-        raise CheckpointError(f"LoRA file {path}: only .safetensors LoRAs are read")
+    if not path.is_file() or path.suffix != ".safetensors":
+        raise CheckpointError(f"LoRA file {path}: no such .safetensors file")
     shard = read_safetensors(path)
     modules, shapes = _module_index(config)
-    parts: dict[str, dict[str, np.ndarray]] = {}  # per module: up, down, alpha, diff, diff_b
-    names: dict[str, str] = {}  # module as the file spells it, for messages
-    problems = []
-    for name in shard.tensors:
-        match = LORA_KEY.match(name) or OTHER_KEY.match(name)
-        found = match and _find_module(match["module"], modules)
-        if not found:
-            problems.append(f"{name}: not a LoRA key of a Wan2.1 DiT module")
-            continue
-        kind = "up" if match["kind"] in UP else "down" if match["kind"].startswith("lora_") else match["kind"]
-        parts.setdefault(found, {})[kind] = shard.read(name)
-        names.setdefault(found, match["module"])
-    scale = _metadata_scale(path)
+    parts, problems = _collect(shard, modules)
+    peft = _peft_config(shard.metadata, path)
     updates = []
     for key, got in parts.items():
-        weight, bias = modules[key]
-        module = names[key]
-        if "diff_b" in got:
-            updates += _checked(module + ".diff_b", bias, got["diff_b"] * strength, shapes, problems)
-        if "diff" in got:
-            updates += _checked(module + ".diff", weight, got["diff"] * strength, shapes, problems)
-        if ("up" in got) != ("down" in got):
-            problems.append(f"{module}: a LoRA {'up (B)' if 'up' in got else 'down (A)'} matrix without its partner")
-            continue
-        if "up" not in got:
-            continue
-        down, up = got["down"].astype(np.float32), got["up"].astype(np.float32)
-        if weight.transform is not transpose_linear or down.ndim != 2 or up.ndim != 2 or up.shape[1] != down.shape[0]:
-            problems.append(f"{module}: LoRA of shapes A {down.shape}, B {up.shape}; only Linear layers "
-                            f"(A [rank, in], B [out, rank]) are supported")  # fmt: skip
-            continue
-        rank = down.shape[0]
-        if "alpha" in got:
-            factor = float(np.asarray(got["alpha"], np.float32).reshape(-1)[0]) / rank
-        else:
-            factor = scale.get("alpha", rank) / scale.get("rank", rank)
-        updates += _checked(module, weight, (up @ down) * (factor * strength), shapes, problems)
+        made, trouble = _module_updates(got, modules[key], shapes, peft, strength)
+        updates += made
+        problems += [f"{got['name']}: {t}" for t in trouble]
+    if not updates and not problems:
+        problems.append("no LoRA weights (lora_A/B, lora_down/up, diff, diff_b) in the file")
     if problems:
         raise CheckpointError(f"LoRA file {path} does not fit this model ({len(problems)} problems):\n  "
                               + "\n  ".join(problems[:40]) + ("\n  ..." if len(problems) > 40 else ""))
@@ -108,29 +99,21 @@ def lora_updates(path: str | Path, config: WanConfig, *, strength: float = 1.0) 
 
 
 def merge_loras(dit: WanModel, loras: Sequence[tuple[str | Path, float]]) -> WanModel:
-    """Adds each (file, strength) LoRA into `dit`'s parameters in place (in float32, cast back to
-    each parameter's dtype); returns dit. Every file is checked before any parameter changes."""
+    """Adds each (file, strength) LoRA into `dit`'s parameters in place, one parameter at a time
+    (float32 sum, cast back to the parameter's dtype); returns dit. Every file is checked before
+    any parameter changes."""
     updates = [u for path, strength in loras for u in lora_updates(path, dit.config, strength=strength)]
-    if not updates:
-        return dit
-    state = nnx.state(dit, nnx.Param)
-    flat = {".".join(map(str, p)): (p, v) for p, v in nnx.to_flat_state(state)}
-    changed = {}
+    params = {".".join(map(str, p)): var for p, var in nnx.to_flat_state(nnx.state(dit, nnx.Param))}
     for update in updates:
-        path, var = changed.get(update.target) or flat[update.target]
+        var = params[update.target]
         value = var.get_value()
-        new = (value.astype(jnp.float32) + jnp.asarray(update.delta)).astype(value.dtype)
-        changed[update.target] = (path, var.replace(new))
-    nnx.update(dit, nnx.from_flat_state(list(changed.values())))
+        var.set_value((value.astype(jnp.float32) + update.delta()).astype(value.dtype))
     return dit
 
 
 def _module_index(config: WanConfig) -> tuple[dict[str, tuple[Row, Row | None]], dict[str, tuple[int, ...]]]:
-    """Returns ({normalised source module name: (weight row, bias row or None)} of both layouts,
-    {our parameter path: shape}) for a DiT of `config`; names normalised with "_" for "."."""
-    from convert.checkpoint import abstract_wan
-    from convert.wan import expand_rows
-
+    """Returns ({module name with "_" for ".": (weight row, bias row or None)} of both layouts,
+    {our parameter path: shape}) for a DiT of `config`."""
     _, flat = abstract_wan(config)
     shapes = {target: tuple(var.get_value().shape) for target, (_, var) in flat.items()}
     index = {}
@@ -144,43 +127,95 @@ def _module_index(config: WanConfig) -> tuple[dict[str, tuple[Row, Row | None]],
 
 
 def _find_module(name: str, index: Mapping[str, tuple]) -> str | None:
-    """Returns the index key that `name` ends with at a name boundary (the longest), or None."""
-    words = name.replace(".", "_").split("_")
-    for start in range(len(words)):
-        candidate = "_".join(words[start:])
-        if candidate in index:
-            return candidate
+    """Returns the index key of a file's module name (one of PREFIXES, then an exact name), or None."""
+    flat = name.replace(".", "_")
+    for prefix in PREFIXES:
+        prefix = prefix.replace(".", "_")
+        if flat.startswith(prefix) and flat[len(prefix) :] in index:
+            return flat[len(prefix) :]
     return None
 
 
-def _metadata_scale(path: Path) -> dict[str, float]:
-    """PEFT's lora_alpha and r from the safetensors metadata diffusers writes, if any."""
-    from safetensors import safe_open
+def _collect(shard, modules) -> tuple[dict[str, dict], list[str]]:
+    """Groups a file's tensors by module: {index key: {"name", role: array}}, and the keys that
+    fit nowhere."""
+    parts: dict[str, dict] = {}
+    problems = []
+    for name in shard.tensors:
+        match = KEY.match(name)
+        key = match and _find_module(match["module"] or match["module2"], modules)
+        if UNSUPPORTED.search(name):
+            problems.append(f"{name}: DoRA, LoKr and LoHa LoRAs are not supported")
+        elif not match:
+            problems.append(f"{name}: not a LoRA tensor (lora_A/B, lora_down/up, alpha, diff, diff_b)")
+        elif not key:
+            problems.append(f"{name}: not a module of this DiT (another model's LoRA, or I2V layers on a T2V model?)")
+        else:
+            role = ROLE[(match["kind"], match["leaf"])] if match["kind"] else match["kind2"]
+            got = parts.setdefault(key, {"name": match["module"] or match["module2"]})
+            if role in got:
+                problems.append(f"{name}: a second {role} tensor for {got['name']}")
+            got[role] = shard.read(name)
+    return parts, problems
 
-    with safe_open(path, "numpy") as f:
-        raw = (f.metadata() or {}).get("lora_adapter_metadata")
+
+def _peft_config(metadata: Mapping[str, str], path: Path) -> dict:
+    """The PEFT LoraConfig fields diffusers writes into the metadata (keys bare or prefixed with
+    "transformer."), or {}."""
+    raw = metadata.get("lora_adapter_metadata")
     if not raw:
         return {}
     try:
-        meta = json.loads(raw)
-        return {"alpha": float(meta["lora_alpha"]), "rank": float(meta["r"])}
-    except (ValueError, KeyError, TypeError):
-        return {}
+        config = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"LoRA file {path}: unreadable lora_adapter_metadata ({e})") from None
+    return {k.removeprefix("transformer."): v for k, v in config.items()}
 
 
-def _checked(what: str, row: Row | None, delta_torch: np.ndarray, shapes: Mapping[str, tuple[int, ...]],
-             problems: list[str]) -> list[Update]:
-    """Returns [Update] of a delta in PyTorch layout for `row`'s parameter, or notes a problem."""
-    if row is None:
-        problems.append(f"{what}: the model has no bias there")
-        return []
-    try:
-        delta = row.transform(np.asarray(delta_torch, np.float32))
-    except ValueError as e:
-        problems.append(f"{what}: {e}")
-        return []
-    if delta.shape != shapes[row.target]:
-        problems.append(f"{what}: a delta of shape {delta.shape} (our layout) for {row.target} of shape "
-                        f"{shapes[row.target]}")
-        return []
-    return [Update(row.target, delta)]
+def _scale(got: Mapping, rank: int, peft: Mapping) -> float:
+    """alpha / rank of one module: its .alpha tensor, else the PEFT config's alpha (per-module
+    alpha_pattern first; rsLoRA divides by sqrt(rank)), else 1."""
+    if "alpha" in got:
+        return float(np.asarray(got["alpha"], np.float32).reshape(-1)[0]) / rank
+    alpha = peft.get("lora_alpha", rank)
+    for pattern, value in (peft.get("alpha_pattern") or {}).items():
+        if re.match(rf"(.*\.)?({pattern})$", got["name"].removeprefix("transformer.")):
+            alpha = value
+    return float(alpha) / (math.sqrt(rank) if peft.get("use_rslora") else rank)
+
+
+def _module_updates(got: Mapping, rows: tuple[Row, Row | None], shapes: Mapping, peft: Mapping,
+                    strength: float) -> tuple[list[Update], list[str]]:
+    """Returns (updates, problems) of one module's tensors."""
+    weight, bias = rows
+    updates, problems = [], []
+
+    def add(row: Row | None, up, down, factor, what):
+        if row is None:
+            problems.append(f"{what}: the model has no bias there")
+            return
+        torch_shape = (up.shape[0], down.shape[1]) if down is not None else up.shape
+        want = shapes[row.target][::-1] if row.transform is transpose_linear else shapes[row.target]
+        if tuple(torch_shape) != tuple(want):
+            problems.append(f"{what} of shape {tuple(torch_shape)} for {row.target}, which needs {tuple(want)} "
+                            f"(PyTorch layout)")  # fmt: skip
+            return
+        updates.append(Update(row.target, row.transform, factor, up, down))
+
+    if "diff" in got:
+        add(weight, got["diff"], None, strength, "diff")
+    if "diff_b" in got:
+        add(bias, got["diff_b"], None, strength, "diff_b")
+    if ("up" in got) != ("down" in got):
+        problems.append(f"a LoRA {'up (B)' if 'up' in got else 'down (A)'} matrix without its partner")
+    elif "up" in got:
+        down, up = got["down"], got["up"]
+        if weight.transform is not transpose_linear or down.ndim != 2 or up.ndim != 2 or up.shape[1] != down.shape[0]:
+            problems.append(f"LoRA of shapes A {down.shape}, B {up.shape}; only Linear layers (A [rank, in], "
+                            f"B [out, rank]) are supported")  # fmt: skip
+        else:
+            factor = _scale(got, down.shape[0], peft) * strength
+            add(weight, up, down, factor, "B @ A")
+            if "up_bias" in got:
+                add(bias, got["up_bias"], None, factor, "lora_B.bias")
+    return updates, problems

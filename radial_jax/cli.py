@@ -5,6 +5,7 @@ import dataclasses
 import sys
 import time
 import warnings
+from pathlib import Path
 
 import numpy as np
 
@@ -131,6 +132,8 @@ def run_generate(args) -> int:
     attention = AttentionConfig(backend=args.attention, dense_layers=args.dense_layers,
                                 dense_timesteps=args.dense_timesteps, dense_final_timesteps=args.dense_final_timesteps,
                                 decay_factor=args.decay_factor)  # fmt: skip
+    if loras:  # names and shapes against the checkpoint's config, before minutes of loading
+        _check_loras(loras, args.ckpt, image is not None)
     start = time.perf_counter()
     components = _load_components(args, attention, image is not None)
     if loras:
@@ -156,8 +159,24 @@ def run_generate(args) -> int:
     return 0
 
 
-def _lora_arg(arg: str):
-    """Returns (path, strength) of a --lora FILE[:STRENGTH], checked before any model loads."""
+def _check_loras(loras, ckpt: str | None, i2v: bool) -> None:
+    """Raises CheckpointError if a LoRA does not fit the DiT that --ckpt (or the tiny preset) holds."""
+    from convert.lora import lora_updates
+
+    if ckpt:
+        from convert import read_config
+
+        _, config = read_config(ckpt)
+    else:
+        from models.wan import pipeline
+
+        config = pipeline.TINY_I2V if i2v else pipeline.TINY_T2V
+    for path, strength in loras:
+        lora_updates(path, config, strength=strength)
+
+
+def _lora_arg(arg: str) -> tuple[Path, float]:
+    """Returns (path, strength) of a --lora FILE[:STRENGTH] whose file exists."""
     from convert.lora import parse_lora_arg
 
     path, strength = parse_lora_arg(arg)

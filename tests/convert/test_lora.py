@@ -4,6 +4,8 @@ Wan LoRAs ship in; one error listing every key that does not fit."""
 
 import json
 
+import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 import pytest
 import torch
@@ -39,9 +41,9 @@ def _write(path, factors, style: str):
     """Writes the LoRA in one of the spellings Wan LoRAs ship in."""
     tensors, metadata = {}, None
     for module, (a, b) in factors.items():
-        if style == "peft_diffusers":  # diffusers' save_lora_weights: alpha in the metadata
+        if style == "peft_diffusers":  # diffusers' save_lora_weights: the PEFT config, prefixed, in the metadata
             tensors[f"transformer.{module}.lora_A.weight"], tensors[f"transformer.{module}.lora_B.weight"] = a, b
-            metadata = {"lora_adapter_metadata": json.dumps({"r": RANK, "lora_alpha": ALPHA})}
+            metadata = {"lora_adapter_metadata": json.dumps({"transformer.r": RANK, "transformer.lora_alpha": ALPHA})}
         elif style == "original_alpha":  # original names, per-module alpha
             name = f"diffusion_model.{MODULES[module]}"
             tensors[f"{name}.lora_down.weight"], tensors[f"{name}.lora_up.weight"] = a, b
@@ -93,9 +95,10 @@ def test_every_spelling_gives_the_same_updates(base, tmp_path, style):
     torch_model, _ = base
     factors = _lora_factors(torch_model)
     config = _config(torch_model, tmp_path)
-    want = {u.target: u.delta for u in lora_updates(_write(tmp_path / "a.safetensors", factors, "peft_diffusers"),
-                                                     config)}  # fmt: skip
-    got = {u.target: u.delta for u in lora_updates(_write(tmp_path / "b.safetensors", factors, style), config)}
+    want = {u.target: np.asarray(u.delta())
+            for u in lora_updates(_write(tmp_path / "a.safetensors", factors, "peft_diffusers"), config)}
+    got = {u.target: np.asarray(u.delta()) for u in lora_updates(_write(tmp_path / "b.safetensors", factors, style),
+                                                                 config)}  # fmt: skip
     assert sorted(got) == sorted(want) == sorted(f"{m}.kernel" for m in MODULES.values())
     for target, delta in want.items():
         np.testing.assert_allclose(got[target], delta, rtol=1e-6, atol=1e-7)
@@ -110,7 +113,7 @@ def test_strength_scales_and_two_loras_add(base, tmp_path):
     start = kernel(ours)
     (update,) = [u for u in lora_updates(path, ours.config) if u.target == "blocks.0.self_attn.q.kernel"]
     merge_loras(ours, [(path, 0.5), (path, 0.25)])
-    np.testing.assert_allclose(kernel(ours), start + 0.75 * update.delta, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(kernel(ours), start + 0.75 * np.asarray(update.delta()), rtol=1e-5, atol=1e-6)
 
 
 def test_weight_and_bias_diffs_are_added(base, tmp_path):
@@ -137,23 +140,97 @@ def test_every_key_that_does_not_fit_is_listed_and_nothing_changes(base, tmp_pat
         "transformer.blocks.0.attn1.to_q.lora_B.weight": b,
         "transformer.blocks.0.attn1.to_k.lora_A.weight": a,  # no B
         "transformer.blocks.7.attn1.to_v.lora_A.weight": a,  # no block 7
-        "transformer.blocks.7.attn1.to_v.lora_B.weight": b,
         "transformer.blocks.1.ffn.net.2.lora_A.weight": a,  # ffn.net.2 takes 48 inputs, not 40
         "transformer.blocks.1.ffn.net.2.lora_B.weight": b,
         "transformer.patch_embedding.lora_A.weight": a,  # a Conv3d
         "transformer.patch_embedding.lora_B.weight": b,
+        "diffusion_model.vace_blocks.0.self_attn.q.lora_down.weight": a,  # VACE: same shapes, other module
+        "transformer.blocks.0.attn1.to_v.lora_magnitude_vector": b[:, 0],  # DoRA
+        "transformer.blocks.0.attn1.norm_q.diff_b": b[:, 0],  # an RMSNorm has no bias
+        "transformer.blocks.0.attn1.to_q.lora_A.default.weight": a,  # the same A twice
     }, str(path))  # fmt: skip
     before = np.asarray(ours.blocks[0].self_attn.q.kernel.get_value())
     with pytest.raises(CheckpointError) as err:
         merge_loras(ours, [(path, 1.0)])
     message = str(err.value)
-    for fragment in ("5 problems", "transformer.blocks.0.attn1.to_k: a LoRA down (A) matrix without its partner",
-                     "blocks.7.attn1.to_v.lora_A.weight: not a LoRA key", "blocks.1.ffn.2.kernel of shape (48, 40)",
-                     "patch_embedding: LoRA of shapes"):  # fmt: skip
+    for fragment in ("8 problems", "transformer.blocks.0.attn1.to_k: a LoRA down (A) matrix without its partner",
+                     "blocks.7.attn1.to_v.lora_A.weight: not a module of this DiT",
+                     "transformer.blocks.1.ffn.net.2: B @ A of shape (40, 40) for blocks.1.ffn.2.kernel, which "
+                     "needs (40, 48)", "transformer.patch_embedding: LoRA of shapes",
+                     "vace_blocks.0.self_attn.q.lora_down.weight: not a module of this DiT",
+                     "lora_magnitude_vector: DoRA, LoKr and LoHa", "norm_q: diff_b: the model has no bias there",
+                     "a second down tensor for transformer.blocks.0.attn1.to_q"):  # fmt: skip
         assert fragment in message, message
     np.testing.assert_array_equal(np.asarray(ours.blocks[0].self_attn.q.kernel.get_value()), before)
-    with pytest.raises(CheckpointError, match="does not exist"):
-        lora_updates(tmp_path / "missing.safetensors", ours.config)
+    for name, content in (("missing", None), ("empty", {}), ("alpha_only", {"blocks.0.self_attn.q.alpha": a[0, :1]})):
+        if content is not None:
+            save_file(content, str(tmp_path / f"{name}.safetensors"))
+        with pytest.raises(CheckpointError, match="no such .safetensors file|no LoRA weights"):
+            lora_updates(tmp_path / f"{name}.safetensors", ours.config)
+
+
+def test_peft_metadata_alpha_pattern_and_rslora_scale_like_peft(base, tmp_path):
+    torch_model, _ = base
+    config = _config(torch_model, tmp_path)
+    factors = _lora_factors(torch_model)
+    path = _write(tmp_path / "plain.safetensors", factors, "peft_adapter_named")  # scale 1
+    plain = {u.target: u.factor for u in lora_updates(path, config)}
+    for meta, want in (({"r": RANK, "lora_alpha": 12, "alpha_pattern": {"blocks.0.attn1.to_q": 3}},
+                        {"blocks.0.self_attn.q.kernel": 3 / RANK, "blocks.1.self_attn.o.kernel": 12 / RANK}),
+                       ({"r": RANK, "lora_alpha": 12, "use_rslora": True},
+                        {"blocks.0.self_attn.q.kernel": 12 / RANK**0.5})):  # fmt: skip
+        tensors = {f"transformer.{m}.lora_{ab}.weight": f[i] for m, f in factors.items() for i, ab in enumerate("AB")}
+        save_file(tensors, str(tmp_path / "meta.safetensors"), metadata={"lora_adapter_metadata": json.dumps(meta)})
+        got = {u.target: u.factor for u in lora_updates(tmp_path / "meta.safetensors", config)}
+        for target, factor in want.items():
+            assert got[target] == pytest.approx(factor), (meta, target)
+    assert set(plain.values()) == {1.0}
+
+
+def test_alpha_handling_matches_diffusers_conversion_of_original_loras(base, tmp_path):
+    # diffusers folds alpha / rank into A and B when it converts an original-layout LoRA (no peft needed).
+    from diffusers.loaders.lora_conversion_utils import _convert_non_diffusers_wan_lora_to_diffusers
+
+    torch_model, _ = base
+    config = _config(torch_model, tmp_path)
+    rng = np.random.default_rng(5)
+    original = {}
+    for i in range(2):
+        for layer, (out_dim, in_dim) in (("self_attn.q", (40, 40)), ("cross_attn.v", (40, 40)), ("ffn.2", (40, 48))):
+            name = f"diffusion_model.blocks.{i}.{layer}"
+            original[f"{name}.lora_down.weight"] = rng.normal(size=(RANK, in_dim)).astype(np.float32)
+            original[f"{name}.lora_up.weight"] = rng.normal(size=(out_dim, RANK)).astype(np.float32)
+            original[f"{name}.alpha"] = np.array(ALPHA + i, np.float32)
+            original[f"{name}.diff_b"] = rng.normal(size=out_dim).astype(np.float32)
+    save_file(original, str(tmp_path / "original.safetensors"))
+    # Copies: diffusers scales some A/B in place, which would reach `original` through from_numpy.
+    converted = _convert_non_diffusers_wan_lora_to_diffusers({k: torch.tensor(v) for k, v in original.items()})
+    save_file({k: v.numpy() for k, v in converted.items()}, str(tmp_path / "converted.safetensors"))
+
+    def deltas(name):
+        out = {}
+        for u in lora_updates(tmp_path / name, config):
+            out[u.target] = out.get(u.target, 0) + np.asarray(u.delta())
+        return out
+
+    ours, theirs = deltas("original.safetensors"), deltas("converted.safetensors")
+    assert len(ours) == 12 and sorted(ours) == sorted(theirs)
+    for target in ours:
+        np.testing.assert_allclose(ours[target], theirs[target], rtol=1e-5, atol=1e-6)
+
+
+def test_linear_weight_diff_and_bf16_lora_into_a_bf16_model(base, tmp_path):
+    torch_model, _ = base
+    _, ours = save_and_convert(torch_model, tmp_path / "m", dtype="bf16")
+    head = ours.blocks[0].self_attn.o.kernel
+    start = np.asarray(head.get_value(), np.float32)
+    assert head.get_value().dtype == jnp.bfloat16
+    diff = np.random.default_rng(2).normal(size=start.shape[::-1]).astype(ml_dtypes.bfloat16)  # [out, in]
+    save_file({"diffusion_model.blocks.0.self_attn.o.diff": diff}, str(tmp_path / "d.safetensors"))
+    merge_loras(ours, [(tmp_path / "d.safetensors", 0.5)])
+    assert head.get_value().dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(head.get_value(), np.float32), start + 0.5 * diff.astype(np.float32).T,
+                               rtol=1e-2, atol=1e-2)  # fmt: skip
 
 
 @pytest.mark.parametrize("arg, want", [("a.safetensors", ("a.safetensors", 1.0)),

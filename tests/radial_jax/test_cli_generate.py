@@ -88,3 +88,15 @@ def test_lora_is_merged_before_generating_and_changes_the_video(tmp_path, capsys
     assert f"merged LoRA {lora} (strength 0.8)" in capsys.readouterr().out
     assert plain.read_bytes() != merged.read_bytes()
     assert len(_read_mp4(merged)[0]) == 9
+
+
+def test_lora_that_does_not_fit_fails_before_loading(tmp_path, capsys):
+    from safetensors.numpy import save_file
+
+    lora = tmp_path / "other.safetensors"
+    save_file({"diffusion_model.blocks.30.self_attn.q.lora_down.weight": np.ones((4, 8), "f4"),
+               "diffusion_model.blocks.30.self_attn.q.lora_up.weight": np.ones((8, 4), "f4")}, str(lora))  # fmt: skip
+    assert main(["generate", *SMALL, "--lora", str(lora), "--out", str(tmp_path / "x.mp4")]) != 0
+    captured = capsys.readouterr()
+    assert "blocks.30.self_attn.q.lora_down.weight: not a module of this DiT" in captured.err
+    assert "loaded in" not in captured.out and not (tmp_path / "x.mp4").exists()
