@@ -3,8 +3,9 @@
 A LoRA adds a low-rank update to a Linear weight: W' = W + strength * scale * B @ A, with A
 [rank, in] ("lora_A" / "lora_down") and B [out, rank] ("lora_B" / "lora_up"). scale = alpha /
 rank, alpha from the module's `.alpha` tensor, else from the PEFT config diffusers stores in the
-safetensors metadata (`lora_alpha`, `alpha_pattern`, `use_rslora`: alpha / sqrt(rank)), else
-alpha = rank (scale 1). Merging once at load costs nothing per step, which is how the
+safetensors metadata (`lora_alpha`, `alpha_pattern`, `use_rslora`: alpha / sqrt(rank); a
+`rank_pattern` or `r` that contradicts the tensors is refused, as PEFT refuses it; of several
+pattern entries matching a module the first listed wins, as in PEFT), else alpha = rank (scale 1). Merging once at load costs nothing per step, which is how the
 length-extension LoRAs are meant to run.
 
 Read from safetensors, in the spellings Wan LoRAs ship in:
@@ -126,13 +127,13 @@ def _module_index(config: WanConfig) -> tuple[dict[str, tuple[Row, Row | None]],
     return index, shapes
 
 
-def _find_module(name: str, index: Mapping[str, tuple]) -> str | None:
-    """Returns the index key of a file's module name (one of PREFIXES, then an exact name), or None."""
+def _find_module(name: str, index: Mapping[str, tuple]) -> tuple[str, str] | None:
+    """Returns (index key, the name without its prefix) of a file's module name (one of
+    PREFIXES, then an exact name), or None."""
     flat = name.replace(".", "_")
     for prefix in PREFIXES:
-        prefix = prefix.replace(".", "_")
-        if flat.startswith(prefix) and flat[len(prefix) :] in index:
-            return flat[len(prefix) :]
+        if flat.startswith(prefix.replace(".", "_")) and flat[len(prefix) :] in index:
+            return flat[len(prefix) :], name[len(prefix) :]  # "." -> "_" keeps lengths
     return None
 
 
@@ -143,16 +144,16 @@ def _collect(shard, modules) -> tuple[dict[str, dict], list[str]]:
     problems = []
     for name in shard.tensors:
         match = KEY.match(name)
-        key = match and _find_module(match["module"] or match["module2"], modules)
+        found = match and _find_module(match["module"] or match["module2"], modules)
         if UNSUPPORTED.search(name):
             problems.append(f"{name}: DoRA, LoKr and LoHa LoRAs are not supported")
         elif not match:
             problems.append(f"{name}: not a LoRA tensor (lora_A/B, lora_down/up, alpha, diff, diff_b)")
-        elif not key:
+        elif not found:
             problems.append(f"{name}: not a module of this DiT (another model's LoRA, or I2V layers on a T2V model?)")
         else:
             role = ROLE[(match["kind"], match["leaf"])] if match["kind"] else match["kind2"]
-            got = parts.setdefault(key, {"name": match["module"] or match["module2"]})
+            got = parts.setdefault(found[0], {"name": match["module"] or match["module2"], "relative": found[1]})
             if role in got:
                 problems.append(f"{name}: a second {role} tensor for {got['name']}")
             got[role] = shard.read(name)
@@ -172,16 +173,29 @@ def _peft_config(metadata: Mapping[str, str], path: Path) -> dict:
     return {k.removeprefix("transformer."): v for k, v in config.items()}
 
 
-def _scale(got: Mapping, rank: int, peft: Mapping) -> float:
-    """alpha / rank of one module: its .alpha tensor, else the PEFT config's alpha (per-module
-    alpha_pattern first; rsLoRA divides by sqrt(rank)), else 1."""
+def _scale(got: Mapping, rank: int, peft: Mapping) -> tuple[float, str | None]:
+    """Returns (alpha / rank of one module, or a problem). alpha: the module's .alpha tensor, else
+    the PEFT config's (alpha_pattern, then lora_alpha; rsLoRA divides by sqrt(rank)), else rank."""
     if "alpha" in got:
-        return float(np.asarray(got["alpha"], np.float32).reshape(-1)[0]) / rank
-    alpha = peft.get("lora_alpha", rank)
-    for pattern, value in (peft.get("alpha_pattern") or {}).items():
-        if re.match(rf"(.*\.)?({pattern})$", got["name"].removeprefix("transformer.")):
-            alpha = value
-    return float(alpha) / (math.sqrt(rank) if peft.get("use_rslora") else rank)
+        return float(np.asarray(got["alpha"], np.float32).reshape(-1)[0]) / rank, None
+    # PEFT builds each layer with r from rank_pattern (else r) and refuses tensors of another rank.
+    declared, source = _pattern_value(peft, "rank_pattern", got["relative"], peft.get("r"))
+    problem = None
+    if declared is not None and declared != rank:
+        problem = f"tensors of rank {rank}, but the PEFT metadata says {declared} ({source}); PEFT refuses such a file"
+    alpha, _ = _pattern_value(peft, "alpha_pattern", got["relative"], peft.get("lora_alpha", rank))
+    return float(alpha) / (math.sqrt(rank) if peft.get("use_rslora") else rank), problem
+
+
+def _pattern_value(peft: Mapping, field: str, module: str, default) -> tuple[object, str]:
+    """Returns (value, where it came from) of a PEFT per-module pattern for `module` (its name in
+    the DiT, "blocks.1.attn1.to_q"). PEFT's rule (peft.utils.other.get_pattern_key): the FIRST
+    entry, in the order the metadata lists them (diffusers writes them sorted), whose regex matches
+    the end of the name at a dot; else `default`."""
+    for pattern, value in (peft.get(field) or {}).items():
+        if re.match(rf"(.*\.)?({pattern})$", module):
+            return value, f"{field} {pattern!r}"
+    return default, {"rank_pattern": "r", "alpha_pattern": "lora_alpha"}[field]
 
 
 def _module_updates(got: Mapping, rows: tuple[Row, Row | None], shapes: Mapping, peft: Mapping,
@@ -214,7 +228,10 @@ def _module_updates(got: Mapping, rows: tuple[Row, Row | None], shapes: Mapping,
             problems.append(f"LoRA of shapes A {down.shape}, B {up.shape}; only Linear layers (A [rank, in], "
                             f"B [out, rank]) are supported")  # fmt: skip
         else:
-            factor = _scale(got, down.shape[0], peft) * strength
+            scale, problem = _scale(got, down.shape[0], peft)
+            if problem:
+                problems.append(problem)
+            factor = scale * strength
             add(weight, up, down, factor, "B @ A")
             if "up_bias" in got:
                 add(bias, got["up_bias"], None, factor, "lora_B.bias")

@@ -12,8 +12,10 @@ import torch
 from flax import nnx
 from safetensors.numpy import save_file
 
-from convert import CheckpointError
+from convert import CheckpointError, wan_diffusers
+from convert.checkpoint import abstract_wan
 from convert.lora import lora_updates, merge_loras, parse_lora_arg
+from convert.wan import expand_rows
 from tests.wan_testing import inputs, ours_kwargs, relative_error, save_and_convert, tiny_diffusers, torch_forward
 
 RANK, ALPHA = 3, 6.0
@@ -187,6 +189,66 @@ def test_peft_metadata_alpha_pattern_and_rslora_scale_like_peft(base, tmp_path):
     assert set(plain.values()) == {1.0}
 
 
+# Overlapping patterns listed in sorted order, as diffusers writes the metadata: PEFT takes the
+# first entry that matches, so blocks.0.attn1.to_q gets "0.attn1.to_q" (alpha 6), not "to_q" (8),
+# and blocks.1.attn1.to_q rank 2 from "1.attn1.to_q", not 3 from "to_q".
+OVERLAPPING = dict(r=5, lora_alpha=4, target_modules=["to_q", "to_k"],
+                   alpha_pattern={"0.attn1.to_q": 6, "blocks.1.attn1.to_q": 1, "to_q": 8},
+                   rank_pattern={"1.attn1.to_q": 2, "attn2.to_q": 4, "to_q": 3})  # fmt: skip
+
+
+@pytest.mark.parametrize("layout", ["bare", "transformer_prefixed"])
+def test_overlapping_peft_patterns_take_the_first_match_like_peft(base, tmp_path, layout):
+    from diffusers.loaders.lora_pipeline import WanLoraLoaderMixin
+    from peft import LoraConfig, get_peft_model_state_dict
+
+    torch_model, _ = base
+    trained = tiny_diffusers("t2v", seed=3)
+    torch.manual_seed(7)
+    trained.add_adapter(LoraConfig(init_lora_weights=False, **OVERLAPPING))
+    if layout == "bare":  # the model's save_lora_adapter: bare keys and metadata
+        trained.save_lora_adapter(tmp_path, safe_serialization=True)
+    else:  # the pipeline's save_lora_weights: "transformer." on every key and metadata field
+        WanLoraLoaderMixin.save_lora_weights(tmp_path, transformer_lora_layers=get_peft_model_state_dict(trained),
+                                             transformer_lora_adapter_metadata=trained.peft_config["default"].to_dict())
+    path = tmp_path / "pytorch_lora_weights.safetensors"
+    # The oracle: the file loaded back by diffusers into PEFT layers.
+    loaded = tiny_diffusers("t2v", seed=3)
+    state, metadata = WanLoraLoaderMixin.lora_state_dict(str(path), return_lora_metadata=True)
+    loaded.load_lora_adapter(state, metadata=metadata, prefix=None if layout == "bare" else "transformer",
+                             adapter_name="a")  # fmt: skip
+    peft_scales = {f"{name}.weight": m.scaling["a"] for name, m in loaded.named_modules() if hasattr(m, "scaling")}
+    assert len(peft_scales) == 8
+
+    _, ours = save_and_convert(torch_model, tmp_path / "m")
+    ours_scales = {u.target: u.factor for u in lora_updates(path, ours.config)}
+    target = _diffusers_targets(ours.config)
+    assert {target[name]: scale for name, scale in peft_scales.items()} == pytest.approx(ours_scales, rel=1e-12)
+    assert ours_scales["blocks.0.self_attn.q.kernel"] == pytest.approx(6 / 3)  # overlapping entries disagree
+    assert ours_scales["blocks.1.self_attn.q.kernel"] == pytest.approx(1 / 2)
+
+    x, t, context, _, _ = inputs("t2v")
+    expected, _ = torch_forward(loaded, x, t, context)
+    assert relative_error(torch_forward(torch_model, x, t, context)[0], expected) > 1e-2
+    merge_loras(ours, [(path, 1.0)])
+    args, kwargs = ours_kwargs(x, t, context)
+    out = np.moveaxis(np.asarray(_call(ours, *args, **kwargs)), -1, 1)
+    assert relative_error(out, expected) <= 1e-4
+
+
+def test_a_rank_that_contradicts_the_peft_metadata_is_refused(base, tmp_path):
+    torch_model, _ = base
+    config = _config(torch_model, tmp_path)
+    a, b = np.ones((3, 40), np.float32), np.ones((40, 3), np.float32)
+    tensors = {f"blocks.{i}.attn1.to_q.lora_{ab}.weight": m for i in (0, 1) for ab, m in (("A", a), ("B", b))}
+    # PEFT would build blocks.1.attn1.to_q with rank 2 (the first match) and fail to load rank 3.
+    meta = {"r": 3, "lora_alpha": 3, "rank_pattern": {"1.attn1.to_q": 2, "to_q": 3}}
+    save_file(tensors, str(tmp_path / "r.safetensors"), metadata={"lora_adapter_metadata": json.dumps(meta)})
+    with pytest.raises(CheckpointError, match=r"(?s)1 problems.*blocks.1.attn1.to_q: tensors of rank 3, but the PEFT "
+                                              r"metadata says 2 \(rank_pattern '1.attn1.to_q'\)"):  # fmt: skip
+        lora_updates(tmp_path / "r.safetensors", config)
+
+
 def test_alpha_handling_matches_diffusers_conversion_of_original_loras(base, tmp_path):
     # diffusers folds alpha / rank into A and B when it converts an original-layout LoRA (no peft needed).
     from diffusers.loaders.lora_conversion_utils import _convert_non_diffusers_wan_lora_to_diffusers
@@ -240,6 +302,12 @@ def test_linear_weight_diff_and_bf16_lora_into_a_bf16_model(base, tmp_path):
 def test_lora_argument_parsing(arg, want):
     path, strength = parse_lora_arg(arg)
     assert (str(path), strength) == want
+
+
+def _diffusers_targets(config) -> dict[str, str]:
+    """{diffusers parameter name: our parameter path}, from the converter's table."""
+    _, flat = abstract_wan(config)
+    return {source: row.target for source, row in expand_rows(wan_diffusers.TABLE, config.num_layers, flat).items()}
 
 
 def _config(torch_model, tmp_path):
