@@ -1,0 +1,306 @@
+"""`radial-jax prepare`: videos + captions -> a cache of VAE latents and umT5 contexts, encoded once.
+
+    sources, skipped = find_sources("clips/")            # a folder (NAME.mp4 + NAME.txt) or a .jsonl
+    report = prepare_cache(sources, "cache/", PrepareConfig(width=832, height=480, frames=81),
+                           load_encoders("wan-1.3b"), skipped=skipped)
+
+The cache folder:
+    manifest.json              format, the config used (size, frames, mode, encoders), latent_shape
+                               [F, H, W, C], context_dim, text_len, "complete", every sample
+                               (id, file, source, caption, window frames) and every skipped video
+                               with its reason
+    samples/ID.safetensors     "latents" float32 [F, H, W, C] (Wan-normalised VAE mean) and
+                               "context" float32 [T, D] (umT5 output on the caption's T tokens,
+                               EOS included; the DiT zero-pads it to text_len)
+    videos/VID.json            one per finished video: its samples (what a rerun skips)
+
+Every file is written under a temporary name and renamed into place, so a killed run leaves only
+finished samples; a rerun with the same settings skips finished videos and retries skipped ones.
+A video that cannot be used (unreadable, corrupt, too short, no caption) is skipped with its
+reason and never stops the run. train/data.py reads the cache.
+"""
+
+import dataclasses
+import hashlib
+import json
+import os
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+
+from models import t5
+from models.wan import pipeline
+from models.wan import vae as vae_lib
+from train.video import MODES, TARGET_FPS, VIDEO_SUFFIXES, VideoError, pick_windows, read_video
+
+FORMAT = "radial-jax/latent-cache"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+SAMPLES_DIR = "samples"
+VIDEOS_DIR = "videos"
+
+
+@dataclasses.dataclass(frozen=True)
+class PrepareConfig:
+    """What each sample is: width x height pixels, `frames` (4k+1) frames at 16 fps, picked by
+    `mode` (train/video.py pick_windows; `windows` is uniform's count)."""
+
+    width: int
+    height: int
+    frames: int
+    mode: str = "head"
+    windows: int = 1
+
+    def __post_init__(self):
+        pipeline.check_video_size(self.frames, self.height, self.width)
+        if self.mode not in MODES:
+            raise ValueError(f"--mode {self.mode!r} must be one of {', '.join(MODES)}")
+        if self.windows < 1:
+            raise ValueError(f"--windows {self.windows} must be >= 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+    """One training video: its path, caption and the name it is listed under."""
+
+    video: Path
+    caption: str
+    name: str
+
+
+@dataclasses.dataclass
+class Encoders:
+    """The frozen encoders a cache is made with, and a description of them for the manifest."""
+
+    vae: vae_lib.WanVAE
+    text_encoder: t5.UMT5Encoder
+    tokenizer: t5.Tokenizer
+    description: dict
+
+
+@dataclasses.dataclass
+class PrepareReport:
+    written: int  # samples encoded by this run
+    reused: int  # samples found finished from an earlier run
+    skipped: list[tuple[str, str]]  # (video, reason)
+    manifest: Path
+
+
+def find_sources(src: str | Path) -> tuple[list[Source], list[tuple[str, str]]]:
+    """Returns (sources, skipped as (name, reason)) of a folder of videos with sidecar NAME.txt
+    captions (searched recursively), or of a JSONL of {"video_path", "caption"} lines (paths
+    relative to the file's folder). Raises ValueError for input that is not a dataset at all."""
+    src = Path(src)
+    if src.is_file() and src.suffix == ".jsonl":
+        return _jsonl_sources(src), []
+    if not src.is_dir():
+        raise ValueError(f"{src}: no such folder or .jsonl file")
+    videos = sorted(p for p in src.rglob("*") if p.suffix.lower() in VIDEO_SUFFIXES and p.is_file()
+                    and not any(part.startswith(".") for part in p.relative_to(src).parts))  # fmt: skip
+    if not videos:
+        raise ValueError(f"{src}: no videos ({' '.join(VIDEO_SUFFIXES)}) in this folder")
+    sources, skipped = [], []
+    for video in videos:
+        name, caption_file = str(video.relative_to(src)), video.with_suffix(".txt")
+        caption = caption_file.read_text(encoding="utf-8", errors="replace").strip() if caption_file.is_file() else ""
+        if caption:
+            sources.append(Source(video, caption, name))
+        else:
+            skipped.append((name, f"no caption: {caption_file.name} is missing or empty"))
+    return sources, skipped
+
+
+def _jsonl_sources(path: Path) -> list[Source]:
+    sources = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} line {number}: not JSON ({e.msg})") from None
+        if not isinstance(row, dict) or not isinstance(row.get("video_path"), str) or not row.get("caption"):
+            raise ValueError(f"{path} line {number}: needs {{\"video_path\": ..., \"caption\": ...}} with a "
+                             "non-empty caption")  # fmt: skip
+        sources.append(Source(path.parent / row["video_path"], str(row["caption"]).strip(), row["video_path"]))
+    if not sources:
+        raise ValueError(f"{path}: no samples (one JSON object a line: {{\"video_path\", \"caption\"}})")
+    return sources
+
+
+def tiny_encoders(seed: int = 0) -> Encoders:
+    """Returns the tiny preset's VAE, umT5 and byte tokenizer: the same seeded random weights as
+    `radial-jax generate` without --ckpt (pipeline.tiny_components), so that a cache made with
+    them matches the tiny training config."""
+    components = pipeline.tiny_components(seed=seed)
+    description = {"preset": "tiny", "seed": seed, "z_dim": components.vae.config.z_dim,
+                   "text_dim": components.text_encoder.config.dim, "text_len": components.tokenizer.text_len}
+    return Encoders(components.vae, components.text_encoder, components.tokenizer, description)  # fmt: skip
+
+
+def load_encoders(ckpt: str | Path, *, dtype: str | None = None) -> Encoders:
+    """Returns the VAE, umT5 and tokenizer of a converted checkpoint folder (radial-jax convert);
+    the DiT is not loaded. text_len is the DiT's (read from its config)."""
+    from convert import read_config, umt5, wan_vae
+
+    root = Path(ckpt)
+    missing = [d for d in (wan_vae.SUBFOLDER, umt5.SUBFOLDER, umt5.TOKENIZER_SUBFOLDER) if not (root / d).is_dir()]
+    if missing:
+        raise ValueError(f"--ckpt {root}: no {', '.join(d + '/' for d in missing)}; convert the whole Wan2.1 "
+                         "folder: radial-jax convert --src WAN_FOLDER --dst NEW_DIR")  # fmt: skip
+    _, dit_config = read_config(root)
+    vae = wan_vae.load_vae(root)
+    text_encoder = umt5.load_umt5(root, dtype=dtype)
+    tokenizer = t5.Tokenizer.from_dir(root / umt5.TOKENIZER_SUBFOLDER, text_len=dit_config.text_len)
+    description = {"ckpt": str(root.resolve()), "dtype": dtype, "z_dim": vae.config.z_dim,
+                   "text_dim": text_encoder.config.dim, "text_len": tokenizer.text_len}  # fmt: skip
+    return Encoders(vae, text_encoder, tokenizer, description)
+
+
+def video_id(source: Source) -> str:
+    """Returns a file-name-safe id, unique per source name: readable stem + 8 hex of its hash."""
+    stem = re.sub(r"[^A-Za-z0-9_-]+", "_", str(Path(source.name).with_suffix("")))[:48]
+    return f"{stem}-{hashlib.sha1(source.name.encode()).hexdigest()[:8]}"
+
+
+def prepare_cache(
+    sources: Sequence[Source], out: str | Path, config: PrepareConfig, encoders: Encoders, *,
+    skipped: Sequence[tuple[str, str]] = (), progress: bool = True,
+) -> PrepareReport:
+    """Encodes every source into `out` (see the module docstring) and returns what happened.
+
+    Resumes an earlier run into the same folder (its finished videos are kept), and raises
+    ValueError if that run used other settings. `skipped` (from find_sources) is carried into
+    the manifest's list.
+    """
+    out = Path(out)
+    header = _header(config, encoders)
+    _start(out, header)
+    skipped = list(skipped)
+    samples, written, reused = [], 0, 0
+    bar = _progress(len(sources), progress)
+    try:
+        for source in sources:
+            record = _finished(out, video_id(source))
+            if record is None:
+                try:
+                    record = _encode_video(out, source, config, encoders)
+                    written += len(record["samples"])
+                except VideoError as e:
+                    skipped.append((source.name, str(e)))
+            else:
+                reused += len(record["samples"])
+            if record is not None:
+                samples += [{**s, "source": source.name, "caption": source.caption} for s in record["samples"]]
+            bar.set_postfix_str(f"{len(samples)} samples, {len(skipped)} skipped")
+            bar.update(1)
+    finally:
+        bar.close()
+    manifest = {**header, "complete": True, "num_samples": len(samples), "samples": samples,
+                "skipped": [{"source": name, "reason": reason} for name, reason in skipped]}  # fmt: skip
+    _write_json(out / MANIFEST, manifest)
+    return PrepareReport(written, reused, skipped, out / MANIFEST)
+
+
+def _header(config: PrepareConfig, encoders: Encoders) -> dict:
+    z_dim = encoders.vae.config.z_dim
+    return {
+        "format": FORMAT, "version": FORMAT_VERSION,
+        "config": {**dataclasses.asdict(config), "fps": TARGET_FPS, "encoders": encoders.description},
+        "latent_shape": list(pipeline.latent_shape(config.frames, config.height, config.width, z_dim)[1:]),
+        "context_dim": encoders.description["text_dim"], "text_len": encoders.tokenizer.text_len,
+    }  # fmt: skip
+
+
+def _start(out: Path, header: dict) -> None:
+    """Creates the folders, or checks that an earlier run used the same settings; marks the
+    manifest incomplete until this run finishes; removes temporaries a killed run left."""
+    manifest = out / MANIFEST
+    if manifest.is_file():
+        old = json.loads(manifest.read_text())
+        if old.get("format") != FORMAT or old.get("config") != header["config"]:
+            raise ValueError(f"--out {out} holds a cache made with other settings ({_describe(old.get('config'))}); "
+                             "rerun with those or give a new --out")  # fmt: skip
+    elif out.exists() and any(out.iterdir()):
+        raise ValueError(f"--out {out} exists and is not a latent cache; give a new or empty folder")
+    for sub in (SAMPLES_DIR, VIDEOS_DIR):
+        (out / sub).mkdir(parents=True, exist_ok=True)
+        for stale in (out / sub).glob(".*.tmp"):
+            stale.unlink()
+    _write_json(manifest, {**header, "complete": False})
+
+
+def _describe(config: dict | None) -> str:
+    if not config:
+        return "unknown"
+    enc = config.get("encoders", {})
+    return (f"--size {config.get('width')}x{config.get('height')} --frames {config.get('frames')} "
+            f"--mode {config.get('mode')} --windows {config.get('windows')}, encoders "
+            f"{enc.get('ckpt') or enc.get('preset')}")  # fmt: skip
+
+
+def _finished(out: Path, vid: str) -> dict | None:
+    """Returns the record of a video an earlier run finished (all its sample files present)."""
+    path = out / VIDEOS_DIR / f"{vid}.json"
+    if not path.is_file():
+        return None
+    record = json.loads(path.read_text())
+    if not all((out / s["file"]).is_file() for s in record["samples"]):
+        return None
+    return record
+
+
+def _encode_video(out: Path, source: Source, config: PrepareConfig, encoders: Encoders) -> dict:
+    """Decodes, picks windows, encodes and writes one video's samples and its record."""
+    from safetensors.numpy import save_file
+
+    try:
+        frames, source_fps = read_video(source.video, width=config.width, height=config.height,
+                                        max_frames=config.frames if config.mode == "head" else None)  # fmt: skip
+    except VideoError:
+        raise
+    except Exception as e:  # a decoder or image library failing on odd input: this video's problem only
+        raise VideoError(f"cannot decode ({type(e).__name__}: {e})") from None
+    windows = pick_windows(len(frames), config.frames, config.mode, config.windows)
+    context = _encode_caption(encoders, source.caption)
+    vid = video_id(source)
+    samples = []
+    for number, window in enumerate(windows):
+        sample_id = f"{vid}-{number:03d}"
+        video = jnp.asarray(frames[window], jnp.float32)[None] / 127.5 - 1.0  # [1, F, H, W, 3] in [-1, 1]
+        latents = np.asarray(vae_lib.encode(encoders.vae, video)[0], np.float32)
+        file = f"{SAMPLES_DIR}/{sample_id}.safetensors"
+        metadata = {"source": source.name, "caption": source.caption, "frames": f"{window[0]}:{window[-1] + 1}"}
+        _atomic(out / file, lambda tmp: save_file({"latents": latents, "context": context}, str(tmp), metadata))
+        samples.append({"id": sample_id, "file": file, "window": number, "frames": [int(window[0]), int(window[-1]) + 1],
+                        "text_tokens": int(context.shape[0])})  # fmt: skip
+    record = {"source": source.name, "source_fps": source_fps, "frames_at_16fps": len(frames), "samples": samples}
+    _write_json(out / VIDEOS_DIR / f"{vid}.json", record)
+    return record
+
+
+def _encode_caption(encoders: Encoders, caption: str) -> np.ndarray:
+    """Returns umT5's context float32 [T, D] on the caption's tokens (EOS included), T <= text_len."""
+    ids, mask = encoders.tokenizer([caption])
+    context = t5.encode_text(encoders.text_encoder, ids, mask)[0]
+    return np.asarray(context[: int(mask.sum())], np.float32)
+
+
+def _atomic(path: Path, write) -> None:
+    """Runs write(temporary path), then renames it to `path`: readers never see half a file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def _write_json(path: Path, value: dict) -> None:
+    _atomic(path, lambda tmp: tmp.write_text(json.dumps(value, indent=1, ensure_ascii=False) + "\n"))
+
+
+def _progress(total: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit="video", desc="prepare", disable=not enabled)
