@@ -178,7 +178,7 @@ def prepare_cache(
     """
     out = Path(out)
     header = _header(config, encoders)
-    _start(out, header)
+    _start(out, config, header)
     skipped = list(skipped)
     samples, written, reused = [], 0, 0
     bar = _progress(len(sources), progress)
@@ -215,22 +215,31 @@ def _header(config: PrepareConfig, encoders: Encoders) -> dict:
     }  # fmt: skip
 
 
-def _start(out: Path, header: dict) -> None:
-    """Creates the folders, or checks that an earlier run used the same settings; marks the
-    manifest incomplete until this run finishes; removes temporaries a killed run left."""
-    manifest = out / MANIFEST
-    if manifest.is_file():
-        old = json.loads(manifest.read_text())
-        if old.get("format") != FORMAT or old.get("config") != header["config"]:
+def check_out(out: str | Path, config: PrepareConfig, encoders: dict | None = None) -> None:
+    """Raises ValueError unless `out` is new, empty, or a cache made with the same settings (and,
+    given their description, the same encoders): what prepare_cache would refuse, checked before
+    minutes of loading encoders."""
+    out = Path(out)
+    if (out / MANIFEST).is_file():
+        old = json.loads((out / MANIFEST).read_text())
+        settings = {k: v for k, v in (old.get("config") or {}).items() if k != "encoders"}
+        same = settings == {**dataclasses.asdict(config), "fps": TARGET_FPS}
+        if old.get("format") != FORMAT or not same or (encoders is not None and old["config"]["encoders"] != encoders):
             raise ValueError(f"--out {out} holds a cache made with other settings ({_describe(old.get('config'))}); "
                              "rerun with those or give a new --out")  # fmt: skip
-    elif out.exists() and any(out.iterdir()):
+    elif out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ValueError(f"--out {out} exists and is not a latent cache; give a new or empty folder")
+
+
+def _start(out: Path, config: PrepareConfig, header: dict) -> None:
+    """Creates the folders, or checks that an earlier run used the same settings; marks the
+    manifest incomplete until this run finishes; removes temporaries a killed run left."""
+    check_out(out, config, header["config"]["encoders"])
     for sub in (SAMPLES_DIR, VIDEOS_DIR):
         (out / sub).mkdir(parents=True, exist_ok=True)
         for stale in (out / sub).glob(".*.tmp"):
             stale.unlink()
-    _write_json(manifest, {**header, "complete": False})
+    _write_json(out / MANIFEST, {**header, "complete": False})
 
 
 def _describe(config: dict | None) -> str:
