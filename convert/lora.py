@@ -16,7 +16,10 @@ Read from safetensors, in the spellings Wan LoRAs ship in:
 - `.lora_A[.adapter].weight` / `.lora_B[...].weight` (PEFT; `.lora_B.bias`: a bias delta),
   `.lora_down.weight` / `.lora_up.weight` with `.alpha` (kohya and the original trainers);
 - `.diff` / `.diff_b`: full deltas of a weight and a bias. Applied everywhere they fit, norms
-  included, as ComfyUI does (diffusers drops the norm ones).
+  included, as ComfyUI does (diffusers drops the norm ones); `.diff` also on the bare
+  `modulation` tables. `blocks.N.diff_m` / `head.diff_m`: LightX2V's spelling of a delta of that
+  module's `modulation` (lightx2v/utils/lora_loader.py; its 4-step distillation LoRAs carry one
+  per block; diffusers ignores them).
 Anything else (another model's modules, DoRA, LoKr, LoHa) is an error naming every such key.
 """
 
@@ -42,7 +45,7 @@ from models.wan import WanConfig, WanModel
 PREFIXES = ("", "diffusion_model.", "model.diffusion_model.", "transformer.", "base_model.model.", "lora_unet_",
             "lora_transformer_")  # fmt: skip
 KEY = re.compile(r"^(?P<module>.+?)\.(?P<kind>lora_A|lora_B|lora_down|lora_up)(?:\.[\w-]+)?\.(?P<leaf>weight|bias)$"
-                 r"|^(?P<module2>.+)\.(?P<kind2>alpha|diff|diff_b)$")  # fmt: skip
+                 r"|^(?P<module2>.+)\.(?P<kind2>alpha|diff|diff_b|diff_m)$")  # fmt: skip
 ROLE = {("lora_A", "weight"): "down", ("lora_down", "weight"): "down", ("lora_B", "weight"): "up",
         ("lora_up", "weight"): "up", ("lora_B", "bias"): "up_bias"}  # fmt: skip
 UNSUPPORTED = re.compile(r"dora_scale|lora_magnitude_vector|lokr_|hada_")
@@ -92,7 +95,7 @@ def lora_updates(path: str | Path, config: WanConfig, *, strength: float = 1.0) 
         updates += made
         problems += [f"{got['name']}: {t}" for t in trouble]
     if not updates and not problems:
-        problems.append("no LoRA weights (lora_A/B, lora_down/up, diff, diff_b) in the file")
+        problems.append("no LoRA weights (lora_A/B, lora_down/up, diff, diff_b, diff_m) in the file")
     if problems:
         raise CheckpointError(f"LoRA file {path} does not fit this model ({len(problems)} problems):\n  "
                               + "\n  ".join(problems[:40]) + ("\n  ..." if len(problems) > 40 else ""))
@@ -124,6 +127,8 @@ def _module_index(config: WanConfig) -> tuple[dict[str, tuple[Row, Row | None]],
             if source.endswith(".weight"):
                 module = source[: -len(".weight")]
                 index[module.replace(".", "_")] = (row, rows.get(module + ".bias"))
+            elif not source.endswith(".bias"):  # a bare parameter (modulation): a .diff target
+                index[source.replace(".", "_")] = (row, None)
     return index, shapes
 
 
@@ -144,16 +149,19 @@ def _collect(shard, modules) -> tuple[dict[str, dict], list[str]]:
     problems = []
     for name in shard.tensors:
         match = KEY.match(name)
-        found = match and _find_module(match["module"] or match["module2"], modules)
+        module = match and (match["module"] or match["module2"])
+        if match and match["kind2"] == "diff_m":
+            module += ".modulation"
+        found = match and _find_module(module, modules)
         if UNSUPPORTED.search(name):
             problems.append(f"{name}: DoRA, LoKr and LoHa LoRAs are not supported")
         elif not match:
-            problems.append(f"{name}: not a LoRA tensor (lora_A/B, lora_down/up, alpha, diff, diff_b)")
+            problems.append(f"{name}: not a LoRA tensor (lora_A/B, lora_down/up, alpha, diff, diff_b, diff_m)")
         elif not found:
             problems.append(f"{name}: not a module of this DiT (another model's LoRA, or I2V layers on a T2V model?)")
         else:
-            role = ROLE[(match["kind"], match["leaf"])] if match["kind"] else match["kind2"]
-            got = parts.setdefault(found[0], {"name": match["module"] or match["module2"], "relative": found[1]})
+            role = ROLE[(match["kind"], match["leaf"])] if match["kind"] else match["kind2"].replace("diff_m", "diff")
+            got = parts.setdefault(found[0], {"name": module, "relative": found[1]})
             if role in got:
                 problems.append(f"{name}: a second {role} tensor for {got['name']}")
             got[role] = shard.read(name)

@@ -23,10 +23,20 @@ diffusers' use_flow_sigmas grid: shift(linspace(1, 0.001, steps + 1)[:-1]), firs
 sigma (the last nonzero sigma is 0.0925 vs 0.0968); both end at sigma 0. Timesteps follow.
 Default shift: 5.0 at 720p and 3.0 at 480p, the Wan README's (and diffusers') recommendation;
 Wan's generate.py uses 5.0 for T2V at every size.
+
+Step-distilled models (LightX2V's 4-step Wan2.1 LoRAs and models) run at the fixed training
+timesteps they were distilled on: `distilled_sampler(LIGHTX2V_TIMESTEPS, shift=5.0)`, as
+LightX2V's WanStepDistillScheduler (lightx2v/models/schedulers/wan/step_distill/scheduler.py;
+configs/distill/wan21/wan_t2v_distill_lora_4step_cfg.json: denoising_step_list [1000, 750, 500,
+250], sample_shift 5): sigma = shift(t / 1000), the model sees sigma * 1000 unrounded, and each
+step predicts x0 = x - sigma v and re-noises it to the next sigma with the predicted noise
+x + (1 - sigma) v. That "LCM" step is algebraically flow Euler, x + (sigma_next - sigma) v, which
+is what runs here; the last step lands on sigma 0.
 """
 
 import dataclasses
 import math
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import jax
@@ -37,6 +47,7 @@ from jaxtyping import Array, Float
 NUM_TRAIN_TIMESTEPS = 1000  # Wan's scheduler: timestep = sigma * 1000
 DEFAULT_STEPS = 50  # T2V; Wan's generate.py uses 40 for I2V
 SCHEDULES = ("wan", "diffusers")
+LIGHTX2V_TIMESTEPS = (1000, 750, 500, 250)  # LightX2V's denoising_step_list for its 4-step Wan2.1 distillation
 
 
 class SamplerState(NamedTuple):
@@ -74,6 +85,21 @@ def flow_sigmas(num_steps: int, shift: float, schedule: str = "wan") -> tuple[np
         sigmas[0] -= 1e-6  # diffusers: keeps log(alpha) finite at the first step
     timesteps = np.trunc(sigmas * NUM_TRAIN_TIMESTEPS).astype(np.float32)
     return np.append(sigmas, 0.0).astype(np.float32), timesteps
+
+
+def distilled_sigmas(train_timesteps: Sequence[float], shift: float) -> tuple[np.ndarray, np.ndarray]:
+    """Returns (sigmas float32 [n + 1] ending at 0, timesteps float32 [n]) at a distilled model's
+    fixed training timesteps (in (0, 1000], decreasing): sigma = shift(t / 1000), timestep =
+    sigma * 1000, not rounded (LightX2V feeds the model these floats)."""
+    t = np.asarray(train_timesteps, np.float64)
+    if t.ndim != 1 or not len(t) or np.any(t <= 0) or np.any(t > NUM_TRAIN_TIMESTEPS) or np.any(np.diff(t) >= 0):
+        raise ValueError(f"timesteps={list(train_timesteps)} must be decreasing values in (0, {NUM_TRAIN_TIMESTEPS}], "
+                         f"e.g. {list(LIGHTX2V_TIMESTEPS)}")  # fmt: skip
+    if shift <= 0:
+        raise ValueError(f"shift={shift} must be positive")
+    sigmas = t / NUM_TRAIN_TIMESTEPS
+    sigmas = shift * sigmas / (1 + (shift - 1) * sigmas)
+    return np.append(sigmas, 0.0).astype(np.float32), (sigmas * NUM_TRAIN_TIMESTEPS).astype(np.float32)
 
 
 def cfg(cond: Float[Array, "..."], uncond: Float[Array, "..."], scale: float) -> Float[Array, "..."]:
@@ -139,6 +165,12 @@ class FlowUniPC(FlowEuler):
 def euler_sampler(num_steps: int = DEFAULT_STEPS, shift: float = 5.0, schedule: str = "wan") -> FlowEuler:
     """Returns a flow Euler sampler over the given schedule (see flow_sigmas)."""
     return FlowEuler(*flow_sigmas(num_steps, shift, schedule))
+
+
+def distilled_sampler(train_timesteps: Sequence[float] = LIGHTX2V_TIMESTEPS, shift: float = 5.0) -> FlowEuler:
+    """Returns the sampler of a step-distilled model: flow Euler at its training timesteps (see
+    distilled_sigmas), LightX2V's 4-step schedule by default."""
+    return FlowEuler(*distilled_sigmas(train_timesteps, shift))
 
 
 def unipc_sampler(

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from models.wan.sampler import (
-    cfg, default_shift, euler_sampler, flow_sigmas, initial_noise, unipc_sampler,
+    LIGHTX2V_TIMESTEPS, cfg, default_shift, distilled_sampler, distilled_sigmas, euler_sampler, flow_sigmas,
+    initial_noise, unipc_sampler,
 )  # fmt: skip
 
 LATENT = (1, 3, 4, 5, 16)  # [B, F, H, W, C]
@@ -119,7 +120,62 @@ def test_euler_every_step_matches_diffusers_flow_match_euler(num_steps, shift):
         np.testing.assert_allclose(state.sample, expected.numpy(), rtol=0, atol=TOLERANCE)
 
 
-@pytest.mark.parametrize("make", [unipc_sampler, euler_sampler])
+DISTILLED = [(LIGHTX2V_TIMESTEPS, 5.0), ((999, 750, 500, 250), 8.0), ((1000, 500), 3.0)]
+
+
+@pytest.mark.parametrize("train_timesteps,shift", DISTILLED)
+def test_distilled_sampler_matches_diffusers_flow_match_euler_at_the_same_sigmas(train_timesteps, shift):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    sampler = distilled_sampler(train_timesteps, shift)
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=shift)  # shifts the sigmas it is given, as LightX2V
+    scheduler.set_timesteps(sigmas=[t / 1000 for t in train_timesteps])
+    np.testing.assert_allclose(sampler.sigmas, scheduler.sigmas.numpy(), rtol=1e-7, atol=0)
+    np.testing.assert_allclose(sampler.timesteps, scheduler.timesteps.numpy(), rtol=1e-7, atol=0)
+    rng = np.random.default_rng(4)
+    state = sampler.init(jnp.asarray(rng.normal(size=LATENT).astype(np.float32)))
+    expected = torch.from_numpy(np.array(state.sample))
+    for i in range(sampler.num_steps):
+        output = rng.normal(size=LATENT).astype(np.float32)
+        expected = scheduler.step(torch.from_numpy(output), scheduler.timesteps[i], expected).prev_sample
+        state = sampler.step(state, jnp.asarray(output))
+        np.testing.assert_allclose(state.sample, expected.numpy(), rtol=0, atol=TOLERANCE)
+
+
+def lightx2v_step_distill_float64(noise, outputs, train_timesteps, shift):
+    """Returns (timesteps, final sample) of LightX2V's WanStepDistillScheduler transcribed in
+    float64: a 1000-point shifted grid indexed at 1000 - t; each step predicts x0 and re-noises
+    it to the next sigma with the flow ("LCM"), the last step returns x0."""
+    grid = np.linspace(1.0, 0.0, 1001)[:-1]
+    grid = shift * grid / (1 + (shift - 1) * grid)
+    sigmas = grid[[1000 - t for t in train_timesteps]]
+    x = noise.astype(np.float64)
+    for i, v in enumerate(outputs.astype(np.float64)):
+        x0 = x - sigmas[i] * v
+        x = x0 + sigmas[i + 1] * v if i + 1 < len(sigmas) else x0
+    return sigmas * 1000, x
+
+
+def test_distilled_sampler_matches_lightx2v_step_distill_in_float64():
+    rng = np.random.default_rng(5)
+    noise = rng.normal(size=LATENT).astype(np.float32)
+    outputs = rng.normal(size=(4, *LATENT)).astype(np.float32)
+    timesteps, expected = lightx2v_step_distill_float64(noise, outputs, LIGHTX2V_TIMESTEPS, 5.0)
+    sampler = distilled_sampler()
+    np.testing.assert_allclose(sampler.timesteps, timesteps, rtol=1e-7)  # 1000, 937.5, 833.3.., 625
+    state = sampler.init(jnp.asarray(noise))
+    for output in outputs:
+        state = sampler.step(state, jnp.asarray(output))
+    np.testing.assert_allclose(state.sample, expected, rtol=0, atol=TOLERANCE * np.abs(expected).max())
+
+
+@pytest.mark.parametrize("timesteps", [(), (750, 1000), (1001, 500), (500, 0), ((1000, 750),)])
+def test_bad_distilled_timesteps_raise(timesteps):
+    with pytest.raises(ValueError, match="must be decreasing values in"):
+        distilled_sigmas(timesteps, 5.0)
+
+
+@pytest.mark.parametrize("make", [unipc_sampler, euler_sampler, lambda n, shift: distilled_sampler(shift=shift)])
 def test_exact_flow_of_a_point_mass_lands_on_it(make):
     """For data = one point x0 the true flow is v = (x - x0) / sigma; both samplers must end at x0."""
     sampler = make(20, 5.0)
