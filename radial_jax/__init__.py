@@ -7,6 +7,7 @@ Dimension glossary, used by annotations, einsum strings and comments alike:
 Public API:
   radial_block_mask(num_frames, tokens_per_frame, ...) -> bool numpy [QB, KB]
   radial_attention(q, k, v, *, block_mask, block_size=128, implementation="auto", scale=None)
+  sequence_parallel_attention(q, k, v, *, block_mask, ..., mesh=None)  (token axis over mesh axis "sequence")
 """
 
 from radial_jax.attention import radial_attention
@@ -19,6 +20,7 @@ from radial_jax.mask import (
     radial_token_mask,
     video_tokens,
 )
+from radial_jax.parallel import sequence_parallel, sequence_parallel_attention
 from radial_jax.reference import attention_reference
 
 __all__ = [
@@ -30,5 +32,7 @@ __all__ = [
     "radial_attention",
     "radial_block_mask",
     "radial_token_mask",
+    "sequence_parallel",
+    "sequence_parallel_attention",
     "video_tokens",
 ]
