@@ -103,12 +103,23 @@ def test_decode_matches_diffusers_across_chunk_boundaries(models, latent_frames)
     assert _relative_error(video, expected) <= TOLERANCE
 
 
-def test_bf16_decode_runs_under_strict_promotion_and_tracks_f32(models):
-    _, vae, root = models
-    latents = jnp.asarray(np.random.default_rng(0).normal(size=(1, 2, 2, 3, 16)).astype(np.float32))
-    video_bf16 = decode(load_vae(root / "ours", dtype="bf16"), latents)
+def test_bf16_decode_adds_about_one_uint8_level_of_error_to_the_f32_decode(models):
+    """The error a bf16 VAE (`--vae-dtype bf16`) adds, against diffusers' f32 decode: measured
+    0.007-0.008 mean and <= 0.08 max |error| on [-1, 1] here (~1 and <= 10 levels of the uint8
+    video). The bound is twice that; our f32 decode stays within TOLERANCE of the oracle."""
+    reference, vae, root = models
+    vae_bf16 = load_vae(root / "ours", dtype="bf16")
+    assert vae_bf16.decoder.conv1.kernel.get_value().dtype == jnp.bfloat16
+    latents = np.random.default_rng(0).normal(size=(1, 3, 2, 3, 16)).astype(np.float32)
+    mean, std = (np.asarray(reference.config[k], np.float32) for k in ("latents_mean", "latents_std"))
+    with torch.no_grad():
+        raw = torch.from_numpy(latents * std + mean).permute(0, 4, 1, 2, 3)
+        expected = np.clip(_channels_last(reference.decode(raw).sample), -1, 1)
+    video_bf16 = decode(vae_bf16, jnp.asarray(latents))
     assert video_bf16.dtype == jnp.float32
-    assert float(jnp.abs(video_bf16 - decode(vae, latents)).max()) < 0.1
+    error = np.abs(np.asarray(video_bf16) - expected)
+    assert 1e-3 < error.mean() <= 0.016 and error.max() <= 0.16, (error.mean(), error.max())
+    assert _relative_error(decode(vae, jnp.asarray(latents)), expected) <= TOLERANCE
 
 
 def test_original_pth_and_diffusers_folder_convert_to_identical_trees(models, tmp_path):
