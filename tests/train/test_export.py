@@ -15,12 +15,18 @@ from safetensors import safe_open
 
 from convert.lora import merge_loras
 from models.wan import WAN_TINY, WanModel
+from models.wan.pipeline import random_weights
 from tests.wan_testing import inputs, ours_kwargs, relative_error, save_and_convert, tiny_diffusers, torch_forward
 from train.export import export_lora, lora_tensors
 from train.lora import CROSS_ATTENTION, FFN, SELF_ATTENTION, LoraConfig, apply_lora, lora_factors, lora_modules
 
 CONFIG = dataclasses.replace(WAN_TINY, num_layers=2)
 LORA = LoraConfig(rank=3, alpha=7.0, targets=SELF_ATTENTION + CROSS_ATTENTION + FFN)  # alpha != rank: a lost scale shows
+
+
+def _base():
+    """The tiny DiT with seeded weights (numpy-drawn: the modules' own initialisers compile per shape)."""
+    return random_weights(lambda rngs: WanModel(CONFIG, rngs=rngs), 0)
 
 
 def _perturb_b(model, seed: int = 1, std: float = 0.3):
@@ -42,10 +48,10 @@ def _call(model, *args, **kwargs):
 
 @pytest.mark.parametrize("format", ["diffusers", "comfy"])
 def test_exported_file_merged_by_generates_loader_equals_the_lora_model(tmp_path, format):
-    trained = apply_lora(WanModel(CONFIG, rngs=nnx.Rngs(0)), LORA, rngs=nnx.Rngs(1))
+    trained = apply_lora(_base(), LORA, rngs=nnx.Rngs(1))
     _perturb_b(trained)
     want = np.asarray(_call(trained, *_inputs()))
-    base = WanModel(CONFIG, rngs=nnx.Rngs(0))
+    base = _base()
     assert relative_error(np.asarray(_call(base, *_inputs())), want) > 1e-2  # the LoRA changes the output
     path = export_lora(trained, tmp_path / "lora.safetensors", format=format)
     merge_loras(base, [(path, 1.0)])
@@ -70,7 +76,7 @@ def test_file_names_and_alpha_in_each_format():
 
 
 def test_metadata_records_the_training(tmp_path):
-    trained = apply_lora(WanModel(CONFIG, rngs=nnx.Rngs(0)), LoraConfig(rank=2, alpha=4.0), rngs=nnx.Rngs(1))
+    trained = apply_lora(_base(), LoraConfig(rank=2, alpha=4.0), rngs=nnx.Rngs(1))
     path = export_lora(trained, tmp_path / "a.safetensors", metadata={"config": "tiny"})
     with safe_open(str(path), "np") as f:
         metadata = f.metadata()
@@ -119,7 +125,7 @@ def test_export_refuses_what_it_cannot_write(tmp_path):
     with pytest.raises(ValueError, match="several ranks \\[2, 3\\]"):
         lora_tensors({"blocks.0.self_attn.q": one, "blocks.0.self_attn.k": two})
     with pytest.raises(ValueError, match="no LoRA to export"):
-        export_lora(WanModel(CONFIG, rngs=nnx.Rngs(0)), tmp_path / "a.safetensors")
+        export_lora(_base(), tmp_path / "a.safetensors")
     with pytest.raises(ValueError, match="must end in .safetensors"):
         export_lora({"blocks.0.self_attn.q": one}, tmp_path / "a.pt")
     with pytest.raises(ValueError, match="format='kohya' must be one of"):
