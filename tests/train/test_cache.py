@@ -172,3 +172,40 @@ def test_video_ids_are_unique_per_source_name():
     b = cache_lib.Source(video=None, caption="x", name="a_b.mp4")
     assert cache_lib.video_id(a) != cache_lib.video_id(b)
     assert cache_lib.video_id(a).startswith("a_b-")
+
+
+@pytest.mark.filterwarnings("ignore:os.fork:RuntimeWarning")
+def test_prepare_with_a_converted_checkpoint_uses_its_encoders(videos, tmp_path):
+    """--ckpt: latents against diffusers' AutoencoderKLWan and contexts against transformers' umT5,
+    the same random torch modules the checkpoint was converted from."""
+    import torch
+    from pipeline_testing import diffusers_folder, tiny_umt5, tiny_vae
+
+    from convert import convert_checkpoint
+
+    convert_checkpoint(diffusers_folder(tmp_path / "src"), tmp_path / "ckpt", dtype="f32", progress=False)
+    encoders = cache_lib.load_encoders(tmp_path / "ckpt")
+    source = [s for s in find_sources(videos)[0] if s.name == "shapes_0001.mp4"]
+    report = prepare_cache(source, tmp_path / "cache", CONFIG, encoders, progress=False)
+    manifest = json.loads(report.manifest.read_text())
+    assert manifest["config"]["encoders"]["ckpt"] == str((tmp_path / "ckpt").resolve())
+    assert (manifest["context_dim"], manifest["text_len"]) == (32, 512)  # the tiny umT5's width, the DiT's text_len
+    sample = manifest["samples"][1]
+    cached = load_file(str(tmp_path / "cache" / sample["file"]))
+
+    vae = tiny_vae()
+    start, stop = sample["frames"]
+    window = iio.imread(videos / sample["source"], plugin="FFMPEG")[start:stop, :, 16:80]
+    video = torch.from_numpy(window.astype(np.float32) / 127.5 - 1.0).permute(3, 0, 1, 2)[None]  # [1, 3, F, H, W]
+    with torch.no_grad():
+        mean = vae.encode(video).latent_dist.mean[0].permute(1, 2, 3, 0).numpy()  # [F, H, W, C]
+    expected = (mean - np.asarray(vae.config.latents_mean)) / np.asarray(vae.config.latents_std)
+    np.testing.assert_allclose(cached["latents"], expected, rtol=0, atol=1e-4 * np.abs(expected).max())
+
+    ids, mask = encoders.tokenizer([sample["caption"]])
+    with torch.no_grad():
+        hidden = tiny_umt5()(input_ids=torch.from_numpy(ids).long(), attention_mask=torch.from_numpy(mask).long())
+    tokens = int(mask.sum())
+    expected_context = hidden.last_hidden_state[0, :tokens].numpy()
+    assert cached["context"].shape == (tokens, 32) and tokens == sample["text_tokens"]
+    np.testing.assert_allclose(cached["context"], expected_context, rtol=0, atol=1e-4 * np.abs(expected_context).max())
