@@ -3,6 +3,7 @@
     python benchmarks/generate.py [--shapes 1.3b-480p-81f,14b-720p-81f] [--configs dense,radial-0.2,radial-1.0]
                                   [--steps 2] [--radial-impl pallas] [--out FILE] [--log-dir DIR]
     python benchmarks/generate.py --dry-run [--out FILE]   # tiny preset on the CPU, the same code path
+    python benchmarks/generate.py --preset lightx2v [...]  # the 4-step fast path end to end (fast_generate.py)
 
 Random weights born on the device (no download, no host copy of the 14B): umT5-XXL (bf16), the
 DiT (bf16), the Wan2.1 VAE (float32, as Wan runs it), batch 1, Wan's default negative prompt,
@@ -159,14 +160,15 @@ def time_program(graphdef, params, sampler, state, context, steps: int, *, dense
             f"{name}_step_s": statistics.median(times)}, state  # fmt: skip
 
 
-def time_encode(components) -> tuple[dict, object]:
+def time_encode(components, *, prompts_only: bool = False) -> tuple[dict, object]:
     """Returns ({encode_compile_s, encode_s}, the umT5 context [2, T, C] of the prompt and Wan's
-    negative prompt); the first, compiling call is timed apart."""
+    negative prompt; [1, T, C], the prompt alone, with prompts_only: guidance 1 needs no negative);
+    the first, compiling call is timed apart."""
     import jax
 
     from models.wan import pipeline
 
-    prompts = [PROMPT, pipeline.WAN_NEGATIVE_PROMPT]
+    prompts = [PROMPT] if prompts_only else [PROMPT, pipeline.WAN_NEGATIVE_PROMPT]
     times = []
     for _ in range(2):
         start = time.perf_counter()
@@ -321,13 +323,16 @@ def summarise(rows: list[dict]) -> list[dict]:
     return rows
 
 
-def write_results(rows: list[dict], out: Path) -> None:
+NOTE = ("random weights, batch 1, T2V; total_s is extrapolated from the timed steps (see each row's extrapolation); "
+        "compile times are reported apart and not in total_s")
+
+
+def write_results(rows: list[dict], out: Path, *, note: str = NOTE) -> None:
     """Writes the rows with device, command and date to out, replacing the (shape, config) rows
     of an existing file of the same device; written whole, then renamed, so a kill leaves no half file."""
     device = next((r["device"] for r in rows if "device" in r), "unknown")
     record = dict(device=device, command="python " + " ".join(sys.argv), date=datetime.date.today().isoformat(),
-                  note="random weights, batch 1, T2V; total_s is extrapolated from the timed steps (see each row's "
-                       "extrapolation); compile times are reported apart and not in total_s", rows=rows)  # fmt: skip
+                  note=note, rows=rows)  # fmt: skip
     if out.is_file():  # merge: runs split across calls land in one file
         old = json.loads(out.read_text())
         if old.get("device") == device:
@@ -342,10 +347,16 @@ def write_results(rows: list[dict], out: Path) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shapes", default="1.3b-480p-81f,14b-720p-81f", help=f"comma list of {list(SHAPES)}")
-    parser.add_argument("--configs", default=",".join(CONFIGS), help=f"comma list of {list(CONFIGS)}")
+    parser.add_argument("--shapes", help=f"comma list of {list(SHAPES)} (default 1.3b-480p-81f,14b-720p-81f; "
+                                         "--preset lightx2v: 14b-720p-81f)")  # fmt: skip
+    parser.add_argument("--configs", help=f"comma list of {list(CONFIGS)} (default all; --preset lightx2v: dense,radial)")
     parser.add_argument("--steps", type=int, default=2,
                         help="timed steps per compiled program, after one compiling call (default %(default)s)")
+    parser.add_argument("--preset", choices=("lightx2v",),
+                        help="time `radial-jax generate --preset lightx2v` end to end instead: 4 distilled steps, "
+                             "guidance 1, bf16 and f32 VAE decode, no extrapolation (see benchmarks/fast_generate.py)")
+    parser.add_argument("--repeats", type=int, default=2,
+                        help="--preset: timed runs of the 4 steps after the compiling one (default %(default)s)")
     parser.add_argument("--radial-impl", default="pallas",
                         help="radial_attention implementation (default %(default)s; 'auto' may fall back to the "
                              "slow jnp reference silently)")  # fmt: skip
@@ -361,9 +372,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.preset:
+        from fast_generate import main as fast_main
+
+        return fast_main(args)
     if args.dry_run:
         args.shapes, args.radial_impl = "tiny", "reference"
-    shapes, configs = args.shapes.split(","), list(dict.fromkeys(args.configs.split(",")))
+    shapes = (args.shapes or "1.3b-480p-81f,14b-720p-81f").split(",")
+    configs = list(dict.fromkeys((args.configs or ",".join(CONFIGS)).split(",")))
     if args.worker:
         if str(REPO) not in sys.path:
             sys.path.insert(0, str(REPO))
