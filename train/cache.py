@@ -25,7 +25,7 @@ import hashlib
 import json
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -34,7 +34,7 @@ import numpy as np
 from models import t5
 from models.wan import pipeline
 from models.wan import vae as vae_lib
-from train.video import MODES, TARGET_FPS, VIDEO_SUFFIXES, VideoError, pick_windows, read_video
+from train.video import MODES, TARGET_FPS, VIDEO_SUFFIXES, VideoError, iter_windows
 
 FORMAT = "radial-jax/latent-cache"
 FORMAT_VERSION = 1
@@ -263,32 +263,47 @@ def _finished(out: Path, vid: str) -> dict | None:
 
 
 def _encode_video(out: Path, source: Source, config: PrepareConfig, encoders: Encoders) -> dict:
-    """Decodes, picks windows, encodes and writes one video's samples and its record."""
+    """Decodes one video window by window, encodes and writes each as a sample, then its record.
+    A video that fails part-way leaves none of its samples behind."""
     from safetensors.numpy import save_file
 
+    vid, context, samples = video_id(source), None, []
+    windows = iter_windows(source.video, width=config.width, height=config.height, length=config.frames,
+                           mode=config.mode, windows=config.windows)  # fmt: skip
     try:
-        frames, source_fps = read_video(source.video, width=config.width, height=config.height,
-                                        max_frames=config.frames if config.mode == "head" else None)  # fmt: skip
+        for number, (window, frames) in enumerate(_decoding_errors(windows)):
+            if context is None:  # once a video, and only for one that decodes
+                context = _encode_caption(encoders, source.caption)
+            pixels = jnp.asarray(frames, jnp.float32)[None] / 127.5 - 1.0  # [1, F, H, W, 3] in [-1, 1]
+            latents = np.asarray(vae_lib.encode(encoders.vae, pixels)[0], np.float32)
+            sample_id = f"{vid}-{number:03d}"
+            file = f"{SAMPLES_DIR}/{sample_id}.safetensors"
+            metadata = {"source": source.name, "caption": source.caption, "frames": f"{window[0]}:{window[-1] + 1}"}
+            _atomic(out / file, lambda tmp: save_file({"latents": latents, "context": context}, str(tmp), metadata))
+            samples.append({"id": sample_id, "file": file, "window": number,
+                            "frames": [int(window[0]), int(window[-1]) + 1], "text_tokens": int(context.shape[0])})
     except VideoError:
+        for sample in samples:
+            (out / sample["file"]).unlink(missing_ok=True)
         raise
-    except Exception as e:  # a decoder or image library failing on odd input: this video's problem only
-        raise VideoError(f"cannot decode ({type(e).__name__}: {e})") from None
-    windows = pick_windows(len(frames), config.frames, config.mode, config.windows)
-    context = _encode_caption(encoders, source.caption)
-    vid = video_id(source)
-    samples = []
-    for number, window in enumerate(windows):
-        sample_id = f"{vid}-{number:03d}"
-        video = jnp.asarray(frames[window], jnp.float32)[None] / 127.5 - 1.0  # [1, F, H, W, 3] in [-1, 1]
-        latents = np.asarray(vae_lib.encode(encoders.vae, video)[0], np.float32)
-        file = f"{SAMPLES_DIR}/{sample_id}.safetensors"
-        metadata = {"source": source.name, "caption": source.caption, "frames": f"{window[0]}:{window[-1] + 1}"}
-        _atomic(out / file, lambda tmp: save_file({"latents": latents, "context": context}, str(tmp), metadata))
-        samples.append({"id": sample_id, "file": file, "window": number, "frames": [int(window[0]), int(window[-1]) + 1],
-                        "text_tokens": int(context.shape[0])})  # fmt: skip
-    record = {"source": source.name, "source_fps": source_fps, "frames_at_16fps": len(frames), "samples": samples}
+    record = {"source": source.name, "samples": samples}
     _write_json(out / VIDEOS_DIR / f"{vid}.json", record)
     return record
+
+
+def _decoding_errors(windows: Iterator) -> Iterator:
+    """The windows; a decoder or image library failing on odd input becomes this video's
+    VideoError (errors of the encoders, between the windows, still stop the run)."""
+    while True:
+        try:
+            item = next(windows)
+        except StopIteration:
+            return
+        except VideoError:
+            raise
+        except Exception as e:
+            raise VideoError(f"cannot decode ({type(e).__name__}: {e})") from None
+        yield item
 
 
 def _encode_caption(encoders: Encoders, caption: str) -> np.ndarray:

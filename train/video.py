@@ -1,19 +1,20 @@
 """Videos for training: decode, resample to Wan's 16 fps, pick frame windows, resize and crop;
 and a synthetic dataset of moving shapes for tests and the demo.
 
-    frames, fps = read_video("clip.mp4", width=832, height=480)    # uint8 [n, 480, 832, 3] at 16 fps
-    windows = pick_windows(len(frames), length=81, mode="chunked")  # [[0..80], [81..161], ...]
+    for window, frames in iter_windows("clip.mp4", width=832, height=480, length=81, mode="chunked"):
+        ...   # window: int [81] indices into the 16 fps clip; frames: uint8 [81, 480, 832, 3]
 
 Decoding goes through imageio-ffmpeg (ffmpeg's own decoders: mp4, webm, mov, ...), one frame at
-a time: each kept frame is resized as soon as it is decoded, so memory holds the resampled clip at
-the target size, never the source at full resolution. Resampling uses the nominal frame rate
-(a variable-rate video is treated as constant-rate): output frame k, at time k / 16 s, is the
-source frame on screen at that time, floor(k * source_fps / 16). Slower sources repeat frames,
-faster ones drop them.
+a time: a frame is resized as soon as it is decoded and kept only while a window still needs it,
+so memory holds about one window at the target size, never the source at full resolution nor
+a whole long video. Resampling uses the nominal frame rate (a variable-rate video is treated as
+constant-rate): output frame k, at time k / 16 s, is the source frame on screen at that time,
+floor(k * source_fps / 16). Slower sources repeat frames, faster ones drop them.
 """
 
 import contextlib
 import dataclasses
+import itertools
 import math
 import warnings
 from collections.abc import Iterator
@@ -100,6 +101,61 @@ def read_video(
     if not frames:
         raise VideoError("no frames could be decoded")
     return np.stack(frames), source_fps
+
+
+def iter_windows(
+    path: str | Path, *, width: int, height: int, length: int, mode: str, windows: int = 1
+) -> Iterator[tuple[np.ndarray, UInt8[np.ndarray, "L H W 3"]]]:
+    """Yields (indices into the 16 fps clip, int [length]; the window's frames, uint8 [length,
+    height, width, 3]) for each window pick_windows chooses, in order.
+
+    Decodes the video once (uniform first counts its frames with a decode-only ffmpeg pass) and
+    holds only frames of windows not yet complete: memory is about one window whatever the
+    video's length. Raises VideoError for an unreadable video or one shorter than one window.
+    """
+    path = Path(path)
+    if mode == "uniform":
+        planned = iter(pick_windows(_count_resampled(path), length, mode, windows))
+    elif mode == "head":
+        planned = iter([np.arange(length)])
+    elif mode == "chunked":
+        planned = (np.arange(start, start + length) for start in itertools.count(0, length))
+    else:
+        raise ValueError(f"mode={mode!r} must be one of {MODES}")
+    window, kept, decoded_frames, yielded = next(planned), {}, 0, 0
+    with contextlib.closing(_resampled_frames(path, TARGET_FPS)) as decoded:
+        for i, (frame, _) in enumerate(decoded):
+            decoded_frames = i + 1
+            if i >= window[0]:  # windows come in order of start: earlier frames are never needed again
+                kept[i] = resize_center_crop(frame, width, height)
+            if i == window[-1]:
+                yield window, np.stack([kept[j] for j in window])
+                yielded += 1
+                window = next(planned, None)
+                if window is None:
+                    break
+                kept = {j: f for j, f in kept.items() if j >= window[0]}
+    if not yielded:
+        raise VideoError(f"too short: {decoded_frames} frames at {TARGET_FPS} fps, needs {length}")
+
+
+def _count_resampled(path: Path) -> int:
+    """Returns the number of frames the video has at 16 fps (ffmpeg decodes it once, discarding)."""
+    import imageio_ffmpeg
+
+    fps = _source_fps(path)
+    try:
+        count, _ = imageio_ffmpeg.count_frames_and_secs(str(path))
+    except (OSError, RuntimeError) as e:
+        raise VideoError(f"ffmpeg cannot count its frames ({_ffmpeg_reason(e)})") from None
+    return len(resample_indices(count, fps))
+
+
+def _source_fps(path: Path) -> float:
+    with contextlib.closing(_resampled_frames(path, TARGET_FPS)) as decoded:
+        for _, fps in decoded:
+            return fps
+    raise VideoError("no frames could be decoded")
 
 
 def _resampled_frames(path: Path, target_fps: float) -> Iterator[tuple[np.ndarray, float]]:

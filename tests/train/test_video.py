@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from train.video import (
-    ShapeClip, VideoError, pick_windows, read_video, resample_indices, resize_center_crop, shape_clip_frames,
+    ShapeClip, VideoError, iter_windows, pick_windows, read_video, resample_indices, resize_center_crop, shape_clip_frames,
     write_mp4, write_synthetic_dataset,
 )  # fmt: skip
 
@@ -60,6 +60,30 @@ def test_pick_windows_head_uniform_chunked():
 def test_pick_windows_refuses_a_clip_shorter_than_one_window():
     with pytest.raises(VideoError, match="too short: 8 frames at 16 fps, needs 9"):
         pick_windows(8, 9, "uniform", windows=2)
+
+
+@pytest.mark.parametrize("length, mode, windows, starts", [
+    (5, "head", 1, [0]),
+    (5, "chunked", 1, [0, 5, 10, 15]),
+    (9, "uniform", 4, [0, 4, 7, 11]),  # overlapping windows: starts round(linspace(0, 20 - 9, 4))
+])  # fmt: skip
+def test_iter_windows_decodes_the_picked_windows(tmp_path, length, mode, windows, starts):
+    path = _numbered_clip(tmp_path / "numbered.mp4", 30, 24.0)  # 20 frames at 16 fps
+    resampled = resample_indices(30, 24.0)
+    got = list(iter_windows(path, width=48, height=32, length=length, mode=mode, windows=windows))
+    assert [w[0] for w, _ in got] == starts == [w[0] for w in pick_windows(20, length, mode, windows)]
+    for window, frames in got:
+        assert frames.shape == (length, 32, 48, 3)
+        assert _source_indices(frames) == resampled[window].tolist()
+    assert _source_indices(got[-1][1]) == {"head": [0, 1, 3, 4, 6], "chunked": [22, 24, 25, 27, 28],
+                                           "uniform": [16, 18, 19, 21, 22, 24, 25, 27, 28]}[mode]  # fmt: skip
+
+
+def test_iter_windows_refuses_a_clip_shorter_than_one_window(tmp_path):
+    path = _numbered_clip(tmp_path / "numbered.mp4", 30, 24.0)
+    for mode in ("head", "chunked", "uniform"):
+        with pytest.raises(VideoError, match="too short: 20 frames at 16 fps, needs 21"):
+            list(iter_windows(path, width=48, height=32, length=21, mode=mode))
 
 
 def test_resize_center_crop_keeps_the_middle_of_a_wide_frame():
