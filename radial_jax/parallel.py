@@ -14,7 +14,9 @@ Two raggednesses are handled inside:
   and dropped after. Zero heads produce zeros; they cost (P*ceil(N/P) - N)/N extra work.
 """
 
+import dataclasses
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -40,6 +42,61 @@ def sequence_parallel_size(mesh=None, axis: str = SEQUENCE_AXIS) -> int:
     return 1 if mesh is None else dict(mesh.shape).get(axis, 1)
 
 
+@dataclasses.dataclass(frozen=True)
+class TokenSharding:
+    """Where activations [B, L, ...] live: L over mesh axis `axis`, B over `batch_axes`."""
+
+    mesh: Any
+    axis: str
+    batch_axes: tuple[str, ...]
+
+    @property
+    def shards(self) -> int:
+        """Returns P, the number of devices along the token axis."""
+        return dict(self.mesh.shape)[self.axis]
+
+    @property
+    def spec(self) -> PartitionSpec:
+        """Returns the PartitionSpec of a [B, L, ...] activation."""
+        return PartitionSpec(self.batch_axes or None, self.axis)
+
+    def check_batch(self, batch: int) -> None:
+        sizes = dict(self.mesh.shape)
+        shards = int(np.prod([sizes[name] for name in self.batch_axes]))
+        if batch % shards:
+            raise ValueError(f"batch={batch} must be a multiple of the batch axes {self.batch_axes} "
+                             f"({shards} shards); pass batch_axes=() to replicate the batch")
+
+    def shard_map(self, fn, in_specs, out_specs):
+        """Returns fn under shard_map, manual over the token and batch axes only.
+
+        Other mesh axes stay automatic. jit because eager shard_map refuses automatic axes; inside
+        an outer jit it is inlined. check_vma=False: pallas_call's outputs carry no varying-axes
+        type; shard_map then sums the cotangent of an operand replicated over a manual axis
+        (cross-attention's k, v), which is the right transpose.
+        """
+        return jax.jit(jax.shard_map(fn, mesh=self.mesh, in_specs=in_specs, out_specs=out_specs,
+                                     axis_names=frozenset({self.axis, *self.batch_axes}), check_vma=False))
+
+
+def token_sharding(mesh=None, *, axis: str = SEQUENCE_AXIS, batch_axes: Sequence[str] | None = None) -> TokenSharding:
+    """Returns the token sharding over `axis` of mesh (default: the active mesh).
+
+    batch_axes: the mesh axes that shard B (default: every other mesh axis of size > 1; pass ()
+    to replicate B).
+    """
+    mesh = active_mesh() if mesh is None else mesh
+    if mesh is None or axis not in mesh.axis_names:
+        raise ValueError(f"sequence parallelism needs a mesh with a {axis!r} axis (jax.set_mesh(mesh) or mesh=), "
+                         f"got {None if mesh is None else mesh.axis_names}")
+    sizes = dict(mesh.shape)
+    if batch_axes is None:
+        batch_axes = tuple(name for name in mesh.axis_names if name != axis and sizes[name] > 1)
+    if axis in batch_axes:
+        raise ValueError(f"batch_axes={tuple(batch_axes)} must not contain the sequence axis {axis!r}")
+    return TokenSharding(mesh, axis, tuple(batch_axes))
+
+
 def sequence_parallel(
     attend: Attend,
     *,
@@ -53,30 +110,16 @@ def sequence_parallel(
     attend(q, k, v) -> out computes attention over the whole sequence for any number of
     heads, each head independently ([B, L, n, D] -> [B, L, n, D], e.g. radial_attention with
     a fixed block mask for length L). The returned function takes q, k, v sharded (or not) on
-    L over mesh axis `axis` and returns out sharded the same way. mesh defaults to the active
-    mesh (`jax.set_mesh`). batch_axes: the mesh axes that shard B (default: every other mesh
-    axis of size > 1; pass () to replicate B). valid_len: tokens at or past it are padding (the
-    caller padded L to a multiple of P): attend never sees them and their output rows are 0.
+    L over mesh axis `axis` and returns out sharded the same way. mesh, batch_axes: see
+    `token_sharding`. valid_len: tokens at or past it are padding (the caller padded L to a
+    multiple of P): attend never sees them and their output rows are 0.
     """
-    mesh = active_mesh() if mesh is None else mesh
-    if mesh is None or axis not in mesh.axis_names:
-        raise ValueError(f"sequence_parallel needs a mesh with a {axis!r} axis (jax.set_mesh(mesh) or mesh=), "
-                         f"got {None if mesh is None else mesh.axis_names}")
-    sizes = dict(mesh.shape)
-    if batch_axes is None:
-        batch_axes = tuple(name for name in mesh.axis_names if name != axis and sizes[name] > 1)
-    batch_axes = tuple(batch_axes)
-    if axis in batch_axes:
-        raise ValueError(f"batch_axes={batch_axes} must not contain the sequence axis {axis!r}")
-    batch_shards = int(np.prod([sizes[name] for name in batch_axes]))
-    parallel = sizes[axis]
-    spec = PartitionSpec(batch_axes or None, axis)
+    sharding = token_sharding(mesh, axis=axis, batch_axes=batch_axes)
+    parallel = sharding.shards
 
     def run(q, k, v):
         batch, length, heads, _ = q.shape
-        if batch % batch_shards:
-            raise ValueError(f"batch={batch} must be a multiple of the batch axes {batch_axes} "
-                             f"({batch_shards} shards); pass batch_axes=() to replicate the batch")
+        sharding.check_batch(batch)
         real_len = length if valid_len is None else valid_len
         if not 0 < real_len <= length:
             raise ValueError(f"valid_len={valid_len} must be in [1, {length}] (the sequence length)")
@@ -89,16 +132,31 @@ def sequence_parallel(
             out = _ulysses(attend, qkv_shard, axis, real_len)
             return out[:, :, :heads]
 
-        # Manual over the sequence and batch axes only: other mesh axes stay automatic. jit because
-        # eager shard_map refuses automatic axes; inside an outer jit this one is inlined.
-        # check_vma=False: pallas_call's outputs carry no varying-axes type. It is safe here since
-        # every input and output is split over every manual axis (no replicated operand whose
-        # transpose would need a psum).
-        out = jax.jit(jax.shard_map(
-            local, mesh=mesh, in_specs=PartitionSpec(None, *spec), out_specs=spec,
-            axis_names=frozenset({axis, *batch_axes}), check_vma=False,
-        ))(qkv)
+        out = sharding.shard_map(local, PartitionSpec(None, *sharding.spec), sharding.spec)(qkv)
         return out[:, :length]
+
+    return run
+
+
+def sequence_parallel_cross(
+    attend: Attend, *, mesh=None, axis: str = SEQUENCE_AXIS, batch_axes: Sequence[str] | None = None
+) -> Attend:
+    """Returns attend(q, k, v) with q [B, L, N, D] sharded on L and k, v [B, T, N, D] replicated.
+
+    For attention to a short context (text tokens): every device attends its own queries to the
+    whole context, no communication forward; the backward sums k's and v's gradients over the
+    token axis. L must be a multiple of P (pad it, as for self-attention).
+    """
+    sharding = token_sharding(mesh, axis=axis, batch_axes=batch_axes)
+    context_spec = PartitionSpec(sharding.batch_axes or None)
+
+    def run(q, k, v):
+        sharding.check_batch(q.shape[0])
+        if q.shape[1] % sharding.shards:
+            raise ValueError(f"q has {q.shape[1]} tokens, not a multiple of the {sharding.shards} devices on "
+                             f"{axis!r}; pad the tokens first")
+        specs = (sharding.spec, context_spec, context_spec)
+        return sharding.shard_map(attend, specs, sharding.spec)(q, k, v)
 
     return run
 

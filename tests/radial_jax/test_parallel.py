@@ -10,7 +10,9 @@ import pytest
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
 from radial_jax import radial_attention, radial_block_mask
-from radial_jax.parallel import sequence_parallel, sequence_parallel_attention, sequence_parallel_size
+from radial_jax.parallel import (
+    sequence_parallel, sequence_parallel_attention, sequence_parallel_cross, sequence_parallel_size,
+)
 
 BLOCK = 16  # tokens per mask block: small, so that a short sequence has many blocks
 HEADS = 6  # not a multiple of 4 or 8: exercises head padding
@@ -146,3 +148,17 @@ def test_sequence_parallel_size_reads_the_active_mesh():
     with jax.set_mesh(_mesh(4, data=2)):
         assert sequence_parallel_size() == 4
     assert sequence_parallel_size(_mesh(2)) == 2
+
+
+def test_cross_attention_to_a_replicated_context_equals_single_device_and_sums_context_grads():
+    mesh = _mesh(4, data=2)
+    (q, _, _), d_out = _qkv(128)
+    (k, v, _), _ = _qkv(9)  # 9 context tokens, replicated over `sequence`
+
+    def dense(q, k, v):
+        return jax.nn.dot_product_attention(q, k, v)
+
+    expected = _attention_and_grads(dense, (q, k, v), d_out)
+    got = _attention_and_grads(sequence_parallel_cross(dense, mesh=mesh), (q, k, v), d_out)
+    for name, a, b in zip(("out", "dq", "dk", "dv"), got, expected):
+        np.testing.assert_allclose(a, b, atol=2e-6, rtol=0, err_msg=name)
