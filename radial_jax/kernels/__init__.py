@@ -3,16 +3,22 @@
 `block_sparse_attention` picks the kernel: Mosaic GPU (TMA + wgmma) on Hopper for 128-token
 blocks in bf16/f16, else the Triton-lowered twin (any CUDA GPU, or the CPU in interpret mode).
 Both loop over the same index tables (tables.py) and return the row logsumexp beside the
-output. Gradients go through jax.custom_vjp.
+output. Gradients go through jax.custom_vjp. Every tunable of every kernel travels as one
+frozen `KernelTuning` (common.py).
 """
 
+import dataclasses
 import functools
 
 import jax
 import numpy as np
 
 from radial_jax.kernels import mosaic_bwd, mosaic_fwd, triton_bwd, triton_fwd
+from radial_jax.kernels.common import KernelTuning, MosaicBwdTuning, MosaicTuning, TritonTuning
 from radial_jax.kernels.tables import BlockTables, block_tables
+
+__all__ = ["BACKENDS", "KernelTuning", "MosaicBwdTuning", "MosaicTuning", "TritonTuning", "block_sparse_attention",
+           "default_backend"]
 
 BACKENDS = ("mosaic", "triton", "interpret")
 
@@ -30,12 +36,14 @@ def default_backend(q_dtype, head_dim: int, block_size: int) -> str:
 
 
 def block_sparse_attention(q, k, v, block_mask: np.ndarray, *, block_size: int, scale: float | None = None,
-                           return_lse: bool = False, backend: str | None = None):
+                           return_lse: bool = False, backend: str | None = None,
+                           tuning: KernelTuning | None = None):
     """Returns out [B, L, N, D] (and lse [B, N, L], natural log, if return_lse).
 
     q: [batch, seq_q, heads, head_dim]; k, v: [batch, seq_kv, heads, head_dim];
     block_mask: static bool numpy [ceil(seq_q/B), ceil(seq_kv/B)]. Rows with no key block
-    give zeros and lse = -inf.
+    give zeros and lse = -inf. tuning: the kernels' tunables (None: KernelTuning()'s defaults),
+    forward and backward alike.
     """
     head_dim = q.shape[-1]
     scale = float(head_dim**-0.5 if scale is None else scale)
@@ -45,35 +53,50 @@ def block_sparse_attention(q, k, v, block_mask: np.ndarray, *, block_size: int, 
     if backend == "mosaic" and (reason := mosaic_fwd.supported(q.dtype, head_dim, block_size)):
         raise NotImplementedError(f"mosaic kernel: {reason}")
     tables = block_tables(block_mask, block_size, q.shape[1], k.shape[1])
-    out, lse = _attention(q, k, v, tables, scale, backend)
+    static = _Static(tables, scale, backend, KernelTuning() if tuning is None else tuning)
+    out, lse = _attention(q, k, v, static)
     return (out, lse) if return_lse else out
 
 
-def _forward(q, k, v, tables: BlockTables, scale: float, backend: str):
-    if backend == "mosaic":
-        return mosaic_fwd.mosaic_forward(q, k, v, tables=tables, scale=scale)
-    return triton_fwd.triton_forward(q, k, v, tables=tables, scale=scale, interpret=backend == "interpret")
+@dataclasses.dataclass(frozen=True)
+class _Static:
+    """What the custom_vjp closes over: fixed at trace time, hashable."""
+
+    tables: BlockTables
+    scale: float
+    backend: str
+    tuning: KernelTuning
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
-def _attention(q, k, v, tables, scale, backend):
-    return _forward(q, k, v, tables, scale, backend)
+def _forward(q, k, v, static: _Static):
+    if static.backend == "mosaic":
+        return mosaic_fwd.mosaic_forward(q, k, v, tables=static.tables, scale=static.scale,
+                                         tuning=static.tuning.mosaic_fwd)
+    return triton_fwd.triton_forward(q, k, v, tables=static.tables, scale=static.scale,
+                                     interpret=static.backend == "interpret", tuning=static.tuning.triton_fwd)
 
 
-def _attention_fwd(q, k, v, tables, scale, backend):
-    out, lse = _forward(q, k, v, tables, scale, backend)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _attention(q, k, v, static):
+    return _forward(q, k, v, static)
+
+
+def _attention_fwd(q, k, v, static):
+    out, lse = _forward(q, k, v, static)
     return (out, lse), (q, k, v, out, lse)
 
 
-def _attention_bwd(tables, scale, backend, residuals, cotangents):
+def _attention_bwd(static: _Static, residuals, cotangents):
     """Backward kernels: O(L) memory; the forward's lse and delta = rowsum(dO * O) - dlse."""
     q, k, v, out, lse = residuals
     d_out, d_lse = cotangents
     d_out = d_out.astype(q.dtype)
-    if backend == "mosaic":
-        return mosaic_bwd.mosaic_backward(q, k, v, out, lse, d_out, d_lse, tables=tables, scale=scale)
-    return triton_bwd.triton_backward(q, k, v, out, lse, d_out, d_lse, tables=tables, scale=scale,
-                                      interpret=backend == "interpret")
+    args = (q, k, v, out, lse, d_out, d_lse)
+    if static.backend == "mosaic":
+        return mosaic_bwd.mosaic_backward(*args, tables=static.tables, scale=static.scale,
+                                          tuning=static.tuning.mosaic_bwd)
+    return triton_bwd.triton_backward(*args, tables=static.tables, scale=static.scale,
+                                      interpret=static.backend == "interpret", tuning=static.tuning.triton_bwd)
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)

@@ -18,34 +18,20 @@ count, index maps that read the tables from GMEM; only the memory warpgroup eval
 Pipeline tiles are smaller than mask blocks (64 vs 128 tokens) to keep the accumulators in
 registers, so step t of a row visits tile (ids[t // r] * r + t % r), r = 128 / tile.
 Ragged ends need no masks: TMA zero-fills reads past the end and clips writes, padded keys are
-zeros (their ds * k terms vanish) and padded query rows have q = dO = delta = 0.
+zeros (their ds * k terms vanish) and padded query rows have q = dO = delta = 0. Lengths that
+are not a multiple of 8 are zero-padded up to one first, as in the forward (mosaic_fwd.py).
 """
 
-import dataclasses
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
+from radial_jax.kernels.common import COMPUTE_WGS, LOG2_E, MASK_BLOCK, MosaicBwdTuning, seq_multiple, unpad_seq
 from radial_jax.kernels.tables import BlockTables
 
-LOG2_E = math.log2(math.e)
-COMPUTE_WGS = 2
-MASK_BLOCK = 128
-
-
-@dataclasses.dataclass(frozen=True)
-class MosaicBwdTuning:
-    block_q_dq: int = 64  # query rows per warpgroup in the dq kernel
-    block_kv_dq: int = 64  # key tile streamed by the dq pipeline
-    block_q_dkv: int = 64  # query tile streamed by the dk/dv pipeline
-    block_kv_dkv: int = 64  # key rows per warpgroup in the dk/dv kernel
-    max_concurrent_steps: int = 2
-    # One kernel with dq by TMA reduce-add (head_dim % 128 == 0). Off: on the H100 it ran the
-    # backward at ~430 on-block TFLOP/s where the split kernels ran ~505 (benchmarks/NOTES.md).
-    fused: bool = False
+__all__ = ["MosaicBwdTuning", "dkv_kernel", "dq_kernel", "fused_kernel", "mosaic_backward", "row_statistics"]
 
 
 @functools.partial(jax.jit, static_argnames=("tables", "scale", "tuning"))
@@ -53,14 +39,18 @@ def mosaic_backward(q, k, v, out, lse, d_out, d_lse, *, tables: BlockTables, sca
                     tuning: MosaicBwdTuning = MosaicBwdTuning()):
     """Returns (dq, dk, dv). q, out, d_out: [B, L, N, D]; k, v: [B, M, N, D]; lse, d_lse: [B, N, L]."""
     assert COMPUTE_WGS * tuning.block_q_dq == MASK_BLOCK == COMPUTE_WGS * tuning.block_kv_dkv == tables.block_size
+    q_len, kv_len = q.shape[1], k.shape[1]
+    assert (q_len, kv_len) == (tables.q_len, tables.kv_len), "tables built for other lengths"
     lse2, delta = row_statistics(out, lse, d_out, d_lse, tables)
-    args = (q, k, v, d_out, lse2, delta)
+    args = (seq_multiple(q), seq_multiple(k), seq_multiple(v), seq_multiple(d_out), lse2, delta)
     if tuning.fused and q.shape[-1] % (COMPUTE_WGS * 64) == 0:
         if jax.__version_info__ < (0, 11):  # 0.10 cannot pass the accumulator Ref through plgpu.kernel
             raise NotImplementedError(f"the fused Mosaic backward needs jax >= 0.11, not {jax.__version__}")
-        return fused_kernel(*args, tables=tables, scale=scale, tuning=tuning)
-    return (dq_kernel(*args, tables=tables, scale=scale, tuning=tuning),
-            *dkv_kernel(*args, tables=tables, scale=scale, tuning=tuning))
+        dq, dk, dv = fused_kernel(*args, tables=tables, scale=scale, tuning=tuning)
+    else:
+        dq = dq_kernel(*args, tables=tables, scale=scale, tuning=tuning)
+        dk, dv = dkv_kernel(*args, tables=tables, scale=scale, tuning=tuning)
+    return unpad_seq(dq, q_len), unpad_seq(dk, kv_len), unpad_seq(dv, kv_len)
 
 
 def row_statistics(out, lse, d_out, d_lse, tables: BlockTables):

@@ -8,30 +8,21 @@ blocks are never loaded.
 
 Ragged lengths are handled in the kernel: TMA zero-fills reads past the end and clips writes;
 keys past seq_kv are masked in the one step that needs it (the ragged key block is the last
-in every row's list, see tables.py); the lse output is padded to whole blocks and sliced.
+in every row's list, see tables.py); the lse output is padded to whole blocks and sliced. A
+length that is not a multiple of 8 (TMA_SEQ_MULTIPLE) is zero-padded up to one first, since the
+TMA cannot address it; Wan's lengths are multiples of 8 and take no copy.
 """
 
-import dataclasses
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
+from radial_jax.kernels.common import COMPUTE_WGS, LN_2, LOG2_E, MASK_BLOCK, MosaicTuning, seq_multiple, unpad_seq
 from radial_jax.kernels.tables import BlockTables
 
-LOG2_E = math.log2(math.e)
-LN_2 = math.log(2.0)
-COMPUTE_WGS = 2  # compute warpgroups per CTA
-MASK_BLOCK = 128  # tokens per mask block this kernel serves: COMPUTE_WGS x block_q
-
-
-@dataclasses.dataclass(frozen=True)
-class MosaicTuning:
-    block_q: int = 64  # query rows per compute warpgroup (wgmma M)
-    block_kv: int = 128  # keys per pipeline step; equals the mask block
-    num_stages: int = 2  # K/V ring depth; 3 gave no gain on H100 (shared/GPU.md)
+__all__ = ["MosaicTuning", "mosaic_forward", "supported"]
 
 
 def supported(q_dtype, head_dim: int, block_size: int) -> str | None:
@@ -56,6 +47,8 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
 
     batch, q_len, heads, head_dim = q.shape
     kv_len = k.shape[1]
+    assert (q_len, kv_len) == (tables.q_len, tables.kv_len), "tables built for other lengths"
+    q, k, v = seq_multiple(q), seq_multiple(k), seq_multiple(v)
     dtype = q.dtype
     block_q, block_kv, stages = tuning.block_q, tuning.block_kv, tuning.num_stages
     assert COMPUTE_WGS * block_q == MASK_BLOCK == block_kv == tables.block_size
@@ -196,10 +189,10 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
             jax.ShapeDtypeStruct((batch, heads, num_q_tiles * MASK_BLOCK), jnp.float32),
         ],
         scratch_types=scratch,
-        grid=(heads, num_q_tiles, batch),  # heads fastest: best measured order (shared/GPU.md)
+        grid=(heads, num_q_tiles, batch),  # heads fastest: best measured order (benchmarks/NOTES.md)
         grid_names=("heads", "q_seq", "batch"),
         num_threads=COMPUTE_WGS + 1,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
     )(q, k, v, kv_ids, counts)
-    return out, lse[..., :q_len]
+    return unpad_seq(out, q_len), lse[..., :q_len]

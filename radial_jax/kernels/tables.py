@@ -9,6 +9,7 @@ import dataclasses
 import functools
 import hashlib
 
+import jax.numpy as jnp
 import numpy as np
 
 
@@ -101,3 +102,14 @@ def _row_lists(mask: np.ndarray, *, ragged_last: bool) -> tuple[np.ndarray, np.n
     pad = np.arange(width)[None, :] >= counts[:, None]
     ids = np.where(pad, np.where(counts[:, None] > 0, last_real[:, None], 0), order)
     return ids.astype(np.int32), counts
+
+
+def packed_table(ids: np.ndarray, counts: np.ndarray):
+    """Returns int32 [rows, 2^k]: per row (count, ids..., zero padding), one row per Triton program.
+
+    ids: [rows, width] (kv_ids or q_ids), counts: [rows]. The width is a power of 2 because a
+    Triton block's shape must be one.
+    """
+    width = 1 << ids.shape[1].bit_length()  # the next power of 2 >= 1 + ids' width
+    table = jnp.zeros((ids.shape[0], width), jnp.int32).at[:, 0].set(jnp.asarray(counts))
+    return table.at[:, 1 : 1 + ids.shape[1]].set(jnp.asarray(ids))

@@ -12,16 +12,14 @@ dk and dv; padded rows of the outputs are sliced off.
 """
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from radial_jax.kernels.tables import BlockTables
+from radial_jax.kernels.common import LOG2_E, TritonTuning
+from radial_jax.kernels.tables import BlockTables, packed_table
 from radial_jax.kernels.triton_fwd import block_of_tile, default_tile, tile_start
-
-LOG2_E = math.log2(math.e)
 
 
 def _dot(a, b, contract_a, contract_b, precision):
@@ -76,15 +74,9 @@ def _dkv_kernel(table_ref, k_ref, v_ref, q_ref, do_ref, lse_ref, delta_ref, dk_r
     dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
-def _packed(ids, counts):
-    width = pl.next_power_of_2(1 + ids.shape[1])
-    table = jnp.zeros((ids.shape[0], width), jnp.int32).at[:, 0].set(jnp.asarray(counts))
-    return table.at[:, 1 : 1 + ids.shape[1]].set(jnp.asarray(ids))
-
-
-@functools.partial(jax.jit, static_argnames=("tables", "scale", "interpret", "num_warps", "num_stages"))
+@functools.partial(jax.jit, static_argnames=("tables", "scale", "interpret", "tuning"))
 def triton_backward(q, k, v, out, lse, d_out, d_lse, *, tables: BlockTables, scale: float,
-                    interpret: bool = False, num_warps: int = 4, num_stages: int = 1):
+                    interpret: bool = False, tuning: TritonTuning = TritonTuning(num_warps=4, num_stages=1)):
     """Returns (dq, dk, dv) of block-sparse attention.
 
     q, out, d_out: [B, L, N, D]; k, v: [B, M, N, D]; lse, d_lse: [B, N, L] (natural log).
@@ -103,7 +95,7 @@ def triton_backward(q, k, v, out, lse, d_out, d_lse, *, tables: BlockTables, sca
     q, d_out = pad_seq(q, qb), pad_seq(d_out, qb)
     k, v = pad_seq(k, kb), pad_seq(v, kb)
     lse, delta = pad_row(finite_lse), pad_row(delta)
-    params = dict(compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+    params = dict(compiler_params=pltriton.CompilerParams(num_warps=tuning.num_warps, num_stages=tuning.num_stages),
                   interpret=interpret)
 
     tile = default_tile(q.dtype, head_dim, block, interpret)
@@ -114,7 +106,7 @@ def triton_backward(q, k, v, out, lse, d_out, d_lse, *, tables: BlockTables, sca
     row_full = pl.BlockSpec((None, None, qb * block), lambda h, i, b: (b, h, 0))
     table_row = lambda width: pl.BlockSpec((None, width), lambda h, i, b: (block_of_tile(i, per_block), 0))
 
-    kv_table = _packed(tables.kv_ids, tables.kv_counts)
+    kv_table = packed_table(tables.kv_ids, tables.kv_counts)
     dq = pl.pallas_call(
         functools.partial(_dq_kernel, scale=scale, block=block, tile=tile),
         grid=(heads, qb * per_block, batch),
@@ -125,7 +117,7 @@ def triton_backward(q, k, v, out, lse, d_out, d_lse, *, tables: BlockTables, sca
         **params,
     )(kv_table, q, d_out, lse, delta, k, v)
 
-    q_table = _packed(tables.q_ids, tables.q_counts)
+    q_table = packed_table(tables.q_ids, tables.q_counts)
     dk, dv = pl.pallas_call(
         functools.partial(_dkv_kernel, scale=scale, block=block, tile=tile),
         grid=(heads, kb * per_block, batch),

@@ -7,16 +7,13 @@ it runs at about half the speed of the Mosaic kernel (the Triton lowering issues
 """
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from radial_jax.kernels.tables import BlockTables
-
-LOG2_E = math.log2(math.e)
-LN_2 = math.log(2.0)
+from radial_jax.kernels.common import LN_2, LOG2_E, TritonTuning
+from radial_jax.kernels.tables import BlockTables, packed_table
 
 
 def _forward_kernel(table_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, scale, block, tile, kv_len, ragged):
@@ -76,14 +73,6 @@ def tile_start(table_ref, step, block: int, tile: int):
     return table_ref[1 + jax.lax.div(step, per_block)] * block + jax.lax.rem(step, per_block) * tile
 
 
-def packed_kv_table(tables: BlockTables) -> jax.Array:
-    """Returns int32 [QB, 2^k]: per query block (count, kv ids..., padding); Triton blocks are powers of 2."""
-    width = pl.next_power_of_2(1 + tables.kv_ids.shape[1])
-    table = jnp.zeros((tables.num_q_blocks, width), jnp.int32)
-    table = table.at[:, 0].set(jnp.asarray(tables.kv_counts))
-    return table.at[:, 1 : 1 + tables.kv_ids.shape[1]].set(jnp.asarray(tables.kv_ids))
-
-
 def default_tile(dtype, head_dim: int, block: int, interpret: bool) -> int:
     """Returns the kernel tile: the whole block, or 64 tokens where 128 x D tiles overflow shared memory."""
     if interpret or block <= 64 or (jnp.dtype(dtype).itemsize <= 2 and head_dim <= 128):
@@ -91,9 +80,9 @@ def default_tile(dtype, head_dim: int, block: int, interpret: bool) -> int:
     return 64
 
 
-@functools.partial(jax.jit, static_argnames=("tables", "scale", "interpret", "num_warps", "num_stages"))
+@functools.partial(jax.jit, static_argnames=("tables", "scale", "interpret", "tuning"))
 def triton_forward(q, k, v, *, tables: BlockTables, scale: float, interpret: bool = False,
-                   num_warps: int = 4, num_stages: int = 2):
+                   tuning: TritonTuning = TritonTuning(num_warps=4, num_stages=2)):
     """Returns (out [B, L, N, D] in q.dtype, lse [B, N, L] float32, natural log).
 
     q: [batch, seq_q, heads, head_dim]; k, v: [batch, seq_kv, heads, head_dim]. Sequences are
@@ -107,7 +96,7 @@ def triton_forward(q, k, v, *, tables: BlockTables, scale: float, interpret: boo
     qb, kb = tables.num_q_blocks, tables.num_kv_blocks
     pad = lambda x, n: jnp.pad(x, ((0, 0), (0, n * block - x.shape[1]), (0, 0), (0, 0)))
     q, k, v = pad(q, qb), pad(k, kb), pad(v, kb)
-    table = packed_kv_table(tables)
+    table = packed_table(tables.kv_ids, tables.kv_counts)
     tile = default_tile(q.dtype, head_dim, block, interpret)
     per_block = block // tile
     kernel = functools.partial(_forward_kernel, scale=scale, block=block, tile=tile, kv_len=kv_len,
@@ -129,7 +118,7 @@ def triton_forward(q, k, v, *, tables: BlockTables, scale: float, interpret: boo
             jax.ShapeDtypeStruct(q.shape, q.dtype),
             jax.ShapeDtypeStruct((batch, heads, qb * block), jnp.float32),
         ],
-        compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        compiler_params=pltriton.CompilerParams(num_warps=tuning.num_warps, num_stages=tuning.num_stages),
         interpret=interpret,
         name="radial_block_sparse_fwd_triton",
     )(table, q, k, v)

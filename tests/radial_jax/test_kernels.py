@@ -46,6 +46,24 @@ def _masks(q_len, kv_len, block):
     return masks
 
 
+# (seq_q, seq_kv): residues mod 8 of 0..7 on both sides; mod 128: 0, 1, 2, 4, 7, 8, 61, 62, 64,
+# 67, 72, 104, 127 (below 64 the second warpgroup's rows lie wholly past the end); tiny lengths
+# (1, 7, 8); q and kv apart in both directions.
+RAGGED_LENGTHS = [(1, 1), (7, 7), (129, 129), (258, 258), (195, 195), (4100, 4100), (189, 189), (318, 318),
+                  (383, 383), (192, 320), (8, 1000), (1000, 7), (4100, 257), (257, 4100), (61, 130), (256, 200)]
+
+
+def _ragged_mask(seed, q_len, kv_len, block):
+    """A random mask holding the ragged last key block in every other row, row 1 empty where there are 3+ rows."""
+    qb, kb = -(-q_len // block), -(-kv_len // block)
+    mask = _random_mask(seed, qb, kb, 0.5)
+    mask[::2, -1] = True
+    mask[1::2, 0] = True
+    if qb >= 3:
+        mask[1] = False
+    return mask
+
+
 class KernelChecks:
     """Forward of block_sparse_attention vs attention_reference (f32 HIGHEST) on one backend."""
 
@@ -55,12 +73,14 @@ class KernelChecks:
     cases = [(1000, 1000, 3, 64, 2), (512, 768, 1, 128, 1), (1560, 1560, 12, 64, 1)]
     dtypes = (jnp.float32, jnp.bfloat16)
     grad_case = (1000, 1000, 2, 64, 2)
+    ragged_lengths = RAGGED_LENGTHS
+    ragged_dtype = jnp.float32
 
     def tolerance(self, dtype):
         # f32: <= 2e-5 of the output scale catches a wrong block or a missing rescale.
         return 2e-5 if dtype == jnp.float32 else 2e-2
 
-    def check(self, q_len, kv_len, heads, head_dim, batch, dtype, mask):
+    def check(self, q_len, kv_len, heads, head_dim, batch, dtype, mask, tolerance=None):
         q, k, v = _qkv(q_len + heads, batch, q_len, kv_len, heads, head_dim, dtype)
         out, lse = block_sparse_attention(q, k, v, mask, block_size=self.block, return_lse=True,
                                           backend=self.backend)
@@ -71,7 +91,8 @@ class KernelChecks:
         assert not jnp.isnan(out).any() and not jnp.isnan(lse).any()
         scale = float(jnp.abs(ref_out).max())
         err = float(jnp.abs(f32(out) - ref_out).max())
-        assert err <= self.tolerance(dtype) * scale, (err, scale)
+        tolerance = self.tolerance(dtype) if tolerance is None else tolerance
+        assert err <= tolerance * scale, (err, scale, q_len, kv_len)
         finite = jnp.isfinite(ref_lse)
         assert bool((finite == jnp.isfinite(lse)).all())
         lse_err = float(jnp.abs(jnp.where(finite, lse - ref_lse, 0.0)).max())
@@ -99,7 +120,9 @@ class KernelChecks:
     def test_gradients_match_reference(self, mask_name):
         q_len, kv_len, heads, head_dim, batch = self.grad_case
         mask = _masks(q_len, kv_len, self.block)[mask_name]
-        dtype = self.dtypes[0]
+        self.check_gradients(q_len, kv_len, heads, head_dim, batch, self.dtypes[0], mask)
+
+    def check_gradients(self, q_len, kv_len, heads, head_dim, batch, dtype, mask, tolerance=None):
         q, k, v = _qkv(5, batch, q_len, kv_len, heads, head_dim, dtype)
         weights = jax.random.normal(jax.random.key(7), (batch, q_len, heads, head_dim), jnp.float32)
         f32 = lambda x: x.astype(jnp.float32)
@@ -115,14 +138,29 @@ class KernelChecks:
 
         grads = jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
         ref_grads = jax.grad(ref_loss, argnums=(0, 1, 2))(f32(q), f32(k), f32(v))
+        tolerance = self.grad_tolerance(dtype) if tolerance is None else tolerance
         for name, g, r in zip("qkv", grads, ref_grads):
-            assert g.dtype == dtype and not jnp.isnan(g).any(), name
+            assert g.shape == r.shape and g.dtype == dtype and not jnp.isnan(g).any(), name
             err = float(jnp.abs(f32(g) - r).max())
-            assert err <= self.grad_tolerance(dtype) * float(jnp.abs(r).max()), (name, err)
+            assert err <= tolerance * float(jnp.abs(r).max()), (name, err, q_len, kv_len)
         empty = ~mask.any(axis=1)
         if empty.any():
             rows = np.repeat(empty, self.block)[:q_len]
             assert bool((grads[0][:, rows] == 0).all())
+
+    # f32 bounds as above; f16 (10 mantissa bits) keeps a missed or doubled row in sight.
+    RAGGED_TOLERANCE = {jnp.float32: (2e-5, 1e-4), jnp.float16: (5e-3, 5e-3)}
+
+    def test_any_length_forward_and_gradients_match_reference(self):
+        """Lengths with every residue mod 8 and the mod-128 cases that matter (a warpgroup's 64 rows
+        wholly or partly past the end), tiny ones, and seq_q != seq_kv: forward, lse and gradients."""
+        dtype = self.ragged_dtype
+        out_tol, grad_tol = self.RAGGED_TOLERANCE[dtype]
+        for i, (q_len, kv_len) in enumerate(self.ragged_lengths):
+            mask = _ragged_mask(i, q_len, kv_len, self.block)
+            head_dim, batch = (64, 2) if i % 3 == 0 else (128, 1)
+            self.check(q_len, kv_len, 2, head_dim, batch, dtype, mask, tolerance=out_tol)
+            self.check_gradients(q_len, kv_len, 2, head_dim, batch, dtype, mask, tolerance=grad_tol)
 
     def test_custom_scale(self):
         q, k, v = _qkv(9, 1, 256, 256, 2, 64, self.dtypes[-1])
@@ -140,6 +178,8 @@ class TestInterpret(KernelChecks):
     cases = [(1000, 1000, 3, 64, 2), (200, 520, 1, 128, 1), (1560, 1560, 12, 64, 1)]
     block = 128
     grad_case = (1000, 1000, 2, 64, 1)
+    # Every residue mod 8 on one side or the other, at sizes interpret mode runs in seconds.
+    ragged_lengths = [(1, 7), (195, 258), (260, 189), (318, 200)]
 
     def test_kernel_block_64_ragged(self):
         mask = radial_block_mask(10, 100, block_size=64)
@@ -219,6 +259,7 @@ class TestTritonGPU(KernelChecks):
 class TestMosaicGPU(KernelChecks):
     backend = "mosaic"
     dtypes = (jnp.bfloat16, jnp.float16)
+    ragged_dtype = jnp.float16
     cases = [(1000, 1000, 3, 64, 2), (512, 768, 1, 128, 1), (1560, 1560, 12, 128, 1)]
 
     grad_case = (1560, 1560, 3, 128, 2)

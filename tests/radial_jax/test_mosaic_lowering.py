@@ -10,11 +10,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.extend.core import jaxprs_in_params
 
 from radial_jax.kernels import mosaic_bwd, mosaic_fwd
 from radial_jax.kernels.tables import block_tables
 
-CASES = [(1000, 1000, 3, 128), (512, 768, 1, 64), (1560, 1000, 2, 128)]  # (q_len, kv_len, heads, head_dim)
+# (q_len, kv_len, heads, head_dim); the last two are not multiples of 8 (the TMA's row tiling).
+CASES = [(1000, 1000, 3, 128), (512, 768, 1, 64), (1560, 1000, 2, 128), (4100, 257, 2, 128), (7, 129, 1, 64)]
 
 
 def _lowered_text(fn, *shapes) -> str:
@@ -69,3 +71,28 @@ def test_fused_backward_refuses_jax_0_10_with_a_message():
         jax.eval_shape(lambda *a: mosaic_bwd.mosaic_backward(*a, tables=tables, scale=0.1,
                                                              tuning=mosaic_bwd.MosaicBwdTuning(fused=True)),
                        q, kv, kv, q, rows, q, rows)  # fmt: skip
+
+
+def _sequence_copies(jaxpr) -> int:
+    """Counts pad/slice equations on 4-d [B, L, N, D] arrays outside the kernels, nested jaxprs included."""
+    count = 0
+    for eqn in getattr(jaxpr, "jaxpr", jaxpr).eqns:
+        if eqn.primitive.name in ("pad", "slice") and eqn.outvars[0].aval.ndim == 4:
+            count += 1
+        if eqn.primitive.name != "pallas_call":
+            count += sum(_sequence_copies(sub) for sub in jaxprs_in_params(eqn.params))
+    return count
+
+
+@pytest.mark.parametrize("lengths", [(32760, 32760), (1000, 4100), (4100, 1000), (4100, 257)])
+def test_only_lengths_off_the_tma_tiling_are_padded(lengths):
+    # Wan's lengths (multiples of 8) must reach the kernels with no copy; another length costs one
+    # pad per input on its axis and one slice per output.
+    q_len, kv_len = lengths
+    tables, q, kv, rows = _setup(q_len, kv_len, 2, 128)
+    fwd = jax.make_jaxpr(lambda q, k, v: mosaic_fwd.mosaic_forward(q, k, v, tables=tables, scale=0.1))(q, kv, kv)
+    bwd = jax.make_jaxpr(lambda *a: mosaic_bwd.mosaic_backward(*a, tables=tables, scale=0.1))(q, kv, kv, q, rows,
+                                                                                              q, rows)  # fmt: skip
+    q_off, kv_off = q_len % 8 != 0, kv_len % 8 != 0
+    assert _sequence_copies(fwd) == 2 * q_off + 2 * kv_off  # q and out; k and v
+    assert _sequence_copies(bwd) == 3 * q_off + 4 * kv_off  # q, dO and dq; k, v, dk and dv

@@ -1,0 +1,72 @@
+"""What the kernel files share: numeric constants, the Mosaic kernels' CTA shape, the padding of
+lengths the TMA cannot take, and the one tuning argument (`KernelTuning`) that
+`block_sparse_attention` and `radial_attention` pass down to whichever kernel runs.
+"""
+
+import dataclasses
+import math
+
+import jax.numpy as jnp
+
+LOG2_E = math.log2(math.e)  # exp(x) = exp2(x * LOG2_E): the kernels keep logits in log2 units
+LN_2 = math.log(2.0)
+MASK_BLOCK = 128  # tokens per mask block the Mosaic kernels serve: COMPUTE_WGS x 64 rows
+COMPUTE_WGS = 2  # compute warpgroups per Mosaic CTA
+# Rows of the 8-row shared-memory tiling: a TMA copy needs the sequence axis of its GMEM array to
+# be a multiple of it (or shorter), so other lengths are zero-padded up to one (seq_multiple).
+TMA_SEQ_MULTIPLE = 8
+
+
+@dataclasses.dataclass(frozen=True)
+class MosaicTuning:
+    """The Mosaic forward (mosaic_fwd.py)."""
+
+    block_q: int = 64  # query rows per compute warpgroup (wgmma M)
+    block_kv: int = 128  # keys per pipeline step; equals the mask block
+    num_stages: int = 2  # K/V ring depth; 3 gave no gain on the H100 (benchmarks/NOTES.md)
+
+
+@dataclasses.dataclass(frozen=True)
+class MosaicBwdTuning:
+    """The Mosaic backward (mosaic_bwd.py)."""
+
+    block_q_dq: int = 64  # query rows per warpgroup in the dq kernel
+    block_kv_dq: int = 64  # key tile streamed by the dq pipeline
+    block_q_dkv: int = 64  # query tile streamed by the dk/dv pipeline
+    block_kv_dkv: int = 64  # key rows per warpgroup in the dk/dv kernel
+    max_concurrent_steps: int = 2  # 3 ran 5-6% slower on the H100 (benchmarks/NOTES.md)
+    # One kernel with dq by TMA reduce-add (head_dim % 128 == 0). Off: on the H100 it ran the
+    # backward at ~430 on-block TFLOP/s where the split kernels ran ~505 (benchmarks/NOTES.md).
+    fused: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class TritonTuning:
+    """One Triton-lowered kernel (triton_fwd.py, triton_bwd.py): Triton's launch parameters."""
+
+    num_warps: int = 4
+    num_stages: int = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelTuning:
+    """Every tunable of the kernels as one frozen, hashable value (a static argument of jit and of
+    the custom_vjp); each backend reads its own fields. Defaults: benchmarks/attention.py on the H100."""
+
+    mosaic_fwd: MosaicTuning = MosaicTuning()
+    mosaic_bwd: MosaicBwdTuning = MosaicBwdTuning()
+    triton_fwd: TritonTuning = TritonTuning(num_warps=4, num_stages=2)
+    triton_bwd: TritonTuning = TritonTuning(num_warps=4, num_stages=1)
+
+
+def seq_multiple(x, multiple: int = TMA_SEQ_MULTIPLE):
+    """Returns x [B, L, ...] zero-padded along L to a multiple of `multiple`; x itself (no copy) if it is one."""
+    extra = -x.shape[1] % multiple
+    if not extra:
+        return x
+    return jnp.pad(x, ((0, 0), (0, extra)) + ((0, 0),) * (x.ndim - 2))
+
+
+def unpad_seq(x, length: int):
+    """Returns x [B, L', ...] cut to L = length along axis 1; x itself if L' == L."""
+    return x if x.shape[1] == length else x[:, :length]
