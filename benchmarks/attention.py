@@ -1,14 +1,17 @@
 """Radial block-sparse attention vs dense baselines on one GPU, side by side in one run.
 
-    python benchmarks/attention.py [--shapes ...] [--backward [--variants ...] [--breakdown]] [--no-torch] [--out FILE]
+    python benchmarks/attention.py [--shapes ...] [--decay F] [--backward [--variants ...] [--breakdown]]
+                                   [--no-torch] [--out FILE]
 
 Times, bf16, head_dim 128, batch 1, Wan's real token counts (ragged last block): ours with the
-radial mask (decay 1.0), ours with an all-on mask, (--backward on Hopper) ours with other
-backward designs (--variants: the fused kernel, a 128-key dq tile) beside the default, cuDNN dense via
-jax.nn.dot_product_attention(implementation="cudnn"), and where torch with CUDA is importable,
-FlexAttention with the same block mask and SDPA. TFLOP/s count 4*pairs*D*H for the forward on
-the computed blocks only (ragged edge blocks exactly), and 3.5x that for forward+backward.
-Writes JSON with the device, the command and the date.
+radial mask (decay 1.0 unless --decay), ours with an all-on mask, (--backward on Hopper) ours
+with other backward designs (--variants: the fused kernel, a 128-key dq tile; each one
+`KernelTuning` through the same API) beside the default, cuDNN dense via
+jax.nn.dot_product_attention(implementation="cudnn"), and where torch with CUDA is importable
+(a child process), FlexAttention and FlashAttention-4 (benchmarks/fa4.py, where installed) with
+the same block mask, and SDPA. TFLOP/s count 4*pairs*D*H for the forward on the computed blocks
+only (ragged edge blocks exactly), and 3.5x that for forward+backward. Writes JSON with the
+device, the command and the date.
 """
 
 import argparse
@@ -25,8 +28,11 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # benchmarks/ is no package: fa4.py beside this
+import fa4  # noqa: E402
+
 from radial_jax import attention_flops, block_density, computed_token_pairs, radial_block_mask  # noqa: E402
-from radial_jax.kernels import block_sparse_attention  # noqa: E402
+from radial_jax.kernels import KernelTuning, MosaicBwdTuning, block_sparse_attention  # noqa: E402
 from radial_jax.kernels.tables import block_tables  # noqa: E402
 
 # name: (latent frames, tokens per frame, heads)
@@ -36,11 +42,12 @@ SHAPES = {
     "14b-480p-81f": (21, 1560, 40),
     "14b-720p-81f": (21, 3600, 40),
     "14b-720p-161f": (41, 3600, 40),
+    "tiny": (3, 100, 2),  # --dry-run only: the Triton twin in interpret mode on the CPU
 }
 FWD_SHAPES = "1.3b-480p-81f,14b-480p-81f,14b-720p-81f,14b-720p-161f"
 BWD_SHAPES = "1.3b-480p-81f,1.3b-480p-161f,14b-720p-81f"
 HEAD_DIM = 128
-BWD_FLOP_FACTOR = 3.5  # forward + backward counted as 3.5 forwards (shared/GPU.md convention)
+BWD_FLOP_FACTOR = 3.5  # forward + backward counted as 3.5 forwards: 2.5x for the backward's five matmuls
 
 
 def median_seconds(fn, iters: int, warmup: int = 2) -> float:
@@ -54,41 +61,17 @@ def median_seconds(fn, iters: int, warmup: int = 2) -> float:
     return statistics.median(times)
 
 
-def jax_case(q, k, v, mask, backward: bool, backend: str | None):
+def jax_case(q, k, v, mask, backward: bool, backend: str | None, tuning: KernelTuning | None = None):
     """Returns a no-argument callable running ours (forward, or value_and_grad wrt q, k, v)."""
-    attend = lambda q, k, v: block_sparse_attention(q, k, v, mask, block_size=128, backend=backend)
+    attend = lambda q, k, v: block_sparse_attention(q, k, v, mask, block_size=128, backend=backend, tuning=tuning)
     return _wrap(attend, q, k, v, backward)
 
 
-def backward_variants():
-    """{case name: MosaicBwdTuning} of the Mosaic backward designs --variants can time beside the default."""
-    from radial_jax.kernels.mosaic_bwd import MosaicBwdTuning
-
-    return {"fused_bwd": MosaicBwdTuning(fused=True), "dq_tile_128_bwd": MosaicBwdTuning(block_kv_dq=128),
-            "stages_3_bwd": MosaicBwdTuning(max_concurrent_steps=3)}
-
-
-def variant_backward_case(q, k, v, mask, tuning):
-    """value_and_grad through the Mosaic forward and the Mosaic backward with `tuning`."""
-    from radial_jax.kernels import mosaic_bwd, mosaic_fwd
-
-    tables, scale = block_tables(mask, 128, q.shape[1], k.shape[1]), HEAD_DIM**-0.5
-
-    @jax.custom_vjp
-    def attend(q, k, v):
-        return mosaic_fwd.mosaic_forward(q, k, v, tables=tables, scale=scale)[0]
-
-    def fwd(q, k, v):
-        out, lse = mosaic_fwd.mosaic_forward(q, k, v, tables=tables, scale=scale)
-        return out, (q, k, v, out, lse)
-
-    def bwd(res, d_out):
-        q, k, v, out, lse = res
-        return mosaic_bwd.mosaic_backward(q, k, v, out, lse, d_out, jnp.zeros_like(lse), tables=tables,
-                                          scale=scale, tuning=tuning)
-
-    attend.defvjp(fwd, bwd)
-    return _wrap(attend, q, k, v, True)
+def backward_variants() -> dict[str, KernelTuning]:
+    """{case name: KernelTuning} of the Mosaic backward designs --variants can time beside the default."""
+    return {"fused_bwd": KernelTuning(mosaic_bwd=MosaicBwdTuning(fused=True)),
+            "dq_tile_128_bwd": KernelTuning(mosaic_bwd=MosaicBwdTuning(block_kv_dq=128)),
+            "stages_3_bwd": KernelTuning(mosaic_bwd=MosaicBwdTuning(max_concurrent_steps=3))}
 
 
 def backward_breakdown(q, k, v, mask, iters: int, fwd_flops: float) -> dict:
@@ -160,7 +143,7 @@ def sampled_block_error(q, k, v, mask, out, rows=(0, -1), heads=4) -> float:
 
 
 def torch_cases(q_len, heads, mask, backward, iters):
-    """Returns {name: ms} for FlexAttention (same block mask) and SDPA, or {} without torch+CUDA."""
+    """Returns {name: ms} for FlexAttention and FA4 (same block mask) and SDPA, or {} without torch+CUDA."""
     try:
         import torch
         from torch.nn.attention.flex_attention import BlockMask, flex_attention
@@ -172,6 +155,7 @@ def torch_cases(q_len, heads, mask, backward, iters):
     dev = "cuda"
     shape = (1, heads, q_len, HEAD_DIM)
     q, k, v = (torch.randn(shape, device=dev, dtype=torch.bfloat16, requires_grad=backward) for _ in range(3))
+    d_out = torch.randn(shape, device=dev, dtype=torch.bfloat16)
     tables = block_tables(mask, 128, q_len, q_len)
     as_t = lambda a: torch.as_tensor(np.ascontiguousarray(a), device=dev, dtype=torch.int32)
     # FlexAttention's kv_indices are [B, H, QB, KB] (it transposes them as a dense matrix).
@@ -180,7 +164,7 @@ def torch_cases(q_len, heads, mask, backward, iters):
     kv_num = as_t(tables.kv_counts)[None, None].expand(1, heads, -1).contiguous()
     kv_idx = as_t(ids)[None, None].expand(1, heads, -1, -1).contiguous()
     zeros_num = torch.zeros_like(kv_num)
-    # Every computed block passed as a full block (no mask_mod work), as for FA4 in shared/GPU.md.
+    # Every computed block passed as a full block (no mask_mod work), as FA4 gets them (benchmarks/fa4.py).
     block_mask = BlockMask.from_kv_blocks(zeros_num, kv_idx, kv_num, kv_idx, BLOCK_SIZE=128,
                                           seq_lengths=(q_len, q_len))
     flex = torch.compile(flex_attention, dynamic=False)
@@ -188,32 +172,44 @@ def torch_cases(q_len, heads, mask, backward, iters):
         "flex": lambda: flex(q, k, v, block_mask=block_mask),
         "sdpa": lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v),
     }
+    step = (lambda fn: lambda: torch.autograd.grad(fn(), (q, k, v), d_out)) if backward else _without_grad
     results = {}
     for name, fn in runs.items():
-        step = (lambda fn=fn: fn().float().mul(1.0).sum().backward()) if backward else fn
         try:
-            for _ in range(2):
-                step()
-            torch.cuda.synchronize()
-            times = []
-            for _ in range(iters):
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                step()
-                end.record()
-                torch.cuda.synchronize()
-                times.append(start.elapsed_time(end))
-            results[name] = statistics.median(times)
+            results[name] = fa4.median_ms(step(fn), iters)
         except Exception as e:  # a baseline failing must not lose ours
             print(f"torch {name} failed: {type(e).__name__}: {e}")
+    if reason := fa4.unavailable():
+        print(f"FA4 skipped: {reason}")
+    else:  # FA4 takes [B, L, N, D], as ours
+        q4, k4, v4 = (x.detach().transpose(1, 2).contiguous().requires_grad_(backward) for x in (q, k, v))
+        try:
+            results["fa4"] = fa4.median_ms(fa4.fa4_case(q4, k4, v4, mask, backward,
+                                                        d_out.transpose(1, 2).contiguous()), iters)
+            if not backward:
+                results["fa4_max_rel_err_sampled_blocks"] = fa4.sampled_error(q4, k4, v4, mask,
+                                                                               fa4.fa4_case(q4, k4, v4, mask, False)())
+        except Exception as e:
+            print(f"torch fa4 failed: {type(e).__name__}: {e}")
+        del q4, k4, v4
     del q, k, v
     torch.cuda.empty_cache()
     return results
 
 
+def _without_grad(fn):
+    import torch
+
+    def run():
+        with torch.no_grad():
+            return fn()
+
+    return run
+
+
 def run_torch_shape(name, args):
     frames, tokens, heads = SHAPES[name]
-    mask = radial_block_mask(frames, tokens, decay_factor=1.0)
+    mask = radial_block_mask(frames, tokens, decay_factor=args.decay)
     return torch_cases(frames * tokens, heads, mask, args.backward, args.iters)
 
 
@@ -222,7 +218,8 @@ def torch_in_subprocess(names, args) -> dict:
     and the child's GPU memory is gone before JAX allocates."""
     import subprocess
 
-    cmd = [sys.executable, __file__, "--torch-only", "--shapes", ",".join(names), "--iters", str(args.iters)]
+    cmd = [sys.executable, __file__, "--torch-only", "--shapes", ",".join(names), "--iters", str(args.iters),
+           "--decay", str(args.decay)]
     cmd += ["--backward"] if args.backward else []
     proc = subprocess.run(cmd, capture_output=True, text=True)
     results = {}
@@ -238,7 +235,7 @@ def run_shape(name, args, torch_ms):
     frames, tokens, heads = SHAPES[name]
     L = frames * tokens
     start = time.perf_counter()
-    mask = radial_block_mask(frames, tokens, decay_factor=1.0)
+    mask = radial_block_mask(frames, tokens, decay_factor=args.decay)
     mask_s = time.perf_counter() - start
     start = time.perf_counter()
     block_tables(mask, 128, L, L)
@@ -250,15 +247,16 @@ def run_shape(name, args, torch_ms):
     factor = BWD_FLOP_FACTOR if args.backward else 1.0
     flops = attention_flops(pairs, heads=heads, head_dim=HEAD_DIM) * factor
     dense_flops = attention_flops(L * L, heads=heads, head_dim=HEAD_DIM) * factor
-    row = dict(shape=name, seq=L, heads=heads, density=block_density(mask),
+    row = dict(shape=name, seq=L, heads=heads, density=block_density(mask), decay=args.decay,
                mask_build_s=mask_s, tables_build_s=tables_s)
 
     cases = {"ours_radial": jax_case(q, k, v, mask, args.backward, args.backend),
-             "ours_all_on": jax_case(q, k, v, all_on, args.backward, args.backend),
-             "cudnn_dense": cudnn_case(q, k, v, args.backward)}
+             "ours_all_on": jax_case(q, k, v, all_on, args.backward, args.backend)}
+    if not args.dry_run:
+        cases["cudnn_dense"] = cudnn_case(q, k, v, args.backward)
     if args.backward and args.backend in (None, "mosaic"):
         for variant in filter(None, args.variants.split(",")):
-            cases[f"ours_radial_{variant}"] = variant_backward_case(q, k, v, mask, backward_variants()[variant])
+            cases[f"ours_radial_{variant}"] = jax_case(q, k, v, mask, True, "mosaic", backward_variants()[variant])
     for case, fn in cases.items():
         start = time.perf_counter()
         try:
@@ -297,31 +295,33 @@ def run_shape(name, args, torch_ms):
             err = jnp.abs(dense.astype(jnp.float32) - ref.astype(jnp.float32)).max()
             row["ours_all_on_max_err_vs_cudnn"] = float(err)
     del q, k, v
-    for case, ms in torch_ms.items():
-        row[f"torch_{case}_ms"] = ms
+    for case, value in torch_ms.items():
+        row[f"torch_{case}" if case.endswith("_sampled_blocks") else f"torch_{case}_ms"] = value
     whole = [k for k in row if k.endswith("_ms") and not k.startswith("bwd_")]  # a full attention call each
     for key in whole:
-        on_blocks = flops if key.startswith("ours_radial") or key == "torch_flex_ms" else dense_flops
+        on_blocks = flops if key.startswith("ours_radial") or key in ("torch_flex_ms", "torch_fa4_ms") else dense_flops
         row[key.replace("_ms", "_tflops")] = on_blocks / (row[key] * 1e-3) / 1e12
     if "cudnn_dense_ms" in row:
         for key in [k for k in whole if k != "cudnn_dense_ms"]:
             row[key.replace("_ms", "_speedup_vs_cudnn")] = row["cudnn_dense_ms"] / row[key]
+    if "torch_fa4_ms" in row and "ours_radial_ms" in row:  # the issue's target: >= 1.05 forward, >= 1.0 backward
+        row["ours_radial_speed_vs_fa4"] = row["torch_fa4_ms"] / row["ours_radial_ms"]
     return row
 
 
 def print_table(rows, backward):
     mode = "fwd+bwd" if backward else "fwd"
     print(f"\n{mode}, bf16, D={HEAD_DIM}, B=1; TFLOP/s on computed blocks (radial) or all blocks (dense)")
-    cols = ["ours_radial", "ours_all_on", "cudnn_dense", "torch_flex", "torch_sdpa"]
-    print(f"{'shape':16} {'dens':>5} " + " ".join(f"{c:>22}" for c in cols) + "  radial/cudnn")
+    cols = ["ours_radial", "torch_fa4", "ours_all_on", "cudnn_dense", "torch_flex", "torch_sdpa"]
+    print(f"{'shape':16} {'dens':>5} " + " ".join(f"{c:>22}" for c in cols) + "  radial/cudnn  radial/fa4")
     for r in rows:
         cells = []
         for c in cols:
             ms = r.get(f"{c}_ms")
             cells.append(f"{ms:9.2f} ms {r[c + '_tflops']:5.0f} TF" if ms else f"{'-':>22}")
-        speed = r.get("ours_radial_speedup_vs_cudnn")
+        speed, vs_fa4 = r.get("ours_radial_speedup_vs_cudnn"), r.get("ours_radial_speed_vs_fa4")
         print(f"{r['shape']:16} {r['density']:5.3f} " + " ".join(f"{c:>22}" for c in cells)
-              + (f"  {speed:5.2f}x" if speed else ""))
+              + (f"  {speed:11.2f}x" if speed else f"  {'-':>12}") + (f"  {vs_fa4:9.2f}x" if vs_fa4 else ""))
 
 
 def main(argv=None):
@@ -329,6 +329,7 @@ def main(argv=None):
     parser.add_argument("--shapes", help=f"comma list of {list(SHAPES)}")
     parser.add_argument("--backward", action="store_true", help="time forward+backward (value_and_grad wrt q, k, v)")
     parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--decay", type=float, default=1.0, help="radial mask decay factor (default %(default)s)")
     parser.add_argument("--backend", choices=["mosaic", "triton"], help="our kernel (default: fastest available)")
     parser.add_argument("--variants", default="fused_bwd",
                         help="with --backward on Hopper: comma list of other Mosaic backward designs to time "
@@ -339,12 +340,16 @@ def main(argv=None):
                              "dk/dv kernel alone")
     parser.add_argument("--no-torch", action="store_true", help="skip the torch baselines")
     parser.add_argument("--torch-only", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--dry-run", action="store_true",
+                        help="a tiny shape on the CPU (the Triton twin in interpret mode): checks the path in seconds")
     parser.add_argument("--out", help="JSON path (default benchmarks/results/attention[-backward]-<device>.json)")
     args = parser.parse_args(argv)
     unknown = [v for v in filter(None, args.variants.split(",")) if v not in backward_variants()]
     if unknown:
         sys.exit(f"unknown --variants {unknown}; choose from {list(backward_variants())}")
-    if not args.torch_only and jax.default_backend() != "gpu":
+    if args.dry_run:
+        args.shapes, args.backend, args.no_torch, args.iters = "tiny", "interpret", True, min(args.iters, 2)
+    elif not args.torch_only and jax.default_backend() != "gpu":
         sys.exit("benchmarks/attention.py needs a GPU")
     names = (args.shapes or (BWD_SHAPES if args.backward else FWD_SHAPES)).split(",")
     if args.torch_only:
@@ -360,6 +365,8 @@ def main(argv=None):
     device = jax.devices()[0].device_kind
     tag = "h200" if "H200" in device else "h100" if "H100" in device else device.replace(" ", "_").lower()
     out = args.out or f"benchmarks/results/attention{'-backward' if args.backward else ''}-{tag}.json"
+    if args.dry_run and not args.out:
+        return
     record = dict(device=device, command="python " + " ".join(sys.argv), date=datetime.date.today().isoformat(),
                   jax=jax.__version__, rows=rows)
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)

@@ -1,0 +1,128 @@
+"""Why a kernel's time moves between runs: every call timed alone, beside the chip's clocks and power.
+
+    python benchmarks/steadiness.py [--shape 1.3b-480p-161f] [--seconds 10] [--out FILE]
+
+Runs ours (radial mask, decay 1.0) back to back for --seconds, idles 5 s, runs it again, then
+cuDNN dense (the control: a kernel that is not ours) and ours once more, timing each call alone
+(wall clock around a blocking call) while `nvidia-smi` samples the SM clock, power, temperature
+and the reasons the clock is held down every 50 ms. If ours slows as power or temperature climb
+and cuDNN moves the same way, the spread is the chip's, not the kernel's. Writes JSON: every
+call (phase, start time, ms), every sample, and per-phase medians and quantiles.
+"""
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from radial_jax import attention_flops, computed_token_pairs, radial_block_mask  # noqa: E402
+from radial_jax.kernels import block_sparse_attention  # noqa: E402
+
+SHAPES = {"1.3b-480p-81f": (21, 1560, 12), "1.3b-480p-161f": (41, 1560, 12), "14b-720p-81f": (21, 3600, 40)}
+HEAD_DIM = 128
+SMI_FIELDS = "timestamp,clocks.sm,power.draw,temperature.gpu,clocks_event_reasons.active"
+
+
+def start_sampler(path: str):
+    """Starts nvidia-smi writing one CSV line per 50 ms to `path`; returns the process (or None)."""
+    try:
+        return subprocess.Popen(["nvidia-smi", f"--query-gpu={SMI_FIELDS}", "--format=csv,noheader,nounits",
+                                 "-lms", "50"], stdout=open(path, "w"), stderr=subprocess.DEVNULL)
+    except FileNotFoundError:
+        return None
+
+
+def read_samples(path: str) -> list[dict]:
+    samples = []
+    for line in open(path):
+        parts = [p.strip() for p in line.split(",")]
+        if len(parts) != 5:
+            continue
+        try:
+            stamp = datetime.datetime.strptime(parts[0], "%Y/%m/%d %H:%M:%S.%f").timestamp()
+            samples.append(dict(t=stamp, sm_mhz=float(parts[1]), power_w=float(parts[2]), temp_c=float(parts[3]),
+                                reasons=parts[4]))
+        except ValueError:
+            continue
+    return samples
+
+
+def timed_calls(fn, seconds: float, phase: str) -> list[dict]:
+    calls, end = [], time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        wall, start = time.time(), time.perf_counter()
+        jax.block_until_ready(fn())
+        calls.append(dict(phase=phase, t=wall, ms=(time.perf_counter() - start) * 1e3))
+    return calls
+
+
+def summary(calls: list[dict], samples: list[dict]) -> dict:
+    """Per phase: call count, median/p10/p90/min/max ms, and the median SM clock and power while it ran."""
+    out = {}
+    for phase in dict.fromkeys(c["phase"] for c in calls):
+        ms = sorted(c["ms"] for c in calls if c["phase"] == phase)
+        t0, t1 = min(c["t"] for c in calls if c["phase"] == phase), max(c["t"] for c in calls if c["phase"] == phase)
+        inside = [s for s in samples if t0 <= s["t"] <= t1]
+        q = lambda f: ms[min(len(ms) - 1, int(f * len(ms)))]
+        row = dict(calls=len(ms), median_ms=statistics.median(ms), p10_ms=q(0.1), p90_ms=q(0.9), min_ms=ms[0],
+                   max_ms=ms[-1])
+        if inside:
+            row.update(sm_mhz_median=statistics.median(s["sm_mhz"] for s in inside),
+                       sm_mhz_min=min(s["sm_mhz"] for s in inside), sm_mhz_max=max(s["sm_mhz"] for s in inside),
+                       power_w_median=statistics.median(s["power_w"] for s in inside),
+                       temp_c_max=max(s["temp_c"] for s in inside),
+                       reasons=sorted({s["reasons"] for s in inside}))
+        out[phase] = row
+    return out
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", default="1.3b-480p-161f", choices=list(SHAPES))
+    parser.add_argument("--seconds", type=float, default=10.0, help="length of each timed phase")
+    parser.add_argument("--out", default="steadiness.json")
+    args = parser.parse_args(argv)
+    if jax.default_backend() != "gpu":
+        sys.exit("benchmarks/steadiness.py needs a GPU")
+    frames, tokens, heads = SHAPES[args.shape]
+    L = frames * tokens
+    mask = radial_block_mask(frames, tokens, decay_factor=1.0)
+    q, k, v = (jax.random.normal(key, (1, L, heads, HEAD_DIM), jnp.bfloat16)
+               for key in jax.random.split(jax.random.key(0), 3))
+    ours = jax.jit(lambda q, k, v: block_sparse_attention(q, k, v, mask, block_size=128))
+    cudnn = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation="cudnn"))
+    for fn in (ours, cudnn):
+        jax.block_until_ready(fn(q, k, v))
+    smi_path = args.out + ".smi.csv"
+    sampler = start_sampler(smi_path)
+    calls = timed_calls(lambda: ours(q, k, v), args.seconds, "ours_1")
+    time.sleep(5.0)  # idle: does the first call after a pause run faster?
+    calls += timed_calls(lambda: ours(q, k, v), args.seconds, "ours_2_after_idle")
+    calls += timed_calls(lambda: cudnn(q, k, v), args.seconds, "cudnn_dense")
+    calls += timed_calls(lambda: ours(q, k, v), args.seconds, "ours_3")
+    time.sleep(0.3)
+    if sampler:
+        sampler.terminate()
+        sampler.wait()
+    samples = read_samples(smi_path) if sampler else []
+    flops = attention_flops(computed_token_pairs(mask, 128, L, L), heads=heads, head_dim=HEAD_DIM)
+    result = dict(device=jax.devices()[0].device_kind, command="python " + " ".join(sys.argv),
+                  date=datetime.date.today().isoformat(), shape=args.shape, on_block_flops=flops,
+                  summary=summary(calls, samples), calls=calls, samples=samples)
+    with open(args.out, "w") as f:
+        json.dump(result, f)
+    for phase, row in result["summary"].items():
+        print(phase, json.dumps(row))
+
+
+if __name__ == "__main__":
+    main()

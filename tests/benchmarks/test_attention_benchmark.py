@@ -1,0 +1,54 @@
+"""benchmarks/attention.py on the CPU (--dry-run: the Triton twin in interpret mode, the same timing,
+error and JSON code as the GPU run) and benchmarks/fa4.py's block lists (FA4 itself needs a GPU)."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from radial_jax import radial_block_mask
+from radial_jax.kernels import KernelTuning, MosaicBwdTuning
+
+BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("backward", [False, True], ids=["fwd", "fwd_bwd"])
+def test_dry_run_times_ours_and_writes_json(tmp_path, backward):
+    out = tmp_path / "attention.json"
+    _load("attention").main(["--dry-run", "--decay", "0.5", "--out", str(out)] + (["--backward"] if backward else []))
+    record = json.loads(out.read_text())
+    assert {"device", "command", "date", "jax", "rows"} <= set(record)
+    (row,) = record["rows"]
+    assert row["shape"] == "tiny" and row["decay"] == 0.5
+    assert row["ours_radial_ms"] > 0 and row["ours_all_on_ms"] > 0 and row["ours_radial_tflops"] > 0
+    if backward:
+        assert row["ours_radial_fwd_only_msec"] > 0
+    else:  # bf16 inputs, f32 reference: a wrong block or row would be O(1)
+        assert row["ours_radial_max_err_sampled_blocks"] < 3e-2
+
+
+def test_backward_variants_differ_from_the_default_only_in_the_mosaic_backward():
+    for tuning in _load("attention").backward_variants().values():
+        assert isinstance(tuning, KernelTuning) and tuning.mosaic_bwd != MosaicBwdTuning()
+        assert tuning == KernelTuning(mosaic_bwd=tuning.mosaic_bwd)
+
+
+@pytest.mark.parametrize("transpose", [False, True], ids=["forward", "backward"])
+def test_fa4_block_lists_hold_each_rows_blocks_ascending(transpose):
+    mask = radial_block_mask(9, 300, decay_factor=0.5)
+    mask = np.ascontiguousarray(mask.T) if transpose else mask
+    counts, ids = _load("fa4").block_lists(mask)
+    assert counts.dtype == ids.dtype == np.int32 and ids.shape == mask.shape
+    for row in range(mask.shape[0]):
+        on = np.flatnonzero(mask[row])
+        assert counts[row] == on.size
+        assert ids[row, : on.size].tolist() == on.tolist() and not ids[row, on.size :].any()
