@@ -15,6 +15,7 @@ floor(k * source_fps / 16). Slower sources repeat frames, faster ones drop them.
 import contextlib
 import dataclasses
 import itertools
+import json
 import math
 import warnings
 from collections.abc import Iterator
@@ -209,6 +210,7 @@ COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (50, 80, 230), 
            "white": (245, 245, 245), "purple": (150, 60, 200)}  # fmt: skip
 BACKGROUNDS = {"black": (10, 10, 10), "grey": (120, 120, 120), "dark blue": (15, 25, 70)}
 SHAPES = ("circle", "square")
+SYNTHETIC_MARKER = "synthetic.json"  # the settings a synthetic folder was written with
 DIRECTIONS = {"left to right": (1, 0), "right to left": (-1, 0), "top to bottom": (0, 1), "bottom to top": (0, -1)}
 
 
@@ -250,26 +252,31 @@ def write_synthetic_dataset(
     folder: str | Path, count: int, *, frames: int = 33, width: int = 192, height: int = 128, fps: float = TARGET_FPS,
     seed: int = 0,
 ) -> list[Path]:
-    """Writes `count` clips NAME.mp4 (libx264) with captions NAME.txt into `folder` (created; it
-    must not hold videos already); returns the video paths. Deterministic for a seed."""
+    """Writes `count` clips NAME.mp4 (libx264) with captions NAME.txt into `folder`, and
+    synthetic.json with these settings; returns the video paths. Deterministic for a seed. A
+    folder that already holds the same synthetic set is reused as it is (a rerun of the same
+    command); one holding other videos is refused."""
     if count < 1:
         raise ValueError(f"--synthetic {count} must be >= 1")
     if width % 2 or height % 2:
         raise ValueError(f"synthetic size {width}x{height} must be even (H.264 4:2:0)")
     folder = Path(folder)
+    settings = {"count": count, "frames": frames, "width": width, "height": height, "fps": fps, "seed": seed}
+    paths = [folder / f"shapes_{n:04d}.mp4" for n in range(count)]
+    marker = folder / SYNTHETIC_MARKER
+    if marker.is_file() and json.loads(marker.read_text()) == settings and all(p.is_file() for p in paths):
+        return paths
     if folder.is_dir() and any(p.suffix.lower() in VIDEO_SUFFIXES for p in folder.iterdir()):
-        raise ValueError(f"{folder} already holds videos; give --synthetic an empty or new folder")
+        raise ValueError(f"{folder} already holds other videos; give --synthetic an empty or new folder")
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
-    paths = []
-    for n in range(count):
+    for path in paths:
         clip = ShapeClip(SHAPES[rng.integers(len(SHAPES))], list(COLOURS)[rng.integers(len(COLOURS))],
                          list(BACKGROUNDS)[rng.integers(len(BACKGROUNDS))],
                          list(DIRECTIONS)[rng.integers(len(DIRECTIONS))])  # fmt: skip
-        path = folder / f"shapes_{n:04d}.mp4"
         write_mp4(path, shape_clip_frames(clip, frames=frames, width=width, height=height), fps)
         path.with_suffix(".txt").write_text(clip.caption + "\n")
-        paths.append(path)
+    marker.write_text(json.dumps(settings) + "\n")  # last: a killed run is not mistaken for a finished one
     return paths
 
 

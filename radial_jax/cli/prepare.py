@@ -25,7 +25,7 @@ def run(args) -> int:
         wide = 2 * round(width * SYNTHETIC_WIDER / 2)
         video.write_synthetic_dataset(args.source, args.synthetic, frames=frames + frames // 2, width=wide,
                                       height=height, seed=args.seed)  # fmt: skip
-        print(f"wrote {args.synthetic} synthetic clips (mp4 + txt, {wide}x{height}, 16 fps) to {args.source}")
+        print(f"{args.source}: {args.synthetic} synthetic clips (mp4 + txt, {wide}x{height}, 16 fps)")
     sources, skipped = cache.find_sources(args.source)
     start = time.perf_counter()
     if args.ckpt:
@@ -71,6 +71,7 @@ def add_parser(sub) -> None:
                         "non-overlapping window (default %(default)s)")  # fmt: skip
     p.add_argument("--windows", type=int, default=1, help="windows a video in --mode uniform (default %(default)s)")
     p.add_argument("--synthetic", type=int, metavar="N",
-                   help="first write N synthetic clips (moving shapes + captions) into SOURCE (new or empty)")
+                   help="first write N synthetic clips (moving shapes + captions) into SOURCE (new or empty; "
+                        "reused by a rerun of the same command)")
     p.add_argument("--seed", type=int, default=0, help="of the synthetic clips (default %(default)s)")
     p.set_defaults(func=run)

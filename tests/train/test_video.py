@@ -127,5 +127,8 @@ def test_synthetic_dataset_round_trips_through_mp4(tmp_path):
         assert fps == 16.0 and decoded.shape == expected.shape
         # H.264 at near-lossless quality: small error, far below a misplaced shape (~1/9 of the pixels off by >100)
         assert np.abs(decoded.astype(int) - expected).mean() < 3.0
-    with pytest.raises(ValueError, match="already holds videos"):
-        write_synthetic_dataset(tmp_path / "shapes", 1)
+    stamps = [p.stat().st_mtime_ns for p in paths]
+    assert write_synthetic_dataset(tmp_path / "shapes", 2, frames=17, width=64, height=48, seed=3) == paths  # reused
+    assert [p.stat().st_mtime_ns for p in paths] == stamps
+    with pytest.raises(ValueError, match="already holds other videos"):
+        write_synthetic_dataset(tmp_path / "shapes", 2, frames=17, width=64, height=48, seed=4)
