@@ -20,13 +20,15 @@ records what was trained under "radial_jax" (rank, alpha, modules, folded or not
 
 import json
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 from flax import nnx
 
-from train.lora import lora_factors, module_name
+from convert.transforms import transpose_linear
+from train.lora import LAYOUTS, lora_factors, module_name
 
 FORMATS = ("diffusers", "comfy")
 PREFIX = {"diffusers": "transformer.", "comfy": "diffusion_model."}
@@ -86,3 +88,56 @@ def export_lora(
     save_file(tensors, str(tmp), metadata=header)
     os.replace(tmp, path)
     return path
+
+
+def read_exported(path: str | Path) -> dict[str, tuple[np.ndarray, np.ndarray, float]]:
+    """Returns the factors {our module path: (down, up, alpha)} of a file export_lora wrote, in
+    either format, as trained (a folded alpha unfolded again). Raises ValueError for any other file."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path}: no such file")
+    try:
+        with safe_open(str(path), "np") as f:
+            metadata = f.metadata() or {}
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
+    except SafetensorError as e:
+        raise ValueError(f"{path}: not a readable .safetensors file ({e})") from None
+    try:
+        summary = json.loads(metadata.get("radial_jax", "null"))
+    except json.JSONDecodeError:
+        summary = None
+    if not summary or summary.get("format") not in FORMATS:
+        raise ValueError(f"{path}: not a LoRA exported by radial-jax (no radial_jax metadata); merge it with "
+                         "generate --lora instead")  # fmt: skip
+    format, trained_alpha = summary["format"], float(summary["alpha"])
+    down_key, up_key = ("lora_A", "lora_B") if format == "diffusers" else ("lora_down", "lora_up")
+    factors = {}
+    for name in tensors:
+        if not name.endswith(f".{down_key}.weight"):
+            continue
+        module = name[len(PREFIX[format]) : -len(f".{down_key}.weight")]
+        up_name = f"{PREFIX[format]}{module}.{up_key}.weight"
+        if up_name not in tensors:
+            raise ValueError(f"{path}: {name} has no {up_name}")
+        down, up = tensors[name], tensors[up_name]
+        if format == "diffusers":  # folded: up holds alpha / rank * B
+            alpha, up = trained_alpha, up * np.float32(down.shape[0] / trained_alpha)
+        else:
+            alpha = float(tensors[f"{PREFIX[format]}{module}.alpha"])
+        factors[our_path(module, LAYOUT[format])] = (down, up, alpha)
+    return factors
+
+
+def our_path(module: str, layout: str) -> str:
+    """Returns our Linear path of a module name in `layout`, the inverse of train/lora.py's
+    module_name, from the same converter table: "blocks.3.attn1.to_q" -> "blocks.3.self_attn.q"."""
+    for row in LAYOUTS[layout].TABLE:
+        if row.transform is transpose_linear:
+            pattern = re.escape(row.source.removesuffix(".weight")).replace(r"\{n\}", r"(?P<n>\d+)")
+            match = re.fullmatch(pattern, module)
+            if match:
+                target = row.target.removesuffix(".kernel")
+                return target.replace("{n}", match["n"]) if "{n}" in target else target
+    raise ValueError(f"{module} is not a Linear layer of the {layout} Wan layout")

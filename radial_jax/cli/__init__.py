@@ -10,7 +10,7 @@ import argparse
 import importlib
 import sys
 
-SUBCOMMANDS = ("mask", "demo", "convert", "generate", "prepare")  # module names under radial_jax/cli/, in --help order
+SUBCOMMANDS = ("mask", "demo", "convert", "generate", "prepare", "export")  # module names under radial_jax/cli/, in --help order
 
 
 def build_parser() -> argparse.ArgumentParser:

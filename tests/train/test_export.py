@@ -17,8 +17,10 @@ from convert.lora import merge_loras
 from models.wan import WAN_TINY, WanModel
 from models.wan.pipeline import random_weights
 from tests.wan_testing import inputs, ours_kwargs, relative_error, save_and_convert, tiny_diffusers, torch_forward
-from train.export import export_lora, lora_tensors
-from train.lora import CROSS_ATTENTION, FFN, SELF_ATTENTION, LoraConfig, apply_lora, lora_factors, lora_modules
+from train.export import export_lora, lora_tensors, our_path, read_exported
+from train.lora import (
+    CROSS_ATTENTION, FFN, SELF_ATTENTION, LoraConfig, apply_lora, linear_paths, lora_factors, lora_modules, module_name,
+)  # fmt: skip
 
 CONFIG = dataclasses.replace(WAN_TINY, num_layers=2)
 LORA = LoraConfig(rank=3, alpha=7.0, targets=SELF_ATTENTION + CROSS_ATTENTION + FFN)  # alpha != rank: a lost scale shows
@@ -132,3 +134,34 @@ def test_export_refuses_what_it_cannot_write(tmp_path):
         lora_tensors({"blocks.0.self_attn.q": one}, "kohya")
     with pytest.raises(ValueError, match="not a Linear layer"):
         lora_tensors({"blocks.0.norm3": one})
+
+
+@pytest.mark.parametrize("format", ["diffusers", "comfy"])
+def test_read_exported_gives_back_the_trained_factors(tmp_path, format):
+    trained = apply_lora(_base(), LORA, rngs=nnx.Rngs(1))
+    _perturb_b(trained)
+    want = lora_factors(trained)
+    got = read_exported(export_lora(trained, tmp_path / "a.safetensors", format=format))
+    assert sorted(got) == sorted(want)
+    for path, (down, up, alpha) in want.items():
+        np.testing.assert_array_equal(got[path][0], down)
+        np.testing.assert_allclose(got[path][1], up, rtol=1e-6)  # diffusers: folded by 7/3, unfolded by 3/7
+        assert got[path][2] == pytest.approx(alpha)
+
+
+@pytest.mark.parametrize("layout", ["diffusers", "original"])
+def test_our_path_inverts_module_name_on_every_linear(layout):
+    paths = linear_paths(_base())
+    assert len(paths) > 20
+    assert [our_path(module_name(p, layout), layout) for p in paths] == paths
+
+
+def test_read_exported_refuses_other_files(tmp_path):
+    from safetensors.numpy import save_file
+
+    save_file({"transformer.blocks.0.attn1.to_q.lora_A.weight": np.ones((2, 4), np.float32)}, str(tmp_path / "x.safetensors"))
+    with pytest.raises(ValueError, match="not a LoRA exported by radial-jax"):
+        read_exported(tmp_path / "x.safetensors")
+    (tmp_path / "y.safetensors").write_bytes(b"\x02")
+    with pytest.raises(ValueError, match="not a readable .safetensors file"):
+        read_exported(tmp_path / "y.safetensors")
