@@ -184,7 +184,7 @@ def prepare_cache(
     bar = _progress(len(sources), progress)
     try:
         for source in sources:
-            record = _finished(out, video_id(source))
+            record = _finished(out, source)
             if record is None:
                 try:
                     record = _encode_video(out, source, config, encoders)
@@ -251,15 +251,24 @@ def _describe(config: dict | None) -> str:
             f"{enc.get('ckpt') or enc.get('preset')}")  # fmt: skip
 
 
-def _finished(out: Path, vid: str) -> dict | None:
-    """Returns the record of a video an earlier run finished (all its sample files present)."""
-    path = out / VIDEOS_DIR / f"{vid}.json"
+def _finished(out: Path, source: Source) -> dict | None:
+    """Returns the record of a video an earlier run finished, if its sample files are all there
+    and the video file and caption are unchanged since."""
+    path = out / VIDEOS_DIR / f"{video_id(source)}.json"
     if not path.is_file():
         return None
     record = json.loads(path.read_text())
+    if record.get("fingerprint") != _fingerprint(source):
+        return None
     if not all((out / s["file"]).is_file() for s in record["samples"]):
         return None
     return record
+
+
+def _fingerprint(source: Source) -> dict:
+    """What a finished video's samples depend on besides the settings: its file and caption."""
+    stat = source.video.stat() if source.video.is_file() else None
+    return {"caption": source.caption, "size": stat and stat.st_size, "mtime_ns": stat and stat.st_mtime_ns}
 
 
 def _encode_video(out: Path, source: Source, config: PrepareConfig, encoders: Encoders) -> dict:
@@ -267,7 +276,7 @@ def _encode_video(out: Path, source: Source, config: PrepareConfig, encoders: En
     A video that fails part-way leaves none of its samples behind."""
     from safetensors.numpy import save_file
 
-    vid, context, samples = video_id(source), None, []
+    vid, context, samples, fingerprint = video_id(source), None, [], _fingerprint(source)
     windows = iter_windows(source.video, width=config.width, height=config.height, length=config.frames,
                            mode=config.mode, windows=config.windows)  # fmt: skip
     try:
@@ -286,7 +295,7 @@ def _encode_video(out: Path, source: Source, config: PrepareConfig, encoders: En
         for sample in samples:
             (out / sample["file"]).unlink(missing_ok=True)
         raise
-    record = {"source": source.name, "samples": samples}
+    record = {"source": source.name, "fingerprint": fingerprint, "samples": samples}
     _write_json(out / VIDEOS_DIR / f"{vid}.json", record)
     return record
 

@@ -104,6 +104,24 @@ def test_rerun_skips_finished_samples_and_redoes_a_lost_one(prepared, videos, en
     assert len(LatentDataset(out)) == 4
 
 
+def test_rerun_encodes_again_a_video_whose_caption_changed(videos, encoders, tmp_path):
+    import shutil
+
+    folder = tmp_path / "one"
+    folder.mkdir()
+    for suffix in (".mp4", ".txt"):
+        shutil.copy(videos / f"shapes_0000{suffix}", folder / f"clip{suffix}")
+    first = prepare_cache(find_sources(folder)[0], tmp_path / "cache", CONFIG, encoders, progress=False)
+    before = load_file(str(tmp_path / "cache" / json.loads(first.manifest.read_text())["samples"][0]["file"]))
+    (folder / "clip.txt").write_text("a different caption")
+    again = prepare_cache(find_sources(folder)[0], tmp_path / "cache", CONFIG, encoders, progress=False)
+    assert (again.written, again.reused) == (2, 0)
+    sample = json.loads(again.manifest.read_text())["samples"][0]
+    after = load_file(str(tmp_path / "cache" / sample["file"]))
+    assert sample["caption"] == "a different caption" and before["context"].shape != after["context"].shape
+    np.testing.assert_array_equal(before["latents"], after["latents"])
+
+
 def test_a_killed_run_leaves_only_finished_samples_and_resumes(videos, encoders, tmp_path, monkeypatch):
     out = tmp_path / "cache"
     sources, _ = find_sources(videos)
