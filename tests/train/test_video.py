@@ -132,3 +132,20 @@ def test_synthetic_dataset_round_trips_through_mp4(tmp_path):
     assert [p.stat().st_mtime_ns for p in paths] == stamps
     with pytest.raises(ValueError, match="already holds other videos"):
         write_synthetic_dataset(tmp_path / "shapes", 2, frames=17, width=64, height=48, seed=4)
+
+
+def test_a_rotated_phone_video_decodes_as_displayed(tmp_path):
+    import subprocess
+
+    import imageio_ffmpeg
+
+    video = np.zeros((8, 32, 64, 3), np.uint8)  # 64 wide x 32 tall, red strip along the left edge
+    video[:, :, :16, 0] = 255
+    write_mp4(tmp_path / "landscape.mp4", video, 16)
+    rotated = tmp_path / "portrait.mp4"  # the same stream, flagged "display rotated 90 degrees" as phones do
+    subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-loglevel", "error", "-display_rotation", "90",
+                    "-i", str(tmp_path / "landscape.mp4"), "-c", "copy", str(rotated)], check=True)  # fmt: skip
+    frames, _ = read_video(rotated, width=32, height=64)
+    red = frames[0, ..., 0].astype(int)
+    assert frames.shape == (8, 64, 32, 3)  # upright: taller than wide
+    assert red[-16:].min() >= 240 and red[:-17].max() <= 15  # counter-clockwise: the left edge is now the bottom
