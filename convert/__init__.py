@@ -64,11 +64,13 @@ def convert_checkpoint(src: str | Path, dst: str | Path, *, dtype: str = "bf16",
     return [name for name, _, _ in plans]
 
 
-def load_pipeline(path: str | Path, *, dtype: str | None = None, attention: AttentionConfig | None = None) -> Components:
+def load_pipeline(path: str | Path, *, dtype: str | None = None, attention: AttentionConfig | None = None,
+                  vae_dtype: str | None = None) -> Components:  # fmt: skip
     """Returns the generation components of a converted checkpoint folder, on the default device.
 
-    dtype: of the DiT, text and image encoders ("bf16", "f32"; default: as converted; the VAE
-    stays as converted, float32); attention: the DiT's self-attention plan (default dense).
+    dtype: of the DiT, text and image encoders ("bf16", "f32"; default: as converted); vae_dtype:
+    the VAE's (default as converted, float32; "bf16" decodes faster and adds ~1 uint8 level of
+    error, tests/models/test_vae.py); attention: the DiT's self-attention plan (default dense).
     """
     root = Path(path)
     missing = [part for part in GENERATION_PARTS if not (root / part).is_dir()]
@@ -82,7 +84,7 @@ def load_pipeline(path: str | Path, *, dtype: str | None = None, attention: Atte
             raise CheckpointError(f"{root}: an I2V DiT but no {clip.SUBFOLDER}/ (CLIP); convert the whole I2V folder")
         image_encoder = clip.load_clip(root, dtype=dtype)
     return Components(
-        dit=dit, vae=wan_vae.load_vae(root), text_encoder=umt5.load_umt5(root, dtype=dtype),
+        dit=dit, vae=wan_vae.load_vae(root, dtype=vae_dtype), text_encoder=umt5.load_umt5(root, dtype=dtype),
         tokenizer=Tokenizer.from_dir(root / umt5.TOKENIZER_SUBFOLDER, text_len=dit.config.text_len),
         image_encoder=image_encoder,
     )  # fmt: skip

@@ -36,7 +36,7 @@ WAN_NEGATIVE_PROMPT = (
     "手指融合，静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走"
 )
 FPS = 16  # Wan2.1's sample_fps
-SAMPLERS = ("unipc", "euler")
+SAMPLERS = ("unipc", "euler", "distilled")  # distilled: flow Euler at a step-distilled model's timesteps
 I2V_MASK_CHANNELS = 4  # y's leading channels: 1 where the frame is given (the first latent frame)
 BYTE_OFFSET = 3  # byte tokenizer: ids 0 pad, 1 EOS, 2 unk (umT5's), then the 256 byte values
 
@@ -73,9 +73,20 @@ def latent_shape(frames: int, height: int, width: int, channels: int) -> tuple[i
 
 
 @functools.lru_cache(maxsize=8)
-def make_sampler(name: str, num_steps: int, shift: float) -> sampler_lib.FlowEuler:
+def make_sampler(name: str, num_steps: int | None, shift: float,
+                 timesteps: tuple[float, ...] | None = None) -> sampler_lib.FlowEuler:  # fmt: skip
     """Returns the sampler; cached, so that equal settings give the same (hashable, static) object
-    and a second generate() reuses the compiled step."""
+    and a second generate() reuses the compiled step. num_steps None: 50, or for "distilled" the
+    number of its timesteps (default LightX2V's 4, sampler.LIGHTX2V_TIMESTEPS)."""
+    if timesteps is not None and name != "distilled":
+        raise ValueError(f"timesteps are the distilled sampler's; sampler={name!r} takes num_steps and shift")
+    if name == "distilled":
+        timesteps = sampler_lib.LIGHTX2V_TIMESTEPS if timesteps is None else timesteps
+        if num_steps is not None and num_steps != len(timesteps):
+            raise ValueError(f"steps={num_steps} but the distilled sampler runs one step per timestep "
+                             f"({len(timesteps)}: {list(timesteps)})")  # fmt: skip
+        return sampler_lib.distilled_sampler(timesteps, shift)
+    num_steps = sampler_lib.DEFAULT_STEPS if num_steps is None else num_steps
     if name == "unipc":
         return sampler_lib.unipc_sampler(num_steps, shift)
     if name == "euler":
@@ -174,18 +185,22 @@ def generate(
     frames: int = 81,
     height: int = 480,
     width: int = 832,
-    steps: int = sampler_lib.DEFAULT_STEPS,
+    steps: int | None = None,
     guidance: float = 5.0,
     shift: float | None = None,
     seed: int = 0,
     sampler: str = "unipc",
+    timesteps: Sequence[float] | None = None,
     free_text_encoder: bool = False,
     on_step: StepCallback | None = None,
 ) -> UInt8[np.ndarray, "Fp Hp Wp 3"]:
     """Returns the generated video, uint8 [frames, height, width, 3] (RGB, FPS frames a second).
 
     negative_prompt: None for Wan's default; image: RGB uint8 [H, W, 3], needed by (and only by)
-    an I2V DiT; shift: None for Wan's default at this size (3.0 at 480p, 5.0 at 720p);
+    an I2V DiT; steps: None for 50 (the distilled sampler: one per timestep); timesteps: the
+    distilled sampler's (None: LightX2V's [1000, 750, 500, 250]); guidance 1: one DiT pass a step,
+    the negative prompt is not encoded; shift: None for Wan's default at this size (3.0 at 480p,
+    5.0 at 720p);
     free_text_encoder: set components.text_encoder to None once the prompts are encoded.
     Deterministic for a seed on a given device and dtype.
     """
@@ -194,9 +209,11 @@ def generate(
     if components.text_encoder is None:
         raise ValueError("components.text_encoder is None (freed by an earlier generate(free_text_encoder=True)); "
                          "load the pipeline again")  # fmt: skip
-    sampler_ = make_sampler(sampler, steps, sampler_lib.default_shift(height, width) if shift is None else shift)
+    sampler_ = make_sampler(sampler, steps, sampler_lib.default_shift(height, width) if shift is None else shift,
+                            None if timesteps is None else tuple(timesteps))  # fmt: skip
     negative = WAN_NEGATIVE_PROMPT if negative_prompt is None else negative_prompt
-    context = encode_prompts(components.text_encoder, components.tokenizer, [prompt, negative])
+    prompts = [prompt] if guidance == 1.0 else [prompt, negative]  # guidance 1: cond alone, no uncond pass
+    context = encode_prompts(components.text_encoder, components.tokenizer, prompts)
     if free_text_encoder:
         components.text_encoder = None
     clip_fea, y = _image_inputs(components, image, frames, height, width)
@@ -240,17 +257,19 @@ TINY_T2V = dataclasses.replace(WAN_TINY, in_dim=vae_lib.VAE_TINY.z_dim, out_dim=
 TINY_I2V = dataclasses.replace(TINY_T2V, model_type="i2v", in_dim=2 * TINY_T2V.in_dim + I2V_MASK_CHANNELS)
 
 
-def tiny_components(*, seed: int = 0, model_type: str = "t2v", attention: AttentionConfig | None = None) -> Components:
-    """Returns the tiny preset with seeded random weights: TINY_T2V/TINY_I2V DiT, VAE_TINY,
-    UMT5_TINY, a byte tokenizer (and CLIP_TINY for "i2v"). Runs on a CPU in seconds; its videos
-    are noise."""
+def tiny_components(*, seed: int = 0, model_type: str = "t2v", attention: AttentionConfig | None = None,
+                    vae_dtype: str = "float32") -> Components:  # fmt: skip
+    """Returns the tiny preset with seeded random weights: TINY_T2V/TINY_I2V DiT, VAE_TINY (in
+    vae_dtype), UMT5_TINY, a byte tokenizer (and CLIP_TINY for "i2v"). Runs on a CPU in seconds;
+    its videos are noise."""
     dit_config = dataclasses.replace(TINY_T2V if model_type == "t2v" else TINY_I2V,
                                      attention=attention or AttentionConfig())  # fmt: skip
     if t5.UMT5_TINY.vocab_size < 256 + BYTE_OFFSET:
         raise ValueError("UMT5_TINY's vocabulary cannot hold the byte tokenizer's ids")
     return Components(
         dit=random_weights(lambda rngs: WanModel(dit_config, rngs=rngs), seed),
-        vae=random_weights(lambda rngs: vae_lib.WanVAE(vae_lib.VAE_TINY, rngs=rngs), seed + 1),
+        vae=random_weights(lambda rngs: vae_lib.WanVAE(dataclasses.replace(vae_lib.VAE_TINY, dtype=vae_dtype),
+                                                       rngs=rngs), seed + 1),  # fmt: skip
         text_encoder=random_weights(lambda rngs: t5.UMT5Encoder(t5.UMT5_TINY, rngs=rngs), seed + 2),
         tokenizer=byte_tokenizer(dit_config.text_len),
         image_encoder=random_weights(lambda rngs: clip_lib.CLIPVisionEncoder(clip_lib.CLIP_TINY, rngs=rngs), seed + 3)

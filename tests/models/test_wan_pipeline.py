@@ -112,3 +112,31 @@ def test_byte_tokenizer_round_trips_and_pads():
     ids, mask = tokenizer(["  héllo   world ", "x" * 40])
     assert ids.shape == (2, 16) and mask[0].sum() == len("héllo world".encode()) + 1 and ids[1, -1] == 1
     assert tokenizer.decode(ids[0], mask[0]) == "héllo world"
+
+
+def test_distilled_sampler_runs_one_step_per_timestep_at_its_sigmas(tiny):
+    seen = []
+    video = pipeline.generate(tiny, "a cat", frames=9, height=32, width=48, sampler="distilled", guidance=1.0,
+                              shift=5.0, on_step=lambda step, n, dense: seen.append((step, n)))  # fmt: skip
+    assert seen == [(i, 4) for i in range(4)] and video.shape == (9, 32, 48, 3)
+    sampler = pipeline.make_sampler("distilled", None, 5.0)
+    np.testing.assert_allclose(sampler.sigmas, [1.0, 0.9375, 5 / 6, 0.625, 0.0], rtol=1e-6)  # shift 5 of t/1000
+    assert pipeline.make_sampler("distilled", 2, 3.0, (1000, 500)).num_steps == 2
+
+
+@pytest.mark.parametrize("args, message", [
+    (("distilled", 50, 5.0), "steps=50 but the distilled sampler runs one step per timestep"),
+    (("euler", 4, 5.0, (1000, 750, 500, 250)), "timesteps are the distilled sampler's"),
+])  # fmt: skip
+def test_make_sampler_refuses_timesteps_it_cannot_run(args, message):
+    with pytest.raises(ValueError, match=message):
+        pipeline.make_sampler(*args)
+
+
+def test_bf16_vae_tiny_components_decode_close_to_f32():
+    latents = jnp.asarray(np.random.default_rng(0).normal(size=(1, 2, 4, 6, 16)).astype(np.float32))
+    f32 = pipeline.decode_video(pipeline.tiny_components(seed=0).vae, latents).astype(int)
+    bf16_vae = pipeline.tiny_components(seed=0, vae_dtype="bfloat16").vae
+    assert bf16_vae.decoder.conv1.kernel.get_value().dtype == jnp.bfloat16
+    difference = np.abs(pipeline.decode_video(bf16_vae, latents).astype(int) - f32)
+    assert 0 < difference.mean() <= 2 and difference.max() <= 20  # uint8 levels (tests/models/test_vae.py)
