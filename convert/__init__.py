@@ -12,7 +12,8 @@ component.py write and read our format.
 from pathlib import Path
 
 from convert import clip, umt5, wan, wan_vae
-from convert.checkpoint import TRANSFORMER_DIR, canonical_dtype, load_wan, read_config, staged_directory
+from convert.checkpoint import (TRANSFORMER_DIR, canonical_dtype, check_destination, load_wan, read_config,
+                                stale_partials, staged_directory)
 from convert.io import CheckpointError
 from models.t5 import Tokenizer
 from models.wan import AttentionConfig
@@ -50,6 +51,7 @@ def convert_checkpoint(src: str | Path, dst: str | Path, *, dtype: str = "bf16",
     """
     dtype = canonical_dtype(dtype)
     src = Path(src)
+    check_destination(Path(dst))  # before reading any source: that can take minutes for a .pth
     plans = []
     for name, find, plan, write in COMPONENTS:
         found = find(src) if src.is_dir() or name == TRANSFORMER_DIR else None
@@ -90,4 +92,4 @@ def load_pipeline(path: str | Path, *, dtype: str | None = None, attention: Atte
     )  # fmt: skip
 
 
-__all__ = ["CheckpointError", "convert_checkpoint", "load_pipeline", "load_wan", "read_config"]
+__all__ = ["CheckpointError", "convert_checkpoint", "load_pipeline", "load_wan", "read_config", "stale_partials"]

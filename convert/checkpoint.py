@@ -65,16 +65,52 @@ def mismatch_report(missing, unexpected, mismatched, *, what: str) -> str:
     return "\n".join(lines)
 
 
-@contextlib.contextmanager
-def staged_directory(dst: Path) -> Iterator[Path]:
-    """Yields an empty temporary folder beside `dst`; renames it to `dst` on success, deletes it
-    on any failure (including Ctrl-C). `dst` must not exist or be an empty folder."""
+PARTIAL_MARK = ".partial-"  # staging folders: .{dst name}.partial-{pid}-{random hex}
+
+
+def _partial_pid(folder: Path) -> int | None:
+    """Returns the pid in a staging folder's name (None for names without one)."""
+    pid, sep, _ = folder.name.rpartition(PARTIAL_MARK)[2].partition("-")
+    return int(pid) if sep and pid.isdigit() else None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def stale_partials(dst: Path) -> list[Path]:
+    """Returns the staging folders of `dst` left by conversions that were killed (SIGKILL, power
+    loss): those whose process no longer runs on this machine."""
+    dst = Path(dst)
+    if not dst.parent.is_dir():
+        return []
+    found = sorted(dst.parent.glob(f".{dst.name}{PARTIAL_MARK}*"))
+    return [p for p in found if p.is_dir() and ((pid := _partial_pid(p)) is None or not _alive(pid))]
+
+
+def check_destination(dst: Path) -> None:
+    """Raises CheckpointError unless `dst` can be converted into: absent or an empty folder."""
     dst = Path(dst)
     if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
         raise CheckpointError(f"destination {dst} exists and is not an empty folder; choose a new path or remove it")
+
+
+@contextlib.contextmanager
+def staged_directory(dst: Path) -> Iterator[Path]:
+    """Yields an empty temporary folder beside `dst`; renames it to `dst` on success, deletes it
+    on any failure (including Ctrl-C, and SIGTERM where the caller turns it into an exception).
+    `dst` must not exist or be an empty folder. A SIGKILL leaves the folder: stale_partials finds it."""
+    dst = Path(dst)
+    check_destination(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
     # mkdir, not tempfile.mkdtemp: mkdtemp makes the folder 0700, and it becomes `dst`.
-    staging = dst.parent / f".{dst.name}.partial-{secrets.token_hex(4)}"
+    staging = dst.parent / f".{dst.name}{PARTIAL_MARK}{os.getpid()}-{secrets.token_hex(4)}"
     staging.mkdir()
     try:
         yield staging

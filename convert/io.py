@@ -130,7 +130,7 @@ def read_pth(path: Path) -> Shard:
     try:
         import torch
     except ImportError:
-        raise CheckpointError(f"{path}: reading .pth needs torch (pip install torch; the CPU build "
+        raise CheckpointError(f"{path}: reading .pth needs torch (pip install -e \".[torch]\"; the CPU build "
                               "is enough), or convert the safetensors files instead") from None
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)

@@ -21,10 +21,12 @@ from convert import wan_diffusers, wan_original
 from convert.checkpoint import abstract_wan, mismatch_report, target_info, write_component_metadata
 from convert.io import CheckpointError, Shard, TensorInfo, SafetensorsWriter, iter_tensor_infos, open_shards
 from convert.transforms import Row, source_shape, transformed_shape
-from models.wan import WanConfig
+from models.wan import WAN_T2V_1_3B, WAN_T2V_14B, WanConfig
 
 LAYOUTS = (wan_original, wan_diffusers)
-WAN_HEAD_DIM = 128  # every Wan2.1 model; fixes num_heads when no config.json says it
+# Tensor shapes give the width but not how it splits into heads: the Wan2.1 sizes' head counts
+# (1.3B: 1536 = 12 x 128, 14B: 5120 = 40 x 128) fill in when no config.json says it.
+HEADS_BY_DIM = {WAN_T2V_1_3B.dim: WAN_T2V_1_3B.num_heads, WAN_T2V_14B.dim: WAN_T2V_14B.num_heads}
 NOT_DIT_PTH = re.compile(r"(^models_t5|^models_clip|vae)", re.IGNORECASE)  # other files of a Wan2.1 folder
 
 
@@ -103,14 +105,29 @@ def infer_config(layout: ModuleType, shapes: Mapping[str, tuple], config_json: M
         fields["out_dim"] = head_out // math.prod(fields["patch_size"])
     fields["model_type"] = "i2v" if layout.I2V_KEY in shapes else "t2v"
     blocks = {int(m.group(1)) for name in shapes if (m := re.match(r"blocks\.(\d+)\.", name))}
-    fields["num_layers"] = max(blocks) + 1 if blocks else 0
+    if not blocks:
+        raise CheckpointError("no blocks.N.* tensors: cannot tell the number of transformer blocks")
+    fields["num_layers"] = max(blocks) + 1
     try:
         fields.update(layout.config_fields(config_json or {}))
-        fields.setdefault("num_heads", fields["dim"] // WAN_HEAD_DIM)
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"cannot build the model config from this checkpoint: {e}") from None
+    if "num_heads" not in fields:
+        fields["num_heads"] = _heads_from_width(fields["dim"], config_json is not None)
+    try:
         fields["patch_size"] = tuple(fields["patch_size"])
         return WanConfig(**fields, param_dtype=dtype, dtype=dtype)
     except (ValueError, TypeError) as e:
         raise CheckpointError(f"cannot build the model config from this checkpoint: {e}") from None
+
+
+def _heads_from_width(dim: int, has_config: bool) -> int:
+    if dim in HEADS_BY_DIM:
+        return HEADS_BY_DIM[dim]
+    where = "its config.json does not say num_heads" if has_config else "there is no config.json beside the weights"
+    raise CheckpointError(f"the number of attention heads cannot be read from tensor shapes and {where}; dim={dim} "
+                          f"is no Wan2.1 size ({', '.join(f'{d}: {h} heads' for d, h in HEADS_BY_DIM.items())}): add "
+                          "a config.json with num_attention_heads (diffusers layout) or num_heads (original layout)")
 
 
 def expand_rows(table: Sequence[Row], num_layers: int, targets: Mapping[str, Any]) -> dict[str, Row]:

@@ -5,7 +5,7 @@ sampler with classifier-free guidance (one jitted step), VAE decode -> uint8 fra
     video = generate(components, "a cat surfing", frames=81, height=480, width=832)  # uint8 [81, 480, 832, 3]
 
 Nothing here reads files or prints: the caller loads the modules and shows progress through
-`on_step(step, num_steps, dense)`. As Wan2.1 (wan/text2video.py, image2video.py): the negative
+`on_step(step, num_steps, dense)` and `on_stage(name, seconds)`. As Wan2.1 (wan/text2video.py, image2video.py): the negative
 prompt defaults to Wan's; guidance runs the DiT twice per step (cond, then uncond; no second
 pass at guidance 1); I2V conditions on CLIP features of the image and on y = 4 mask channels
 (1 on the first latent frame) + the VAE latents of the image followed by black frames. The
@@ -14,6 +14,7 @@ noise comes from jax.random, so a seed does not reproduce the original's torch n
 
 import dataclasses
 import functools
+import time
 from collections.abc import Callable, Sequence
 
 import jax
@@ -41,6 +42,7 @@ I2V_MASK_CHANNELS = 4  # y's leading channels: 1 where the frame is given (the f
 BYTE_OFFSET = 3  # byte tokenizer: ids 0 pad, 1 EOS, 2 unk (umT5's), then the 256 byte values
 
 StepCallback = Callable[[int, int, bool], None]
+StageCallback = Callable[[str, float], None]  # (what finished, seconds it took on the device)
 
 
 @dataclasses.dataclass
@@ -193,6 +195,7 @@ def generate(
     timesteps: Sequence[float] | None = None,
     free_text_encoder: bool = False,
     on_step: StepCallback | None = None,
+    on_stage: StageCallback | None = None,
 ) -> UInt8[np.ndarray, "Fp Hp Wp 3"]:
     """Returns the generated video, uint8 [frames, height, width, 3] (RGB, FPS frames a second).
 
@@ -201,7 +204,9 @@ def generate(
     distilled sampler's (None: LightX2V's [1000, 750, 500, 250]); guidance 1: one DiT pass a step,
     the negative prompt is not encoded; shift: None for Wan's default at this size (3.0 at 480p,
     5.0 at 720p);
-    free_text_encoder: set components.text_encoder to None once the prompts are encoded.
+    free_text_encoder: set components.text_encoder to None once the prompts are encoded;
+    on_step: see denoise; on_stage(name, seconds): after the umT5 encode, the image encode (I2V)
+    and the VAE decode, each waited for on the device so that its time is its own.
     Deterministic for a seed on a given device and dtype.
     """
     dit = components.dit
@@ -213,14 +218,32 @@ def generate(
                             None if timesteps is None else tuple(timesteps))  # fmt: skip
     negative = WAN_NEGATIVE_PROMPT if negative_prompt is None else negative_prompt
     prompts = [prompt] if guidance == 1.0 else [prompt, negative]  # guidance 1: cond alone, no uncond pass
-    context = encode_prompts(components.text_encoder, components.tokenizer, prompts)
+    timed = _Timer(on_stage)
+    context = timed(f"umT5 encode ({'prompt' if len(prompts) == 1 else 'prompt, negative prompt'})",
+                    lambda: encode_prompts(components.text_encoder, components.tokenizer, prompts))
     if free_text_encoder:
         components.text_encoder = None
-    clip_fea, y = _image_inputs(components, image, frames, height, width)
+    image_inputs = functools.partial(_image_inputs, components, image, frames, height, width)
+    clip_fea, y = image_inputs() if dit.config.model_type == "t2v" else timed("image encode (CLIP, VAE)", image_inputs)
     noise = sampler_lib.initial_noise(seed, latent_shape(frames, height, width, dit.config.out_dim))
     latents = denoise(dit, sampler_, noise, context[:1], context[1:] if guidance != 1.0 else None, guidance,
                       clip_fea=clip_fea, y=y, on_step=on_step)  # fmt: skip
-    return decode_video(components.vae, latents)
+    return timed("VAE decode", lambda: decode_video(components.vae, latents))
+
+
+class _Timer:
+    """Calls a function and reports its device time to an on_stage callback (if any)."""
+
+    def __init__(self, on_stage: StageCallback | None):
+        self.on_stage = on_stage
+
+    def __call__(self, name: str, compute: Callable):
+        if self.on_stage is None:
+            return compute()
+        start = time.perf_counter()
+        result = jax.block_until_ready(compute())
+        self.on_stage(name, time.perf_counter() - start)
+        return result
 
 
 def _image_inputs(components: Components, image, frames: int, height: int, width: int):

@@ -15,7 +15,14 @@ def run(args) -> int:
 
     from radial_jax.attention import radial_attention
 
-    mask_cli.run(args)
+    png = mask_cli.check_args(args)
+    for flag in ("small_frames", "small_tokens_per_frame", "heads", "head_dim"):
+        if getattr(args, flag) < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} {getattr(args, flag)} must be >= 1")
+    geometry, block_mask, seconds = mask_cli.build_mask(args)
+    mask_cli.print_mask_summary(args, geometry, block_mask, seconds)
+    if png:
+        mask_cli.write_png(png, args, geometry, block_mask)
     small = mask_lib.radial_block_mask(args.small_frames, args.small_tokens_per_frame, block_size=args.block,
                                        decay_factor=args.decay_factor, model=args.model)
     n = args.small_frames * args.small_tokens_per_frame
@@ -46,10 +53,10 @@ def add_parser(sub) -> None:
                                    "of it), then runs radial attention on a small random problem and checks "
                                    "it against float64 dense masked attention.")
     mask_cli.add_mask_args(p, 81, 720, 1280)
-    p.add_argument("--png", default="radial_mask.png", help="picture of the mask (default %(default)s)")
+    p.add_argument("--png", default="radial_mask.png", help="picture of the mask, .png (default %(default)s)")
     p.add_argument("--small-frames", type=int, default=8, help="latent frames of the small problem")
     p.add_argument("--small-tokens-per-frame", type=int, default=200, help="tokens per latent frame of it")
-    p.add_argument("--heads", type=int, default=2)
-    p.add_argument("--head-dim", type=int, default=64)
-    p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(func=run)
+    p.add_argument("--heads", type=int, default=2, help="attention heads of it (default %(default)s)")
+    p.add_argument("--head-dim", type=int, default=64, help="head width of it (default %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed of its random q, k, v (default %(default)s)")
+    p.set_defaults(func=run, interrupted="{png} is complete or absent")

@@ -1,6 +1,9 @@
 """`radial-jax generate`: text (or image) to video with a converted Wan2.1 checkpoint, or a tiny random model."""
 
+import contextlib
 import dataclasses
+import math
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -23,88 +26,177 @@ def _parse_size(size: str) -> tuple[int, int]:
     return width, height
 
 
+MAX_SEED = 2**32 - 1  # jax.random.key keeps 32 bits without x64: larger seeds would alias smaller ones
+
+
+@dataclasses.dataclass(frozen=True)
+class Request:
+    """What `generate` was asked for, every flag checked, before anything is loaded."""
+
+    width: int
+    height: int
+    frames: int
+    steps: int
+    out: Path
+    image: np.ndarray | None
+    loras: tuple[tuple[Path, float], ...]
+    config: object  # the DiT's WanConfig (--ckpt's, or the tiny preset's)
+
+
 def run(args) -> int:
-    """Text (or image) to video: loads the components, generates, writes an mp4."""
-    defaults = CKPT_DEFAULTS if args.ckpt else TINY_DEFAULTS
-    width, height = _parse_size(args.size or defaults["size"])
-    frames = defaults["frames"] if args.frames is None else args.frames
-    steps = defaults["steps"] if args.steps is None else args.steps
-    loras = [_lora_arg(arg) for arg in args.lora]
-    if steps < 1 or args.guidance < 0:
-        raise ValueError(f"--steps {steps} must be >= 1 and --guidance {args.guidance} >= 0")
-    try:
-        import imageio.v2 as imageio  # checked first: a missing writer should not cost a whole run
-        import imageio_ffmpeg  # noqa: F401
-    except ImportError:
-        raise ValueError("writing mp4 needs imageio and imageio-ffmpeg: pip install -e \".[video]\"") from None
+    """Text (or image) to video: checks every flag, loads the components, generates, writes the video."""
+    request = check_request(args)
     from models.wan import AttentionConfig, pipeline
 
-    pipeline.check_video_size(frames, height, width)
-    image = _read_image(args.image) if args.image else None
     attention = AttentionConfig(backend=args.attention, dense_layers=args.dense_layers,
                                 dense_timesteps=args.dense_timesteps, dense_final_timesteps=args.dense_final_timesteps,
                                 decay_factor=args.decay_factor)  # fmt: skip
-    if loras:  # names and shapes against the checkpoint's config, before minutes of loading
-        _check_loras(loras, args.ckpt, image is not None)
     start = time.perf_counter()
-    components = _load_components(args, attention, image is not None)
-    if loras:
+    components = _load_components(args, attention, request.image is not None)
+    if request.loras:
         from convert.lora import merge_loras
 
-        merge_loras(components.dit, loras)
-        print("merged LoRA " + ", ".join(f"{path} (strength {strength:g})" for path, strength in loras))
-    print(f"loaded in {time.perf_counter() - start:.1f} s; generating {frames} frames at {width}x{height}, "
-          f"{steps} steps, attention {args.attention}")
+        merge_loras(components.dit, list(request.loras))
+        print("merged LoRA " + ", ".join(f"{path} (strength {strength:g})" for path, strength in request.loras))
+    print(f"loaded in {time.perf_counter() - start:.1f} s; generating {request.frames} frames at "
+          f"{request.width}x{request.height}, {request.steps} steps, attention {args.attention}")
     start = time.perf_counter()
-    with _StepBar(steps) as bar:
+    with Progress(request.steps) as progress:
         video = pipeline.generate(
-            components, args.prompt, negative_prompt=args.negative_prompt, image=image, frames=frames,
-            height=height, width=width, steps=steps, guidance=args.guidance, shift=args.shift, seed=args.seed,
-            sampler=args.sampler, free_text_encoder=True, on_step=bar.update,
+            components, args.prompt, negative_prompt=args.negative_prompt, image=request.image,
+            frames=request.frames, height=request.height, width=request.width, steps=request.steps,
+            guidance=args.guidance, shift=args.shift, seed=args.seed, sampler=args.sampler, free_text_encoder=True,
+            on_step=progress.step, on_stage=progress.stage,
         )  # fmt: skip
-    with warnings.catch_warnings():  # JAX warns on any fork; imageio's child only execs ffmpeg
-        warnings.filterwarnings("ignore", message="os.fork", category=RuntimeWarning)
-        imageio.mimwrite(args.out, list(video), fps=pipeline.FPS, codec="libx264", quality=8, macro_block_size=1,
-                         ffmpeg_log_level="error")  # fmt: skip
-    print(f"wrote {args.out}: {video.shape[0]} frames, {width}x{height}, {pipeline.FPS} fps "
+    write_video(video, request.out, pipeline.FPS)
+    print(f"wrote {request.out}: {video.shape[0]} frames, {request.width}x{request.height}, {pipeline.FPS} fps "
           f"({time.perf_counter() - start:.1f} s)" + ("; random weights: the video is noise" if not args.ckpt else ""))
     return 0
 
 
-def _check_loras(loras, ckpt: str | None, i2v: bool) -> None:
-    """Raises CheckpointError if a LoRA does not fit the DiT that --ckpt (or the tiny preset) holds."""
-    from convert.lora import lora_updates
+def check_request(args) -> Request:
+    """Returns the checked request, or raises ValueError naming the first flag that is wrong.
 
-    if ckpt:
-        from convert import read_config
+    Everything that can be known without loading weights is checked here: numbers and their
+    ranges, the output path, the image, the LoRA files, and --ckpt's config against --image,
+    --size, --dense-layers and the LoRAs.
+    """
+    defaults = CKPT_DEFAULTS if args.ckpt else TINY_DEFAULTS
+    width, height = _parse_size(args.size or defaults["size"])
+    frames = defaults["frames"] if args.frames is None else args.frames
+    steps = defaults["steps"] if args.steps is None else args.steps
+    _check_numbers(args, steps)
+    from radial_jax.cli.outputs import VIDEO_SUFFIXES, check_output_file
 
-        _, config = read_config(ckpt)
-    else:
+    out = check_output_file(args.out, "--out", VIDEO_SUFFIXES)
+    try:
+        import imageio.v2  # noqa: F401  (checked first: a missing writer should not cost a whole run)
+        import imageio_ffmpeg  # noqa: F401
+    except ImportError:
+        raise ValueError("writing a video needs imageio and imageio-ffmpeg: pip install -e \".[video]\"") from None
+    loras = tuple(_lora_arg(arg) for arg in args.lora)
+    image = _read_image(args.image) if args.image else None
+    config = _checkpoint_config(args.ckpt, image is not None)
+    from models.wan import pipeline
+
+    pipeline.check_video_size(frames, height, width, config.patch_size)
+    if args.attention == "radial" and args.dense_layers > config.num_layers:
+        raise ValueError(f"--dense-layers {args.dense_layers} is more than the DiT's {config.num_layers} blocks; "
+                         "for dense attention everywhere pass --attention dense")  # fmt: skip
+    if loras:  # names and shapes against the checkpoint's config, before minutes of loading
+        from convert.lora import lora_updates
+
+        for path, strength in loras:
+            lora_updates(path, config, strength=strength)
+    return Request(width, height, frames, steps, out, image, loras, config)
+
+
+def _check_numbers(args, steps: int) -> None:
+    """Raises ValueError naming the one numeric flag that is out of range."""
+    checks = (
+        (steps >= 1, f"--steps {steps} must be >= 1"),
+        (args.guidance >= 0 and math.isfinite(args.guidance), f"--guidance {args.guidance} must be >= 0"),
+        (args.shift is None or (args.shift > 0 and math.isfinite(args.shift)), f"--shift {args.shift} must be > 0"),
+        (0 <= args.seed <= MAX_SEED, f"--seed {args.seed} must be in 0..{MAX_SEED}"),
+        (args.decay_factor > 0 and math.isfinite(args.decay_factor), f"--decay-factor {args.decay_factor} must be > 0"),
+        (args.dense_layers >= 0, f"--dense-layers {args.dense_layers} must be >= 0"),
+        (args.dense_timesteps >= 0, f"--dense-timesteps {args.dense_timesteps} must be >= 0"),
+        (args.dense_final_timesteps >= 0, f"--dense-final-timesteps {args.dense_final_timesteps} must be >= 0"),
+    )
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(message)
+
+
+def _checkpoint_config(ckpt: str | None, i2v: bool):
+    """Returns the DiT config of --ckpt (or of the tiny preset), checked against --image."""
+    if not ckpt:
         from models.wan import pipeline
 
-        config = pipeline.TINY_I2V if i2v else pipeline.TINY_T2V
-    for path, strength in loras:
-        lora_updates(path, config, strength=strength)
+        return pipeline.TINY_I2V if i2v else pipeline.TINY_T2V
+    root = Path(ckpt)
+    if not root.exists():
+        raise ValueError(f"--ckpt {ckpt} does not exist; pass the folder radial-jax convert --dst wrote")
+    if not root.is_dir():
+        raise ValueError(f"--ckpt {ckpt} is a file; pass the folder radial-jax convert --dst wrote")
+    from convert import GENERATION_PARTS, read_config
+
+    missing = [part + "/" for part in GENERATION_PARTS if not (root / part).is_dir()]
+    if missing:
+        raise ValueError(f"--ckpt {ckpt} has no {', '.join(missing)}; convert the whole Wan2.1 folder "
+                         "(not one file): radial-jax convert --src WAN_FOLDER --dst NEW_DIR")  # fmt: skip
+    _, config = read_config(root)
+    if config.model_type == "t2v" and i2v:
+        raise ValueError(f"--image given but --ckpt {ckpt} is a text-to-video model; drop --image or use an I2V one")
+    if config.model_type == "i2v" and not i2v:
+        raise ValueError(f"--ckpt {ckpt} is an image-to-video model; pass the first frame with --image")
+    if config.model_type == "i2v" and not (root / "image_encoder").is_dir():
+        raise ValueError(f"--ckpt {ckpt} is an image-to-video model without image_encoder/; convert its whole folder")
+    return config
 
 
 def _lora_arg(arg: str) -> tuple[Path, float]:
-    """Returns (path, strength) of a --lora FILE[:STRENGTH] whose file exists."""
-    from convert.lora import parse_lora_arg
-
-    path, strength = parse_lora_arg(arg)
-    if not path.is_file() or path.suffix != ".safetensors":
-        raise ValueError(f"--lora {arg}: no such .safetensors file")
-    return path, strength
+    """Returns (path, strength) of a --lora FILE[:STRENGTH] naming an existing .safetensors file."""
+    path, strength = arg, 1.0
+    head, colon, tail = arg.rpartition(":")
+    if colon and head.lower().endswith(".safetensors"):  # FILE:STRENGTH (a colon inside a path stays)
+        path = head
+        try:
+            strength = float(tail)
+        except ValueError:
+            raise ValueError(f"--lora {arg}: strength {tail!r} is not a number (FILE[:STRENGTH], e.g. a.safetensors:0.8)") from None
+        if not math.isfinite(strength):
+            raise ValueError(f"--lora {arg}: strength {tail!r} must be a finite number")
+    if Path(path).suffix.lower() != ".safetensors":
+        raise ValueError(f"--lora {arg}: not a .safetensors file (FILE[:STRENGTH])")
+    if not Path(path).is_file():
+        raise ValueError(f"--lora {arg}: {path} does not exist")
+    return Path(path), strength
 
 
 def _read_image(path: str) -> np.ndarray:
     from PIL import Image
 
+    if not Path(path).is_file():
+        raise ValueError(f"--image {path}: no such file")
     try:
         with Image.open(path) as img:
             return np.asarray(img.convert("RGB"))
     except OSError as e:
-        raise ValueError(f"--image {path}: cannot read it ({e})") from None
+        raise ValueError(f"--image {path}: cannot read it as an image ({e})") from None
+
+
+def write_video(video: np.ndarray, out: Path, fps: int) -> None:
+    """Writes uint8 [frames, H, W, 3] to `out` (format by extension) under a temporary name, then renames."""
+    import imageio.v2 as imageio
+
+    from radial_jax.cli.outputs import replaced_atomically
+
+    with replaced_atomically(out) as partial, warnings.catch_warnings():
+        # JAX warns on any fork; imageio's child only execs ffmpeg.
+        warnings.filterwarnings("ignore", message="os.fork", category=RuntimeWarning)
+        imageio.mimwrite(partial, list(video), fps=fps, codec="libx264", quality=8, macro_block_size=1,
+                         ffmpeg_log_level="error")  # fmt: skip
 
 
 def _load_components(args, attention, i2v: bool):
@@ -123,29 +215,60 @@ def _load_components(args, attention, i2v: bool):
     return load_pipeline(args.ckpt, dtype=args.dtype, attention=attention)
 
 
-class _StepBar:
-    """A tqdm bar over sampling steps showing the last step's seconds and attention."""
+class Progress:
+    """Progress of one generation on the terminal: a line with the seconds of each stage (umT5
+    encode, image encode, VAE decode), and a tqdm bar over the sampling steps showing each step's
+    seconds and attention, marking the first step of each compiled program (dense, radial).
+    Warnings and log records raised while the bar is open print above it, not inside it."""
 
     def __init__(self, steps: int):
-        from tqdm.auto import tqdm
+        self.steps = steps
+        self.bar = None
+        self.compiled: set[bool] = set()  # which step programs (dense: True, radial: False) have run
+        self.last = time.perf_counter()
+        self._exits = contextlib.ExitStack()
 
-        self.bar = tqdm(total=steps, unit="step", desc="denoising")
+    def stage(self, name: str, seconds: float) -> None:
+        self._write(f"{name}: {seconds:.1f} s")
         self.last = time.perf_counter()
 
-    def update(self, step: int, num_steps: int, dense: bool) -> None:
+    def step(self, step: int, num_steps: int, dense: bool) -> None:
         now = time.perf_counter()
-        note = " (incl. compile)" if step == 0 else ""
+        if self.bar is None:
+            from tqdm.auto import tqdm
+
+            self.bar = self._exits.enter_context(tqdm(total=num_steps, unit="step", desc="denoising"))
+        note = "" if dense in self.compiled else " (incl. compile)"
+        self.compiled.add(dense)
         self.bar.set_postfix_str(f"{now - self.last:.2f} s/step{note}, {'dense' if dense else 'radial'}")
         self.bar.update(1)
         self.last = now
         if step + 1 == num_steps:  # before the VAE decode, which is not a step
             self.bar.close()
+            self.bar = None
+
+    def _write(self, line: str) -> None:
+        if self.bar is None:
+            print(line)
+        else:
+            self.bar.write(line)
+
+    def _show_warning(self, message, category, filename, lineno, file=None, line=None) -> None:
+        from tqdm.auto import tqdm
+
+        tqdm.write(warnings.formatwarning(message, category, filename, lineno, line).rstrip(), file=sys.stderr)
 
     def __enter__(self):
+        from tqdm.contrib.logging import logging_redirect_tqdm
+
+        self._exits.enter_context(logging_redirect_tqdm())
+        self._exits.enter_context(warnings.catch_warnings())  # restores showwarning on exit
+        warnings.showwarning = self._show_warning
         return self
 
     def __exit__(self, *exc):
-        self.bar.close()
+        self.bar = None
+        self._exits.close()
 
 
 def add_parser(sub) -> None:
@@ -168,10 +291,11 @@ def add_parser(sub) -> None:
     p.add_argument("--dense-layers", type=int, default=1, help="first N blocks stay dense (default %(default)s)")
     p.add_argument("--dense-timesteps", type=int, default=12, help="first N steps stay dense (default %(default)s)")
     p.add_argument("--dense-final-timesteps", type=int, default=0, help="last N steps stay dense (default %(default)s)")
-    p.add_argument("--decay-factor", type=float, default=0.2, help="radial window decay (default %(default)s)")
+    p.add_argument("--decay-factor", type=float, default=0.2,
+                   help="radial window decay, > 0 (default %(default)s; mask and demo default to 1.0)")
     p.add_argument("--dtype", choices=("bf16", "f32"), default="bf16", help="DiT and encoders (default %(default)s)")
     p.add_argument("--lora", action="append", default=[], metavar="FILE[:STRENGTH]",
                    help="LoRA weights (.safetensors; original, diffusers, PEFT or kohya names) merged into the DiT "
                         "before generating; repeatable; strength default 1")
-    p.add_argument("--out", default="video.mp4", help="mp4 to write (default %(default)s)")
-    p.set_defaults(func=run)
+    p.add_argument("--out", default="video.mp4", help="video to write: .mp4, .mkv, .mov or .avi (default %(default)s)")
+    p.set_defaults(func=run, interrupted="no video written to {out}")

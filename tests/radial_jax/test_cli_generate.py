@@ -1,6 +1,9 @@
 """`radial-jax generate`: the README's first command end to end (tiny preset, no checkpoint),
 deterministic mp4s of the requested size, and one-line errors for bad arguments."""
 
+import os
+import re
+import signal
 import subprocess
 import sys
 import warnings
@@ -57,16 +60,186 @@ def test_image_without_checkpoint_runs_the_tiny_i2v_preset(tmp_path):
         (["--size", "830x480"], "multiples of 16"),
         (["--size", "big"], "WIDTHxHEIGHT"),
         (["--steps", "0"], "--steps 0 must be >= 1"),
-        (["--lora", "style.safetensors:0.5"], "--lora style.safetensors:0.5: no such .safetensors file"),
-        (["--ckpt", "no/such/folder"], "convert the whole Wan2.1"),
-        (["--image", "no_such.png"], "--image no_such.png: cannot read it"),
+        (["--guidance", "-1"], "--guidance -1.0 must be >= 0"),
+        (["--shift", "0"], "--shift 0.0 must be > 0"),
+        (["--seed", "-1"], "--seed -1 must be in 0..4294967295"),
+        (["--seed", str(2**32)], "must be in 0..4294967295"),  # would alias seed 0 in jax.random.key
+        (["--decay-factor", "-1"], "--decay-factor -1.0 must be > 0"),
+        (["--decay-factor", "nan"], "--decay-factor nan must be > 0"),
+        (["--dense-timesteps", "-2"], "--dense-timesteps -2 must be >= 0"),
+        (["--dense-final-timesteps", "-1"], "--dense-final-timesteps -1 must be >= 0"),
+        (["--dense-layers", "-1"], "--dense-layers -1 must be >= 0"),
+        (["--dense-layers", "3"], "--dense-layers 3 is more than the DiT's 2 blocks"),
+        (["--lora", "style.safetensors:0.5"], "--lora style.safetensors:0.5: style.safetensors does not exist"),
+        (["--lora", "style.bin"], "--lora style.bin: not a .safetensors file"),
+        (["--ckpt", "no/such/folder"], "--ckpt no/such/folder does not exist"),
+        (["--image", "no_such.png"], "--image no_such.png: no such file"),
     ],
 )
 def test_bad_arguments_exit_nonzero_with_one_line(args, message, capsys, tmp_path):
-    assert main(["generate", *args, "--out", str(tmp_path / "x.mp4")]) != 0
+    assert main(["generate", *args, "--out", str(tmp_path / "x.mp4")]) == 2
     err = capsys.readouterr().err.strip()
-    assert message in err and "\n" not in err and err.startswith("radial-jax generate: error:")
+    assert message in err and "\n" not in err and err.startswith("radial-jax generate: error:"), err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_only_the_wrong_flag_is_named(capsys, tmp_path):
+    assert main(["generate", "--steps", "0", "--out", str(tmp_path / "x.mp4")]) == 2
+    assert "--guidance" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "out, message",
+    [
+        ("missing/x.mp4", "folder {tmp}/missing does not exist"),
+        ("noext", "no extension; use one of .mp4, .mkv, .mov, .avi"),
+        ("x.webm", "extension '.webm'; use one of .mp4"),
+        (".", "is a folder"),
+    ],
+)
+def test_bad_output_path_fails_before_anything_is_loaded(out, message, capsys, tmp_path):
+    assert main(["generate", "--out", str(tmp_path / out)]) == 2
+    captured = capsys.readouterr()
+    assert message.format(tmp=tmp_path) in captured.err and "\n" not in captured.err.strip()
+    assert captured.out == "" and list(tmp_path.iterdir()) == []  # not even the "tiny preset" line
+
+
+def test_unwritable_output_folder_is_refused(capsys, tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    if os.access(locked, os.W_OK):
+        pytest.skip("running as a user who can write anywhere (root)")
+    assert main(["generate", "--out", str(locked / "x.mp4")]) == 2
+    assert f"folder {locked} is not writable" in capsys.readouterr().err
+
+
+def test_lora_strength_that_is_not_a_number_is_named(tmp_path, capsys):
+    lora = tmp_path / "style.safetensors"
+    lora.write_bytes(b"")
+    assert main(["generate", "--lora", f"{lora}:abc", "--out", str(tmp_path / "x.mp4")]) == 2
+    err = capsys.readouterr().err
+    assert "strength 'abc' is not a number" in err and "does not exist" not in err
+
+
+def _fake_checkpoint(root, config) -> str:
+    """A converted folder holding only its DiT config: enough for every check made before loading."""
+    from convert.checkpoint import write_component_metadata
+
+    for part in ("transformer", "vae", "text_encoder", "tokenizer"):
+        (root / part).mkdir(parents=True)
+    write_component_metadata(root / "transformer", config, {}, {"layout": "test"})
+    return str(root)
+
+
+@pytest.mark.parametrize(
+    "kind, extra, message",
+    [
+        ("t2v", ["--image", "first.png"], "is a text-to-video model; drop --image"),
+        ("i2v", [], "is an image-to-video model; pass the first frame with --image"),
+        ("i2v", ["--image", "first.png"], "image-to-video model without image_encoder/"),
+        ("t2v", ["--dense-layers", "5"], "--dense-layers 5 is more than the DiT's 2 blocks"),
+    ],
+)
+def test_flags_are_checked_against_the_checkpoint_config_before_loading(kind, extra, message, tmp_path, capsys,
+                                                                        monkeypatch):  # fmt: skip
+    from PIL import Image
+
+    import convert
+    from models.wan import pipeline
+
+    monkeypatch.chdir(tmp_path)
+    Image.new("RGB", (32, 32)).save("first.png")
+    ckpt = _fake_checkpoint(tmp_path / "ckpt", pipeline.TINY_I2V if kind == "i2v" else pipeline.TINY_T2V)
+    monkeypatch.setattr(convert, "load_pipeline", lambda *a, **k: pytest.fail("loaded before checking"))
+    assert main(["generate", "--ckpt", ckpt, *extra, "--out", "x.mp4"]) == 2
+    assert message in capsys.readouterr().err
     assert not (tmp_path / "x.mp4").exists()
+
+
+def test_ckpt_that_is_a_file_is_named_as_one(tmp_path, capsys):
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    assert main(["generate", "--ckpt", str(tmp_path / "model.safetensors"), "--out", str(tmp_path / "x.mp4")]) == 2
+    assert "model.safetensors is a file; pass the folder radial-jax convert --dst wrote" in capsys.readouterr().err
+
+
+def test_ctrl_c_while_sampling_prints_one_line_exits_130_and_leaves_no_file(tmp_path, capsys, monkeypatch):
+    from models.wan import pipeline
+
+    real_denoise_step = pipeline.denoise_step
+    calls = []
+
+    def interrupted_step(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGINT)  # Python's own handler raises KeyboardInterrupt
+        return real_denoise_step(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "denoise_step", interrupted_step)
+    out = tmp_path / "x.mp4"
+    assert main(["generate", *SMALL, "--out", str(out)]) == 130
+    err_lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("radial-jax")]
+    assert err_lines == [f"radial-jax generate: interrupted (SIGINT); no video written to {out}"]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_sigterm_while_writing_the_video_leaves_neither_file_nor_partial(tmp_path, capsys, monkeypatch):
+    import imageio.v2 as imageio
+
+    def killed_write(path, frames, **kwargs):
+        with open(path, "wb") as f:
+            f.write(b"half a video")
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(imageio, "mimwrite", killed_write)
+    out = tmp_path / "x.mp4"
+    assert main(["generate", *SMALL, "--out", str(out)]) == 143
+    assert f"interrupted (SIGTERM); no video written to {out}" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_failed_write_keeps_the_previous_video(tmp_path, monkeypatch):
+    import imageio.v2 as imageio
+
+    out = tmp_path / "x.mp4"
+    out.write_bytes(b"the previous video")
+
+    def failing_write(path, frames, **kwargs):
+        with open(path, "wb") as f:
+            f.write(b"half")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(imageio, "mimwrite", failing_write)
+    assert main(["generate", *SMALL, "--out", str(out)]) == 2
+    assert out.read_bytes() == b"the previous video" and [p.name for p in tmp_path.iterdir()] == ["x.mp4"]
+
+
+def test_progress_times_the_encoder_and_decoder_and_marks_each_compiling_step(tmp_path, capsys):
+    assert main(["generate", *SMALL, "--out", str(tmp_path / "x.mp4")]) == 0
+    captured = capsys.readouterr()
+    assert re.search(r"^umT5 encode \(prompt, negative prompt\): \d+\.\d s$", captured.out, re.M)
+    assert re.search(r"^VAE decode: \d+\.\d s$", captured.out, re.M)
+    # SMALL: 3 steps, the first dense, then radial: each program's first step compiles.
+    assert re.search(r"s/step \(incl\. compile\), dense", captured.err)
+    assert re.search(r"s/step \(incl\. compile\), radial", captured.err)
+    assert len(re.findall(r"\(incl\. compile\)", captured.err.replace("\r", "\n"))) >= 2
+
+
+def test_warnings_during_sampling_print_above_the_bar_not_inside_it(tmp_path, capsys, monkeypatch):
+    from models.wan import pipeline
+
+    real_denoise_step = pipeline.denoise_step
+
+    def warning_step(*args, **kwargs):
+        warnings.warn("a warning raised mid-bar", UserWarning)
+        return real_denoise_step(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "denoise_step", warning_step)
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        assert main(["generate", *SMALL, "--out", str(tmp_path / "x.mp4")]) == 0
+    err = capsys.readouterr().err
+    warned = [line for line in err.replace("\r", "\n").splitlines() if "a warning raised mid-bar" in line]
+    assert warned and all("denoising" not in line and "s/step" not in line for line in warned)
 
 
 def test_lora_is_merged_before_generating_and_changes_the_video(tmp_path, capsys):
