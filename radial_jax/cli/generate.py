@@ -293,7 +293,8 @@ def add_parser(sub) -> None:
     p.add_argument("--dense-final-timesteps", type=int, default=0, help="last N steps stay dense (default %(default)s)")
     p.add_argument("--decay-factor", type=float, default=0.2,
                    help="radial window decay, > 0 (default %(default)s; mask and demo default to 1.0)")
-    p.add_argument("--dtype", choices=("bf16", "f32"), default="bf16", help="DiT and encoders (default %(default)s)")
+    p.add_argument("--dtype", choices=("bf16", "f32"), default="bf16",
+                   help="DiT and encoders of --ckpt (default %(default)s; the tiny preset is float32)")
     p.add_argument("--lora", action="append", default=[], metavar="FILE[:STRENGTH]",
                    help="LoRA weights (.safetensors; original, diffusers, PEFT or kohya names) merged into the DiT "
                         "before generating; repeatable; strength default 1")

@@ -72,3 +72,13 @@ def test_help_says_frames_are_video_frames_and_where_decay_defaults_differ(capsy
     assert "video frames, 4k+1" in texts["mask"] and "frames in pixels" not in texts["mask"]
     assert "default 1.0" in texts["mask"] and "generate defaults to 0.2" in texts["mask"]
     assert "default 0.2; mask and demo default to 1.0" in texts["generate"]
+
+
+def test_demo_checks_radial_attention_against_float64_and_writes_its_png(tmp_path, capsys):
+    png = tmp_path / "radial_mask.png"
+    assert main(["demo", *TINY, "--small-frames", "3", "--small-tokens-per-frame", "100", "--png", str(png)]) == 0
+    captured = capsys.readouterr()
+    line = captured.out.strip().splitlines()[-1]
+    assert line.startswith("radial attention on 300 tokens x 2 heads") and "max error vs float64" in line
+    assert float(line.rsplit(" ", 1)[1]) < 1e-4 and png.is_file()
+    assert "Warning" not in captured.err  # the implementation is named, so nothing warns mid-output
