@@ -138,6 +138,8 @@ def read_config(path: str | Path) -> tuple[Path, WanConfig]:
         meta = json.loads((folder / "config.json").read_text())
     except FileNotFoundError:
         raise CheckpointError(f"{path}: no config.json; is this a `radial-jax convert` output folder?") from None
+    except json.JSONDecodeError as e:  # a truncated copy, or a file edited by hand
+        raise CheckpointError(f"{folder}/config.json is not valid JSON ({e}); convert the checkpoint again") from None
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{folder}/config.json: format {meta.get('format')!r} is not {FORMAT!r}; convert the "
                               "checkpoint first with `radial-jax convert --src ... --dst ...`")

@@ -156,6 +156,16 @@ def test_flags_are_checked_against_the_checkpoint_config_before_loading(kind, ex
     assert not (tmp_path / "x.mp4").exists()
 
 
+def test_ckpt_with_a_damaged_config_names_the_file(tmp_path, capsys):
+    from models.wan import pipeline
+
+    ckpt = _fake_checkpoint(tmp_path / "ckpt", pipeline.TINY_T2V)
+    (tmp_path / "ckpt" / "transformer" / "config.json").write_text('{"format": "radial-jax/wan-tra')
+    assert main(["generate", "--ckpt", ckpt, "--out", str(tmp_path / "x.mp4")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"{ckpt}/transformer/config.json is not valid JSON" in err and "\n" not in err
+
+
 def test_ckpt_that_is_a_file_is_named_as_one(tmp_path, capsys):
     (tmp_path / "model.safetensors").write_bytes(b"")
     assert main(["generate", "--ckpt", str(tmp_path / "model.safetensors"), "--out", str(tmp_path / "x.mp4")]) == 2
@@ -273,3 +283,21 @@ def test_lora_that_does_not_fit_fails_before_loading(tmp_path, capsys):
     captured = capsys.readouterr()
     assert "blocks.30.self_attn.q.lora_down.weight: not a module of this DiT" in captured.err
     assert "loaded in" not in captured.out and not (tmp_path / "x.mp4").exists()
+
+
+def test_sigterm_sent_to_a_running_generate_exits_143_with_one_line_and_no_file(tmp_path):
+    out = tmp_path / "x.mp4"
+    proc = subprocess.Popen([sys.executable, "-m", "radial_jax.cli", "generate", "--frames", "9", "--size", "64x32",
+                             "--steps", "400", "--dense-timesteps", "400", "--out", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    seen = ""
+    while "denoising" not in seen:  # the bar is up: sampling, the longest stage, is under way
+        char = proc.stderr.read(1)
+        assert char, f"exited before sampling: {seen}"
+        seen += char
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    lines = [line for line in (seen + err).replace("\r", "\n").splitlines() if line.startswith("radial-jax")]
+    assert lines == [f"radial-jax generate: interrupted (SIGTERM); no video written to {out}"]
+    assert "Traceback" not in err and list(tmp_path.iterdir()) == []
