@@ -50,9 +50,14 @@ HEAD_DIM = 128
 BWD_FLOP_FACTOR = 3.5  # forward + backward counted as 3.5 forwards: 2.5x for the backward's five matmuls
 
 
-def median_seconds(fn, iters: int, warmup: int = 2) -> float:
-    for _ in range(warmup):
+def median_seconds(fn, iters: int, settle_s: float, warmup: int = 2) -> float:
+    """Returns the median wall time of `iters` calls of fn, after at least `warmup` calls and
+    `settle_s` seconds of back-to-back calls (the power-capped clock; fa4.SETTLE_S says why)."""
+    start = time.perf_counter()
+    for i in range(10**6):
         jax.block_until_ready(fn())
+        if i + 1 >= warmup and time.perf_counter() - start >= settle_s:
+            break
     times = []
     for _ in range(iters):
         start = time.perf_counter()
@@ -74,7 +79,7 @@ def backward_variants() -> dict[str, KernelTuning]:
             "stages_3_bwd": KernelTuning(mosaic_bwd=MosaicBwdTuning(max_concurrent_steps=3))}
 
 
-def backward_breakdown(q, k, v, mask, iters: int, fwd_flops: float) -> dict:
+def backward_breakdown(q, k, v, mask, iters: int, fwd_flops: float, settle_s: float) -> dict:
     """Times the default Mosaic backward's parts alone: the row statistics (XLA), the dq kernel and
     the dk/dv kernel. Each kernel's TFLOP/s count the matmuls it executes (dq: S, dP, dQ = 1.5x
     the forward's FLOPs; dk/dv: S, dP, dV, dK = 2x), i.e. how busy its tensor cores are."""
@@ -97,7 +102,7 @@ def backward_breakdown(q, k, v, mask, iters: int, fwd_flops: float) -> dict:
              "dkv_kernel": (lambda: dkv(*kernel_args), 2.0 * fwd_flops)}
     result = {}
     for name, (fn, executed_flops) in parts.items():
-        ms = median_seconds(fn, iters) * 1e3
+        ms = median_seconds(fn, iters, settle_s) * 1e3
         result[f"bwd_{name}_ms"] = ms
         if executed_flops:
             result[f"bwd_{name}_executed_tflops"] = executed_flops / (ms * 1e-3) / 1e12
@@ -142,7 +147,7 @@ def sampled_block_error(q, k, v, mask, out, rows=(0, -1), heads=4) -> float:
     return worst
 
 
-def torch_cases(q_len, heads, mask, backward, iters):
+def torch_cases(q_len, heads, mask, backward, iters, settle_s):
     """Returns {name: ms} for FlexAttention and FA4 (same block mask) and SDPA, or {} without torch+CUDA."""
     try:
         import torch
@@ -176,7 +181,7 @@ def torch_cases(q_len, heads, mask, backward, iters):
     results = {}
     for name, fn in runs.items():
         try:
-            results[name] = fa4.median_ms(step(fn), iters)
+            results[name] = fa4.median_ms(step(fn), iters, settle_s)
         except Exception as e:  # a baseline failing must not lose ours
             print(f"torch {name} failed: {type(e).__name__}: {e}")
     if reason := fa4.unavailable():
@@ -185,7 +190,7 @@ def torch_cases(q_len, heads, mask, backward, iters):
         q4, k4, v4 = (x.detach().transpose(1, 2).contiguous().requires_grad_(backward) for x in (q, k, v))
         try:
             results["fa4"] = fa4.median_ms(fa4.fa4_case(q4, k4, v4, mask, backward,
-                                                        d_out.transpose(1, 2).contiguous()), iters)
+                                                        d_out.transpose(1, 2).contiguous()), iters, settle_s)
             if not backward:
                 results["fa4_max_rel_err_sampled_blocks"] = fa4.sampled_error(q4, k4, v4, mask,
                                                                                fa4.fa4_case(q4, k4, v4, mask, False)())
@@ -210,7 +215,7 @@ def _without_grad(fn):
 def run_torch_shape(name, args):
     frames, tokens, heads = SHAPES[name]
     mask = radial_block_mask(frames, tokens, decay_factor=args.decay)
-    return torch_cases(frames * tokens, heads, mask, args.backward, args.iters)
+    return torch_cases(frames * tokens, heads, mask, args.backward, args.iters, args.settle)
 
 
 def torch_in_subprocess(names, args) -> dict:
@@ -219,7 +224,7 @@ def torch_in_subprocess(names, args) -> dict:
     import subprocess
 
     cmd = [sys.executable, __file__, "--torch-only", "--shapes", ",".join(names), "--iters", str(args.iters),
-           "--decay", str(args.decay)]
+           "--decay", str(args.decay), "--settle", str(args.settle)]
     cmd += ["--backward"] if args.backward else []
     proc = subprocess.run(cmd, capture_output=True, text=True)
     results = {}
@@ -265,7 +270,7 @@ def run_shape(name, args, torch_ms):
             print(f"{name} {case} failed: {type(e).__name__}: {str(e)[:2000]}")
             continue
         row[f"{case}_first_call_s"] = time.perf_counter() - start
-        row[f"{case}_ms"] = median_seconds(fn, args.iters) * 1e3
+        row[f"{case}_ms"] = median_seconds(fn, args.iters, args.settle) * 1e3
         if args.backward:  # XLA's buffer plan: scratch the gradient needs beyond q, k, v, dq, dk, dv
             row[f"{case}_temp_gib"] = fn.temp_bytes() / 2**30
     if args.backward:
@@ -274,7 +279,7 @@ def run_shape(name, args, torch_ms):
                              ("cudnn_dense", cudnn_case(q, k, v, False), dense_flops / BWD_FLOP_FACTOR)):
             if f"{case}_ms" not in row:
                 continue
-            fwd_ms = median_seconds(fn, args.iters) * 1e3
+            fwd_ms = median_seconds(fn, args.iters, args.settle) * 1e3
             row[f"{case}_fwd_only_msec"] = fwd_ms
             bwd_s = (row[f"{case}_ms"] - fwd_ms) * 1e-3
             row[f"{case}_bwd_only_tflops"] = (BWD_FLOP_FACTOR - 1) * on / bwd_s / 1e12
@@ -283,7 +288,7 @@ def run_shape(name, args, torch_ms):
             bwd_s = (row[f"{variant}_ms"] - row["ours_radial_fwd_only_msec"]) * 1e-3
             row[f"{variant}_bwd_only_tflops"] = (BWD_FLOP_FACTOR - 1) * fwd_flops / bwd_s / 1e12
         if args.breakdown and args.backend in (None, "mosaic"):
-            row.update(backward_breakdown(q, k, v, mask, args.iters, fwd_flops))
+            row.update(backward_breakdown(q, k, v, mask, args.iters, fwd_flops, args.settle))
         if "cudnn_dense_bwd_only_tflops" in row and "ours_radial_bwd_only_tflops" in row:
             row["bwd_throughput_vs_cudnn"] = row["ours_radial_bwd_only_tflops"] / row["cudnn_dense_bwd_only_tflops"]
     if not args.backward and "ours_radial_ms" in row:
@@ -329,6 +334,8 @@ def main(argv=None):
     parser.add_argument("--shapes", help=f"comma list of {list(SHAPES)}")
     parser.add_argument("--backward", action="store_true", help="time forward+backward (value_and_grad wrt q, k, v)")
     parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--settle", type=float, default=fa4.SETTLE_S,
+                        help="seconds of back-to-back calls before each case is timed (default %(default)s)")
     parser.add_argument("--decay", type=float, default=1.0, help="radial mask decay factor (default %(default)s)")
     parser.add_argument("--backend", choices=["mosaic", "triton"], help="our kernel (default: fastest available)")
     parser.add_argument("--variants", default="fused_bwd",
@@ -348,7 +355,8 @@ def main(argv=None):
     if unknown:
         sys.exit(f"unknown --variants {unknown}; choose from {list(backward_variants())}")
     if args.dry_run:
-        args.shapes, args.backend, args.no_torch, args.iters = "tiny", "interpret", True, min(args.iters, 2)
+        args.shapes, args.backend, args.no_torch = "tiny", "interpret", True
+        args.iters, args.settle = min(args.iters, 2), 0.0
     elif not args.torch_only and jax.default_backend() != "gpu":
         sys.exit("benchmarks/attention.py needs a GPU")
     names = (args.shapes or (BWD_SHAPES if args.backward else FWD_SHAPES)).split(",")
@@ -368,7 +376,7 @@ def main(argv=None):
     if args.dry_run and not args.out:
         return
     record = dict(device=device, command="python " + " ".join(sys.argv), date=datetime.date.today().isoformat(),
-                  jax=jax.__version__, rows=rows)
+                  jax=jax.__version__, settle_s=args.settle, rows=rows)
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
     with open(out, "w") as f:
         json.dump(record, f, indent=1)

@@ -40,6 +40,11 @@ from radial_jax import attention_flops, computed_token_pairs, radial_block_mask 
 BLOCK = 128  # tokens per mask block
 HEAD_DIM = 128
 BWD_FLOP_FACTOR = 3.5  # forward + backward counted as 3.5 forwards, as in benchmarks/attention.py
+# Seconds of back-to-back calls before timing. The H200 boosts to 1980 MHz when it has idled (after
+# a compile, say) and falls to ~1650 MHz at its 700 W power cap within ~0.1 s of full load
+# (benchmarks/NOTES.md, benchmarks/steadiness.py): timing right after a pause measures the boost,
+# up to 15% faster than the steady state. Settling first times every kernel at the capped clock.
+SETTLE_S = 1.0
 # name: (latent frames, tokens per frame, heads), as in benchmarks/attention.py
 SHAPES = {
     "1.3b-480p-81f": (21, 1560, 12),
@@ -111,21 +116,25 @@ def _no_grad(fn):
         return fn()
 
 
-def median_ms(fn, iters: int, warmup: int = 2) -> float:
-    """Returns the median of `iters` CUDA-event timings of fn() in ms, after `warmup` calls."""
+def median_ms(fn, iters: int, settle_s: float = SETTLE_S, warmup: int = 2) -> float:
+    """Returns the median of `iters` CUDA-event timings of fn() in ms, after at least `warmup` calls
+    and settle_s seconds of back-to-back calls (SETTLE_S says why)."""
     import torch
 
-    for _ in range(warmup):
+    start = time.perf_counter()
+    for i in range(10**6):
         fn()
-    torch.cuda.synchronize()
+        torch.cuda.synchronize()
+        if i + 1 >= warmup and time.perf_counter() - start >= settle_s:
+            break
     times = []
     for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        begin.record()
         fn()
         end.record()
         torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
+        times.append(begin.elapsed_time(end))
     return statistics.median(times)
 
 
