@@ -6,11 +6,13 @@ Dimension glossary, used by annotations, einsum strings and comments alike:
 
 Public API:
   radial_block_mask(num_frames, tokens_per_frame, ...) -> bool numpy [QB, KB]
-  radial_attention(q, k, v, *, block_mask, block_size=128, implementation="auto", scale=None)
+  radial_attention(q, k, v, *, block_mask, block_size=128, implementation="auto", scale=None, tuning=None)
+  KernelTuning(mosaic_fwd=..., mosaic_bwd=..., triton_fwd=..., triton_bwd=...): the kernels' tunables
   sequence_parallel_attention(q, k, v, *, block_mask, ..., mesh=None)  (token axis over mesh axis "sequence")
 """
 
 from radial_jax.attention import radial_attention
+from radial_jax.kernels import KernelTuning
 from radial_jax.mask import (
     attention_flops,
     block_density,
@@ -24,6 +26,7 @@ from radial_jax.parallel import sequence_parallel, sequence_parallel_attention
 from radial_jax.reference import attention_reference
 
 __all__ = [
+    "KernelTuning",
     "attention_flops",
     "attention_reference",
     "block_density",

@@ -5,6 +5,7 @@ NotImplementedError for what it cannot do (no GPU, an unsupported dtype or shape
 one is tried; "auto" is ("pallas", "reference") on a GPU and ("reference",) elsewhere.
 """
 
+import functools
 import warnings
 from collections.abc import Sequence
 
@@ -13,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float
 
+from radial_jax.kernels import KernelTuning, block_sparse_attention
 from radial_jax.mask import expand_block_mask
 from radial_jax.reference import attention_reference
 
@@ -28,19 +30,22 @@ def radial_attention(
     block_size: int = 128,
     implementation: str | Sequence[str] = "auto",
     scale: float | None = None,
+    tuning: KernelTuning | None = None,
 ) -> Float[Array, "B L N D"]:
     """Returns block-sparse softmax attention, [batch, seq_q, heads, head_dim] in q's dtype.
 
     q: [batch, seq_q, heads, head_dim]; k, v: [batch, seq_kv, heads, head_dim] (the
     jax.nn.dot_product_attention layout). block_mask: bool numpy [ceil(seq_q/B), ceil(seq_kv/B)],
     e.g. from `radial_block_mask`; query block i sees key block j iff block_mask[i, j]. Rows
-    with no visible key return zeros. scale defaults to head_dim ** -0.5.
+    with no visible key return zeros. scale defaults to head_dim ** -0.5. tuning: the Pallas
+    kernels' tunables (radial_jax.kernels.KernelTuning; None: its defaults).
     """
     block_mask = check_inputs(q, k, v, block_mask, block_size)
     errors = []
     for name in _resolve(implementation):
         try:
-            return _BACKENDS[name](q, k, v, block_mask, block_size, scale)
+            backend = functools.partial(_pallas, tuning=tuning) if name == "pallas" else _BACKENDS[name]
+            return backend(q, k, v, block_mask, block_size, scale)
         except NotImplementedError as e:
             errors.append(f"{name}: {e}")
     raise NotImplementedError("no attention implementation could run: " + "; ".join(errors))
@@ -102,12 +107,10 @@ def _dense(q, k, v, block_mask, block_size, scale):
     return jnp.where(has_key, out, jnp.zeros_like(out))
 
 
-def _pallas(q, k, v, block_mask, block_size, scale):
-    from radial_jax.kernels import block_sparse_attention  # deferred: pulls in Pallas
-
+def _pallas(q, k, v, block_mask, block_size, scale, tuning=None):
     if jax.default_backend() != "gpu":
         warnings.warn("implementation='pallas' without a GPU runs the kernel in interpret mode (slow)")
-    return block_sparse_attention(q, k, v, block_mask, block_size=block_size, scale=scale)
+    return block_sparse_attention(q, k, v, block_mask, block_size=block_size, scale=scale, tuning=tuning)
 
 
 _BACKENDS = {"pallas": _pallas, "reference": _reference, "dense": _dense}

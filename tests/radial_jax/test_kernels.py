@@ -4,13 +4,16 @@ One base class over the kernel API; the interpret subclass runs the Triton twin 
 everywhere, the GPU subclasses (skipped without a GPU) run the Triton and Mosaic kernels.
 """
 
+import contextlib
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from radial_jax import attention_reference, radial_block_mask
-from radial_jax.kernels import block_sparse_attention
+from radial_jax.kernels import TritonTuning, block_sparse_attention
 from radial_jax.kernels.tables import block_tables
 
 ON_GPU = jax.default_backend() == "gpu"
@@ -337,3 +340,19 @@ def test_tables_build_fast_at_720p_161f():
     start = time.perf_counter()
     block_tables(mask, 128, 41 * 3600, 41 * 3600)
     assert time.perf_counter() - start < 1.0
+
+
+def test_tuning_reaches_the_kernels_through_radial_attention():
+    # Non-default Triton launch parameters must appear in the lowered forward and backward kernels.
+    import radial_jax
+
+    tuning = radial_jax.KernelTuning(triton_fwd=TritonTuning(num_warps=8, num_stages=3),
+                                     triton_bwd=TritonTuning(num_warps=2, num_stages=4))
+    q, k, v = _qkv(3, 1, 256, 256, 1, 32, jnp.float32)
+    mask = np.array([[True, False], [True, True]])
+    loss = lambda q, k, v: jnp.sum(radial_jax.radial_attention(q, k, v, block_mask=mask, implementation="pallas",
+                                                               tuning=tuning))  # fmt: skip
+    with pytest.warns(UserWarning, match="interpret mode") if not ON_GPU else contextlib.nullcontext():
+        text = str(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v))
+    params = [(int(w), int(s)) for w, s in re.findall(r"num_warps=(\d+), num_stages=(\d+)", text)]
+    assert (8, 3) in params and (2, 4) in params and (4, 2) not in params, params
