@@ -35,19 +35,10 @@ from radial_jax import attention_flops, block_density, computed_token_pairs, rad
 from radial_jax.kernels import KernelTuning, MosaicBwdTuning, block_sparse_attention  # noqa: E402
 from radial_jax.kernels.tables import block_tables  # noqa: E402
 
-# name: (latent frames, tokens per frame, heads)
-SHAPES = {
-    "1.3b-480p-81f": (21, 1560, 12),
-    "1.3b-480p-161f": (41, 1560, 12),
-    "14b-480p-81f": (21, 1560, 40),
-    "14b-720p-81f": (21, 3600, 40),
-    "14b-720p-161f": (41, 3600, 40),
-    "tiny": (3, 100, 2),  # --dry-run only: the Triton twin in interpret mode on the CPU
-}
-FWD_SHAPES = "1.3b-480p-81f,14b-480p-81f,14b-720p-81f,14b-720p-161f"
+SHAPES = {**fa4.SHAPES, "tiny": (3, 100, 2)}  # tiny: --dry-run only (the Triton twin in interpret mode, CPU)
+FWD_SHAPES = "1.3b-480p-81f,1.3b-480p-161f,14b-720p-81f,14b-720p-161f"  # issue 16's table
 BWD_SHAPES = "1.3b-480p-81f,1.3b-480p-161f,14b-720p-81f"
-HEAD_DIM = 128
-BWD_FLOP_FACTOR = 3.5  # forward + backward counted as 3.5 forwards: 2.5x for the backward's five matmuls
+HEAD_DIM, BWD_FLOP_FACTOR = fa4.HEAD_DIM, fa4.BWD_FLOP_FACTOR
 
 
 def median_seconds(fn, iters: int, settle_s: float, warmup: int = 2) -> float:

@@ -39,13 +39,13 @@ from radial_jax import attention_flops, computed_token_pairs, radial_block_mask 
 
 BLOCK = 128  # tokens per mask block
 HEAD_DIM = 128
-BWD_FLOP_FACTOR = 3.5  # forward + backward counted as 3.5 forwards, as in benchmarks/attention.py
+BWD_FLOP_FACTOR = 3.5  # forward + backward counted as 3.5 forwards: 2.5x for the backward's five matmuls
 # Seconds of back-to-back calls before timing. The H200 boosts to 1980 MHz when it has idled (after
 # a compile, say) and falls to ~1650 MHz at its 700 W power cap within ~0.1 s of full load
 # (benchmarks/NOTES.md, benchmarks/steadiness.py): timing right after a pause measures the boost,
 # up to 15% faster than the steady state. Settling first times every kernel at the capped clock.
 SETTLE_S = 1.0
-# name: (latent frames, tokens per frame, heads), as in benchmarks/attention.py
+# name: (latent frames, tokens per frame, heads); benchmarks/attention.py and steadiness.py time these too
 SHAPES = {
     "1.3b-480p-81f": (21, 1560, 12),
     "1.3b-480p-161f": (41, 1560, 12),

@@ -24,11 +24,11 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # benchmarks/ is no package
+from fa4 import HEAD_DIM, SHAPES  # noqa: E402
+
 from radial_jax import attention_flops, computed_token_pairs, radial_block_mask  # noqa: E402
 from radial_jax.kernels import block_sparse_attention  # noqa: E402
-
-SHAPES = {"1.3b-480p-81f": (21, 1560, 12), "1.3b-480p-161f": (41, 1560, 12), "14b-720p-81f": (21, 3600, 40)}
-HEAD_DIM = 128
 SMI_FIELDS = "timestamp,clocks.sm,power.draw,temperature.gpu,clocks_event_reasons.active"
 
 

@@ -1,0 +1,35 @@
+"""benchmarks/steadiness.py's bookkeeping on made-up calls and nvidia-smi lines (the probe itself needs a GPU)."""
+
+import importlib.util
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "steadiness.py"
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("benchmark_steadiness", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_summary_pairs_each_phase_with_the_samples_taken_while_it_ran(tmp_path):
+    steadiness = _load()
+    smi = tmp_path / "smi.csv"
+    smi.write_text("2026/11/29 21:00:00.000, 1980, 150.5, 50, 0x0000000000000000\n"
+                   "garbage line\n"
+                   "2026/11/29 21:00:01.000, 1650, 690.0, 60, 0x0000000000000004\n"
+                   "2026/11/29 21:00:02.000, 1700, 688.0, 61, 0x0000000000000004\n")
+    samples = steadiness.read_samples(str(smi))
+    assert [s["sm_mhz"] for s in samples] == [1980, 1650, 1700] and samples[1]["power_w"] == 690.0
+    t0 = samples[0]["t"]
+    calls = [dict(phase="fast", t=t0 - 0.01, ms=11.0), dict(phase="fast", t=t0 + 0.01, ms=12.0),
+             dict(phase="capped", t=t0 + 1.0, ms=13.0), dict(phase="capped", t=t0 + 2.0, ms=14.0),
+             dict(phase="capped", t=t0 + 2.0, ms=13.5)]
+    result = steadiness.summary(calls, samples)
+    assert list(result) == ["fast", "capped"]
+    assert result["fast"]["calls"] == 2 and result["fast"]["median_ms"] == 11.5
+    assert result["fast"]["sm_mhz_median"] == 1980 and result["fast"]["reasons"] == ["0x0000000000000000"]
+    capped = result["capped"]
+    assert capped["median_ms"] == 13.5 and capped["min_ms"] == 13.0 and capped["max_ms"] == 14.0
+    assert capped["sm_mhz_min"] == 1650 and capped["sm_mhz_max"] == 1700 and capped["temp_c_max"] == 61
