@@ -14,6 +14,15 @@ import numpy as np
 # the radial program runs too.
 TINY_DEFAULTS = {"size": "160x96", "frames": 17, "steps": 16}
 CKPT_DEFAULTS = {"size": "832x480", "frames": 81, "steps": 50}  # Wan2.1's 480p T2V defaults
+# Flags a --preset sets, with their values without one. A flag given explicitly always wins.
+BASE = {"sampler": "unipc", "timesteps": None, "shift": None, "guidance": 5.0, "dense_layers": 1,
+        "dense_timesteps": 12, "decay_factor": 0.2, "vae_dtype": "f32"}  # fmt: skip
+# lightx2v: LightX2V's step- and CFG-distilled Wan2.1 LoRAs (configs/distill/wan21/*_4step_cfg.json:
+# denoising_step_list [1000, 750, 500, 250], sample_shift 5, no CFG) with the reference's radial
+# plan for them (scripts/wan_t2v_inference_lightx2v.sh: dense_layers 1, dense_timesteps 1, decay
+# 0.2); the VAE in bf16, as Kijai's WanVideo wrapper runs it. benchmarks/NOTES.md has the sources.
+PRESETS = {"lightx2v": {"sampler": "distilled", "timesteps": "1000,750,500,250", "shift": 5.0, "guidance": 1.0,
+                        "dense_layers": 1, "dense_timesteps": 1, "decay_factor": 0.2, "vae_dtype": "bf16"}}
 DEFAULT_PROMPT = "Two anthropomorphic cats in comfy boxing gear and bright gloves fight intensely on a spotlighted stage."
 
 
@@ -41,6 +50,25 @@ class Request:
     image: np.ndarray | None
     loras: tuple[tuple[Path, float], ...]
     config: object  # the DiT's WanConfig (--ckpt's, or the tiny preset's)
+    timesteps: tuple[float, ...] | None = None  # --sampler distilled's
+
+
+def apply_preset(args) -> None:
+    """Fills each preset-able flag left unset (None) from --preset, else from BASE."""
+    preset = PRESETS[args.preset] if args.preset else {}
+    for flag, value in BASE.items():
+        if getattr(args, flag) is None:
+            setattr(args, flag, preset.get(flag, value))
+
+
+def _parse_timesteps(text: str | None) -> tuple[float, ...] | None:
+    """Returns the --timesteps list as floats, or None."""
+    if text is None:
+        return None
+    try:
+        return tuple(float(t) for t in text.split(","))
+    except ValueError:
+        raise ValueError(f"--timesteps {text!r} must be comma-separated numbers, e.g. 1000,750,500,250") from None
 
 
 def run(args) -> int:
@@ -59,13 +87,15 @@ def run(args) -> int:
         merge_loras(components.dit, list(request.loras))
         print("merged LoRA " + ", ".join(f"{path} (strength {strength:g})" for path, strength in request.loras))
     print(f"loaded in {time.perf_counter() - start:.1f} s; generating {request.frames} frames at "
-          f"{request.width}x{request.height}, {request.steps} steps, attention {args.attention}")
+          f"{request.width}x{request.height}, {request.steps} steps ({args.sampler}), guidance {args.guidance:g}, "
+          f"attention {args.attention}" + (f" (preset {args.preset})" if args.preset else ""))  # fmt: skip
     start = time.perf_counter()
     with Progress(request.steps) as progress:
         video = pipeline.generate(
             components, args.prompt, negative_prompt=args.negative_prompt, image=request.image,
             frames=request.frames, height=request.height, width=request.width, steps=request.steps,
-            guidance=args.guidance, shift=args.shift, seed=args.seed, sampler=args.sampler, free_text_encoder=True,
+            guidance=args.guidance, shift=args.shift, seed=args.seed, sampler=args.sampler,
+            timesteps=request.timesteps, free_text_encoder=True,
             on_step=progress.step, on_stage=progress.stage,
         )  # fmt: skip
     write_video(video, request.out, pipeline.FPS)
@@ -81,10 +111,18 @@ def check_request(args) -> Request:
     ranges, the output path, the image, the LoRA files, and --ckpt's config against --image,
     --size, --dense-layers and the LoRAs.
     """
+    apply_preset(args)
     defaults = CKPT_DEFAULTS if args.ckpt else TINY_DEFAULTS
     width, height = _parse_size(args.size or defaults["size"])
     frames = defaults["frames"] if args.frames is None else args.frames
-    steps = defaults["steps"] if args.steps is None else args.steps
+    timesteps = _parse_timesteps(args.timesteps)
+    if args.sampler == "distilled":
+        steps = _distilled_steps(args, timesteps)
+    elif timesteps is not None:
+        raise ValueError(f"--timesteps is for --sampler distilled, not {args.sampler}; drop it or pass "
+                         "--sampler distilled")  # fmt: skip
+    else:
+        steps = defaults["steps"] if args.steps is None else args.steps
     _check_numbers(args, steps)
     from radial_jax.cli.outputs import VIDEO_SUFFIXES, check_output_file
 
@@ -108,7 +146,23 @@ def check_request(args) -> Request:
 
         for path, strength in loras:
             lora_updates(path, config, strength=strength)
-    return Request(width, height, frames, steps, out, image, loras, config)
+    return Request(width, height, frames, steps, out, image, loras, config, timesteps)
+
+
+def _distilled_steps(args, timesteps: tuple[float, ...] | None) -> int:
+    """Returns the distilled sampler's step count (one per timestep), checking --timesteps and --steps."""
+    from models.wan import sampler as sampler_lib
+
+    timesteps = sampler_lib.LIGHTX2V_TIMESTEPS if timesteps is None else timesteps
+    try:
+        sampler_lib.distilled_sigmas(timesteps, 1.0)
+    except ValueError:
+        raise ValueError(f"--timesteps {args.timesteps} must be decreasing numbers in (0, 1000], e.g. "
+                         "1000,750,500,250") from None  # fmt: skip
+    if args.steps is not None and args.steps != len(timesteps):
+        raise ValueError(f"--steps {args.steps}: --sampler distilled runs one step per timestep ({len(timesteps)}); "
+                         "drop --steps or change --timesteps")  # fmt: skip
+    return len(timesteps)
 
 
 def _check_numbers(args, steps: int) -> None:
@@ -209,10 +263,11 @@ def _load_components(args, attention, i2v: bool):
               "meaningless noise. Convert a Wan2.1 checkpoint (radial-jax convert) and pass --ckpt for a real one.")
         if jax.default_backend() == "cpu":  # what "auto" picks there, named so that it does not warn mid-bar
             attention = dataclasses.replace(attention, implementation="reference")
-        return pipeline.tiny_components(seed=args.seed, model_type="i2v" if i2v else "t2v", attention=attention)
+        return pipeline.tiny_components(seed=args.seed, model_type="i2v" if i2v else "t2v", attention=attention,
+                                        vae_dtype={"bf16": "bfloat16", "f32": "float32"}[args.vae_dtype])  # fmt: skip
     from convert import load_pipeline
 
-    return load_pipeline(args.ckpt, dtype=args.dtype, attention=attention)
+    return load_pipeline(args.ckpt, dtype=args.dtype, attention=attention, vae_dtype=args.vae_dtype)
 
 
 class Progress:
@@ -271,6 +326,12 @@ class Progress:
         self._exits.close()
 
 
+def _preset_help(text: str, flag: str, default: str | None = None) -> str:
+    """Returns a flag's help with its default and each preset's value."""
+    presets = "; ".join(f"--preset {name}: {values[flag]}" for name, values in PRESETS.items() if flag in values)
+    return f"{text} (default {default or BASE[flag]}" + (f"; {presets})" if presets else ")")
+
+
 def add_parser(sub) -> None:
     p = sub.add_parser("generate", help="text/image to video with Wan2.1 (no --ckpt: a tiny random model)",
                        description="Generate a video with a converted Wan2.1 checkpoint (radial-jax convert) and "
@@ -282,21 +343,37 @@ def add_parser(sub) -> None:
     p.add_argument("--image", help="first frame for an I2V checkpoint (png, jpg)")
     p.add_argument("--size", help="WIDTHxHEIGHT, multiples of 16: 832x480 or 1280x720 (default 832x480; tiny 160x96)")
     p.add_argument("--frames", type=int, help="video frames, 4k+1 (default 81; tiny 17)")
-    p.add_argument("--steps", type=int, help="sampling steps (default 50; tiny 16)")
-    p.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale (default %(default)s)")
-    p.add_argument("--shift", type=float, help="flow shift (default 3.0 at 480p, 5.0 at 720p)")
+    p.add_argument("--preset", choices=tuple(PRESETS),
+                   help="settings for a kind of checkpoint; flags given explicitly win. lightx2v: LightX2V's "
+                        "4-step step- and CFG-distilled Wan2.1 LoRAs (pass the LoRA with --lora): --sampler "
+                        "distilled --timesteps 1000,750,500,250 --shift 5 --guidance 1 --dense-layers 1 "
+                        "--dense-timesteps 1 --decay-factor 0.2 --vae-dtype bf16")  # fmt: skip
+    p.add_argument("--steps", type=int, help="sampling steps (default 50; tiny 16; --sampler distilled: one per "
+                                             "timestep)")  # fmt: skip
+    p.add_argument("--guidance", type=float, help=_preset_help("classifier-free guidance scale; 1: one DiT pass a "
+                                                               "step, no negative prompt", "guidance"))  # fmt: skip
+    p.add_argument("--shift", type=float, help=_preset_help("flow shift", "shift", "3.0 at 480p, 5.0 at 720p"))
     p.add_argument("--seed", type=int, default=0, help="noise seed (default %(default)s)")
-    p.add_argument("--sampler", choices=("unipc", "euler"), default="unipc", help="(default %(default)s)")
+    p.add_argument("--sampler", choices=("unipc", "euler", "distilled"),
+                   help=_preset_help("unipc and euler: Wan's shifted schedule over --steps; distilled: flow Euler at "
+                                     "a step-distilled model's training timesteps (--timesteps)", "sampler"))
+    p.add_argument("--timesteps", metavar="T1,T2,...",
+                   help="--sampler distilled's timesteps, decreasing in (0, 1000] (default 1000,750,500,250: "
+                        "LightX2V's 4-step distillation)")  # fmt: skip
     p.add_argument("--attention", choices=("dense", "radial"), default="radial", help="self-attention (default %(default)s)")
-    p.add_argument("--dense-layers", type=int, default=1, help="first N blocks stay dense (default %(default)s)")
-    p.add_argument("--dense-timesteps", type=int, default=12, help="first N steps stay dense (default %(default)s)")
+    p.add_argument("--dense-layers", type=int, help=_preset_help("first N blocks stay dense", "dense_layers"))
+    p.add_argument("--dense-timesteps", type=int, help=_preset_help("first N steps stay dense", "dense_timesteps"))
     p.add_argument("--dense-final-timesteps", type=int, default=0, help="last N steps stay dense (default %(default)s)")
-    p.add_argument("--decay-factor", type=float, default=0.2,
-                   help="radial window decay, > 0 (default %(default)s; mask and demo default to 1.0)")
+    p.add_argument("--decay-factor", type=float,
+                   help=_preset_help("radial window decay, > 0", "decay_factor", "0.2; mask and demo default to 1.0"))
+    p.add_argument("--vae-dtype", choices=("bf16", "f32"),
+                   help=_preset_help("VAE (decode, and I2V's image encode); bf16 is faster and adds ~1 uint8 level "
+                                     "of error", "vae_dtype"))  # fmt: skip
     p.add_argument("--dtype", choices=("bf16", "f32"), default="bf16",
                    help="DiT and encoders of --ckpt (default %(default)s; the tiny preset is float32)")
     p.add_argument("--lora", action="append", default=[], metavar="FILE[:STRENGTH]",
-                   help="LoRA weights (.safetensors; original, diffusers, PEFT or kohya names) merged into the DiT "
-                        "before generating; repeatable; strength default 1")
+                   help="LoRA weights (.safetensors; original, diffusers, PEFT or kohya names, and LightX2V's "
+                        "layout with .diff/.diff_b/.diff_m deltas) merged into the DiT before generating; "
+                        "repeatable; strength default 1")
     p.add_argument("--out", default="video.mp4", help="video to write: .mp4, .mkv, .mov or .avi (default %(default)s)")
     p.set_defaults(func=run, interrupted="no video written to {out}")
