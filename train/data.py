@@ -134,7 +134,8 @@ class LatentDataset:
             raise CacheError(f"data position {start} is outside this cache ({self.batches_per_epoch(batch_size)} "
                              "batches an epoch); was the checkpoint trained on another cache?")  # fmt: skip
         rows = batch_size // process_count
-        stream = self._stream(batch_size, seed, start, text_len, slice(process_index * rows, (process_index + 1) * rows))
+        mine = slice(process_index * rows, (process_index + 1) * rows)
+        stream = self._stream(batch_size, seed, start, text_len, mine)
         return _prefetched(stream, prefetch) if prefetch > 0 else stream
 
     def batches_per_epoch(self, batch_size: int) -> int:

@@ -65,7 +65,8 @@ def lora_tensors(factors: Factors, format: str = "diffusers") -> dict[str, np.nd
 
 
 def export_lora(
-    source: nnx.Module | Factors, path: str | Path, *, format: str = "diffusers", metadata: Mapping[str, str] | None = None
+    source: nnx.Module | Factors, path: str | Path, *, format: str = "diffusers",
+    metadata: Mapping[str, str] | None = None,
 ) -> Path:
     """Writes the LoRA of `source` (a model with train/lora.py LoRA layers, or its lora_factors)
     to `path` (.safetensors) in `format`, through a temporary file renamed into place; returns path.

@@ -169,7 +169,7 @@ def _resampled_frames(path: Path, target_fps: float) -> Iterator[tuple[np.ndarra
     reader = imageio_ffmpeg.read_frames(str(path), pix_fmt="rgb24")
     try:
         try:
-            with warnings.catch_warnings():  # JAX warns on any fork; this child only execs ffmpeg
+            with warnings.catch_warnings(), _quiet_size_notice():  # JAX warns on any fork; the child execs ffmpeg
                 warnings.filterwarnings("ignore", message="os.fork", category=RuntimeWarning)
                 meta = next(reader)
         except (OSError, RuntimeError, StopIteration) as e:
@@ -187,6 +187,23 @@ def _resampled_frames(path: Path, target_fps: float) -> Iterator[tuple[np.ndarra
                 k += 1
     finally:
         reader.close()
+
+
+@contextlib.contextmanager
+def _quiet_size_notice():
+    """Silences imageio-ffmpeg's warning that a rotated video's frames differ in size from its
+    stream (ffmpeg's autorotate, what we want) for the duration of the block."""
+    import logging
+
+    def drop(record: logging.LogRecord) -> bool:
+        return "different from the source frame size" not in record.getMessage()
+
+    logger = logging.getLogger("imageio_ffmpeg")
+    logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        logger.removeFilter(drop)
 
 
 def _frames(reader) -> Iterator[bytes]:

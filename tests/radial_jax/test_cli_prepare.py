@@ -11,13 +11,14 @@ SMALL = ["--size", "64x64", "--frames", "9"]
 
 
 def test_prepare_synthetic_writes_a_cache_the_reader_accepts(tmp_path, capsys):
-    assert main(["prepare", str(tmp_path / "shapes"), "--synthetic", "2", "--out", str(tmp_path / "cache"), *SMALL]) == 0
+    argv = ["prepare", str(tmp_path / "shapes"), "--synthetic", "2", "--out", str(tmp_path / "cache"), *SMALL]
+    assert main(argv) == 0
     out = capsys.readouterr().out
     assert "2 synthetic clips" in out and "2 samples (2 encoded now, 0 already cached)" in out
     dataset = LatentDataset(tmp_path / "cache")
     dataset.check(latent_shape=(3, 8, 8, 16))
     assert len(dataset) == 2 and len(list((tmp_path / "shapes").glob("*.txt"))) == 2
-    assert main(["prepare", str(tmp_path / "shapes"), "--synthetic", "2", "--out", str(tmp_path / "cache"), *SMALL]) == 0
+    assert main(argv) == 0  # the same command again: clips and samples reused
     assert "2 samples (0 encoded now, 2 already cached)" in capsys.readouterr().out
 
 

@@ -34,7 +34,8 @@ def _base():
 def _perturb_b(model, seed: int = 1, std: float = 0.3):
     """Random lora_b everywhere (zero at init would hide a wrong name or scale)."""
     for i, module in enumerate(lora_modules(model).values()):
-        module.lora_b.set_value(std * jax.random.normal(jax.random.key(seed + i), module.lora_b[...].shape, jnp.float32))
+        shape = module.lora_b[...].shape
+        module.lora_b.set_value(std * jax.random.normal(jax.random.key(seed + i), shape, jnp.float32))
 
 
 def _inputs():
@@ -159,7 +160,8 @@ def test_our_path_inverts_module_name_on_every_linear(layout):
 def test_read_exported_refuses_other_files(tmp_path):
     from safetensors.numpy import save_file
 
-    save_file({"transformer.blocks.0.attn1.to_q.lora_A.weight": np.ones((2, 4), np.float32)}, str(tmp_path / "x.safetensors"))
+    name = "transformer.blocks.0.attn1.to_q.lora_A.weight"
+    save_file({name: np.ones((2, 4), np.float32)}, str(tmp_path / "x.safetensors"))
     with pytest.raises(ValueError, match="not a LoRA exported by radial-jax"):
         read_exported(tmp_path / "x.safetensors")
     (tmp_path / "y.safetensors").write_bytes(b"\x02")

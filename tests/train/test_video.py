@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 from train.video import (
-    ShapeClip, VideoError, iter_windows, pick_windows, read_video, resample_indices, resize_center_crop, shape_clip_frames,
-    write_mp4, write_synthetic_dataset,
+    ShapeClip, VideoError, iter_windows, pick_windows, read_video, resample_indices, resize_center_crop,
+    shape_clip_frames, write_mp4, write_synthetic_dataset,
 )  # fmt: skip
 
 LEVEL = 8  # grey level per source frame index in the numbered clips
