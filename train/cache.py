@@ -12,10 +12,12 @@ The cache folder:
     samples/ID.safetensors     "latents" float32 [F, H, W, C] (Wan-normalised VAE mean) and
                                "context" float32 [T, D] (umT5 output on the caption's T tokens,
                                EOS included; the DiT zero-pads it to text_len)
-    videos/VID.json            one per finished video: its samples (what a rerun skips)
+    videos/VID.json            one per finished video: its samples, and the video file's size and
+                               mtime and the caption they were made from
 
 Every file is written under a temporary name and renamed into place, so a killed run leaves only
-finished samples; a rerun with the same settings skips finished videos and retries skipped ones.
+finished samples; a rerun with the same settings skips finished videos (unless the file or the
+caption changed since) and retries skipped ones.
 A video that cannot be used (unreadable, corrupt, too short, no caption) is skipped with its
 reason and never stops the run. train/data.py reads the cache.
 """
