@@ -66,19 +66,19 @@ def jax_worker(shape: str, impl: str, args) -> dict:
     import jax.numpy as jnp
     from flax import nnx
 
-    from models.wan import PRESETS, AttentionConfig
-    from models.wan.attention import radial_mask
+    from models.wan import PRESETS
+    from radial_jax import RadialPlan
 
     preset, frames, height, width = SHAPES[shape]
     config = PRESETS[preset]
     sizes = MODELS[preset]
     assert all(getattr(config, k) == v for k, v in sizes.items()), f"{preset} differs from MODELS[{preset!r}]"
     if impl == "ours-dense":
-        attention = AttentionConfig(backend="dense")
+        plan = None
     else:
         radial_impl = "reference" if args.dry_run else args.radial_impl
-        attention = AttentionConfig(backend="radial", decay_factor=1.0, dense_layers=1, implementation=radial_impl)
-    config = dataclasses.replace(config, param_dtype="bfloat16", dtype="bfloat16", attention=attention)
+        plan = RadialPlan(decay_factor=1.0, dense_layers=1, implementation=radial_impl)
+    config = dataclasses.replace(config, param_dtype="bfloat16", dtype="bfloat16")
     graphdef, state = random_state(config)
     keys = jax.random.split(jax.random.key(1), 2)
     latents = jax.random.normal(keys[0], (1, frames, height, width, config.in_dim), jnp.bfloat16)
@@ -87,7 +87,7 @@ def jax_worker(shape: str, impl: str, args) -> dict:
 
     @jax.jit
     def step(state, latents, timestep, context):
-        return nnx.merge(graphdef, state)(latents, timestep, context, dense=False)
+        return nnx.merge(graphdef, state)(latents, timestep, context, plan=plan, dense=False)
 
     start = time.perf_counter()
     compiled = step.lower(state, latents, timestep, context).compile()
@@ -98,8 +98,8 @@ def jax_worker(shape: str, impl: str, args) -> dict:
                weights_gib=sum(x.nbytes for x in jax.tree.leaves(state)) / GIB,
                peak_gib=stats["peak_bytes_in_use"] / GIB if "peak_bytes_in_use" in stats else None)
     if impl == "ours-radial":
-        mask = radial_mask(frames, (height // 2) * (width // 2), attention.block_size, attention.decay_factor)
-        row.update(radial_implementation=attention.implementation, mask_density=float(mask.mean()), dense_layers=1)
+        mask = plan.block_mask(frames, (height // 2) * (width // 2))
+        row.update(radial_implementation=plan.implementation, mask_density=float(mask.mean()), dense_layers=1)
     return dict(row, times_s=times)
 
 

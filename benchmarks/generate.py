@@ -21,7 +21,7 @@ One worker process per shape times every config, since weight init, encode and d
 at 14B) are the same for all: encode (compile, then timed), drop the text encoder, the dense
 step program (the same program for every config: a radial config's dense steps run the dense
 attention code), decode (compile on 2 latent frames, then the timed full decode), then each
-radial config's radial step program on the same weights (a graphdef with its AttentionConfig).
+radial config's radial step program on the same weights (the same graphdef, its RadialPlan).
 Peak memory (weights included) is the worker's so far when a config's last phase ends: dense's
 covers encode, dense steps and decode; a radial config's also its radial program and those of the
 radial configs before it, an upper bound on a lone run of it (which also runs all these phases).
@@ -77,21 +77,23 @@ def random_module(build, seed: int):
     return nnx.merge(graphdef, nnx.from_flat_state(leaves))
 
 
-def dit_config(shape: str, decay: float | None, radial_impl: str):
-    """Returns the DiT's WanConfig for a shape: dense attention (decay None) or a radial config's."""
+def dit_config(shape: str):
+    """Returns the DiT's WanConfig for a shape (bf16; float32 for the tiny CPU preset)."""
     import dataclasses
 
-    from models.wan import PRESETS, AttentionConfig, pipeline
+    from models.wan import PRESETS, pipeline
 
     preset = SHAPES[shape][0]
-    if decay is None:
-        attention = AttentionConfig(backend="dense")
-    else:
-        attention = AttentionConfig(backend="radial", dense_layers=1, dense_timesteps=DENSE_TIMESTEPS,
-                                    decay_factor=decay, implementation=radial_impl)  # fmt: skip
     dtype = "float32" if preset == "tiny" else "bfloat16"
     base = pipeline.TINY_T2V if preset == "tiny" else PRESETS[preset]
-    return dataclasses.replace(base, param_dtype=dtype, dtype=dtype, attention=attention)
+    return dataclasses.replace(base, param_dtype=dtype, dtype=dtype)
+
+
+def radial_plan(decay: float, radial_impl: str):
+    """Returns a radial config's attention plan: the reference's 1x setting with decay `decay`."""
+    from radial_jax import RadialPlan
+
+    return RadialPlan(dense_layers=1, dense_timesteps=DENSE_TIMESTEPS, decay_factor=decay, implementation=radial_impl)
 
 
 def build_components(shape: str):
@@ -102,7 +104,7 @@ def build_components(shape: str):
 
     preset, frames, height, width = SHAPES[shape]
     tiny = preset == "tiny"
-    config = dit_config(shape, None, "")
+    config = dit_config(shape)
     t5_config = t5.UMT5_TINY if tiny else t5.UMT5_XXL
     vae_config = vae_lib.VAE_TINY if tiny else vae_lib.WAN21_VAE
     components = pipeline.Components(
@@ -112,23 +114,6 @@ def build_components(shape: str):
         tokenizer=pipeline.byte_tokenizer(config.text_len),  # any ids do for timing
     )  # fmt: skip
     return components, frames, height, width
-
-
-def graphdef_for(config, params):
-    """Returns the graphdef of a WanModel(config) that takes `params` (the same weights under
-    another AttentionConfig); raises ValueError if their paths, shapes or dtypes differ."""
-    from flax import nnx
-
-    from models.wan import WanModel
-
-    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: WanModel(config, rngs=nnx.Rngs(0))))
-
-    def signature(state):
-        return [(path, var.get_value().shape, var.get_value().dtype) for path, var in nnx.to_flat_state(state)]
-
-    if signature(abstract) != signature(params):
-        raise ValueError(f"attention={config.attention} changes the DiT's parameters; it cannot share the weights")
-    return graphdef
 
 
 def timed_steps(step, state, count: int) -> tuple[float, list[float], object]:
@@ -143,16 +128,18 @@ def timed_steps(step, state, count: int) -> tuple[float, list[float], object]:
     return times[0], times[1:], state
 
 
-def time_program(graphdef, params, sampler, state, context, steps: int, *, dense: bool) -> tuple[dict, object]:
+def time_program(graphdef, params, sampler, state, context, steps: int, *, plan=None,
+                 dense: bool) -> tuple[dict, object]:  # fmt: skip
     """Returns ({name}_compile_s, {name}_step_times_s and their median {name}_step_s; the last state)
-    of one step program, name "dense" or "radial"; context: [2, T, C], the prompt then the negative."""
+    of one step program, name "dense" or "radial"; context: [2, T, C], the prompt then the negative;
+    plan: the radial config's RadialPlan (None: dense)."""
     import jax.numpy as jnp
 
     from models.wan import pipeline
 
     def step(s):
         return pipeline.denoise_step(graphdef, params, sampler, s, context[:1], context[1:], jnp.float32(5.0),
-                                     None, None, dense=dense)  # fmt: skip
+                                     None, None, plan=plan, dense=dense)  # fmt: skip
 
     name = "dense" if dense else "radial"
     compile_s, times, state = timed_steps(step, state, steps)
@@ -253,8 +240,8 @@ def worker(shape: str, configs: list[str], args, emit) -> None:
     emit(rows)
 
     for i, config in enumerate(radial):
-        config_graphdef = graphdef_for(dit_config(shape, CONFIGS[config], args.radial_impl), params)
-        timed, _ = time_program(config_graphdef, params, sampler, fresh_state(), context, args.steps, dense=False)
+        plan = radial_plan(CONFIGS[config], args.radial_impl)
+        timed, _ = time_program(graphdef, params, sampler, fresh_state(), context, args.steps, plan=plan, dense=False)
         note = f"worker peak over encode, dense steps, decode and the radial programs of {', '.join(radial[: i + 1])}"
         finish_phase(rows, [config], "radial steps", dict(timed, peak_gib=peak_gib(), peak_note=note))
         emit(rows)

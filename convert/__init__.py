@@ -16,8 +16,8 @@ from convert.checkpoint import (TRANSFORMER_DIR, canonical_dtype, check_destinat
                                 stale_partials, staged_directory)
 from convert.io import CheckpointError
 from models.t5 import Tokenizer
-from models.wan import AttentionConfig
 from models.wan.pipeline import Components
+from radial_jax.plan import RadialPlan
 
 
 def _plan_vae_float32(files, config_path, dtype: str):
@@ -66,20 +66,21 @@ def convert_checkpoint(src: str | Path, dst: str | Path, *, dtype: str = "bf16",
     return [name for name, _, _ in plans]
 
 
-def load_pipeline(path: str | Path, *, dtype: str | None = None, attention: AttentionConfig | None = None,
+def load_pipeline(path: str | Path, *, dtype: str | None = None, attention: RadialPlan | None = None,
                   vae_dtype: str | None = None) -> Components:  # fmt: skip
     """Returns the generation components of a converted checkpoint folder, on the default device.
 
     dtype: of the DiT, text and image encoders ("bf16", "f32"; default: as converted); vae_dtype:
     the VAE's (default as converted, float32; "bf16" decodes faster and adds ~1 uint8 level of
-    error, tests/models/test_vae.py); attention: the DiT's self-attention plan (default dense).
+    error, tests/models/test_vae.py); attention: the DiT's self-attention plan, kept beside the
+    modules as Components.plan (default None: dense).
     """
     root = Path(path)
     missing = [part for part in GENERATION_PARTS if not (root / part).is_dir()]
     if missing:
         raise CheckpointError(f"{root}: no {', '.join(p + '/' for p in missing)}; convert the whole Wan2.1 "
                               f"folder (not one file): radial-jax convert --src WAN_FOLDER --dst NEW_DIR")
-    dit = load_wan(root, dtype=dtype, attention=attention)
+    dit = load_wan(root, dtype=dtype)
     image_encoder = None
     if dit.config.model_type == "i2v":
         if not (root / clip.SUBFOLDER).is_dir():
@@ -88,7 +89,7 @@ def load_pipeline(path: str | Path, *, dtype: str | None = None, attention: Atte
     return Components(
         dit=dit, vae=wan_vae.load_vae(root, dtype=vae_dtype), text_encoder=umt5.load_umt5(root, dtype=dtype),
         tokenizer=Tokenizer.from_dir(root / umt5.TOKENIZER_SUBFOLDER, text_len=dit.config.text_len),
-        image_encoder=image_encoder,
+        image_encoder=image_encoder, plan=attention,
     )  # fmt: skip
 
 

@@ -15,14 +15,13 @@ import secrets
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from convert.io import CheckpointError, TensorInfo, iter_tensor_infos, open_shards
-from models.wan import AttentionConfig, WanConfig, WanModel
+from models.wan import WanConfig, WanModel
 
 FORMAT = "radial-jax/wan-transformer"
 FORMAT_VERSION = 1
@@ -148,21 +147,16 @@ def read_config(path: str | Path) -> tuple[Path, WanConfig]:
     return folder, WanConfig.from_dict(meta["config"])
 
 
-def load_wan(
-    path: str | Path, *, dtype: str | None = None, attention: AttentionConfig | None = None, **overrides: Any
-) -> WanModel:
+def load_wan(path: str | Path, *, dtype: str | None = None) -> WanModel:
     """Returns a ready WanModel from a converted checkpoint folder.
 
-    dtype: param and compute dtype ("bf16", "f32"; default: as converted); attention: the
-    self-attention plan (default: as stored, dense); overrides: other WanConfig fields (remat).
+    dtype: param and compute dtype ("bf16", "f32"; default: as converted). The attention plan
+    is not part of the model: pass it at call time (`model(..., plan=plan)`).
     Tensors stream from disk to the device one at a time.
     """
     folder, config = read_config(path)
     if dtype is not None:
-        overrides.update(param_dtype=canonical_dtype(dtype), dtype=canonical_dtype(dtype))
-    if attention is not None:
-        overrides["attention"] = attention
-    config = dataclasses.replace(config, **overrides)
+        config = dataclasses.replace(config, param_dtype=canonical_dtype(dtype), dtype=canonical_dtype(dtype))
     graphdef, flat = abstract_wan(config)
     loaded, unexpected, mismatched = {}, [], []
     for name, info, shard in iter_tensor_infos(open_shards([folder / INDEX_NAME])):

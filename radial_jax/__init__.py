@@ -9,9 +9,11 @@ Public API:
   radial_attention(q, k, v, *, block_mask, block_size=128, implementation="auto", scale=None, tuning=None)
   KernelTuning(mosaic_fwd=..., mosaic_bwd=..., triton_fwd=..., triton_bwd=...): the kernels' tunables
   sequence_parallel_attention(q, k, v, *, block_mask, ..., mesh=None)  (token axis over mesh axis "sequence")
+  dense_attention(q, k, v, *, scale=None, block_mask=None, block_size=128)
+  RadialPlan(mode="radial", dense_layers=0, ...): which layers/steps are radial, the mask cache
 """
 
-from radial_jax.attention import radial_attention
+from radial_jax.attention import IMPLEMENTATIONS, dense_attention, radial_attention
 from radial_jax.kernels import KernelTuning
 from radial_jax.mask import (
     attention_flops,
@@ -23,14 +25,18 @@ from radial_jax.mask import (
     video_tokens,
 )
 from radial_jax.parallel import sequence_parallel, sequence_parallel_attention
+from radial_jax.plan import RadialPlan
 from radial_jax.reference import attention_reference
 
 __all__ = [
+    "IMPLEMENTATIONS",
     "KernelTuning",
+    "RadialPlan",
     "attention_flops",
     "attention_reference",
     "block_density",
     "computed_token_pairs",
+    "dense_attention",
     "expand_block_mask",
     "radial_attention",
     "radial_block_mask",

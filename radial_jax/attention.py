@@ -1,8 +1,11 @@
-"""One attention entry point over a static block mask; picks an implementation.
+"""One attention entry point over a static block mask, and the one dense attention.
 
-`implementation` names one backend or an ordered list of them. A backend raises
-NotImplementedError for what it cannot do (no GPU, an unsupported dtype or shape) and the next
-one is tried; "auto" is ("pallas", "reference") on a GPU and ("reference",) elsewhere.
+`radial_attention(..., implementation=)` names one implementation or an ordered list of them
+(IMPLEMENTATIONS; README's table). An implementation raises NotImplementedError for what it
+cannot do (no GPU, an unsupported dtype or shape) and the next one is tried; "auto" is
+("pallas", "reference") on a GPU and ("reference",) elsewhere. `dense_attention` is the dense
+path every model uses (cuDNN on a GPU in bf16/f16, else XLA in float32 over query chunks); the
+"dense" implementation is it with the block mask applied token by token.
 """
 
 import functools
@@ -15,10 +18,13 @@ import numpy as np
 from jaxtyping import Array, Float
 
 from radial_jax.kernels import KernelTuning, block_sparse_attention
-from radial_jax.mask import expand_block_mask
 from radial_jax.reference import attention_reference
 
-IMPLEMENTATIONS = ("pallas", "reference", "dense")
+# pallas: the best Pallas kernel here (mosaic on Hopper, else triton; interpret mode off GPU);
+# mosaic/triton: that kernel only; reference: the pure-jnp twin; dense: dense_attention + mask.
+IMPLEMENTATIONS = ("pallas", "mosaic", "triton", "reference", "dense")
+XLA_LOGITS_BUDGET = 64 << 20  # bytes of float32 logits per query chunk on the XLA path
+CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
 
 
 def radial_attention(
@@ -44,7 +50,9 @@ def radial_attention(
     errors = []
     for name in _resolve(implementation):
         try:
-            backend = functools.partial(_pallas, tuning=tuning) if name == "pallas" else _BACKENDS[name]
+            backend = _BACKENDS[name]
+            if name in _KERNEL_BACKENDS:
+                backend = functools.partial(backend, tuning=tuning)
             return backend(q, k, v, block_mask, block_size, scale)
         except NotImplementedError as e:
             errors.append(f"{name}: {e}")
@@ -76,6 +84,17 @@ def check_inputs(q, k, v, block_mask, block_size) -> np.ndarray:
     return block_mask
 
 
+def check_implementation(implementation: str | Sequence[str]) -> tuple[str, ...]:
+    """Returns the implementation names as a tuple ("auto" unresolved); ValueError if unknown."""
+    names = (implementation,) if isinstance(implementation, str) else tuple(implementation)
+    if not names:
+        raise ValueError(f"implementation=() is empty; pass 'auto' or names from {IMPLEMENTATIONS}")
+    for name in names:
+        if name not in IMPLEMENTATIONS and not (name == "auto" and len(names) == 1):
+            raise ValueError(f"implementation={name!r} must be 'auto' or one of {IMPLEMENTATIONS}")
+    return names
+
+
 def _resolve(implementation: str | Sequence[str]) -> tuple[str, ...]:
     if implementation == "auto":
         if jax.default_backend() == "gpu":
@@ -83,11 +102,65 @@ def _resolve(implementation: str | Sequence[str]) -> tuple[str, ...]:
         warnings.warn("radial_attention: no GPU, implementation='auto' runs the jnp reference "
                       "(implementation='pallas' runs the kernel in interpret mode, slower still)", stacklevel=3)
         return ("reference",)
-    names = (implementation,) if isinstance(implementation, str) else tuple(implementation)
-    for name in names:
-        if name not in IMPLEMENTATIONS:
-            raise ValueError(f"implementation={name!r} must be 'auto' or one of {IMPLEMENTATIONS}")
-    return names
+    return check_implementation(implementation)
+
+
+def dense_attention(
+    q: Float[Array, "B L N D"],
+    k: Float[Array, "B M N D"],
+    v: Float[Array, "B M N D"],
+    *,
+    scale: float | None = None,
+    block_mask: np.ndarray | None = None,
+    block_size: int = 128,
+) -> Float[Array, "B L N D"]:
+    """Returns softmax attention over all keys (or those block_mask lets through), in q's dtype.
+
+    q: [batch, seq_q, heads, head_dim]; k, v: [batch, seq_kv, heads, head_dim]; block_mask:
+    None (every key) or static bool numpy [ceil(seq_q/B), ceil(seq_kv/B)], rows with no
+    visible key returning zeros. Without a mask on a GPU in bf16/f16 this is cuDNN flash
+    attention; otherwise XLA's attention in float32 over query chunks, so the logits (and the
+    token mask) never exceed XLA_LOGITS_BUDGET bytes.
+    """
+    if block_mask is not None and block_mask.all():
+        block_mask = None
+    if block_mask is None and jax.default_backend() == "gpu" and q.dtype in CUDNN_DTYPES:
+        try:
+            return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation="cudnn")
+        except (NotImplementedError, RuntimeError):  # shape/dtype cuDNN declines, or no cuDNN
+            pass
+    # float32: the CPU fallback has no fast bf16 path, and jax.nn's XLA attention mixes bf16
+    # with float32 logits in a way strict dtype promotion rejects.
+    f32 = jnp.float32
+    out = _chunked_xla_attention(q.astype(f32), k.astype(f32), v.astype(f32), scale, block_mask, block_size)
+    return out.astype(q.dtype)
+
+
+def _chunked_xla_attention(q, k, v, scale, block_mask, block_size):
+    batch, q_len, heads, head_dim = q.shape
+    rows = XLA_LOGITS_BUDGET // (4 * batch * heads * k.shape[1])
+    if rows >= q_len:
+        return _xla_attention(q, k, v, scale, block_mask, block_size, 0)
+    chunk = max(128, rows // 128 * 128)
+    num_chunks = -(-q_len // chunk)
+    padded = jnp.pad(q, ((0, 0), (0, num_chunks * chunk - q_len), (0, 0), (0, 0)))
+    q_chunks = padded.reshape(batch, num_chunks, chunk, heads, head_dim).swapaxes(0, 1)
+    starts = jnp.arange(num_chunks, dtype=jnp.int32) * chunk
+    out = jax.lax.map(lambda xs: _xla_attention(xs[0], k, v, scale, block_mask, block_size, xs[1]),
+                      (q_chunks, starts))  # fmt: skip
+    return out.swapaxes(0, 1).reshape(batch, num_chunks * chunk, heads, head_dim)[:, :q_len]
+
+
+def _xla_attention(q, k, v, scale, block_mask, block_size, first_row):
+    """XLA attention of the query rows first_row.. (traced) with the block mask's token rows."""
+    if block_mask is None:
+        return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation="xla")
+    q_blocks = jnp.minimum((first_row + jnp.arange(q.shape[1])) // block_size, block_mask.shape[0] - 1)
+    kv_blocks = jnp.arange(k.shape[1]) // block_size
+    token_mask = jnp.asarray(block_mask)[q_blocks][:, kv_blocks]  # [chunk, seq_kv]
+    out = jax.nn.dot_product_attention(q, k, v, scale=scale, mask=token_mask[None, None], implementation="xla")
+    # jax.nn averages all values in a fully masked row; ours returns zeros there.
+    return jnp.where(token_mask.any(axis=1)[None, :, None, None], out, jnp.zeros_like(out))
 
 
 def _reference(q, k, v, block_mask, block_size, scale):
@@ -95,22 +168,26 @@ def _reference(q, k, v, block_mask, block_size, scale):
 
 
 def _dense(q, k, v, block_mask, block_size, scale):
-    """jax.nn.dot_product_attention (cuDNN on GPU); a non-trivial mask is expanded to tokens."""
-    if block_mask.all():
-        return jax.nn.dot_product_attention(q, k, v, scale=scale)
-    token_mask = expand_block_mask(block_mask, block_size, q.shape[1], k.shape[1])
-    if token_mask.size > 1 << 30:
-        raise NotImplementedError(f"dense with a mask builds a {token_mask.shape} token mask; too large")
-    out = jax.nn.dot_product_attention(q, k, v, scale=scale, mask=jnp.asarray(token_mask)[None, None])
-    # jax.nn averages all values in a fully masked row; ours returns zeros there.
-    has_key = jnp.asarray(token_mask.any(axis=1))[None, :, None, None]
-    return jnp.where(has_key, out, jnp.zeros_like(out))
+    return dense_attention(q, k, v, scale=scale, block_mask=block_mask, block_size=block_size)
 
 
-def _pallas(q, k, v, block_mask, block_size, scale, tuning=None):
-    if jax.default_backend() != "gpu":
-        warnings.warn("implementation='pallas' without a GPU runs the kernel in interpret mode (slow)")
-    return block_sparse_attention(q, k, v, block_mask, block_size=block_size, scale=scale, tuning=tuning)
+def _kernel(backend: str | None):
+    """Returns the implementation running the Pallas kernel `backend` (None: the best one here)."""
+
+    def run(q, k, v, block_mask, block_size, scale, tuning=None):
+        chosen = backend
+        if jax.default_backend() != "gpu":
+            if backend == "mosaic":
+                raise NotImplementedError("the mosaic kernel needs a Hopper GPU (no interpret mode)")
+            warnings.warn(f"implementation={backend or 'pallas'!r} without a GPU runs the kernel in interpret "
+                          "mode (slow)")  # fmt: skip
+            chosen = "interpret"
+        return block_sparse_attention(q, k, v, block_mask, block_size=block_size, scale=scale, backend=chosen,
+                                      tuning=tuning)  # fmt: skip
+
+    return run
 
 
-_BACKENDS = {"pallas": _pallas, "reference": _reference, "dense": _dense}
+_KERNEL_BACKENDS = ("pallas", "mosaic", "triton")
+_BACKENDS = {"pallas": _kernel(None), "mosaic": _kernel("mosaic"), "triton": _kernel("triton"),
+             "reference": _reference, "dense": _dense}  # fmt: skip

@@ -6,7 +6,6 @@ from models.wan.config import (
     WAN_T2V_14B,
     WAN_T2V_1_3B,
     WAN_TINY,
-    AttentionConfig,
     WanConfig,
 )
 from models.wan.transformer import WanModel
@@ -17,7 +16,6 @@ __all__ = [
     "WAN_T2V_14B",
     "WAN_T2V_1_3B",
     "WAN_TINY",
-    "AttentionConfig",
     "WanConfig",
     "WanModel",
 ]

@@ -1,81 +1,18 @@
-"""Wan2.1 self- and cross-attention, and the choice of attention function per layer and step.
+"""Wan2.1 self- and cross-attention.
 
-Self-attention goes through one `attend(q, k, v)` function chosen by the model for each block
-(dense, or radial_jax.radial_attention with the radial mask of the latent shape); the modules
-never see backend flags. Cross-attention to text (and CLIP image tokens, I2V) is always dense.
+Self-attention goes through one `attend(q, k, v)` function the model picks for each block
+from the attention plan (radial_jax.plan.self_attention); the modules never see backend flags.
+Cross-attention to text (and CLIP image tokens, I2V) is always dense (radial_jax.dense_attention).
 """
 
-import functools
-from collections.abc import Callable
-
-import jax
-import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 from jaxtyping import Array, Float
 
-import radial_jax
-from models.wan.config import AttentionConfig, WanConfig
+from radial_jax.attention import dense_attention
+from radial_jax.plan import Attend
+from models.wan.config import WanConfig
 from models.wan.layers import F32, RMSNorm, compute_dtype, linear
 from models.wan.rope import apply_rope
-
-Attend = Callable[[Array, Array, Array], Array]
-XLA_LOGITS_BUDGET = 64 << 20  # bytes of float32 logits per query chunk on the XLA path
-CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
-
-
-def dense_attention(
-    q: Float[Array, "B L N D"], k: Float[Array, "B M N D"], v: Float[Array, "B M N D"]
-) -> Float[Array, "B L N D"]:
-    """Returns softmax attention over all keys, in q's dtype.
-
-    On a GPU in bf16/f16 this is cuDNN flash attention; elsewhere XLA's attention in float32
-    over query chunks, so the logits never form an [L, M] array beyond XLA_LOGITS_BUDGET bytes.
-    """
-    if jax.default_backend() == "gpu" and q.dtype in CUDNN_DTYPES:
-        try:
-            return jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
-        except (NotImplementedError, RuntimeError):  # shape/dtype cuDNN declines, or no cuDNN
-            pass
-    # float32: the CPU fallback has no fast bf16 path, and jax.nn's XLA attention mixes bf16
-    # with float32 logits in a way strict dtype promotion rejects.
-    f32 = jnp.float32
-    return _chunked_xla_attention(q.astype(f32), k.astype(f32), v.astype(f32)).astype(q.dtype)
-
-
-def _chunked_xla_attention(q, k, v):
-    batch, q_len, heads, head_dim = q.shape
-    rows = XLA_LOGITS_BUDGET // (4 * batch * heads * k.shape[1])
-    if rows >= q_len:
-        return jax.nn.dot_product_attention(q, k, v, implementation="xla")
-    chunk = max(128, rows // 128 * 128)
-    num_chunks = -(-q_len // chunk)
-    padded = jnp.pad(q, ((0, 0), (0, num_chunks * chunk - q_len), (0, 0), (0, 0)))
-    q_chunks = padded.reshape(batch, num_chunks, chunk, heads, head_dim).swapaxes(0, 1)
-    out = jax.lax.map(lambda qc: jax.nn.dot_product_attention(qc, k, v, implementation="xla"), q_chunks)
-    return out.swapaxes(0, 1).reshape(batch, num_chunks * chunk, heads, head_dim)[:, :q_len]
-
-
-@functools.lru_cache(maxsize=32)
-def radial_mask(num_frames: int, tokens_per_frame: int, block_size: int, decay_factor: float) -> np.ndarray:
-    """Returns the (read-only, cached) Wan radial block mask, bool [QB, KB]."""
-    mask = radial_jax.radial_block_mask(
-        num_frames, tokens_per_frame, block_size=block_size, decay_factor=decay_factor, model="wan"
-    )
-    mask.setflags(write=False)
-    return mask
-
-
-def self_attention_fn(attention: AttentionConfig, grid: tuple[int, int, int], *, dense: bool) -> Attend:
-    """Returns attend(q, k, v) for one block: dense, or radial over the latent grid (F, H, W)."""
-    if dense or attention.backend == "dense":
-        return dense_attention
-    frames, height, width = grid
-    mask = radial_mask(frames, height * width, attention.block_size, attention.decay_factor)
-    implementation = "reference" if attention.backend == "reference" else attention.implementation
-    return functools.partial(
-        radial_jax.radial_attention, block_mask=mask, block_size=attention.block_size, implementation=implementation
-    )
 
 
 class SelfAttention(nnx.Module):

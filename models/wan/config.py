@@ -1,72 +1,19 @@
-"""Wan2.1 DiT hyperparameters (WanConfig, presets) and the self-attention plan (AttentionConfig).
+"""Wan2.1 DiT hyperparameters (WanConfig, presets): the architecture only.
 
 Field names follow the original Wan2.1 `WanModel` (dim, ffn_dim, in_dim, ...) so a checkpoint's
-config.json reads straight into them.
+config.json reads straight into them. How attention is computed (radial_jax.RadialPlan) and
+rematerialisation are run-time choices passed to the model's call, not fields here.
 """
 
 import dataclasses
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
-BACKENDS = ("dense", "radial", "reference")
+# Fields older converted config.json files carry; run-time choices now, ignored with a warning.
+RUNTIME_FIELDS = ("attention", "remat")
 DTYPES = ("float32", "bfloat16", "float16")
 MODEL_TYPES = ("t2v", "i2v")
-
-
-@dataclasses.dataclass(frozen=True)
-class AttentionConfig:
-    """How self-attention is computed, per layer and per sampling step.
-
-    backend: "dense" everywhere (jax.nn.dot_product_attention, cuDNN on a GPU), "radial" (the
-      radial block mask through radial_jax.radial_attention with `implementation`), or
-      "reference" (the radial mask through the pure-jnp reference, for checking).
-    dense_layers: the first N blocks stay dense (reference: 1 at 1x length, 2 at 2x).
-    dense_timesteps: the first N sampling steps stay dense (reference: 12 at 1x, 2 at 2x).
-    dense_final_timesteps: the last N steps stay dense (not in the reference; users report it
-      sharpens fine detail).
-    decay_factor, block_size: of the radial mask (radial_jax.radial_block_mask).
-    implementation: passed to radial_attention for backend "radial".
-    Cross-attention is always dense.
-    """
-
-    backend: str = "dense"
-    dense_layers: int = 0
-    dense_timesteps: int = 0
-    dense_final_timesteps: int = 0
-    decay_factor: float = 1.0
-    block_size: int = 128
-    implementation: str | tuple[str, ...] = "auto"
-
-    def __post_init__(self):
-        if self.backend not in BACKENDS:
-            raise ValueError(f"attention backend={self.backend!r} must be one of {BACKENDS}")
-        for name in ("dense_layers", "dense_timesteps", "dense_final_timesteps"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
-        if isinstance(self.implementation, list):  # keep the dataclass hashable (a jit static)
-            object.__setattr__(self, "implementation", tuple(self.implementation))
-
-    def is_dense_step(self, step: int | None, num_steps: int | None) -> bool:
-        """Returns whether sampling step `step` (0-based) of `num_steps` runs all layers dense.
-
-        Decide this in Python and pass it to the model as the static `dense=` argument: a jitted
-        sampler then compiles at most two programs (dense and radial), not one per step.
-        """
-        if self.backend == "dense":
-            return True
-        if step is None:
-            return False
-        if step < self.dense_timesteps:
-            return True
-        if self.dense_final_timesteps:
-            if num_steps is None:
-                raise ValueError("dense_final_timesteps needs num_steps (the sampler's step count)")
-            return step >= num_steps - self.dense_final_timesteps
-        return False
-
-    def is_dense_layer(self, layer: int) -> bool:
-        """Returns whether block `layer` (0-based) is dense at a non-dense step."""
-        return self.backend == "dense" or layer < self.dense_layers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,8 +43,6 @@ class WanConfig:
     rope_theta: float = 10000.0
     param_dtype: str = "float32"
     dtype: str = "float32"
-    remat: bool = False  # jax.checkpoint each block (training)
-    attention: AttentionConfig = AttentionConfig()
 
     def __post_init__(self):
         object.__setattr__(self, "patch_size", tuple(self.patch_size))
@@ -123,16 +68,16 @@ class WanConfig:
 
     @classmethod
     def from_dict(cls, fields: Mapping[str, Any]) -> "WanConfig":
-        """Returns the config from `to_dict` output; unknown keys are an error."""
+        """Returns the config from `to_dict` output; unknown keys are an error, the run-time
+        fields older files carry (attention, remat) are dropped with a one-line warning."""
         fields = dict(fields)
+        stale = [name for name in RUNTIME_FIELDS if fields.pop(name, None) is not None]
+        if stale:
+            warnings.warn(f"config.json: ignoring {', '.join(stale)} (run-time choices now: pass plan=/remat= to "
+                          "the model's call, or --attention to `radial-jax generate`)", stacklevel=2)
         unknown = set(fields) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
             raise ValueError(f"unknown WanConfig fields {sorted(unknown)}")
-        attention = fields.pop("attention", None)
-        if isinstance(attention, Mapping):
-            fields["attention"] = AttentionConfig(**attention)
-        elif attention is not None:
-            fields["attention"] = attention
         return cls(**fields)
 
 

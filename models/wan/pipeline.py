@@ -27,8 +27,9 @@ from models import clip as clip_lib
 from models import t5
 from models.wan import sampler as sampler_lib
 from models.wan import vae as vae_lib
-from models.wan.config import WAN_TINY, AttentionConfig
+from models.wan.config import WAN_TINY
 from models.wan.transformer import WanModel
+from radial_jax.plan import RadialPlan
 
 # Wan2.1's default negative prompt (wan/configs/shared_config.py, sample_neg_prompt).
 WAN_NEGATIVE_PROMPT = (
@@ -47,14 +48,16 @@ StageCallback = Callable[[str, float], None]  # (what finished, seconds it took 
 
 @dataclasses.dataclass
 class Components:
-    """The modules of one Wan2.1 checkpoint. Mutable so that generate(free_text_encoder=True)
-    can drop the text encoder (its device memory is freed once nothing else refers to it)."""
+    """The modules of one Wan2.1 checkpoint and the DiT's attention plan (None: dense). Mutable
+    so that generate(free_text_encoder=True) can drop the text encoder (its device memory is
+    freed once nothing else refers to it)."""
 
     dit: WanModel
     vae: vae_lib.WanVAE
     text_encoder: t5.UMT5Encoder | None
     tokenizer: t5.Tokenizer
     image_encoder: clip_lib.CLIPVisionEncoder | None = None  # I2V only
+    plan: RadialPlan | None = None
 
 
 def check_video_size(frames: int, height: int, width: int, patch: Sequence[int] = (1, 2, 2)) -> None:
@@ -124,19 +127,21 @@ def image_condition(
     return jnp.concatenate([mask, latents], axis=-1)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "sampler", "dense"), donate_argnames=("state",))
-def denoise_step(graphdef, params, sampler, state, context, negative_context, guidance, clip_fea, y, *, dense):
+@functools.partial(jax.jit, static_argnames=("graphdef", "sampler", "plan", "dense"), donate_argnames=("state",))
+def denoise_step(graphdef, params, sampler, state, context, negative_context, guidance, clip_fea, y, *, plan,
+                 dense):  # fmt: skip
     """Returns the sampler state after one step: the DiT on (cond[, uncond]) context, cfg, update.
 
     graphdef/params: nnx.split(dit); sampler: static (see make_sampler); state: donated;
     context/negative_context: [1, T, C] (negative None: no guidance pass); guidance: float32
-    scalar; clip_fea/y: I2V inputs or None; dense: static, so at most two programs compile.
+    scalar; clip_fea/y: I2V inputs or None; plan (RadialPlan or None) and dense: static, so at
+    most two programs compile.
     """
     dit = nnx.merge(graphdef, params)
     timestep = jnp.broadcast_to(sampler.timestep(state), state.sample.shape[:1])
-    flow = dit(state.sample, timestep, context, clip_fea=clip_fea, y=y, dense=dense)
+    flow = dit(state.sample, timestep, context, plan=plan, dense=dense, clip_fea=clip_fea, y=y)
     if negative_context is not None:
-        uncond = dit(state.sample, timestep, negative_context, clip_fea=clip_fea, y=y, dense=dense)
+        uncond = dit(state.sample, timestep, negative_context, plan=plan, dense=dense, clip_fea=clip_fea, y=y)
         flow = sampler_lib.cfg(flow, uncond, guidance)
     return sampler.step(state, flow)
 
@@ -149,23 +154,24 @@ def denoise(
     negative_context: Float[Array, "1 T Ct"] | None,
     guidance: float,
     *,
+    plan: RadialPlan | None = None,
     clip_fea: Float[Array, "1 I E"] | None = None,
     y: Float[Array, "1 F H W Cy"] | None = None,
     on_step: StepCallback | None = None,
 ) -> Float[Array, "1 F H W C"]:
     """Returns the denoised latents after all sampler steps (noise is consumed: donated).
 
-    Whether a step is dense follows dit.config.attention.is_dense_step. on_step(step, num_steps,
-    dense) runs after each step has finished on the device, so its timing is the step's.
+    plan: the DiT's attention plan (None: dense); a step is dense where plan.is_dense_step says.
+    on_step(step, num_steps, dense) runs after each step has finished on the device, so its
+    timing is the step's.
     """
     graphdef, params = nnx.split(dit)  # once: every step reuses the same static graph
-    attention = dit.config.attention
     state = sampler.init(noise)
     scale = jnp.float32(guidance)
     for step in range(sampler.num_steps):
-        dense = attention.is_dense_step(step, sampler.num_steps)
+        dense = plan is None or plan.is_dense_step(step, sampler.num_steps)
         state = denoise_step(graphdef, params, sampler, state, context, negative_context, scale, clip_fea, y,
-                             dense=dense)  # fmt: skip
+                             plan=plan, dense=dense)  # fmt: skip
         if on_step is not None:
             jax.block_until_ready(state.sample)
             on_step(step, sampler.num_steps, dense)
@@ -227,7 +233,7 @@ def generate(
     clip_fea, y = image_inputs() if dit.config.model_type == "t2v" else timed("image encode (CLIP, VAE)", image_inputs)
     noise = sampler_lib.initial_noise(seed, latent_shape(frames, height, width, dit.config.out_dim))
     latents = denoise(dit, sampler_, noise, context[:1], context[1:] if guidance != 1.0 else None, guidance,
-                      clip_fea=clip_fea, y=y, on_step=on_step)  # fmt: skip
+                      plan=components.plan, clip_fea=clip_fea, y=y, on_step=on_step)  # fmt: skip
     return timed("VAE decode", lambda: decode_video(components.vae, latents))
 
 
@@ -280,13 +286,12 @@ TINY_T2V = dataclasses.replace(WAN_TINY, in_dim=vae_lib.VAE_TINY.z_dim, out_dim=
 TINY_I2V = dataclasses.replace(TINY_T2V, model_type="i2v", in_dim=2 * TINY_T2V.in_dim + I2V_MASK_CHANNELS)
 
 
-def tiny_components(*, seed: int = 0, model_type: str = "t2v", attention: AttentionConfig | None = None,
+def tiny_components(*, seed: int = 0, model_type: str = "t2v", attention: RadialPlan | None = None,
                     vae_dtype: str = "float32") -> Components:  # fmt: skip
     """Returns the tiny preset with seeded random weights: TINY_T2V/TINY_I2V DiT, VAE_TINY (in
-    vae_dtype), UMT5_TINY, a byte tokenizer (and CLIP_TINY for "i2v"). Runs on a CPU in seconds;
-    its videos are noise."""
-    dit_config = dataclasses.replace(TINY_T2V if model_type == "t2v" else TINY_I2V,
-                                     attention=attention or AttentionConfig())  # fmt: skip
+    vae_dtype), UMT5_TINY, a byte tokenizer (and CLIP_TINY for "i2v"), with `attention` as its
+    plan (None: dense). Runs on a CPU in seconds; its videos are noise."""
+    dit_config = TINY_T2V if model_type == "t2v" else TINY_I2V
     if t5.UMT5_TINY.vocab_size < 256 + BYTE_OFFSET:
         raise ValueError("UMT5_TINY's vocabulary cannot hold the byte tokenizer's ids")
     return Components(
@@ -297,6 +302,7 @@ def tiny_components(*, seed: int = 0, model_type: str = "t2v", attention: Attent
         tokenizer=byte_tokenizer(dit_config.text_len),
         image_encoder=random_weights(lambda rngs: clip_lib.CLIPVisionEncoder(clip_lib.CLIP_TINY, rngs=rngs), seed + 3)
         if model_type == "i2v" else None,
+        plan=attention,
     )  # fmt: skip
 
 

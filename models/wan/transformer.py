@@ -4,10 +4,12 @@ Parameter paths follow the original PyTorch module names (wan/modules/model.py: 
 self_attn.q, ffn.0, modulation, head.head, img_emb.proj.1, ...) so checkpoint converters are
 plain name tables; leaves use Flax names (kernel [in, out], bias, scale).
 
-Call: model(latents [B, F, H, W, C], timestep [B], context [B, T, text_dim], *, clip_fea=None,
-y=None, dense=None) -> [B, F, H, W, out_dim] float32. Whether a sampling step runs dense is a
-static Python bool: pass dense=config.attention.is_dense_step(step, num_steps) (jit with
-`dense` static, two programs at most), or step=/num_steps= outside jit.
+Call: model(latents [B, F, H, W, C], timestep [B], context [B, T, text_dim], *, plan=None,
+dense=False, clip_fea=None, y=None, remat=False) -> [B, F, H, W, out_dim] float32. The
+attention plan (radial_jax.RadialPlan; None: dense everywhere) and whether this sampling step
+runs dense (dense=plan.is_dense_step(step, num_steps)) are static Python values: jit with them
+static and a sampler compiles two programs at most. remat=True wraps each block in
+jax.checkpoint (training).
 """
 
 import math
@@ -17,12 +19,13 @@ import jax.numpy as jnp
 from flax import nnx
 from jaxtyping import Array, Float
 
-from models.wan.attention import Attend, CrossAttention, SelfAttention, self_attention_fn
+from models.wan.attention import CrossAttention, SelfAttention
 from models.wan.config import WanConfig
 from models.wan.layers import (
     F32, LayerNorm, compute_dtype, gelu_exact, gelu_tanh, layer_norm, linear, sinusoidal_embedding,
 )
 from models.wan.rope import rope_tables
+from radial_jax.plan import Attend, RadialPlan, self_attention
 
 TORCH_LAYER_NORM_EPS = 1e-5  # the image projection uses torch.nn.LayerNorm's default
 EMBEDDING_INIT_STD = 0.02  # the original's init for text and time embeddings
@@ -136,21 +139,23 @@ class WanModel(nnx.Module):
         timestep: Float[Array, "B"],
         context: Float[Array, "B T Ct"],
         *,
+        plan: RadialPlan | None = None,
+        dense: bool = False,
         clip_fea: Float[Array, "B I E"] | None = None,
         y: Float[Array, "B F H W Cy"] | None = None,
-        dense: bool | None = None,
-        step: int | None = None,
-        num_steps: int | None = None,
+        remat: bool = False,
     ) -> Float[Array, "B F H W Cout"]:
         """Returns the model output (flow prediction) [B, F, H, W, out_dim], float32.
 
         latents: noisy latents, channels-last; timestep: [B] in [0, 1000]; context: text
-        embeddings (umT5), zero-padded here to config.text_len as the original does; I2V also
-        takes clip_fea [B, 257, img_dim] and y [B, F, H, W, in_dim - C] (mask + first-frame
-        latents, concatenated to the latents on channels). dense=True runs every layer dense
-        (a dense_timesteps step); None decides from step/num_steps, or radial where configured.
+        embeddings (umT5), zero-padded here to config.text_len as the original does; plan: the
+        self-attention plan (None: dense everywhere); dense=True runs every layer dense (a
+        plan.is_dense_step step); I2V also takes clip_fea [B, 257, img_dim] and
+        y [B, F, H, W, in_dim - C] (mask + first-frame latents, concatenated to the latents on
+        channels); remat: jax.checkpoint each block (training: activations recomputed in the
+        backward pass).
         """
-        out, _ = self._forward(latents, timestep, context, clip_fea, y, self._dense(dense, step, num_steps), False)
+        out, _ = self._forward(latents, timestep, context, clip_fea, y, plan, dense, remat, False)
         return out
 
     def block_outputs(
@@ -159,30 +164,26 @@ class WanModel(nnx.Module):
         timestep: Float[Array, "B"],
         context: Float[Array, "B T Ct"],
         *,
+        plan: RadialPlan | None = None,
+        dense: bool = False,
         clip_fea: Float[Array, "B I E"] | None = None,
         y: Float[Array, "B F H W Cy"] | None = None,
-        dense: bool | None = None,
     ) -> list[Float[Array, "B L C"]]:
         """Returns the residual stream [B, F*H*W/patch, dim] after each block (to localise mismatches)."""
-        _, outputs = self._forward(latents, timestep, context, clip_fea, y, self._dense(dense, None, None), True)
+        _, outputs = self._forward(latents, timestep, context, clip_fea, y, plan, dense, False, True)
         return outputs
 
-    def _dense(self, dense: bool | None, step: int | None, num_steps: int | None) -> bool:
-        if dense is not None:
-            return bool(dense)
-        return self.config.attention.is_dense_step(step, num_steps)
-
-    def _forward(self, latents, timestep, context, clip_fea, y, dense: bool, collect: bool):
+    def _forward(self, latents, timestep, context, clip_fea, y, plan, dense: bool, remat: bool, collect: bool):
         x, grid = self._patchify(latents, y)
         e = self._time_embedding(timestep)
         e0 = self.time_projection[1](jax.nn.silu(e)).reshape(e.shape[0], 6, self.config.dim)
         context, context_img = self._context(context, clip_fea)
         rope = rope_tables(grid, self.config.head_dim, self.config.rope_theta)
-        attention = self.config.attention
+        frames, height, width = grid
         outputs = []
         for i, block in enumerate(self.blocks):
-            attend = self_attention_fn(attention, grid, dense=dense or attention.is_dense_layer(i))
-            x = _run_block(block, x, e0, context, context_img, rope, attend, remat=self.config.remat)
+            attend = self_attention(plan, frames, height * width, layer=i, dense=dense)
+            x = _run_block(block, x, e0, context, context_img, rope, attend, remat=remat)
             if collect:
                 outputs.append(x)
         return self._unpatchify(self.head(x, e), grid), outputs
@@ -233,7 +234,7 @@ class WanModel(nnx.Module):
         return x.reshape(patches.shape[0], f * pt, h * ph, w * pw, c)
 
 
-def _run_block(block, x, e0, context, context_img, rope, attend, *, remat: bool):
+def _run_block(block, x, e0, context, context_img, rope, attend: Attend, *, remat: bool):
     def run(block, x, e0, context, context_img, rope):
         return block(x, e0, context, context_img, rope, attend)
 

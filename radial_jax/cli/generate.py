@@ -74,11 +74,11 @@ def _parse_timesteps(text: str | None) -> tuple[float, ...] | None:
 def run(args) -> int:
     """Text (or image) to video: checks every flag, loads the components, generates, writes the video."""
     request = check_request(args)
-    from models.wan import AttentionConfig, pipeline
+    from models.wan import pipeline
+    from radial_jax.plan import RadialPlan
 
-    attention = AttentionConfig(backend=args.attention, dense_layers=args.dense_layers,
-                                dense_timesteps=args.dense_timesteps, dense_final_timesteps=args.dense_final_timesteps,
-                                decay_factor=args.decay_factor)  # fmt: skip
+    attention = RadialPlan(mode=args.attention, dense_layers=args.dense_layers, dense_timesteps=args.dense_timesteps,
+                           dense_final_timesteps=args.dense_final_timesteps, decay_factor=args.decay_factor)  # fmt: skip
     start = time.perf_counter()
     components = _load_components(args, attention, request.image is not None)
     if request.loras:

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from models.wan import AttentionConfig
+from radial_jax import RadialPlan
 from models.wan import pipeline
 from models.wan import sampler as sampler_lib
 from models.wan import vae as vae_lib
@@ -47,12 +47,12 @@ def test_denoise_step_is_one_euler_update_of_the_guided_flow(tiny):
     expected = noise + (euler.sigmas[1] - euler.sigmas[0]) * (uncond + 4.0 * (cond - uncond))
     graphdef, params = nnx.split(tiny.dit)
     state = pipeline.denoise_step(graphdef, params, euler, euler.init(jnp.array(noise)), context[:1], context[1:],
-                                  jnp.float32(4.0), None, None, dense=True)  # fmt: skip
+                                  jnp.float32(4.0), None, None, plan=None, dense=True)  # fmt: skip
     np.testing.assert_allclose(state.sample, expected, rtol=1e-5, atol=1e-5 * float(jnp.abs(expected).max()))
 
 
 def test_jitted_step_compiles_twice_with_dense_timesteps_and_not_again_on_a_rerun():
-    radial = AttentionConfig(backend="radial", dense_timesteps=2, dense_layers=1, block_size=16)
+    radial = RadialPlan(dense_timesteps=2, dense_layers=1, block_size=16)
     components = pipeline.tiny_components(seed=0, attention=radial)
     pipeline.denoise_step.clear_cache()
     seen = []

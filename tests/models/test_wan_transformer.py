@@ -2,6 +2,7 @@
 its parts against torch and float64 formulas, and the radial/dense attention plans."""
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -10,10 +11,11 @@ import pytest
 import torch
 from flax import nnx
 
-from models.wan import WAN_TINY, AttentionConfig, WanConfig, WanModel
-from models.wan.attention import radial_mask
+from models.wan import WAN_TINY, WanConfig, WanModel
 from models.wan.layers import layer_norm, sinusoidal_embedding
 from models.wan.rope import apply_rope, axis_dims, rope_tables
+from radial_jax import RadialPlan
+from radial_jax.plan import radial_mask
 from wan_testing import (
     LATENT, inputs, ours_kwargs, relative_error, save_and_convert, tiny_diffusers,
     torch_forward,
@@ -25,12 +27,12 @@ TOLERANCE = 1e-4
 
 
 # Compiled calls: one XLA compile costs less on the CPU than compiling each op for eager mode.
-@nnx.jit(static_argnames=("dense", "step", "num_steps"))
+@nnx.jit(static_argnames=("plan", "dense", "remat"))
 def call(model, *args, **kwargs):
     return model(*args, **kwargs)
 
 
-@nnx.jit
+@nnx.jit(static_argnames=("plan", "dense"))
 def block_outputs(model, *args, **kwargs):
     return model.block_outputs(*args, **kwargs)
 
@@ -140,13 +142,6 @@ def test_head_modulation_and_projection_match_diffusers(t2v):
     assert relative_error(ours.head(jnp.asarray(x), jnp.asarray(e)), expected.numpy()) <= TOLERANCE
 
 
-def _with_attention(model: WanModel, attention: AttentionConfig) -> WanModel:
-    """Returns a model sharing `model`'s parameters with another attention plan."""
-    config = dataclasses.replace(model.config, attention=attention)
-    graphdef, _ = nnx.split(nnx.eval_shape(lambda: WanModel(config, rngs=nnx.Rngs(0))))
-    return nnx.merge(graphdef, nnx.state(model))
-
-
 def _tiny_model_and_inputs(frames: int, height: int = 8, width: int = 8, seed: int = 0):
     model = WanModel(WAN_TINY, rngs=nnx.Rngs(seed))
     keys = jax.random.split(jax.random.key(seed), 2)
@@ -155,84 +150,81 @@ def _tiny_model_and_inputs(frames: int, height: int = 8, width: int = 8, seed: i
     return model, (latents, jnp.array([500.0], jnp.float32), context)
 
 
-def test_radial_backend_with_an_all_on_mask_equals_dense():
+def test_radial_plan_with_an_all_on_mask_equals_dense():
     # 2 frames x 128 tokens: neighbouring frames are dense (smaller frames lose even those to
     # the reference's "diagonal split" rule), so the radial mask is full.
     model, args = _tiny_model_and_inputs(frames=2, height=16, width=32)
-    attention = AttentionConfig(backend="radial", block_size=16, implementation="reference")
+    plan = RadialPlan(block_size=16, implementation="reference")
     assert radial_mask(2, 128, 16, 1.0).all()
     dense = call(model, *args)
-    radial = call(_with_attention(model, attention), *args)
-    assert relative_error(radial, dense) <= 1e-5
+    assert relative_error(call(model, *args, plan=plan), dense) <= 1e-5
 
 
-def test_radial_backend_equals_reference_backend_with_a_real_mask():
+def test_dense_implementation_equals_reference_with_a_real_mask():
     model, args = _tiny_model_and_inputs(frames=8, width=16)  # 8 frames x 32 tokens, blocks of 16
     mask = radial_mask(8, 32, 16, 1.0)
     assert not mask.all()
-    radial = _with_attention(model, AttentionConfig(backend="radial", block_size=16, implementation="dense"))
-    reference = _with_attention(model, AttentionConfig(backend="reference", block_size=16))
-    out = call(radial, *args)
-    assert relative_error(out, call(reference, *args)) <= 1e-5
+    out = call(model, *args, plan=RadialPlan(block_size=16, implementation="dense"))
+    assert relative_error(out, call(model, *args, plan=RadialPlan(block_size=16, implementation="reference"))) <= 1e-5
     # ... and the mask matters: dense attention gives another answer.
     assert relative_error(out, call(model, *args)) > 1e-3
 
 
-def test_dense_steps_and_layers_follow_the_attention_config():
-    attention = AttentionConfig(backend="radial", dense_timesteps=2, dense_final_timesteps=1, dense_layers=1)
-    assert [attention.is_dense_step(s, 6) for s in range(6)] == [True, True, False, False, False, True]
-    assert [attention.is_dense_layer(i) for i in range(3)] == [True, False, False]
-    assert AttentionConfig().is_dense_step(3, 6)  # the dense backend is dense everywhere
+def test_dense_steps_and_layers_follow_the_plan():
+    plan = RadialPlan(dense_timesteps=2, dense_final_timesteps=1, dense_layers=1)
+    assert [plan.is_dense_step(s, 6) for s in range(6)] == [True, True, False, False, False, True]
+    assert [plan.is_dense_layer(i) for i in range(3)] == [True, False, False]
+    assert RadialPlan(mode="dense").is_dense_step(3, 6)  # the dense mode is dense everywhere
     with pytest.raises(ValueError, match="num_steps"):
-        attention.is_dense_step(4, None)
+        plan.is_dense_step(4, None)
 
     model, args = _tiny_model_and_inputs(frames=8, width=16)
-    plan = AttentionConfig(backend="reference", block_size=16, dense_timesteps=1)
-    radial = _with_attention(model, plan)
+    plan = RadialPlan(block_size=16, implementation="reference", dense_timesteps=1)
     dense = call(model, *args)
-    assert relative_error(call(radial, *args, step=0, num_steps=4), dense) <= 1e-6
-    assert relative_error(call(radial, *args, dense=True), dense) <= 1e-6
-    assert relative_error(call(radial, *args, step=1, num_steps=4), dense) > 1e-3
-    all_layers = _with_attention(model, dataclasses.replace(plan, dense_layers=WAN_TINY.num_layers))
-    assert relative_error(call(all_layers, *args, step=3, num_steps=4), dense) <= 1e-6
+    assert relative_error(call(model, *args, plan=plan, dense=plan.is_dense_step(0, 4)), dense) <= 1e-6
+    assert relative_error(call(model, *args, plan=plan, dense=plan.is_dense_step(1, 4)), dense) > 1e-3
+    all_layers = dataclasses.replace(plan, dense_layers=WAN_TINY.num_layers)
+    assert relative_error(call(model, *args, plan=all_layers), dense) <= 1e-6
 
 
-def test_jit_with_static_dense_compiles_once_per_mode():
+def test_jit_with_static_plan_and_dense_compiles_once_per_mode():
     model, args = _tiny_model_and_inputs(frames=2)
-    model = _with_attention(model, AttentionConfig(backend="radial", block_size=16, implementation="reference"))
+    plan = RadialPlan(block_size=16, implementation="reference", dense_timesteps=1)
     graphdef, state = nnx.split(model)
     traces = []
 
-    @jax.jit
-    def dense_step(state, latents, timestep, context):
-        traces.append("dense")
-        return nnx.merge(graphdef, state)(latents, timestep, context, dense=True)
+    @functools.partial(jax.jit, static_argnames=("dense",))
+    def step(state, latents, timestep, context, *, dense):
+        traces.append("dense" if dense else "radial")
+        return nnx.merge(graphdef, state)(latents, timestep, context, plan=plan, dense=dense)
 
-    @jax.jit
-    def radial_step(state, latents, timestep, context):
-        traces.append("radial")
-        return nnx.merge(graphdef, state)(latents, timestep, context, dense=False)
-
-    for step in range(4):
-        (dense_step if step < 1 else radial_step)(state, *args)
+    for i in range(4):
+        step(state, *args, dense=plan.is_dense_step(i))
     assert sorted(traces) == ["dense", "radial"]
 
 
 def test_remat_gives_the_same_output_and_gradients():
     model, args = _tiny_model_and_inputs(frames=2)
-    config = dataclasses.replace(WAN_TINY, remat=True)
-    graphdef, _ = nnx.split(nnx.eval_shape(lambda: WanModel(config, rngs=nnx.Rngs(0))))
-    remat = nnx.merge(graphdef, nnx.state(model))
 
-    def loss(m, latents):
-        return jnp.mean(jnp.square(m(latents, *args[1:])))
+    def grad(remat: bool):
+        def loss(m, latents):
+            return jnp.mean(jnp.square(m(latents, *args[1:], remat=remat)))
 
-    grad = nnx.jit(nnx.grad(loss))
-    g_plain = grad(model, args[0])
-    g_remat = grad(remat, args[0])
+        return nnx.jit(nnx.grad(loss))(model, args[0])
+
+    g_plain = grad(False)
+    g_remat = grad(True)
     plain_kernel = g_plain.blocks[0].self_attn.q.kernel[...]
     assert relative_error(g_remat.blocks[0].self_attn.q.kernel[...], plain_kernel) <= 1e-5
     assert float(jnp.abs(plain_kernel).max()) > 0
+
+
+def test_old_config_with_attention_and_remat_loads_with_a_warning():
+    fields = {**WAN_TINY.to_dict(), "remat": True,
+              "attention": {"backend": "radial", "dense_layers": 1, "decay_factor": 0.2}}  # fmt: skip
+    with pytest.warns(UserWarning, match="ignoring attention, remat"):
+        assert WanConfig.from_dict(fields) == WAN_TINY
+    assert "attention" not in WAN_TINY.to_dict() and "remat" not in WAN_TINY.to_dict()
 
 
 def test_bf16_params_keep_precision_critical_parts_in_f32_and_stay_close():
@@ -273,8 +265,10 @@ def test_presets_have_the_published_sizes():
     assert (WAN_T2V_14B.dim, WAN_T2V_14B.ffn_dim, WAN_T2V_14B.num_heads, WAN_T2V_14B.num_layers) == (5120, 13824, 40, 40)
     assert WAN_I2V_14B.in_dim == 36 and WAN_I2V_14B.model_type == "i2v"
     assert WAN_T2V_14B.head_dim == 128
-    with pytest.raises(ValueError, match="backend"):
-        AttentionConfig(backend="sparse")
+    with pytest.raises(ValueError, match="mode"):
+        RadialPlan(mode="sparse")
+    with pytest.raises(ValueError, match="implementation"):
+        RadialPlan(implementation="flash")
     assert WanConfig.from_dict(WAN_TINY.to_dict()) == WAN_TINY
     params = sum(np.prod(v.shape) for v in jax.tree.leaves(nnx.state(nnx.eval_shape(
         lambda: WanModel(WAN_T2V_1_3B, rngs=nnx.Rngs(0))))))
