@@ -9,7 +9,7 @@ jax.jit; masks are cached per latent shape by a bounded cache of read-only numpy
 
 import dataclasses
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 from jaxtyping import Array
@@ -43,7 +43,7 @@ class RadialPlan:
     dense_final_timesteps: int = 0
     decay_factor: float = 1.0
     block_size: int = 128
-    implementation: str | tuple[str, ...] = "auto"
+    implementation: str | Sequence[str] = "auto"  # a list becomes a tuple (hashable)
     mask_model: str = "wan"
 
     def __post_init__(self):

@@ -212,6 +212,10 @@ def test_remat_gives_the_same_output_and_gradients():
 
         return nnx.jit(nnx.grad(loss))(model, args[0])
 
+    graphdef, state = nnx.split(model)
+    for remat, blocks in ((False, 0), (True, WAN_TINY.num_layers)):  # one jax.checkpoint (remat) per block
+        jaxpr = jax.make_jaxpr(lambda s: nnx.merge(graphdef, s)(*args, remat=remat))(state)
+        assert str(jaxpr).count("remat") == blocks
     g_plain = grad(False)
     g_remat = grad(True)
     plain_kernel = g_plain.blocks[0].self_attn.q.kernel[...]

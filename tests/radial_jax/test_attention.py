@@ -158,3 +158,30 @@ def test_pallas_implementation_matches_reference():
     out = radial_attention(q, k, v, block_mask=mask, block_size=64, implementation="pallas")
     ref = radial_attention(q, k, v, block_mask=mask, block_size=64, implementation="reference")
     np.testing.assert_allclose(out, ref, atol=2e-6, rtol=0)
+
+
+def test_dense_attention_chunked_with_a_mask_equals_float64(monkeypatch):
+    import radial_jax.attention as attention_lib
+
+    # A budget of 64 query rows: 5 chunks, the last one padded, each with its own token mask rows.
+    monkeypatch.setattr(attention_lib, "XLA_LOGITS_BUDGET", 4 * 2 * 520 * 128)
+    q, k, v = _qkv(jax.random.key(7), 1, 600, 520, 2, 32)
+    mask = np.random.default_rng(7).random((10, 9)) < 0.5
+    mask[3] = False  # an empty row: zeros
+    out = attention_lib.dense_attention(q, k, v, block_mask=mask, block_size=64)
+    expected, _ = float64_masked_attention(q, k, v, expand_block_mask(mask, 64, 600, 520))
+    np.testing.assert_allclose(out, expected, atol=2e-6, rtol=0)
+    unmasked = attention_lib.dense_attention(q, k, v)
+    expected, _ = float64_masked_attention(q, k, v, np.ones((600, 520), bool))
+    np.testing.assert_allclose(unmasked, expected, atol=2e-6, rtol=0)
+
+
+def test_mosaic_off_hopper_falls_through_to_the_next_implementation():
+    if jax.default_backend() == "gpu":
+        pytest.skip("checks the CPU fallback")
+    q, k, v = _qkv(jax.random.key(8), 1, 128, 128, 1, 64)
+    mask = np.ones((1, 1), bool)
+    out = radial_attention(q, k, v, block_mask=mask, implementation=("mosaic", "reference"))
+    np.testing.assert_array_equal(out, radial_attention(q, k, v, block_mask=mask, implementation="reference"))
+    with pytest.raises(NotImplementedError, match="mosaic.*Hopper"):
+        radial_attention(q, k, v, block_mask=mask, implementation="mosaic")
