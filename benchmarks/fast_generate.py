@@ -32,7 +32,7 @@ import sys
 import time
 from pathlib import Path
 
-from generate import build_components, finish_phase, graphdef_for, peak_gib, random_module, time_encode, write_results
+from generate import build_components, finish_phase, peak_gib, random_module, time_encode, write_results
 from workers import REPO, RESULT_PREFIX, device_tag, run_child_rows
 
 PRESET = "lightx2v"
@@ -43,18 +43,19 @@ CONFIGS = ("dense", "radial")
 SHAPES = ("14b-720p-81f", "1.3b-480p-81f", "tiny")  # generate.SHAPES keys; tiny: --dry-run only
 
 
-def attention_config(config: str, radial_impl: str):
-    """Returns the AttentionConfig of a config name."""
-    from models.wan import AttentionConfig
+def attention_plan(config: str, radial_impl: str):
+    """Returns the RadialPlan of a config name (None for "dense": dense everywhere)."""
+    from radial_jax import RadialPlan
 
     if config == "dense":
-        return AttentionConfig(backend="dense")
-    return AttentionConfig(backend="radial", dense_layers=DENSE_LAYERS, dense_timesteps=DENSE_TIMESTEPS,
-                           decay_factor=DECAY, implementation=radial_impl)  # fmt: skip
+        return None
+    return RadialPlan(dense_layers=DENSE_LAYERS, dense_timesteps=DENSE_TIMESTEPS, decay_factor=DECAY,
+                      implementation=radial_impl)  # fmt: skip
 
 
-def timed_denoise(dit, sampler, latents_shape, context, seed: int) -> tuple[float, list[float], object]:
-    """Returns (seconds, per-step seconds, final latents) of one 4-step run from seeded noise."""
+def timed_denoise(dit, plan, sampler, latents_shape, context, seed: int) -> tuple[float, list[float], object]:
+    """Returns (seconds, per-step seconds, final latents) of one 4-step run from seeded noise
+    under the attention plan `plan` (None: dense)."""
     import jax
 
     from models.wan import pipeline
@@ -62,7 +63,7 @@ def timed_denoise(dit, sampler, latents_shape, context, seed: int) -> tuple[floa
 
     noise = jax.block_until_ready(sampler_lib.initial_noise(seed, latents_shape))
     marks = [time.perf_counter()]
-    latents = pipeline.denoise(dit, sampler, noise, context, None, 1.0,
+    latents = pipeline.denoise(dit, sampler, noise, context, None, 1.0, plan=plan,
                                on_step=lambda *_: marks.append(time.perf_counter()))  # fmt: skip
     latents = jax.block_until_ready(latents)
     steps = [b - a for a, b in zip(marks, marks[1:])]
@@ -87,7 +88,6 @@ def worker(shape: str, configs: list[str], args, emit) -> None:
     """Times both configs of one shape in this process; calls emit(rows) after each phase."""
     import jax
     import numpy as np
-    from flax import nnx
 
     from models.wan import pipeline
     from models.wan import sampler as sampler_lib
@@ -111,17 +111,17 @@ def worker(shape: str, configs: list[str], args, emit) -> None:
 
     sampler = sampler_lib.distilled_sampler(TIMESTEPS, SHIFT)
     latents_shape = pipeline.latent_shape(frames, height, width, components.dit.config.out_dim)
-    _, params = nnx.split(components.dit)
+    dit = components.dit
     latents = None
     for config in configs:
-        dit = nnx.merge(graphdef_for(_dit_config(components.dit.config, config, args.radial_impl), params), params)
-        warm_s, _, _ = timed_denoise(dit, sampler, latents_shape, context, seed=0)
-        runs = [timed_denoise(dit, sampler, latents_shape, context, seed=1 + i) for i in range(args.repeats)]
+        plan = attention_plan(config, args.radial_impl)
+        warm_s, _, _ = timed_denoise(dit, plan, sampler, latents_shape, context, seed=0)
+        runs = [timed_denoise(dit, plan, sampler, latents_shape, context, seed=1 + i) for i in range(args.repeats)]
         denoise_s = statistics.median(run[0] for run in runs)
         latents = runs[-1][2]
         finish_phase(rows, [config], "denoise", dict(
             denoise_s=denoise_s, denoise_runs_s=[run[0] for run in runs], step_times_s=[run[1] for run in runs],
-            denoise_compile_s=warm_s - denoise_s, dense_steps=_dense_steps(dit.config.attention),
+            denoise_compile_s=warm_s - denoise_s, dense_steps=_dense_steps(plan),
             peak_gib=peak_gib(), peak_note="worker peak so far (weights of umT5 until dropped, DiT, two VAEs)"))  # fmt: skip
         emit(rows)
 
@@ -134,12 +134,8 @@ def worker(shape: str, configs: list[str], args, emit) -> None:
     emit(rows)
 
 
-def _dit_config(base, config: str, radial_impl: str):
-    return dataclasses.replace(base, attention=attention_config(config, radial_impl))
-
-
-def _dense_steps(attention) -> list[int]:
-    return [i for i in range(len(TIMESTEPS)) if attention.is_dense_step(i, len(TIMESTEPS))]
+def _dense_steps(plan) -> list[int]:
+    return [i for i in range(len(TIMESTEPS)) if plan is None or plan.is_dense_step(i, len(TIMESTEPS))]
 
 
 def totals(row: dict) -> dict:
