@@ -43,7 +43,7 @@ def test_lightx2v_preset_runs_four_distilled_steps_one_pass_each_with_a_bf16_vae
 
     def generate(components, *args, **kwargs):
         seen.update(kwargs, vae_dtype=components.vae.decoder.conv1.kernel.get_value().dtype,
-                    attention=components.dit.config.attention)  # fmt: skip
+                    attention=components.plan)  # fmt: skip
         return real_generate(components, *args, **kwargs)
 
     def denoise(dit, sampler, noise, context, negative_context, *args, **kwargs):
@@ -61,7 +61,7 @@ def test_lightx2v_preset_runs_four_distilled_steps_one_pass_each_with_a_bf16_vae
     assert seen["vae_dtype"] == jnp.bfloat16
     attention = seen["attention"]
     assert [attention.is_dense_step(i, 4) for i in range(4)] == [True, False, False, False]
-    assert (attention.backend, attention.dense_layers, attention.decay_factor) == ("radial", 1, 0.2)
+    assert (attention.mode, attention.dense_layers, attention.decay_factor) == ("radial", 1, 0.2)
 
 
 @pytest.mark.parametrize(
