@@ -23,6 +23,7 @@ BASE = {"sampler": "unipc", "timesteps": None, "shift": None, "guidance": 5.0, "
 # 0.2); the VAE in bf16, as Kijai's WanVideo wrapper runs it. benchmarks/NOTES.md has the sources.
 PRESETS = {"lightx2v": {"sampler": "distilled", "timesteps": "1000,750,500,250", "shift": 5.0, "guidance": 1.0,
                         "dense_layers": 1, "dense_timesteps": 1, "decay_factor": 0.2, "vae_dtype": "bf16"}}
+MAX_SEED = 2**32 - 1  # jax.random.key keeps 32 bits without x64: larger seeds would alias smaller ones
 DEFAULT_PROMPT = "Two anthropomorphic cats in comfy boxing gear and bright gloves fight intensely on a spotlighted stage."
 
 
@@ -33,9 +34,6 @@ def _parse_size(size: str) -> tuple[int, int]:
     except ValueError:
         raise ValueError(f"--size {size!r} must be WIDTHxHEIGHT, e.g. 832x480 or 1280x720") from None
     return width, height
-
-
-MAX_SEED = 2**32 - 1  # jax.random.key keeps 32 bits without x64: larger seeds would alias smaller ones
 
 
 @dataclasses.dataclass(frozen=True)

@@ -44,13 +44,14 @@ def test_same_seed_gives_the_same_mp4_and_another_seed_does_not(tmp_path):
     assert len(frames) == 9 and frames[0].shape == (32, 64, 3)
 
 
-def test_image_without_checkpoint_runs_the_tiny_i2v_preset(tmp_path):
+def test_image_without_checkpoint_runs_the_tiny_i2v_preset(tmp_path, capsys):
     from PIL import Image
 
     Image.new("RGB", (50, 30), (200, 30, 30)).save(tmp_path / "first.png")
     out = tmp_path / "i2v.mp4"
     assert main(["generate", *SMALL, "--image", str(tmp_path / "first.png"), "--out", str(out)]) == 0
     assert len(_read_mp4(out)[0]) == 9
+    assert re.search(r"^image encode \(CLIP, VAE\): \d+\.\d s$", capsys.readouterr().out, re.M)
 
 
 @pytest.mark.parametrize(
