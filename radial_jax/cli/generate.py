@@ -72,6 +72,9 @@ def _parse_timesteps(text: str | None) -> tuple[float, ...] | None:
 def run(args) -> int:
     """Text (or image) to video: checks every flag, loads the components, generates, writes the video."""
     request = check_request(args)
+    if args.attention == "radial" and args.dense_timesteps + args.dense_final_timesteps >= request.steps:
+        print(f"note: --dense-timesteps {args.dense_timesteps} and --dense-final-timesteps "
+              f"{args.dense_final_timesteps} cover all {request.steps} steps: every step runs dense attention")
     from models.wan import pipeline
     from radial_jax.plan import RadialPlan
 

@@ -84,6 +84,11 @@ def test_bad_arguments_exit_nonzero_with_one_line(args, message, capsys, tmp_pat
     assert list(tmp_path.iterdir()) == []
 
 
+def test_dense_steps_covering_every_step_are_pointed_out(tmp_path, capsys):
+    assert main(["generate", "--frames", "9", "--size", "64x32", "--steps", "2", "--out", str(tmp_path / "x.mp4")]) == 0
+    assert "cover all 2 steps: every step runs dense attention" in capsys.readouterr().out  # the default 12 dense
+
+
 def test_only_the_wrong_flag_is_named(capsys, tmp_path):
     assert main(["generate", "--steps", "0", "--out", str(tmp_path / "x.mp4")]) == 2
     assert "--guidance" not in capsys.readouterr().err
