@@ -59,9 +59,9 @@ def main(argv: list[str] | None = None) -> int:
             return args.func(args)
     except KeyboardInterrupt as e:
         signum = getattr(e, "signum", signal.SIGINT)
-        note = getattr(args, "interrupted", "nothing written")
-        print(f"radial-jax {args.command}: interrupted ({signal.Signals(signum).name}); "
-              f"{note.format(**vars(args))}", file=sys.stderr)
+        note = getattr(args, "interrupted", None)  # a subcommand that sets none claims nothing about its files
+        print(f"radial-jax {args.command}: interrupted ({signal.Signals(signum).name})"
+              + (f"; {note.format(**vars(args))}" if note else ""), file=sys.stderr)
         return EXIT_INTERRUPTED + signum
     except (ValueError, OSError) as e:
         print(f"radial-jax {args.command}: error: {e}", file=sys.stderr)

@@ -74,4 +74,4 @@ def add_parser(sub) -> None:
                    help="first write N synthetic clips (moving shapes + captions) into SOURCE (new or empty; "
                         "reused by a rerun of the same command)")
     p.add_argument("--seed", type=int, default=0, help="of the synthetic clips (default %(default)s)")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, interrupted="samples finished so far are kept; the same command resumes")

@@ -49,3 +49,14 @@ def test_help_exits_zero_without_importing_flax(command):
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr
     assert f"usage: radial-jax {command}" in proc.stdout
+
+
+def test_ctrl_c_is_one_line_and_exit_130_for_any_subcommand(monkeypatch, capsys):
+    from radial_jax.cli import mask
+
+    def interrupted_run(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(mask, "run", interrupted_run)
+    assert cli.main(["mask"]) == 130
+    assert capsys.readouterr().err == "radial-jax mask: interrupted (SIGINT); nothing written\n"
