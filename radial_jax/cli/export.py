@@ -29,4 +29,4 @@ def add_parser(sub) -> None:
     p.add_argument("source", type=Path, help="a LoRA .safetensors written by radial-jax, or a training run folder")
     p.add_argument("--out", type=Path, required=True, help=".safetensors to write")
     p.add_argument("--format", choices=("diffusers", "comfy"), default="comfy", help="(default %(default)s)")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, interrupted="{out} is complete or absent (written under a temporary name, then renamed)")
