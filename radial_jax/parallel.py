@@ -36,6 +36,29 @@ def active_mesh():
     return None if mesh.empty else mesh
 
 
+def mesh_from_spec(spec: str, devices=None) -> jax.sharding.Mesh:
+    """Returns a mesh from "sequence=2" or "data=2,sequence=4" over the first devices it needs.
+
+    Axes are Auto (sharding by constraints and shard_map); an empty spec gives a 1-device mesh
+    with a `sequence` axis of size 1 (the default is a mesh, not a special case).
+    """
+    devices = jax.devices() if devices is None else list(devices)
+    names, sizes = [], []
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        name, _, size = part.partition("=")
+        if not name.strip().isidentifier() or not size.strip().isdigit() or int(size) < 1 or name.strip() in names:
+            raise ValueError(f"--mesh {spec!r}: each part must be AXIS=SIZE once, e.g. sequence=2 or data=2,sequence=4")
+        names.append(name.strip())
+        sizes.append(int(size))
+    if not names:
+        names, sizes = [SEQUENCE_AXIS], [1]
+    count = int(np.prod(sizes))
+    if count > len(devices):
+        raise ValueError(f"--mesh {spec!r} needs {count} devices; {len(devices)} are present")
+    return jax.make_mesh(tuple(sizes), tuple(names), axis_types=(jax.sharding.AxisType.Auto,) * len(names),
+                         devices=devices[:count])
+
+
 def sequence_parallel_size(mesh=None, axis: str = SEQUENCE_AXIS) -> int:
     """Returns the size of `axis` in mesh (default: the active mesh); 1 when absent."""
     mesh = active_mesh() if mesh is None else mesh
@@ -44,57 +67,72 @@ def sequence_parallel_size(mesh=None, axis: str = SEQUENCE_AXIS) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class TokenSharding:
-    """Where activations [B, L, ...] live: L over mesh axis `axis`, B over `batch_axes`."""
+    """Where activations [B, L, ...] live: L over mesh axis `axis`, B over batch axes.
+
+    batch_axes: the mesh axes that split B, or None to choose them per batch size (see
+    `batch_axes_for`). Mesh axes that split neither stay automatic (replicated here).
+    """
 
     mesh: Any
     axis: str
-    batch_axes: tuple[str, ...]
+    batch_axes: tuple[str, ...] | None = None
 
     @property
     def shards(self) -> int:
         """Returns P, the number of devices along the token axis."""
         return dict(self.mesh.shape)[self.axis]
 
-    @property
-    def spec(self) -> PartitionSpec:
-        """Returns the PartitionSpec of a [B, L, ...] activation."""
-        return PartitionSpec(self.batch_axes or None, self.axis)
+    def batch_axes_for(self, batch: int) -> tuple[str, ...]:
+        """Returns the mesh axes that split a batch of `batch` rows.
 
-    def check_batch(self, batch: int) -> None:
+        Default: the other mesh axes in mesh order, each kept while the product of the kept
+        sizes still divides the batch (data=2, fsdp=4: batch 8 -> (data, fsdp), 2 -> (data,),
+        1 -> ()). Given batch_axes must divide the batch (ValueError).
+        """
         sizes = dict(self.mesh.shape)
-        shards = int(np.prod([sizes[name] for name in self.batch_axes]))
-        if batch % shards:
-            raise ValueError(f"batch={batch} must be a multiple of the batch axes {self.batch_axes} "
-                             f"({shards} shards); pass batch_axes=() to replicate the batch")
+        if self.batch_axes is not None:
+            shards = int(np.prod([sizes[name] for name in self.batch_axes]))
+            if batch % shards:
+                raise ValueError(f"batch={batch} must be a multiple of the batch axes {self.batch_axes} "
+                                 f"({shards} shards); pass batch_axes=() to replicate the batch")
+            return self.batch_axes
+        axes, shards = [], 1
+        for name in self.mesh.axis_names:
+            if name != self.axis and sizes[name] > 1 and batch % (shards * sizes[name]) == 0:
+                axes.append(name)
+                shards *= sizes[name]
+        return tuple(axes)
 
-    def shard_map(self, fn, in_specs, out_specs):
-        """Returns fn under shard_map, manual over the token and batch axes only.
+    def spec(self, batch: int) -> PartitionSpec:
+        """Returns the PartitionSpec of a [batch, L, ...] activation."""
+        return PartitionSpec(self.batch_axes_for(batch) or None, self.axis)
+
+    def shard_map(self, fn, batch: int, in_specs, out_specs):
+        """Returns fn under shard_map, manual over the token axis and the batch's axes only.
 
         Other mesh axes stay automatic. jit because eager shard_map refuses automatic axes; inside
         an outer jit it is inlined. check_vma=False: pallas_call's outputs carry no varying-axes
         type; shard_map then sums the cotangent of an operand replicated over a manual axis
         (cross-attention's k, v), which is the right transpose.
         """
-        return jax.jit(jax.shard_map(fn, mesh=self.mesh, in_specs=in_specs, out_specs=out_specs,
-                                     axis_names=frozenset({self.axis, *self.batch_axes}), check_vma=False))
+        manual = frozenset({self.axis, *self.batch_axes_for(batch)})
+        return jax.jit(jax.shard_map(fn, mesh=self.mesh, in_specs=in_specs, out_specs=out_specs, axis_names=manual,
+                                     check_vma=False))
 
 
 def token_sharding(mesh=None, *, axis: str = SEQUENCE_AXIS, batch_axes: Sequence[str] | None = None) -> TokenSharding:
-    """Returns the token sharding over `axis` of mesh (default: the active mesh).
+    """Returns the token sharding over `axis` of mesh (default: the active mesh, `jax.set_mesh`).
 
-    batch_axes: the mesh axes that shard B (default: every other mesh axis of size > 1; pass ()
-    to replicate B).
+    batch_axes: the mesh axes that split the batch (default: chosen per batch size, see
+    TokenSharding.batch_axes_for; () replicates it).
     """
     mesh = active_mesh() if mesh is None else mesh
     if mesh is None or axis not in mesh.axis_names:
         raise ValueError(f"sequence parallelism needs a mesh with a {axis!r} axis (jax.set_mesh(mesh) or mesh=), "
                          f"got {None if mesh is None else mesh.axis_names}")
-    sizes = dict(mesh.shape)
-    if batch_axes is None:
-        batch_axes = tuple(name for name in mesh.axis_names if name != axis and sizes[name] > 1)
-    if axis in batch_axes:
+    if batch_axes is not None and axis in batch_axes:
         raise ValueError(f"batch_axes={tuple(batch_axes)} must not contain the sequence axis {axis!r}")
-    return TokenSharding(mesh, axis, tuple(batch_axes))
+    return TokenSharding(mesh, axis, None if batch_axes is None else tuple(batch_axes))
 
 
 def sequence_parallel(
@@ -119,7 +157,7 @@ def sequence_parallel(
 
     def run(q, k, v):
         batch, length, heads, _ = q.shape
-        sharding.check_batch(batch)
+        spec = sharding.spec(batch)
         real_len = length if valid_len is None else valid_len
         if not 0 < real_len <= length:
             raise ValueError(f"valid_len={valid_len} must be in [1, {length}] (the sequence length)")
@@ -132,7 +170,7 @@ def sequence_parallel(
             out = _ulysses(attend, qkv_shard, axis, real_len)
             return out[:, :, :heads]
 
-        out = sharding.shard_map(local, PartitionSpec(None, *sharding.spec), sharding.spec)(qkv)
+        out = sharding.shard_map(local, batch, PartitionSpec(None, *spec), spec)(qkv)
         return out[:, :length]
 
     return run
@@ -148,15 +186,15 @@ def sequence_parallel_cross(
     token axis. L must be a multiple of P (pad it, as for self-attention).
     """
     sharding = token_sharding(mesh, axis=axis, batch_axes=batch_axes)
-    context_spec = PartitionSpec(sharding.batch_axes or None)
 
     def run(q, k, v):
-        sharding.check_batch(q.shape[0])
+        batch = q.shape[0]
         if q.shape[1] % sharding.shards:
             raise ValueError(f"q has {q.shape[1]} tokens, not a multiple of the {sharding.shards} devices on "
                              f"{axis!r}; pad the tokens first")
-        specs = (sharding.spec, context_spec, context_spec)
-        return sharding.shard_map(attend, specs, sharding.spec)(q, k, v)
+        spec = sharding.spec(batch)
+        context_spec = PartitionSpec(spec[0])
+        return sharding.shard_map(attend, batch, (spec, context_spec, context_spec), spec)(q, k, v)
 
     return run
 

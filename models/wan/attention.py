@@ -71,13 +71,14 @@ class CrossAttention(nnx.Module):
         x: Float[Array, "B L C"],
         context: Float[Array, "B T C"],
         context_img: Float[Array, "B I C"] | None = None,
+        attend: Attend = dense_attention,
     ) -> Float[Array, "B L C"]:
-        """Returns [batch, tokens, dim] in the compute dtype."""
+        """Returns [batch, tokens, dim] in the compute dtype; attend: dense attention to the context."""
         batch, length, dim = x.shape
         q = self._heads(self.norm_q(self.q(x))).astype(self.dtype)
         k = self._heads(self.norm_k(self.k(context))).astype(self.dtype)
-        out = dense_attention(q, k, self._heads(self.v(context))).astype(F32)
+        out = attend(q, k, self._heads(self.v(context))).astype(F32)
         if context_img is not None:
             k_img = self._heads(self.norm_k_img(self.k_img(context_img))).astype(self.dtype)
-            out = out + dense_attention(q, k_img, self._heads(self.v_img(context_img))).astype(F32)
+            out = out + attend(q, k_img, self._heads(self.v_img(context_img))).astype(F32)
         return self.o(out.reshape(batch, length, dim))

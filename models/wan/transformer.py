@@ -25,6 +25,10 @@ from models.wan.layers import (
     F32, LayerNorm, compute_dtype, gelu_exact, gelu_tanh, layer_norm, linear, sinusoidal_embedding,
 )
 from models.wan.rope import rope_tables
+from radial_jax.attention import dense_attention
+from radial_jax.parallel import (
+    TokenSharding, sequence_parallel, sequence_parallel_cross, sequence_parallel_size, token_sharding,
+)
 from radial_jax.plan import Attend, RadialPlan, self_attention
 
 TORCH_LAYER_NORM_EPS = 1e-5  # the image projection uses torch.nn.LayerNorm's default
@@ -58,13 +62,17 @@ class WanBlock(nnx.Module):
         context_img: Float[Array, "B I C"] | None,
         rope: tuple[Array, Array],
         attend: Attend,
+        cross_attend: Attend = dense_attention,
     ) -> Float[Array, "B L C"]:
-        """Returns the float32 residual stream [batch, tokens, dim] after the block."""
+        """Returns the float32 residual stream [batch, tokens, dim] after the block.
+
+        attend: self-attention over the tokens; cross_attend: dense attention to the context.
+        """
         e = self.modulation[...] + e0
         shift, scale, gate, ffn_shift, ffn_scale, ffn_gate = (e[:, i : i + 1] for i in range(6))
         y = self.self_attn(layer_norm(x, self.eps) * (1 + scale) + shift, rope, attend)
         x = x + y.astype(F32) * gate
-        x = x + self.cross_attn(self.norm3(x), context, context_img).astype(F32)
+        x = x + self.cross_attn(self.norm3(x), context, context_img, cross_attend).astype(F32)
         h = layer_norm(x, self.eps) * (1 + ffn_scale) + ffn_shift
         y = self.ffn[2](gelu_tanh(self.ffn[0](h)))
         return x + y.astype(F32) * ffn_gate
@@ -180,13 +188,23 @@ class WanModel(nnx.Module):
         context, context_img = self._context(context, clip_fea)
         rope = rope_tables(grid, self.config.head_dim, self.config.rope_theta)
         frames, height, width = grid
+        length = x.shape[1]
+        # A `sequence` axis in the active mesh splits the tokens (radial_jax/parallel.py).
+        sharding = token_sharding() if sequence_parallel_size() > 1 else None
+        if sharding is not None:
+            x, rope = _shard_tokens(x, rope, sharding)
+        cross_attend = dense_attention if sharding is None else sequence_parallel_cross(dense_attention)
         outputs = []
         for i, block in enumerate(self.blocks):
             attend = self_attention(plan, frames, height * width, layer=i, dense=dense)
-            x = _run_block(block, x, e0, context, context_img, rope, attend, remat=remat)
+            if sharding is not None:
+                attend = sequence_parallel(attend, valid_len=length)
+            x = _run_block(block, x, e0, context, context_img, rope, attend, cross_attend, remat=remat)
+            if sharding is not None:
+                x = jax.lax.with_sharding_constraint(x, sharding.spec(x.shape[0]))
             if collect:
-                outputs.append(x)
-        return self._unpatchify(self.head(x, e), grid), outputs
+                outputs.append(x[:, :length])
+        return self._unpatchify(self.head(x, e)[:, :length], grid), outputs
 
     def _patchify(self, latents, y) -> tuple[Array, tuple[int, int, int]]:
         """Returns tokens float32 [B, F*H*W/patch, dim] and the latent grid after patching."""
@@ -234,9 +252,18 @@ class WanModel(nnx.Module):
         return x.reshape(patches.shape[0], f * pt, h * ph, w * pw, c)
 
 
-def _run_block(block, x, e0, context, context_img, rope, attend: Attend, *, remat: bool):
+def _shard_tokens(x, rope, sharding: TokenSharding):
+    """Returns x and the RoPE tables zero-padded to a multiple of the sequence devices, x split
+    over them (its padding rows are never attended: sequence_parallel's valid_len)."""
+    pad = -x.shape[1] % sharding.shards
+    x = jnp.pad(x, ((0, 0), (0, pad), (0, 0)))
+    rope = tuple(jnp.pad(table, ((0, pad), (0, 0))) for table in rope)
+    return jax.lax.with_sharding_constraint(x, sharding.spec(x.shape[0])), rope
+
+
+def _run_block(block, x, e0, context, context_img, rope, attend: Attend, cross_attend: Attend, *, remat: bool):
     def run(block, x, e0, context, context_img, rope):
-        return block(x, e0, context, context_img, rope, attend)
+        return block(x, e0, context, context_img, rope, attend, cross_attend)
 
     if remat:
         run = nnx.remat(run)

@@ -49,6 +49,7 @@ class Request:
     loras: tuple[tuple[Path, float], ...]
     config: object  # the DiT's WanConfig (--ckpt's, or the tiny preset's)
     timesteps: tuple[float, ...] | None = None  # --sampler distilled's
+    mesh: object = None  # jax.sharding.Mesh of --mesh (1 device by default)
 
 
 def apply_preset(args) -> None:
@@ -90,8 +91,9 @@ def run(args) -> int:
     print(f"loaded in {time.perf_counter() - start:.1f} s; generating {request.frames} frames at "
           f"{request.width}x{request.height}, {request.steps} steps ({args.sampler}), guidance {args.guidance:g}, "
           f"attention {args.attention}" + (f" (preset {args.preset})" if args.preset else ""))  # fmt: skip
+    _place_on_mesh(components.dit, request.mesh)
     start = time.perf_counter()
-    with Progress(request.steps) as progress:
+    with Progress(request.steps) as progress, _active(request.mesh):
         video = pipeline.generate(
             components, args.prompt, negative_prompt=args.negative_prompt, image=request.image,
             frames=request.frames, height=request.height, width=request.width, steps=request.steps,
@@ -147,7 +149,43 @@ def check_request(args) -> Request:
 
         for path, strength in loras:
             lora_updates(path, config, strength=strength)
-    return Request(width, height, frames, steps, out, image, loras, config, timesteps)
+    return Request(width, height, frames, steps, out, image, loras, config, timesteps, _check_mesh(args.mesh, config))
+
+
+def _check_mesh(spec: str, config):
+    """Returns the mesh of --mesh: only a `sequence` axis (one video, one DiT pass at a time)."""
+    from radial_jax.parallel import SEQUENCE_AXIS, mesh_from_spec
+
+    mesh = mesh_from_spec(spec)
+    if set(mesh.axis_names) != {SEQUENCE_AXIS}:
+        raise ValueError(f"--mesh {spec!r}: generate splits only the video's tokens; use --mesh sequence=N")
+    devices = mesh.shape[SEQUENCE_AXIS]
+    if devices > 1 and config.num_heads % devices:
+        padded = -(-config.num_heads // devices) * devices
+        print(f"note: {config.num_heads} heads on {devices} devices run as {padded} (zero heads padded): "
+              f"{config.num_heads / padded:.0%} attention efficiency")
+    return mesh
+
+
+def _place_on_mesh(dit, mesh) -> None:
+    """Replicates the DiT's weights over the mesh's devices once (not at every step)."""
+    if mesh.size == 1:
+        return
+    import jax
+    from flax import nnx
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    nnx.update(dit, jax.device_put(nnx.state(dit), NamedSharding(mesh, PartitionSpec())))
+    print(f"sequence parallel: the video's tokens split over {mesh.size} devices")
+
+
+def _active(mesh):
+    """Returns a context that makes the mesh active (the DiT then splits its tokens over it)."""
+    if mesh.size == 1:
+        return contextlib.nullcontext()
+    import jax
+
+    return jax.set_mesh(mesh)
 
 
 def _distilled_steps(args, timesteps: tuple[float, ...] | None) -> int:
@@ -376,5 +414,7 @@ def add_parser(sub) -> None:
                    help="LoRA weights (.safetensors; original, diffusers, PEFT or kohya names, and LightX2V's "
                         "layout with .diff/.diff_b/.diff_m deltas) merged into the DiT before generating; "
                         "repeatable; strength default 1")
+    p.add_argument("--mesh", default="", metavar="sequence=N",
+                   help="split the video's tokens over N devices (sequence parallel; default: one device)")
     p.add_argument("--out", default="video.mp4", help="video to write: .mp4, .mkv, .mov or .avi (default %(default)s)")
     p.set_defaults(func=run, interrupted="no video written to {out}")

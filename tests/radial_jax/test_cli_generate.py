@@ -307,3 +307,35 @@ def test_sigterm_sent_to_a_running_generate_exits_143_with_one_line_and_no_file(
     lines = [line for line in (seen + err).replace("\r", "\n").splitlines() if line.startswith("radial-jax")]
     assert lines == [f"radial-jax generate: interrupted (SIGTERM); no video written to {out}"]
     assert "Traceback" not in err and list(tmp_path.iterdir()) == []
+
+
+def test_mesh_sequence_4_gives_the_one_device_video(tmp_path, capsys, monkeypatch):
+    from models.wan import transformer
+    from radial_jax.cli import generate
+
+    videos, split_over = [], []
+    monkeypatch.setattr(generate, "write_video", lambda video, out, fps: videos.append(video))
+    real_sequence_parallel = transformer.sequence_parallel
+
+    def spy(attend, **kwargs):  # the DiT's self-attention went through the sequence-parallel path
+        from radial_jax.parallel import sequence_parallel_size
+
+        split_over.append(sequence_parallel_size())
+        return real_sequence_parallel(attend, **kwargs)
+
+    monkeypatch.setattr(transformer, "sequence_parallel", spy)
+    for mesh in ([], ["--mesh", "sequence=4"]):
+        assert main(["generate", *SMALL, *mesh, "--out", str(tmp_path / "v.mp4")]) == 0
+    assert "tokens split over 4 devices" in capsys.readouterr().out
+    assert split_over and set(split_over) == {4}
+    one, four = (v.astype(np.int16) for v in videos)
+    assert one.shape == four.shape and np.abs(one - four).max() <= 1  # f32 rounding may flip a level
+    assert (one != four).mean() < 1e-3
+
+
+@pytest.mark.parametrize("mesh, message", [("data=2", "use --mesh sequence=N"), ("sequence=64", "needs 64 devices"),
+                                           ("sequence", "AXIS=SIZE")])
+def test_bad_mesh_is_refused_before_loading(mesh, message, tmp_path, capsys):
+    assert main(["generate", *SMALL, "--mesh", mesh, "--out", str(tmp_path / "v.mp4")]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1

@@ -11,7 +11,8 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
 from radial_jax import radial_attention, radial_block_mask
 from radial_jax.parallel import (
-    sequence_parallel, sequence_parallel_attention, sequence_parallel_cross, sequence_parallel_size,
+    mesh_from_spec, sequence_parallel, sequence_parallel_attention, sequence_parallel_cross, sequence_parallel_size,
+    token_sharding,
 )
 
 BLOCK = 16  # tokens per mask block: small, so that a short sequence has many blocks
@@ -131,16 +132,21 @@ def test_hlo_has_two_all_to_alls_per_direction_and_no_all_gather(grad):
     assert _count("all-reduce", hlo) == 0
 
 
-def test_batch_not_divisible_by_batch_axes_is_refused_with_the_fix():
+def test_default_batch_axes_keep_what_divides_the_batch_in_mesh_order():
+    mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "sequence"), axis_types=(AxisType.Auto,) * 3)
+    sharding = token_sharding(mesh)
+    assert [sharding.batch_axes_for(b) for b in (4, 2, 1, 6)] == [("data", "fsdp"), ("data",), (), ("data",)]
+    assert sharding.spec(4) == PartitionSpec(("data", "fsdp"), "sequence")
+
+
+def test_given_batch_axes_that_do_not_divide_the_batch_are_refused_with_the_fix():
     mesh = _mesh(4, data=2)
     (q, k, v), _ = _qkv(128, batch=1)
+    kwargs = dict(block_mask=np.ones((8, 8), bool), block_size=BLOCK, mesh=mesh, implementation="reference")
     with pytest.raises(ValueError, match=r"batch=1 must be a multiple.*batch_axes=\(\)"):
-        sequence_parallel_attention(q, k, v, block_mask=np.ones((8, 8), bool), block_size=BLOCK, mesh=mesh,
-                                    implementation="reference")
-    out = sequence_parallel_attention(q, k, v, block_mask=np.ones((8, 8), bool), block_size=BLOCK, mesh=mesh,
-                                      implementation="reference", batch_axes=())
-    np.testing.assert_allclose(out, radial_attention(q, k, v, block_mask=np.ones((8, 8), bool), block_size=BLOCK,
-                                                     implementation="reference"), atol=2e-6, rtol=0)
+        sequence_parallel_attention(q, k, v, batch_axes=("data",), **kwargs)
+    expected = radial_attention(q, k, v, block_mask=np.ones((8, 8), bool), block_size=BLOCK, implementation="reference")
+    np.testing.assert_allclose(sequence_parallel_attention(q, k, v, **kwargs), expected, atol=2e-6, rtol=0)
 
 
 def test_sequence_parallel_size_reads_the_active_mesh():
@@ -162,3 +168,14 @@ def test_cross_attention_to_a_replicated_context_equals_single_device_and_sums_c
     got = _attention_and_grads(sequence_parallel_cross(dense, mesh=mesh), (q, k, v), d_out)
     for name, a, b in zip(("out", "dq", "dk", "dv"), got, expected):
         np.testing.assert_allclose(a, b, atol=2e-6, rtol=0, err_msg=name)
+
+
+def test_mesh_from_spec_takes_the_first_devices_and_refuses_bad_specs():
+    mesh = mesh_from_spec("data=2,sequence=3")
+    assert dict(mesh.shape) == {"data": 2, "sequence": 3} and list(mesh.devices.flat) == jax.devices()[:6]
+    assert dict(mesh_from_spec("").shape) == {"sequence": 1}
+    for bad in ("sequence", "sequence=0", "sequence=2,sequence=2", "sequence=x"):
+        with pytest.raises(ValueError, match="AXIS=SIZE"):
+            mesh_from_spec(bad)
+    with pytest.raises(ValueError, match="needs 16 devices; 8 are present"):
+        mesh_from_spec("sequence=16")
