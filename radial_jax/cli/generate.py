@@ -149,7 +149,8 @@ def check_request(args) -> Request:
 
         for path, strength in loras:
             lora_updates(path, config, strength=strength)
-    return Request(width, height, frames, steps, out, image, loras, config, timesteps, _check_mesh(args.mesh, config))
+    mesh = _check_mesh(args.mesh, config)
+    return Request(width, height, frames, steps, out, image, loras, config, timesteps, mesh)
 
 
 def _check_mesh(spec: str, config):

@@ -179,3 +179,20 @@ def test_mesh_from_spec_takes_the_first_devices_and_refuses_bad_specs():
             mesh_from_spec(bad)
     with pytest.raises(ValueError, match="needs 16 devices; 8 are present"):
         mesh_from_spec("sequence=16")
+
+
+def test_mosaic_kernel_inside_sequence_parallel_lowers_for_cuda_forward_and_backward():
+    """What the GPU runs (the Hopper kernel between the all-to-alls, and its backward) lowers
+    through shard_map for CUDA here; the numbers are checked on a GPU (benchmarks/multi_gpu.py)."""
+    from radial_jax.kernels import block_sparse_attention
+
+    mesh = _mesh(2)
+    mask = radial_block_mask(3, 1000)  # 3,000 tokens: 1,500 a device, ragged 128-token blocks
+    sharding = NamedSharding(mesh, PartitionSpec(None, "sequence"))
+    x = jax.ShapeDtypeStruct((1, 3000, 4, 128), jnp.bfloat16, sharding=sharding)
+    attend = sequence_parallel(lambda q, k, v: block_sparse_attention(q, k, v, mask, block_size=128, backend="mosaic"),
+                               mesh=mesh)
+    grad = jax.grad(lambda q, k, v: jnp.sum(attend(q, k, v).astype(jnp.float32)), argnums=(0, 1, 2))
+    for fn, kernels in ((attend, 1), (grad, 3)):  # forward; forward, dq and dk/dv kernels
+        text = jax.jit(fn).trace(x, x, x).lower(lowering_platforms=("cuda",)).as_text()
+        assert "all_to_all" in text and len(re.findall(r"custom_call @mosaic_gpu", text)) == kernels
