@@ -49,12 +49,15 @@ class Checkpoints:
         self.manager.save(step, args=args, force=True)
         self.manager.wait_until_finished()
 
+    def saved_config(self, step: int | None = None) -> dict:
+        """Returns the config dict stored with `step` (default the newest) without reading the state."""
+        step = self._step(step)
+        return dict(self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"])
+
     def restore(self, template: Mapping[str, Any], step: int | None = None) -> tuple[dict[str, Any], dict]:
         """Returns (state, config dict) of `step` (default the newest), each array placed like the
         corresponding array of `template` (same tree; its shardings are used)."""
-        step = self.latest_step() if step is None else step
-        if step is None:
-            raise FileNotFoundError(f"no finished checkpoint in {self.directory}")
+        step = self._step(step)
         abstract = jax.tree.map(_abstract, template)
         restored = self.manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract), config=ocp.args.JsonRestore()))  # fmt: skip
@@ -62,6 +65,12 @@ class Checkpoints:
 
     def close(self) -> None:
         self.manager.close()
+
+    def _step(self, step: int | None) -> int:
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no finished checkpoint in {self.directory}")
+        return step
 
 
 def _abstract(x):
