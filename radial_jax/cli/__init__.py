@@ -14,7 +14,7 @@ import signal
 import sys
 from collections.abc import Iterator
 
-SUBCOMMANDS = ("mask", "demo", "convert", "generate", "prepare", "export")  # module names under radial_jax/cli/, in --help order
+SUBCOMMANDS = ("mask", "demo", "convert", "generate", "prepare", "train", "export")  # module names under radial_jax/cli/, in --help order
 EXIT_ERROR = 2  # argparse's own code for a bad argument
 EXIT_INTERRUPTED = 128  # + the signal number, as shells report it: 130 for Ctrl-C, 143 for SIGTERM
 
