@@ -52,22 +52,26 @@ def test_steps_lower_the_loss_on_a_fixed_batch():
     assert all(b < a for a, b in zip(losses, losses[1:])), losses
 
 
-def test_mesh_step_equals_the_single_device_step():
-    """data=2 x fsdp=4 over 8 CPU devices (base, LoRA and Adam state sharded, batch split 8 ways)
-    against one device: the same loss and LoRA after two steps, to float32 reduction-order noise."""
+@pytest.mark.parametrize("spec", ["data=2,fsdp=4", "fsdp=2,sequence=4"])
+def test_mesh_step_equals_the_single_device_step(spec):
+    """8 CPU devices against one: data=2 x fsdp=4 (weights, LoRA and Adam state sharded, batch split
+    8 ways), and fsdp=2 x sequence=4 (each sample's tokens split 4 ways, sequence-parallel
+    attention): the same loss and LoRA after two steps, to float32 reduction-order noise."""
     results = []
-    for devices, spec in ((jax.devices()[:1], ""), (jax.devices()[:8], "data=2,fsdp=4")):
+    for devices, mesh_spec in ((jax.devices()[:1], ""), (jax.devices()[:8], spec)):
         model_step, lora, base, opt_state = _state(devices)
-        step = TrainStep(model_step.graphdef, model_step.tx, make_mesh(spec, devices), PLAN, FlowMatching(shift=3.0))
+        step = TrainStep(model_step.graphdef, model_step.tx, make_mesh(mesh_spec, devices), PLAN,
+                         FlowMatching(shift=3.0))  # fmt: skip
         lora, base, opt_state = step.place(lora, base, opt_state)
         losses = []
         for i in range(2):
             lora, opt_state, metrics = step(lora, opt_state, base, _batch(step, 8, seed=i), jax.random.key(i))
             losses.append(float(metrics["loss"]))
         results.append((losses, jax.tree.map(np.asarray, lora)))
-    if len(jax.devices()) >= 8:
-        sharded = [x for x in jax.tree.leaves(base) if x.sharding.spec != P()]
-        assert sharded, "no base weight was sharded over fsdp"
+    sharded = [x for x in jax.tree.leaves(base) if x.sharding.spec != P()]
+    assert sharded, "no base weight was sharded over fsdp"
+    hlo = step.lower(lora, opt_state, base, _batch(step, 8), jax.random.key(0)).compile().as_text()
+    assert ("all-to-all" in hlo) == ("sequence" in spec)  # Ulysses attention runs exactly when asked for
     (losses_1, lora_1), (losses_8, lora_8) = results
     np.testing.assert_allclose(losses_8, losses_1, rtol=2e-5)
     moved = max(float(np.abs(b).max()) for b in jax.tree.leaves(lora_1))
