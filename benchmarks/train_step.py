@@ -76,7 +76,7 @@ def worker(shape: str, impl: str, args) -> dict:
     times = []
     for i in range(args.warmup + args.iters):
         begin = time.perf_counter()
-        state[0], state[1], metrics = step(state[0], state[1], base, batch, jax.random.key(i))
+        state[0], state[1], metrics = compiled(state[0], state[1], base, batch, jax.random.key(i))
         loss = float(metrics["loss"])  # waits for the step
         if i >= args.warmup:
             times.append(time.perf_counter() - begin)
