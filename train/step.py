@@ -93,6 +93,16 @@ def tree_shardings(tree, mesh: Mesh):
     return jax.tree.map(lambda x: NamedSharding(mesh, fsdp_spec(tuple(x.shape), axes)), tree)
 
 
+def put_global(tree, shardings, *, per_shard: bool | None = None):
+    """Returns `tree`'s arrays placed on `shardings` (a matching tree). Every process holds the whole
+    arrays (loaded or drawn from the same seed); with several processes each one contributes its
+    own devices' shards (make_array_from_callback), as device_put cannot reach other hosts' devices.
+    per_shard: force that path (None: only with several processes)."""
+    if not (jax.process_count() > 1 if per_shard is None else per_shard):
+        return jax.device_put(tree, shardings)
+    return jax.tree.map(lambda x, s: jax.make_array_from_callback(x.shape, s, lambda index: x[index]), tree, shardings)
+
+
 def batch_axes(mesh: Mesh, batch_size: int) -> tuple[str, ...]:
     """Returns the mesh axes a global batch of `batch_size` is split over: (data, fsdp) if it
     divides, else (data,), which must divide it."""
@@ -143,8 +153,8 @@ class TrainStep:
         """Returns (lora, base, opt_state) on their shardings; lora and opt_state are always copies
         (the step donates them, and the caller's model must keep its own)."""
         # jnp.copy first: device_put(may_alias=False) still aliases a replicated copy's first shard.
-        copy = lambda tree: jax.device_put(jax.tree.map(jnp.copy, tree), tree_shardings(tree, self.mesh))  # noqa: E731
-        return copy(lora), jax.device_put(base, tree_shardings(base, self.mesh)), copy(opt_state)
+        copy = lambda tree: put_global(jax.tree.map(jnp.copy, tree), tree_shardings(tree, self.mesh))  # noqa: E731
+        return copy(lora), put_global(base, tree_shardings(base, self.mesh)), copy(opt_state)
 
     def batch_sharding(self, batch_size: int) -> NamedSharding:
         """Sharding of a batch array [accumulate, batch, ...]."""

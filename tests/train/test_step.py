@@ -17,7 +17,8 @@ from train.config import OptimSection
 from train.lora import LoraConfig, apply_lora
 from train.objective import FlowMatching, flow_matching_loss
 from train.step import (
-    TrainStep, batch_axes, fsdp_spec, make_mesh, make_optimizer, micro_keys, parse_mesh, split_model,
+    TrainStep, batch_axes, fsdp_spec, make_mesh, make_optimizer, micro_keys, parse_mesh, put_global, split_model,
+    tree_shardings,
 )
 
 ARCH = pipeline.TINY_T2V
@@ -135,6 +136,16 @@ def test_fsdp_spec_splits_the_largest_divisible_axis():
     assert fsdp_spec((5120,), {"fsdp": 1, "sequence": 1}) == P()
     assert fsdp_spec((64,), {"fsdp": 8, "sequence": 1}) == P()  # small: replicated
     assert fsdp_spec((3, 40000), {"fsdp": 7, "sequence": 1}) == P()  # nothing divides
+
+
+def test_per_shard_placement_equals_device_put():
+    """The several-hosts path (each process builds its own shards) on one host: same arrays, same shardings."""
+    mesh = make_mesh("data=2,fsdp=4", jax.devices()[:8])
+    tree = {"w": jnp.arange(64 * 512, dtype=jnp.float32).reshape(64, 512), "b": jnp.ones((3,), jnp.float32)}
+    shardings = tree_shardings(tree, mesh)
+    placed = put_global(tree, shardings, per_shard=True)
+    assert placed["w"].sharding.spec == P(None, "fsdp") and placed["b"].sharding.spec == P()
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), placed, tree)
 
 
 def test_batch_axes_fall_back_to_data_then_refuse():
