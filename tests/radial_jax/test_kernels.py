@@ -96,13 +96,17 @@ class KernelChecks:
         # jit: one compile per shape instead of one per eager op (the GPU suite runs dozens of shapes).
         reference = jax.jit(lambda q, k, v: attention_reference(q, k, v, mask, block_size=self.block))
         ref_out, ref_lse = reference(f32(q), f32(k), f32(v))
+        self.assert_forward(out, lse, ref_out, ref_lse, q, mask, tolerance)
+
+    def assert_forward(self, out, lse, ref_out, ref_lse, q, mask, tolerance=None):
+        (batch, q_len, heads, _), dtype = q.shape, q.dtype
         assert out.shape == q.shape and out.dtype == q.dtype
         assert lse.shape == (batch, heads, q_len)
         assert not jnp.isnan(out).any() and not jnp.isnan(lse).any()
         scale = float(jnp.abs(ref_out).max())
-        err = float(jnp.abs(f32(out) - ref_out).max())
+        err = float(jnp.abs(out.astype(jnp.float32) - ref_out).max())
         tolerance = self.tolerance(dtype) if tolerance is None else tolerance
-        assert err <= tolerance * scale, (err, scale, q_len, kv_len)
+        assert err <= tolerance * scale, (err, scale, out.shape)
         finite = jnp.isfinite(ref_lse)
         assert bool((finite == jnp.isfinite(lse)).all())
         lse_err = float(jnp.abs(jnp.where(finite, lse - ref_lse, 0.0)).max())
@@ -135,28 +139,42 @@ class KernelChecks:
     def check_gradients(self, q_len, kv_len, heads, head_dim, batch, dtype, mask, tolerance=None):
         q, k, v = _qkv(5, batch, q_len, kv_len, heads, head_dim, dtype)
         weights = jax.random.normal(jax.random.key(7), (batch, q_len, heads, head_dim), jnp.float32)
-        f32 = lambda x: x.astype(jnp.float32)
+        (_, _, grads), (_, _, ref_grads) = self.forward_and_gradients(q, k, v, mask, weights)
+        self.assert_gradients(grads, ref_grads, q, mask, tolerance)
 
-        def loss(q, k, v):
-            out, lse = block_sparse_attention(q, k, v, mask, block_size=self.block, return_lse=True,
-                                              backend=self.backend)
-            return jnp.sum(f32(out) * weights) + 0.1 * jnp.sum(jnp.where(jnp.isfinite(lse), lse, 0.0))
-
-        def ref_loss(q, k, v):
-            out, lse = attention_reference(q, k, v, mask, block_size=self.block)
-            return jnp.sum(out * weights) + 0.1 * jnp.sum(jnp.where(jnp.isfinite(lse), lse, 0.0))
-
-        grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
-        ref_grads = jax.jit(jax.grad(ref_loss, argnums=(0, 1, 2)))(f32(q), f32(k), f32(v))
+    def assert_gradients(self, grads, ref_grads, q, mask, tolerance=None):
+        dtype, q_len = q.dtype, q.shape[1]
         tolerance = self.grad_tolerance(dtype) if tolerance is None else tolerance
         for name, g, r in zip("qkv", grads, ref_grads):
             assert g.shape == r.shape and g.dtype == dtype and not jnp.isnan(g).any(), name
-            err = float(jnp.abs(f32(g) - r).max())
-            assert err <= tolerance * float(jnp.abs(r).max()), (name, err, q_len, kv_len)
+            err = float(jnp.abs(g.astype(jnp.float32) - r).max())
+            assert err <= tolerance * float(jnp.abs(r).max()), (name, err, g.shape)
         empty = ~mask.any(axis=1)
         if empty.any():
             rows = np.repeat(empty, self.block)[:q_len]
             assert bool((grads[0][:, rows] == 0).all())
+
+    def forward_and_gradients(self, q, k, v, mask, weights):
+        """Returns ((out, lse, grads) of ours, the same of the f32 reference): one jitted program each,
+        so a length costs two compiles. The loss weighs out by `weights` and adds 0.1 * sum(lse)."""
+        f32 = lambda x: x.astype(jnp.float32)
+
+        def program(attend):
+            def loss(q, k, v):
+                out, lse = attend(q, k, v)
+                finite_lse = jnp.where(jnp.isfinite(lse), lse, 0.0)
+                return jnp.sum(f32(out) * weights) + 0.1 * jnp.sum(finite_lse), (out, lse)
+
+            def run(q, k, v):
+                (_, (out, lse)), grads = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(q, k, v)
+                return out, lse, grads
+
+            return jax.jit(run)
+
+        ours = program(lambda q, k, v: block_sparse_attention(q, k, v, mask, block_size=self.block,
+                                                              return_lse=True, backend=self.backend))
+        reference = program(lambda q, k, v: attention_reference(q, k, v, mask, block_size=self.block))
+        return ours(q, k, v), reference(f32(q), f32(k), f32(v))
 
     # f32 bounds as above; f16 (10 mantissa bits) keeps a missed or doubled row in sight.
     RAGGED_TOLERANCE = {jnp.float32: (2e-5, 1e-4), jnp.float16: (5e-3, 5e-3)}
@@ -170,8 +188,11 @@ class KernelChecks:
         out_tol, grad_tol = self.RAGGED_TOLERANCE[dtype]
         mask = _ragged_mask(q_len * 7 + kv_len, q_len, kv_len, self.block)
         head_dim, batch = (64, 2) if (q_len + kv_len) % 3 == 0 else (128, 1)
-        self.check(q_len, kv_len, 2, head_dim, batch, dtype, mask, tolerance=out_tol)
-        self.check_gradients(q_len, kv_len, 2, head_dim, batch, dtype, mask, tolerance=grad_tol)
+        q, k, v = _qkv(q_len + kv_len, batch, q_len, kv_len, 2, head_dim, dtype)
+        weights = jax.random.normal(jax.random.key(7), q.shape, jnp.float32)
+        (out, lse, grads), (ref_out, ref_lse, ref_grads) = self.forward_and_gradients(q, k, v, mask, weights)
+        self.assert_forward(out, lse, ref_out, ref_lse, q, mask, out_tol)
+        self.assert_gradients(grads, ref_grads, q, mask, grad_tol)
 
     def test_custom_scale(self):
         q, k, v = _qkv(9, 1, 256, 256, 2, 64, self.dtypes[-1])
