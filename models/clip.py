@@ -23,6 +23,8 @@ import jax.numpy as jnp
 from flax import nnx
 from jaxtyping import Array, Float
 
+from radial_jax.sharding import param, with_axes
+
 # OpenAI CLIP's pixel statistics (the original's transforms.Normalize), per RGB channel.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -65,8 +67,8 @@ class LayerNorm(nnx.Module):
     """Affine LayerNorm computed in float32, returned in the input dtype."""
 
     def __init__(self, dim: int, *, eps: float, dtype):
-        self.scale = nnx.Param(jnp.ones((dim,), dtype))
-        self.bias = nnx.Param(jnp.zeros((dim,), dtype))
+        self.scale = param(jnp.ones((dim,), dtype), ("embed",))
+        self.bias = param(jnp.zeros((dim,), dtype), ("embed",))
         self.eps = eps
 
     def __call__(self, x: Float[Array, "*B C"]) -> Float[Array, "*B C"]:
@@ -77,8 +79,10 @@ class LayerNorm(nnx.Module):
         return (y * self.scale[...].astype(F32) + self.bias[...].astype(F32)).astype(x.dtype)
 
 
-def _linear(in_dim: int, out_dim: int, dtype, rngs: nnx.Rngs) -> nnx.Linear:
-    return nnx.Linear(in_dim, out_dim, dtype=dtype, param_dtype=dtype, rngs=rngs)
+def _linear(in_dim: int, out_dim: int, dtype, rngs: nnx.Rngs, axes: tuple[str, str]) -> nnx.Linear:
+    return nnx.Linear(in_dim, out_dim, dtype=dtype, param_dtype=dtype, rngs=rngs,
+                      kernel_init=with_axes(nnx.initializers.lecun_normal(), axes),
+                      bias_init=with_axes(nnx.initializers.zeros_init(), axes[1:]))  # fmt: skip
 
 
 class SelfAttention(nnx.Module):
@@ -86,8 +90,8 @@ class SelfAttention(nnx.Module):
 
     def __init__(self, config: CLIPVisionConfig, *, rngs: nnx.Rngs):
         dtype = jnp.dtype(config.dtype)
-        self.q, self.k, self.v = (_linear(config.dim, config.dim, dtype, rngs) for _ in range(3))
-        self.proj = _linear(config.dim, config.dim, dtype, rngs)
+        self.q, self.k, self.v = (_linear(config.dim, config.dim, dtype, rngs, ("embed", "heads")) for _ in range(3))
+        self.proj = _linear(config.dim, config.dim, dtype, rngs, ("heads", "embed"))
         self.num_heads = config.num_heads
 
     def __call__(self, x: Float[Array, "B L C"]) -> Float[Array, "B L C"]:
@@ -109,9 +113,9 @@ class AttentionBlock(nnx.Module):
         self.attn = SelfAttention(config, rngs=rngs)
         self.norm2 = LayerNorm(config.dim, eps=config.eps, dtype=dtype)
         self.mlp = nnx.List([
-            _linear(config.dim, config.mlp_dim, dtype, rngs),
+            _linear(config.dim, config.mlp_dim, dtype, rngs, ("embed", "mlp")),
             None,  # exact GELU (nn.GELU())
-            _linear(config.mlp_dim, config.dim, dtype, rngs),
+            _linear(config.mlp_dim, config.dim, dtype, rngs, ("mlp", "embed")),
         ])  # fmt: skip
 
     def __call__(self, x: Float[Array, "B L C"]) -> Float[Array, "B L C"]:
@@ -128,10 +132,13 @@ class CLIPVisionEncoder(nnx.Module):
         gain = dim**-0.5  # the original's init scale for the class token and positions
         self.patch_embedding = nnx.Conv(3, dim, (config.patch_size,) * 2, strides=(config.patch_size,) * 2,
                                         padding="VALID", use_bias=False, dtype=dtype, param_dtype=dtype,
+                                        kernel_init=with_axes(nnx.initializers.lecun_normal(),
+                                                              (None, None, None, "embed")),
                                         rngs=rngs)  # fmt: skip
-        self.cls_embedding = nnx.Param(jax.random.normal(rngs.params(), (1, 1, dim), F32).astype(dtype) * gain)
-        self.pos_embedding = nnx.Param(
-            jax.random.normal(rngs.params(), (1, config.num_tokens, dim), F32).astype(dtype) * gain
+        self.cls_embedding = param(jax.random.normal(rngs.params(), (1, 1, dim), F32).astype(dtype) * gain,
+                                   (None, None, "embed"))  # fmt: skip
+        self.pos_embedding = param(
+            jax.random.normal(rngs.params(), (1, config.num_tokens, dim), F32).astype(dtype) * gain, (None, None, "embed")
         )
         self.pre_norm = LayerNorm(dim, eps=config.eps, dtype=dtype)
         self.transformer = nnx.List([AttentionBlock(config, rngs=rngs) for _ in range(config.num_layers - 1)])

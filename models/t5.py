@@ -23,6 +23,8 @@ import numpy as np
 from flax import nnx
 from jaxtyping import Array, Float, Int
 
+from radial_jax.sharding import LogicalAxes, param, with_axes
+
 TEXT_LEN = 512  # tokens per prompt in Wan2.1 (wan/configs/shared_config.py, text_len)
 
 
@@ -73,7 +75,7 @@ class T5LayerNorm(nnx.Module):
     """RMS norm without centering or bias: x / rms(x) * scale, the statistic in float32."""
 
     def __init__(self, dim: int, *, eps: float, dtype):
-        self.scale = nnx.Param(jnp.ones((dim,), dtype))
+        self.scale = param(jnp.ones((dim,), dtype), ("embed",))
         self.eps = eps
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -82,9 +84,9 @@ class T5LayerNorm(nnx.Module):
         return normalized.astype(x.dtype) * self.scale[...]
 
 
-def _linear(in_dim: int, out_dim: int, std: float, dtype, rngs: nnx.Rngs) -> nnx.Linear:
+def _linear(in_dim: int, out_dim: int, std: float, dtype, rngs: nnx.Rngs, axes: LogicalAxes) -> nnx.Linear:
     return nnx.Linear(in_dim, out_dim, use_bias=False, dtype=dtype, param_dtype=dtype,
-                      kernel_init=nnx.initializers.normal(std), rngs=rngs)  # fmt: skip
+                      kernel_init=with_axes(nnx.initializers.normal(std), axes), rngs=rngs)  # fmt: skip
 
 
 class T5Attention(nnx.Module):
@@ -93,10 +95,10 @@ class T5Attention(nnx.Module):
     def __init__(self, config: UMT5Config, *, rngs: nnx.Rngs):
         dtype, c = jnp.dtype(config.dtype), config
         # Wan's init_weights std's, so a random tiny encoder has the original's scale.
-        self.q = _linear(c.dim, c.dim_attn, (c.dim * c.dim_attn) ** -0.5, dtype, rngs)
-        self.k = _linear(c.dim, c.dim_attn, c.dim**-0.5, dtype, rngs)
-        self.v = _linear(c.dim, c.dim_attn, c.dim**-0.5, dtype, rngs)
-        self.o = _linear(c.dim_attn, c.dim, c.dim_attn**-0.5, dtype, rngs)
+        self.q = _linear(c.dim, c.dim_attn, (c.dim * c.dim_attn) ** -0.5, dtype, rngs, ("embed", "heads"))
+        self.k = _linear(c.dim, c.dim_attn, c.dim**-0.5, dtype, rngs, ("embed", "heads"))
+        self.v = _linear(c.dim, c.dim_attn, c.dim**-0.5, dtype, rngs, ("embed", "heads"))
+        self.o = _linear(c.dim_attn, c.dim, c.dim_attn**-0.5, dtype, rngs, ("heads", "embed"))
         self.num_heads = c.num_heads
 
     def __call__(self, x: jax.Array, bias: jax.Array, mask: jax.Array) -> jax.Array:
@@ -114,9 +116,9 @@ class T5FeedForward(nnx.Module):
 
     def __init__(self, config: UMT5Config, *, rngs: nnx.Rngs):
         dtype, c = jnp.dtype(config.dtype), config
-        self.gate = _linear(c.dim, c.dim_ffn, c.dim**-0.5, dtype, rngs)
-        self.fc1 = _linear(c.dim, c.dim_ffn, c.dim**-0.5, dtype, rngs)
-        self.fc2 = _linear(c.dim_ffn, c.dim, c.dim_ffn**-0.5, dtype, rngs)
+        self.gate = _linear(c.dim, c.dim_ffn, c.dim**-0.5, dtype, rngs, ("embed", "mlp"))
+        self.fc1 = _linear(c.dim, c.dim_ffn, c.dim**-0.5, dtype, rngs, ("embed", "mlp"))
+        self.fc2 = _linear(c.dim_ffn, c.dim, c.dim_ffn**-0.5, dtype, rngs, ("mlp", "embed"))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.fc2(self.fc1(x) * jax.nn.gelu(self.gate(x), approximate=True))
@@ -133,7 +135,8 @@ class T5Block(nnx.Module):
         self.ffn = T5FeedForward(config, rngs=rngs)
         bias_std = (2 * config.num_buckets * config.num_heads) ** -0.5
         self.pos_embedding = nnx.Embed(config.num_buckets, config.num_heads, dtype=dtype, param_dtype=dtype,
-                                       embedding_init=nnx.initializers.normal(bias_std), rngs=rngs)  # fmt: skip
+                                       embedding_init=with_axes(nnx.initializers.normal(bias_std), (None, "heads")),
+                                       rngs=rngs)  # fmt: skip
 
     def __call__(self, x: jax.Array, buckets: np.ndarray, mask: jax.Array) -> jax.Array:
         bias = jnp.transpose(self.pos_embedding(buckets), (2, 0, 1))  # [T, T, N] -> [N, T, T]
@@ -148,7 +151,8 @@ class UMT5Encoder(nnx.Module):
         self.config = config
         dtype = jnp.dtype(config.dtype)
         self.token_embedding = nnx.Embed(config.vocab_size, config.dim, dtype=dtype, param_dtype=dtype,
-                                         embedding_init=nnx.initializers.normal(1.0), rngs=rngs)  # fmt: skip
+                                         embedding_init=with_axes(nnx.initializers.normal(1.0), ("vocab", "embed")),
+                                         rngs=rngs)  # fmt: skip
         self.blocks = nnx.List([T5Block(config, rngs=rngs) for _ in range(config.num_layers)])
         self.norm = T5LayerNorm(config.dim, eps=config.eps, dtype=dtype)
 

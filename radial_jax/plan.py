@@ -15,6 +15,7 @@ import numpy as np
 from jaxtyping import Array
 
 from radial_jax.attention import check_implementation, dense_attention, radial_attention
+from radial_jax.kernels import KernelTuning
 from radial_jax.mask import MODELS, radial_block_mask
 
 MODES = ("radial", "dense")
@@ -34,7 +35,8 @@ class RadialPlan:
     decay_factor, block_size, mask_model: of the radial mask (radial_jax.radial_block_mask's
       decay_factor, block_size, model: "wan" keeps frame 0 as a sink, "hunyuan" does not).
     implementation: radial_attention's (see radial_jax.attention.IMPLEMENTATIONS), one name or
-      an ordered tuple. Cross-attention is always dense.
+      an ordered tuple; tuning: the Pallas kernels' tunables (None: KernelTuning's defaults).
+    Cross-attention is always dense.
     """
 
     mode: str = "radial"
@@ -45,6 +47,7 @@ class RadialPlan:
     block_size: int = 128
     implementation: str | Sequence[str] = "auto"  # a list becomes a tuple (hashable)
     mask_model: str = "wan"
+    tuning: KernelTuning | None = None
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -102,4 +105,4 @@ def self_attention(
         return dense_attention
     mask = plan.block_mask(num_frames, tokens_per_frame)
     return functools.partial(radial_attention, block_mask=mask, block_size=plan.block_size,
-                             implementation=plan.implementation)  # fmt: skip
+                             implementation=plan.implementation, tuning=plan.tuning)  # fmt: skip

@@ -10,9 +10,13 @@ from jaxtyping import Array, Float
 
 from radial_jax.attention import dense_attention
 from radial_jax.plan import Attend
+from radial_jax.sharding import constrain
 from models.wan.config import WanConfig
 from models.wan.layers import F32, RMSNorm, compute_dtype, linear
 from models.wan.rope import apply_rope
+
+HEADS_AXES = ("batch", "activation_length", "activation_heads", "activation_kv")  # q, k, v [B, L, N, D]
+CONTEXT_HEADS_AXES = ("batch", None, "activation_heads", "activation_kv")  # text/image k, v [B, T, N, D]
 
 
 class SelfAttention(nnx.Module):
@@ -22,10 +26,10 @@ class SelfAttention(nnx.Module):
         dim = config.dim
         self.num_heads = config.num_heads
         self.dtype = compute_dtype(config)
-        self.q = linear(dim, dim, config=config, rngs=rngs)
-        self.k = linear(dim, dim, config=config, rngs=rngs)
-        self.v = linear(dim, dim, config=config, rngs=rngs)
-        self.o = linear(dim, dim, config=config, rngs=rngs)
+        self.q = linear(dim, dim, axes=("embed", "heads"), config=config, rngs=rngs)
+        self.k = linear(dim, dim, axes=("embed", "heads"), config=config, rngs=rngs)
+        self.v = linear(dim, dim, axes=("embed", "heads"), config=config, rngs=rngs)
+        self.o = linear(dim, dim, axes=("heads", "embed"), config=config, rngs=rngs)
         self.norm_q = RMSNorm(dim, eps=config.eps)
         self.norm_k = RMSNorm(dim, eps=config.eps)
 
@@ -35,9 +39,9 @@ class SelfAttention(nnx.Module):
         """Returns [batch, tokens, dim] in the compute dtype; x: float32 [batch, tokens, dim]."""
         batch, length, dim = x.shape
         heads = (batch, length, self.num_heads, dim // self.num_heads)
-        q = apply_rope(self.norm_q(self.q(x)).reshape(heads), *rope).astype(self.dtype)
-        k = apply_rope(self.norm_k(self.k(x)).reshape(heads), *rope).astype(self.dtype)
-        v = self.v(x).reshape(heads)
+        q = constrain(apply_rope(self.norm_q(self.q(x)).reshape(heads), *rope).astype(self.dtype), HEADS_AXES)
+        k = constrain(apply_rope(self.norm_k(self.k(x)).reshape(heads), *rope).astype(self.dtype), HEADS_AXES)
+        v = constrain(self.v(x).reshape(heads), HEADS_AXES)
         return self.o(attend(q, k, v).reshape(batch, length, dim))
 
 
@@ -52,19 +56,19 @@ class CrossAttention(nnx.Module):
         dim = config.dim
         self.num_heads = config.num_heads
         self.dtype = compute_dtype(config)
-        self.q = linear(dim, dim, config=config, rngs=rngs)
-        self.k = linear(dim, dim, config=config, rngs=rngs)
-        self.v = linear(dim, dim, config=config, rngs=rngs)
-        self.o = linear(dim, dim, config=config, rngs=rngs)
+        self.q = linear(dim, dim, axes=("embed", "heads"), config=config, rngs=rngs)
+        self.k = linear(dim, dim, axes=("embed", "heads"), config=config, rngs=rngs)
+        self.v = linear(dim, dim, axes=("embed", "heads"), config=config, rngs=rngs)
+        self.o = linear(dim, dim, axes=("heads", "embed"), config=config, rngs=rngs)
         self.norm_q = RMSNorm(dim, eps=config.eps)
         self.norm_k = RMSNorm(dim, eps=config.eps)
         if config.model_type == "i2v":
-            self.k_img = linear(dim, dim, config=config, rngs=rngs)
-            self.v_img = linear(dim, dim, config=config, rngs=rngs)
+            self.k_img = linear(dim, dim, axes=("embed", "heads"), config=config, rngs=rngs)
+            self.v_img = linear(dim, dim, axes=("embed", "heads"), config=config, rngs=rngs)
             self.norm_k_img = RMSNorm(dim, eps=config.eps)
 
-    def _heads(self, x: Array) -> Array:
-        return x.reshape(x.shape[0], x.shape[1], self.num_heads, -1)
+    def _heads(self, x: Array, axes=CONTEXT_HEADS_AXES) -> Array:
+        return constrain(x.reshape(x.shape[0], x.shape[1], self.num_heads, -1), axes)
 
     def __call__(
         self,
@@ -75,7 +79,7 @@ class CrossAttention(nnx.Module):
     ) -> Float[Array, "B L C"]:
         """Returns [batch, tokens, dim] in the compute dtype; attend: dense attention to the context."""
         batch, length, dim = x.shape
-        q = self._heads(self.norm_q(self.q(x))).astype(self.dtype)
+        q = self._heads(self.norm_q(self.q(x)), HEADS_AXES).astype(self.dtype)
         k = self._heads(self.norm_k(self.k(context))).astype(self.dtype)
         out = attend(q, k, self._heads(self.v(context))).astype(F32)
         if context_img is not None:

@@ -14,6 +14,7 @@ from flax import nnx
 from jaxtyping import Array, Float
 
 from models.wan.config import WanConfig
+from radial_jax.sharding import LogicalAxes, param, with_axes
 
 F32 = jnp.float32
 TIMESTEP_MAX_PERIOD = 10000.0  # sinusoidal embedding wavelengths span 2*pi .. 2*pi*10000
@@ -27,18 +28,21 @@ def linear(
     in_features: int,
     out_features: int,
     *,
+    axes: tuple[str | None, str | None],
     config: WanConfig,
     rngs: nnx.Rngs,
     precise: bool = False,
     kernel_init=nnx.initializers.xavier_uniform(),
 ) -> nnx.Linear:
-    """Returns an nnx.Linear: kernel [in, out] and bias [out], float32 if `precise`."""
+    """Returns an nnx.Linear: kernel [in, out] and bias [out], float32 if `precise`; the kernel
+    carries the logical axis names `axes` (radial_jax.sharding), the bias axes[1]."""
     param_dtype = F32 if precise else jnp.dtype(config.param_dtype)
     dtype = F32 if precise else compute_dtype(config)
     return nnx.Linear(
         in_features, out_features, dtype=dtype, param_dtype=param_dtype,
         precision=jax.lax.Precision.HIGHEST if dtype == F32 else None,
-        kernel_init=kernel_init, bias_init=nnx.initializers.zeros_init(), rngs=rngs,
+        kernel_init=with_axes(kernel_init, axes), bias_init=with_axes(nnx.initializers.zeros_init(), axes[1:]),
+        rngs=rngs,
     )
 
 
@@ -53,10 +57,10 @@ def layer_norm(x: Float[Array, "*B C"], eps: float) -> Float[Array, "*B C"]:
 class LayerNorm(nnx.Module):
     """LayerNorm with float32 scale and bias; returns float32."""
 
-    def __init__(self, dim: int, *, eps: float):
+    def __init__(self, dim: int, *, eps: float, axes: LogicalAxes = ("embed",)):
         self.eps = eps
-        self.scale = nnx.Param(jnp.ones((dim,), F32))
-        self.bias = nnx.Param(jnp.zeros((dim,), F32))
+        self.scale = param(jnp.ones((dim,), F32), axes)
+        self.bias = param(jnp.zeros((dim,), F32), axes)
 
     def __call__(self, x: Float[Array, "*B C"]) -> Float[Array, "*B C"]:
         return layer_norm(x, self.eps) * self.scale[...] + self.bias[...]
@@ -69,9 +73,9 @@ class RMSNorm(nnx.Module):
     the float32 weight; that rounding is kept so bfloat16 runs see the original's values.
     """
 
-    def __init__(self, dim: int, *, eps: float):
+    def __init__(self, dim: int, *, eps: float, axes: LogicalAxes = ("heads",)):
         self.eps = eps
-        self.scale = nnx.Param(jnp.ones((dim,), F32))
+        self.scale = param(jnp.ones((dim,), F32), axes)
 
     def __call__(self, x: Float[Array, "*B C"]) -> Float[Array, "*B C"]:
         x32 = x.astype(F32)

@@ -30,13 +30,16 @@ from radial_jax.parallel import (
     TokenSharding, sequence_parallel, sequence_parallel_cross, sequence_parallel_size, token_sharding,
 )
 from radial_jax.plan import Attend, RadialPlan, self_attention
+from radial_jax.sharding import constrain, param, with_axes
 
 TORCH_LAYER_NORM_EPS = 1e-5  # the image projection uses torch.nn.LayerNorm's default
 EMBEDDING_INIT_STD = 0.02  # the original's init for text and time embeddings
+STREAM_AXES = ("batch", "activation_length", "activation_embed")  # the residual stream [B, L, C]
+FFN_AXES = ("batch", "activation_length", "activation_mlp")  # the FFN's hidden [B, L, ffn_dim]
 
 
 def _modulation(rngs: nnx.Rngs, rows: int, dim: int) -> nnx.Param:
-    return nnx.Param(jax.random.normal(rngs.params(), (1, rows, dim), F32) * dim**-0.5)
+    return param(jax.random.normal(rngs.params(), (1, rows, dim), F32) * dim**-0.5, (None, None, "embed"))
 
 
 class WanBlock(nnx.Module):
@@ -48,9 +51,9 @@ class WanBlock(nnx.Module):
         self.norm3 = LayerNorm(config.dim, eps=config.eps)  # the original calls the cross-attn norm norm3
         self.cross_attn = CrossAttention(config, rngs=rngs)
         self.ffn = nnx.List([
-            linear(config.dim, config.ffn_dim, config=config, rngs=rngs),
+            linear(config.dim, config.ffn_dim, axes=("embed", "mlp"), config=config, rngs=rngs),
             None,  # tanh-GELU: index 1 of the original nn.Sequential
-            linear(config.ffn_dim, config.dim, config=config, rngs=rngs),
+            linear(config.ffn_dim, config.dim, axes=("mlp", "embed"), config=config, rngs=rngs),
         ])
         self.modulation = _modulation(rngs, 6, config.dim)
 
@@ -74,7 +77,7 @@ class WanBlock(nnx.Module):
         x = x + y.astype(F32) * gate
         x = x + self.cross_attn(self.norm3(x), context, context_img, cross_attend).astype(F32)
         h = layer_norm(x, self.eps) * (1 + ffn_scale) + ffn_shift
-        y = self.ffn[2](gelu_tanh(self.ffn[0](h)))
+        y = self.ffn[2](constrain(gelu_tanh(self.ffn[0](h)), FFN_AXES))
         return x + y.astype(F32) * ffn_gate
 
 
@@ -85,8 +88,8 @@ class Head(nnx.Module):
         self.eps = config.eps
         # The original zero-initialises head.head for training from scratch; we keep a random
         # init so that an unconverted model's output still depends on every layer (tests).
-        self.head = linear(config.dim, math.prod(config.patch_size) * config.out_dim, config=config, rngs=rngs,
-                           precise=True)
+        self.head = linear(config.dim, math.prod(config.patch_size) * config.out_dim, axes=("embed", None),
+                           config=config, rngs=rngs, precise=True)  # fmt: skip
         self.modulation = _modulation(rngs, 2, config.dim)
 
     def __call__(self, x: Float[Array, "B L C"], e: Float[Array, "B C"]) -> Float[Array, "B L P"]:
@@ -100,10 +103,10 @@ class ImageEmbedding(nnx.Module):
 
     def __init__(self, config: WanConfig, *, rngs: nnx.Rngs):
         self.proj = nnx.List([
-            LayerNorm(config.img_dim, eps=TORCH_LAYER_NORM_EPS),
-            linear(config.img_dim, config.img_dim, config=config, rngs=rngs),
+            LayerNorm(config.img_dim, eps=TORCH_LAYER_NORM_EPS, axes=("norm",)),
+            linear(config.img_dim, config.img_dim, axes=(None, "mlp"), config=config, rngs=rngs),
             None,  # exact GELU
-            linear(config.img_dim, config.dim, config=config, rngs=rngs),
+            linear(config.img_dim, config.dim, axes=("mlp", "embed"), config=config, rngs=rngs),
             LayerNorm(config.dim, eps=TORCH_LAYER_NORM_EPS),
         ])
 
@@ -122,20 +125,23 @@ class WanModel(nnx.Module):
         self.patch_embedding = nnx.Conv(
             config.in_dim, dim, kernel_size=patch, strides=patch, padding="VALID",
             dtype=compute_dtype(config), param_dtype=jnp.dtype(config.param_dtype),
-            kernel_init=nnx.initializers.variance_scaling(1.0, "fan_avg", "uniform", in_axis=(0, 1, 2, 3)),
-            bias_init=nnx.initializers.zeros_init(), rngs=rngs,
+            kernel_init=with_axes(nnx.initializers.variance_scaling(1.0, "fan_avg", "uniform", in_axis=(0, 1, 2, 3)),
+                                  (None, None, None, None, "embed")),
+            bias_init=with_axes(nnx.initializers.zeros_init(), ("embed",)), rngs=rngs,
         )
         self.text_embedding = nnx.List([
-            linear(config.text_dim, dim, config=config, rngs=rngs, kernel_init=normal),
+            linear(config.text_dim, dim, axes=(None, "mlp"), config=config, rngs=rngs, kernel_init=normal),
             None,  # tanh-GELU
-            linear(dim, dim, config=config, rngs=rngs, kernel_init=normal),
+            linear(dim, dim, axes=("mlp", "embed"), config=config, rngs=rngs, kernel_init=normal),
         ])
         self.time_embedding = nnx.List([
-            linear(config.freq_dim, dim, config=config, rngs=rngs, precise=True, kernel_init=normal),
+            linear(config.freq_dim, dim, axes=(None, "mlp"), config=config, rngs=rngs, precise=True,
+                   kernel_init=normal),
             None,  # SiLU
-            linear(dim, dim, config=config, rngs=rngs, precise=True, kernel_init=normal),
-        ])
-        self.time_projection = nnx.List([None, linear(dim, 6 * dim, config=config, rngs=rngs, precise=True)])
+            linear(dim, dim, axes=("mlp", "embed"), config=config, rngs=rngs, precise=True, kernel_init=normal),
+        ])  # fmt: skip
+        self.time_projection = nnx.List([None, linear(dim, 6 * dim, axes=("embed", "mlp"), config=config,
+                                                      rngs=rngs, precise=True)])  # fmt: skip
         self.blocks = nnx.List([WanBlock(config, rngs=rngs) for _ in range(config.num_layers)])
         self.head = Head(config, rngs=rngs)
         if config.model_type == "i2v":
@@ -194,14 +200,19 @@ class WanModel(nnx.Module):
         if sharding is not None:
             x, rope = _shard_tokens(x, rope, sharding)
         cross_attend = dense_attention if sharding is None else sequence_parallel_cross(dense_attention)
+
+        def stream(x):  # the residual stream's layout at block edges: tokens over `sequence` when split
+            if sharding is None:
+                return constrain(x, STREAM_AXES)
+            return jax.lax.with_sharding_constraint(x, sharding.spec(x.shape[0]))
+
         outputs = []
         for i, block in enumerate(self.blocks):
             attend = self_attention(plan, frames, height * width, layer=i, dense=dense)
             if sharding is not None:
                 attend = sequence_parallel(attend, valid_len=length)
-            x = _run_block(block, x, e0, context, context_img, rope, attend, cross_attend, remat=remat)
-            if sharding is not None:
-                x = jax.lax.with_sharding_constraint(x, sharding.spec(x.shape[0]))
+            x = _run_block(block, stream(x), e0, context, context_img, rope, attend, cross_attend, remat=remat)
+            x = stream(x)
             if collect:
                 outputs.append(x[:, :length])
         return self._unpatchify(self.head(x, e)[:, :length], grid), outputs
