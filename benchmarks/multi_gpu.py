@@ -11,8 +11,9 @@ kernel. The mesh is `sequence=P` over the first P devices. Reports s/step (media
 efficiency t_1 / (P t_P), peak memory per GPU, the time of one all-to-all of a layer's stacked
 q, k, v alone (and its bandwidth), and how far the P-GPU output is from the 1-GPU output (the
 same weights and inputs: the P-GPU step must compute the same function). Writes
-benchmarks/results/multi-gpu-<device>.json (device, command, date), merging rows of the same
-device from earlier calls (split the shapes over calls if one call would run too long).
+benchmarks/results/multi-gpu-<device>.json (device, command, date; after each GPU count),
+merging rows of the same device from earlier calls (split the shapes over calls if one call
+would run too long).
 NCCL: NVLink multicast stays off (NCCL_NVLS_ENABLE=0 unless set otherwise).
 """
 
@@ -42,18 +43,19 @@ OUTPUT_TOLERANCE = {"bfloat16": 2e-2, "float32": 1e-5}  # relative L2, P GPUs vs
 DRY_RUN_GPUS = "1,2,4,8"
 
 
-def timed(fn, iters: int, warmup: int) -> list[float]:
-    """Returns per-call seconds of fn() (its result blocked on) after `warmup` untimed calls."""
+def timed(fn, iters: int, warmup: int) -> tuple[list[float], object]:
+    """Returns (per-call seconds of fn() after `warmup` untimed calls, the last call's result)."""
     import jax
 
+    result = None
     for _ in range(warmup):
-        jax.block_until_ready(fn())
+        result = jax.block_until_ready(fn())
     times = []
     for _ in range(iters):
         start = time.perf_counter()
-        jax.block_until_ready(fn())
+        result = jax.block_until_ready(fn())
         times.append(time.perf_counter() - start)
-    return times
+    return times, result
 
 
 # ---------------------------------------------------------------- worker (one GPU count)
@@ -93,8 +95,8 @@ def worker(gpus: int, shapes: list[str], args) -> None:
             start = time.perf_counter()
             compiled = step.lower(*inputs).compile()
             compile_s = time.perf_counter() - start
-            times = timed(lambda: compiled(*inputs), args.iters, args.warmup)
-        output = np.asarray(jax.device_get(compiled(*inputs)), np.float32)
+            times, output = timed(lambda: compiled(*inputs), args.iters, args.warmup)
+        output = np.asarray(jax.device_get(output), np.float32)
         np.save(Path(args.save_dir) / f"{shape}-{gpus}.npy", output)
         tokens = frames * (height // 2) * (width // 2)
         row = dict(shape=shape, gpus=gpus, tokens=tokens, dtype=dtype, device=jax.devices()[0].device_kind,
@@ -176,7 +178,7 @@ def all_to_all(mesh, tokens: int, config, dtype: str, args) -> dict:
     regroup = jax.jit(jax.shard_map(
         lambda x: jax.lax.all_to_all(x, "sequence", split_axis=3, concat_axis=2, tiled=True),
         mesh=mesh, in_specs=spec, out_specs=spec))
-    seconds = statistics.median(timed(lambda: regroup(qkv), max(args.iters, 5), 1))
+    seconds = statistics.median(timed(lambda: regroup(qkv), max(args.iters, 5), 1)[0])
     sent = qkv.nbytes // gpus * (gpus - 1) // gpus
     return dict(all_to_all_qkv_ms=1e3 * seconds, all_to_all_qkv_bytes_sent_per_gpu=sent,
                 all_to_all_gb_per_s=sent / seconds / 1e9)
@@ -236,12 +238,13 @@ def print_table(rows: list[dict]) -> None:
         print(f"{r['shape']:15} {r['gpus']:>4} {cells[0]:>8} {cells[1]:>6} {cells[2]:>13} {cells[3]:>7} {cells[4]:>12}")
 
 
-def write_results(rows: list[dict], out: Path) -> None:
+def write_results(rows: list[dict], out: Path, old: dict | None) -> None:
+    """Writes the rows to `out`, merged into `old` (the file as it was before this call) when
+    it holds the same device: shapes split over calls land in one file."""
     device = next((r["device"] for r in rows if "device" in r), "unknown")
     record = dict(device=device, command="python " + " ".join(sys.argv), date=datetime.date.today().isoformat(),
                   rows=rows)
-    if out.is_file():  # merge: shapes split over calls land in one file
-        old = json.loads(out.read_text())
+    if old is not None:
         if old.get("device") == device:
             new = {(r["shape"], r["gpus"]) for r in rows}
             record["rows"] = [r for r in old.get("rows", []) if (r["shape"], r["gpus"]) not in new] + rows
@@ -281,17 +284,21 @@ def main(argv: list[str] | None = None) -> int:
         sys.exit(f"unknown --shapes {unknown}; choose from {[s for s in SHAPES if s != 'tiny']}")
     if gpus[0] != 1 or any(g < 2 for g in gpus[1:]):
         sys.exit(f"--gpus {args.gpus} must start with 1 (the baseline the others are compared with)")
+    out, old = None, None
     with tempfile.TemporaryDirectory() as save_dir:
         args.save_dir = save_dir
         rows = []
-        for count in gpus:
+        for count in gpus:  # written after each GPU count: a run cut short keeps what finished
             print(f"running {count} GPU(s): {', '.join(shapes)} ...", flush=True)
             rows += run_gpus(count, shapes, args)
-        check_outputs(rows, Path(save_dir))
+            check_outputs(rows, Path(save_dir))
+            if out is None and (args.out or not args.dry_run):  # the device is known after the first worker
+                out = Path(args.out or f"benchmarks/results/multi-gpu-{device_tag(rows)}.json")
+                out = out if out.is_absolute() else REPO / out
+                old = json.loads(out.read_text()) if out.is_file() else None
+            if out is not None:
+                write_results(rows, out, old)
     print_table(rows)
-    out = args.out or (None if args.dry_run else f"benchmarks/results/multi-gpu-{device_tag(rows)}.json")
-    if out:
-        write_results(rows, REPO / out if not Path(out).is_absolute() else Path(out))
     ok = all("error" not in r and r.get("output_matches_1_gpu", True) for r in rows)
     return 0 if ok else 1
 
