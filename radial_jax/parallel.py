@@ -36,29 +36,6 @@ def active_mesh():
     return None if mesh.empty else mesh
 
 
-def mesh_from_spec(spec: str, devices=None) -> jax.sharding.Mesh:
-    """Returns a mesh from "sequence=2" or "data=2,sequence=4" over the first devices it needs.
-
-    Axes are Auto (sharding by constraints and shard_map); an empty spec gives a 1-device mesh
-    with a `sequence` axis of size 1 (the default is a mesh, not a special case).
-    """
-    devices = jax.devices() if devices is None else list(devices)
-    names, sizes = [], []
-    for part in filter(None, (p.strip() for p in spec.split(","))):
-        name, _, size = part.partition("=")
-        if not name.strip().isidentifier() or not size.strip().isdigit() or int(size) < 1 or name.strip() in names:
-            raise ValueError(f"--mesh {spec!r}: each part must be AXIS=SIZE once, e.g. sequence=2 or data=2,sequence=4")
-        names.append(name.strip())
-        sizes.append(int(size))
-    if not names:
-        names, sizes = [SEQUENCE_AXIS], [1]
-    count = int(np.prod(sizes))
-    if count > len(devices):
-        raise ValueError(f"--mesh {spec!r} needs {count} devices; {len(devices)} are present")
-    return jax.make_mesh(tuple(sizes), tuple(names), axis_types=(jax.sharding.AxisType.Auto,) * len(names),
-                         devices=devices[:count])
-
-
 def sequence_parallel_size(mesh=None, axis: str = SEQUENCE_AXIS) -> int:
     """Returns the size of `axis` in mesh (default: the active mesh); 1 when absent."""
     mesh = active_mesh() if mesh is None else mesh

@@ -155,11 +155,12 @@ def check_request(args) -> Request:
 
 def _check_mesh(spec: str, config):
     """Returns the mesh of --mesh: only a `sequence` axis (one video, one DiT pass at a time)."""
-    from radial_jax.parallel import SEQUENCE_AXIS, mesh_from_spec
+    from radial_jax.parallel import SEQUENCE_AXIS
+    from radial_jax.sharding import make_mesh, parse_mesh
 
-    mesh = mesh_from_spec(spec)
-    if set(mesh.axis_names) != {SEQUENCE_AXIS}:
+    if any(size > 1 for axis, size in parse_mesh(spec).items() if axis != SEQUENCE_AXIS):
         raise ValueError(f"--mesh {spec!r}: generate splits only the video's tokens; use --mesh sequence=N")
+    mesh = make_mesh(spec)
     devices = mesh.shape[SEQUENCE_AXIS]
     if devices > 1 and config.num_heads % devices:
         padded = -(-config.num_heads // devices) * devices

@@ -11,7 +11,7 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
 from radial_jax import radial_attention, radial_block_mask
 from radial_jax.parallel import (
-    mesh_from_spec, sequence_parallel, sequence_parallel_attention, sequence_parallel_cross, sequence_parallel_size,
+    sequence_parallel, sequence_parallel_attention, sequence_parallel_cross, sequence_parallel_size,
     token_sharding,
 )
 
@@ -168,17 +168,6 @@ def test_cross_attention_to_a_replicated_context_equals_single_device_and_sums_c
     got = _attention_and_grads(sequence_parallel_cross(dense, mesh=mesh), (q, k, v), d_out)
     for name, a, b in zip(("out", "dq", "dk", "dv"), got, expected):
         np.testing.assert_allclose(a, b, atol=2e-6, rtol=0, err_msg=name)
-
-
-def test_mesh_from_spec_takes_the_first_devices_and_refuses_bad_specs():
-    mesh = mesh_from_spec("data=2,sequence=3")
-    assert dict(mesh.shape) == {"data": 2, "sequence": 3} and list(mesh.devices.flat) == jax.devices()[:6]
-    assert dict(mesh_from_spec("").shape) == {"sequence": 1}
-    for bad in ("sequence", "sequence=0", "sequence=2,sequence=2", "sequence=x"):
-        with pytest.raises(ValueError, match="AXIS=SIZE"):
-            mesh_from_spec(bad)
-    with pytest.raises(ValueError, match="needs 16 devices; 8 are present"):
-        mesh_from_spec("sequence=16")
 
 
 def test_mosaic_kernel_inside_sequence_parallel_lowers_for_cuda_forward_and_backward():
