@@ -5,13 +5,13 @@
     load_pipeline(dst, dtype="bf16")             # -> models.wan.pipeline.Components (DiT, VAE, umT5, ...)
 
 One module per source format with a name table read top to bottom (wan_original.py,
-wan_diffusers.py, wan_vae.py, umt5.py, clip.py); io.py streams tensors; checkpoint.py and
-component.py write and read our format.
+wan_diffusers.py, wan_vae.py, umt5.py, clip.py); wan22.py finds Wan2.2 A14B's two experts and
+their switch; io.py streams tensors; checkpoint.py and component.py write and read our format.
 """
 
 from pathlib import Path
 
-from convert import clip, umt5, wan, wan_vae
+from convert import clip, umt5, wan, wan22, wan_vae
 from convert.checkpoint import (TRANSFORMER_DIR, canonical_dtype, check_destination, load_wan, read_config,
                                 stale_partials, staged_directory)
 from convert.io import CheckpointError
@@ -32,8 +32,11 @@ def _find_tokenizer(src: Path):
 
 # What a source folder may hold: (output subfolder, finder, planner, writer). Each finder
 # returns None when its component is absent; only the DiT is looked for in a single file.
+# Wan2.2 A14B: transformer/ is the high-noise expert, transformer_2/ the low-noise one.
 COMPONENTS = (
-    (TRANSFORMER_DIR, wan.find_transformer, wan.plan_transformer, wan.write_transformer),
+    (TRANSFORMER_DIR, wan22.find_high_noise_transformer, wan.plan_transformer, wan.write_transformer),
+    (wan22.LOW_NOISE_SUBFOLDER, wan22.find_low_noise_transformer, wan.plan_transformer, wan.write_transformer),
+    (wan22.SWITCH_FILE, wan22.find_expert_switch, wan22.plan_expert_switch, wan22.write_expert_switch),
     (wan_vae.SUBFOLDER, wan_vae.find_vae, _plan_vae_float32, wan_vae.write_vae),
     (umt5.SUBFOLDER, umt5.find_umt5, umt5.plan_umt5, umt5.write_umt5),
     (umt5.TOKENIZER_SUBFOLDER, _find_tokenizer, umt5.plan_tokenizer, umt5.write_tokenizer),
@@ -47,11 +50,12 @@ def convert_checkpoint(src: str | Path, dst: str | Path, *, dtype: str = "bf16",
 
     All components are checked (names, shapes) before anything is written; output goes to a
     temporary folder beside `dst` that is renamed into place only when complete. The VAE is
-    stored in float32 whatever `dtype` says.
+    stored in float32 whatever `dtype` says. Wan2.2 TI2V-5B is refused.
     """
     dtype = canonical_dtype(dtype)
     src = Path(src)
     check_destination(Path(dst))  # before reading any source: that can take minutes for a .pth
+    wan22.refuse_unsupported(src)
     plans = []
     for name, find, plan, write in COMPONENTS:
         found = find(src) if src.is_dir() or name == TRANSFORMER_DIR else None
@@ -60,6 +64,7 @@ def convert_checkpoint(src: str | Path, dst: str | Path, *, dtype: str = "bf16",
     if not any(name == TRANSFORMER_DIR for name, _, _ in plans):
         raise CheckpointError(f"{src}: no Wan2.1 checkpoint found (looked for *.safetensors.index.json, "
                               "*.safetensors, a DiT .pth, or a diffusers transformer/ folder)")
+    wan22.check_experts({name: plan for name, plan, _ in plans})
     with staged_directory(Path(dst)) as staging:
         for name, plan, write in plans:
             write(plan, staging / name, progress=progress)
@@ -73,7 +78,8 @@ def load_pipeline(path: str | Path, *, dtype: str | None = None, attention: Radi
     dtype: of the DiT, text and image encoders ("bf16", "f32"; default: as converted); vae_dtype:
     the VAE's (default as converted, float32; "bf16" decodes faster and adds ~1 uint8 level of
     error, tests/models/test_vae.py); attention: the DiT's self-attention plan, kept beside the
-    modules as Components.plan (default None: dense).
+    modules as Components.plan (default None: dense), for both experts of a Wan2.2 A14B
+    (Components.low_noise_dit and .experts set).
     """
     root = Path(path)
     missing = [part for part in GENERATION_PARTS if not (root / part).is_dir()]
@@ -81,15 +87,19 @@ def load_pipeline(path: str | Path, *, dtype: str | None = None, attention: Radi
         raise CheckpointError(f"{root}: no {', '.join(p + '/' for p in missing)}; convert the whole Wan2.1 "
                               f"folder (not one file): radial-jax convert --src WAN_FOLDER --dst NEW_DIR")
     dit = load_wan(root, dtype=dtype)
+    low_noise_dit = experts = None
+    if (root / wan22.LOW_NOISE_SUBFOLDER).is_dir():
+        experts = wan22.read_expert_switch(root)
+        low_noise_dit = load_wan(root / wan22.LOW_NOISE_SUBFOLDER, dtype=dtype)
     image_encoder = None
-    if dit.config.model_type == "i2v":
+    if dit.config.uses_clip:
         if not (root / clip.SUBFOLDER).is_dir():
             raise CheckpointError(f"{root}: an I2V DiT but no {clip.SUBFOLDER}/ (CLIP); convert the whole I2V folder")
         image_encoder = clip.load_clip(root, dtype=dtype)
     return Components(
         dit=dit, vae=wan_vae.load_vae(root, dtype=vae_dtype), text_encoder=umt5.load_umt5(root, dtype=dtype),
         tokenizer=Tokenizer.from_dir(root / umt5.TOKENIZER_SUBFOLDER, text_len=dit.config.text_len),
-        image_encoder=image_encoder, plan=attention,
+        image_encoder=image_encoder, plan=attention, low_noise_dit=low_noise_dit, experts=experts,
     )  # fmt: skip
 
 

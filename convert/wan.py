@@ -1,4 +1,4 @@
-"""Wan2.1 DiT conversion: find the checkpoint files, detect the layout, check every name and
+"""Wan2.1 DiT conversion (also each expert of a Wan2.2 A14B, convert/wan22.py): find the checkpoint files, detect the layout, check every name and
 shape against the abstract model, then stream shard by shard into our format.
 
 Everything is checked before anything is written; tensors are then read one at a time from
@@ -110,6 +110,9 @@ def infer_config(layout: ModuleType, shapes: Mapping[str, tuple], config_json: M
     fields["num_layers"] = max(blocks) + 1
     try:
         fields.update(layout.config_fields(config_json or {}))
+        if layout.I2V_KEY not in shapes and fields.get("in_dim", 0) > fields.get("out_dim", 0):
+            # Wan2.2 I2V-A14B: the image enters through y alone; its DiT has no CLIP projection.
+            fields.update(model_type="i2v", img_dim=None)
     except (ValueError, TypeError) as e:
         raise CheckpointError(f"cannot build the model config from this checkpoint: {e}") from None
     if "num_heads" not in fields:
@@ -181,7 +184,7 @@ def write_transformer(plan: Plan, folder: Path, *, progress: bool = True) -> Non
     for entry in plan.entries:
         per_shard.setdefault(entry.shard.path, []).append(entry)
     weight_map = {}
-    with tqdm(total=len(plan.entries), unit="tensor", disable=not progress, desc="transformer") as bar:
+    with tqdm(total=len(plan.entries), unit="tensor", disable=not progress, desc=folder.name) as bar:
         for i, entries in enumerate(per_shard.values(), start=1):
             file_name = f"model-{i:05d}-of-{len(per_shard):05d}.safetensors"
             bar.set_postfix_str(f"{entries[0].shard.path.name} -> {file_name}")

@@ -77,5 +77,6 @@ def config_fields(config_json: Mapping[str, Any]) -> dict[str, Any]:
     if tuple(window) != (-1, -1):
         raise ValueError(f"window_size={window}: local attention windows are not ported (Wan2.1 uses (-1, -1))")
     if config_json.get("model_type", "t2v") not in ("t2v", "i2v"):
-        raise ValueError(f"model_type={config_json['model_type']!r}: only t2v and i2v are ported")
+        raise ValueError(f"model_type={config_json['model_type']!r}: only t2v and i2v (Wan2.1, Wan2.2 A14B) are "
+                         "supported")  # fmt: skip
     return {k: config_json[k] for k in CONFIG_FIELDS if k in config_json}

@@ -96,8 +96,65 @@ def original_folder(root: Path, kind: str = "t2v") -> Path:
     Wan2.1_VAE.pth, models_t5_umt5-xxl-enc-bf16.pth, google/umt5-xxl/ [, models_clip_...pth])."""
     root.mkdir(parents=True, exist_ok=True)
     dit = tiny_dit(kind)
-    (root / "config.json").write_text(json.dumps(original_config_json(dit)))
-    save_file(original_state_dict(dit), str(root / "diffusion_pytorch_model.safetensors"))
+    save_original_dit(dit, root, model_type=kind)
+    _original_vae_and_text_encoder(root)
+    if kind == "i2v":
+        torch.save(clip_original_state_dict(tiny_clip()), root / "models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth")
+    return root
+
+
+def save_original_dit(dit, folder: Path, *, model_type: str) -> None:
+    """Writes a diffusers DiT as the original WanModel saves it: config.json + safetensors."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps({**original_config_json(dit), "model_type": model_type}))
+    save_file(original_state_dict(dit), str(folder / "diffusion_pytorch_model.safetensors"))
+
+
+def tiny_expert(kind: str = "t2v", seed: int = 0):
+    """Returns a random diffusers DiT shaped as one Wan2.2 A14B expert: Wan2.1's network; for I2V
+    y's 36 input channels and no image embedder (no CLIP). Every tensor is perturbed so that
+    no two norms are equal (an exchanged pair would otherwise go unnoticed)."""
+    from diffusers import WanTransformer3DModel
+
+    torch.manual_seed(seed)
+    model = WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=20, in_channels=36 if kind == "i2v" else Z_DIM,
+        out_channels=Z_DIM, text_dim=TEXT_DIM, freq_dim=256, ffn_dim=48, num_layers=2, cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads", eps=1e-6,
+    ).eval()  # fmt: skip
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    return model
+
+
+A14B_EXPERT_SEEDS = (10, 11)  # high-noise, low-noise expert
+
+
+def a14b_diffusers_folder(root: Path, kind: str = "t2v", *, boundary_ratio: float | None = 0.875) -> Path:
+    """Writes a Wan2.2 A14B diffusers folder: transformer/ (high noise), transformer_2/ (low
+    noise), vae/, text_encoder/, tokenizer/, model_index.json with boundary_ratio."""
+    for name, seed in zip(("transformer", "transformer_2"), A14B_EXPERT_SEEDS):
+        tiny_expert(kind, seed).save_pretrained(root / name)
+    tiny_vae().save_pretrained(root / "vae")
+    tiny_umt5().save_pretrained(root / "text_encoder")
+    train_spiece(root / "tokenizer")
+    index = {"_class_name": "WanImageToVideoPipeline" if kind == "i2v" else "WanPipeline", "expand_timesteps": False,
+             **({"boundary_ratio": boundary_ratio} if boundary_ratio is not None else {})}  # fmt: skip
+    (root / "model_index.json").write_text(json.dumps(index))
+    return root
+
+
+def a14b_original_folder(root: Path, kind: str = "t2v") -> Path:
+    """Writes a Wan2.2 A14B original folder: high_noise_model/, low_noise_model/ (config.json +
+    safetensors each), Wan2.1_VAE.pth, models_t5_umt5-xxl-enc-bf16.pth, google/umt5-xxl/."""
+    for name, seed in zip(("high_noise_model", "low_noise_model"), A14B_EXPERT_SEEDS):
+        save_original_dit(tiny_expert(kind, seed), root / name, model_type=kind)
+    _original_vae_and_text_encoder(root)
+    return root
+
+
+def _original_vae_and_text_encoder(root: Path) -> None:
     torch.save(_renamed(tiny_vae().state_dict(), _vae_names()), root / wan_vae.ORIGINAL_FILE)
     layers = 2
     original = {row.target: row.source for row in umt5.expand(umt5.ORIGINAL_TABLE, layers)}
@@ -105,9 +162,6 @@ def original_folder(root: Path, kind: str = "t2v") -> Path:
     state = {k: v for k, v in tiny_umt5().state_dict().items() if k != umt5.DIFFUSERS_TIED}
     torch.save(_renamed(state, names), root / umt5.ORIGINAL_FILE)
     train_spiece(root / "google" / "umt5-xxl")
-    if kind == "i2v":
-        torch.save(clip_original_state_dict(tiny_clip()), root / "models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth")
-    return root
 
 
 def _vae_names() -> dict[str, str]:

@@ -62,7 +62,7 @@ class CrossAttention(nnx.Module):
         self.o = linear(dim, dim, axes=("heads", "embed"), config=config, rngs=rngs)
         self.norm_q = RMSNorm(dim, eps=config.eps)
         self.norm_k = RMSNorm(dim, eps=config.eps)
-        if config.model_type == "i2v":
+        if config.uses_clip:
             self.k_img = linear(dim, dim, axes=("embed", "heads"), config=config, rngs=rngs)
             self.v_img = linear(dim, dim, axes=("embed", "heads"), config=config, rngs=rngs)
             self.norm_k_img = RMSNorm(dim, eps=config.eps)

@@ -39,7 +39,9 @@ class WanConfig:
     qk_norm: bool = True
     cross_attn_norm: bool = True
     eps: float = 1e-6
-    img_dim: int = 1280  # CLIP feature width, used by model_type "i2v" only
+    # CLIP feature width, used by model_type "i2v" only; None: no CLIP image embedding, the image
+    # enters through y alone (Wan2.2 I2V-A14B, whose DiT has no img_emb).
+    img_dim: int | None = 1280
     rope_theta: float = 10000.0
     param_dtype: str = "float32"
     dtype: str = "float32"
@@ -57,6 +59,11 @@ class WanConfig:
                 raise ValueError(f"{name}={getattr(self, name)!r} must be one of {DTYPES}")
         if not (self.qk_norm and self.cross_attn_norm):
             raise ValueError("qk_norm=False / cross_attn_norm=False: no Wan2.1 checkpoint uses them; not ported")
+
+    @property
+    def uses_clip(self) -> bool:
+        """Whether the model takes CLIP image features (Wan2.1 I2V; not Wan2.2 I2V-A14B)."""
+        return self.model_type == "i2v" and self.img_dim is not None
 
     @property
     def head_dim(self) -> int:
@@ -85,6 +92,9 @@ WAN_T2V_1_3B = WanConfig(dim=1536, ffn_dim=8960, num_heads=12, num_layers=30)
 WAN_T2V_14B = WanConfig(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40)
 # in_dim 36 = 16 noisy latent channels + 4 mask channels + 16 channels of the encoded first frame.
 WAN_I2V_14B = WanConfig(model_type="i2v", in_dim=36, dim=5120, ffn_dim=13824, num_heads=40, num_layers=40)
+# Wan2.2 A14B: each of the two experts (models/wan/experts.py) is a Wan2.1 14B; I2V without CLIP.
+WAN22_T2V_A14B = WAN_T2V_14B
+WAN22_I2V_A14B = dataclasses.replace(WAN_I2V_14B, img_dim=None)
 # Tests and the offline demo: the same network, a few layers wide enough to exercise every path.
 WAN_TINY = WanConfig(dim=64, ffn_dim=128, num_heads=4, num_layers=2, text_dim=32, text_len=32, in_dim=4,
                      out_dim=4, img_dim=24)
@@ -93,5 +103,6 @@ PRESETS = {
     "t2v-1.3B": WAN_T2V_1_3B,
     "t2v-14B": WAN_T2V_14B,
     "i2v-14B": WAN_I2V_14B,
+    "i2v-A14B": WAN22_I2V_A14B,
     "tiny": WAN_TINY,
 }

@@ -1,5 +1,5 @@
-"""Wan2.1 video generation from built modules: prompts -> umT5 context, seeded noise, a flow
-sampler with classifier-free guidance (one jitted step), VAE decode -> uint8 frames.
+"""Wan2.1 and Wan2.2 A14B video generation from built modules: prompts -> umT5 context, seeded
+noise, a flow sampler with classifier-free guidance (one jitted step), VAE decode -> uint8 frames.
 
     components = convert.load_pipeline("wan-1.3b", dtype="bf16")   # or tiny_components()
     video = generate(components, "a cat surfing", frames=81, height=480, width=832)  # uint8 [81, 480, 832, 3]
@@ -10,6 +10,12 @@ prompt defaults to Wan's; guidance runs the DiT twice per step (cond, then uncon
 pass at guidance 1); I2V conditions on CLIP features of the image and on y = 4 mask channels
 (1 on the first latent frame) + the VAE latents of the image followed by black frames. The
 noise comes from jax.random, so a seed does not reproduce the original's torch noise.
+
+Wan2.2 A14B (models/wan/experts.py): `components.low_noise_dit` and `components.experts` are
+set; each step runs the expert its timestep selects, with that expert's guidance scale (as
+Wan2.2's wan/text2video.py and diffusers' WanPipeline). Its I2V DiT takes y without CLIP
+features. The radial plan applies to both experts with the same global step index (as the
+reference's Wan2.2 pipeline, which passes the step index i to both transformers).
 """
 
 import dataclasses
@@ -25,6 +31,7 @@ from jaxtyping import Array, Float, UInt8
 
 from models import clip as clip_lib
 from models import t5
+from models.wan import experts as experts_lib
 from models.wan import sampler as sampler_lib
 from models.wan import vae as vae_lib
 from models.wan.config import WAN_TINY
@@ -48,16 +55,19 @@ StageCallback = Callable[[str, float], None]  # (what finished, seconds it took 
 
 @dataclasses.dataclass
 class Components:
-    """The modules of one Wan2.1 checkpoint and the DiT's attention plan (None: dense). Mutable
-    so that generate(free_text_encoder=True) can drop the text encoder (its device memory is
-    freed once nothing else refers to it)."""
+    """The modules of one Wan2.1 or Wan2.2 A14B checkpoint and the DiT's attention plan (None:
+    dense; for A14B, of both experts). Mutable so that generate(free_text_encoder=True) can drop
+    the text encoder (its device memory is freed once nothing else refers to it). For A14B,
+    `dit` is the high-noise expert."""
 
     dit: WanModel
     vae: vae_lib.WanVAE
     text_encoder: t5.UMT5Encoder | None
     tokenizer: t5.Tokenizer
-    image_encoder: clip_lib.CLIPVisionEncoder | None = None  # I2V only
+    image_encoder: clip_lib.CLIPVisionEncoder | None = None  # Wan2.1 I2V only
     plan: RadialPlan | None = None
+    low_noise_dit: WanModel | None = None  # Wan2.2 A14B: the second expert, same config as dit
+    experts: experts_lib.ExpertSwitch | None = None  # Wan2.2 A14B: when the experts switch
 
 
 def check_video_size(frames: int, height: int, width: int, patch: Sequence[int] = (1, 2, 2)) -> None:
@@ -147,31 +157,46 @@ def denoise_step(graphdef, params, sampler, state, context, negative_context, gu
 
 
 def denoise(
-    dit: WanModel,
+    dit: WanModel | Sequence[WanModel],
     sampler: sampler_lib.FlowEuler,
     noise: Float[Array, "1 F H W C"],
     context: Float[Array, "1 T Ct"],
     negative_context: Float[Array, "1 T Ct"] | None,
-    guidance: float,
+    guidance: float | Sequence[float],
     *,
     plan: RadialPlan | None = None,
+    step_experts: Sequence[int] | None = None,
     clip_fea: Float[Array, "1 I E"] | None = None,
     y: Float[Array, "1 F H W Cy"] | None = None,
     on_step: StepCallback | None = None,
 ) -> Float[Array, "1 F H W C"]:
     """Returns the denoised latents after all sampler steps (noise is consumed: donated).
 
-    plan: the DiT's attention plan (None: dense); a step is dense where plan.is_dense_step says.
-    on_step(step, num_steps, dense) runs after each step has finished on the device, so its
-    timing is the step's.
+    dit: one DiT, or the experts of a Wan2.2 A14B (same config); guidance: one scale for all, or
+    a scale per DiT; plan: the attention plan of every DiT (None: dense); a step is dense where
+    plan.is_dense_step says, with one global step index for both experts; step_experts: the
+    index into the DiTs of each step (None: the first throughout). on_step(step, num_steps,
+    dense) runs after each step has finished on the device, so its timing is the step's.
     """
-    graphdef, params = nnx.split(dit)  # once: every step reuses the same static graph
+    dits = [dit] if isinstance(dit, WanModel) else list(dit)
+    guidance = [guidance] * len(dits) if isinstance(guidance, (int, float)) else list(guidance)
+    if len({d.config for d in dits}) != 1 or len(guidance) != len(dits):
+        raise ValueError(f"{len(dits)} DiTs with {len(guidance)} guidance scales; the DiTs must share one config")
+    step_experts = [0] * sampler.num_steps if step_experts is None else list(step_experts)
+    if len(step_experts) != sampler.num_steps or not set(step_experts) <= set(range(len(dits))):
+        raise ValueError(f"step_experts={step_experts} must give one of {len(dits)} DiTs for each of "
+                         f"{sampler.num_steps} steps")  # fmt: skip
+    # Once per expert: every step reuses the same static graph. The experts share it (equal
+    # configs), so their steps share the compiled programs: their weights are arguments.
+    graphdef, _ = nnx.split(dits[0])
+    params = [nnx.split(d)[1] for d in dits]
+    scales = [jnp.float32(g) for g in guidance]
     state = sampler.init(noise)
-    scale = jnp.float32(guidance)
     for step in range(sampler.num_steps):
         dense = plan is None or plan.is_dense_step(step, sampler.num_steps)
-        state = denoise_step(graphdef, params, sampler, state, context, negative_context, scale, clip_fea, y,
-                             plan=plan, dense=dense)  # fmt: skip
+        expert = step_experts[step]
+        state = denoise_step(graphdef, params[expert], sampler, state, context, negative_context, scales[expert],
+                             clip_fea, y, plan=plan, dense=dense)  # fmt: skip
         if on_step is not None:
             jax.block_until_ready(state.sample)
             on_step(step, sampler.num_steps, dense)
@@ -194,7 +219,8 @@ def generate(
     height: int = 480,
     width: int = 832,
     steps: int | None = None,
-    guidance: float = 5.0,
+    guidance: float | None = None,
+    guidance_low: float | None = None,
     shift: float | None = None,
     seed: int = 0,
     sampler: str = "unipc",
@@ -206,10 +232,12 @@ def generate(
     """Returns the generated video, uint8 [frames, height, width, 3] (RGB, FPS frames a second).
 
     negative_prompt: None for Wan's default; image: RGB uint8 [H, W, 3], needed by (and only by)
-    an I2V DiT; steps: None for 50 (the distilled sampler: one per timestep); timesteps: the
-    distilled sampler's (None: LightX2V's [1000, 750, 500, 250]); guidance 1: one DiT pass a step,
-    the negative prompt is not encoded; shift: None for Wan's default at this size (3.0 at 480p,
-    5.0 at 720p);
+    an I2V DiT; steps, guidance, shift: None for the defaults (Wan2.1: 50 steps, guidance 5,
+    shift 3.0 at 480p and 5.0 at 720p; Wan2.2 A14B: components.experts'; the distilled sampler:
+    one step per timestep); guidance_low: the low-noise expert's scale of an A14B (None:
+    guidance if given, else the default); guidance 1 (every expert's): one DiT pass a step, the
+    negative prompt is not encoded; timesteps: the distilled sampler's (None: LightX2V's
+    [1000, 750, 500, 250]);
     free_text_encoder: set components.text_encoder to None once the prompts are encoded;
     on_step: see denoise; on_stage(name, seconds): after the umT5 encode, the image encode (I2V)
     and the VAE decode, each waited for on the device so that its time is its own.
@@ -220,10 +248,17 @@ def generate(
     if components.text_encoder is None:
         raise ValueError("components.text_encoder is None (freed by an earlier generate(free_text_encoder=True)); "
                          "load the pipeline again")  # fmt: skip
-    sampler_ = make_sampler(sampler, steps, sampler_lib.default_shift(height, width) if shift is None else shift,
-                            None if timesteps is None else tuple(timesteps))  # fmt: skip
+    dits, scales, switch = _experts(components, guidance, guidance_low)
+    # An A14B's steps and shift are its UniPC/Euler defaults; a distilled run keeps its own.
+    defaults = switch if switch is not None and sampler != "distilled" else None
+    if steps is None and defaults is not None:
+        steps = defaults.steps
+    if shift is None:
+        shift = defaults.shift if defaults is not None else sampler_lib.default_shift(height, width)
+    sampler_ = make_sampler(sampler, steps, shift, None if timesteps is None else tuple(timesteps))
     negative = WAN_NEGATIVE_PROMPT if negative_prompt is None else negative_prompt
-    prompts = [prompt] if guidance == 1.0 else [prompt, negative]  # guidance 1: cond alone, no uncond pass
+    guided = any(g != 1.0 for g in scales)  # else the cond pass alone; cfg at scale 1 among guided DiTs is cond
+    prompts = [prompt, negative] if guided else [prompt]
     timed = _Timer(on_stage)
     context = timed(f"umT5 encode ({'prompt' if len(prompts) == 1 else 'prompt, negative prompt'})",
                     lambda: encode_prompts(components.text_encoder, components.tokenizer, prompts))
@@ -232,8 +267,9 @@ def generate(
     image_inputs = functools.partial(_image_inputs, components, image, frames, height, width)
     clip_fea, y = image_inputs() if dit.config.model_type == "t2v" else timed("image encode (CLIP, VAE)", image_inputs)
     noise = sampler_lib.initial_noise(seed, latent_shape(frames, height, width, dit.config.out_dim))
-    latents = denoise(dit, sampler_, noise, context[:1], context[1:] if guidance != 1.0 else None, guidance,
-                      plan=components.plan, clip_fea=clip_fea, y=y, on_step=on_step)  # fmt: skip
+    latents = denoise(dits, sampler_, noise, context[:1], context[1:] if guided else None, scales,
+                      plan=components.plan, step_experts=switch.experts(sampler_.timesteps) if switch else None,
+                      clip_fea=clip_fea, y=y, on_step=on_step)  # fmt: skip
     return timed("VAE decode", lambda: decode_video(components.vae, latents))
 
 
@@ -252,6 +288,18 @@ class _Timer:
         return result
 
 
+def _experts(components: Components, guidance: float | None, guidance_low: float | None):
+    """Returns (DiTs, their guidance scales, the ExpertSwitch or None) of a Wan2.1 or A14B checkpoint."""
+    if (components.low_noise_dit is None) != (components.experts is None):
+        raise ValueError("components.low_noise_dit and components.experts go together (a Wan2.2 A14B has both)")
+    if components.experts is None:
+        if guidance_low is not None:
+            raise ValueError("guidance_low is for a Wan2.2 A14B checkpoint (two experts); this one has one DiT")
+        return [components.dit], [5.0 if guidance is None else guidance], None
+    scales = experts_lib.expert_guidance(components.experts, guidance, guidance_low)
+    return [components.dit, components.low_noise_dit], list(scales), components.experts
+
+
 def _image_inputs(components: Components, image, frames: int, height: int, width: int):
     """Returns (clip_fea, y) for an I2V DiT, (None, None) for T2V; checks that they go together."""
     if components.dit.config.model_type == "t2v":
@@ -260,11 +308,13 @@ def _image_inputs(components: Components, image, frames: int, height: int, width
         return None, None
     if image is None:
         raise ValueError("this image-to-video checkpoint needs an image (--image)")
+    unit = image_to_unit_range(image)
+    y = image_condition(components.vae, unit, frames, height, width)
+    if not components.dit.config.uses_clip:  # Wan2.2 I2V-A14B: the image enters through y alone
+        return None, y
     if components.image_encoder is None:
         raise ValueError("this image-to-video checkpoint has no CLIP image encoder; convert its folder again")
-    unit = image_to_unit_range(image)
-    return clip_lib.encode_image(components.image_encoder, unit), image_condition(components.vae, unit, frames,
-                                                                                    height, width)
+    return clip_lib.encode_image(components.image_encoder, unit), y
 
 
 # ---------------------------------------------------------------- the tiny preset (no download)

@@ -144,7 +144,7 @@ class WanModel(nnx.Module):
                                                       rngs=rngs, precise=True)])  # fmt: skip
         self.blocks = nnx.List([WanBlock(config, rngs=rngs) for _ in range(config.num_layers)])
         self.head = Head(config, rngs=rngs)
-        if config.model_type == "i2v":
+        if config.uses_clip:
             self.img_emb = ImageEmbedding(config, rngs=rngs)
 
     def __call__(
@@ -247,9 +247,9 @@ class WanModel(nnx.Module):
             raise ValueError(f"context must be [batch, <= text_len={config.text_len}, text_dim], got {context.shape}")
         context = jnp.pad(context, ((0, 0), (0, config.text_len - context.shape[1]), (0, 0)))
         context = self.text_embedding[2](gelu_tanh(self.text_embedding[0](context)))
-        if config.model_type == "t2v":
+        if not config.uses_clip:
             if clip_fea is not None:
-                raise ValueError("clip_fea is for I2V models; this is a T2V model")
+                raise ValueError("clip_fea is for Wan2.1 I2V models; this model takes no CLIP features")
             return context, None
         if clip_fea is None:
             raise ValueError("an I2V model needs clip_fea [batch, 257, img_dim] (and y)")

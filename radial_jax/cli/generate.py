@@ -1,4 +1,5 @@
-"""`radial-jax generate`: text (or image) to video with a converted Wan2.1 checkpoint, or a tiny random model."""
+"""`radial-jax generate`: text (or image) to video with a converted Wan2.1 or Wan2.2 A14B checkpoint, or a tiny
+random model."""
 
 import contextlib
 import dataclasses
@@ -15,7 +16,9 @@ import numpy as np
 TINY_DEFAULTS = {"size": "160x96", "frames": 17, "steps": 16}
 CKPT_DEFAULTS = {"size": "832x480", "frames": 81, "steps": 50}  # Wan2.1's 480p T2V defaults
 # Flags a --preset sets, with their values without one. A flag given explicitly always wins.
-BASE = {"sampler": "unipc", "timesteps": None, "shift": None, "guidance": 5.0, "dense_layers": 1,
+# guidance None: the checkpoint's (WAN21_GUIDANCE; a Wan2.2 A14B's per expert, models/wan/experts.py).
+WAN21_GUIDANCE = 5.0
+BASE = {"sampler": "unipc", "timesteps": None, "shift": None, "guidance": None, "dense_layers": 1,
         "dense_timesteps": 12, "decay_factor": 0.2, "vae_dtype": "f32"}  # fmt: skip
 # lightx2v: LightX2V's step- and CFG-distilled Wan2.1 LoRAs (configs/distill/wan21/*_4step_cfg.json:
 # denoising_step_list [1000, 750, 500, 250], sample_shift 5, no CFG) with the reference's radial
@@ -50,6 +53,7 @@ class Request:
     config: object  # the DiT's WanConfig (--ckpt's, or the tiny preset's)
     timesteps: tuple[float, ...] | None = None  # --sampler distilled's
     mesh: object = None  # jax.sharding.Mesh of --mesh (1 device by default)
+    experts: object = None  # Wan2.2 A14B: --ckpt's models.wan.experts.ExpertSwitch
 
 
 def apply_preset(args) -> None:
@@ -89,16 +93,19 @@ def run(args) -> int:
         merge_loras(components.dit, list(request.loras))
         print("merged LoRA " + ", ".join(f"{path} (strength {strength:g})" for path, strength in request.loras))
     print(f"loaded in {time.perf_counter() - start:.1f} s; generating {request.frames} frames at "
-          f"{request.width}x{request.height}, {request.steps} steps ({args.sampler}), guidance {args.guidance:g}, "
-          f"attention {args.attention}" + (f" (preset {args.preset})" if args.preset else ""))  # fmt: skip
-    _place_on_mesh(components.dit, request.mesh)
+          f"{request.width}x{request.height}, {request.steps} steps ({args.sampler}), "
+          f"{_guidance_note(request.experts, args)}, attention {args.attention}"
+          + (f" (preset {args.preset})" if args.preset else ""))  # fmt: skip
+    for dit in (components.dit, components.low_noise_dit):  # the low-noise expert of an A14B too
+        if dit is not None:
+            _place_on_mesh(dit, request.mesh)
     start = time.perf_counter()
     with Progress(request.steps) as progress, _active(request.mesh):
         video = pipeline.generate(
             components, args.prompt, negative_prompt=args.negative_prompt, image=request.image,
             frames=request.frames, height=request.height, width=request.width, steps=request.steps,
-            guidance=args.guidance, shift=args.shift, seed=args.seed, sampler=args.sampler,
-            timesteps=request.timesteps, free_text_encoder=True,
+            guidance=args.guidance, guidance_low=args.guidance_low, shift=args.shift, seed=args.seed,
+            sampler=args.sampler, timesteps=request.timesteps, free_text_encoder=True,
             on_step=progress.step, on_stage=progress.stage,
         )  # fmt: skip
     write_video(video, request.out, pipeline.FPS)
@@ -118,6 +125,11 @@ def check_request(args) -> Request:
     defaults = CKPT_DEFAULTS if args.ckpt else TINY_DEFAULTS
     width, height = _parse_size(args.size or defaults["size"])
     frames = defaults["frames"] if args.frames is None else args.frames
+    experts = _checkpoint_experts(args.ckpt)
+    if args.guidance is None and experts is None:
+        args.guidance = WAN21_GUIDANCE
+    if args.guidance_low is not None and experts is None:
+        raise ValueError("--guidance-low is for a Wan2.2 A14B checkpoint (two experts); this one has one DiT")
     timesteps = _parse_timesteps(args.timesteps)
     if args.sampler == "distilled":
         steps = _distilled_steps(args, timesteps)
@@ -125,7 +137,7 @@ def check_request(args) -> Request:
         raise ValueError(f"--timesteps is for --sampler distilled, not {args.sampler}; drop it or pass "
                          "--sampler distilled")  # fmt: skip
     else:
-        steps = defaults["steps"] if args.steps is None else args.steps
+        steps = (experts.steps if experts else defaults["steps"]) if args.steps is None else args.steps
     _check_numbers(args, steps)
     from radial_jax.cli.outputs import VIDEO_SUFFIXES, check_output_file
 
@@ -144,13 +156,15 @@ def check_request(args) -> Request:
     if args.attention == "radial" and args.dense_layers > config.num_layers:
         raise ValueError(f"--dense-layers {args.dense_layers} is more than the DiT's {config.num_layers} blocks; "
                          "for dense attention everywhere pass --attention dense")  # fmt: skip
+    if loras and experts is not None:  # Wan2.2 LoRAs come as a pair, one per expert
+        raise ValueError("--lora on a Wan2.2 A14B checkpoint (two experts) is not supported yet")
     if loras:  # names and shapes against the checkpoint's config, before minutes of loading
         from convert.lora import lora_updates
 
         for path, strength in loras:
             lora_updates(path, config, strength=strength)
     mesh = _check_mesh(args.mesh, config)
-    return Request(width, height, frames, steps, out, image, loras, config, timesteps, mesh)
+    return Request(width, height, frames, steps, out, image, loras, config, timesteps, mesh, experts)
 
 
 def _check_mesh(spec: str, config):
@@ -190,6 +204,26 @@ def _active(mesh):
     return jax.set_mesh(mesh)
 
 
+def _checkpoint_experts(ckpt: str | None):
+    """Returns --ckpt's ExpertSwitch if it is a Wan2.2 A14B (two experts), else None."""
+    if not ckpt or not Path(ckpt).is_dir():
+        return None  # _checkpoint_config says what is wrong with it
+    from convert.wan22 import LOW_NOISE_SUBFOLDER, read_expert_switch
+
+    return read_expert_switch(ckpt) if (Path(ckpt) / LOW_NOISE_SUBFOLDER).is_dir() else None
+
+
+def _guidance_note(experts, args) -> str:
+    """Returns the guidance the run uses: one scale, or an A14B's two experts and their switch."""
+    if experts is None:
+        return f"guidance {args.guidance:g}"
+    from models.wan.experts import expert_guidance
+
+    high, low = expert_guidance(experts, args.guidance, args.guidance_low)
+    return (f"two experts: high-noise while t >= {experts.boundary_timestep:g} (guidance {high:g}), "
+            f"then low-noise (guidance {low:g})")
+
+
 def _distilled_steps(args, timesteps: tuple[float, ...] | None) -> int:
     """Returns the distilled sampler's step count (one per timestep), checking --timesteps and --steps."""
     from models.wan import sampler as sampler_lib
@@ -210,7 +244,8 @@ def _check_numbers(args, steps: int) -> None:
     """Raises ValueError naming the one numeric flag that is out of range."""
     checks = (
         (steps >= 1, f"--steps {steps} must be >= 1"),
-        (args.guidance >= 0 and math.isfinite(args.guidance), f"--guidance {args.guidance} must be >= 0"),
+        *((g is None or (g >= 0 and math.isfinite(g)), f"{flag} {g} must be >= 0")
+          for flag, g in (("--guidance", args.guidance), ("--guidance-low", args.guidance_low))),
         (args.shift is None or (args.shift > 0 and math.isfinite(args.shift)), f"--shift {args.shift} must be > 0"),
         (0 <= args.seed <= MAX_SEED, f"--seed {args.seed} must be in 0..{MAX_SEED}"),
         (args.decay_factor > 0 and math.isfinite(args.decay_factor), f"--decay-factor {args.decay_factor} must be > 0"),
@@ -245,7 +280,7 @@ def _checkpoint_config(ckpt: str | None, i2v: bool):
         raise ValueError(f"--image given but --ckpt {ckpt} is a text-to-video model; drop --image or use an I2V one")
     if config.model_type == "i2v" and not i2v:
         raise ValueError(f"--ckpt {ckpt} is an image-to-video model; pass the first frame with --image")
-    if config.model_type == "i2v" and not (root / "image_encoder").is_dir():
+    if config.uses_clip and not (root / "image_encoder").is_dir():
         raise ValueError(f"--ckpt {ckpt} is an image-to-video model without image_encoder/; convert its whole folder")
     return config
 
@@ -374,8 +409,9 @@ def _preset_help(text: str, flag: str, default: str | None = None) -> str:
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("generate", help="text/image to video with Wan2.1 (no --ckpt: a tiny random model)",
-                       description="Generate a video with a converted Wan2.1 checkpoint (radial-jax convert) and "
+    p = sub.add_parser("generate", help="text/image to video with Wan2.1 or Wan2.2 A14B (no --ckpt: a tiny random model)",
+                       description="Generate a video with a converted Wan2.1 or Wan2.2 A14B checkpoint (radial-jax "
+                                   "convert) and "
                                    "write it as mp4. Without --ckpt, a built-in tiny model with random weights "
                                    "runs on the CPU in seconds and writes a meaningless video.")  # fmt: skip
     p.add_argument("--ckpt", help="converted checkpoint folder (radial-jax convert --dst); default: tiny random preset")
@@ -389,11 +425,17 @@ def add_parser(sub) -> None:
                         "4-step step- and CFG-distilled Wan2.1 LoRAs (pass the LoRA with --lora): --sampler "
                         "distilled --timesteps 1000,750,500,250 --shift 5 --guidance 1 --dense-layers 1 "
                         "--dense-timesteps 1 --decay-factor 0.2 --vae-dtype bf16")  # fmt: skip
-    p.add_argument("--steps", type=int, help="sampling steps (default 50; tiny 16; --sampler distilled: one per "
-                                             "timestep)")  # fmt: skip
-    p.add_argument("--guidance", type=float, help=_preset_help("classifier-free guidance scale; 1: one DiT pass a "
-                                                               "step, no negative prompt", "guidance"))  # fmt: skip
-    p.add_argument("--shift", type=float, help=_preset_help("flow shift", "shift", "3.0 at 480p, 5.0 at 720p"))
+    p.add_argument("--steps", type=int, help="sampling steps (default 50, Wan2.2 A14B 40; tiny 16; --sampler "
+                                             "distilled: one per timestep)")  # fmt: skip
+    p.add_argument("--guidance", type=float,
+                   help=_preset_help("classifier-free guidance scale, of the high-noise expert on a Wan2.2 A14B; 1: "
+                                     "one DiT pass a step, no negative prompt", "guidance",
+                                     f"{WAN21_GUIDANCE}; Wan2.2 A14B T2V 4.0, I2V 3.5"))  # fmt: skip
+    p.add_argument("--guidance-low", type=float,
+                   help="Wan2.2 A14B: the low-noise expert's guidance (default: --guidance if given, else T2V 3.0, "
+                        "I2V 3.5)")  # fmt: skip
+    p.add_argument("--shift", type=float,
+                   help=_preset_help("flow shift", "shift", "3.0 at 480p, 5.0 at 720p; Wan2.2 A14B T2V 12.0, I2V 5.0"))
     p.add_argument("--seed", type=int, default=0, help="noise seed (default %(default)s)")
     p.add_argument("--sampler", choices=("unipc", "euler", "distilled"),
                    help=_preset_help("unipc and euler: Wan's shifted schedule over --steps; distilled: flow Euler at "

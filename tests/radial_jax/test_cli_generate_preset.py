@@ -23,8 +23,9 @@ def test_preset_sets_every_value_it_names_and_nothing_is_set_without_it():
     args = _args("--preset", "lightx2v")
     assert {flag: getattr(args, flag) for flag in LIGHTX2V} == LIGHTX2V
     plain = _args()
+    # guidance None: the checkpoint's, 5.0 (Wan2.1) or per expert (Wan2.2 A14B), set by check_request
     assert (plain.sampler, plain.timesteps, plain.shift, plain.guidance, plain.dense_timesteps, plain.vae_dtype) == (
-        "unipc", None, None, 5.0, 12, "f32")  # fmt: skip
+        "unipc", None, None, None, 12, "f32")  # fmt: skip
 
 
 def test_flags_given_explicitly_win_over_the_preset():
