@@ -2,7 +2,8 @@
 
     python benchmarks/multi_gpu.py [--gpus 1,2] [--shapes 14b-720p-81f,14b-720p-161f] [--iters 2]
                                    [--warmup 1] [--out FILE]
-    python benchmarks/multi_gpu.py --dry-run [--gpus 1,2,4,8] [--out FILE]   # tiny model, fake CPU devices
+    python benchmarks/multi_gpu.py --train [--shapes 14b-720p-81f] ...   # a LoRA training step instead
+    python benchmarks/multi_gpu.py --dry-run [--gpus 1,2,4,8] [--train] [--out FILE]   # tiny model, fake CPU devices
 
 One worker process per GPU count (its peak memory is its own), each timing every shape: random
 weights built on the devices (replicated, no host copy), bf16, batch 1, 512 text tokens, radial
@@ -67,13 +68,19 @@ def worker(gpus: int, shapes: list[str], args) -> None:
 
     if args.dry_run:
         jax.config.update("jax_num_cpu_devices", 8)
+    if len(jax.devices()) < gpus:
+        raise SystemExit(f"--gpus asks for {gpus} devices; this machine has {len(jax.devices())}")
+    (train_worker if args.train else forward_worker)(gpus, shapes, args)
+
+
+def forward_worker(gpus: int, shapes: list[str], args) -> None:
+    """The DiT forward step (a sampling step's one pass) of every shape on `gpus` devices."""
+    import jax
     import jax.numpy as jnp
     import numpy as np
     from flax import nnx
     from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
-    if len(jax.devices()) < gpus:
-        raise SystemExit(f"--gpus asks for {gpus} devices; this machine has {len(jax.devices())}")
     mesh = jax.make_mesh((gpus,), ("sequence",), axis_types=(AxisType.Auto,), devices=jax.devices()[:gpus])
     replicated = NamedSharding(mesh, PartitionSpec())
     dtype = "float32" if args.dry_run else "bfloat16"
@@ -97,13 +104,69 @@ def worker(gpus: int, shapes: list[str], args) -> None:
             compile_s = time.perf_counter() - start
             times, output = timed(lambda: compiled(*inputs), args.iters, args.warmup)
         output = np.asarray(jax.device_get(output), np.float32)
-        np.save(Path(args.save_dir) / f"{shape}-{gpus}.npy", output)
+        np.save(Path(args.save_dir) / f"{shape}-forward-{gpus}.npy", output)
         tokens = frames * (height // 2) * (width // 2)
-        row = dict(shape=shape, gpus=gpus, tokens=tokens, dtype=dtype, device=jax.devices()[0].device_kind,
+        row = dict(shape=shape, mode="forward", gpus=gpus, tokens=tokens, dtype=dtype,
+                   device=jax.devices()[0].device_kind,
                    jax=jax.__version__, init_s=round(init_s, 1), compile_s=round(compile_s, 1), times_s=times,
                    peak_gib_per_gpu=peak_memory(mesh.devices.flat), radial=radial_setting(plan, frames, height, width))
         if gpus > 1:
             row.update(all_to_all(mesh, tokens, config, dtype, args))
+        print(RESULT_PREFIX + json.dumps(row), flush=True)
+
+
+def train_worker(gpus: int, shapes: list[str], args) -> None:
+    """One LoRA training step of every shape on `gpus` devices: train/step.py's TrainStep (remat,
+    LoRA rank 32 on self-attention, AdamW) on a sequence=gpus mesh, the base weights sharded over
+    it as the training shards them. The "output" compared is the LoRA's change over all steps,
+    and each step's gradient norm."""
+    import dataclasses
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from train_step import LORA_RANK, random_lora_model  # benchmarks/train_step.py: the training's own setup
+    from models.wan import PRESETS
+    from train.config import OptimSection
+    from train.lora import LoraConfig
+    from train.objective import FlowMatching
+    from train.step import TrainStep, make_mesh, make_optimizer
+
+    dtype = "float32" if args.dry_run else "bfloat16"
+    plan = radial_plan(args)
+    for shape in shapes:
+        preset, frames, height, width = SHAPES[shape]
+        config = dataclasses.replace(PRESETS[preset], param_dtype=dtype, dtype=dtype)
+        graphdef, lora, base = random_lora_model(config, LoraConfig(rank=LORA_RANK, alpha=float(LORA_RANK)))
+        tx, _ = make_optimizer(OptimSection(learning_rate=1e-4, warmup_steps=0), steps=100)
+        mesh = make_mesh(f"sequence={gpus}", jax.devices()[:gpus])
+        step = TrainStep(graphdef, tx, mesh, plan, FlowMatching(shift=5.0), remat=True)
+        lora, base, opt_state = step.place(lora, base, tx.init(lora))
+        keys = jax.random.split(jax.random.key(1), 2)
+        batch = {"latents": jax.random.normal(keys[0], (1, 1, frames, height, width, config.in_dim), jnp.float32),
+                 "context": jax.random.normal(keys[1], (1, 1, config.text_len, config.text_dim), jnp.float32)}
+        batch = jax.device_put(batch, step.batch_sharding(1))
+        start = time.perf_counter()
+        compiled = step.lower(lora, opt_state, base, batch, jax.random.key(0)).compile()
+        compile_s = time.perf_counter() - start
+        def flat(tree):
+            return np.concatenate([np.asarray(x, np.float64).ravel() for x in jax.tree.leaves(tree)])
+
+        initial = flat(lora)
+        state, times, losses, grad_norms = [lora, opt_state], [], [], []
+        for i in range(args.warmup + args.iters):
+            begin = time.perf_counter()
+            state[0], state[1], metrics = compiled(state[0], state[1], base, batch, jax.random.key(i))
+            losses.append(float(metrics["loss"]))  # waits for the step
+            grad_norms.append(float(metrics["grad_norm"]))
+            if i >= args.warmup:
+                times.append(time.perf_counter() - begin)
+        # What training changed (the LoRA's own random init would swamp it in a comparison).
+        np.save(Path(args.save_dir) / f"{shape}-train-{gpus}.npy", flat(state[0]) - initial)
+        row = dict(shape=shape, mode="train", gpus=gpus, tokens=frames * (height // 2) * (width // 2), dtype=dtype,
+                   device=jax.devices()[0].device_kind, jax=jax.__version__, compile_s=round(compile_s, 1),
+                   times_s=times, losses=losses, grad_norms=grad_norms, peak_gib_per_gpu=peak_memory(mesh.devices.flat),
+                   radial=radial_setting(plan, frames, height, width))
         print(RESULT_PREFIX + json.dumps(row), flush=True)
 
 
@@ -193,10 +256,12 @@ def run_gpus(gpus: int, shapes: list[str], args) -> list[dict]:
            "--iters", str(args.iters), "--warmup", str(args.warmup), "--radial-impl", args.radial_impl,
            "--save-dir", args.save_dir]
     cmd += ["--dry-run"] if args.dry_run else []
+    cmd += ["--train"] if args.train else []
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")  # never NVLink multicast (the children inherit it)
     rows, failure = run_child_rows(cmd, timeout=args.timeout, dry_run=args.dry_run, key="shape")
     done = {row["shape"] for row in rows}
-    return rows + [dict(shape=s, gpus=gpus, error=failure or "no result") for s in shapes if s not in done]
+    mode = "train" if args.train else "forward"
+    return rows + [dict(shape=s, mode=mode, gpus=gpus, error=failure or "no result") for s in shapes if s not in done]
 
 
 def check_outputs(rows: list[dict], save_dir: Path) -> None:
@@ -212,30 +277,37 @@ def check_outputs(rows: list[dict], save_dir: Path) -> None:
         if "times_s" in row:
             row["s_per_step"] = statistics.median(row["times_s"])
     for row in rows:
-        one = next((r for r in rows if r["shape"] == row["shape"] and r["gpus"] == 1 and "s_per_step" in r), None)
+        one = next((r for r in rows if (r["shape"], r["mode"], r["gpus"]) == (row["shape"], row["mode"], 1)
+                    and "s_per_step" in r), None)  # fmt: skip
         if one is None or "s_per_step" not in row or row["gpus"] == 1:
             continue
         row["efficiency"] = one["s_per_step"] / (row["gpus"] * row["s_per_step"])
-        ours = np.load(save_dir / f"{row['shape']}-{row['gpus']}.npy").astype(np.float64)
-        base = np.load(save_dir / f"{row['shape']}-1.npy").astype(np.float64)
+        ours = np.load(save_dir / f"{row['shape']}-{row['mode']}-{row['gpus']}.npy").astype(np.float64)
+        base = np.load(save_dir / f"{row['shape']}-{row['mode']}-1.npy").astype(np.float64)
         row["output_max_abs_diff"] = float(np.abs(ours - base).max())
         row["output_rel_l2"] = float(np.linalg.norm(ours - base) / np.linalg.norm(base))
         row["output_bitwise_equal"] = bool(np.array_equal(ours, base))
-        row["output_matches_1_gpu"] = row["output_rel_l2"] <= OUTPUT_TOLERANCE[row["dtype"]]
+        tolerance = OUTPUT_TOLERANCE[row["dtype"]]
+        row["output_matches_1_gpu"] = row["output_rel_l2"] <= tolerance
+        if row["mode"] == "train":  # a gradient summed once too often shows in its norm, not in AdamW's update
+            row["grad_norm_max_rel_diff"] = max(abs(a - b) / b for a, b in zip(row["grad_norms"], one["grad_norms"]))
+            row["output_matches_1_gpu"] &= row["grad_norm_max_rel_diff"] <= tolerance
 
 
 def print_table(rows: list[dict]) -> None:
-    print(f"{'shape':15} {'gpus':>4} {'s/step':>8} {'eff':>6} {'peak GiB/GPU':>13} {'a2a ms':>7} {'rel L2 vs 1':>12}")
+    widths = (15, 7, 4, 8, 6, 13, 7, 12)
+    header = ("shape", "mode", "gpus", "s/step", "eff", "peak GiB/GPU", "a2a ms", "rel L2 vs 1")
+    print(" ".join(f"{h:>{w}}" for h, w in zip(header, widths)))
     for r in rows:
         if "error" in r:
-            print(f"{r['shape']:15} {r['gpus']:>4}  error: {r['error'][:200]}")
+            print(f"{r['shape']:>15} {r['mode']:>7} {r['gpus']:>4}  error: {r['error'][:200]}")
             continue
         peak = max((p for p in r["peak_gib_per_gpu"] if p is not None), default=None)
-        cells = [f"{r['s_per_step']:.3f}", f"{r['efficiency']:.1%}" if "efficiency" in r else "-",
-                 f"{peak:.1f}" if peak is not None else "-",
+        cells = [r["shape"], r["mode"], str(r["gpus"]), f"{r['s_per_step']:.3f}",
+                 f"{r['efficiency']:.1%}" if "efficiency" in r else "-", f"{peak:.1f}" if peak is not None else "-",
                  f"{r['all_to_all_qkv_ms']:.2f}" if "all_to_all_qkv_ms" in r else "-",
                  f"{r['output_rel_l2']:.1e}" if "output_rel_l2" in r else "-"]
-        print(f"{r['shape']:15} {r['gpus']:>4} {cells[0]:>8} {cells[1]:>6} {cells[2]:>13} {cells[3]:>7} {cells[4]:>12}")
+        print(" ".join(f"{c:>{w}}" for c, w in zip(cells, widths)))
 
 
 def write_results(rows: list[dict], out: Path, old: dict | None) -> None:
@@ -246,8 +318,11 @@ def write_results(rows: list[dict], out: Path, old: dict | None) -> None:
                   rows=rows)
     if old is not None:
         if old.get("device") == device:
-            new = {(r["shape"], r["gpus"]) for r in rows}
-            record["rows"] = [r for r in old.get("rows", []) if (r["shape"], r["gpus"]) not in new] + rows
+            def case(row):
+                return row["shape"], row.get("mode", "forward"), row["gpus"]
+
+            new = {case(r) for r in rows}
+            record["rows"] = [r for r in old.get("rows", []) if case(r) not in new] + rows
             record["command"] = [*([old["command"]] if isinstance(old["command"], str) else old["command"]),
                                  record["command"]]
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -258,13 +333,16 @@ def write_results(rows: list[dict], out: Path, old: dict | None) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--gpus", help=f"comma list of GPU counts, 1 first (default 1,2; --dry-run {DRY_RUN_GPUS})")
-    parser.add_argument("--shapes", default="14b-720p-81f,14b-720p-161f", help=f"comma list of {list(SHAPES)}")
+    parser.add_argument("--shapes", help=f"comma list of {list(SHAPES)} (default 14b-720p-81f,14b-720p-161f; "
+                                          "--train 14b-720p-81f)")
     parser.add_argument("--iters", type=int, default=2, help="timed steps (median reported; default %(default)s)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps after compiling (default %(default)s)")
     parser.add_argument("--radial-impl", default="pallas", help="radial_attention implementation (default %(default)s)")
     parser.add_argument("--timeout", type=int, default=900, help="seconds per worker process (default %(default)s)")
     parser.add_argument("--out", help="JSON path (default benchmarks/results/multi-gpu-<device>.json; --dry-run: none)")
     parser.add_argument("--dry-run", action="store_true", help="tiny f32 model on fake CPU devices (up to 8)")
+    parser.add_argument("--train", action="store_true",
+                        help="time a LoRA training step (train/step.py) instead of the forward step")
     parser.add_argument("--worker", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--save-dir", help=argparse.SUPPRESS)
     return parser
@@ -272,7 +350,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    shapes = ["tiny"] if args.dry_run else args.shapes.split(",")
+    default_shapes = "14b-720p-81f" if args.train else "14b-720p-81f,14b-720p-161f"
+    shapes = ["tiny"] if args.dry_run else (args.shapes or default_shapes).split(",")
     if args.worker:
         if str(REPO) not in sys.path:
             sys.path.insert(0, str(REPO))
