@@ -24,7 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-from workers import REPO, RESULT_PREFIX, device_tag, run_child
+from workers import REPO, RESULT_PREFIX, WEIGHT_STD, device_tag, random_state, run_child
 
 GIB = 1 << 30
 # Literal sizes so the torch worker needs neither flax nor our package; the JAX worker checks
@@ -40,7 +40,6 @@ MODELS = {  # preset: dim, ffn_dim, heads, layers, in/out channels, text_dim, te
     "tiny": dict(dim=64, ffn_dim=128, num_heads=4, num_layers=2, in_dim=4, out_dim=4, text_dim=32, text_len=32),
 }
 IMPLS = ("ours-dense", "ours-radial", "diffusers")
-WEIGHT_STD = 0.02  # random weights: scale of a trained Wan's linears, keeps activations finite
 TIMESTEP = 500.0
 
 
@@ -79,7 +78,7 @@ def jax_worker(shape: str, impl: str, args) -> dict:
         radial_impl = "reference" if args.dry_run else args.radial_impl
         plan = RadialPlan(decay_factor=1.0, dense_layers=1, implementation=radial_impl)
     config = dataclasses.replace(config, param_dtype="bfloat16", dtype="bfloat16")
-    graphdef, state = random_state(config)
+    graphdef, state = random_wan(config)
     keys = jax.random.split(jax.random.key(1), 2)
     latents = jax.random.normal(keys[0], (1, frames, height, width, config.in_dim), jnp.bfloat16)
     context = jax.random.normal(keys[1], (1, config.text_len, config.text_dim), jnp.bfloat16)
@@ -103,26 +102,14 @@ def jax_worker(shape: str, impl: str, args) -> dict:
     return dict(row, times_s=times)
 
 
-def random_state(config):
+def random_wan(config):
     """Returns (graphdef, state) with random bf16/f32 parameters created on the default device."""
-    import jax
-    import jax.numpy as jnp
     from flax import nnx
 
     from models.wan import WanModel
 
     graphdef, abstract = nnx.split(nnx.eval_shape(lambda: WanModel(config, rngs=nnx.Rngs(0))))
-    leaves = []
-    for i, (path, var) in enumerate(nnx.to_flat_state(abstract)):
-        shape, dtype = var.get_value().shape, var.get_value().dtype
-        if path[-1] == "scale":
-            value = jnp.ones(shape, dtype)
-        elif path[-1] == "bias":
-            value = jnp.zeros(shape, dtype)
-        else:
-            value = (jax.random.normal(jax.random.key(i), shape, jnp.float32) * WEIGHT_STD).astype(dtype)
-        leaves.append((path, var.replace(value)))
-    return graphdef, nnx.from_flat_state(leaves)
+    return graphdef, random_state(abstract, seed=0)
 
 
 # ---------------------------------------------------------------- diffusers (torch)

@@ -39,7 +39,7 @@ import sys
 import time
 from pathlib import Path
 
-from workers import REPO, RESULT_PREFIX, device_tag, run_child_rows
+from workers import REPO, RESULT_PREFIX, device_tag, random_state, run_child_rows
 
 GIB = 1 << 30
 NUM_STEPS = 50  # Wan2.1 T2V sampling steps: the extrapolation's
@@ -50,31 +50,15 @@ SHAPES = {  # (DiT preset, frames, height, width)
     "tiny": ("tiny", 17, 96, 160),  # --dry-run only
 }
 CONFIGS = {"dense": None, "radial-0.2": 0.2, "radial-1.0": 1.0}  # decay factor of the radial blocks
-WEIGHT_STD = 0.02  # random weights: a trained Wan's linear scale; keeps activations finite
 PROMPT = "Two anthropomorphic cats in comfy boxing gear and bright gloves fight intensely on a spotlighted stage."
 
 
 def random_module(build, seed: int):
-    """Returns build(rngs)'s module with random weights created on the default device, one leaf at
-    a time (norm scales 1, biases 0, others normal * WEIGHT_STD): no host copy of the weights."""
-    import jax
-    import jax.numpy as jnp
+    """Returns build(rngs)'s module with random weights created on the default device (workers.random_state)."""
     from flax import nnx
 
     graphdef, abstract = nnx.split(nnx.eval_shape(lambda: build(nnx.Rngs(0))))
-    leaves = []
-    for i, (path, var) in enumerate(nnx.to_flat_state(abstract)):
-        shape, dtype = var.get_value().shape, var.get_value().dtype
-        if path[-1] in ("scale", "gamma"):
-            value = jnp.ones(shape, dtype)
-        elif path[-1] == "bias":
-            value = jnp.zeros(shape, dtype)
-        else:
-            # rbg: XLA's RngBitGenerator compiles ~3x faster than threefry, one program per shape.
-            key = jax.random.key(seed * 100_003 + i, impl="rbg")
-            value = (jax.random.normal(key, shape, jnp.float32) * WEIGHT_STD).astype(dtype)
-        leaves.append((path, var.replace(value)))
-    return nnx.merge(graphdef, nnx.from_flat_state(leaves))
+    return nnx.merge(graphdef, random_state(abstract, seed))
 
 
 def dit_config(shape: str):

@@ -20,7 +20,6 @@ NCCL: NVLink multicast stays off (NCCL_NVLS_ENABLE=0 unless set otherwise).
 
 import argparse
 import datetime
-import functools
 import json
 import os
 import statistics
@@ -29,7 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from workers import REPO, RESULT_PREFIX, device_tag, run_child_rows
+from workers import REPO, RESULT_PREFIX, device_tag, random_state, run_child_rows
 
 GIB = 1 << 30
 SHAPES = {  # name: (preset, latent frames, latent height, latent width)
@@ -38,7 +37,6 @@ SHAPES = {  # name: (preset, latent frames, latent height, latent width)
     "14b-720p-321f": ("t2v-14B", 81, 90, 160),  # 291,600 tokens (4+ GPUs)
     "tiny": ("tiny", 5, 6, 10),  # --dry-run: 75 tokens, ragged against 2, 4 and 8 devices
 }
-WEIGHT_STD = 0.02  # random weights: scale of a trained Wan's linears, keeps activations finite
 TIMESTEP = 500.0
 OUTPUT_TOLERANCE = {"bfloat16": 2e-2, "float32": 1e-5}  # relative L2, P GPUs vs 1 (see check_outputs)
 DRY_RUN_GPUS = "1,2,4,8"
@@ -184,8 +182,6 @@ def random_model(preset: str, dtype: str, sharding):
     devices of `sharding` (norm scales 1, biases 0)."""
     import dataclasses
 
-    import jax
-    import jax.numpy as jnp
     from flax import nnx
 
     from models.wan import PRESETS, WanModel
@@ -193,21 +189,7 @@ def random_model(preset: str, dtype: str, sharding):
     config = dataclasses.replace(PRESETS[preset], param_dtype=dtype, dtype=dtype)
     graphdef, abstract = nnx.split(nnx.eval_shape(lambda: WanModel(config, rngs=nnx.Rngs(0))))
 
-    flat = nnx.to_flat_state(abstract)
-
-    @functools.partial(jax.jit, out_shardings=sharding)  # one program draws every leaf on the devices
-    def draw():
-        values = []
-        for i, (path, var) in enumerate(flat):
-            shape, dtype = var.get_value().shape, var.get_value().dtype
-            if path[-1] in ("scale", "bias"):
-                values.append(jnp.full(shape, 1 if path[-1] == "scale" else 0, dtype))
-            else:
-                values.append((jax.random.normal(jax.random.key(i), shape, jnp.float32) * WEIGHT_STD).astype(dtype))
-        return values
-
-    leaves = [(path, var.replace(value)) for (path, var), value in zip(flat, draw())]
-    return config, graphdef, nnx.from_flat_state(leaves)
+    return config, graphdef, random_state(abstract, seed=0, sharding=sharding)
 
 
 def radial_setting(plan, frames: int, height: int, width: int) -> dict:

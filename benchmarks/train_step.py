@@ -23,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-from workers import REPO, RESULT_PREFIX, device_tag, run_child
+from workers import REPO, RESULT_PREFIX, device_tag, random_state, run_child
 
 GIB = 1 << 30
 SHAPES = {  # preset, latent frames, height, width, dense_layers of the radial plan
@@ -34,7 +34,6 @@ SHAPES = {  # preset, latent frames, height, width, dense_layers of the radial p
 }
 IMPLS = ("radial", "dense")
 LORA_RANK = 32
-WEIGHT_STD = 0.02  # random weights: scale of a trained Wan's linears, keeps activations finite
 
 
 def worker(shape: str, impl: str, args) -> dict:
@@ -96,9 +95,7 @@ def worker(shape: str, impl: str, args) -> dict:
 
 def random_lora_model(config, lora_config):
     """Returns (graphdef, LoRA state, base state): random parameters created on the default device
-    by one jitted program per leaf (the 14B never exists on the host)."""
-    import jax
-    import jax.numpy as jnp
+    by one jitted program per leaf shape (the 14B never exists on the host)."""
     from flax import nnx
 
     from models.wan import WanModel
@@ -107,21 +104,7 @@ def random_lora_model(config, lora_config):
 
     abstract = nnx.eval_shape(lambda: apply_lora(WanModel(config, rngs=nnx.Rngs(0)), lora_config, rngs=nnx.Rngs(1)))
     graphdef, lora, base = split_model(abstract)
-
-    def fill(state, seed):
-        leaves = []
-        for i, (path, var) in enumerate(nnx.to_flat_state(state)):
-            shape, dtype = var.get_value().shape, var.get_value().dtype
-            if path[-1] == "scale":
-                value = jnp.ones(shape, dtype)
-            elif path[-1] == "bias":
-                value = jnp.zeros(shape, dtype)
-            else:
-                value = (jax.random.normal(jax.random.key(seed + i), shape, jnp.float32) * WEIGHT_STD).astype(dtype)
-            leaves.append((path, var.replace(value)))
-        return nnx.from_flat_state(leaves)
-
-    return graphdef, fill(lora, 100_000), fill(base, 0)
+    return graphdef, random_state(lora, seed=1), random_state(base, seed=0)
 
 
 def summarise(rows: list[dict]) -> list[dict]:
