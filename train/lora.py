@@ -25,6 +25,7 @@ from jaxtyping import Array, Float
 
 from convert import wan_diffusers, wan_original
 from convert.transforms import transpose_linear
+from radial_jax.sharding import logical_axes
 
 F32 = jnp.float32
 SELF_ATTENTION = ("blocks.*.self_attn.q", "blocks.*.self_attn.k", "blocks.*.self_attn.v", "blocks.*.self_attn.o")
@@ -74,8 +75,12 @@ class LoRALinear(nnx.Linear):
                 setattr(self, name, value)
         self.scale = float(scale)
         init_a = nnx.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")  # +-1/sqrt(in), as PEFT
-        self.lora_a = nnx.LoRAParam(init_a(rngs.params(), (base.in_features, rank), F32))
-        self.lora_b = nnx.LoRAParam(jnp.zeros((rank, base.out_features), F32))
+        # The factors carry the kernel's logical names on their outer axes (radial_jax/sharding.py).
+        axes_in, axes_out = logical_axes(base.kernel) or (None, None)
+        self.lora_a = nnx.LoRAParam(init_a(rngs.params(), (base.in_features, rank), F32), out_sharding=(axes_in, None),
+                                    eager_sharding=False)  # fmt: skip
+        self.lora_b = nnx.LoRAParam(jnp.zeros((rank, base.out_features), F32), out_sharding=(None, axes_out),
+                                    eager_sharding=False)  # fmt: skip
 
     def __call__(self, x: Float[Array, "*B I"], out_sharding=None) -> Float[Array, "*B O"]:
         y = super().__call__(x, out_sharding=out_sharding)

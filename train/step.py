@@ -9,9 +9,10 @@
 
 The step takes `accumulate` micro-batches ([A, B, ...] arrays) one after another, averages
 their LoRA gradients, clips and applies AdamW once: one compiled program per optimizer step. Only the LoRA leaves are differentiated; the base weights enter as
-a frozen input. Every array (base weights, LoRA factors, Adam moments) is sharded by one rule,
-`fsdp_spec`: its largest axis divisible by the fsdp x sequence devices is split over them (small
-arrays stay replicated); batches are split over (data, fsdp) when the batch divides, else over
+a frozen input. The base weights are sharded by their logical axis names through the model's
+rules table (radial_jax/sharding.py; `embed` over fsdp x sequence, heads/mlp over tensor); the
+LoRA factors and Adam moments by `fsdp_spec`, their largest axis divisible by the fsdp x sequence
+devices split over them (small arrays replicated); batches are split over (data, fsdp) when the batch divides, else over
 data. With a sequence axis the step runs under jax.set_mesh, so the model splits each sample's
 tokens over it (sequence-parallel attention, radial_jax/parallel.py).
 """
@@ -24,16 +25,17 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
-from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from jaxtyping import Array, Float
 
+from radial_jax import sharding
 from radial_jax.plan import RadialPlan
 from train.config import OptimSection
 from train.objective import FlowMatching, flow_matching_loss
 
-MESH_AXES = ("data", "fsdp", "sequence")
+MESH_AXES = sharding.MESH_AXES  # data, fsdp, sequence, tensor
 WEIGHT_AXES = ("fsdp", "sequence")  # mesh axes that shard weights and optimizer state (ZeRO-3 style)
+WEIGHT_RULES = tuple((name, WEIGHT_AXES) if name == "embed" else (name, axes) for name, axes in sharding.RULES)
 MIN_SHARDED_SIZE = 1 << 14  # elements; smaller arrays are replicated (sharding them only adds collectives)
 
 
@@ -62,11 +64,10 @@ def parse_mesh(spec: str, num_devices: int) -> dict[str, int]:
 
 
 def make_mesh(spec: str = "", devices=None) -> Mesh:
-    """Returns a Mesh over MESH_AXES (all devices of all processes by default)."""
+    """Returns a Mesh over MESH_AXES using every one of `devices` (default: all devices of all
+    processes), built by radial_jax.sharding.make_mesh; an empty spec puts them all on fsdp."""
     devices = jax.devices() if devices is None else list(devices)
-    sizes = parse_mesh(spec, len(devices))
-    shape = tuple(sizes[a] for a in MESH_AXES)
-    return Mesh(mesh_utils.create_device_mesh(shape, devices), MESH_AXES)
+    return sharding.make_mesh(parse_mesh(spec, len(devices)), devices)
 
 
 def fsdp_spec(shape: tuple[int, ...], axes: dict[str, int]) -> P:
@@ -85,6 +86,13 @@ def fsdp_spec(shape: tuple[int, ...], axes: dict[str, int]) -> P:
             spec[candidates[0]] = names if len(names) > 1 else names[0]
             return P(*spec)
     return P()
+
+
+def base_shardings(base: nnx.State, mesh: Mesh):
+    """Returns the shardings of the frozen base weights from their logical axis names through the
+    model's rules table, with `embed` over fsdp x sequence (weights are not replicated over the
+    devices that split a sample's tokens)."""
+    return sharding.state_shardings(base, mesh, WEIGHT_RULES)
 
 
 def tree_shardings(tree, mesh: Mesh):
@@ -154,7 +162,7 @@ class TrainStep:
         (the step donates them, and the caller's model must keep its own)."""
         # jnp.copy first: device_put(may_alias=False) still aliases a replicated copy's first shard.
         copy = lambda tree: put_global(jax.tree.map(jnp.copy, tree), tree_shardings(tree, self.mesh))  # noqa: E731
-        return copy(lora), put_global(base, tree_shardings(base, self.mesh)), copy(opt_state)
+        return copy(lora), put_global(base, base_shardings(base, self.mesh)), copy(opt_state)
 
     def batch_sharding(self, batch_size: int) -> NamedSharding:
         """Sharding of a batch array [accumulate, batch, ...]."""
@@ -183,7 +191,7 @@ class TrainStep:
             batch_sh = jax.tree.map(lambda _: self.batch_sharding(batch_size), batch)
             self._programs[batch_size] = jax.jit(
                 self._step,
-                in_shardings=(lora_sh, opt_sh, tree_shardings(base, self.mesh), batch_sh, replicated),
+                in_shardings=(lora_sh, opt_sh, base_shardings(base, self.mesh), batch_sh, replicated),
                 out_shardings=(lora_sh, opt_sh, replicated),
                 donate_argnums=(0, 1),
             )
