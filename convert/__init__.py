@@ -4,17 +4,22 @@
     load_wan(dst, dtype="bf16")                  # -> models.wan.WanModel, ready to call
     load_pipeline(dst, dtype="bf16")             # -> models.wan.pipeline.Components (DiT, VAE, umT5, ...)
 
-One module per source format with a name table read top to bottom (wan_original.py,
-wan_diffusers.py, wan_vae.py, umt5.py, clip.py); wan22.py finds Wan2.2 A14B's two experts and
-their switch; io.py streams tensors; checkpoint.py and component.py write and read our format.
+One pipeline for every component (the DiT, VAE, umT5, CLIP): find it in the source folder,
+plan it against the abstract model by a name table (one module per source format, read top to
+bottom: wan_original.py, wan_diffusers.py, wan_vae.py, umt5.py, clip.py), write it
+(component.py), read its config and load it with a two-way key check (checkpoint.py); io.py
+streams tensors. wan22.py finds Wan2.2 A14B's two experts (each one more DiT
+component) and their switch.
 """
 
 from pathlib import Path
 
 from convert import clip, umt5, wan, wan22, wan_vae
-from convert.checkpoint import (TRANSFORMER_DIR, canonical_dtype, check_destination, load_wan, read_config,
-                                stale_partials, staged_directory)
+from convert.checkpoint import canonical_dtype, check_destination, stale_partials, staged_directory
+from convert.component import write_component
 from convert.io import CheckpointError
+from convert.wan import SUBFOLDER as TRANSFORMER_DIR
+from convert.wan import load_wan, read_config
 from models.t5 import Tokenizer
 from models.wan.pipeline import Components
 from radial_jax.plan import RadialPlan
@@ -34,13 +39,13 @@ def _find_tokenizer(src: Path):
 # returns None when its component is absent; only the DiT is looked for in a single file.
 # Wan2.2 A14B: transformer/ is the high-noise expert, transformer_2/ the low-noise one.
 COMPONENTS = (
-    (TRANSFORMER_DIR, wan22.find_high_noise_transformer, wan.plan_transformer, wan.write_transformer),
-    (wan22.LOW_NOISE_SUBFOLDER, wan22.find_low_noise_transformer, wan.plan_transformer, wan.write_transformer),
+    (TRANSFORMER_DIR, wan22.find_high_noise_transformer, wan.plan_transformer, write_component),
+    (wan22.LOW_NOISE_SUBFOLDER, wan22.find_low_noise_transformer, wan.plan_transformer, write_component),
     (wan22.SWITCH_FILE, wan22.find_expert_switch, wan22.plan_expert_switch, wan22.write_expert_switch),
-    (wan_vae.SUBFOLDER, wan_vae.find_vae, _plan_vae_float32, wan_vae.write_vae),
-    (umt5.SUBFOLDER, umt5.find_umt5, umt5.plan_umt5, umt5.write_umt5),
+    (wan_vae.SUBFOLDER, wan_vae.find_vae, _plan_vae_float32, write_component),
+    (umt5.SUBFOLDER, umt5.find_umt5, umt5.plan_umt5, write_component),
     (umt5.TOKENIZER_SUBFOLDER, _find_tokenizer, umt5.plan_tokenizer, umt5.write_tokenizer),
-    (clip.SUBFOLDER, clip.find_clip, clip.plan_clip, clip.write_clip),
+    (clip.SUBFOLDER, clip.find_clip, clip.plan_clip, write_component),
 )
 GENERATION_PARTS = (TRANSFORMER_DIR, wan_vae.SUBFOLDER, umt5.SUBFOLDER, umt5.TOKENIZER_SUBFOLDER)
 

@@ -1,10 +1,13 @@
-"""Our checkpoint format and its loader: `load_wan(dir, dtype=...) -> WanModel`.
+"""Our checkpoint format: write a component's config.json, read it back, load its tensors.
 
-A converted checkpoint is a folder with one subfolder per component (today `transformer/`):
-config.json ({"format", "version", "source", "config": WanConfig fields}), safetensors files
-of the flattened parameter tree ("blocks.0.self_attn.q.kernel", ...) and their .index.json.
-Folders are written under a temporary name beside the destination and renamed into place,
-so a failed conversion leaves nothing at the destination.
+A converted checkpoint is a folder with one subfolder per component (transformer/, vae/,
+text_encoder/, image_encoder/; tokenizer/ is copied files): config.json
+({"format": "radial-jax/<model>", "version", "source", "config": the model config's fields}),
+the flattened parameter tree ("blocks.0.self_attn.q.kernel", ...) in model.safetensors, or in
+model-0000i-of-0000n.safetensors files listed by model.safetensors.index.json. Every component
+loads through one function with a two-way key check (load_component). Folders are written
+under a temporary name beside the destination and renamed into place, so a failed conversion
+leaves nothing at the destination.
 """
 
 import contextlib
@@ -13,20 +16,19 @@ import json
 import os
 import secrets
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
-from convert.io import CheckpointError, TensorInfo, iter_tensor_infos, open_shards
-from models.wan import WanConfig, WanModel
+from convert.io import CheckpointError, iter_tensor_infos, open_shards, read_safetensors
 
-FORMAT = "radial-jax/wan-transformer"
+FORMAT_PREFIX = "radial-jax/"
 FORMAT_VERSION = 1
-TRANSFORMER_DIR = "transformer"
-INDEX_NAME = "model.safetensors.index.json"
+WEIGHTS_NAME = "model.safetensors"  # a component written from one source file
+INDEX_NAME = "model.safetensors.index.json"  # a component written from several
 DTYPE_ALIASES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "f32": "float32", "float32": "float32",
                  "fp32": "float32", "f16": "float16", "float16": "float16"}
 
@@ -36,20 +38,6 @@ def canonical_dtype(dtype: str) -> str:
     if dtype not in DTYPE_ALIASES:
         raise ValueError(f"dtype={dtype!r} must be one of {sorted(DTYPE_ALIASES)}")
     return DTYPE_ALIASES[dtype]
-
-
-def abstract_wan(config: WanConfig) -> tuple[nnx.GraphDef, dict[str, tuple[tuple, nnx.Variable]]]:
-    """Returns (graphdef, {"blocks.0.self_attn.q.kernel": (path, abstract variable)}) with no
-    parameter memory allocated (nnx.eval_shape)."""
-    model = nnx.eval_shape(lambda: WanModel(config, rngs=nnx.Rngs(0)))
-    graphdef, state = nnx.split(model)
-    flat = {".".join(map(str, path)): (path, var) for path, var in nnx.to_flat_state(state)}
-    return graphdef, flat
-
-
-def target_info(var: nnx.Variable) -> TensorInfo:
-    value = var.get_value()
-    return TensorInfo(tuple(value.shape), np.dtype(value.dtype))
 
 
 def mismatch_report(missing, unexpected, mismatched, *, what: str) -> str:
@@ -121,55 +109,73 @@ def staged_directory(dst: Path) -> Iterator[Path]:
         raise
 
 
-def write_component_metadata(folder: Path, config: WanConfig, weight_map: dict[str, str], source: dict) -> None:
-    meta = {"format": FORMAT, "version": FORMAT_VERSION, "source": source, "config": config.to_dict()}
-    (folder / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
-    (folder / INDEX_NAME).write_text(json.dumps({"metadata": {"format": FORMAT}, "weight_map": weight_map},
-                                                indent=2) + "\n")
+def write_metadata(folder: Path, model: str, config: Any, source: dict, weight_map: Mapping[str, str] | None = None,
+                   ) -> None:  # fmt: skip
+    """Writes folder/config.json for our `model` (its config dataclass's fields) and, given a
+    {parameter: file} weight_map over several files, folder/model.safetensors.index.json."""
+    meta = {"format": FORMAT_PREFIX + model, "version": FORMAT_VERSION, "source": source,
+            "config": dataclasses.asdict(config)}  # fmt: skip
+    (Path(folder) / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
+    if weight_map is not None:
+        index = {"metadata": {"format": FORMAT_PREFIX + model}, "weight_map": dict(weight_map)}
+        (Path(folder) / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
 
 
-def read_config(path: str | Path) -> tuple[Path, WanConfig]:
-    """Returns (transformer folder, WanConfig) of a converted checkpoint (its root or transformer/)."""
+def read_component_config(path: str | Path, model: str, subfolder: str) -> tuple[Path, dict]:
+    """Returns (component folder, config fields) of a converted `model` at `path` or path/subfolder."""
     folder = Path(path)
-    if (folder / TRANSFORMER_DIR / "config.json").is_file():
-        folder = folder / TRANSFORMER_DIR
+    if (folder / subfolder / "config.json").is_file():
+        folder = folder / subfolder
     try:
         meta = json.loads((folder / "config.json").read_text())
     except FileNotFoundError:
         raise CheckpointError(f"{path}: no config.json; is this a `radial-jax convert` output folder?") from None
     except json.JSONDecodeError as e:  # a truncated copy, or a file edited by hand
         raise CheckpointError(f"{folder}/config.json is not valid JSON ({e}); convert the checkpoint again") from None
-    if meta.get("format") != FORMAT:
-        raise CheckpointError(f"{folder}/config.json: format {meta.get('format')!r} is not {FORMAT!r}; convert the "
-                              "checkpoint first with `radial-jax convert --src ... --dst ...`")
+    if meta.get("format") != FORMAT_PREFIX + model:
+        raise CheckpointError(f"{folder}/config.json: format {meta.get('format')!r} is not {FORMAT_PREFIX + model!r}; "
+                              "convert the checkpoint first with `radial-jax convert --src ... --dst ...`")
     if meta.get("version", 0) > FORMAT_VERSION:
         raise CheckpointError(f"{folder}: written by a newer radial-jax (format version {meta['version']})")
-    return folder, WanConfig.from_dict(meta["config"])
+    fields = {k: tuple(v) if isinstance(v, list) else v for k, v in meta["config"].items()}
+    return folder, fields
 
 
-def load_wan(path: str | Path, *, dtype: str | None = None) -> WanModel:
-    """Returns a ready WanModel from a converted checkpoint folder.
-
-    dtype: param and compute dtype ("bf16", "f32"; default: as converted). The attention plan
-    is not part of the model: pass it at call time (`model(..., plan=plan)`).
-    Tensors stream from disk to the device one at a time.
-    """
-    folder, config = read_config(path)
-    if dtype is not None:
-        config = dataclasses.replace(config, param_dtype=canonical_dtype(dtype), dtype=canonical_dtype(dtype))
-    graphdef, flat = abstract_wan(config)
+def load_component(folder: Path, abstract: nnx.Module) -> nnx.Module:
+    """Returns `abstract` (an nnx.eval_shape'd module) filled from the folder's safetensors (its
+    index if there is one, else model.safetensors), cast to its dtypes, one tensor at a time onto
+    the default device. Raises CheckpointError listing missing and unexpected keys and every
+    shape mismatch."""
+    folder = Path(folder)
+    index = folder / INDEX_NAME
+    shards = open_shards([index]) if index.is_file() else [read_safetensors(folder / WEIGHTS_NAME)]
+    graphdef, state = nnx.split(abstract)
+    flat = {".".join(map(str, path)): (path, var) for path, var in nnx.to_flat_state(state)}
     loaded, unexpected, mismatched = {}, [], []
-    for name, info, shard in iter_tensor_infos(open_shards([folder / INDEX_NAME])):
+    for name, info, shard in iter_tensor_infos(shards):
         if name not in flat:
             unexpected.append(name)
             continue
-        path_parts, var = flat[name]
-        want = target_info(var)
-        if info.shape != want.shape:
-            mismatched.append((name, want.shape, info.shape))
+        path, var = flat[name]
+        want = var.get_value()
+        if info.shape != tuple(want.shape):
+            mismatched.append((name, tuple(want.shape), info.shape))
             continue
-        loaded[path_parts] = var.replace(jnp.asarray(shard.read(name)).astype(want.dtype))
-    missing = [name for name, (path_parts, _) in flat.items() if path_parts not in loaded]
+        loaded[path] = var.replace(jnp.asarray(shard.read(name)).astype(want.dtype))
+    missing = [name for name, (path, _) in flat.items() if path not in loaded]
     if missing or unexpected or mismatched:
         raise CheckpointError(mismatch_report(missing, unexpected, mismatched, what=str(folder)))
     return nnx.merge(graphdef, nnx.from_flat_state(loaded))
+
+
+def load_model(path: str | Path, module_cls: type, config_cls: type, *, model: str, subfolder: str,
+               dtype: str | None = None, dtype_fields: tuple[str, ...] = ("dtype",)) -> nnx.Module:  # fmt: skip
+    """Returns module_cls(config) with the weights converted into `path` (the component folder
+    or a root holding `subfolder`/); the config is config_cls.from_dict(fields) where the class
+    has one (it may drop stale fields), else config_cls(**fields). dtype: sets the config's
+    dtype_fields (default: as converted)."""
+    folder, fields = read_component_config(path, model, subfolder)
+    config = config_cls.from_dict(fields) if hasattr(config_cls, "from_dict") else config_cls(**fields)
+    if dtype is not None:
+        config = dataclasses.replace(config, **dict.fromkeys(dtype_fields, canonical_dtype(dtype)))
+    return load_component(folder, nnx.eval_shape(lambda: module_cls(config, rngs=nnx.Rngs(0))))

@@ -20,10 +20,10 @@ from pathlib import Path
 import numpy as np
 from flax import nnx
 
-from convert.checkpoint import canonical_dtype, staged_directory
-from convert.component import ComponentPlan, find_checkpoint, load_model, plan_component, write_component
+from convert.checkpoint import canonical_dtype, load_model
+from convert.component import ComponentPlan, convert_component, find_checkpoint, plan_component
 from convert.io import CheckpointError, iter_tensor_infos, open_shards
-from convert.transforms import Row, layer_norm, linear
+from convert.transforms import Row, expand_rows, layer_norm, linear
 from convert.wan_vae import conv2d
 from models.clip import CLIP_VIT_H_14, CLIPVisionConfig, CLIPVisionEncoder
 
@@ -105,12 +105,6 @@ LAYOUTS = {
 }  # fmt: skip
 
 
-def expand(table: Sequence[Row], num_layers: int, prefix: str) -> list[Row]:
-    """Returns the rows with the source prefix added and "{n}" expanded for every block we run."""
-    return [Row(prefix + r.source.format(n=n), r.target.format(n=n), r.transform)
-            for r in table for n in (range(num_layers) if "{n}" in r.source else (None,))]  # fmt: skip
-
-
 def config_from_transformers(config_json: dict) -> dict:
     """Returns the CLIPVisionConfig fields a transformers CLIPVisionConfig json states."""
     c = config_json.get("vision_config", config_json)
@@ -168,25 +162,14 @@ def plan_clip(files: Sequence[Path], config_path: Path | None, dtype: str) -> Co
     ignored += [n for n in shapes if not n.startswith(prefix)]  # the text tower, log_scale, visual_projection
     table = ORIGINAL_TABLE if layout == "original" else TRANSFORMERS_TABLE
     abstract = nnx.eval_shape(lambda: CLIPVisionEncoder(config, rngs=nnx.Rngs(0)))
-    return plan_component(MODEL, config, abstract, expand(table, config.num_layers - 1, prefix), shards,
+    return plan_component(MODEL, config, abstract, expand_rows(table, config.num_layers - 1, prefix=prefix), shards,
                           layout=layout, ignored=ignored)  # fmt: skip
-
-
-def write_clip(plan: ComponentPlan, folder: Path, *, progress: bool = True) -> None:
-    """Streams a planned CLIP image encoder into folder (model.safetensors + config.json)."""
-    write_component(plan, folder, progress=progress)
 
 
 def convert_clip(src, dst, dtype: str = "bfloat16", *, progress: bool = False) -> Path:
     """Converts the CLIP image encoder at `src` (see find_clip) into the new folder `dst`; returns dst."""
-    found = find_clip(Path(src))
-    if found is None:
-        raise CheckpointError(f"{src}: no CLIP image encoder found (looked for {ORIGINAL_FILE}, an "
-                              f"{SUBFOLDER}/ folder, a CLIP vision config.json)")  # fmt: skip
-    plan = plan_clip(*found, dtype)
-    with staged_directory(Path(dst)) as staging:
-        write_clip(plan, staging, progress=progress)
-    return Path(dst)
+    return convert_component(src, dst, find=find_clip, plan=plan_clip, dtype=dtype, progress=progress,
+                             looked_for=f"{ORIGINAL_FILE}, an {SUBFOLDER}/ folder, a CLIP vision config.json")
 
 
 def load_clip(path, *, dtype: str | None = None) -> CLIPVisionEncoder:

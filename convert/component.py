@@ -1,12 +1,12 @@
-"""One small model component (the VAE, the umT5 encoder) converted by a name table into our format.
+"""One component (the DiT, the VAE, the umT5 or CLIP encoder) converted by a name table into our format.
 
 `plan_component` checks a table of Rows (convert/transforms.py) against the source tensors
 (convert/io.py shards) and against the abstract module (nnx.eval_shape: no memory), raising
 one CheckpointError that lists every missing and unexpected name and every shape or dtype
 mismatch before anything is written. `write_component` then streams the tensors one at a time
-into folder/model.safetensors beside config.json ({"format", "version", "source", "config"}),
-and `load_component` reads them back into the module. The plan/write pair has the shape of
-convert/__init__.py's COMPONENTS entries.
+into the folder (convert/checkpoint.py's format), one output file per source file; each
+component's loader reads them back through checkpoint.load_model. `convert_component` runs
+find -> plan -> write for one component into a new folder.
 """
 
 import dataclasses
@@ -20,13 +20,11 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
-from convert.checkpoint import canonical_dtype, mismatch_report
-from convert.io import CheckpointError, SafetensorsWriter, Shard, TensorInfo, iter_tensor_infos, read_safetensors
-from convert.transforms import Row, transformed_shape
+from convert.checkpoint import FORMAT_PREFIX, WEIGHTS_NAME, mismatch_report, staged_directory, write_metadata
+from convert.io import CheckpointError, SafetensorsWriter, Shard, TensorInfo, iter_tensor_infos
+from convert.transforms import Row, source_shape, transformed_shape
 
-FORMAT_PREFIX = "radial-jax/"
-FORMAT_VERSION = 1
-WEIGHTS_NAME = "model.safetensors"
+Found = tuple[list[Path], Path | None]  # (checkpoint files, config.json or None)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,7 +76,9 @@ def plan_component(
         want = targets[row.target]
         got = transformed_shape(row.transform, info.shape)
         if got != want.shape or not _is_float(info.dtype):
-            mismatched.append((row.source, f"{want.shape} float (our {row.target})", f"{info.shape} {info.dtype}"))
+            expected = source_shape(row.transform, want.shape) or f"{want.shape} after {row.transform.__name__}"
+            mismatched.append((row.source, f"{expected} float (for our {row.target} {want.shape})",
+                               f"{info.shape} {info.dtype}"))  # fmt: skip
             continue
         entries.append(Entry(shard, row, want))
     if missing or unexpected or mismatched:
@@ -100,58 +100,27 @@ def _is_float(dtype: np.dtype) -> bool:
 
 
 def write_component(plan: ComponentPlan, folder: Path, *, progress: bool = True) -> None:
-    """Streams the planned tensors into folder/model.safetensors and writes folder/config.json."""
+    """Streams the planned tensors into `folder` and writes its config.json: one safetensors
+    file per source file (model.safetensors for one, else model-0000i-of-0000n.safetensors and
+    their index), so a 14B DiT converts in a few GB of RAM."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    specs = {e.row.target: e.info for e in plan.entries}
-    writer = SafetensorsWriter(folder / WEIGHTS_NAME, specs, metadata={"format": FORMAT_PREFIX + plan.model})
-    for e in tqdm(plan.entries, unit="tensor", disable=not progress, desc=plan.model):
-        writer.write(e.row.target, np.ascontiguousarray(e.row.transform(e.shard.read(e.row.source)), e.info.dtype))
-    writer.close()
-    meta = {"format": FORMAT_PREFIX + plan.model, "version": FORMAT_VERSION, "source": plan.source,
-            "config": dataclasses.asdict(plan.config)}  # fmt: skip
-    (folder / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
-
-
-def read_component_config(path: str | Path, model: str, subfolder: str) -> tuple[Path, dict]:
-    """Returns (component folder, config fields) of a converted `model` at `path` or path/subfolder."""
-    folder = Path(path)
-    if (folder / subfolder / "config.json").is_file():
-        folder = folder / subfolder
-    try:
-        meta = json.loads((folder / "config.json").read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: no config.json; is this a `radial-jax convert` output folder?") from None
-    if meta.get("format") != FORMAT_PREFIX + model:
-        raise CheckpointError(f"{folder}/config.json: format {meta.get('format')!r} is not "
-                              f"{FORMAT_PREFIX + model!r}; convert the checkpoint first")  # fmt: skip
-    if meta.get("version", 0) > FORMAT_VERSION:
-        raise CheckpointError(f"{folder}: written by a newer radial-jax (format version {meta['version']})")
-    fields = {k: tuple(v) if isinstance(v, list) else v for k, v in meta["config"].items()}
-    return folder, fields
-
-
-def load_component(folder: Path, abstract: nnx.Module) -> nnx.Module:
-    """Returns `abstract` (an nnx.eval_shape'd module) filled from folder/model.safetensors,
-    cast to its dtypes, one tensor at a time onto the default device."""
-    shard = read_safetensors(Path(folder) / WEIGHTS_NAME)
-    graphdef, state = nnx.split(abstract)
-    flat = {".".join(map(str, path)): (path, var) for path, var in nnx.to_flat_state(state)}
-    loaded, unexpected, mismatched = {}, [], []
-    for name, info in shard.tensors.items():
-        if name not in flat:
-            unexpected.append(name)
-            continue
-        path, var = flat[name]
-        want = var.get_value()
-        if info.shape != tuple(want.shape):
-            mismatched.append((name, tuple(want.shape), info.shape))
-            continue
-        loaded[path] = var.replace(jnp.asarray(shard.read(name)).astype(want.dtype))
-    missing = [name for name, (path, _) in flat.items() if path not in loaded]
-    if missing or unexpected or mismatched:
-        raise CheckpointError(mismatch_report(missing, unexpected, mismatched, what=str(folder)))
-    return nnx.merge(graphdef, nnx.from_flat_state(loaded))
+    per_source: dict[Path, list[Entry]] = {}
+    for entry in plan.entries:
+        per_source.setdefault(entry.shard.path, []).append(entry)
+    weight_map = {}
+    with tqdm(total=len(plan.entries), unit="tensor", disable=not progress, desc=folder.name) as bar:
+        for i, entries in enumerate(per_source.values(), start=1):
+            name = WEIGHTS_NAME if len(per_source) == 1 else f"model-{i:05d}-of-{len(per_source):05d}.safetensors"
+            bar.set_postfix_str(f"{entries[0].shard.path.name} -> {name}")
+            writer = SafetensorsWriter(folder / name, {e.row.target: e.info for e in entries},
+                                       metadata={"format": FORMAT_PREFIX + plan.model})  # fmt: skip
+            for e in entries:
+                writer.write(e.row.target, np.ascontiguousarray(e.row.transform(e.shard.read(e.row.source)), e.info.dtype))
+                weight_map[e.row.target] = name
+                bar.update(1)
+            writer.close()
+    write_metadata(folder, plan.model, plan.config, plan.source, weight_map if len(per_source) > 1 else None)
 
 
 def find_checkpoint(
@@ -185,13 +154,18 @@ def find_checkpoint(
     return None
 
 
-def load_model(path: str | Path, module_cls: type, config_cls: type, *, model: str, subfolder: str,
-               dtype: str | None = None) -> nnx.Module:
-    """Returns module_cls(config) with the weights converted into `path` (the component folder or
-    a root holding `subfolder`/); dtype: param and compute dtype, default as converted."""
-    folder, fields = read_component_config(path, model, subfolder)
-    config = config_cls(**fields)
-    if dtype is not None:
-        config = dataclasses.replace(config, dtype=canonical_dtype(dtype))
-    abstract = nnx.eval_shape(lambda: module_cls(config, rngs=nnx.Rngs(0)))
-    return load_component(folder, abstract)
+def convert_component(src: str | Path, dst: str | Path, *, find: Callable[[Path], Found | None],
+                      plan: Callable[[Sequence[Path], Path | None, str], ComponentPlan], dtype: str, looked_for: str,
+                      progress: bool = False) -> Path:  # fmt: skip
+    """Converts the component `find` locates in `src` into the new folder `dst`; returns dst.
+
+    plan(files, config_path, dtype) checks every name and shape before anything is written;
+    dst appears only when complete. looked_for: what `find` looks for, for the error.
+    """
+    found = find(Path(src))
+    if found is None:
+        raise CheckpointError(f"{src}: nothing to convert found (looked for {looked_for})")
+    component = plan(*found, dtype)
+    with staged_directory(Path(dst)) as staging:
+        write_component(component, staging, progress=progress)
+    return Path(dst)

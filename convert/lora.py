@@ -35,10 +35,9 @@ import numpy as np
 from flax import nnx
 
 from convert import wan_diffusers, wan_original
-from convert.checkpoint import abstract_wan
 from convert.io import CheckpointError, read_safetensors
-from convert.transforms import Row, transpose_linear
-from convert.wan import expand_rows
+from convert.transforms import Row, expand_rows, transpose_linear
+from convert.wan import abstract_wan
 from models.wan import WanConfig, WanModel
 
 # Where trainers and exporters put the DiT's modules; matched exactly after one of these.
@@ -122,7 +121,7 @@ def _module_index(config: WanConfig) -> tuple[dict[str, tuple[Row, Row | None]],
     shapes = {target: tuple(var.get_value().shape) for target, (_, var) in flat.items()}
     index = {}
     for layout in (wan_original, wan_diffusers):
-        rows = expand_rows(layout.TABLE, config.num_layers, flat)
+        rows = {row.source: row for row in expand_rows(layout.TABLE, config.num_layers, targets=flat)}
         for source, row in rows.items():
             if source.endswith(".weight"):
                 module = source[: -len(".weight")]

@@ -6,7 +6,7 @@ into its rows, so a table reads as a list of modules top to bottom.
 """
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Container, Sequence
 
 import numpy as np
 
@@ -55,6 +55,19 @@ class Row:
     source: str
     target: str
     transform: Callable[[np.ndarray], np.ndarray] = identity
+
+
+def expand_rows(table: Sequence[Row], num_layers: int, *, prefix: str = "",
+                targets: Container[str] | None = None) -> list[Row]:  # fmt: skip
+    """Returns the table's rows with "{n}" expanded for blocks 0 .. num_layers - 1 and `prefix`
+    put before each source name; with `targets`, only the rows whose target is one of them."""
+    rows = []
+    for row in table:
+        for n in range(num_layers) if "{n}" in row.source else (None,):
+            concrete = Row(prefix + row.source.format(n=n), row.target.format(n=n), row.transform)
+            if targets is None or concrete.target in targets:
+                rows.append(concrete)
+    return rows
 
 
 def linear(source: str, target: str) -> tuple[Row, ...]:

@@ -18,10 +18,10 @@ from pathlib import Path
 
 from flax import nnx
 
-from convert.checkpoint import canonical_dtype, staged_directory
-from convert.component import ComponentPlan, find_checkpoint, load_model, plan_component, write_component
+from convert.checkpoint import canonical_dtype, load_model, staged_directory
+from convert.component import ComponentPlan, find_checkpoint, plan_component, write_component
 from convert.io import CheckpointError, iter_tensor_infos, open_shards
-from convert.transforms import Row, identity, transpose_linear
+from convert.transforms import Row, expand_rows, identity, transpose_linear
 from models.t5 import UMT5_XXL, UMT5Config, UMT5Encoder
 
 MODEL = "umt5-encoder"
@@ -77,12 +77,6 @@ PROBES = {
 LAYER_PATTERN = {"original": r"blocks\.(\d+)\.", "diffusers": r"encoder\.block\.(\d+)\."}
 
 
-def expand(table: Sequence[Row], num_layers: int) -> list[Row]:
-    """Returns the table's rows with "{n}" expanded for every layer."""
-    return [Row(r.source.format(n=n), r.target.format(n=n), r.transform)
-            for r in table for n in (range(num_layers) if "{n}" in r.source else (None,))]  # fmt: skip
-
-
 def config_fields_from_json(config_json: dict) -> dict:
     """Returns the UMT5Config fields a transformers UMT5 config.json states (umT5 gated-GELU only)."""
     c = config_json
@@ -129,13 +123,8 @@ def plan_umt5(files: Sequence[Path], config_path: Path | None, dtype: str) -> Co
         fields.update(config_fields_from_json(json.loads(Path(config_path).read_text())))
     config = dataclasses.replace(UMT5_XXL, **fields, dtype=canonical_dtype(dtype))
     abstract = nnx.eval_shape(lambda: UMT5Encoder(config, rngs=nnx.Rngs(0)))
-    return plan_component(MODEL, config, abstract, expand(table, config.num_layers), shards, layout=layout,
+    return plan_component(MODEL, config, abstract, expand_rows(table, config.num_layers), shards, layout=layout,
                           ignored=ignored)  # fmt: skip
-
-
-def write_umt5(plan: ComponentPlan, folder: Path, *, progress: bool = True) -> None:
-    """Streams a planned umT5 encoder into folder (model.safetensors + config.json)."""
-    write_component(plan, folder, progress=progress)
 
 
 def find_tokenizer(src: Path) -> tuple[Path] | None:
@@ -177,7 +166,7 @@ def convert_umt5(src, dst, dtype: str = "bfloat16", *, progress: bool = False) -
     plan = plan_umt5(*found, dtype)
     tokenizer = find_tokenizer(Path(src)) if Path(src).is_dir() else None
     with staged_directory(Path(dst)) as staging:
-        write_umt5(plan, staging, progress=progress)
+        write_component(plan, staging, progress=progress)
         if tokenizer is not None:
             write_tokenizer(plan_tokenizer(*tokenizer), staging / TOKENIZER_SUBFOLDER)
     return Path(dst)

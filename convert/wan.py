@@ -1,11 +1,12 @@
-"""Wan2.1 DiT conversion (also each expert of a Wan2.2 A14B, convert/wan22.py): find the checkpoint files, detect the layout, check every name and
-shape against the abstract model, then stream shard by shard into our format.
+"""The Wan2.1 DiT (also each expert of a Wan2.2 A14B, convert/wan22.py) as one component of the
+checkpoint pipeline (convert/component.py): find its files, detect the layout (wan_original.py /
+wan_diffusers.py tables), infer the config, plan against the abstract model; write and load as
+every component does.
 
 Everything is checked before anything is written; tensors are then read one at a time from
 the memory-mapped source, transformed, cast and streamed to an output file per source shard.
 """
 
-import dataclasses
 import json
 import math
 import re
@@ -14,39 +15,23 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-import numpy as np
-from tqdm.auto import tqdm
+from flax import nnx
 
 from convert import wan_diffusers, wan_original
-from convert.checkpoint import abstract_wan, mismatch_report, target_info, write_component_metadata
-from convert.io import CheckpointError, Shard, TensorInfo, SafetensorsWriter, iter_tensor_infos, open_shards
-from convert.transforms import Row, source_shape, transformed_shape
-from models.wan import WAN_T2V_1_3B, WAN_T2V_14B, WanConfig
+from convert.checkpoint import load_model, read_component_config
+from convert.component import ComponentPlan, plan_component
+from convert.io import CheckpointError, iter_tensor_infos, open_shards
+from convert.transforms import Row, expand_rows
+from models.wan import WAN_T2V_1_3B, WAN_T2V_14B, WanConfig, WanModel
+
+MODEL = "wan-transformer"
+SUBFOLDER = "transformer"  # in a converted checkpoint, and in a diffusers pipeline folder
 
 LAYOUTS = (wan_original, wan_diffusers)
 # Tensor shapes give the width but not how it splits into heads: the Wan2.1 sizes' head counts
 # (1.3B: 1536 = 12 x 128, 14B: 5120 = 40 x 128) fill in when no config.json says it.
 HEADS_BY_DIM = {WAN_T2V_1_3B.dim: WAN_T2V_1_3B.num_heads, WAN_T2V_14B.dim: WAN_T2V_14B.num_heads}
 NOT_DIT_PTH = re.compile(r"(^models_t5|^models_clip|vae)", re.IGNORECASE)  # other files of a Wan2.1 folder
-
-
-@dataclasses.dataclass(frozen=True)
-class Entry:
-    """One tensor to convert: where it is, where it goes, how."""
-
-    shard: Shard
-    source: str  # name in the file
-    target: str
-    transform: Any
-    info: TensorInfo  # the target's shape and dtype
-
-
-@dataclasses.dataclass(frozen=True)
-class Plan:
-    layout: str
-    config: WanConfig
-    entries: tuple[Entry, ...]
-    source: str
 
 
 def find_transformer(src: Path) -> tuple[list[Path], Path | None] | None:
@@ -61,8 +46,8 @@ def find_transformer(src: Path) -> tuple[list[Path], Path | None] | None:
         return [src], config if config.is_file() else None
     if not src.is_dir():
         raise CheckpointError(f"--src {src} does not exist")
-    if (src / "transformer").is_dir():
-        return find_transformer(src / "transformer")
+    if (src / SUBFOLDER).is_dir():
+        return find_transformer(src / SUBFOLDER)
     config = src / "config.json" if (src / "config.json").is_file() else None
     indexes = sorted(src.glob("*.safetensors.index.json"))
     if len(indexes) > 1:
@@ -133,67 +118,40 @@ def _heads_from_width(dim: int, has_config: bool) -> int:
                           "a config.json with num_attention_heads (diffusers layout) or num_heads (original layout)")
 
 
-def expand_rows(table: Sequence[Row], num_layers: int, targets: Mapping[str, Any]) -> dict[str, Row]:
-    """Returns {source name: row} with "{n}" expanded per block, for rows whose target exists."""
-    rows = {}
-    for row in table:
-        for n in range(num_layers) if "{n}" in row.source else (None,):
-            concrete = Row(row.source.format(n=n), row.target.format(n=n), row.transform)
-            if concrete.target in targets:
-                rows[concrete.source] = concrete
-    return rows
+def abstract_wan(config: WanConfig) -> tuple[nnx.GraphDef, dict[str, tuple[tuple, nnx.Variable]]]:
+    """Returns (graphdef, {"blocks.0.self_attn.q.kernel": (path, abstract variable)}) with no
+    parameter memory allocated (nnx.eval_shape)."""
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: WanModel(config, rngs=nnx.Rngs(0))))
+    return graphdef, {".".join(map(str, path)): (path, var) for path, var in nnx.to_flat_state(state)}
 
 
-def plan_transformer(files: Sequence[Path], config_path: Path | None, dtype: str) -> Plan:
+def plan_transformer(files: Sequence[Path], config_path: Path | None, dtype: str) -> ComponentPlan:
     """Returns the conversion plan, or raises CheckpointError listing every problem at once."""
     shards = open_shards(files)
-    found = {name: (info, shard) for name, info, shard in iter_tensor_infos(shards)}
+    found = {name: info for name, info, _ in iter_tensor_infos(shards)}
     layout, prefix = detect_layout(list(found))
-    by_name = {raw[len(prefix):]: raw for raw in found if raw.startswith(prefix)}
+    shapes = {raw[len(prefix):]: info.shape for raw, info in found.items() if raw.startswith(prefix)}
     config_json = json.loads(config_path.read_text()) if config_path else None
-    config = infer_config(layout, {name: found[raw][0].shape for name, raw in by_name.items()}, config_json, dtype)
-    _, flat = abstract_wan(config)
-    rows = expand_rows(layout.TABLE, config.num_layers, flat)
-    ignored = set(expand_rows([Row(n, n) for n in layout.IGNORED], config.num_layers, by_name))
-    unexpected = [raw for raw in found if not raw.startswith(prefix)]
-    unexpected += [name for name in by_name if name not in rows and name not in ignored]
-    missing = [target for target in flat if target not in {r.target for r in rows.values()}]
-    missing += [row.source for row in rows.values() if row.source not in by_name]
-    entries, mismatched = [], []
-    for name, row in rows.items():
-        if name not in by_name:
-            continue
-        info, shard = found[by_name[name]]
-        want = target_info(flat[row.target][1])
-        got = transformed_shape(row.transform, info.shape)
-        if got != want.shape or not np.issubdtype(info.dtype, np.floating):
-            expected = source_shape(row.transform, want.shape) or f"{want.shape} after {row.transform.__name__}"
-            mismatched.append((name, f"{expected} float (for our {row.target} {want.shape})", f"{info.shape} {info.dtype}"))
-            continue
-        entries.append(Entry(shard, by_name[name], row.target, row.transform, want))
-    if missing or unexpected or mismatched:
-        raise CheckpointError(mismatch_report(missing, unexpected, mismatched,
-                                              what=f"{layout.NAME} checkpoint {', '.join(map(str, files))}"))
-    return Plan(layout.NAME, config, tuple(entries), str(files[0]))
+    config = infer_config(layout, shapes, config_json, dtype)
+    abstract = nnx.eval_shape(lambda: WanModel(config, rngs=nnx.Rngs(0)))
+    _, targets = abstract_wan(config)
+    rows = expand_rows(layout.TABLE, config.num_layers, prefix=prefix, targets=targets)
+    ignored = [row.source for row in expand_rows([Row(n, n) for n in layout.IGNORED], config.num_layers, prefix=prefix)]
+    return plan_component(MODEL, config, abstract, rows, shards, layout=layout.NAME, ignored=ignored)
 
 
-def write_transformer(plan: Plan, folder: Path, *, progress: bool = True) -> None:
-    """Streams the planned tensors into `folder`: one safetensors file per source shard."""
-    folder.mkdir(parents=True)
-    per_shard: dict[Path, list[Entry]] = {}
-    for entry in plan.entries:
-        per_shard.setdefault(entry.shard.path, []).append(entry)
-    weight_map = {}
-    with tqdm(total=len(plan.entries), unit="tensor", disable=not progress, desc=folder.name) as bar:
-        for i, entries in enumerate(per_shard.values(), start=1):
-            file_name = f"model-{i:05d}-of-{len(per_shard):05d}.safetensors"
-            bar.set_postfix_str(f"{entries[0].shard.path.name} -> {file_name}")
-            writer = SafetensorsWriter(folder / file_name, {e.target: e.info for e in entries},
-                                       metadata={"format": "radial-jax"})
-            for e in entries:
-                converted = np.ascontiguousarray(e.transform(e.shard.read(e.source)), dtype=e.info.dtype)
-                writer.write(e.target, converted)
-                weight_map[e.target] = file_name
-                bar.update(1)
-            writer.close()
-    write_component_metadata(folder, plan.config, weight_map, {"layout": plan.layout, "path": plan.source})
+def read_config(path: str | Path) -> tuple[Path, WanConfig]:
+    """Returns (transformer folder, WanConfig) of a converted checkpoint (its root or transformer/)."""
+    folder, fields = read_component_config(path, MODEL, SUBFOLDER)
+    return folder, WanConfig.from_dict(fields)
+
+
+def load_wan(path: str | Path, *, dtype: str | None = None) -> WanModel:
+    """Returns a ready WanModel from a converted checkpoint folder (its root or transformer/).
+
+    dtype: param and compute dtype ("bf16", "f32"; default: as converted). The attention plan
+    is not part of the model: pass it at call time (`model(..., plan=plan)`). Tensors stream
+    from disk to the device one at a time.
+    """
+    return load_model(path, WanModel, WanConfig, model=MODEL, subfolder=SUBFOLDER, dtype=dtype,
+                      dtype_fields=("param_dtype", "dtype"))  # fmt: skip

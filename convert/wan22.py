@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from convert import wan
-from convert.checkpoint import TRANSFORMER_DIR
 from convert.io import CheckpointError
+from convert.wan import SUBFOLDER as TRANSFORMER_DIR
 from models.wan.experts import EXPERT_PRESETS, ExpertSwitch
 
 ORIGINAL_HIGH_NOISE, ORIGINAL_LOW_NOISE = "high_noise_model", "low_noise_model"

@@ -12,6 +12,7 @@ the attention's 1x1 convs (O,I,1,1)->(I,O), RMS-norm gammas (C,1,1[,1])->(C,).
 """
 
 import dataclasses
+import functools
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,8 +20,8 @@ from pathlib import Path
 import numpy as np
 from flax import nnx
 
-from convert.checkpoint import canonical_dtype, staged_directory
-from convert.component import ComponentPlan, find_checkpoint, load_model, plan_component, write_component
+from convert.checkpoint import canonical_dtype, load_model
+from convert.component import ComponentPlan, convert_component, find_checkpoint, plan_component
 from convert.io import CheckpointError, iter_tensor_infos, open_shards
 from convert.transforms import Row, conv, identity
 from models.wan.vae import WAN21_VAE, VAEConfig, WanVAE
@@ -196,26 +197,16 @@ def plan_vae(
     return plan_component(MODEL, config, abstract, make_table(abstract), shards, layout=layout)
 
 
-def write_vae(plan: ComponentPlan, folder: Path, *, progress: bool = True) -> None:
-    """Streams a planned VAE into folder (model.safetensors + config.json)."""
-    write_component(plan, folder, progress=progress)
-
-
 def convert_vae(src, dst, dtype: str = "float32", *, config: VAEConfig | None = None, progress: bool = False) -> Path:
     """Converts the Wan2.1 VAE at `src` into the new folder `dst`; returns dst.
 
     src: see find_vae. dtype: of the stored parameters and of compute after load_vae ("float32",
-    as Wan runs its VAE, or "bf16"). All names and shapes are checked before writing; dst
-    appears only when complete.
+    as Wan runs its VAE, or "bf16"); config: see plan_vae. All names and shapes are checked
+    before writing; dst appears only when complete.
     """
-    found = find_vae(Path(src))
-    if found is None:
-        raise CheckpointError(f"{src}: no Wan2.1 VAE found (looked for {ORIGINAL_FILE}, a vae/ folder, "
-                              "an AutoencoderKLWan config.json)")  # fmt: skip
-    plan = plan_vae(*found, dtype, config=config)
-    with staged_directory(Path(dst)) as staging:
-        write_vae(plan, staging, progress=progress)
-    return Path(dst)
+    return convert_component(src, dst, find=find_vae, plan=functools.partial(plan_vae, config=config), dtype=dtype,
+                             progress=progress, looked_for=f"{ORIGINAL_FILE}, a {SUBFOLDER}/ folder, an "
+                             "AutoencoderKLWan config.json")  # fmt: skip
 
 
 def load_vae(path, *, dtype: str | None = None) -> WanVAE:

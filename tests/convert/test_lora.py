@@ -13,9 +13,9 @@ from flax import nnx
 from safetensors.numpy import save_file
 
 from convert import CheckpointError, wan_diffusers
-from convert.checkpoint import abstract_wan
 from convert.lora import lora_updates, merge_loras, parse_lora_arg
-from convert.wan import expand_rows
+from convert.transforms import expand_rows
+from convert.wan import abstract_wan
 from tests.wan_testing import inputs, ours_kwargs, relative_error, save_and_convert, tiny_diffusers, torch_forward
 
 RANK, ALPHA = 3, 6.0
@@ -307,7 +307,7 @@ def test_lora_argument_parsing(arg, want):
 def _diffusers_targets(config) -> dict[str, str]:
     """{diffusers parameter name: our parameter path}, from the converter's table."""
     _, flat = abstract_wan(config)
-    return {source: row.target for source, row in expand_rows(wan_diffusers.TABLE, config.num_layers, flat).items()}
+    return {row.source: row.target for row in expand_rows(wan_diffusers.TABLE, config.num_layers, targets=flat)}
 
 
 def _config(torch_model, tmp_path):

@@ -37,8 +37,10 @@ def diffusers_tree(diffusers_dst):
 
 
 def _tensors(dst: Path) -> dict[str, np.ndarray]:
-    return {name: np.array(shard.read(name)) for shard in read_index(dst / "transformer" / "model.safetensors.index.json")
-            for name in shard.tensors}
+    folder = dst / "transformer"
+    index = folder / "model.safetensors.index.json"
+    shards = read_index(index) if index.is_file() else [read_safetensors(folder / "model.safetensors")]
+    return {name: np.array(shard.read(name)) for shard in shards for name in shard.tensors}
 
 
 def _assert_same_tree(a: dict, b: dict):

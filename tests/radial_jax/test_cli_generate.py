@@ -129,11 +129,11 @@ def test_lora_strength_that_is_not_a_number_is_named(tmp_path, capsys):
 
 def _fake_checkpoint(root, config) -> str:
     """A converted folder holding only its DiT config: enough for every check made before loading."""
-    from convert.checkpoint import write_component_metadata
+    from convert.checkpoint import write_metadata
 
     for part in ("transformer", "vae", "text_encoder", "tokenizer"):
         (root / part).mkdir(parents=True)
-    write_component_metadata(root / "transformer", config, {}, {"layout": "test"})
+    write_metadata(root / "transformer", "wan-transformer", config, {"layout": "test"})
     return str(root)
 
 
