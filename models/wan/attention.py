@@ -19,19 +19,24 @@ HEADS_AXES = ("batch", "activation_length", "activation_heads", "activation_kv")
 CONTEXT_HEADS_AXES = ("batch", None, "activation_heads", "activation_kv")  # text/image k, v [B, T, N, D]
 
 
+def _add_projections(module: nnx.Module, config: WanConfig, rngs: nnx.Rngs) -> None:
+    """Gives an attention module the original's q, k, v, o Linears and the RMSNorms on q and k."""
+    dim = config.dim
+    module.num_heads = config.num_heads
+    module.dtype = compute_dtype(config)
+    module.q = linear(dim, dim, axes=("embed", "heads"), config=config, rngs=rngs)
+    module.k = linear(dim, dim, axes=("embed", "heads"), config=config, rngs=rngs)
+    module.v = linear(dim, dim, axes=("embed", "heads"), config=config, rngs=rngs)
+    module.o = linear(dim, dim, axes=("heads", "embed"), config=config, rngs=rngs)
+    module.norm_q = RMSNorm(dim, eps=config.eps)
+    module.norm_k = RMSNorm(dim, eps=config.eps)
+
+
 class SelfAttention(nnx.Module):
     """Self-attention with RMSNorm on q and k (across all heads) and 3D RoPE."""
 
     def __init__(self, config: WanConfig, *, rngs: nnx.Rngs):
-        dim = config.dim
-        self.num_heads = config.num_heads
-        self.dtype = compute_dtype(config)
-        self.q = linear(dim, dim, axes=("embed", "heads"), config=config, rngs=rngs)
-        self.k = linear(dim, dim, axes=("embed", "heads"), config=config, rngs=rngs)
-        self.v = linear(dim, dim, axes=("embed", "heads"), config=config, rngs=rngs)
-        self.o = linear(dim, dim, axes=("heads", "embed"), config=config, rngs=rngs)
-        self.norm_q = RMSNorm(dim, eps=config.eps)
-        self.norm_k = RMSNorm(dim, eps=config.eps)
+        _add_projections(self, config, rngs)
 
     def __call__(
         self, x: Float[Array, "B L C"], rope: tuple[Array, Array], attend: Attend
@@ -53,19 +58,11 @@ class CrossAttention(nnx.Module):
     """
 
     def __init__(self, config: WanConfig, *, rngs: nnx.Rngs):
-        dim = config.dim
-        self.num_heads = config.num_heads
-        self.dtype = compute_dtype(config)
-        self.q = linear(dim, dim, axes=("embed", "heads"), config=config, rngs=rngs)
-        self.k = linear(dim, dim, axes=("embed", "heads"), config=config, rngs=rngs)
-        self.v = linear(dim, dim, axes=("embed", "heads"), config=config, rngs=rngs)
-        self.o = linear(dim, dim, axes=("heads", "embed"), config=config, rngs=rngs)
-        self.norm_q = RMSNorm(dim, eps=config.eps)
-        self.norm_k = RMSNorm(dim, eps=config.eps)
+        _add_projections(self, config, rngs)
         if config.uses_clip:
-            self.k_img = linear(dim, dim, axes=("embed", "heads"), config=config, rngs=rngs)
-            self.v_img = linear(dim, dim, axes=("embed", "heads"), config=config, rngs=rngs)
-            self.norm_k_img = RMSNorm(dim, eps=config.eps)
+            self.k_img = linear(config.dim, config.dim, axes=("embed", "heads"), config=config, rngs=rngs)
+            self.v_img = linear(config.dim, config.dim, axes=("embed", "heads"), config=config, rngs=rngs)
+            self.norm_k_img = RMSNorm(config.dim, eps=config.eps)
 
     def _heads(self, x: Array, axes=CONTEXT_HEADS_AXES) -> Array:
         return constrain(x.reshape(x.shape[0], x.shape[1], self.num_heads, -1), axes)
