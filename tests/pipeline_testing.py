@@ -17,6 +17,7 @@ from flax import nnx
 from safetensors.torch import save_file
 
 from convert import umt5, wan_vae
+from convert.transforms import expand_rows
 from models.wan.vae import VAEConfig, WanVAE
 from wan_testing import original_config_json, original_state_dict
 
@@ -157,8 +158,8 @@ def a14b_original_folder(root: Path, kind: str = "t2v") -> Path:
 def _original_vae_and_text_encoder(root: Path) -> None:
     torch.save(_renamed(tiny_vae().state_dict(), _vae_names()), root / wan_vae.ORIGINAL_FILE)
     layers = 2
-    original = {row.target: row.source for row in umt5.expand(umt5.ORIGINAL_TABLE, layers)}
-    names = {row.source: original[row.target] for row in umt5.expand(umt5.DIFFUSERS_TABLE, layers)}
+    original = {row.target: row.source for row in expand_rows(umt5.ORIGINAL_TABLE, layers)}
+    names = {row.source: original[row.target] for row in expand_rows(umt5.DIFFUSERS_TABLE, layers)}
     state = {k: v for k, v in tiny_umt5().state_dict().items() if k != umt5.DIFFUSERS_TIED}
     torch.save(_renamed(state, names), root / umt5.ORIGINAL_FILE)
     train_spiece(root / "google" / "umt5-xxl")
