@@ -102,8 +102,9 @@ def distilled_sigmas(train_timesteps: Sequence[float], shift: float) -> tuple[np
     return np.append(sigmas, 0.0).astype(np.float32), (sigmas * NUM_TRAIN_TIMESTEPS).astype(np.float32)
 
 
-def cfg(cond: Float[Array, "..."], uncond: Float[Array, "..."], scale: float) -> Float[Array, "..."]:
-    """Returns classifier-free guidance uncond + scale * (cond - uncond), in the inputs' dtype."""
+def cfg(cond: Float[Array, "..."], uncond: Float[Array, "..."], scale: float | Float[Array, ""]) -> Float[Array, "..."]:
+    """Returns classifier-free guidance uncond + scale * (cond - uncond), in the inputs' dtype; scale: a
+    number or a float32 scalar array (traced, so one compiled step serves every guidance)."""
     return uncond + scale * (cond - uncond)
 
 
