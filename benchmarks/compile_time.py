@@ -13,7 +13,9 @@ not the sizes. Prints one JSON object.
 
 import argparse
 import dataclasses
+import datetime
 import json
+import sys
 import time
 
 
@@ -96,7 +98,8 @@ def main(argv=None) -> int:
     preset, layers = ("tiny", [2]) if args.dry_run else (args.preset, [int(n) for n in args.layers.split(",")])
     rows = [measure(preset, n) for n in layers]
     result = dict(preset=preset, backend=jax.default_backend(), device=jax.devices()[0].device_kind,
-                  jax=jax.__version__, rows=rows)  # fmt: skip
+                  jax=jax.__version__, command="python benchmarks/compile_time.py " + " ".join(sys.argv[1:]),
+                  date=datetime.date.today().isoformat(), unit="process CPU seconds", rows=rows)  # fmt: skip
     text = json.dumps(result, indent=1)
     print(text)
     if args.out:
