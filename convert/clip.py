@@ -169,6 +169,7 @@ def plan_clip(files: Sequence[Path], config_path: Path | None, dtype: str) -> Co
 def convert_clip(src, dst, dtype: str = "bfloat16", *, progress: bool = False) -> Path:
     """Converts the CLIP image encoder at `src` (see find_clip) into the new folder `dst`; returns dst."""
     return convert_component(src, dst, find=find_clip, plan=plan_clip, dtype=dtype, progress=progress,
+                             what="CLIP image encoder",
                              looked_for=f"{ORIGINAL_FILE}, an {SUBFOLDER}/ folder, a CLIP vision config.json")
 
 

@@ -155,16 +155,17 @@ def find_checkpoint(
 
 
 def convert_component(src: str | Path, dst: str | Path, *, find: Callable[[Path], Found | None],
-                      plan: Callable[[Sequence[Path], Path | None, str], ComponentPlan], dtype: str, looked_for: str,
-                      progress: bool = False) -> Path:  # fmt: skip
+                      plan: Callable[[Sequence[Path], Path | None, str], ComponentPlan], dtype: str, what: str,
+                      looked_for: str, progress: bool = False) -> Path:  # fmt: skip
     """Converts the component `find` locates in `src` into the new folder `dst`; returns dst.
 
     plan(files, config_path, dtype) checks every name and shape before anything is written;
-    dst appears only when complete. looked_for: what `find` looks for, for the error.
+    dst appears only when complete. what, looked_for: the component and what `find` looks
+    for, named in the error when nothing is found.
     """
     found = find(Path(src))
     if found is None:
-        raise CheckpointError(f"{src}: nothing to convert found (looked for {looked_for})")
+        raise CheckpointError(f"{src}: no {what} found (looked for {looked_for})")
     component = plan(*found, dtype)
     with staged_directory(Path(dst)) as staging:
         write_component(component, staging, progress=progress)

@@ -19,7 +19,7 @@ from flax import nnx
 
 from convert import wan_diffusers, wan_original
 from convert.checkpoint import load_model, read_component_config
-from convert.component import ComponentPlan, plan_component
+from convert.component import ComponentPlan, abstract_params, plan_component
 from convert.io import CheckpointError, iter_tensor_infos, open_shards
 from convert.transforms import Row, expand_rows
 from models.wan import WAN_T2V_1_3B, WAN_T2V_14B, WanConfig, WanModel
@@ -134,8 +134,8 @@ def plan_transformer(files: Sequence[Path], config_path: Path | None, dtype: str
     config_json = json.loads(config_path.read_text()) if config_path else None
     config = infer_config(layout, shapes, config_json, dtype)
     abstract = nnx.eval_shape(lambda: WanModel(config, rngs=nnx.Rngs(0)))
-    _, targets = abstract_wan(config)
-    rows = expand_rows(layout.TABLE, config.num_layers, prefix=prefix, targets=targets)
+    # The tables hold both T2V and I2V rows: keep those whose target this model has.
+    rows = expand_rows(layout.TABLE, config.num_layers, prefix=prefix, targets=abstract_params(abstract))
     ignored = [row.source for row in expand_rows([Row(n, n) for n in layout.IGNORED], config.num_layers, prefix=prefix)]
     return plan_component(MODEL, config, abstract, rows, shards, layout=layout.NAME, ignored=ignored)
 

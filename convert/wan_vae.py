@@ -205,8 +205,8 @@ def convert_vae(src, dst, dtype: str = "float32", *, config: VAEConfig | None = 
     before writing; dst appears only when complete.
     """
     return convert_component(src, dst, find=find_vae, plan=functools.partial(plan_vae, config=config), dtype=dtype,
-                             progress=progress, looked_for=f"{ORIGINAL_FILE}, a {SUBFOLDER}/ folder, an "
-                             "AutoencoderKLWan config.json")  # fmt: skip
+                             progress=progress, what="Wan2.1 VAE",
+                             looked_for=f"{ORIGINAL_FILE}, a {SUBFOLDER}/ folder, an AutoencoderKLWan config.json")
 
 
 def load_vae(path, *, dtype: str | None = None) -> WanVAE:

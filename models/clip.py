@@ -20,6 +20,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jaxtyping import Array, Float
 
@@ -157,7 +158,7 @@ class CLIPVisionEncoder(nnx.Module):
         return x.astype(F32)
 
 
-def preprocess(image: Float[Array, "B H W 3"], image_size: int) -> Float[Array, "B S S 3"]:
+def preprocess(image: Float[Array | np.ndarray, "B H W 3"], image_size: int) -> Float[Array, "B S S 3"]:
     """Returns the encoder's input [B, image_size, image_size, 3] from images in [-1, 1].
 
     As the original: resized (aspect not kept) with bicubic interpolation, no antialiasing,
@@ -177,7 +178,7 @@ def _encode(graphdef, state, image):
     return encoder(preprocess(image, encoder.config.image_size))
 
 
-def encode_image(encoder: CLIPVisionEncoder, image: Float[Array, "B H W 3"]) -> Float[Array, "B I C"]:
+def encode_image(encoder: CLIPVisionEncoder, image: Float[Array | np.ndarray, "B H W 3"]) -> Float[Array, "B I C"]:
     """Returns Wan's CLIP features [B, 257, 1280] (float32) of images in [-1, 1], jitted."""
     graphdef, state = nnx.split(encoder)
     return _encode(graphdef, state, jnp.asarray(image, F32))

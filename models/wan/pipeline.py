@@ -224,7 +224,7 @@ def generate(
     shift: float | None = None,
     seed: int = 0,
     sampler: str = "unipc",
-    timesteps: Sequence[float] | None = None,
+    timesteps: Sequence[float | int] | None = None,
     free_text_encoder: bool = False,
     on_step: StepCallback | None = None,
     on_stage: StageCallback | None = None,

@@ -87,7 +87,7 @@ def flow_sigmas(num_steps: int, shift: float, schedule: str = "wan") -> tuple[np
     return np.append(sigmas, 0.0).astype(np.float32), timesteps
 
 
-def distilled_sigmas(train_timesteps: Sequence[float], shift: float) -> tuple[np.ndarray, np.ndarray]:
+def distilled_sigmas(train_timesteps: Sequence[float | int], shift: float) -> tuple[np.ndarray, np.ndarray]:
     """Returns (sigmas float32 [n + 1] ending at 0, timesteps float32 [n]) at a distilled model's
     fixed training timesteps (in (0, 1000], decreasing): sigma = shift(t / 1000), timestep =
     sigma * 1000, not rounded (LightX2V feeds the model these floats)."""
@@ -168,7 +168,7 @@ def euler_sampler(num_steps: int = DEFAULT_STEPS, shift: float = 5.0, schedule: 
     return FlowEuler(*flow_sigmas(num_steps, shift, schedule))
 
 
-def distilled_sampler(train_timesteps: Sequence[float] = LIGHTX2V_TIMESTEPS, shift: float = 5.0) -> FlowEuler:
+def distilled_sampler(train_timesteps: Sequence[float | int] = LIGHTX2V_TIMESTEPS, shift: float = 5.0) -> FlowEuler:
     """Returns the sampler of a step-distilled model: flow Euler at its training timesteps (see
     distilled_sigmas), LightX2V's 4-step schedule by default."""
     return FlowEuler(*distilled_sigmas(train_timesteps, shift))

@@ -178,7 +178,7 @@ _decode_next = jax.jit(_decode_chunk, static_argnums=0, donate_argnums=3)
 
 
 def encode_moments(
-    vae: WanVAE, video: Float[Array, "B F H W 3"]
+    vae: WanVAE, video: Float[Array | np.ndarray, "B F H W 3"]
 ) -> tuple[Float[Array, "B f h w z"], Float[Array, "B f h w z"]]:
     """Returns (mu, log-variance) of the posterior, float32, not normalised (diffusers' latent_dist).
 
@@ -195,14 +195,14 @@ def encode_moments(
     return tuple(jnp.split(jnp.concatenate(chunks, axis=1), 2, axis=-1))
 
 
-def encode(vae: WanVAE, video: Float[Array, "B F H W 3"]) -> Float[Array, "B f h w z"]:
+def encode(vae: WanVAE, video: Float[Array | np.ndarray, "B F H W 3"]) -> Float[Array, "B f h w z"]:
     """Returns Wan-normalised latents (mu - mean) / std, float32 [B, 1 + (F-1)/4, H/8, W/8, z_dim]."""
     mu, _ = encode_moments(vae, video)
     mean, inv_std = _latent_stats(vae.config)
     return (mu - mean) * inv_std  # the original multiplies by 1/std
 
 
-def decode(vae: WanVAE, latents: Float[Array, "B f h w z"]) -> Float[Array, "B F H W 3"]:
+def decode(vae: WanVAE, latents: Float[Array | np.ndarray, "B f h w z"]) -> Float[Array, "B F H W 3"]:
     """Returns the video, float32 [B, 1 + 4(f-1), 8h, 8w, 3] clipped to [-1, 1].
 
     latents: Wan-normalised, [B, f, h, w, z_dim] (as `encode` returns and the DiT samples).
