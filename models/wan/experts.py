@@ -74,7 +74,8 @@ class ExpertSwitch:
 
     @classmethod
     def from_dict(cls, fields: Mapping[str, Any]) -> "ExpertSwitch":
-        return cls(**fields)
+        """Returns the switch from `to_dict` output (JSON gives guidance as a list: made a tuple)."""
+        return cls(**{**fields, "guidance": tuple(fields["guidance"])})
 
 
 WAN22_T2V_A14B = ExpertSwitch(boundary=0.875, guidance=(4.0, 3.0), shift=12.0, steps=40)
