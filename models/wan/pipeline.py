@@ -89,7 +89,7 @@ def latent_shape(frames: int, height: int, width: int, channels: int) -> tuple[i
 
 @functools.lru_cache(maxsize=8)
 def make_sampler(name: str, num_steps: int | None, shift: float,
-                 timesteps: tuple[float, ...] | None = None) -> sampler_lib.FlowEuler:  # fmt: skip
+                 timesteps: tuple[float | int, ...] | None = None) -> sampler_lib.FlowEuler:  # fmt: skip
     """Returns the sampler; cached, so that equal settings give the same (hashable, static) object
     and a second generate() reuses the compiled step. num_steps None: 50, or for "distilled" the
     number of its timesteps (default LightX2V's 4, sampler.LIGHTX2V_TIMESTEPS)."""
