@@ -17,14 +17,13 @@ command, date), merging rows into an existing file of the same device.
 """
 
 import argparse
-import datetime
 import json
 import statistics
 import sys
 import time
 from pathlib import Path
 
-from workers import REPO, RESULT_PREFIX, WEIGHT_STD, device_tag, random_state, run_child
+from workers import REPO, RESULT_PREFIX, WEIGHT_STD, device_tag, random_state, run_child, write_rows
 
 GIB = 1 << 30
 # Literal sizes so the torch worker needs neither flax nor our package; the JAX worker checks
@@ -206,18 +205,7 @@ def print_table(rows: list[dict]) -> None:
 
 
 def write_results(rows: list[dict], out: Path, args) -> None:
-    device = next((r["device"] for r in rows if "device" in r and r["device"] != "cpu"), "cpu")
-    record = dict(device=device, command="python " + " ".join(sys.argv), date=datetime.date.today().isoformat(),
-                  rows=rows)
-    if out.is_file():  # merge: runs split across calls (one shape per call) land in one file
-        old = json.loads(out.read_text())
-        if old.get("device") == device:
-            keep = [r for r in old.get("rows", []) if (r["shape"], r["impl"]) not in {(n["shape"], n["impl"]) for n in rows}]
-            record["rows"] = keep + rows
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(record, indent=1) + "\n")
-    print(f"wrote {out}")
-
+    write_rows(rows, out, case=lambda r: (r["shape"], r["impl"]))
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

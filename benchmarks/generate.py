@@ -32,14 +32,13 @@ finish lists its missing phases under "pending". Writes benchmarks/results/gener
 """
 
 import argparse
-import datetime
 import json
 import statistics
 import sys
 import time
 from pathlib import Path
 
-from workers import REPO, RESULT_PREFIX, device_tag, random_state, run_child_rows
+from workers import REPO, RESULT_PREFIX, device_tag, random_state, run_child_rows, write_rows
 
 GIB = 1 << 30
 NUM_STEPS = 50  # Wan2.1 T2V sampling steps: the extrapolation's
@@ -299,22 +298,7 @@ NOTE = ("random weights, batch 1, T2V; total_s is extrapolated from the timed st
 
 
 def write_results(rows: list[dict], out: Path, *, note: str = NOTE) -> None:
-    """Writes the rows with device, command and date to out, replacing the (shape, config) rows
-    of an existing file of the same device; written whole, then renamed, so a kill leaves no half file."""
-    device = next((r["device"] for r in rows if "device" in r), "unknown")
-    record = dict(device=device, command="python " + " ".join(sys.argv), date=datetime.date.today().isoformat(),
-                  note=note, rows=rows)  # fmt: skip
-    if out.is_file():  # merge: runs split across calls land in one file
-        old = json.loads(out.read_text())
-        if old.get("device") == device:
-            new = {(r["shape"], r["config"]) for r in rows}
-            record["rows"] = [r for r in old.get("rows", []) if (r["shape"], r["config"]) not in new] + rows
-    out.parent.mkdir(parents=True, exist_ok=True)
-    partial = out.with_name(out.name + ".partial")
-    partial.write_text(json.dumps(record, indent=1) + "\n")
-    partial.replace(out)
-    print(f"wrote {out}")
-
+    write_rows(rows, out, case=lambda r: (r["shape"], r["config"]), note=note)
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -16,14 +16,13 @@ existing file of the same device.
 """
 
 import argparse
-import datetime
 import json
 import statistics
 import sys
 import time
 from pathlib import Path
 
-from workers import REPO, RESULT_PREFIX, device_tag, random_state, run_child
+from workers import REPO, RESULT_PREFIX, device_tag, random_state, run_child, write_rows
 
 GIB = 1 << 30
 SHAPES = {  # preset, latent frames, height, width, dense_layers of the radial plan
@@ -133,18 +132,7 @@ def print_table(rows: list[dict]) -> None:
 
 
 def write_results(rows: list[dict], out: Path) -> None:
-    device = next((r["device"] for r in rows if "device" in r and r["device"] != "cpu"), "cpu")
-    record = dict(device=device, command="python " + " ".join(sys.argv), date=datetime.date.today().isoformat(),
-                  rows=rows)
-    if out.is_file():  # merge: runs split across calls land in one file
-        old = json.loads(out.read_text())
-        if old.get("device") == device:
-            new = {(r["shape"], r["impl"]) for r in rows}
-            record["rows"] = [r for r in old.get("rows", []) if (r["shape"], r["impl"]) not in new] + rows
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(record, indent=1) + "\n")
-    print(f"wrote {out}")
-
+    write_rows(rows, out, case=lambda r: (r["shape"], r["impl"]))
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

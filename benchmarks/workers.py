@@ -1,10 +1,13 @@
 """What the worker-process benchmarks share: running a worker child, naming the device, and
 filling a model with random weights on the devices."""
 
+import datetime
 import functools
 import json
 import os
 import subprocess
+import sys
+from collections.abc import Callable
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -87,3 +90,25 @@ def _draw(kind: str, shape: tuple[int, ...], dtype: str, sharding):
         return (jax.random.normal(key, shape, jnp.float32) * WEIGHT_STD).astype(dtype)
 
     return jax.jit(draw, out_shardings=sharding)
+
+
+def write_rows(rows: list[dict], out: Path, *, case: Callable[[dict], tuple], **fields) -> None:
+    """Writes the rows with device, command, date (and `fields`) to `out` as JSON.
+
+    An existing file of the same device keeps its rows of other cases (`case(row)`: e.g. shape and
+    implementation), so runs split across calls land in one file; the file is written whole under
+    a temporary name and renamed, so a killed run leaves no half file.
+    """
+    device = next((r["device"] for r in rows if "device" in r and r["device"] != "cpu"), "cpu")
+    record = dict(device=device, command="python " + " ".join(sys.argv), date=datetime.date.today().isoformat(),
+                  **fields, rows=rows)  # fmt: skip
+    if out.is_file():
+        old = json.loads(out.read_text())
+        if old.get("device") == device:
+            new = {case(r) for r in rows}
+            record["rows"] = [r for r in old.get("rows", []) if case(r) not in new] + rows
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.with_name(out.name + ".partial")
+    partial.write_text(json.dumps(record, indent=1) + "\n")
+    partial.replace(out)
+    print(f"wrote {out}")
