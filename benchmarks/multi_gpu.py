@@ -121,29 +121,18 @@ def train_worker(gpus: int, shapes: list[str], args) -> None:
     import dataclasses
 
     import jax
-    import jax.numpy as jnp
     import numpy as np
-    from train_step import LORA_RANK, random_lora_model  # benchmarks/train_step.py: the training's own setup
+    from train_step import training_setup  # benchmarks/train_step.py: the training's own setup
     from models.wan import PRESETS
-    from train.config import OptimSection
-    from train.lora import LoraConfig
-    from train.objective import FlowMatching
-    from train.step import TrainStep, make_mesh, make_optimizer
+    from train.step import make_mesh
 
     dtype = "float32" if args.dry_run else "bfloat16"
     plan = radial_plan(args)
     for shape in shapes:
         preset, frames, height, width = SHAPES[shape]
         config = dataclasses.replace(PRESETS[preset], param_dtype=dtype, dtype=dtype)
-        graphdef, lora, base = random_lora_model(config, LoraConfig(rank=LORA_RANK, alpha=float(LORA_RANK)))
-        tx, _ = make_optimizer(OptimSection(learning_rate=1e-4, warmup_steps=0), steps=100)
         mesh = make_mesh(f"sequence={gpus}", jax.devices()[:gpus])
-        step = TrainStep(graphdef, tx, mesh, plan, FlowMatching(shift=5.0), remat=True)
-        lora, base, opt_state = step.place(lora, base, tx.init(lora))
-        keys = jax.random.split(jax.random.key(1), 2)
-        batch = {"latents": jax.random.normal(keys[0], (1, 1, frames, height, width, config.in_dim), jnp.float32),
-                 "context": jax.random.normal(keys[1], (1, 1, config.text_len, config.text_dim), jnp.float32)}
-        batch = jax.device_put(batch, step.batch_sharding(1))
+        step, lora, base, opt_state, batch = training_setup(config, plan, mesh, (frames, height, width))
         start = time.perf_counter()
         compiled = step.lower(lora, opt_state, base, batch, jax.random.key(0)).compile()
         compile_s = time.perf_counter() - start

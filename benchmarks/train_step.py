@@ -39,14 +39,10 @@ def worker(shape: str, impl: str, args) -> dict:
     import dataclasses
 
     import jax
-    import jax.numpy as jnp
 
     from models.wan import PRESETS
     from radial_jax.plan import RadialPlan
-    from train.config import OptimSection
-    from train.lora import LoraConfig
-    from train.objective import FlowMatching
-    from train.step import TrainStep, make_mesh, make_optimizer
+    from train.step import make_mesh
 
     preset, frames, height, width, dense_layers = SHAPES[shape]
     config = dataclasses.replace(PRESETS[preset], param_dtype="bfloat16", dtype="bfloat16")
@@ -56,14 +52,8 @@ def worker(shape: str, impl: str, args) -> dict:
         block = 16 if args.dry_run else 128  # tiny frames hold 64 tokens: 16-token blocks give a real mask
         plan = RadialPlan(dense_layers=dense_layers, block_size=block, decay_factor=1.0,
                           implementation="reference" if args.dry_run else args.radial_impl)  # fmt: skip
-    graphdef, lora, base = random_lora_model(config, LoraConfig(rank=LORA_RANK, alpha=float(LORA_RANK)))
-    tx, _ = make_optimizer(OptimSection(learning_rate=1e-4, warmup_steps=0), steps=100)
-    step = TrainStep(graphdef, tx, make_mesh("", jax.devices()[:1]), plan, FlowMatching(shift=5.0), remat=True)
-    lora, base, opt_state = step.place(lora, base, tx.init(lora))
-    keys = jax.random.split(jax.random.key(1), 2)
-    batch = {"latents": jax.random.normal(keys[0], (1, 1, frames, height, width, config.in_dim), jnp.float32),
-             "context": jax.random.normal(keys[1], (1, 1, config.text_len, config.text_dim), jnp.float32)}
-    batch = jax.device_put(batch, step.batch_sharding(1))
+    step, lora, base, opt_state, batch = training_setup(config, plan, make_mesh("", jax.devices()[:1]),
+                                                        (frames, height, width))
 
     start = time.perf_counter()
     lowered = step.lower(lora, opt_state, base, batch, jax.random.key(0))
@@ -90,6 +80,28 @@ def worker(shape: str, impl: str, args) -> dict:
         mask = plan.block_mask(frames, (height // 2) * (width // 2))
         row["mask_density"] = float(mask.mean())
     return dict(row, times_s=times)
+
+
+def training_setup(config, plan, mesh, grid: tuple[int, int, int]):
+    """Returns (TrainStep, LoRA, base, optimizer state, batch) placed on `mesh`: the training's own
+    step (remat, rank-LORA_RANK LoRA, AdamW, flow matching at shift 5) on random weights and one
+    random sample of latent grid (frames, height, width)."""
+    import jax
+    import jax.numpy as jnp
+
+    from train.config import OptimSection
+    from train.lora import LoraConfig
+    from train.objective import FlowMatching
+    from train.step import TrainStep, make_optimizer
+
+    graphdef, lora, base = random_lora_model(config, LoraConfig(rank=LORA_RANK, alpha=float(LORA_RANK)))
+    tx, _ = make_optimizer(OptimSection(learning_rate=1e-4, warmup_steps=0), steps=100)
+    step = TrainStep(graphdef, tx, mesh, plan, FlowMatching(shift=5.0), remat=True)
+    lora, base, opt_state = step.place(lora, base, tx.init(lora))
+    keys = jax.random.split(jax.random.key(1), 2)
+    batch = {"latents": jax.random.normal(keys[0], (1, 1, *grid, config.in_dim), jnp.float32),
+             "context": jax.random.normal(keys[1], (1, 1, config.text_len, config.text_dim), jnp.float32)}
+    return step, lora, base, opt_state, jax.device_put(batch, step.batch_sharding(1))
 
 
 def random_lora_model(config, lora_config):
