@@ -32,7 +32,7 @@ import sys
 import time
 from pathlib import Path
 
-from generate import build_components, finish_phase, peak_gib, random_module, time_encode, write_results
+from generate import build_components, config_rows, finish_phase, peak_gib, random_module, time_encode, write_results
 from workers import REPO, RESULT_PREFIX, device_tag, run_child_rows
 
 PRESET = "lightx2v"
@@ -179,14 +179,7 @@ def run_worker(shape: str, configs: list[str], args) -> list[dict]:
            "--radial-impl", args.radial_impl] + (["--dry-run"] if args.dry_run else [])  # fmt: skip
     cmd += ["--log-dir", str(Path(args.log_dir).resolve())] if args.log_dir else []
     printed, failure = run_child_rows(cmd, timeout=args.timeout, dry_run=args.dry_run, key="config")
-    by_config = {row["config"]: row for row in printed}
-    rows = []
-    for config in configs:
-        row = by_config.get(config, dict(shape=shape, config=config, pending=["any phase"]))
-        if "pending" in row:
-            row["error"] = f"worker stopped before {', '.join(row['pending'])}: {failure or 'exit 0'}"
-        rows.append(totals(row))
-    return rows
+    return [totals(row) for row in config_rows(printed, failure, shape, configs)]
 
 
 def main(args: argparse.Namespace) -> int:

@@ -259,7 +259,12 @@ def run_worker(shape: str, configs: list[str], args) -> list[dict]:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "--shapes", shape, "--configs", ",".join(configs),
            "--steps", str(args.steps), "--radial-impl", args.radial_impl] + (["--dry-run"] if args.dry_run else [])
     cmd += ["--log-dir", str(Path(args.log_dir).resolve())] if args.log_dir else []
-    printed, failure = run_child_rows(cmd, timeout=args.timeout, dry_run=args.dry_run, key="config")
+    return config_rows(*run_child_rows(cmd, timeout=args.timeout, dry_run=args.dry_run, key="config"), shape, configs)
+
+
+def config_rows(printed: list[dict], failure: str | None, shape: str, configs: list[str]) -> list[dict]:
+    """Returns one row per config from a worker's printed rows, with an error where the worker
+    stopped before finishing it (a row still listing `pending` phases, or none at all)."""
     by_config = {row["config"]: row for row in printed}
     rows = []
     for config in configs:
