@@ -1,12 +1,13 @@
 """Radial block-sparse attention vs dense baselines on one GPU, side by side in one run.
 
-    python benchmarks/attention.py [--shapes ...] [--decay F] [--backward [--variants ...] [--breakdown]]
+    python benchmarks/attention.py [--shapes ...] [--decay F] [--variants ...] [--backward [--breakdown]]
                                    [--no-torch] [--out FILE]
 
 Times, bf16, head_dim 128, batch 1, Wan's real token counts (ragged last block): ours with the
-radial mask (decay 1.0 unless --decay), ours with an all-on mask, (--backward on Hopper) ours
-with other backward designs (--variants: the fused kernel, a 128-key dq tile; each one
-`KernelTuning` through the same API) beside the default, cuDNN dense via
+radial mask (decay 1.0 unless --decay), ours with an all-on mask, (on Hopper) ours with other
+kernel designs beside the default (--variants: forward ones such as the lazy rescale, backward
+ones with --backward such as the fused kernel or a 128-key dq tile; each one `KernelTuning`
+through the same API; the default is timed again after them to show the drift), cuDNN dense via
 jax.nn.dot_product_attention(implementation="cudnn"), and where torch with CUDA is importable
 (a child process), FlexAttention and FlashAttention-4 (benchmarks/fa4.py, where installed) with
 the same block mask, and SDPA. TFLOP/s count 4*pairs*D*H for the forward on the computed blocks
@@ -32,7 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # benchmarks/ is
 import fa4  # noqa: E402
 
 from radial_jax import attention_flops, block_density, computed_token_pairs, radial_block_mask  # noqa: E402
-from radial_jax.kernels import KernelTuning, MosaicBwdTuning, block_sparse_attention  # noqa: E402
+from radial_jax.kernels import KernelTuning, MosaicBwdTuning, MosaicTuning, block_sparse_attention  # noqa: E402
 from radial_jax.kernels.tables import block_tables  # noqa: E402
 
 SHAPES = {**fa4.SHAPES, "tiny": (3, 100, 2)}  # tiny: --dry-run only (the Triton twin in interpret mode, CPU)
@@ -68,6 +69,18 @@ def backward_variants() -> dict[str, KernelTuning]:
     return {"fused_bwd": KernelTuning(mosaic_bwd=MosaicBwdTuning(fused=True)),
             "dq_tile_128_bwd": KernelTuning(mosaic_bwd=MosaicBwdTuning(block_kv_dq=128)),
             "stages_3_bwd": KernelTuning(mosaic_bwd=MosaicBwdTuning(max_concurrent_steps=3))}
+
+
+def forward_variants() -> dict[str, KernelTuning]:
+    """{case name: KernelTuning} of the Mosaic forward designs --variants can time beside the default:
+    the lazy rescale at FA4's threshold (8 log2 units) and at 0 (skip only where no row max moved)."""
+    return {"lazy_rescale_fwd": KernelTuning(mosaic_fwd=MosaicTuning(lazy_rescale_threshold=8.0)),
+            "lazy_rescale_0_fwd": KernelTuning(mosaic_fwd=MosaicTuning(lazy_rescale_threshold=0.0))}
+
+
+def variants(backward: bool) -> dict[str, KernelTuning]:
+    """The designs --variants can name: forward ones always, backward ones with --backward."""
+    return {**forward_variants(), **(backward_variants() if backward else {})}
 
 
 def backward_breakdown(q, k, v, mask, iters: int, fwd_flops: float, settle_s: float) -> dict:
@@ -246,13 +259,20 @@ def run_shape(name, args, torch_ms):
     row = dict(shape=name, seq=L, heads=heads, density=block_density(mask), decay=args.decay,
                mask_build_s=mask_s, tables_build_s=tables_s)
 
-    cases = {"ours_radial": jax_case(q, k, v, mask, args.backward, args.backend),
-             "ours_all_on": jax_case(q, k, v, all_on, args.backward, args.backend)}
+    cases = {"ours_radial": jax_case(q, k, v, mask, args.backward, args.backend)}
+    # Variants right after the default and the default again after them: the drift between the two
+    # default timings bounds what a variant's difference can mean. The Triton twin (--dry-run)
+    # ignores the Mosaic tunings but runs the same bookkeeping.
+    named = [v for v in args.variants.split(",") if v] if args.backend in (None, "mosaic", "interpret") else []
+    for variant in named:
+        backend = "interpret" if args.backend == "interpret" else "mosaic"
+        cases[f"ours_radial_{variant}"] = jax_case(q, k, v, mask, args.backward, backend,
+                                                   variants(args.backward)[variant])  # fmt: skip
+    if named:
+        cases["ours_radial_again"] = cases["ours_radial"]
+    cases["ours_all_on"] = jax_case(q, k, v, all_on, args.backward, args.backend)
     if not args.dry_run:
         cases["cudnn_dense"] = cudnn_case(q, k, v, args.backward)
-    if args.backward and args.backend in (None, "mosaic"):
-        for variant in filter(None, args.variants.split(",")):
-            cases[f"ours_radial_{variant}"] = jax_case(q, k, v, mask, True, "mosaic", backward_variants()[variant])
     for case, fn in cases.items():
         start = time.perf_counter()
         try:
@@ -282,9 +302,14 @@ def run_shape(name, args, torch_ms):
             row.update(backward_breakdown(q, k, v, mask, args.iters, fwd_flops, args.settle))
         if "cudnn_dense_bwd_only_tflops" in row and "ours_radial_bwd_only_tflops" in row:
             row["bwd_throughput_vs_cudnn"] = row["ours_radial_bwd_only_tflops"] / row["cudnn_dense_bwd_only_tflops"]
+    for variant in [v for v in named if f"ours_radial_{v}_ms" in row and "ours_radial_ms" in row]:
+        row[f"ours_radial_{variant}_speed_vs_default"] = row["ours_radial_ms"] / row[f"ours_radial_{variant}_ms"]
     if not args.backward and "ours_radial_ms" in row:
         out = block_sparse_attention(q, k, v, mask, block_size=128, backend=args.backend)
         row["ours_radial_max_err_sampled_blocks"] = sampled_block_error(q, k, v, mask, out)
+        for variant in [v for v in named if f"ours_radial_{v}_ms" in row]:  # the same bound as the default's
+            variant_out = cases[f"ours_radial_{variant}"]()
+            row[f"ours_radial_{variant}_max_err_sampled_blocks"] = sampled_block_error(q, k, v, mask, variant_out)
         if "cudnn_dense_ms" in row:
             dense = block_sparse_attention(q, k, v, all_on, block_size=128, backend=args.backend)
             ref = jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
@@ -318,6 +343,13 @@ def print_table(rows, backward):
         speed, vs_fa4 = r.get("ours_radial_speedup_vs_cudnn"), r.get("ours_radial_speed_vs_fa4")
         print(f"{r['shape']:16} {r['density']:5.3f} " + " ".join(f"{c:>22}" for c in cells)
               + (f"  {speed:11.2f}x" if speed else f"  {'-':>12}") + (f"  {vs_fa4:9.2f}x" if vs_fa4 else ""))
+    for r in rows:  # the variants beside the default, and the default timed again after them
+        for key in [k for k in r if k.startswith("ours_radial_") and k.endswith("_speed_vs_default")]:
+            case = key[: -len("_speed_vs_default")]
+            again = r.get("ours_radial_again_ms")
+            print(f"  {r['shape']:16} {case:36} {r[case + '_ms']:9.2f} ms {r[case + '_tflops']:5.0f} TF  "
+                  f"{r[key]:.3f}x the default ({r['ours_radial_ms']:.2f} ms"
+                  + (f", {again:.2f} ms timed again after the variants)" if again else ")"))
 
 
 def main(argv=None):
@@ -329,10 +361,10 @@ def main(argv=None):
                         help="seconds of back-to-back calls before each case is timed (default %(default)s)")
     parser.add_argument("--decay", type=float, default=1.0, help="radial mask decay factor (default %(default)s)")
     parser.add_argument("--backend", choices=["mosaic", "triton"], help="our kernel (default: fastest available)")
-    parser.add_argument("--variants", default="fused_bwd",
-                        help="with --backward on Hopper: comma list of other Mosaic backward designs to time "
-                             "beside the default: fused_bwd, dq_tile_128_bwd, stages_3_bwd, or '' "
-                             "(default %(default)s)")
+    parser.add_argument("--variants",
+                        help="on Hopper: comma list of other Mosaic designs to time beside the default: "
+                             f"{', '.join(forward_variants())}; with --backward also {', '.join(backward_variants())} "
+                             "('' for none; default: fused_bwd with --backward, none without)")
     parser.add_argument("--breakdown", action="store_true",
                         help="with --backward on Hopper: also time the backward's row statistics, dq kernel and "
                              "dk/dv kernel alone")
@@ -342,9 +374,12 @@ def main(argv=None):
                         help="a tiny shape on the CPU (the Triton twin in interpret mode): checks the path in seconds")
     parser.add_argument("--out", help="JSON path (default benchmarks/results/attention[-backward]-<device>.json)")
     args = parser.parse_args(argv)
-    unknown = [v for v in filter(None, args.variants.split(",")) if v not in backward_variants()]
+    if args.variants is None:
+        args.variants = "fused_bwd" if args.backward else ""
+    unknown = [v for v in filter(None, args.variants.split(",")) if v not in variants(args.backward)]
     if unknown:
-        sys.exit(f"unknown --variants {unknown}; choose from {list(backward_variants())}")
+        sys.exit(f"unknown --variants {unknown}{'' if args.backward else ' (backward designs need --backward)'}; "
+                 f"choose from {list(variants(args.backward))}")
     if args.dry_run:
         args.shapes, args.backend, args.no_torch = "tiny", "interpret", True
         args.iters, args.settle = min(args.iters, 2), 0.0

@@ -24,6 +24,12 @@ class MosaicTuning:
     block_q: int = 64  # query rows per compute warpgroup (wgmma M)
     block_kv: int = 128  # keys per pipeline step; equals the mask block
     num_stages: int = 2  # K/V ring depth; 3 gave no gain on the H100 (benchmarks/NOTES.md)
+    # Lazy rescale (FlashAttention-4's on Blackwell): None keeps the exact online softmax. A float
+    # t >= 0 raises a row's running max only when a step's row max exceeds it by more than t (log2
+    # units, FA4 uses 8: p then reaches at most 2^8, which bf16/f16 and the f32 sums hold), and a
+    # warp skips the multiply of its accumulator rows where none of its 16 rows was raised. Sum and
+    # accumulator share the stale max, so out and lse stay exact up to rounding.
+    lazy_rescale_threshold: float | None = None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -36,6 +36,51 @@ def supported(q_dtype, head_dim: int, block_size: int) -> str | None:
     return None
 
 
+def _rescale_raised_warps(acc, alpha, m_old, m_new):
+    """Returns acc * alpha, computed only by the warps holding a row whose max moved.
+
+    acc, alpha: [block_q, head_dim] f32 in the WGMMA layout (alpha: the row factor broadcast along
+    head_dim, exactly 1 on rows where m_new == m_old, broadcast by Pallas as in the exact path);
+    m_old, m_new: [block_q] f32 in its row layout. A thread holds 2 of the 64 rows (a warp 16);
+    it compares its own rows, the warp votes (vote.sync.any: the branch is warp-uniform, so no
+    divergence before the next wgmma) and a warp whose 16 rows all kept their max skips its 64
+    multiplies per thread. Pallas has no per-thread scalar (lax.cond needs a warpgroup-wide reduction
+    through shared memory and a barrier), hence the few lines of Mosaic GPU below.
+    """
+    import jax.experimental.mosaic.gpu as mgpu
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+    import numpy as np
+    from jaxlib.mlir import ir
+    from jaxlib.mlir.dialects import arith, nvvm, scf, vector
+
+    row = plgpu.Layout.WGMMA.reduce(1)
+
+    @plgpu.inline_mgpu(arg_types=(plgpu.Layout.WGMMA, plgpu.Layout.WGMMA, row, row),
+                       return_type=plgpu.ShapeDtypeStruct(acc.shape, jnp.float32, layout=plgpu.Layout.WGMMA))
+    def rescale(_, acc, alpha, m_old, m_new):
+        moved = None
+        for old, new in zip(m_old.registers.flat, m_new.registers.flat):
+            above = arith.cmpf(arith.CmpFPredicate.OGT, new, old)  # vector<1xi1>: this thread's row
+            for i in range(ir.VectorType(above.type).shape[0]):
+                bit = vector.extract(above, [], [i])
+                moved = bit if moved is None else arith.ori(moved, bit)
+        i32 = ir.IntegerType.get_signless(32)
+        moved = nvvm.vote_sync(mgpu.utils.c(0xFFFFFFFF, i32), moved, nvvm.VoteSyncKind.any)
+        registers = list(acc.registers.flat)
+        branch = scf.IfOp(moved, [r.type for r in registers], has_else=True)
+        with ir.InsertionPoint(branch.then_block):
+            scaled = acc * alpha
+            scf.yield_(list(scaled.registers.flat))
+        with ir.InsertionPoint(branch.else_block):
+            scf.yield_(registers)
+        results = np.empty(acc.registers.shape, dtype=object)
+        for i, result in enumerate(branch.results):
+            results.flat[i] = result
+        return mgpu.FragmentedArray(_registers=results, _layout=acc.layout, _is_signed=None)
+
+    return rescale(acc, alpha, m_old, m_new)
+
+
 @functools.partial(jax.jit, static_argnames=("tables", "scale", "tuning"))
 def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: MosaicTuning = MosaicTuning()):
     """Returns (out [B, L, N, D] in q.dtype, lse [B, N, L] float32, natural log).
@@ -54,6 +99,10 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
     assert COMPUTE_WGS * block_q == MASK_BLOCK == block_kv == tables.block_size
     num_q_tiles = tables.num_q_blocks
     qk_scale = scale * LOG2_E
+    lazy_threshold = tuning.lazy_rescale_threshold
+    if lazy_threshold is not None and not 0.0 <= lazy_threshold <= 15.0:
+        raise ValueError(f"lazy_rescale_threshold={lazy_threshold} is outside [0, 15] (log2 units; FA4 uses 8): "
+                         "p reaches 2^threshold and f16 ends at 2^16")
 
     kv_ids = jnp.asarray(tables.kv_ids)
     counts = jnp.stack([jnp.asarray(tables.kv_counts), jnp.asarray(tables.kv_full_counts)], axis=1)
@@ -108,10 +157,19 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
                     cols = plgpu.broadcasted_iota(jnp.int32, (block_q, block_kv), 1, layout=plgpu.Layout.WGMMA)
                     s = jnp.where(kv_start + cols < kv_len, s, -jnp.inf)
                 # m_i is kept in log2 units (scaled logits) so that p is one FMA + exp2.
-                m_new = jnp.maximum(m_i, s.max(axis=1) * qk_scale)
-                alpha = jnp.exp2(m_i - m_new)
+                if lazy_threshold is None:
+                    m_new = jnp.maximum(m_i, s.max(axis=1) * qk_scale)
+                    alpha = jnp.exp2(m_i - m_new)
+                else:  # the max moves only past the threshold; alpha is exactly 1 where it stays
+                    row_max = s.max(axis=1) * qk_scale
+                    raised = row_max > m_i + lazy_threshold
+                    m_new = jnp.where(raised, row_max, m_i)
+                    alpha = jnp.where(raised, jnp.exp2(m_i - m_new), 1.0)
                 p = jnp.exp2(s * qk_scale - lax.broadcast_in_dim(m_new, s.shape, [0]))
-                acc *= lax.broadcast_in_dim(alpha, acc.shape, [0])
+                if lazy_threshold is None:
+                    acc *= lax.broadcast_in_dim(alpha, acc.shape, [0])
+                else:
+                    acc = _rescale_raised_warps(acc, lax.broadcast_in_dim(alpha, acc.shape, [0]), m_i, m_new)
                 l_i = l_i * alpha + p.sum(axis=1)
                 p16 = p.astype(dtype)
                 # Ordering found by the jax example to matter for speed on H100.

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from radial_jax import radial_block_mask
-from radial_jax.kernels import KernelTuning, MosaicBwdTuning
+from radial_jax.kernels import KernelTuning, MosaicBwdTuning, MosaicTuning
 
 BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 
@@ -23,23 +23,41 @@ def _load(name):
 
 @pytest.mark.parametrize("backward", [False, True], ids=["fwd", "fwd_bwd"])
 def test_dry_run_times_ours_and_writes_json(tmp_path, backward):
+    # The variants run on the Triton twin here (it ignores the Mosaic tunings): the bookkeeping
+    # around them (timing, the default again, speed ratio, sampled error) is what is checked.
     out = tmp_path / "attention.json"
-    _load("attention").main(["--dry-run", "--decay", "0.5", "--out", str(out)] + (["--backward"] if backward else []))
+    variant = "fused_bwd" if backward else "lazy_rescale_fwd"
+    _load("attention").main(["--dry-run", "--decay", "0.5", "--out", str(out), "--variants", variant]
+                            + (["--backward"] if backward else []))  # fmt: skip
     record = json.loads(out.read_text())
     assert {"device", "command", "date", "jax", "rows"} <= set(record)
     (row,) = record["rows"]
     assert row["shape"] == "tiny" and row["decay"] == 0.5
     assert row["ours_radial_ms"] > 0 and row["ours_all_on_ms"] > 0 and row["ours_radial_tflops"] > 0
+    assert row[f"ours_radial_{variant}_ms"] > 0 and row["ours_radial_again_ms"] > 0
+    assert row[f"ours_radial_{variant}_speed_vs_default"] == row["ours_radial_ms"] / row[f"ours_radial_{variant}_ms"]
     if backward:
-        assert row["ours_radial_fwd_only_msec"] > 0
+        assert row["ours_radial_fwd_only_msec"] > 0 and row[f"ours_radial_{variant}_bwd_only_tflops"] > 0
     else:  # bf16 inputs, f32 reference: a wrong block or row would be O(1)
         assert row["ours_radial_max_err_sampled_blocks"] < 3e-2
+        assert row[f"ours_radial_{variant}_max_err_sampled_blocks"] < 3e-2
+
+
+def test_variants_refuse_a_backward_design_without_backward():
+    with pytest.raises(SystemExit, match="backward designs need --backward"):
+        _load("attention").main(["--dry-run", "--variants", "fused_bwd"])
 
 
 def test_backward_variants_differ_from_the_default_only_in_the_mosaic_backward():
     for tuning in _load("attention").backward_variants().values():
         assert isinstance(tuning, KernelTuning) and tuning.mosaic_bwd != MosaicBwdTuning()
         assert tuning == KernelTuning(mosaic_bwd=tuning.mosaic_bwd)
+
+
+def test_forward_variants_differ_from_the_default_only_in_the_mosaic_forward():
+    for tuning in _load("attention").forward_variants().values():
+        assert isinstance(tuning, KernelTuning) and tuning.mosaic_fwd != MosaicTuning()
+        assert tuning == KernelTuning(mosaic_fwd=tuning.mosaic_fwd)
 
 
 @pytest.mark.parametrize("transpose", [False, True], ids=["forward", "backward"])

@@ -38,6 +38,26 @@ def test_forward_lowers_to_one_mosaic_kernel(case):
     tables, q, kv, _ = _setup(*case)
     text = _lowered_text(lambda q, k, v: mosaic_fwd.mosaic_forward(q, k, v, tables=tables, scale=0.1), q, kv, kv)
     assert text.count("mosaic_gpu") >= 1 and "wgmma" in text
+    assert "vote.sync" not in text  # the exact online softmax rescales every step, no branch
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_lazy_rescale_forward_lowers_with_a_warp_vote(case):
+    # MosaicTuning.lazy_rescale_threshold: each warp votes on whether any of its rows' max moved
+    # and branches around the accumulator multiply (inline Mosaic GPU: vote.sync + scf.if).
+    tables, q, kv, _ = _setup(*case)
+    tuning = mosaic_fwd.MosaicTuning(lazy_rescale_threshold=8.0)
+    text = _lowered_text(lambda q, k, v: mosaic_fwd.mosaic_forward(q, k, v, tables=tables, scale=0.1, tuning=tuning),
+                         q, kv, kv)  # fmt: skip
+    assert "wgmma" in text and "vote.sync" in text and "scf.if" in text
+
+
+def test_lazy_rescale_refuses_a_threshold_that_would_overflow_p():
+    tables, q, kv, _ = _setup(*CASES[0])
+    tuning = mosaic_fwd.MosaicTuning(lazy_rescale_threshold=20.0)
+    with pytest.raises(ValueError, match="lazy_rescale_threshold=20.0"):
+        jax.eval_shape(lambda q, k, v: mosaic_fwd.mosaic_forward(q, k, v, tables=tables, scale=0.1, tuning=tuning),
+                       q, kv, kv)  # fmt: skip
 
 
 @pytest.mark.parametrize("case", CASES)
