@@ -7,8 +7,10 @@
 What the preset runs (benchmarks/NOTES.md says where each setting comes from): T2V, 4 steps of flow
 Euler at LightX2V's distillation timesteps [1000, 750, 500, 250] with shift 5, guidance 1 (one DiT
 pass a step, no negative prompt), the VAE decode in bf16. Configs: dense = dense attention in every
-step; radial = the reference's Lightx2v plan: dense_layers=1, dense_timesteps=1 (step 0 dense,
-steps 1-3 radial), decay_factor 0.2, our Pallas kernel (--radial-impl). Random weights born on the
+step (cuDNN); radial = the reference's Lightx2v plan: dense_layers=1, dense_timesteps=1 (step 0
+dense, steps 1-3 radial), decay_factor 0.2, our Pallas kernel (--radial-impl), the dense step and
+layer through our Mosaic kernel with every block on (the preset's --dense-implementation mosaic;
+cuDNN where it cannot run). Random weights born on the
 device (a LoRA merged at load changes values, not cost): umT5-XXL bf16, the DiT bf16, the Wan2.1
 VAE in bf16 and in float32 (the same weights, f32 cast to bf16).
 
@@ -39,6 +41,7 @@ PRESET = "lightx2v"
 TIMESTEPS = (1000, 750, 500, 250)  # LightX2V's denoising_step_list (models.wan.sampler.LIGHTX2V_TIMESTEPS)
 SHIFT = 5.0
 DENSE_LAYERS, DENSE_TIMESTEPS, DECAY = 1, 1, 0.2  # the reference's scripts/wan_t2v_inference_lightx2v.sh
+DENSE_IMPLEMENTATION = ("mosaic", "dense")  # the preset's dense step: our kernel, cuDNN where it cannot run
 CONFIGS = ("dense", "radial")
 SHAPES = ("14b-720p-81f", "1.3b-480p-81f", "tiny")  # generate.SHAPES keys; tiny: --dry-run only
 
@@ -50,7 +53,7 @@ def attention_plan(config: str, radial_impl: str):
     if config == "dense":
         return None
     return RadialPlan(dense_layers=DENSE_LAYERS, dense_timesteps=DENSE_TIMESTEPS, decay_factor=DECAY,
-                      implementation=radial_impl)  # fmt: skip
+                      implementation=radial_impl, dense_implementation=DENSE_IMPLEMENTATION)  # fmt: skip
 
 
 def timed_denoise(dit, plan, sampler, latents_shape, context, seed: int) -> tuple[float, list[float], object]:

@@ -36,7 +36,10 @@ class RadialPlan:
       decay_factor, block_size, model: "wan" keeps frame 0 as a sink, "hunyuan" does not).
     implementation: radial_attention's (see radial_jax.attention.IMPLEMENTATIONS), one name or
       an ordered tuple; tuning: the Pallas kernels' tunables (None: KernelTuning's defaults).
-    Cross-attention is always dense.
+    dense_implementation: how dense steps and dense layers attend: "dense" (radial_jax.dense_attention,
+      cuDNN on a GPU) or another of IMPLEMENTATIONS, which runs radial_attention with every block on
+      (e.g. "pallas": our kernel, ~10% faster than cuDNN at 75,600 tokens on an H200).
+    Cross-attention is always dense (dense_attention).
     """
 
     mode: str = "radial"
@@ -48,6 +51,7 @@ class RadialPlan:
     implementation: str | Sequence[str] = "auto"  # a list becomes a tuple (hashable)
     mask_model: str = "wan"
     tuning: KernelTuning | None = None
+    dense_implementation: str | Sequence[str] = "dense"
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -57,9 +61,13 @@ class RadialPlan:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
         if self.mask_model not in MODELS:
             raise ValueError(f"mask_model={self.mask_model!r} must be one of {MODELS}")
-        if isinstance(self.implementation, list):  # keep the dataclass hashable (a jit static)
-            object.__setattr__(self, "implementation", tuple(self.implementation))
-        check_implementation(self.implementation)
+        for name in ("implementation", "dense_implementation"):
+            if isinstance(getattr(self, name), list):  # keep the dataclass hashable (a jit static)
+                object.__setattr__(self, name, tuple(getattr(self, name)))
+            try:
+                check_implementation(getattr(self, name))
+            except ValueError as e:
+                raise ValueError(f"{name}: {e}") from None
 
     def is_dense_step(self, step: int, num_steps: int | None = None) -> bool:
         """Returns whether sampling step `step` (0-based) of `num_steps` runs all layers dense.
@@ -95,14 +103,28 @@ def radial_mask(
     return mask
 
 
+@functools.lru_cache(maxsize=8)
+def full_mask(blocks: int) -> np.ndarray:
+    """Returns a read-only all-True block mask [blocks, blocks] (dense attention through the kernel)."""
+    mask = np.ones((blocks, blocks), bool)
+    mask.setflags(write=False)
+    return mask
+
+
 def self_attention(
     plan: RadialPlan | None, num_frames: int, tokens_per_frame: int, *, layer: int, dense: bool = False
 ) -> Attend:
     """Returns attend(q, k, v) for block `layer` over a video of num_frames x tokens_per_frame
     tokens (frame-major): dense when there is no plan, at a dense step (`dense`), or in a
     dense layer; else radial attention with the plan's mask and implementation."""
-    if plan is None or dense or plan.is_dense_layer(layer):
+    if plan is None:
         return dense_attention
+    if dense or plan.is_dense_layer(layer):
+        if plan.dense_implementation == "dense":
+            return dense_attention
+        mask = full_mask(-(-num_frames * tokens_per_frame // plan.block_size))
+        return functools.partial(radial_attention, block_mask=mask, block_size=plan.block_size,
+                                 implementation=plan.dense_implementation, tuning=plan.tuning)  # fmt: skip
     mask = plan.block_mask(num_frames, tokens_per_frame)
     return functools.partial(radial_attention, block_mask=mask, block_size=plan.block_size,
                              implementation=plan.implementation, tuning=plan.tuning)  # fmt: skip

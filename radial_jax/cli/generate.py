@@ -19,13 +19,17 @@ CKPT_DEFAULTS = {"size": "832x480", "frames": 81, "steps": 50}  # Wan2.1's 480p 
 # guidance None: the checkpoint's (WAN21_GUIDANCE; a Wan2.2 A14B's per expert, models/wan/experts.py).
 WAN21_GUIDANCE = 5.0
 BASE = {"sampler": "unipc", "timesteps": None, "shift": None, "guidance": None, "dense_layers": 1,
-        "dense_timesteps": 12, "decay_factor": 0.2, "vae_dtype": "f32"}  # fmt: skip
+        "dense_timesteps": 12, "decay_factor": 0.2, "vae_dtype": "f32", "dense_implementation": "dense"}  # fmt: skip
 # lightx2v: LightX2V's step- and CFG-distilled Wan2.1 LoRAs (configs/distill/wan21/*_4step_cfg.json:
 # denoising_step_list [1000, 750, 500, 250], sample_shift 5, no CFG) with the reference's radial
 # plan for them (scripts/wan_t2v_inference_lightx2v.sh: dense_layers 1, dense_timesteps 1, decay
-# 0.2); the VAE in bf16, as Kijai's WanVideo wrapper runs it. benchmarks/NOTES.md has the sources.
+# 0.2); the VAE in bf16, as Kijai's WanVideo wrapper runs it; the dense step through our kernel
+# (faster than cuDNN at 720p: benchmarks/results/fast-parts-h200.json). benchmarks/NOTES.md has the sources.
 PRESETS = {"lightx2v": {"sampler": "distilled", "timesteps": "1000,750,500,250", "shift": 5.0, "guidance": 1.0,
-                        "dense_layers": 1, "dense_timesteps": 1, "decay_factor": 0.2, "vae_dtype": "bf16"}}
+                        "dense_layers": 1, "dense_timesteps": 1, "decay_factor": 0.2, "vae_dtype": "bf16",
+                        "dense_implementation": "mosaic"}}
+# --dense-implementation: mosaic falls back to cuDNN where our Hopper kernel cannot run.
+DENSE_IMPLEMENTATIONS = {"dense": "dense", "mosaic": ("mosaic", "dense")}
 MAX_SEED = 2**32 - 1  # jax.random.key keeps 32 bits without x64: larger seeds would alias smaller ones
 DEFAULT_PROMPT = "Two anthropomorphic cats in comfy boxing gear and bright gloves fight intensely on a spotlighted stage."
 
@@ -84,7 +88,8 @@ def run(args) -> int:
     from radial_jax.plan import RadialPlan
 
     attention = RadialPlan(mode=args.attention, dense_layers=args.dense_layers, dense_timesteps=args.dense_timesteps,
-                           dense_final_timesteps=args.dense_final_timesteps, decay_factor=args.decay_factor)  # fmt: skip
+                           dense_final_timesteps=args.dense_final_timesteps, decay_factor=args.decay_factor,
+                           dense_implementation=DENSE_IMPLEMENTATIONS[args.dense_implementation])  # fmt: skip
     start = time.perf_counter()
     components = _load_components(args, attention, request.image is not None)
     if request.loras:
@@ -424,7 +429,7 @@ def add_parser(sub) -> None:
                    help="settings for a kind of checkpoint; flags given explicitly win. lightx2v: LightX2V's "
                         "4-step step- and CFG-distilled Wan2.1 LoRAs (pass the LoRA with --lora): --sampler "
                         "distilled --timesteps 1000,750,500,250 --shift 5 --guidance 1 --dense-layers 1 "
-                        "--dense-timesteps 1 --decay-factor 0.2 --vae-dtype bf16")  # fmt: skip
+                        "--dense-timesteps 1 --decay-factor 0.2 --vae-dtype bf16 --dense-implementation mosaic")  # fmt: skip
     p.add_argument("--steps", type=int, help="sampling steps (default 50, Wan2.2 A14B 40; tiny 16; --sampler "
                                              "distilled: one per timestep)")  # fmt: skip
     p.add_argument("--guidance", type=float,
@@ -449,6 +454,10 @@ def add_parser(sub) -> None:
     p.add_argument("--dense-final-timesteps", type=int, default=0, help="last N steps stay dense (default %(default)s)")
     p.add_argument("--decay-factor", type=float,
                    help=_preset_help("radial window decay, > 0", "decay_factor", "0.2; mask and demo default to 1.0"))
+    p.add_argument("--dense-implementation", choices=tuple(DENSE_IMPLEMENTATIONS),
+                   help=_preset_help("dense steps' and dense layers' self-attention: dense is cuDNN; mosaic is our "
+                                     "Hopper kernel with every block on (~10%% faster than cuDNN at 720p on an "
+                                     "H200; cuDNN elsewhere)", "dense_implementation"))  # fmt: skip
     p.add_argument("--vae-dtype", choices=("bf16", "f32"),
                    help=_preset_help("VAE (decode, and I2V's image encode); bf16 is faster and adds ~1 uint8 level "
                                      "of error", "vae_dtype"))  # fmt: skip

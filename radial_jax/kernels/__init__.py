@@ -52,6 +52,8 @@ def block_sparse_attention(q, k, v, block_mask: np.ndarray, *, block_size: int, 
         raise ValueError(f"backend={backend!r} must be one of {BACKENDS}")
     if backend == "mosaic" and (reason := mosaic_fwd.supported(q.dtype, head_dim, block_size)):
         raise NotImplementedError(f"mosaic kernel: {reason}")
+    if backend == "mosaic" and default_backend(q.dtype, head_dim, block_size) != "mosaic":
+        raise NotImplementedError("mosaic kernel: needs a Hopper GPU (sm90)")
     tables = block_tables(block_mask, block_size, q.shape[1], k.shape[1])
     static = _Static(tables, scale, backend, KernelTuning() if tuning is None else tuning)
     out, lse = _attention(q, k, v, static)

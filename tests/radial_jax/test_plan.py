@@ -42,6 +42,17 @@ def test_self_attention_is_dense_without_a_plan_at_dense_steps_and_layers():
     assert self_attention(RadialPlan(mode="dense"), 4, 32, layer=3) is dense_attention
 
 
+def test_dense_implementation_runs_dense_steps_and_layers_through_radial_attention_with_every_block():
+    plan = RadialPlan(dense_layers=1, block_size=16, implementation="triton", dense_implementation=["reference"])
+    assert plan.dense_implementation == ("reference",) and hash(plan) == hash(dataclasses.replace(plan))
+    q, k, v = _qkv(8 * 30)  # 240 tokens: a ragged last block of 16
+    for attend in (self_attention(plan, 8, 30, layer=3, dense=True), self_attention(plan, 8, 30, layer=0)):
+        assert attend.func is radial_attention and attend.keywords["implementation"] == ("reference",)
+        mask = attend.keywords["block_mask"]
+        assert mask.shape == (15, 15) and mask.all() and not mask.flags.writeable
+        np.testing.assert_allclose(attend(q, k, v), dense_attention(q, k, v), rtol=1e-5, atol=1e-6)
+
+
 def test_self_attention_of_a_radial_layer_applies_the_plans_mask():
     plan = RadialPlan(block_size=16, implementation="reference")
     q, k, v = _qkv(8 * 32)
@@ -55,6 +66,7 @@ def test_self_attention_of_a_radial_layer_applies_the_plans_mask():
 
 def test_bad_plans_are_refused_with_the_field_named():
     for fields, name in (({"mode": "sparse"}, "mode"), ({"dense_layers": -1}, "dense_layers"),
-                         ({"implementation": "flash"}, "implementation"), ({"mask_model": "cogvideo"}, "mask_model")):
+                         ({"implementation": "flash"}, "implementation"), ({"mask_model": "cogvideo"}, "mask_model"),
+                         ({"dense_implementation": "cudnn"}, "dense_implementation")):
         with pytest.raises(ValueError, match=name):
             RadialPlan(**fields)
