@@ -17,7 +17,6 @@ existing file of the same device.
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import time
@@ -33,6 +32,11 @@ SHAPES = {  # preset, latent frames, height, width, dense_layers of the radial p
     "tiny": ("tiny", 5, 16, 16, 1),  # --dry-run only: 5 x 8 x 8 = 320 tokens
 }
 IMPLS = ("radial", "dense")
+# The 14B step at 720p-81f needs ~101 GiB: 26 GiB of bf16 weights and one 75 GiB buffer of remat
+# residuals and temporaries. JAX's allocator, growing region by region (no preallocation) under its
+# default cap of 75% of the card, had claimed ~59 GiB of regions for the weights piecemeal and found
+# no room for a 75 GiB one (H200, 2026-11-30): claim 95% of the card as one region up front.
+WORKER_ENV = {"XLA_PYTHON_CLIENT_PREALLOCATE": "true", "XLA_PYTHON_CLIENT_MEM_FRACTION": "0.95"}
 LORA_RANK = 32
 
 
@@ -175,9 +179,6 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [s for s in shapes if s not in SHAPES] + [i for i in args.impls.split(",") if i not in IMPLS]
     if unknown:
         sys.exit(f"unknown shapes/impls {unknown}; shapes: {list(SHAPES)}, impls: {IMPLS}")
-    # JAX caps its GPU allocator at 75% of the card by default; the 14B step at 720p-81f needs
-    # ~100 GiB (26 GiB of bf16 weights, ~73 GiB of remat residuals and temporaries) of the 141.
-    os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")  # the workers inherit it
     rows = []
     for shape in shapes:
         for impl in args.impls.split(","):
@@ -185,7 +186,8 @@ def main(argv: list[str] | None = None) -> int:
             cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", impl, "--shapes", shape, "--iters",
                    str(args.iters), "--warmup", str(args.warmup), "--radial-impl", args.radial_impl]
             cmd += ["--dry-run"] if args.dry_run else []
-            rows.append(dict(run_child(cmd, timeout=args.timeout, dry_run=args.dry_run), shape=shape, impl=impl))
+            rows.append(dict(run_child(cmd, timeout=args.timeout, dry_run=args.dry_run, env=WORKER_ENV), shape=shape,
+                             impl=impl))  # fmt: skip
     print_table(summarise(rows))
     out = args.out or (None if args.dry_run else f"benchmarks/results/train-step-{device_tag(rows)}.json")
     if out:

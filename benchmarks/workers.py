@@ -15,17 +15,19 @@ RESULT_PREFIX = "RESULT "  # a worker prints each row as one line: RESULT {json}
 WEIGHT_STD = 0.02  # random weights: scale of a trained Wan's linears, keeps activations finite
 
 
-def run_child_rows(cmd: list[str], *, timeout: float, dry_run: bool, key: str | None) -> tuple[list[dict], str | None]:
+def run_child_rows(cmd: list[str], *, timeout: float, dry_run: bool, key: str | None,
+                   env: dict[str, str] | None = None) -> tuple[list[dict], str | None]:
     """Returns (the last RESULT row the child printed for each value of row[key] (key None: one
     row), in order of first print; None if the child exited 0, else why it failed: exit status and
     stderr tail, or the timeout).
 
     Rows printed before a crash or a timeout are kept, so a worker that prints as it goes loses only
     the phases it did not reach. The child does not preallocate GPU memory (its peak is its own, and
-    JAX and torch can share one GPU); a dry run pins it to the CPU.
+    JAX and torch can share one GPU) unless `env` (variables set for the child) says otherwise; a
+    dry run pins it to the CPU.
     """
-    env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false",
-               PYTHONPATH=f"{REPO}{os.pathsep}" + os.environ.get("PYTHONPATH", ""))  # fmt: skip
+    env = {**os.environ, "XLA_PYTHON_CLIENT_PREALLOCATE": "false",
+           "PYTHONPATH": f"{REPO}{os.pathsep}" + os.environ.get("PYTHONPATH", ""), **(env or {})}
     if dry_run:
         env["JAX_PLATFORMS"] = "cpu"
     try:
@@ -46,9 +48,9 @@ def run_child_rows(cmd: list[str], *, timeout: float, dry_run: bool, key: str | 
     return list(rows.values()), failure
 
 
-def run_child(cmd: list[str], *, timeout: float, dry_run: bool) -> dict:
+def run_child(cmd: list[str], *, timeout: float, dry_run: bool, env: dict[str, str] | None = None) -> dict:
     """Returns the result row of a worker that prints one (its last RESULT line), or an error row."""
-    rows, failure = run_child_rows(cmd, timeout=timeout, dry_run=dry_run, key=None)
+    rows, failure = run_child_rows(cmd, timeout=timeout, dry_run=dry_run, key=None, env=env)
     return rows[-1] if rows else dict(error=failure or "exit 0 without a RESULT line")
 
 
