@@ -13,8 +13,9 @@ of batch_size; the last n % batch_size samples of an epoch are left out (static 
 compiled step), a different few each epoch. The iterator is endless (epoch after epoch).
 DataPosition(epoch, index) counts the batches taken in that epoch; batches(start=p) yields
 exactly what an uninterrupted run yields after p, whatever process or machine it runs on.
-Multi-host: each process passes process_index/process_count and gets its contiguous
-batch_size / process_count rows of every global batch (for jax.make_array_from_process_local_data).
+Multi-host: each process passes `rows`, the rows of every global batch its devices hold
+(train/step.py's process_rows: a contiguous range, disjoint between processes when the batch is
+split over them, the whole batch when it is replicated), for jax.make_array_from_process_local_data.
 """
 
 import dataclasses
@@ -119,23 +120,19 @@ class LatentDataset:
 
     def batches(
         self, batch_size: int, *, seed: int, start: DataPosition = DataPosition(), text_len: int | None = None,
-        process_index: int = 0, process_count: int = 1, prefetch: int = 2,
+        rows: slice = slice(None), prefetch: int = 2,
     ) -> Iterator[tuple[dict[str, np.ndarray], DataPosition]]:
         """Yields (batch, position after it) forever from `start` (see the module docstring).
 
-        batch_size: global rows a step; each process gets batch_size // process_count of them.
+        batch_size: global rows a step; rows: the ones this process reads (default all).
         prefetch: batches read ahead on a background thread (0: none).
         """
         if batch_size < 1 or batch_size > len(self):
             raise CacheError(f"batch_size {batch_size} must be between 1 and the cache's {len(self)} samples")
-        if batch_size % process_count:
-            raise CacheError(f"batch_size {batch_size} must be a multiple of the {process_count} processes")
         if start.epoch < 0 or not 0 <= start.index < self.batches_per_epoch(batch_size):
             raise CacheError(f"data position {start} is outside this cache ({self.batches_per_epoch(batch_size)} "
                              "batches an epoch); was the checkpoint trained on another cache?")  # fmt: skip
-        rows = batch_size // process_count
-        mine = slice(process_index * rows, (process_index + 1) * rows)
-        stream = self._stream(batch_size, seed, start, text_len, mine)
+        stream = self._stream(batch_size, seed, start, text_len, rows)
         return _prefetched(stream, prefetch) if prefetch > 0 else stream
 
     def batches_per_epoch(self, batch_size: int) -> int:

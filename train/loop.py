@@ -31,7 +31,7 @@ from train.data import DataPosition, LatentDataset
 from train.export import export_lora
 from train.logging import MetricsLog
 from train.lora import apply_lora
-from train.step import TrainStep, batch_axes, make_mesh, make_optimizer, split_model
+from train.step import TrainStep, batch_axes, make_mesh, make_optimizer, process_rows, split_model
 
 # Settings a resumed run may change: they do not alter what the remaining steps compute.
 RESUMABLE_CHANGES = {("run", "steps"), ("run", "out"), ("run", "save_every"), ("run", "keep"), ("run", "log_every"),
@@ -141,10 +141,10 @@ def _restore(checkpoints: Checkpoints, template: dict, config: TrainConfig) -> d
 def _run(config, step_fn, state, base, dataset, arch, schedule, checkpoints, start, last, progress) -> dict[int, float]:
     """Runs steps start+1 .. last, updating `state` in place; returns {step: loss}."""
     data, run = config.data, config.run
-    rows = data.batch_size // jax.process_count()
+    sharding = step_fn.batch_sharding(data.batch_size)
     stream = dataset.batches(data.batch_size, seed=data.seed, start=DataPosition.from_dict(state["data"]),
-                             text_len=arch.text_len, process_index=jax.process_index(),
-                             process_count=jax.process_count(), prefetch=data.prefetch)  # fmt: skip
+                             text_len=arch.text_len, rows=process_rows(sharding, data.batch_size),
+                             prefetch=data.prefetch)  # fmt: skip
     tokens = data.batch_size * config.optim.accumulate * math.prod(
         n // p for n, p in zip(dataset.latent_shape[:3], arch.patch_size))  # fmt: skip
     base_key = jax.random.wrap_key_data(jnp.asarray(state["rng"]))
@@ -155,7 +155,7 @@ def _run(config, step_fn, state, base, dataset, arch, schedule, checkpoints, sta
             log.text("config", str(config.to_dict()))
         for step in range(start + 1, last + 1):
             micro = [next(stream) for _ in range(config.optim.accumulate)]
-            batch = _global_batch([b for b, _ in micro], step_fn.batch_sharding(data.batch_size), rows)
+            batch = _global_batch([b for b, _ in micro], sharding, data.batch_size)
             lora, opt_state, metrics = step_fn(state["lora"], state["opt_state"], base, batch,
                                                jax.random.fold_in(base_key, step))  # fmt: skip
             loss = float(metrics["loss"])
@@ -184,12 +184,13 @@ def _position(position: DataPosition) -> dict[str, np.ndarray]:
     return {k: np.int64(v) for k, v in position.to_dict().items()}
 
 
-def _global_batch(batches: list[dict[str, np.ndarray]], sharding, rows: int) -> dict[str, jax.Array]:
-    """Returns {name: global array [accumulate, batch, ...]} from this process's rows of each micro-batch."""
+def _global_batch(batches: list[dict[str, np.ndarray]], sharding, batch_size: int) -> dict[str, jax.Array]:
+    """Returns {name: global array [accumulate, batch_size, ...]} from this process's rows
+    (process_rows) of each micro-batch."""
     out = {}
     for name in batches[0]:
         local = np.stack([b[name] for b in batches])  # [A, rows, ...]
-        global_shape = (local.shape[0], rows * jax.process_count(), *local.shape[2:])
+        global_shape = (local.shape[0], batch_size, *local.shape[2:])
         out[name] = jax.make_array_from_process_local_data(sharding, local, global_shape)
     return out
 

@@ -122,6 +122,28 @@ def batch_axes(mesh: Mesh, batch_size: int) -> tuple[str, ...]:
     return ("data",)
 
 
+def process_rows(sharding: NamedSharding, batch_size: int, *, process_index: int | None = None,
+                 process_of: Callable = lambda device: device.process_index) -> slice:  # fmt: skip
+    """Returns the rows of a global batch [accumulate, batch_size, ...] placed by `sharding` that
+    the devices of process `process_index` (default this one) hold: what that process must read.
+    Disjoint between processes when the batch is split over them; the whole batch when it is
+    replicated (e.g. 2 rows on fsdp=8 over two hosts). process_of: a device's process (tests map
+    one process's CPU devices to pretend hosts)."""
+    process_index = jax.process_index() if process_index is None else process_index
+    held = sorted({s[1].indices(batch_size)[:2] for d, s in sharding.devices_indices_map((1, batch_size)).items()
+                   if process_of(d) == process_index})  # fmt: skip
+    if not held:
+        raise ValueError(f"process {process_index} has no device in the mesh; every process needs devices in it")
+    start, stop = held[0][0], max(hi for _, hi in held)
+    covered = start
+    for lo, hi in held:  # contiguous: make_array_from_process_local_data takes one block per process
+        if lo > covered:
+            raise ValueError(f"process {process_index} holds rows {held} of the batch, not one contiguous block; "
+                             "order the mesh's devices by process (jax.devices() does)")  # fmt: skip
+        covered = max(covered, hi)
+    return slice(start, stop)
+
+
 def split_model(model: nnx.Module) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
     """Returns (graphdef, LoRA state, frozen base state) of a model with LoRA layers."""
     graphdef, lora, base = nnx.split(model, nnx.LoRAParam, ...)
