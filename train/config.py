@@ -3,7 +3,7 @@
     config = load_config("train/configs/tiny.toml", ["optim.learning_rate=3e-4", "run.steps=20"])
 
 A TOML file has one table per section ([model], [lora], [objective], [attention], [data],
-[optim], [run]); every key is a field of that section's dataclass, and anything missing keeps
+[optim], [run], [sample]); every key is a field of that section's dataclass, and anything missing keeps
 its default. An override is "section.key=value" with a TOML value (`lora.targets=["blocks.*.ffn.0"]`);
 a bare word that is not TOML is taken as a string (`data.cache=/data/cache`). An unknown section
 or key is an error naming the valid ones. The config is stored with every checkpoint
@@ -27,6 +27,7 @@ else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
 DTYPES = ("float32", "bfloat16")
+SAMPLERS = ("unipc", "euler")  # models/wan/pipeline.py's Wan schedules (its distilled one takes timesteps)
 CONFIGS_DIR = Path(__file__).parent / "configs"
 
 
@@ -108,6 +109,37 @@ class RunSection:
 
 
 @dataclasses.dataclass(frozen=True)
+class SampleSection:
+    """A video generated with the LoRA as trained so far, every `every` steps and at the last
+    step (0: never), written to run.out/samples/step-NNNNNN.mp4 (train/sample.py).
+    prompt: encoded once at the start with the checkpoint's umT5 (tiny: the tiny preset's); empty:
+    the cached text context of sample `cache_index` (manifest order), a caption trained on.
+    steps/sampler/guidance/seed: as `radial-jax generate` (guidance != 1 encodes Wan's negative
+    prompt once; the seed's noise is the same at every sample, so they differ only by the LoRA);
+    the shift is objective.shift. frames/height/width: 0 takes data's (the trained length)."""
+
+    every: int = 0
+    prompt: str = ""
+    cache_index: int = 0
+    steps: int = 20
+    sampler: str = "unipc"
+    guidance: float = 5.0
+    seed: int = 0
+    frames: int = 0
+    height: int = 0
+    width: int = 0
+
+    def __post_init__(self):
+        if self.every < 0 or self.steps < 1 or self.cache_index < 0 or min(self.frames, self.height, self.width) < 0:
+            raise ValueError("sample.every, sample.cache_index, sample.frames/height/width must be >= 0 and "
+                             "sample.steps >= 1")  # fmt: skip
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"sample.sampler={self.sampler!r} must be one of {SAMPLERS}")
+        if not self.guidance >= 0:
+            raise ValueError(f"sample.guidance={self.guidance} must be >= 0 (1: no negative prompt pass)")
+
+
+@dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """Everything a training run depends on; see the module docstring."""
 
@@ -118,6 +150,7 @@ class TrainConfig:
     data: DataSection = DataSection()
     optim: OptimSection = OptimSection()
     run: RunSection = RunSection()
+    sample: SampleSection = SampleSection()
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         """Returns {section: {key: value}} (JSON- and TOML-ready; tuples become lists)."""

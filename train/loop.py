@@ -3,13 +3,14 @@
     result = train(load_config("tiny", ["data.cache=cache/"]), resume=False)
 
 Order of work, so that bad input fails before anything compiles: the run folder and the cache
-are checked (an empty or mismatched cache is one CacheError), then the model is built, LoRA
+are checked (an empty or mismatched cache is one CacheError), the sampler set up when
+sample.every > 0 (train/sample.py: settings checked, text encoded, VAE loaded), then the model is built, LoRA
 applied, state placed on the mesh, a checkpoint restored when resuming, and only then the first
 step compiles. Each optimizer step draws `optim.accumulate` batches of `data.batch_size`; its
 PRNG key is fold_in(key(run.seed), step), so the noise of step s is the same whether or not the
 run was interrupted before it. A non-finite loss stops the run without saving (the last good
-checkpoint stays the newest). The run folder holds checkpoints/, metrics.csv, tensorboard/ and,
-at the end, lora.safetensors (diffusers names, train/export.py).
+checkpoint stays the newest). The run folder holds checkpoints/, metrics.csv, tensorboard/,
+samples/ (with sample.every) and, at the end, lora.safetensors (diffusers names, train/export.py).
 """
 
 import dataclasses
@@ -21,7 +22,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
 from models.wan import WanConfig, WanModel, pipeline
@@ -30,12 +30,14 @@ from train.config import TrainConfig
 from train.data import DataPosition, LatentDataset
 from train.export import export_lora
 from train.logging import MetricsLog
+from train.sample import Sampler, sample_steps
 from train.lora import apply_lora
-from train.step import TrainStep, batch_axes, make_mesh, make_optimizer, process_rows, split_model
+from train.step import TrainStep, batch_axes, get_global, make_mesh, make_optimizer, process_rows, split_model
 
 # Settings a resumed run may change: they do not alter what the remaining steps compute.
 RESUMABLE_CHANGES = {("run", "steps"), ("run", "out"), ("run", "save_every"), ("run", "keep"), ("run", "log_every"),
                      ("run", "mesh"), ("data", "prefetch"), ("data", "cache")}  # fmt: skip
+RESUMABLE_SECTIONS = {"sample"}  # samples only read the training state
 LORA_FILE = "lora.safetensors"
 
 
@@ -102,6 +104,8 @@ def train(config: TrainConfig, *, resume: bool = False, stop_at: int | None = No
     dataset = open_dataset(config, arch)
     mesh = make_mesh(config.run.mesh, devices)
     batch_axes(mesh, config.data.batch_size)  # a batch that cannot be split: an error before compiling
+    # Before the DiT is built: a real run's umT5 comes and goes before the DiT takes the memory.
+    sampler = Sampler(config, arch, dataset, mesh) if config.sample.every else None
 
     graphdef, lora, base = split_model(build_model(config))  # no model kept: the placed base is the only copy
     tx, schedule = make_optimizer(config.optim, config.run.steps)
@@ -114,10 +118,10 @@ def train(config: TrainConfig, *, resume: bool = False, stop_at: int | None = No
         state = _restore(checkpoints, state, config)
     start = int(state["step"])
     last = min(config.run.steps, stop_at if stop_at is not None else config.run.steps)
-    losses = _run(config, step_fn, state, base, dataset, arch, schedule, checkpoints, start, last, progress)
+    losses = _run(config, step_fn, state, base, dataset, arch, schedule, checkpoints, start, last, progress, sampler)
     lora_path = None
     if last == config.run.steps:
-        lora_host = _gathered(state["lora"])  # every process joins the gather; one writes
+        lora_host = get_global(state["lora"])  # every process joins the gather; one writes
         if jax.process_index() == 0:
             trained = nnx.merge(graphdef, lora_host, base)
             lora_path = export_lora(trained, out / LORA_FILE, metadata={"step": str(last)})
@@ -130,7 +134,8 @@ def _restore(checkpoints: Checkpoints, template: dict, config: TrainConfig) -> d
     current = config.to_dict()
     changed = sorted(f"{section}.{key} ({saved.get(section, {}).get(key)!r} -> {value!r})"
                      for section, values in current.items() for key, value in values.items()
-                     if (section, key) not in RESUMABLE_CHANGES and saved.get(section, {}).get(key) != value)  # fmt: skip
+                     if section not in RESUMABLE_SECTIONS and (section, key) not in RESUMABLE_CHANGES
+                     and saved.get(section, {}).get(key) != value)  # fmt: skip
     if changed:
         raise TrainingError(f"--resume: the config differs from the checkpoint's in {', '.join(changed)}; "
                             "resume with the original settings or start a new run.out")  # fmt: skip
@@ -138,8 +143,10 @@ def _restore(checkpoints: Checkpoints, template: dict, config: TrainConfig) -> d
     return dict(restored, data={k: np.int64(v) for k, v in restored["data"].items()})
 
 
-def _run(config, step_fn, state, base, dataset, arch, schedule, checkpoints, start, last, progress) -> dict[int, float]:
+def _run(config, step_fn, state, base, dataset, arch, schedule, checkpoints, start, last, progress,
+         sampler) -> dict[int, float]:  # fmt: skip
     """Runs steps start+1 .. last, updating `state` in place; returns {step: loss}."""
+    sampling = set(sample_steps(config.sample.every, start, last))
     data, run = config.data, config.run
     sharding = step_fn.batch_sharding(data.batch_size)
     stream = dataset.batches(data.batch_size, seed=data.seed, start=DataPosition.from_dict(state["data"]),
@@ -176,8 +183,20 @@ def _run(config, step_fn, state, base, dataset, arch, schedule, checkpoints, sta
             bar.update(1)
             if step % run.save_every == 0 or step == last:
                 checkpoints.save(step, state, config.to_dict())
+            if step in sampling:  # after the save: a sample that fails loses no training
+                _sample(sampler, step, step_fn.graphdef, state["lora"], base, bar)
+                timer = time.perf_counter()  # the next step's s/step is its own
     bar.close()
     return losses
+
+
+def _sample(sampler: Sampler, step: int, graphdef, lora, base, bar) -> None:
+    """Generates the sample of `step`, showing its progress in the training bar's postfix."""
+    start = time.perf_counter()
+    show = lambda i, n, dense: bar.set_postfix_str(f"sample {i + 1}/{n}")  # noqa: E731
+    path = sampler(step, graphdef, lora, base, on_step=show)
+    if path is not None:
+        bar.write(f"step {step}: sample {path} ({time.perf_counter() - start:.1f} s)")
 
 
 def _position(position: DataPosition) -> dict[str, np.ndarray]:
@@ -193,13 +212,6 @@ def _global_batch(batches: list[dict[str, np.ndarray]], sharding, batch_size: in
         global_shape = (local.shape[0], batch_size, *local.shape[2:])
         out[name] = jax.make_array_from_process_local_data(sharding, local, global_shape)
     return out
-
-
-def _gathered(tree):
-    """Returns `tree` with every array fully on this host (sharded LoRA factors on several hosts)."""
-    if jax.process_count() == 1:
-        return jax.device_get(tree)
-    return multihost_utils.process_allgather(tree, tiled=True)
 
 
 def _memory() -> dict[str, float]:

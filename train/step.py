@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from jaxtyping import Array, Float
 
@@ -109,6 +110,14 @@ def put_global(tree, shardings, *, per_shard: bool | None = None):
     if not (jax.process_count() > 1 if per_shard is None else per_shard):
         return jax.device_put(tree, shardings)
     return jax.tree.map(lambda x, s: jax.make_array_from_callback(x.shape, s, lambda index: x[index]), tree, shardings)
+
+
+def get_global(tree):
+    """Returns `tree`'s arrays as numpy, whole on every process (the inverse of put_global): every
+    process must call it, as arrays sharded over several hosts are gathered from all of them."""
+    if jax.process_count() == 1:
+        return jax.device_get(tree)
+    return multihost_utils.process_allgather(tree, tiled=True)
 
 
 def batch_axes(mesh: Mesh, batch_size: int) -> tuple[str, ...]:

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
+from radial_jax.cli.outputs import write_video
+
 # The no-checkpoint preset: seconds on a CPU; 16 steps so that with the default 12 dense steps
 # the radial program runs too.
 TINY_DEFAULTS = {"size": "160x96", "frames": 17, "steps": 16}
@@ -319,19 +321,6 @@ def _read_image(path: str) -> np.ndarray:
             return np.asarray(img.convert("RGB"))
     except OSError as e:
         raise ValueError(f"--image {path}: cannot read it as an image ({e})") from None
-
-
-def write_video(video: np.ndarray, out: Path, fps: int) -> None:
-    """Writes uint8 [frames, H, W, 3] to `out` (format by extension) under a temporary name, then renames."""
-    import imageio.v2 as imageio
-
-    from radial_jax.cli.outputs import replaced_atomically
-
-    with replaced_atomically(out) as partial, warnings.catch_warnings():
-        # JAX warns on any fork; imageio's child only execs ffmpeg.
-        warnings.filterwarnings("ignore", message="os.fork", category=RuntimeWarning)
-        imageio.mimwrite(partial, list(video), fps=fps, codec="libx264", quality=8, macro_block_size=1,
-                         ffmpeg_log_level="error")  # fmt: skip
 
 
 def _load_components(args, attention, i2v: bool):

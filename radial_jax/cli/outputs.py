@@ -4,6 +4,7 @@ beside the destination and renamed into place, so a failure or Ctrl-C never leav
 import contextlib
 import os
 import secrets
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -48,3 +49,15 @@ def replaced_atomically(out: Path) -> Iterator[Path]:
     except BaseException:
         partial.unlink(missing_ok=True)
         raise
+
+
+def write_video(video, out: Path, fps: int) -> None:
+    """Writes uint8 numpy [frames, H, W, 3] to `out` (format by extension) under a temporary name,
+    then renames."""
+    import imageio.v2 as imageio
+
+    with replaced_atomically(out) as partial, warnings.catch_warnings():
+        # JAX warns on any fork; imageio's child only execs ffmpeg.
+        warnings.filterwarnings("ignore", message="os.fork", category=RuntimeWarning)
+        imageio.mimwrite(partial, list(video), fps=fps, codec="libx264", quality=8, macro_block_size=1,
+                         ffmpeg_log_level="error")  # fmt: skip

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import imageio.v2 as imageio
 import jax
 import numpy as np
 import pytest
@@ -27,6 +28,10 @@ TIMEOUT_S = 300  # a hung collective (one process died) must fail the test, not 
 # second epoch (the data order crosses it).
 SETTINGS = ["data.frames=9", "data.height=64", "data.width=64", "data.batch_size=2", "run.steps=3",
             "run.save_every=2", "run.log_every=1", "optim.warmup_steps=1", "run.mesh=data=2,fsdp=4"]  # fmt: skip
+# Added on resuming (the sample section may change then): a 5-frame 32x48 video at the last step,
+# one step without guidance (the DiT once; test_sample.py covers the rest).
+SAMPLE = ["sample.every=10", "sample.steps=1", "sample.guidance=1.0", "sample.frames=5", "sample.height=32",
+          "sample.width=48"]  # fmt: skip
 
 
 def _free_port() -> int:
@@ -61,10 +66,12 @@ def _launch(overrides: list[str], *flags: str) -> list[subprocess.CompletedProce
 
 
 @pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:os.fork:RuntimeWarning")  # subprocess and imageio's ffmpeg child
 def test_two_processes_train_like_one_process_on_eight_devices(tmp_path):
     """Steps 1-2 on data=2 x fsdp=4 (each process reads its own row of the batch), a checkpoint
     saved by both, then a fresh pair of processes resuming on fsdp=8 (the batch replicated: each
-    reads both rows) for step 3: the losses and LoRA of one process's uninterrupted run."""
+    reads both rows) for step 3 and a sample video: the losses and LoRA of one process's
+    uninterrupted run."""
     arch = model_config(load_config("tiny"))
     cache = random_cache(tmp_path / "cache", 5, (3, 8, 8, arch.in_dim), context_dim=arch.text_dim,
                          text_len=arch.text_len, frames=9, height=64, width=64)  # fmt: skip
@@ -76,7 +83,7 @@ def test_two_processes_train_like_one_process_on_eight_devices(tmp_path):
     two = [*common, f"run.out={tmp_path / 'two'}"]
     stopped = _launch(two, "--stop-at", "2")
     assert Checkpoints(tmp_path / "two" / "checkpoints").all_steps() == [2]
-    resumed = _launch(two, "--resume", "--mesh", "fsdp=8")
+    resumed = _launch([*two, *SAMPLE], "--resume", "--mesh", "fsdp=8")
     for procs, said in ((stopped, "stopped at --stop-at 2"), (resumed, "step 3 of 3")):
         printed = [[line for line in p.stdout.splitlines() if not line.startswith("[Gloo]")] for p in procs]
         assert any(said in line for line in printed[0]) and printed[1] == []  # process 0 alone prints
@@ -84,6 +91,9 @@ def test_two_processes_train_like_one_process_on_eight_devices(tmp_path):
     assert [r["step"] for r in rows] == [1, 2, 3]  # written once, by process 0
     np.testing.assert_allclose([r["loss"] for r in rows], [single.losses[s] for s in (1, 2, 3)], rtol=2e-5)
     assert Checkpoints(tmp_path / "two" / "checkpoints").all_steps() == [2, 3]
+    # The sample of the last step: the DiT run by both processes, decoded and written by process 0.
+    assert sorted(p.name for p in (tmp_path / "two" / "samples").iterdir()) == ["step-000003.mp4"]
+    assert np.stack(imageio.mimread(tmp_path / "two" / "samples" / "step-000003.mp4")).shape == (5, 32, 48, 3)
 
     one, two = load_file(single.lora_path), load_file(tmp_path / "two" / "lora.safetensors")
     assert one.keys() == two.keys() and len(one) == 2 * 4 * 2  # A and B of q, k, v, o in 2 blocks
