@@ -6,23 +6,23 @@
 
 What the preset runs (benchmarks/NOTES.md says where each setting comes from): T2V, 4 steps of flow
 Euler at LightX2V's distillation timesteps [1000, 750, 500, 250] with shift 5, guidance 1 (one DiT
-pass a step, no negative prompt), the VAE decode in bf16. Configs: dense = dense attention in every
-step (cuDNN); radial = the reference's Lightx2v plan: dense_layers=1, dense_timesteps=1 (step 0
-dense, steps 1-3 radial), decay_factor 0.2, our Pallas kernel (--radial-impl), the dense step and
-layer through our Mosaic kernel with every block on (the preset's --dense-implementation mosaic;
-cuDNN where it cannot run). Random weights born on the
-device (a LoRA merged at load changes values, not cost): umT5-XXL bf16, the DiT bf16, the Wan2.1
-VAE in bf16 and in float32 (the same weights, f32 cast to bf16).
+pass a step, no negative prompt), the VAE decode in float32 (bf16 timed too). Configs: dense = dense
+attention in every step (cuDNN); radial = the reference's Lightx2v plan: dense_layers=1,
+dense_timesteps=1 (step 0 dense, steps 1-3 radial), decay_factor 0.2, our Pallas kernel (--radial-
+impl), the dense step and layer through our Mosaic kernel with every block on (the preset's --dense-
+implementation mosaic; cuDNN where it cannot run). Random weights born on the device (a LoRA merged
+at load changes values, not cost): umT5-XXL bf16, the DiT bf16, the Wan2.1 VAE in bf16 and in
+float32 (the same weights, f32 cast to bf16).
 
 Every phase is timed for real, after its compiling call (no extrapolation): encode the prompt
 (encode_s); the 4 steps, one untimed warm-up run compiling both programs (denoise_compile_s: its
-time minus a timed run's), then --repeats timed runs from fresh noise (denoise_s: the median,
-with each run's per-step seconds); the VAE decode of those latents in bf16 (decode_s) and in
-float32 (decode_f32_s), each after a compiling decode of 2 latent frames, and the difference of
-the two uint8 videos (random weights: a bound on the bf16 error only for this random VAE).
-total_s = encode_s + denoise_s + decode_s; total_f32_vae_s with decode_f32_s. One worker process
-per shape times both configs on the same weights; rows are printed (and, with --log-dir, written)
-after each phase, so a killed run keeps what it finished. Writes benchmarks/results/
+time minus a timed run's), then --repeats timed runs from fresh noise (denoise_s: the median, with
+each run's per-step seconds); the VAE decode of those latents in bf16 (decode_s) and in float32
+(decode_f32_s), each after a compiling decode of 2 latent frames, and the difference of the two
+uint8 videos (random weights: a bound on the bf16 error only for this random VAE). total_s =
+encode_s + denoise_s + decode_s (bf16); total_f32_vae_s with decode_f32_s (the preset's). One worker
+process per shape times both configs on the same weights; rows are printed (and, with --log-dir,
+written) after each phase, so a killed run keeps what it finished. Writes benchmarks/results/
 generate-fast-<device>.json (device, command, date).
 """
 

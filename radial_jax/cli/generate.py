@@ -25,10 +25,11 @@ BASE = {"sampler": "unipc", "timesteps": None, "shift": None, "guidance": None, 
 # lightx2v: LightX2V's step- and CFG-distilled Wan2.1 LoRAs (configs/distill/wan21/*_4step_cfg.json:
 # denoising_step_list [1000, 750, 500, 250], sample_shift 5, no CFG) with the reference's radial
 # plan for them (scripts/wan_t2v_inference_lightx2v.sh: dense_layers 1, dense_timesteps 1, decay
-# 0.2); the VAE in bf16, as Kijai's WanVideo wrapper runs it; the dense step through our kernel
-# (faster than cuDNN at 720p: benchmarks/results/fast-parts-h200.json). benchmarks/NOTES.md has the sources.
+# 0.2); the dense step through our kernel (faster than cuDNN at 720p: benchmarks/results/
+# fast-parts-h200.json); the VAE in float32, which decoded 720p-81f faster than bf16 on the H200
+# (3.60 vs 3.78 s, generate-fast-h200.json) without bf16's rounding. benchmarks/NOTES.md has the sources.
 PRESETS = {"lightx2v": {"sampler": "distilled", "timesteps": "1000,750,500,250", "shift": 5.0, "guidance": 1.0,
-                        "dense_layers": 1, "dense_timesteps": 1, "decay_factor": 0.2, "vae_dtype": "bf16",
+                        "dense_layers": 1, "dense_timesteps": 1, "decay_factor": 0.2, "vae_dtype": "f32",
                         "dense_implementation": "mosaic"}}
 # --dense-implementation: mosaic falls back to cuDNN where our Hopper kernel cannot run.
 DENSE_IMPLEMENTATIONS = {"dense": "dense", "mosaic": ("mosaic", "dense")}
@@ -418,7 +419,7 @@ def add_parser(sub) -> None:
                    help="settings for a kind of checkpoint; flags given explicitly win. lightx2v: LightX2V's "
                         "4-step step- and CFG-distilled Wan2.1 LoRAs (pass the LoRA with --lora): --sampler "
                         "distilled --timesteps 1000,750,500,250 --shift 5 --guidance 1 --dense-layers 1 "
-                        "--dense-timesteps 1 --decay-factor 0.2 --vae-dtype bf16 --dense-implementation mosaic")  # fmt: skip
+                        "--dense-timesteps 1 --decay-factor 0.2 --vae-dtype f32 --dense-implementation mosaic")  # fmt: skip
     p.add_argument("--steps", type=int, help="sampling steps (default 50, Wan2.2 A14B 40; tiny 16; --sampler "
                                              "distilled: one per timestep)")  # fmt: skip
     p.add_argument("--guidance", type=float,
@@ -448,8 +449,8 @@ def add_parser(sub) -> None:
                                      "Hopper kernel with every block on (~10%% faster than cuDNN at 720p on an "
                                      "H200; cuDNN elsewhere)", "dense_implementation"))  # fmt: skip
     p.add_argument("--vae-dtype", choices=("bf16", "f32"),
-                   help=_preset_help("VAE (decode, and I2V's image encode); bf16 is faster and adds ~1 uint8 level "
-                                     "of error", "vae_dtype"))  # fmt: skip
+                   help=_preset_help("VAE (decode, and I2V's image encode); bf16 halves its memory and adds ~1 "
+                                     "uint8 level of error, and was no faster on an H200", "vae_dtype"))  # fmt: skip
     p.add_argument("--dtype", choices=("bf16", "f32"), default="bf16",
                    help="DiT and encoders of --ckpt (default %(default)s; the tiny preset is float32)")
     p.add_argument("--lora", action="append", default=[], metavar="FILE[:STRENGTH]",

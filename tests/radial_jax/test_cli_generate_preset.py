@@ -1,5 +1,5 @@
 """`radial-jax generate --preset lightx2v`: what the preset sets, explicit flags winning over it,
-the run it makes (tiny preset: distilled sampler, one pass a step, the radial plan, a bf16 VAE),
+the run it makes (tiny preset: distilled sampler, one pass a step, the radial plan, an f32 VAE),
 and one-line errors for timesteps that do not fit."""
 
 import jax.numpy as jnp
@@ -10,7 +10,7 @@ from radial_jax.cli.generate import apply_preset
 
 SMALL = ["--frames", "9", "--size", "64x32"]
 LIGHTX2V = dict(sampler="distilled", timesteps="1000,750,500,250", shift=5.0, guidance=1.0, dense_layers=1,
-                dense_timesteps=1, decay_factor=0.2, vae_dtype="bf16")  # fmt: skip
+                dense_timesteps=1, decay_factor=0.2, vae_dtype="f32", dense_implementation="mosaic")  # fmt: skip
 
 
 def _args(*argv):
@@ -24,19 +24,20 @@ def test_preset_sets_every_value_it_names_and_nothing_is_set_without_it():
     assert {flag: getattr(args, flag) for flag in LIGHTX2V} == LIGHTX2V
     plain = _args()
     # guidance None: the checkpoint's, 5.0 (Wan2.1) or per expert (Wan2.2 A14B), set by check_request
-    assert (plain.sampler, plain.timesteps, plain.shift, plain.guidance, plain.dense_timesteps, plain.vae_dtype) == (
-        "unipc", None, None, None, 12, "f32")  # fmt: skip
+    assert (plain.sampler, plain.timesteps, plain.shift, plain.guidance, plain.dense_timesteps, plain.vae_dtype,
+            plain.dense_implementation) == ("unipc", None, None, None, 12, "f32", "dense")  # fmt: skip
 
 
 def test_flags_given_explicitly_win_over_the_preset():
     args = _args("--preset", "lightx2v", "--sampler", "unipc", "--timesteps", "1000,500", "--shift", "8",
-                 "--guidance", "2", "--dense-timesteps", "0", "--vae-dtype", "f32")  # fmt: skip
-    assert (args.sampler, args.timesteps, args.shift, args.guidance, args.dense_timesteps, args.vae_dtype) == (
-        "unipc", "1000,500", 8.0, 2.0, 0, "f32")  # fmt: skip
+                 "--guidance", "2", "--dense-timesteps", "0", "--vae-dtype", "bf16", "--dense-implementation",
+                 "dense")  # fmt: skip
+    assert (args.sampler, args.timesteps, args.shift, args.guidance, args.dense_timesteps, args.vae_dtype,
+            args.dense_implementation) == ("unipc", "1000,500", 8.0, 2.0, 0, "bf16", "dense")  # fmt: skip
     assert _args("--preset", "lightx2v", "--decay-factor", "1.0").decay_factor == 1.0
 
 
-def test_lightx2v_preset_runs_four_distilled_steps_one_pass_each_with_a_bf16_vae(tmp_path, capsys, monkeypatch):
+def test_lightx2v_preset_runs_four_distilled_steps_one_pass_each_with_an_f32_vae(tmp_path, capsys, monkeypatch):
     from models.wan import pipeline
 
     seen = {}
@@ -59,10 +60,12 @@ def test_lightx2v_preset_runs_four_distilled_steps_one_pass_each_with_a_bf16_vae
     assert (seen["sampler"], seen["steps"], seen["timesteps"], seen["shift"], seen["guidance"]) == (
         "distilled", 4, (1000.0, 750.0, 500.0, 250.0), 5.0, 1.0)  # fmt: skip
     assert seen["negative_context"] is None and seen["sigmas"] == pytest.approx([1.0, 0.9375, 5 / 6, 0.625, 0.0])
-    assert seen["vae_dtype"] == jnp.bfloat16
+    assert seen["vae_dtype"] == jnp.float32
     attention = seen["attention"]
     assert [attention.is_dense_step(i, 4) for i in range(4)] == [True, False, False, False]
     assert (attention.mode, attention.dense_layers, attention.decay_factor) == ("radial", 1, 0.2)
+    # our Hopper kernel for the dense step, cuDNN (here: XLA on the CPU) where it cannot run
+    assert attention.dense_implementation == ("mosaic", "dense")
 
 
 @pytest.mark.parametrize(
