@@ -29,7 +29,8 @@ def run(args) -> int:
     if jax.process_index() == 0:
         last = result.losses[max(result.losses)] if result.losses else float("nan")
         print(f"{config.run.out}: step {result.step} of {config.run.steps}, last loss {last:.4f}; checkpoints in "
-              f"{config.run.out}/checkpoints")  # fmt: skip
+              f"{config.run.out}/checkpoints" + (f", sample videos in {config.run.out}/samples" if config.sample.every
+                                                  else ""))  # fmt: skip
         if result.lora_path is not None:
             ckpt = f"--ckpt {config.model.ckpt} " if config.model.ckpt else ""
             print(f"LoRA: {result.lora_path} (generate: radial-jax generate {ckpt}--lora {result.lora_path}; "
@@ -43,8 +44,8 @@ def add_parser(sub) -> None:
     p = sub.add_parser("train", help="train a LoRA on a latent cache (length extension under radial attention)",
                        description="Train a LoRA on the Wan2.1 DiT from a latent cache (radial-jax prepare) with "
                                    "Wan's flow-matching objective, self-attention through the radial plan, AdamW, "
-                                   "sharded over a device mesh. Writes checkpoints/, metrics.csv, tensorboard/ and "
-                                   "finally lora.safetensors into run.out. Shipped configs: tiny (CPU, synthetic "
+                                   "sharded over a device mesh. Writes checkpoints/, metrics.csv, tensorboard/, "
+                                   "samples/ (with sample.every) and finally lora.safetensors into run.out. Shipped configs: tiny (CPU, synthetic "
                                    "cache), wan-1.3b-480p-161f, wan-14b-720p-161f (train/configs/).")  # fmt: skip
     p.add_argument("--config", required=True, help="a TOML file, or the name of a shipped config (e.g. tiny)")
     p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",

@@ -35,6 +35,10 @@ def test_prepare_train_export_generate(tmp_path, capsys):
     assert "transformer.blocks.1.attn1.to_out.0.lora_B.weight" in lora
     assert max(float(np.abs(t).max()) for n, t in lora.items() if "lora_B" in n) > 0
     assert (run / "metrics.csv").is_file() and any((run / "tensorboard").iterdir())
+    # The tiny preset samples every 10 steps and at the last: step 3's video, at the trained size.
+    assert f"step 3: sample {run / 'samples' / 'step-000003.mp4'}" in out
+    assert [p.name for p in (run / "samples").iterdir()] == ["step-000003.mp4"]
+    assert _frames(run / "samples" / "step-000003.mp4").shape == (9, 64, 64, 3)
 
     assert main(["export", str(run), "--out", str(tmp_path / "comfy.safetensors")]) == 0
     videos = {name: tmp_path / f"{name}.mp4" for name in ("plain", "trained", "comfy")}

@@ -22,6 +22,10 @@ def test_shipped_configs_load_and_say_what_they_train():
         assert config.model.dtype == "bfloat16" and config.run.remat
     assert load_config("wan-14b-720p-161f").data.height == 720
     assert load_config("wan-1.3b-480p-161f").data.width == 832
+    assert tiny.sample.every == 10 and tiny.sample.prompt  # the demo shows samples
+    for name in ("wan-1.3b-480p-161f", "wan-14b-720p-161f"):  # every 250 of 2000 steps, at the trained length
+        config = load_config(name)
+        assert config.sample.every == 250 and config.run.steps == 2000 and config.sample.frames == 0
 
 
 def test_overrides_parse_toml_values_and_bare_strings():

@@ -82,7 +82,7 @@ def test_bad_sample_settings_fail_before_the_model_is_built(tmp_path, monkeypatc
     from train import loop
 
     monkeypatch.setattr(loop, "build_model", lambda config: pytest.fail("the model was built first"))
-    config = load_config("tiny", [*SMALL, "sample.every=2", override, f"data.cache={_cache(tmp_path / 'c')}",
+    config = load_config("tiny", [*SMALL, "sample.every=2", 'sample.prompt=""', override, f"data.cache={_cache(tmp_path / 'c')}",
                                   f"run.out={tmp_path / 'run'}"])  # fmt: skip
     with pytest.raises(ValueError, match=message):
         train(config, progress=False, devices=jax.devices()[:1])
@@ -92,3 +92,31 @@ def test_sample_steps_are_multiples_of_every_and_the_last():
     assert sample_lib.sample_steps(2, 0, 5) == [2, 4, 5]
     assert sample_lib.sample_steps(2, 3, 6) == [4, 6]  # a resumed run keeps the multiples
     assert sample_lib.sample_steps(0, 0, 5) == []
+
+
+@pytest.mark.parametrize("spec", ["data=2,fsdp=4", "fsdp=2,sequence=4"])
+def test_sample_on_a_mesh_equals_the_one_device_sample(tmp_path, monkeypatch, spec):
+    """The sampler runs the DiT where training placed it: weights sharded over fsdp, and with a
+    sequence axis each video's tokens split over it (sequence-parallel attention). The video is
+    the one-device video, to float32 reduction-order noise (at most one uint8 level)."""
+    from train.data import LatentDataset
+    from train.loop import build_model
+    from train.step import TrainStep, make_mesh, make_optimizer, split_model
+
+    config = load_config("tiny", [*SMALL, *SAMPLE, 'sample.prompt=""', f"data.cache={_cache(tmp_path / 'c')}",
+                                  f"run.out={tmp_path / 'run'}", "data.batch_size=2"])  # fmt: skip
+    arch, dataset = model_config(config), LatentDataset(config.data.cache)
+    graphdef, lora, base = split_model(build_model(config))
+    lora = jax.tree.map(lambda x: x + 0.02, lora)  # a LoRA that changes the output
+    videos = []
+    monkeypatch.setattr(sample_lib, "write_video", lambda video, path, fps: videos.append(video))
+    for devices, mesh_spec in ((jax.devices()[:1], ""), (jax.devices()[:8], spec)):
+        mesh = make_mesh(mesh_spec, devices)
+        tx, _ = make_optimizer(config.optim, config.run.steps)
+        placed_lora, placed_base, _ = TrainStep(graphdef, tx, mesh, config.attention, config.objective).place(
+            lora, base, tx.init(lora))  # fmt: skip
+        sample_lib.Sampler(config, arch, dataset, mesh)(1, graphdef, placed_lora, placed_base)
+    assert any(x.sharding.spec != jax.sharding.PartitionSpec() for x in jax.tree.leaves(placed_base))
+    one, meshed = (v.astype(int) for v in videos)
+    assert one.shape == (5, 32, 48, 3) and one.std() > 10  # a video, not a flat frame
+    assert np.abs(one - meshed).max() <= 1
