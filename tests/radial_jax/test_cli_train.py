@@ -1,6 +1,7 @@
 """`radial-jax train` end to end on the tiny preset: prepare --synthetic -> train -> export ->
 generate --lora, and its one-line errors."""
 
+import os
 import warnings
 
 import numpy as np
@@ -66,3 +67,13 @@ def test_bad_input_is_one_line_on_stderr(tmp_path, capsys, args, message):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("radial-jax train: error: ") and message in err
+
+
+@pytest.mark.parametrize("preset, expected", [(None, "0.95"), ("0.6", "0.6")])
+def test_train_lifts_jaxs_gpu_memory_cap_unless_the_environment_sets_one(tmp_path, monkeypatch, preset, expected):
+    # The 14B step at 720p-81f needs ~103 GiB of an H200: more than JAX's default 75% cap.
+    monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", preset or "")  # monkeypatch restores it after
+    if preset is None:
+        monkeypatch.delenv("XLA_PYTHON_CLIENT_MEM_FRACTION")
+    assert main(["train", "--config", "nope", "--set", f"run.out={tmp_path / 'run'}"]) == 2  # fails after the setting
+    assert os.environ["XLA_PYTHON_CLIENT_MEM_FRACTION"] == expected
