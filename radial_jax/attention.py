@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float
 
-from radial_jax.kernels import KernelTuning, block_sparse_attention
+from radial_jax.kernels import KernelTuning, block_sparse_attention, is_hopper
 from radial_jax.reference import attention_reference
 
 # pallas: the best Pallas kernel here (mosaic on Hopper, else triton; interpret mode off GPU);
@@ -176,6 +176,8 @@ def _kernel(backend: str | None):
 
     def run(q, k, v, block_mask, block_size, scale, tuning=None):
         chosen = backend
+        if backend == "mosaic" and jax.default_backend() == "gpu" and not is_hopper():
+            raise NotImplementedError("the mosaic kernel needs a Hopper GPU (sm90)")
         if jax.default_backend() != "gpu":
             if backend == "mosaic":
                 raise NotImplementedError("the mosaic kernel needs a Hopper GPU (no interpret mode)")

@@ -18,19 +18,22 @@ from radial_jax.kernels.common import KernelTuning, MosaicBwdTuning, MosaicTunin
 from radial_jax.kernels.tables import BlockTables, block_tables
 
 __all__ = ["BACKENDS", "KernelTuning", "MosaicBwdTuning", "MosaicTuning", "TritonTuning", "block_sparse_attention",
-           "default_backend"]
+           "default_backend", "is_hopper"]
 
 BACKENDS = ("mosaic", "triton", "interpret")
+
+
+def is_hopper() -> bool:
+    """Returns whether the default device is a Hopper GPU (sm90), where the Mosaic kernels run."""
+    device = jax.devices()[0]
+    return str(getattr(device, "compute_capability", "0")).startswith("9")  # GPU devices only have it
 
 
 def default_backend(q_dtype, head_dim: int, block_size: int) -> str:
     """Returns the fastest kernel backend that can run here for these inputs."""
     if jax.default_backend() != "gpu":
         return "interpret"
-    device = jax.devices()[0]
-    if str(getattr(device, "compute_capability", "0")).startswith("9") and (
-        mosaic_fwd.supported(q_dtype, head_dim, block_size) is None
-    ):
+    if is_hopper() and mosaic_fwd.supported(q_dtype, head_dim, block_size) is None:
         return "mosaic"
     return "triton"
 
@@ -52,8 +55,6 @@ def block_sparse_attention(q, k, v, block_mask: np.ndarray, *, block_size: int, 
         raise ValueError(f"backend={backend!r} must be one of {BACKENDS}")
     if backend == "mosaic" and (reason := mosaic_fwd.supported(q.dtype, head_dim, block_size)):
         raise NotImplementedError(f"mosaic kernel: {reason}")
-    if backend == "mosaic" and default_backend(q.dtype, head_dim, block_size) != "mosaic":
-        raise NotImplementedError("mosaic kernel: needs a Hopper GPU (sm90)")
     tables = block_tables(block_mask, block_size, q.shape[1], k.shape[1])
     static = _Static(tables, scale, backend, KernelTuning() if tuning is None else tuning)
     out, lse = _attention(q, k, v, static)
