@@ -7,22 +7,28 @@ into its rows, so a table reads as a list of modules top to bottom.
 
 import dataclasses
 from collections.abc import Callable, Container, Sequence
+from typing import TypeVar
 
+import jax
 import numpy as np
 
+# A transform gives back the kind of array it is given: numpy while converting (tensors stream from
+# the file), jax where convert/lora.py computes a LoRA delta on the device.
+Tensor = TypeVar("Tensor", np.ndarray, jax.Array)
 
-def identity(x: np.ndarray) -> np.ndarray:
+
+def identity(x: Tensor) -> Tensor:
     return x
 
 
-def transpose_linear(weight: np.ndarray) -> np.ndarray:
+def transpose_linear(weight: Tensor) -> Tensor:
     """nn.Linear weight (out, in) -> kernel (in, out)."""
     if weight.ndim != 2:
         raise ValueError(f"a Linear weight is 2-D (out, in), got shape {weight.shape}")
     return weight.T
 
 
-def conv3d(weight: np.ndarray) -> np.ndarray:
+def conv3d(weight: Tensor) -> Tensor:
     """nn.Conv3d weight (O, I, t, h, w) -> kernel (t, h, w, I, O)."""
     if weight.ndim != 5:
         raise ValueError(f"a Conv3d weight is 5-D (O, I, t, h, w), got shape {weight.shape}")
@@ -37,7 +43,7 @@ def transformed_shape(transform: Callable, shape: tuple[int, ...]) -> tuple[int,
         return None
 
 
-def conv3d_inverse(kernel: np.ndarray) -> np.ndarray:
+def conv3d_inverse(kernel: Tensor) -> Tensor:
     return kernel.transpose(4, 3, 0, 1, 2)
 
 

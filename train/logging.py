@@ -19,6 +19,8 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 
+from jax.typing import ArrayLike
+
 CSV_NAME = "metrics.csv"
 TENSORBOARD_DIR = "tensorboard"
 FIXED_COLUMNS = ("step", "wall_time")
@@ -50,7 +52,7 @@ class MetricsLog:
             self._writer = SummaryWriter(str(self.folder / TENSORBOARD_DIR), purge_step=purge_from, flush_secs=10,
                                          filename_suffix=f".{time.time_ns()}")  # fmt: skip
 
-    def scalars(self, step: int, metrics: Mapping[str, float], *, wall_time: float | None = None) -> None:
+    def scalars(self, step: int, metrics: Mapping[str, ArrayLike], *, wall_time: float | None = None) -> None:
         """Logs `metrics` (numbers: Python, numpy or 0-d jax arrays) at `step`."""
         if not self.enabled:
             return

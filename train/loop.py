@@ -199,7 +199,7 @@ def _sample(sampler: Sampler, step: int, graphdef, lora, base, bar) -> None:
         bar.write(f"step {step}: sample {path} ({time.perf_counter() - start:.1f} s)")
 
 
-def _position(position: DataPosition) -> dict[str, np.ndarray]:
+def _position(position: DataPosition) -> dict[str, np.int64]:
     return {k: np.int64(v) for k, v in position.to_dict().items()}
 
 

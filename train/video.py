@@ -34,12 +34,12 @@ class VideoError(ValueError):
     """A video that cannot be used (unreadable, corrupt, too short); the message is the reason."""
 
 
-def source_index(k: int, source_fps: float, target_fps: float = TARGET_FPS) -> int:
+def source_index(k: int, source_fps: float, target_fps: float | int = TARGET_FPS) -> int:
     """Returns the source frame shown at output frame k's time, k / target_fps seconds."""
     return math.floor(k * source_fps / target_fps + _EPS)
 
 
-def resample_indices(num_source: int, source_fps: float, target_fps: float = TARGET_FPS) -> np.ndarray:
+def resample_indices(num_source: int, source_fps: float, target_fps: float | int = TARGET_FPS) -> np.ndarray:
     """Returns int [n] source frame indices of a num_source-frame clip resampled to target_fps:
     one per output frame whose time falls inside the clip."""
     if source_fps <= 0:
@@ -88,7 +88,7 @@ def resize_center_crop(frame: UInt8[np.ndarray, "h w 3"], width: int, height: in
 
 
 def read_video(
-    path: str | Path, *, width: int, height: int, max_frames: int | None = None, target_fps: float = TARGET_FPS
+    path: str | Path, *, width: int, height: int, max_frames: int | None = None, target_fps: float | int = TARGET_FPS
 ) -> tuple[UInt8[np.ndarray, "n H W 3"], float]:
     """Returns (the clip resampled to target_fps, resized and centre-cropped: uint8 [n, height,
     width, 3]; the source frame rate). max_frames: stop decoding after that many output frames.
@@ -159,7 +159,7 @@ def _source_fps(path: Path) -> float:
     raise VideoError("no frames could be decoded")
 
 
-def _resampled_frames(path: Path, target_fps: float) -> Iterator[tuple[np.ndarray, float]]:
+def _resampled_frames(path: Path, target_fps: float | int) -> Iterator[tuple[np.ndarray, float]]:
     """Yields (uint8 [h, w, 3] frame, source fps) for each output frame at target_fps, decoding
     the source once, in order."""
     import imageio_ffmpeg
@@ -266,8 +266,8 @@ def shape_clip_frames(clip: ShapeClip, *, frames: int, width: int, height: int) 
 
 
 def write_synthetic_dataset(
-    folder: str | Path, count: int, *, frames: int = 33, width: int = 192, height: int = 128, fps: float = TARGET_FPS,
-    seed: int = 0,
+    folder: str | Path, count: int, *, frames: int = 33, width: int = 192, height: int = 128,
+    fps: float | int = TARGET_FPS, seed: int = 0,
 ) -> list[Path]:
     """Writes `count` clips NAME.mp4 (libx264) with captions NAME.txt into `folder`, and
     synthetic.json with these settings; returns the video paths. Deterministic for a seed. A
@@ -297,7 +297,7 @@ def write_synthetic_dataset(
     return paths
 
 
-def write_mp4(path: str | Path, video: UInt8[np.ndarray, "F H W 3"], fps: float) -> None:
+def write_mp4(path: str | Path, video: UInt8[np.ndarray, "F H W 3"], fps: float | int) -> None:
     """Writes uint8 [F, H, W, 3] frames as an H.264 mp4 (near-lossless quality), through a temporary
     file renamed into place."""
     import imageio_ffmpeg

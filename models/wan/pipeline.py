@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jaxtyping import Array, Float, UInt8
+from jaxtyping import Array, Float, Int, UInt8
 
 from models import clip as clip_lib
 from models import t5
@@ -165,7 +165,7 @@ def denoise(
     guidance: float | Sequence[float],
     *,
     plan: RadialPlan | None = None,
-    step_experts: Sequence[int] | None = None,
+    step_experts: Sequence[int] | Int[np.ndarray, "S"] | None = None,
     clip_fea: Float[Array, "1 I E"] | None = None,
     y: Float[Array, "1 F H W Cy"] | None = None,
     on_step: StepCallback | None = None,
@@ -175,8 +175,9 @@ def denoise(
     dit: one DiT, or the experts of a Wan2.2 A14B (same config); guidance: one scale for all, or
     a scale per DiT; plan: the attention plan of every DiT (None: dense); a step is dense where
     plan.is_dense_step says, with one global step index for both experts; step_experts: the
-    index into the DiTs of each step (None: the first throughout). on_step(step, num_steps,
-    dense) runs after each step has finished on the device, so its timing is the step's.
+    index into the DiTs of each step, [S] ints or ExpertSwitch.experts' numpy array (None: the
+    first throughout). on_step(step, num_steps, dense) runs after each step has finished on the
+    device, so its timing is the step's.
     """
     dits = [dit] if isinstance(dit, WanModel) else list(dit)
     guidance = [guidance] * len(dits) if isinstance(guidance, (int, float)) else list(guidance)

@@ -5,6 +5,7 @@ the converted pair; mismatched pairs and TI2V-5B are refused before anything is 
 
 import json
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -35,7 +36,8 @@ def assert_experts_equal_torch(components, kind: str):
     x, t, context, y = expert_inputs(kind)
     for dit, seed in zip((components.dit, components.low_noise_dit), A14B_EXPERT_SEEDS):
         expected, _ = torch_forward(tiny_expert(kind, seed), x, t, context, y=y)
-        ours = dit(channels_last(x), t.numpy(), context.numpy(), y=channels_last(y), dense=True)
+        timestep, text = jnp.asarray(t.numpy()), jnp.asarray(context.numpy())
+        ours = dit(channels_last(x), timestep, text, y=channels_last(y), dense=True)
         assert relative_error(np.moveaxis(np.asarray(ours), -1, 1), expected) <= TOLERANCE, f"expert seed {seed}"
 
 

@@ -3,6 +3,7 @@ reruns resume, a killed run leaves nothing half-written; cached latents against 
 frames read by an independent decoder path (imageio's ffmpeg plugin)."""
 
 import json
+from pathlib import Path
 
 import imageio.v3 as iio
 import jax.numpy as jnp
@@ -186,8 +187,8 @@ def test_prepare_config_rejects_bad_settings(fields, message):
 
 
 def test_video_ids_are_unique_per_source_name():
-    a = cache_lib.Source(video=None, caption="x", name="a/b.mp4")
-    b = cache_lib.Source(video=None, caption="x", name="a_b.mp4")
+    a = cache_lib.Source(video=Path("src/a/b.mp4"), caption="x", name="a/b.mp4")
+    b = cache_lib.Source(video=Path("src/a_b.mp4"), caption="x", name="a_b.mp4")
     assert cache_lib.video_id(a) != cache_lib.video_id(b)
     assert cache_lib.video_id(a).startswith("a_b-")
 
