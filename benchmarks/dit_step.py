@@ -23,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-from workers import REPO, RESULT_PREFIX, WEIGHT_STD, device_tag, random_state, run_child, write_rows
+from workers import REPO, RESULT_PREFIX, WEIGHT_STD, add_worker_flags, out_path, random_state, run_matrix, write_rows
 
 GIB = 1 << 30
 # Literal sizes so the torch worker needs neither flax nor our package; the JAX worker checks
@@ -174,14 +174,6 @@ def torch_worker(shape: str, args) -> dict:
 # ---------------------------------------------------------------- orchestration
 
 
-def run_worker(shape: str, impl: str, args) -> dict:
-    """Runs one (shape, impl) in a child process; returns its result row (or an error row)."""
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", impl, "--shapes", shape, "--iters",
-           str(args.iters), "--warmup", str(args.warmup), "--radial-impl", args.radial_impl]
-    cmd += ["--dry-run"] if args.dry_run else []
-    return run_child(cmd, timeout=args.timeout, dry_run=args.dry_run)
-
-
 def summarise(rows: list[dict]) -> list[dict]:
     """Adds ms_per_step (median) and speedup vs diffusers to each row; returns the rows."""
     for row in rows:
@@ -204,21 +196,16 @@ def print_table(rows: list[dict]) -> None:
         print(f"{r['shape']:16} {r['impl']:12} {ms:>10} {peak:>9} {speedup:>8}  {note}")
 
 
-def write_results(rows: list[dict], out: Path, args) -> None:
+def write_results(rows: list[dict], out: Path) -> None:
     write_rows(rows, out, case=lambda r: (r["shape"], r["impl"]))
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", default="1.3b-480p-81f,14b-720p-81f", help=f"comma list of {list(SHAPES)}")
     parser.add_argument("--impls", default=",".join(IMPLS), help=f"comma list of {IMPLS}")
-    parser.add_argument("--iters", type=int, default=3, help="timed steps (median reported; default %(default)s)")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed steps after compilation (default %(default)s)")
-    parser.add_argument("--radial-impl", default="pallas",
-                        help="radial_attention implementation for ours-radial (default %(default)s; 'auto' would "
-                             "fall back to the slow jnp reference silently)")
-    parser.add_argument("--timeout", type=int, default=1500, help="seconds per worker process (default %(default)s)")
-    parser.add_argument("--out", help="JSON path (default benchmarks/results/dit-<device>.json; --dry-run: none)")
-    parser.add_argument("--dry-run", action="store_true", help="tiny model on the CPU: checks the path in seconds")
+    add_worker_flags(parser, results="dit", timeout=1500, iters=3,
+                     dry_run="tiny model on the CPU: checks the path in seconds")  # fmt: skip
     parser.add_argument("--worker", choices=IMPLS, help=argparse.SUPPRESS)
     return parser
 
@@ -236,15 +223,10 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [s for s in shapes if s not in SHAPES] + [i for i in args.impls.split(",") if i not in IMPLS]
     if unknown:
         sys.exit(f"unknown shapes/impls {unknown}; shapes: {list(SHAPES)}, impls: {IMPLS}")
-    rows = []
-    for shape in shapes:
-        for impl in args.impls.split(","):
-            print(f"running {shape} {impl} ...", flush=True)
-            rows.append(dict(run_worker(shape, impl, args), shape=shape, impl=impl))
+    rows = run_matrix(str(Path(__file__).resolve()), shapes, args.impls.split(","), args)
     print_table(summarise(rows))
-    out = args.out or (None if args.dry_run else f"benchmarks/results/dit-{device_tag(rows)}.json")
-    if out:
-        write_results(rows, REPO / out if not Path(out).is_absolute() else Path(out), args)
+    if out := out_path(args, "dit", rows):
+        write_results(rows, out)
     return 0 if all("error" not in r for r in rows) else 1
 
 

@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 
 from generate import build_components, config_rows, finish_phase, peak_gib, random_module, time_encode, write_results
-from workers import REPO, RESULT_PREFIX, device_tag, run_child_rows
+from workers import REPO, RESULT_PREFIX, out_path, run_child_rows
 
 PRESET = "lightx2v"
 TIMESTEPS = (1000, 750, 500, 250)  # LightX2V's denoising_step_list (models.wan.sampler.LIGHTX2V_TIMESTEPS)
@@ -205,7 +205,6 @@ def main(args: argparse.Namespace) -> int:
         print(f"running {shape} ({PRESET}): {', '.join(configs)} ...", flush=True)
         rows += run_worker(shape, configs, args)
     print_table(rows)
-    out = args.out or (None if args.dry_run else f"benchmarks/results/generate-fast-{device_tag(rows)}.json")
-    if out:
-        write_results(rows, Path(out) if Path(out).is_absolute() else REPO / out, note=NOTE)
+    if out := out_path(args, "generate-fast", rows):
+        write_results(rows, out, note=NOTE)
     return 0 if all("error" not in r for r in rows) else 1

@@ -38,7 +38,7 @@ import sys
 import time
 from pathlib import Path
 
-from workers import REPO, RESULT_PREFIX, device_tag, random_state, run_child_rows, write_rows
+from workers import REPO, RESULT_PREFIX, add_worker_flags, out_path, random_state, run_child_rows, write_rows
 
 GIB = 1 << 30
 NUM_STEPS = 50  # Wan2.1 T2V sampling steps: the extrapolation's
@@ -305,6 +305,7 @@ NOTE = ("random weights, batch 1, T2V; total_s is extrapolated from the timed st
 def write_results(rows: list[dict], out: Path, *, note: str = NOTE) -> None:
     write_rows(rows, out, case=lambda r: (r["shape"], r["config"]), note=note)
 
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", help=f"comma list of {list(SHAPES)} (default 1.3b-480p-81f,14b-720p-81f; "
@@ -317,13 +318,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "guidance 1, bf16 and f32 VAE decode, no extrapolation (see benchmarks/fast_generate.py)")
     parser.add_argument("--repeats", type=int, default=2,
                         help="--preset: timed runs of the 4 steps after the compiling one (default %(default)s)")
-    parser.add_argument("--radial-impl", default="pallas",
-                        help="radial_attention implementation (default %(default)s; 'auto' may fall back to the "
-                             "slow jnp reference silently)")  # fmt: skip
-    parser.add_argument("--timeout", type=int, default=1800,
-                        help="seconds per worker process, one per shape (default %(default)s)")
-    parser.add_argument("--out", help="JSON path (default benchmarks/results/generate-<device>.json; --dry-run: none)")
-    parser.add_argument("--dry-run", action="store_true", help="tiny preset on the CPU: checks the path in seconds")
+    add_worker_flags(parser, results="generate", timeout=1800, timeout_note=", one per shape",
+                     dry_run="tiny preset on the CPU: checks the path in seconds")  # fmt: skip
     parser.add_argument("--log-dir", help="each worker also writes its rows so far to DIR/generate-<shape>.json "
                                            "after every phase: results that outlive a killed run")  # fmt: skip
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -354,9 +350,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"running {shape}: {', '.join(configs)} ...", flush=True)
         rows += [extrapolate(row) for row in run_worker(shape, configs, args)]
     print_table(summarise(rows))
-    out = args.out or (None if args.dry_run else f"benchmarks/results/generate-{device_tag(rows)}.json")
-    if out:
-        write_results(rows, Path(out) if Path(out).is_absolute() else REPO / out)
+    if out := out_path(args, "generate", rows):
+        write_results(rows, out)
     return 0 if all("error" not in r for r in rows) else 1
 
 

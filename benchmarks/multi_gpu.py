@@ -28,7 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from workers import REPO, RESULT_PREFIX, device_tag, random_state, run_child_rows
+from workers import REPO, RESULT_PREFIX, add_worker_flags, out_path, random_state, run_child_rows
 
 GIB = 1 << 30
 SHAPES = {  # name: (preset, latent frames, latent height, latent width)
@@ -306,12 +306,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--gpus", help=f"comma list of GPU counts, 1 first (default 1,2; --dry-run {DRY_RUN_GPUS})")
     parser.add_argument("--shapes", help=f"comma list of {list(SHAPES)} (default 14b-720p-81f,14b-720p-161f; "
                                           "--train 14b-720p-81f)")
-    parser.add_argument("--iters", type=int, default=2, help="timed steps (median reported; default %(default)s)")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed steps after compiling (default %(default)s)")
-    parser.add_argument("--radial-impl", default="pallas", help="radial_attention implementation (default %(default)s)")
-    parser.add_argument("--timeout", type=int, default=900, help="seconds per worker process (default %(default)s)")
-    parser.add_argument("--out", help="JSON path (default benchmarks/results/multi-gpu-<device>.json; --dry-run: none)")
-    parser.add_argument("--dry-run", action="store_true", help="tiny f32 model on fake CPU devices (up to 8)")
+    add_worker_flags(parser, results="multi-gpu", timeout=900, iters=2,
+                     dry_run="tiny f32 model on fake CPU devices (up to 8)")  # fmt: skip
     parser.add_argument("--train", action="store_true",
                         help="time a LoRA training step (train/step.py) instead of the forward step")
     parser.add_argument("--worker", type=int, help=argparse.SUPPRESS)
@@ -342,9 +338,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"running {count} GPU(s): {', '.join(shapes)} ...", flush=True)
             rows += run_gpus(count, shapes, args)
             check_outputs(rows, Path(save_dir))
-            if out is None and (args.out or not args.dry_run):  # the device is known after the first worker
-                out = Path(args.out or f"benchmarks/results/multi-gpu-{device_tag(rows)}.json")
-                out = out if out.is_absolute() else REPO / out
+            if out is None and (out := out_path(args, "multi-gpu", rows)):  # the device is known after the first worker
                 old = json.loads(out.read_text()) if out.is_file() else None
             if out is not None:
                 write_results(rows, out, old)

@@ -22,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-from workers import REPO, RESULT_PREFIX, device_tag, random_state, run_child, write_rows
+from workers import REPO, RESULT_PREFIX, add_worker_flags, out_path, random_state, run_matrix, write_rows
 
 GIB = 1 << 30
 SHAPES = {  # preset, latent frames, height, width, dense_layers of the radial plan
@@ -151,18 +151,13 @@ def print_table(rows: list[dict]) -> None:
 def write_results(rows: list[dict], out: Path) -> None:
     write_rows(rows, out, case=lambda r: (r["shape"], r["impl"]))
 
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", default="1.3b-480p-161f,14b-720p-81f", help=f"comma list of {list(SHAPES)}")
     parser.add_argument("--impls", default=",".join(IMPLS), help=f"comma list of {IMPLS}")
-    parser.add_argument("--iters", type=int, default=3, help="timed steps (median reported; default %(default)s)")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed steps after compilation (default %(default)s)")
-    parser.add_argument("--radial-impl", default="pallas",
-                        help="radial_attention implementation (default %(default)s; 'auto' would fall back to the "
-                             "slow jnp reference silently)")  # fmt: skip
-    parser.add_argument("--timeout", type=int, default=1500, help="seconds per worker process (default %(default)s)")
-    parser.add_argument("--out", help="JSON path (default benchmarks/results/train-step-<device>.json; --dry-run: none)")
-    parser.add_argument("--dry-run", action="store_true", help="tiny model on the CPU: checks the path in seconds")
+    add_worker_flags(parser, results="train-step", timeout=1500, iters=3,
+                     dry_run="tiny model on the CPU: checks the path in seconds")  # fmt: skip
     parser.add_argument("--worker", choices=IMPLS, help=argparse.SUPPRESS)
     return parser
 
@@ -179,19 +174,10 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [s for s in shapes if s not in SHAPES] + [i for i in args.impls.split(",") if i not in IMPLS]
     if unknown:
         sys.exit(f"unknown shapes/impls {unknown}; shapes: {list(SHAPES)}, impls: {IMPLS}")
-    rows = []
-    for shape in shapes:
-        for impl in args.impls.split(","):
-            print(f"running {shape} {impl} ...", flush=True)
-            cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", impl, "--shapes", shape, "--iters",
-                   str(args.iters), "--warmup", str(args.warmup), "--radial-impl", args.radial_impl]
-            cmd += ["--dry-run"] if args.dry_run else []
-            rows.append(dict(run_child(cmd, timeout=args.timeout, dry_run=args.dry_run, env=WORKER_ENV), shape=shape,
-                             impl=impl))  # fmt: skip
+    rows = run_matrix(str(Path(__file__).resolve()), shapes, args.impls.split(","), args, env=WORKER_ENV)
     print_table(summarise(rows))
-    out = args.out or (None if args.dry_run else f"benchmarks/results/train-step-{device_tag(rows)}.json")
-    if out:
-        write_results(rows, REPO / out if not Path(out).is_absolute() else Path(out))
+    if out := out_path(args, "train-step", rows):
+        write_results(rows, out)
     return 0 if all("error" not in r for r in rows) else 1
 
 

@@ -1,6 +1,8 @@
-"""What the worker-process benchmarks share: running a worker child, naming the device, and
-filling a model with random weights on the devices."""
+"""What the worker-process benchmarks share: their common flags, running a worker child (or one
+per shape and implementation), naming the device, filling a model with random weights on the
+devices, and writing the JSON."""
 
+import argparse
 import datetime
 import functools
 import json
@@ -13,6 +15,50 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 RESULT_PREFIX = "RESULT "  # a worker prints each row as one line: RESULT {json}, again whenever it grows
 WEIGHT_STD = 0.02  # random weights: scale of a trained Wan's linears, keeps activations finite
+
+
+def add_worker_flags(parser: argparse.ArgumentParser, *, results: str, timeout: int, dry_run: str,
+                     iters: int | None = None, timeout_note: str = "") -> None:
+    """Adds the flags the worker benchmarks share, in this order: --iters and --warmup (iters None:
+    neither), --radial-impl, --timeout, --out (default benchmarks/results/<results>-<device>.json)
+    and --dry-run (its help `dry_run`)."""
+    if iters is not None:
+        parser.add_argument("--iters", type=int, default=iters,
+                            help="timed steps (median reported; default %(default)s)")  # fmt: skip
+        parser.add_argument("--warmup", type=int, default=1,
+                            help="untimed steps after compilation (default %(default)s)")  # fmt: skip
+    parser.add_argument("--radial-impl", default="pallas",
+                        help="radial_attention implementation (default %(default)s; 'auto' would fall back to the "
+                             "slow jnp reference silently)")  # fmt: skip
+    parser.add_argument("--timeout", type=int, default=timeout,
+                        help=f"seconds per worker process{timeout_note} (default %(default)s)")
+    parser.add_argument("--out",
+                        help=f"JSON path (default benchmarks/results/{results}-<device>.json; --dry-run: none)")
+    parser.add_argument("--dry-run", action="store_true", help=dry_run)
+
+
+def out_path(args: argparse.Namespace, results: str, rows: list[dict]) -> Path | None:
+    """Returns where the JSON goes: --out (relative to the repository unless absolute), else
+    benchmarks/results/<results>-<device of the rows>.json; None for a dry run without --out."""
+    out = args.out or (None if args.dry_run else f"benchmarks/results/{results}-{device_tag(rows)}.json")
+    return None if out is None else Path(out) if Path(out).is_absolute() else REPO / out
+
+
+def run_matrix(script: str, shapes: list[str], impls: list[str], args: argparse.Namespace, *,
+               env: dict[str, str] | None = None) -> list[dict]:
+    """Returns one row per (shape, impl), shape by shape: each from `script --worker impl --shapes
+    shape` in its own process (its peak memory its own; `env` added to its environment) with the
+    parent's --iters, --warmup, --radial-impl and --dry-run; an error row where the child failed."""
+    rows = []
+    for shape in shapes:
+        for impl in impls:
+            print(f"running {shape} {impl} ...", flush=True)
+            cmd = [sys.executable, script, "--worker", impl, "--shapes", shape, "--iters", str(args.iters),
+                   "--warmup", str(args.warmup), "--radial-impl", args.radial_impl]  # fmt: skip
+            cmd += ["--dry-run"] if args.dry_run else []
+            row = run_child(cmd, timeout=args.timeout, dry_run=args.dry_run, env=env)
+            rows.append(dict(row, shape=shape, impl=impl))
+    return rows
 
 
 def run_child_rows(cmd: list[str], *, timeout: float, dry_run: bool, key: str | None,
