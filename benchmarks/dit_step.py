@@ -16,14 +16,12 @@ memory and speedup vs diffusers; writes benchmarks/results/dit-<device>.json (de
 command, date), merging rows into an existing file of the same device.
 """
 
-import argparse
-import json
 import statistics
 import sys
 import time
 from pathlib import Path
 
-from workers import REPO, RESULT_PREFIX, WEIGHT_STD, add_worker_flags, out_path, random_state, run_matrix, write_rows
+from workers import WEIGHT_STD, cell, matrix_main, matrix_parser, random_state
 
 GIB = 1 << 30
 # Literal sizes so the torch worker needs neither flax nor our package; the JAX worker checks
@@ -189,45 +187,22 @@ def summarise(rows: list[dict]) -> list[dict]:
 def print_table(rows: list[dict]) -> None:
     print(f"{'shape':16} {'impl':12} {'ms/step':>10} {'peak GiB':>9} {'speedup':>8}  note")
     for r in rows:
-        ms = f"{r['ms_per_step']:.1f}" if "ms_per_step" in r else "-"
-        peak = f"{r['peak_gib']:.1f}" if r.get("peak_gib") is not None else "-"
         speedup = f"{r['speedup_vs_diffusers']:.2f}x" if "speedup_vs_diffusers" in r else "-"
         note = r.get("skipped") or r.get("error", "")[:100] or r.get("sdpa_backend", r.get("radial_implementation", ""))
-        print(f"{r['shape']:16} {r['impl']:12} {ms:>10} {peak:>9} {speedup:>8}  {note}")
-
-
-def write_results(rows: list[dict], out: Path) -> None:
-    write_rows(rows, out, case=lambda r: (r["shape"], r["impl"]))
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shapes", default="1.3b-480p-81f,14b-720p-81f", help=f"comma list of {list(SHAPES)}")
-    parser.add_argument("--impls", default=",".join(IMPLS), help=f"comma list of {IMPLS}")
-    add_worker_flags(parser, results="dit", timeout=1500, iters=3,
-                     dry_run="tiny model on the CPU: checks the path in seconds")  # fmt: skip
-    parser.add_argument("--worker", choices=IMPLS, help=argparse.SUPPRESS)
-    return parser
+        print(f"{r['shape']:16} {r['impl']:12} {cell(r, 'ms_per_step', '.1f'):>10} {cell(r, 'peak_gib', '.1f'):>9} "
+              f"{speedup:>8}  {note}")  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    shapes = ["tiny"] if args.dry_run else args.shapes.split(",")
-    if args.worker:
-        if str(REPO) not in sys.path:
-            sys.path.insert(0, str(REPO))
-        shape = shapes[0]
-        row = torch_worker(shape, args) if args.worker == "diffusers" else jax_worker(shape, args.worker, args)
-        print(RESULT_PREFIX + json.dumps(dict(row, shape=shape, impl=args.worker)), flush=True)
-        return 0
-    unknown = [s for s in shapes if s not in SHAPES] + [i for i in args.impls.split(",") if i not in IMPLS]
-    if unknown:
-        sys.exit(f"unknown shapes/impls {unknown}; shapes: {list(SHAPES)}, impls: {IMPLS}")
-    rows = run_matrix(str(Path(__file__).resolve()), shapes, args.impls.split(","), args)
-    print_table(summarise(rows))
-    if out := out_path(args, "dit", rows):
-        write_results(rows, out)
-    return 0 if all("error" not in r for r in rows) else 1
+    parser = matrix_parser(__doc__, shapes=SHAPES, default_shapes="1.3b-480p-81f,14b-720p-81f", impls=IMPLS,
+                           results="dit")  # fmt: skip
+    args = parser.parse_args(argv)
+
+    def worker(shape: str, impl: str) -> dict:
+        return torch_worker(shape, args) if impl == "diffusers" else jax_worker(shape, impl, args)
+
+    return matrix_main(args, script=str(Path(__file__).resolve()), shapes=SHAPES, impls=IMPLS, worker=worker,
+                       summarise=summarise, print_table=print_table, results="dit")
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 
 from generate import build_components, config_rows, finish_phase, peak_gib, random_module, time_encode, write_results
-from workers import REPO, RESULT_PREFIX, out_path, run_child_rows
+from workers import REPO, RESULT_PREFIX, cell, out_path, run_child_rows
 
 PRESET = "lightx2v"
 TIMESTEPS = (1000, 750, 500, 250)  # LightX2V's denoising_step_list (models.wan.sampler.LIGHTX2V_TIMESTEPS)
@@ -163,9 +163,6 @@ NOTE = ("random weights, batch 1, T2V, the lightx2v preset (4 steps, guidance 1)
 
 
 def print_table(rows: list[dict]) -> None:
-    def cell(row, key, fmt=".2f"):
-        return format(row[key], fmt) if row.get(key) is not None else "-"
-
     print(f"{'shape':15} {'config':7} {'encode s':>8} {'4 steps s':>9} {'decode bf16':>11} {'decode f32':>10} "
           f"{'total s':>8} {'compile s':>9} {'peak GiB':>8}")  # fmt: skip
     for r in rows:

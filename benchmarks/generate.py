@@ -38,7 +38,7 @@ import sys
 import time
 from pathlib import Path
 
-from workers import REPO, RESULT_PREFIX, add_worker_flags, out_path, random_state, run_child_rows, write_rows
+from workers import REPO, RESULT_PREFIX, add_worker_flags, cell, out_path, random_state, run_child_rows, write_rows
 
 GIB = 1 << 30
 NUM_STEPS = 50  # Wan2.1 T2V sampling steps: the extrapolation's
@@ -276,9 +276,6 @@ def config_rows(printed: list[dict], failure: str | None, shape: str, configs: l
 
 
 def print_table(rows: list[dict]) -> None:
-    def cell(row, key, fmt=".2f"):
-        return format(row[key], fmt) if row.get(key) is not None else "-"
-
     print(f"{'shape':15} {'config':11} {'dense s/step':>12} {'radial s/step':>13} {'encode s':>8} {'decode s':>8} "
           f"{'total s':>8} {'speedup':>7} {'peak GiB':>8}")  # fmt: skip
     for r in rows:

@@ -15,14 +15,12 @@ writes benchmarks/results/train-step-<device>.json (device, command, date), merg
 existing file of the same device.
 """
 
-import argparse
-import json
 import statistics
 import sys
 import time
 from pathlib import Path
 
-from workers import REPO, RESULT_PREFIX, add_worker_flags, out_path, random_state, run_matrix, write_rows
+from workers import cell, matrix_main, matrix_parser, random_state
 
 GIB = 1 << 30
 SHAPES = {  # preset, latent frames, height, width, dense_layers of the radial plan
@@ -141,44 +139,19 @@ def summarise(rows: list[dict]) -> list[dict]:
 def print_table(rows: list[dict]) -> None:
     print(f"{'shape':16} {'impl':7} {'s/step':>8} {'peak GiB':>9} {'speedup':>8}  note")
     for r in rows:
-        seconds = f"{r['s_per_step']:.3f}" if "s_per_step" in r else "-"
-        peak = f"{r['peak_gib']:.1f}" if r.get("peak_gib") is not None else "-"
         speedup = f"{r['speedup_vs_dense']:.2f}x" if "speedup_vs_dense" in r else "-"
         note = r.get("error", "")[:160] or f"compile {r.get('compile_s')} s, {r.get('tokens')} tokens"
-        print(f"{r['shape']:16} {r['impl']:7} {seconds:>8} {peak:>9} {speedup:>8}  {note}")
-
-
-def write_results(rows: list[dict], out: Path) -> None:
-    write_rows(rows, out, case=lambda r: (r["shape"], r["impl"]))
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shapes", default="1.3b-480p-161f,14b-720p-81f", help=f"comma list of {list(SHAPES)}")
-    parser.add_argument("--impls", default=",".join(IMPLS), help=f"comma list of {IMPLS}")
-    add_worker_flags(parser, results="train-step", timeout=1500, iters=3,
-                     dry_run="tiny model on the CPU: checks the path in seconds")  # fmt: skip
-    parser.add_argument("--worker", choices=IMPLS, help=argparse.SUPPRESS)
-    return parser
+        print(f"{r['shape']:16} {r['impl']:7} {cell(r, 's_per_step', '.3f'):>8} {cell(r, 'peak_gib', '.1f'):>9} "
+              f"{speedup:>8}  {note}")  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    shapes = ["tiny"] if args.dry_run else args.shapes.split(",")
-    if args.worker:
-        if str(REPO) not in sys.path:
-            sys.path.insert(0, str(REPO))
-        row = worker(shapes[0], args.worker, args)
-        print(RESULT_PREFIX + json.dumps(dict(row, shape=shapes[0], impl=args.worker)), flush=True)
-        return 0
-    unknown = [s for s in shapes if s not in SHAPES] + [i for i in args.impls.split(",") if i not in IMPLS]
-    if unknown:
-        sys.exit(f"unknown shapes/impls {unknown}; shapes: {list(SHAPES)}, impls: {IMPLS}")
-    rows = run_matrix(str(Path(__file__).resolve()), shapes, args.impls.split(","), args, env=WORKER_ENV)
-    print_table(summarise(rows))
-    if out := out_path(args, "train-step", rows):
-        write_results(rows, out)
-    return 0 if all("error" not in r for r in rows) else 1
+    parser = matrix_parser(__doc__, shapes=SHAPES, default_shapes="1.3b-480p-161f,14b-720p-81f", impls=IMPLS,
+                           results="train-step")  # fmt: skip
+    args = parser.parse_args(argv)
+    return matrix_main(args, script=str(Path(__file__).resolve()), shapes=SHAPES, impls=IMPLS,
+                       worker=lambda shape, impl: worker(shape, impl, args), summarise=summarise,
+                       print_table=print_table, results="train-step", env=WORKER_ENV)  # fmt: skip
 
 
 if __name__ == "__main__":

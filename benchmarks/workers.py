@@ -9,7 +9,7 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -61,6 +61,44 @@ def run_matrix(script: str, shapes: list[str], impls: list[str], args: argparse.
     return rows
 
 
+def matrix_parser(description: str, *, shapes: Collection[str], default_shapes: str, impls: Sequence[str],
+                  results: str) -> argparse.ArgumentParser:
+    """Returns the parser of a shape x implementation benchmark (dit_step, train_step): --shapes,
+    --impls, the worker flags (3 timed steps, 1500 s a worker, --dry-run on the tiny model) and
+    the hidden --worker IMPL a child runs with."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shapes", default=default_shapes, help=f"comma list of {list(shapes)}")
+    parser.add_argument("--impls", default=",".join(impls), help=f"comma list of {tuple(impls)}")
+    add_worker_flags(parser, results=results, timeout=1500, iters=3,
+                     dry_run="tiny model on the CPU: checks the path in seconds")  # fmt: skip
+    parser.add_argument("--worker", choices=impls, help=argparse.SUPPRESS)
+    return parser
+
+
+def matrix_main(args: argparse.Namespace, *, script: str, shapes: Collection[str], impls: Sequence[str],
+                worker: Callable[[str, str], dict], summarise: Callable[[list[dict]], list[dict]],
+                print_table: Callable[[list[dict]], None], results: str, env: dict[str, str] | None = None) -> int:
+    """Runs a shape x implementation benchmark from its matrix_parser `args`; returns the exit
+    status. As --worker: prints the RESULT row of worker(shape, impl). Else: refuses unknown
+    names, runs every pair in its own process (run_matrix), prints the summarised rows and writes
+    them (merged by shape and impl, out_path); 1 where a pair failed."""
+    names = ["tiny"] if args.dry_run else args.shapes.split(",")
+    if args.worker:
+        if str(REPO) not in sys.path:
+            sys.path.insert(0, str(REPO))
+        row = worker(names[0], args.worker)
+        print(RESULT_PREFIX + json.dumps(dict(row, shape=names[0], impl=args.worker)), flush=True)
+        return 0
+    unknown = [s for s in names if s not in shapes] + [i for i in args.impls.split(",") if i not in impls]
+    if unknown:
+        sys.exit(f"unknown shapes/impls {unknown}; shapes: {list(shapes)}, impls: {tuple(impls)}")
+    rows = summarise(run_matrix(script, names, args.impls.split(","), args, env=env))
+    print_table(rows)
+    if out := out_path(args, results, rows):
+        write_rows(rows, out, case=lambda r: (r["shape"], r["impl"]))
+    return 0 if all("error" not in r for r in rows) else 1
+
+
 def run_child_rows(cmd: list[str], *, timeout: float, dry_run: bool, key: str | None,
                    env: dict[str, str] | None = None) -> tuple[list[dict], str | None]:
     """Returns (the last RESULT row the child printed for each value of row[key] (key None: one
@@ -105,6 +143,11 @@ def device_tag(rows: list[dict]) -> str:
     device = next((r["device"] for r in rows if "device" in r), "unknown")
     return next((tag.lower() for tag in ("H200", "H100", "A100", "L40S") if tag in device),
                 device.replace(" ", "_").lower())  # fmt: skip
+
+
+def cell(row: dict, key: str, fmt: str = ".2f") -> str:
+    """Returns row[key] formatted for a printed table, or "-" where the row has no value."""
+    return format(row[key], fmt) if row.get(key) is not None else "-"
 
 
 def random_state(abstract, seed: int, sharding=None):
