@@ -131,6 +131,11 @@ def batch_axes(mesh: Mesh, batch_size: int) -> tuple[str, ...]:
     return ("data",)
 
 
+def batch_sharding(mesh: Mesh, batch_size: int) -> NamedSharding:
+    """Returns the sharding of a batch array [accumulate, batch, ...] over `mesh` (batch_axes)."""
+    return NamedSharding(mesh, P(None, batch_axes(mesh, batch_size)))
+
+
 def process_rows(sharding: NamedSharding, batch_size: int, *, process_index: int | None = None,
                  process_of: Callable = lambda device: device.process_index) -> slice:  # fmt: skip
     """Returns the rows of a global batch [accumulate, batch_size, ...] placed by `sharding` that
@@ -197,7 +202,7 @@ class TrainStep:
 
     def batch_sharding(self, batch_size: int) -> NamedSharding:
         """Sharding of a batch array [accumulate, batch, ...]."""
-        return NamedSharding(self.mesh, P(None, batch_axes(self.mesh, batch_size)))
+        return batch_sharding(self.mesh, batch_size)
 
     def __call__(self, lora, opt_state, base, batch: dict[str, Array], key: Array):
         """Returns (lora, opt_state, {"loss", "grad_norm"}) after one optimizer step.

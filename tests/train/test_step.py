@@ -17,8 +17,8 @@ from train.config import OptimSection
 from train.lora import LoraConfig, apply_lora
 from train.objective import FlowMatching, flow_matching_loss
 from train.step import (
-    TrainStep, batch_axes, fsdp_spec, make_mesh, make_optimizer, micro_keys, parse_mesh, process_rows, put_global,
-    split_model, tree_shardings,
+    TrainStep, batch_axes, batch_sharding, fsdp_spec, make_mesh, make_optimizer, micro_keys, parse_mesh, process_rows,
+    put_global, split_model, tree_shardings,
 )
 
 ARCH = pipeline.TINY_T2V
@@ -164,7 +164,7 @@ def test_batch_axes_fall_back_to_data_then_refuse():
 ])
 def test_process_rows_are_what_each_host_holds(spec, batch_size, rows):
     """8 CPU devices as two pretend hosts of 4 (device id // 4), as jax.devices() orders them."""
-    sharding = TrainStep(None, None, make_mesh(spec), None, FlowMatching()).batch_sharding(batch_size)
+    sharding = batch_sharding(make_mesh(spec), batch_size)
     held = [process_rows(sharding, batch_size, process_index=p, process_of=lambda d: d.id // 4) for p in (0, 1)]
     assert [(s.start, s.stop) for s in held] == rows
 
@@ -172,7 +172,7 @@ def test_process_rows_are_what_each_host_holds(spec, batch_size, rows):
 def test_process_rows_refuse_a_mesh_that_interleaves_hosts():
     devices = jax.devices()[:8]
     mesh = make_mesh("fsdp=8", devices[0::2] + devices[1::2])  # ids 0 2 4 6 1 3 5 7: hosts alternate
-    sharding = TrainStep(None, None, mesh, None, FlowMatching()).batch_sharding(8)
+    sharding = batch_sharding(mesh, 8)
     with pytest.raises(ValueError, match=r"holds rows .* not one contiguous block; order the mesh's devices"):
         process_rows(sharding, 8, process_index=0, process_of=lambda d: d.id // 4)
 
