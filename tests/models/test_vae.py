@@ -146,14 +146,18 @@ def test_encode_rejects_bad_video_shapes(models, frames, height, error):
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_causal_conv_as_one_frame_stacked_2d_conv_equals_the_3d_conv(dtype):
+def test_causal_conv_as_one_frame_stacked_2d_conv_equals_the_3d_conv(dtype, monkeypatch):
     # conv_with_cache computes the 3x3x3 convs as a 2D conv over stacked frame windows; it must be
     # the 3D conv the original runs (the same products; float32 sums may differ in order only).
     import jax
     from flax import nnx
 
+    from models.wan import vae_blocks
     from models.wan.vae_blocks import conv3d, conv_with_cache
 
+    calls = []  # the 2D form must be the one taken, or this compares the 3D conv with itself
+    stacked = vae_blocks._frame_stacked_conv
+    monkeypatch.setattr(vae_blocks, "_frame_stacked_conv", lambda *a: calls.append(1) or stacked(*a))
     conv = conv3d(8, 12, dtype=dtype, rngs=nnx.Rngs(0))
     conv.bias[...] = jax.random.normal(jax.random.key(1), (12,)).astype(dtype)
     x = jax.random.normal(jax.random.key(2), (2, 4, 10, 14, 8)).astype(dtype)
@@ -164,3 +168,4 @@ def test_causal_conv_as_one_frame_stacked_2d_conv_equals_the_3d_conv(dtype):
     tol = 1e-5 if dtype == jnp.float32 else 2e-2
     np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(expected, np.float32), rtol=tol, atol=tol)
     np.testing.assert_array_equal(new_cache, x[:, -2:])
+    assert len(calls) == 1

@@ -45,11 +45,11 @@ def test_self_attention_is_dense_without_a_plan_at_dense_steps_and_layers():
 def test_dense_implementation_runs_dense_steps_and_layers_through_radial_attention_with_every_block():
     plan = RadialPlan(dense_layers=1, block_size=16, implementation="triton", dense_implementation=["reference"])
     assert plan.dense_implementation == ("reference",) and hash(plan) == hash(dataclasses.replace(plan))
-    q, k, v = _qkv(8 * 30)  # 240 tokens: a ragged last block of 16
-    for attend in (self_attention(plan, 8, 30, layer=3, dense=True), self_attention(plan, 8, 30, layer=0)):
+    q, k, v = _qkv(8 * 31)  # 248 tokens: 16 blocks of 16, the last holding 8
+    for attend in (self_attention(plan, 8, 31, layer=3, dense=True), self_attention(plan, 8, 31, layer=0)):
         assert attend.func is radial_attention and attend.keywords["implementation"] == ("reference",)
         mask = attend.keywords["block_mask"]
-        assert mask.shape == (15, 15) and mask.all() and not mask.flags.writeable
+        assert mask.shape == (16, 16) and mask.all() and not mask.flags.writeable
         np.testing.assert_allclose(attend(q, k, v), dense_attention(q, k, v), rtol=1e-5, atol=1e-6)
 
 
