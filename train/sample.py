@@ -26,10 +26,10 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from models.wan import WanConfig, pipeline
-from radial_jax.cli.outputs import write_video
 from train.config import TrainConfig
 from train.data import LatentDataset
 from train.step import get_global, put_global
+from train.video import write_mp4
 
 SAMPLES_DIR = "samples"
 
@@ -92,7 +92,7 @@ class Sampler:
         video = pipeline.decode_video(self.vae, jnp.asarray(latents))  # uint8 [frames, height, width, 3]
         path = sample_path(self.out, step)
         path.parent.mkdir(parents=True, exist_ok=True)
-        write_video(video, path, pipeline.FPS)
+        write_mp4(path, video, pipeline.FPS)
         return path
 
 

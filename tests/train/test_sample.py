@@ -37,9 +37,9 @@ def _cache(root):
 def test_samples_every_k_steps_match_generate_and_leave_training_unchanged(tmp_path, monkeypatch):
     cache = _cache(tmp_path / "cache")
     written = {}
-    write = sample_lib.write_video
-    monkeypatch.setattr(sample_lib, "write_video", lambda video, path, fps: (written.update({path.name: video}),
-                                                                            write(video, path, fps)))  # fmt: skip
+    write = sample_lib.write_mp4
+    monkeypatch.setattr(sample_lib, "write_mp4", lambda path, video, fps: (written.update({path.name: video}),
+                                                                          write(path, video, fps)))  # fmt: skip
     compiled = pipeline.denoise_step._cache_size()
     with_samples = load_config("tiny", [*SMALL, *SAMPLE, f"data.cache={cache}", f"run.out={tmp_path / 'a'}"])
     sampled = train(with_samples, progress=False, devices=jax.devices()[:1])
@@ -109,7 +109,7 @@ def test_sample_on_a_mesh_equals_the_one_device_sample(tmp_path, monkeypatch, sp
     graphdef, lora, base = split_model(build_model(config))
     lora = jax.tree.map(lambda x: x + 0.02, lora)  # a LoRA that changes the output
     videos = []
-    monkeypatch.setattr(sample_lib, "write_video", lambda video, path, fps: videos.append(video))
+    monkeypatch.setattr(sample_lib, "write_mp4", lambda path, video, fps: videos.append(video))
     for devices, mesh_spec in ((jax.devices()[:1], ""), (jax.devices()[:8], spec)):
         mesh = make_mesh(mesh_spec, devices)
         tx, _ = make_optimizer(config.optim, config.run.steps)
