@@ -185,3 +185,19 @@ def test_mosaic_off_hopper_falls_through_to_the_next_implementation():
     np.testing.assert_array_equal(out, radial_attention(q, k, v, block_mask=mask, implementation="reference"))
     with pytest.raises(NotImplementedError, match="mosaic.*Hopper"):
         radial_attention(q, k, v, block_mask=mask, implementation="mosaic")
+
+
+def test_mosaic_on_a_gpu_that_is_not_hopper_falls_through_to_the_next_implementation(monkeypatch):
+    # An Ampere or Blackwell GPU: the chooser refuses mosaic itself (block_sparse_attention does not
+    # check, so that the kernel still cross-lowers for CUDA on a CPU), and the next name runs.
+    from radial_jax import attention as attention_lib
+
+    q, k, v = _qkv(jax.random.key(9), 1, 128, 128, 1, 64)
+    mask = np.ones((1, 1), bool)
+    expected = radial_attention(q, k, v, block_mask=mask, implementation="reference")
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(attention_lib, "is_hopper", lambda: False)
+    out = radial_attention(q, k, v, block_mask=mask, implementation=("mosaic", "reference"))
+    np.testing.assert_array_equal(out, expected)
+    with pytest.raises(NotImplementedError, match=r"mosaic: the mosaic kernel needs a Hopper GPU \(sm90\)"):
+        radial_attention(q, k, v, block_mask=mask, implementation="mosaic")
