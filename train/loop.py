@@ -131,11 +131,13 @@ def train(config: TrainConfig, *, resume: bool = False, stop_at: int | None = No
 
 def _restore(checkpoints: Checkpoints, template: dict, config: TrainConfig) -> dict:
     saved = checkpoints.saved_config()  # compared before any array is read: a changed shape would fail there
-    current = config.to_dict()
-    changed = sorted(f"{section}.{key} ({saved.get(section, {}).get(key)!r} -> {value!r})"
+    current, defaults = config.to_dict(), TrainConfig().to_dict()
+    # A key the checkpoint lacks was added to the config since it was saved: that run used its default.
+    was = lambda section, key: saved.get(section, {}).get(key, defaults[section][key])  # noqa: E731
+    changed = sorted(f"{section}.{key} ({was(section, key)!r} -> {value!r})"
                      for section, values in current.items() for key, value in values.items()
                      if section not in RESUMABLE_SECTIONS and (section, key) not in RESUMABLE_CHANGES
-                     and saved.get(section, {}).get(key) != value)  # fmt: skip
+                     and was(section, key) != value)  # fmt: skip
     if changed:
         raise TrainingError(f"--resume: the config differs from the checkpoint's in {', '.join(changed)}; "
                             "resume with the original settings or start a new run.out")  # fmt: skip

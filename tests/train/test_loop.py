@@ -107,3 +107,33 @@ def test_bad_cache_is_one_error_before_building_anything(tmp_path, monkeypatch, 
     config = load_config("tiny", [*SMALL, f"data.cache={cache}", f"run.out={tmp_path / 'run'}"])
     with pytest.raises((CacheError, ValueError), match=message):
         train(config, progress=False)
+
+
+class _SavedConfigOnly(Checkpoints):
+    """A checkpoint folder reduced to what _restore reads (no orbax): its config dict and a state."""
+
+    def __init__(self, saved: dict):
+        self.saved = saved
+
+    def saved_config(self) -> dict:
+        return self.saved
+
+    def restore(self, template):
+        return template, self.saved
+
+
+def test_resume_takes_a_key_the_checkpoint_lacks_as_its_default_and_refuses_a_changed_one():
+    # A checkpoint saved before attention.dense_implementation existed ran its default ("dense").
+    from train.loop import _restore
+
+    config = load_config("tiny", SMALL)
+    state = {"data": {"epoch": 0, "index": 1}}
+    older = config.to_dict()
+    del older["attention"]["dense_implementation"]
+    assert _restore(_SavedConfigOnly(older), state, config)["data"] == {"epoch": 0, "index": 1}
+    other = config.to_dict()
+    other["attention"]["dense_implementation"] = "mosaic"
+    with pytest.raises(TrainingError, match=r"attention.dense_implementation \('mosaic' -> 'dense'\)"):
+        _restore(_SavedConfigOnly(other), state, config)
+    with pytest.raises(TrainingError, match=r"attention.dense_implementation \('dense' -> 'mosaic'\)"):
+        _restore(_SavedConfigOnly(older), state, load_config("tiny", [*SMALL, "attention.dense_implementation=mosaic"]))
