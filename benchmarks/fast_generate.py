@@ -37,11 +37,17 @@ from pathlib import Path
 from generate import build_components, config_rows, finish_phase, peak_gib, random_module, time_encode, write_results
 from workers import REPO, RESULT_PREFIX, cell, out_path, run_child_rows
 
+if str(REPO) not in sys.path:  # a checkout without `pip install -e .`
+    sys.path.insert(0, str(REPO))
+from radial_jax.cli.generate import DENSE_IMPLEMENTATIONS, PRESETS  # noqa: E402
+
 PRESET = "lightx2v"
-TIMESTEPS = (1000, 750, 500, 250)  # LightX2V's denoising_step_list (models.wan.sampler.LIGHTX2V_TIMESTEPS)
-SHIFT = 5.0
-DENSE_LAYERS, DENSE_TIMESTEPS, DECAY = 1, 1, 0.2  # the reference's scripts/wan_t2v_inference_lightx2v.sh
-DENSE_IMPLEMENTATION = ("mosaic", "dense")  # the preset's dense step: our kernel, cuDNN where it cannot run
+# The values `radial-jax generate --preset lightx2v` runs with (one source, radial_jax/cli/generate.py).
+_VALUES = PRESETS[PRESET]
+TIMESTEPS = tuple(int(t) for t in _VALUES["timesteps"].split(","))  # LightX2V's denoising_step_list
+SHIFT = _VALUES["shift"]
+DENSE_LAYERS, DENSE_TIMESTEPS, DECAY = _VALUES["dense_layers"], _VALUES["dense_timesteps"], _VALUES["decay_factor"]
+DENSE_IMPLEMENTATION = DENSE_IMPLEMENTATIONS[_VALUES["dense_implementation"]]  # our kernel, cuDNN where it cannot run
 CONFIGS = ("dense", "radial")
 SHAPES = ("14b-720p-81f", "1.3b-480p-81f", "tiny")  # generate.SHAPES keys; tiny: --dry-run only
 
