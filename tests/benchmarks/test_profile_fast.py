@@ -1,0 +1,56 @@
+"""benchmarks/profile_fast.py's trace bookkeeping on a made-up trace, and its dry run on the CPU."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "profile_fast.py"
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("benchmark_profile_fast", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _trace():
+    meta = [dict(ph="M", name="process_name", pid=1, args=dict(name="/host:CPU")),
+            dict(ph="M", name="process_name", pid=7, args=dict(name="/device:GPU:0"))]
+    kernel = lambda name, ts, dur, pid=7: dict(ph="X", pid=pid, tid=1, name=name, ts=ts, dur=dur)
+    return dict(traceEvents=meta + [
+        kernel("nvjet_hsh_256x128_2cta", 0.0, 100.0),
+        kernel("loop_multiply_fusion_3", 50.0, 100.0),  # overlaps the gemm by 50 us (another stream)
+        kernel("mosaic_gpu_kernel_radial", 300.0, 200.0),
+        kernel("sm90_xmma_fprop_implicit_gemm_bf16", 600.0, 40.0),
+        kernel("input_transpose_fusion", 700.0, 10.0),
+        kernel("nvjet_hsh_256x128_2cta", 1000.0, 100.0),
+        kernel("PjitFunction(step)", 0.0, 5000.0, pid=1),  # host: not device time
+    ])  # fmt: skip
+
+
+def test_trace_summary_sums_device_kernels_by_kind_and_name_and_measures_idle_time():
+    profile = _load()
+    row = profile.summarise_trace(_trace(), wall_s=0.002)
+    assert row["device_processes"] == ["/device:GPU:0"] and row["kernels"] == 6
+    assert abs(row["kernel_s"] - 550e-6) < 1e-12
+    assert abs(row["busy_s"] - 500e-6) < 1e-12  # 0-150, 300-500, 600-640, 700-710, 1000-1100
+    kinds = row["by_kind_s"]
+    assert abs(kinds["matmul"] - 200e-6) < 1e-12 and abs(kinds["attention"] - 200e-6) < 1e-12
+    assert abs(kinds["conv"] - 40e-6) < 1e-12 and abs(kinds["copy/transpose"] - 10e-6) < 1e-12
+    assert abs(kinds["other fusion"] - 100e-6) < 1e-12
+    top = row["top_kernels"][0]
+    assert top["name"].startswith("nvjet") and top["calls"] == 2 and top["kind"] == "matmul"
+
+
+def test_dry_run_profiles_both_phases_of_the_tiny_preset(tmp_path, monkeypatch):
+    profile = _load()
+    monkeypatch.setattr(sys, "argv", ["profile_fast.py", "--dry-run"])
+    out = tmp_path / "profile.json"
+    assert profile.main(["--dry-run", "--out", str(out), "--trace-dir", str(tmp_path / "traces")]) == 0
+    result = json.loads(out.read_text())
+    assert [row["phase"] for row in result["rows"]] == ["denoise", "decode"]
+    assert all(row["untraced_s"] > 0 and row["traced_wall_s"] > 0 for row in result["rows"])
+    assert result["rows"][1]["decode_video_s"] > 0 and result["date"] and result["command"]
+    assert list((tmp_path / "traces").glob("decode/**/perfetto_trace.json.gz"))
