@@ -30,6 +30,15 @@ class MosaicTuning:
     # warp skips the multiply of its accumulator rows where none of its 16 rows was raised. Sum and
     # accumulator share the stale max, so out and lse stay exact up to rounding.
     lazy_rescale_threshold: float | None = None
+    # Intra-warpgroup overlap (FlashAttention-3's Hopper forward): S_{j+1} = Q K_{j+1}^T and
+    # O += P_j V_j are issued together and the softmax of S_{j+1} runs while P_j V_j is on the
+    # tensor cores; the two warpgroups pass a token so that their issues alternate (ping-pong).
+    # Off until timed against the default and FA4 (benchmarks/NOTES.md, 2026-11-30 FWDOV).
+    overlap_qk: bool = False
+    # The two compute warpgroups alternate on the tensor cores (FA3's ping-pong): a rendezvous of both
+    # around each softmax, or with overlap_qk a turn token passed at each issue. False drops it, to
+    # time what it buys.
+    pingpong: bool = True
 
 
 @dataclasses.dataclass(frozen=True)

@@ -11,6 +11,10 @@ keys past seq_kv are masked in the one step that needs it (the ragged key block 
 in every row's list, see tables.py); the lse output is padded to whole blocks and sliced. A
 length that is not a multiple of 8 (TMA_SEQ_MULTIPLE) is zero-padded up to one first, since the
 TMA cannot address it; Wan's lengths are multiples of 8 and take no copy.
+
+MosaicTuning.overlap_qk pipelines each warpgroup's loop as FlashAttention-3's Hopper forward does
+(the softmax of one step runs while the previous step's P V is on the tensor cores); the default
+loop issues QK, waits, softmaxes, issues PV and waits.
 """
 
 import functools
@@ -117,6 +121,8 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
         count = counts_ref[q_tile, 0]
         full_count = counts_ref[q_tile, 1]
 
+        pingpong = tuning.pingpong
+
         def schedule():
             plgpu.barrier_arrive(schedule_barrier)
             plgpu.barrier_wait(schedule_barrier)
@@ -135,23 +141,8 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
             l_i = plgpu.layout_cast(jnp.full((block_q,), 0.0, jnp.float32), row)
             acc = plgpu.layout_cast(jnp.full((block_q, head_dim), 0.0, jnp.float32), plgpu.Layout.WGMMA)
 
-            @pl.when(count > 0)
-            def _():
-                plgpu.barrier_wait(k_barriers.at[0])
-
-            pl.when(wg == 1)(schedule)
-
-            def kv_step(step, carry, *, mask_tail):
-                acc, m_i, l_i = carry
-                slot = lax.rem(step, jnp.int32(stages))
-
-                def compute_qk(acc_ref):
-                    plgpu.wgmma(acc_ref, qo_smem, k_smem.at[slot].transpose((1, 0)))
-                    schedule()
-                    return acc_ref[...]
-
-                s = pl.run_scoped(compute_qk, plgpu.ACC((block_q, block_kv), jnp.float32))
-                plgpu.barrier_arrive(k_consumed.at[slot])
+            def softmax_scores(s, m_i, step, *, mask_tail):
+                """Returns (p, m_new, alpha) of one key block's scores s [block_q, block_kv] f32."""
                 if mask_tail:
                     kv_start = ids_ref[q_tile, step] * block_kv
                     cols = plgpu.broadcasted_iota(jnp.int32, (block_q, block_kv), 1, layout=plgpu.Layout.WGMMA)
@@ -166,17 +157,36 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
                     m_new = jnp.where(raised, row_max, m_i)
                     alpha = jnp.where(raised, jnp.exp2(m_i - m_new), 1.0)
                 p = jnp.exp2(s * qk_scale - lax.broadcast_in_dim(m_new, s.shape, [0]))
+                return p, m_new, alpha
+
+            def rescale(acc, alpha, m_i, m_new):
                 if lazy_threshold is None:
-                    acc *= lax.broadcast_in_dim(alpha, acc.shape, [0])
-                else:
-                    acc = _rescale_raised_warps(acc, lax.broadcast_in_dim(alpha, acc.shape, [0]), m_i, m_new)
+                    return acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+                return _rescale_raised_warps(acc, lax.broadcast_in_dim(alpha, acc.shape, [0]), m_i, m_new)
+
+            def kv_step(step, carry, *, mask_tail):
+                acc, m_i, l_i = carry
+                slot = lax.rem(step, jnp.int32(stages))
+
+                def compute_qk(acc_ref):
+                    plgpu.wgmma(acc_ref, qo_smem, k_smem.at[slot].transpose((1, 0)))
+                    if pingpong:
+                        schedule()
+                    return acc_ref[...]
+
+                s = pl.run_scoped(compute_qk, plgpu.ACC((block_q, block_kv), jnp.float32))
+                plgpu.barrier_arrive(k_consumed.at[slot])
+                p, m_new, alpha = softmax_scores(s, m_i, step, mask_tail=mask_tail)
+                acc = rescale(acc, alpha, m_i, m_new)
                 l_i = l_i * alpha + p.sum(axis=1)
                 p16 = p.astype(dtype)
                 # Ordering found by the jax example to matter for speed on H100.
                 acc, l_i, m_new, p16 = lax.optimization_barrier((acc, l_i, m_new, p16))
-                plgpu.barrier_arrive(schedule_barrier)
+                if pingpong:
+                    plgpu.barrier_arrive(schedule_barrier)
                 plgpu.barrier_wait(v_barriers.at[slot])
-                plgpu.barrier_wait(schedule_barrier)
+                if pingpong:
+                    plgpu.barrier_wait(schedule_barrier)
 
                 def compute_pv(acc_ref):
                     plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
@@ -190,11 +200,111 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
                 plgpu.barrier_arrive(v_consumed.at[slot])
                 return acc, m_new, l_i
 
-            carry = lax.fori_loop(0, full_count, functools.partial(kv_step, mask_tail=False), (acc, m_i, l_i))
-            if tables.kv_ragged:
-                carry = lax.fori_loop(full_count, count, functools.partial(kv_step, mask_tail=True), carry)
+            def overlapped_loop(o_ref):
+                """Returns (acc, m_i, l_i) after every key block, FlashAttention-3's intra-warpgroup overlap.
+
+                o_ref: the [block_q, head_dim] f32 accumulator, zero. Step 0's S is issued alone; each
+                middle iteration j issues S_{j+1} then P_j V_j (two wgmma groups in flight), waits for
+                the first (wait_group 1), releases K_{j+1} and computes the softmax of S_{j+1} while P_j V_j
+                runs, then waits for it (wait_group 0), releases V_j and rescales O; the last P V goes
+                alone. P_j's registers are an operand of the wgmma in flight, so P_{j+1} is a new value
+                carried to the next iteration. With pingpong, every phase (first, middles, last) takes
+                the turn token from the other warpgroup before issuing and hands it over after, as FA3's
+                named barriers do. Zero-trip loops make count 0 and 1 need no branch.
+                """
+                def take_turn():
+                    if pingpong:
+                        plgpu.barrier_wait(schedule_barrier.at[wg])
+
+                def pass_turn():
+                    if pingpong:
+                        plgpu.barrier_arrive(schedule_barrier.at[COMPUTE_WGS - 1 - wg])
+
+                def issue_qk(s_ref, step):  # after K_step's barrier: FA3 waits for data before its turn
+                    plgpu.wgmma(s_ref, qo_smem, k_smem.at[lax.rem(step, jnp.int32(stages))].transpose((1, 0)))
+
+                def issue_pv(p16, step):
+                    slot = lax.rem(step, jnp.int32(stages))
+                    plgpu.barrier_wait(v_barriers.at[slot])
+                    plgpu.wgmma(o_ref, p16, v_smem.at[slot])
+
+                def first(_, carry, *, mask_tail):
+                    m_i, l_i, _ = carry
+
+                    def qk(s_ref):
+                        plgpu.barrier_wait(k_barriers.at[0])
+                        take_turn()
+                        issue_qk(s_ref, 0)
+                        pass_turn()
+                        return plgpu.wgmma_accumulator_load(s_ref, wait_n=0)
+
+                    s = pl.run_scoped(qk, plgpu.ACC((block_q, block_kv), jnp.float32))  # [block_q, block_kv]
+                    plgpu.barrier_arrive(k_consumed.at[0])
+                    p, m_new, alpha = softmax_scores(s, m_i, 0, mask_tail=mask_tail)
+                    return m_new, l_i * alpha + p.sum(axis=1), p.astype(dtype)  # O is zero: no rescale
+
+                def middle(j, carry, *, mask_tail):
+                    m_i, l_i, p16 = carry
+
+                    def qk_and_pv(s_ref):
+                        plgpu.barrier_wait(k_barriers.at[lax.rem(j + 1, jnp.int32(stages))])
+                        take_turn()
+                        issue_qk(s_ref, j + 1)
+                        issue_pv(p16, j)
+                        pass_turn()
+                        return plgpu.wgmma_accumulator_load(s_ref, wait_n=1)  # S_{j+1} done, P_j V_j may run
+
+                    s = pl.run_scoped(qk_and_pv, plgpu.ACC((block_q, block_kv), jnp.float32))
+                    plgpu.barrier_arrive(k_consumed.at[lax.rem(j + 1, jnp.int32(stages))])
+                    p, m_new, alpha = softmax_scores(s, m_i, j + 1, mask_tail=mask_tail)
+                    l_i = l_i * alpha + p.sum(axis=1)
+                    p16_next = p.astype(dtype)
+                    acc = plgpu.wgmma_accumulator_load(o_ref, wait_n=0)  # P_j V_j done
+                    plgpu.barrier_arrive(v_consumed.at[lax.rem(j, jnp.int32(stages))])
+                    o_ref[...] = rescale(acc, alpha, m_i, m_new)
+                    return m_new, l_i, p16_next
+
+                def last(_, carry):
+                    take_turn()
+                    issue_pv(carry[2], count - 1)
+                    pass_turn()
+                    plgpu.wgmma_wait(0)
+                    plgpu.barrier_arrive(v_consumed.at[lax.rem(count - 1, jnp.int32(stages))])
+                    return carry
+
+                p16 = plgpu.layout_cast(jnp.full((block_q, block_kv), 0.0, dtype), plgpu.Layout.WGMMA)
+                carry = (m_i, l_i, p16)
+                # Step s is masked iff s >= full_count (the ragged block is the last, tables.py):
+                # the first step when full_count == 0, middle j (step j + 1) when j >= full_count - 1.
+                has_first, full_first = jnp.minimum(count, 1), jnp.minimum(full_count, 1)
+                carry = lax.fori_loop(0, full_first, functools.partial(first, mask_tail=False), carry)
+                full_middles = jnp.maximum(full_count - 1, 0)
+                carry = lax.fori_loop(0, full_middles, functools.partial(middle, mask_tail=False), carry)
+                if tables.kv_ragged:
+                    carry = lax.fori_loop(full_first, has_first, functools.partial(first, mask_tail=True), carry)
+                    carry = lax.fori_loop(full_middles, count - 1, functools.partial(middle, mask_tail=True),
+                                          carry)  # fmt: skip
+                m_last, l_last, _ = lax.fori_loop(0, has_first, last, carry)
+                return o_ref[...], m_last, l_last
+
+            if tuning.overlap_qk:
+                if pingpong:  # warpgroup 0 takes the first turn
+                    pl.when(wg == 1)(lambda: plgpu.barrier_arrive(schedule_barrier.at[0]))
+                carry = pl.run_scoped(overlapped_loop, plgpu.ACC((block_q, head_dim), jnp.float32))
+            else:
+
+                @pl.when(count > 0)
+                def _():
+                    plgpu.barrier_wait(k_barriers.at[0])
+
+                if pingpong:  # warpgroup 1 starts one rendezvous behind
+                    pl.when(wg == 1)(schedule)
+                carry = lax.fori_loop(0, full_count, functools.partial(kv_step, mask_tail=False), (acc, m_i, l_i))
+                if tables.kv_ragged:
+                    carry = lax.fori_loop(full_count, count, functools.partial(kv_step, mask_tail=True), carry)
+                if pingpong:
+                    pl.when(wg == 0)(schedule)
             acc, m_i, l_i = carry
-            pl.when(wg == 0)(schedule)
 
             # An empty row (count == 0) has l_i == 0: write zeros and lse = -inf, never NaN.
             nonempty = l_i > 0.0
@@ -238,7 +348,9 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
         plgpu.Barrier(num_barriers=COMPUTE_WGS),
         plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages),
         plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages),
-        plgpu.Barrier(num_arrivals=COMPUTE_WGS),
+        # The schedule barrier: a rendezvous of both warpgroups twice a step, or with overlap_qk one
+        # turn barrier per warpgroup, which the other arrives on when it has issued its wgmmas.
+        plgpu.Barrier(num_barriers=COMPUTE_WGS) if tuning.overlap_qk else plgpu.Barrier(num_arrivals=COMPUTE_WGS),
     ]
     out, lse = plgpu.kernel(
         kernel,

@@ -6,10 +6,13 @@ copies, barriers. The kernels themselves run only on a Hopper GPU (test_kernels.
 catches tracing and lowering errors in CI, on the jax version CI has.
 """
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.experimental.mosaic.gpu import core as mosaic_gpu_core
 from jax.extend.core import jaxprs_in_params
 
 from radial_jax.kernels import mosaic_bwd, mosaic_fwd
@@ -58,6 +61,74 @@ def test_lazy_rescale_refuses_a_threshold_that_would_overflow_p():
     with pytest.raises(ValueError, match="lazy_rescale_threshold=20.0"):
         jax.eval_shape(lambda q, k, v: mosaic_fwd.mosaic_forward(q, k, v, tables=tables, scale=0.1, tuning=tuning),
                        q, kv, kv)  # fmt: skip
+
+
+# A wgmma commit_group or wait_group in a Mosaic GPU module as printed: jax 0.10.2 has nvvm ops
+# (`...wgmma.wait.group.sync.aligned"() {group = 1 : i64}`), jax 0.11.2 inline PTX (`wgmma.wait_group.sync.aligned 1;`).
+_WGMMA_SYNC = re.compile(r'wgmma\.commit[._]group|wgmma\.wait[._]group\.sync\.aligned(?:"\(\) \{group = | )(\d+)')
+
+
+def _forward_module(monkeypatch, tables, q, kv, tuning) -> str:
+    """Lowers the forward for CUDA and returns its Mosaic GPU module's text, printed without locations
+    before serialization (as_text shows only the bytecode, whose string table holds each name once)."""
+    modules = []
+    serialize = mosaic_gpu_core._run_serde_pass
+
+    def capture(module, **kwargs):
+        module = serialize(module, **kwargs)
+        modules.append(module.operation.get_asm(enable_debug_info=False))
+        return module
+
+    monkeypatch.setattr(mosaic_gpu_core, "_run_serde_pass", capture)
+    _lowered_text(lambda q, k, v: mosaic_fwd.mosaic_forward(q, k, v, tables=tables, scale=0.1, tuning=tuning), q, kv, kv)
+    (module,) = modules
+    return module
+
+
+def _wgmma_waits(module: str) -> list[tuple[int, int]]:
+    """Returns (N, wgmma groups committed since the previous wait) for each wgmma wait_group N, in text order."""
+    waits, committed = [], 0
+    for match in _WGMMA_SYNC.finditer(module):
+        if match.group(1) is None:
+            committed += 1
+        else:
+            waits.append((int(match.group(1)), committed))
+            committed = 0
+    return waits
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("lazy", [None, 8.0], ids=["exact", "lazy"])
+def test_overlap_forward_keeps_p_v_in_flight_through_the_softmax(monkeypatch, case, lazy):
+    # MosaicTuning(overlap_qk=True): each middle step commits S_{j+1} = Q K^T and O += P_j V_j
+    # (two groups) and waits with wait_group 1, i.e. for S alone; the softmax then runs before a
+    # wait_group 0 with nothing committed in between. In text order, per key loop (the ragged key
+    # block has its own, masked): the first step's S alone, then the middle steps; after them the
+    # last P V alone and the final read of O.
+    tables, q, kv, _ = _setup(*case)
+    tuning = mosaic_fwd.MosaicTuning(overlap_qk=True, lazy_rescale_threshold=lazy)
+    waits = _wgmma_waits(_forward_module(monkeypatch, tables, q, kv, tuning))
+    first, middle, last = [(0, 1)], [(1, 2), (0, 0)], [(0, 1), (0, 0)]
+    assert waits == (first + middle) * (1 + tables.kv_ragged) + last, waits
+
+
+def test_default_forward_never_has_two_wgmma_groups_in_flight(monkeypatch):
+    tables, q, kv, _ = _setup(*CASES[0])
+    waits = _wgmma_waits(_forward_module(monkeypatch, tables, q, kv, mosaic_fwd.MosaicTuning()))
+    assert waits and all(n == 0 and committed <= 1 for n, committed in waits), waits
+
+
+@pytest.mark.parametrize("overlap", [False, True], ids=["serial", "overlap"])
+def test_forward_without_pingpong_drops_only_the_schedule_barrier(monkeypatch, overlap):
+    # MosaicTuning(pingpong=False): the same kernel less the warpgroups' schedule barrier waits
+    # (serial: 2 per key step in each of the 2 loops + 2 around them; overlap: 1 per issue in
+    # each of the 5 phases' loops); the K/V ring's and the q load's waits stay.
+    tables, q, kv, _ = _setup(*CASES[0])
+    waits = {}
+    for pingpong in (True, False):
+        tuning = mosaic_fwd.MosaicTuning(overlap_qk=overlap, pingpong=pingpong)
+        waits[pingpong] = _forward_module(monkeypatch, tables, q, kv, tuning).count("mbarrier.try_wait")
+    assert waits[True] - waits[False] == (5 if overlap else 6) and waits[False] > 0, waits
 
 
 @pytest.mark.parametrize("case", CASES)
