@@ -5,14 +5,14 @@
 
 Times, bf16, head_dim 128, batch 1, Wan's real token counts (ragged last block): ours with the
 radial mask (decay 1.0 unless --decay), ours with an all-on mask, (on Hopper) ours with other
-kernel designs beside the default (--variants: forward ones such as the lazy rescale, backward
-ones with --backward such as the fused kernel or a 128-key dq tile; each one `KernelTuning`
-through the same API; the default is timed again after them to show the drift), cuDNN dense via
-jax.nn.dot_product_attention(implementation="cudnn"), and where torch with CUDA is importable
-(a child process), FlexAttention and FlashAttention-4 (benchmarks/fa4.py, where installed) with
-the same block mask, and SDPA. TFLOP/s count 4*pairs*D*H for the forward on the computed blocks
-only (ragged edge blocks exactly), and 3.5x that for forward+backward. Writes JSON with the
-device, the command and the date.
+kernel designs beside the default (--variants: forward ones such as the lazy rescale or FA3's
+intra-warpgroup overlap, backward ones with --backward such as the fused kernel or a 128-key dq
+tile; each one `KernelTuning` through the same API; the default is timed again after them to show
+the drift), cuDNN dense via jax.nn.dot_product_attention(implementation="cudnn"), and where torch
+with CUDA is importable (a child process), FlexAttention and FlashAttention-4 (benchmarks/fa4.py,
+where installed) with the same block mask, and SDPA. TFLOP/s count 4*pairs*D*H for the forward on
+the computed blocks only (ragged edge blocks exactly), and 3.5x that for forward+backward. Writes
+JSON with the device, the command and the date.
 """
 
 import argparse
@@ -73,9 +73,16 @@ def backward_variants() -> dict[str, KernelTuning]:
 
 def forward_variants() -> dict[str, KernelTuning]:
     """{case name: KernelTuning} of the Mosaic forward designs --variants can time beside the default:
-    the lazy rescale at FA4's threshold (8 log2 units) and at 0 (skip only where no row max moved)."""
-    return {"lazy_rescale_fwd": KernelTuning(mosaic_fwd=MosaicTuning(lazy_rescale_threshold=8.0)),
-            "lazy_rescale_0_fwd": KernelTuning(mosaic_fwd=MosaicTuning(lazy_rescale_threshold=0.0))}
+    the lazy rescale at FA4's threshold (8 log2 units) and at 0 (skip only where no row max moved);
+    FA3's intra-warpgroup overlap, alone, with the lazy rescale, and without the warpgroups' ping-pong;
+    the default loop without the ping-pong."""
+    fwd = lambda **fields: KernelTuning(mosaic_fwd=MosaicTuning(**fields))
+    return {"lazy_rescale_fwd": fwd(lazy_rescale_threshold=8.0),
+            "lazy_rescale_0_fwd": fwd(lazy_rescale_threshold=0.0),
+            "overlap_fwd": fwd(overlap_qk=True),
+            "overlap_lazy_fwd": fwd(overlap_qk=True, lazy_rescale_threshold=8.0),
+            "overlap_no_pingpong_fwd": fwd(overlap_qk=True, pingpong=False),
+            "no_pingpong_fwd": fwd(pingpong=False)}
 
 
 def variants(backward: bool) -> dict[str, KernelTuning]:

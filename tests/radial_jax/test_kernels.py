@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from radial_jax import attention_reference, radial_block_mask
-from radial_jax.kernels import TritonTuning, block_sparse_attention
+from radial_jax.kernels import KernelTuning, MosaicTuning, TritonTuning, block_sparse_attention
 from radial_jax.kernels.tables import block_tables
 
 ON_GPU = jax.default_backend() == "gpu"
@@ -83,6 +83,7 @@ class KernelChecks:
     grad_case = (1000, 1000, 2, 64, 2)
     ragged_lengths = RAGGED_LENGTHS
     ragged_dtype = jnp.float32
+    tuning: KernelTuning | None = None  # None: the defaults
 
     def tolerance(self, dtype):
         # f32: <= 2e-5 of the output scale catches a wrong block or a missing rescale.
@@ -91,7 +92,7 @@ class KernelChecks:
     def check(self, q_len, kv_len, heads, head_dim, batch, dtype, mask, tolerance=None):
         q, k, v = _qkv(q_len + heads, batch, q_len, kv_len, heads, head_dim, dtype)
         out, lse = block_sparse_attention(q, k, v, mask, block_size=self.block, return_lse=True,
-                                          backend=self.backend)
+                                          backend=self.backend, tuning=self.tuning)
         f32 = lambda x: x.astype(jnp.float32)
         # jit: one compile per shape instead of one per eager op (the GPU suite runs dozens of shapes).
         reference = jax.jit(lambda q, k, v: attention_reference(q, k, v, mask, block_size=self.block))
@@ -171,8 +172,8 @@ class KernelChecks:
 
             return jax.jit(run)
 
-        ours = program(lambda q, k, v: block_sparse_attention(q, k, v, mask, block_size=self.block,
-                                                              return_lse=True, backend=self.backend))
+        ours = program(lambda q, k, v: block_sparse_attention(q, k, v, mask, block_size=self.block, return_lse=True,
+                                                              backend=self.backend, tuning=self.tuning))
         reference = program(lambda q, k, v: attention_reference(q, k, v, mask, block_size=self.block))
         return ours(q, k, v), reference(f32(q), f32(k), f32(v))
 
@@ -197,7 +198,8 @@ class KernelChecks:
     def test_custom_scale(self):
         q, k, v = _qkv(9, 1, 256, 256, 2, 64, self.dtypes[-1])
         mask = np.array([[True, False], [True, True]])
-        out = block_sparse_attention(q, k, v, mask, block_size=self.block, scale=0.05, backend=self.backend)
+        out = block_sparse_attention(q, k, v, mask, block_size=self.block, scale=0.05, backend=self.backend,
+                                     tuning=self.tuning)
         f32 = lambda x: x.astype(jnp.float32)
         ref, _ = attention_reference(f32(q), f32(k), f32(v), mask, block_size=self.block, scale=0.05)
         assert float(jnp.abs(f32(out) - ref).max()) <= self.tolerance(self.dtypes[-1]) * float(jnp.abs(ref).max())
@@ -319,7 +321,8 @@ class TestMosaicGPU(KernelChecks):
         d_out = jax.random.normal(jax.random.key(12), q.shape, jnp.float32).astype(jnp.float16)
         d_lse = jax.random.normal(jax.random.key(13), (batch, heads, q_len), jnp.float32)
         scale = head_dim**-0.5
-        out, lse = mosaic_fwd.mosaic_forward(q, k, v, tables=tables, scale=scale)
+        fwd_tuning = (self.tuning or KernelTuning()).mosaic_fwd
+        out, lse = mosaic_fwd.mosaic_forward(q, k, v, tables=tables, scale=scale, tuning=fwd_tuning)
 
         f32 = lambda x: x.astype(jnp.float32)
         ref_fn = lambda q, k, v: attention_reference(q, k, v, mask, block_size=block)
@@ -332,6 +335,49 @@ class TestMosaicGPU(KernelChecks):
             assert err <= 3e-3 * float(jnp.abs(r).max()), (name, err)
         rows = np.repeat(~mask.any(axis=1), block)[:q_len]
         assert bool((grads[0][:, rows] == 0).all())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not IS_HOPPER, reason="needs a Hopper GPU (sm90) for the Mosaic kernel")
+class TestMosaicOverlapGPU(TestMosaicGPU):
+    """The Mosaic suite with the forward's intra-warpgroup overlap (MosaicTuning.overlap_qk): the same
+    arithmetic issued in another order, so the same cases and bounds; the backward reads its lse.
+    Radial, empty-row and one-block-per-row masks, bf16/f16, head_dim 64/128 come from the suite."""
+
+    tuning = KernelTuning(mosaic_fwd=MosaicTuning(overlap_qk=True))
+    # Every residue mod 8 on one side or the other; count 1 with a masked key block (kv 7), a
+    # warpgroup's rows wholly past the end (61), q and kv apart both ways, the ragged block in
+    # the middle steps (4100).
+    ragged_lengths = [(1, 1), (7, 7), (61, 130), (1000, 7), (8, 1000), (4100, 257), (257, 4100), (383, 383),
+                      (195, 195), (318, 318), (256, 200)]
+
+    @pytest.mark.parametrize("lengths", [(1560, 1000)])
+    @pytest.mark.parametrize("variant", ["split"])
+    def test_backward_variants_match_reference(self, lengths, variant):
+        super().test_backward_variants_match_reference(lengths, variant)
+
+    @pytest.mark.parametrize("pingpong", [True, False], ids=["pingpong", "no_pingpong"])
+    @pytest.mark.parametrize("shape", [(32760, 32760, 2), (4100, 1000, 3)], ids=["wan_480p_81f_radial", "ragged_cross"])
+    def test_overlap_matches_the_default_kernel(self, shape, pingpong):
+        # Same operations in the same order per element (O is rescaled by step j+1's factor before
+        # P_{j+1} V_{j+1} is added, as in the default loop), so out agrees to f16 rounding and lse
+        # to f32 rounding; a block visited twice, skipped or unrescaled would move them by O(1).
+        q_len, kv_len, heads = shape
+        if q_len == kv_len:
+            mask = radial_block_mask(21, 1560, block_size=self.block, decay_factor=1.0)
+        else:
+            mask = _ragged_mask(q_len + kv_len, q_len, kv_len, self.block)
+        q, k, v = _qkv(q_len, 1, q_len, kv_len, heads, 128, jnp.float16)
+        attend = lambda tuning: jax.jit(lambda q, k, v: block_sparse_attention(
+            q, k, v, mask, block_size=self.block, return_lse=True, backend=self.backend, tuning=tuning))
+        overlap = KernelTuning(mosaic_fwd=MosaicTuning(overlap_qk=True, pingpong=pingpong))
+        (out, lse), (ref_out, ref_lse) = attend(overlap)(q, k, v), attend(None)(q, k, v)
+        f32 = lambda x: x.astype(jnp.float32)
+        assert float(jnp.abs(f32(out) - f32(ref_out)).max()) <= 2**-9 * float(jnp.abs(f32(ref_out)).max())
+        finite = jnp.isfinite(ref_lse)
+        assert bool((finite == jnp.isfinite(lse)).all())
+        lse_err = float(jnp.abs(jnp.where(finite, lse - ref_lse, 0.0)).max())
+        assert lse_err <= 1e-5 * float(jnp.abs(ref_lse[finite]).max()), lse_err
 
 
 def test_tables_list_exactly_the_mask_blocks():

@@ -21,6 +21,7 @@ class TestLazyRescaleGPU:
     backend = "mosaic"
     block = 128
     checks = kernel_tests.TestMosaicGPU()  # assert_forward / assert_gradients, the Mosaic suite's bounds
+    overlap_qk = False
 
     LAZY_CASES = {  # name: (q_len, kv_len, heads, head_dim, batch, dtype, radial (frames, tokens) or None)
         "radial_10x100_d64": (1000, 1000, 3, 64, 2, jnp.float16, (10, 100)),
@@ -54,7 +55,7 @@ class TestLazyRescaleGPU:
         assert events[0] >= 32 and (events[1] >= 32 or not threshold), events
         self.check_lazy_forward(q, k, v, mask, threshold, tolerance=5e-3)
         if threshold:  # the backward reads the lazy forward's lse
-            tuning = KernelTuning(mosaic_fwd=MosaicTuning(lazy_rescale_threshold=threshold))
+            tuning = self.lazy_tuning(threshold)
             weights = jax.random.normal(jax.random.key(7), q.shape, jnp.float32)
             f32 = lambda x: x.astype(jnp.float32)
 
@@ -67,9 +68,12 @@ class TestLazyRescaleGPU:
             ref = gradients(lambda q, k, v: attention_reference(q, k, v, mask, block_size=self.block)[0])
             self.checks.assert_gradients(grads, ref(f32(q), f32(k), f32(v)), q, mask, 5e-3)
 
+    def lazy_tuning(self, threshold):
+        return KernelTuning(mosaic_fwd=MosaicTuning(lazy_rescale_threshold=threshold, overlap_qk=self.overlap_qk))
+
     def check_lazy_forward(self, q, k, v, mask, threshold, tolerance):
         """The lazy kernel vs the f32 reference (assert_forward) and vs the exact kernel on the same inputs."""
-        lazy = KernelTuning(mosaic_fwd=MosaicTuning(lazy_rescale_threshold=threshold))
+        lazy = self.lazy_tuning(threshold)
         attend = lambda tuning: jax.jit(lambda q, k, v: block_sparse_attention(
             q, k, v, mask, block_size=self.block, return_lse=True, backend=self.backend, tuning=tuning))
         out, lse = attend(lazy)(q, k, v)
@@ -83,6 +87,13 @@ class TestLazyRescaleGPU:
         finite = jnp.isfinite(exact_lse)
         assert bool((finite == jnp.isfinite(lse)).all())
         assert float(jnp.abs(jnp.where(finite, lse - exact_lse, 0.0)).max()) <= 1e-3
+
+
+class TestLazyRescaleOverlapGPU(TestLazyRescaleGPU):
+    """The lazy rescale inside the intra-warpgroup overlap (MosaicTuning.overlap_qk): the warp vote
+    and branch run on O after its wait_group 0, between two pipelined steps."""
+
+    overlap_qk = True
 
 
 def _late_jump_qkv(q_len, kv_len, heads, head_dim, dtype):

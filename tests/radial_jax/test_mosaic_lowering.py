@@ -80,7 +80,8 @@ def _forward_module(monkeypatch, tables, q, kv, tuning) -> str:
         return module
 
     monkeypatch.setattr(mosaic_gpu_core, "_run_serde_pass", capture)
-    _lowered_text(lambda q, k, v: mosaic_fwd.mosaic_forward(q, k, v, tables=tables, scale=0.1, tuning=tuning), q, kv, kv)
+    forward = lambda q, k, v: mosaic_fwd.mosaic_forward(q, k, v, tables=tables, scale=0.1, tuning=tuning)
+    _lowered_text(forward, q, kv, kv)
     (module,) = modules
     return module
 
