@@ -259,6 +259,9 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
                     p, m_new, alpha = softmax_scores(s, m_i, j + 1, mask_tail=mask_tail)
                     l_i = l_i * alpha + p.sum(axis=1)
                     p16_next = p.astype(dtype)
+                    # The softmax must be done before the wait below, or LLVM may sink it past the
+                    # wait (its results are used only after it) and the overlap is gone.
+                    l_i, m_new, alpha, p16_next = lax.optimization_barrier((l_i, m_new, alpha, p16_next))
                     acc = plgpu.wgmma_accumulator_load(o_ref, wait_n=0)  # P_j V_j done
                     plgpu.barrier_arrive(v_consumed.at[lax.rem(j, jnp.int32(stages))])
                     o_ref[...] = rescale(acc, alpha, m_i, m_new)
