@@ -186,8 +186,8 @@ def finish_phase(rows: dict, configs: list[str], phase: str, values: dict) -> No
 def worker(shape: str, configs: list[str], args, emit) -> None:
     """Times all configs of one shape in this process; calls emit(rows) after each phase."""
     import jax
-    from flax import nnx
 
+    from models import static_graph
     from models.wan import pipeline
     from models.wan import sampler as sampler_lib
 
@@ -206,7 +206,7 @@ def worker(shape: str, configs: list[str], args, emit) -> None:
     finish_phase(rows, configs, "encode", encode)
     emit(rows)
 
-    graphdef, params = nnx.split(components.dit)
+    graphdef, params = static_graph.split(components.dit)
     sampler = pipeline.make_sampler("unipc", NUM_STEPS, sampler_lib.default_shift(height, width))
     latents_shape = pipeline.latent_shape(frames, height, width, components.dit.config.out_dim)
 

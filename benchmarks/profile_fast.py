@@ -6,7 +6,7 @@
 The phases of `radial-jax generate --preset lightx2v` (benchmarks/fast_generate.py times them end to
 end): denoise, the 4 steps (step 0 dense through our kernel with every block on, steps 1-3 radial);
 decode, the f32 VAE decode (the device's work, then the same decode with the move to a uint8 host
-array, timed apart). Each phase is run once to compile, once timed without the profiler, and once
+array, timed apart); decode_bf16, the same in bf16. Each phase is run once to compile, once timed without the profiler, and once
 inside `jax.profiler.trace` (perfetto JSON). From the trace: every device kernel's time summed by kind
 (attention, matmul, conv, copy/transpose, reduction, other fusion) and by name, and the device's busy
 time (the union of its kernels' intervals) against the traced wall time, i.e. where it idled.
@@ -15,7 +15,9 @@ Random weights (cost does not depend on values). Writes JSON (device, command, d
 """
 
 import argparse
+import dataclasses
 import datetime
+import functools
 import glob
 import gzip
 import json
@@ -30,10 +32,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+PHASES = ("denoise", "decode", "decode_bf16")
 # First match wins; names are lowercased kernel names as the profiler reports them.
 KINDS = [
     ("attention", re.compile(r"mosaic|radial|flash|fmha|sdpa|attention|pallas|^kernel$")),
-    ("conv", re.compile(r"conv|fprop|dgrad|wgrad|implicit")),
+    ("conv", re.compile(r"conv(?!ert)|fprop|dgrad|wgrad|implicit")),  # not loop_convert_fusion
     ("matmul", re.compile(r"gemm|nvjet|cutlass|xmma|cublas|dot|matmul")),
     ("copy/transpose", re.compile(r"copy|transpose|memcpy|memset|concatenate|dynamic.update.slice|pad")),
     ("reduction", re.compile(r"reduce|reduction")),
@@ -108,7 +111,7 @@ def phases(shape: str, which: list[str], dry_run: bool):
     import jax
 
     import fast_generate
-    from generate import build_components
+    from generate import build_components, random_module
     from models.wan import pipeline
     from models.wan import sampler as sampler_lib
     from models.wan import vae as vae_lib
@@ -127,23 +130,24 @@ def phases(shape: str, which: list[str], dry_run: bool):
 
         denoise()
         yield "denoise", denoise, {}
-    if "decode" in which:
-        latents = jax.random.normal(jax.random.key(5), shape_latents, "float32")
-
-        def decode():
-            return vae_lib.decode(components.vae, latents)
-
+    latents = jax.random.normal(jax.random.key(5), shape_latents, "float32")
+    for phase in [p for p in which if p.startswith("decode")]:
+        vae = components.vae
+        if phase == "decode_bf16":  # the same weights, cast (as fast_generate.py builds it)
+            vae = random_module(lambda rngs: vae_lib.WanVAE(dataclasses.replace(vae.config, dtype="bfloat16"),
+                                                            rngs=rngs), 2)  # fmt: skip
+        decode = functools.partial(vae_lib.decode, vae, latents)
         decode()
-        pipeline.decode_video(components.vae, latents[:, :2])  # compiles the uint8 conversion's programs
+        pipeline.decode_video(vae, latents[:, :2])  # compiles the uint8 conversion's programs
         start = time.perf_counter()
-        pipeline.decode_video(components.vae, latents)
-        yield "decode", decode, dict(decode_video_s=time.perf_counter() - start)
+        pipeline.decode_video(vae, latents)
+        yield phase, decode, dict(decode_video_s=time.perf_counter() - start)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--shape", default="14b-720p-81f", help="a benchmarks/generate.py shape (default %(default)s)")
-    parser.add_argument("--phases", default="denoise,decode", help="comma-separated: denoise, decode")
+    parser.add_argument("--phases", default="denoise,decode", help="comma-separated: denoise, decode, decode_bf16")
     parser.add_argument("--out", type=Path, help="JSON path (default benchmarks/results/profile-fast-<device>.json)")
     parser.add_argument("--trace-dir", type=Path, help="keep the raw traces here (default: a temporary folder)")
     parser.add_argument("--dry-run", action="store_true", help="the tiny preset on the CPU; writes nothing by default")
@@ -151,8 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     import jax
 
     which = args.phases.split(",")
-    if unknown := set(which) - {"denoise", "decode"}:
-        parser.error(f"--phases: unknown {sorted(unknown)}; choose from denoise, decode")
+    if unknown := set(which) - set(PHASES):
+        parser.error(f"--phases: unknown {sorted(unknown)}; choose from {', '.join(PHASES)}")
     shape = "tiny" if args.dry_run else args.shape
     trace_dir = args.trace_dir or Path(tempfile.mkdtemp(prefix="profile-fast-"))
     rows = []

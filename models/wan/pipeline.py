@@ -30,6 +30,7 @@ from flax import nnx
 from jaxtyping import Array, Float, Int, UInt8
 
 from models import clip as clip_lib
+from models import static_graph
 from models import t5
 from models.wan import experts as experts_lib
 from models.wan import sampler as sampler_lib
@@ -142,12 +143,12 @@ def denoise_step(graphdef, params, sampler, state, context, negative_context, gu
                  dense):  # fmt: skip
     """Returns the sampler state after one step: the DiT on (cond[, uncond]) context, cfg, update.
 
-    graphdef/params: nnx.split(dit); sampler: static (see make_sampler); state: donated;
+    graphdef/params: models.static_graph.split(dit); sampler: static (see make_sampler); state: donated;
     context/negative_context: [1, T, C] (negative None: no guidance pass); guidance: float32
     scalar; clip_fea/y: I2V inputs or None; plan (RadialPlan or None) and dense: static, so at
     most two programs compile.
     """
-    dit = nnx.merge(graphdef, params)
+    dit = nnx.merge(graphdef.graphdef, params)
     timestep = jnp.broadcast_to(sampler.timestep(state), state.sample.shape[:1])
     flow = dit(state.sample, timestep, context, plan=plan, dense=dense, clip_fea=clip_fea, y=y)
     if negative_context is not None:
@@ -189,8 +190,8 @@ def denoise(
                          f"{sampler.num_steps} steps")  # fmt: skip
     # Once per expert: every step reuses the same static graph. The experts share it (equal
     # configs), so their steps share the compiled programs: their weights are arguments.
-    graphdef, _ = nnx.split(dits[0])
-    params = [nnx.split(d)[1] for d in dits]
+    graphdef, params = static_graph.split(dits[0])
+    params = [params] + [static_graph.split(d)[1] for d in dits[1:]]
     scales = [jnp.float32(g) for g in guidance]
     state = sampler.init(noise)
     for step in range(sampler.num_steps):
@@ -206,10 +207,19 @@ def denoise(
 
 def decode_video(vae: vae_lib.WanVAE, latents: Float[Array, "1 F H W C"]) -> UInt8[np.ndarray, "Fp Hp Wp 3"]:
     """Returns the decoded video as uint8 [frames, height, width, 3] (from [-1, 1], rounded)."""
-    pixels = vae_lib.decode(vae, latents)[0]
-    # uint8 on the device: a quarter of the bytes to copy to the host, and no host-side cast
-    # (a 720p-81f video is 224 M values).
-    return np.asarray(jnp.round((pixels + 1.0) * 127.5).astype(jnp.uint8))
+    # Chunk by chunk, to uint8 on the device (a quarter of the bytes, no host-side cast of 224 M
+    # values at 720p-81f), each chunk's copy to the host running while the next one decodes; no
+    # program sees the whole video, so none compiles for its length.
+    chunks = []
+    for pixels in vae_lib.decode_chunks(vae, latents):
+        chunks.append(_to_uint8(pixels[0]))
+        chunks[-1].copy_to_host_async()
+    return np.concatenate([np.asarray(chunk) for chunk in chunks])
+
+
+@jax.jit
+def _to_uint8(pixels: Float[Array, "F H W 3"]) -> UInt8[Array, "F H W 3"]:
+    return jnp.round((pixels + 1.0) * 127.5).astype(jnp.uint8)
 
 
 def generate(

@@ -17,6 +17,7 @@ decode undoes that before decoding; decoded videos are clipped to [-1, 1].
 
 import dataclasses
 import functools
+from collections.abc import Iterator
 
 import jax
 import jax.numpy as jnp
@@ -24,6 +25,7 @@ import numpy as np
 from flax import nnx
 from jaxtyping import Array, Float
 
+from models import static_graph
 from models.wan.vae_blocks import AttentionBlock, ResidualBlock, Resample, RMSNorm, conv3d, conv_with_cache
 
 TEMPORAL_STRIDE = 4  # pixel frames per latent frame (after the first)
@@ -160,15 +162,15 @@ class WanVAE(nnx.Module):
 
 
 def _encode_chunk(graphdef, state, video_chunk, cache):
-    vae = nnx.merge(graphdef, state)
+    vae = nnx.merge(graphdef.graphdef, state)
     features, cache = vae.encoder(video_chunk.astype(vae.config.dtype), cache)
     return vae.conv1(features).astype(jnp.float32), cache
 
 
 def _decode_chunk(graphdef, state, latent_frame, cache):
-    vae = nnx.merge(graphdef, state)
+    vae = nnx.merge(graphdef.graphdef, state)
     pixels, cache = vae.decoder(vae.conv2(latent_frame.astype(vae.config.dtype)), cache)
-    return pixels.astype(jnp.float32), cache
+    return jnp.clip(pixels.astype(jnp.float32), -1.0, 1.0), cache
 
 
 _encode_first = jax.jit(functools.partial(_encode_chunk, cache=None), static_argnums=0)
@@ -186,7 +188,7 @@ def encode_moments(
     [B, 1 + (F-1)/4, H/8, W/8, z_dim]. log-variance is not clamped.
     """
     _check_video(video.shape)
-    graphdef, state = nnx.split(vae)
+    graphdef, state = static_graph.split(vae)
     moments, cache = _encode_first(graphdef, state, video[:, :1])
     chunks = [moments]
     for start in range(1, video.shape[1], TEMPORAL_STRIDE):
@@ -207,17 +209,25 @@ def decode(vae: WanVAE, latents: Float[Array | np.ndarray, "B f h w z"]) -> Floa
 
     latents: Wan-normalised, [B, f, h, w, z_dim] (as `encode` returns and the DiT samples).
     """
-    if latents.ndim != 5 or latents.shape[-1] != vae.config.z_dim:
+    return jnp.concatenate(list(decode_chunks(vae, latents)), axis=1)
+
+
+def decode_chunks(vae: WanVAE, latents: Float[Array | np.ndarray, "B f h w z"]) -> Iterator[Float[Array, "B n H W 3"]]:
+    """Yields `decode`'s video one latent frame at a time: [B, 1, H, W, 3], then [B, 4, H, W, 3] each,
+    float32 clipped to [-1, 1]; each chunk is dispatched (not finished) when it is yielded, so a
+    consumer can start its copy to the host while the next one runs."""
+    if latents.ndim != 5 or latents.shape[-1] != vae.config.z_dim:  # checked now, not at the first next()
         raise ValueError(f"latents must be [B, F, H, W, {vae.config.z_dim}], got {latents.shape}")
     mean, inv_std = _latent_stats(vae.config)
-    z = latents.astype(jnp.float32) / inv_std + mean
-    graphdef, state = nnx.split(vae)
+    return _chunks(*static_graph.split(vae), latents.astype(jnp.float32) / inv_std + mean)
+
+
+def _chunks(graphdef, state, z):
     pixels, cache = _decode_first(graphdef, state, z[:, :1])
-    chunks = [pixels]
+    yield pixels
     for frame in range(1, z.shape[1]):
         pixels, cache = _decode_next(graphdef, state, z[:, frame : frame + 1], cache)
-        chunks.append(pixels)
-    return jnp.clip(jnp.concatenate(chunks, axis=1), -1.0, 1.0)
+        yield pixels
 
 
 def _latent_stats(config: VAEConfig) -> tuple[np.ndarray, np.ndarray]:

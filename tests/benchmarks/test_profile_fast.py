@@ -25,6 +25,7 @@ def _trace():
         kernel("mosaic_gpu_kernel_radial", 300.0, 200.0),
         kernel("sm90_xmma_fprop_implicit_gemm_bf16", 600.0, 40.0),
         kernel("input_transpose_fusion", 700.0, 10.0),
+        kernel("loop_convert_fusion_2", 800.0, 5.0),  # a dtype cast, not a conv
         kernel("nvjet_hsh_256x128_2cta", 1000.0, 100.0),
         kernel("PjitFunction(step)", 0.0, 5000.0, pid=1),  # host: not device time
     ])  # fmt: skip
@@ -33,24 +34,25 @@ def _trace():
 def test_trace_summary_sums_device_kernels_by_kind_and_name_and_measures_idle_time():
     profile = _load()
     row = profile.summarise_trace(_trace(), wall_s=0.002)
-    assert row["device_processes"] == ["/device:GPU:0"] and row["kernels"] == 6
-    assert abs(row["kernel_s"] - 550e-6) < 1e-12
-    assert abs(row["busy_s"] - 500e-6) < 1e-12  # 0-150, 300-500, 600-640, 700-710, 1000-1100
+    assert row["device_processes"] == ["/device:GPU:0"] and row["kernels"] == 7
+    assert abs(row["kernel_s"] - 555e-6) < 1e-12
+    assert abs(row["busy_s"] - 505e-6) < 1e-12  # 0-150, 300-500, 600-640, 700-710, 800-805, 1000-1100
     kinds = row["by_kind_s"]
     assert abs(kinds["matmul"] - 200e-6) < 1e-12 and abs(kinds["attention"] - 200e-6) < 1e-12
     assert abs(kinds["conv"] - 40e-6) < 1e-12 and abs(kinds["copy/transpose"] - 10e-6) < 1e-12
-    assert abs(kinds["other fusion"] - 100e-6) < 1e-12
+    assert abs(kinds["other fusion"] - 105e-6) < 1e-12
     top = row["top_kernels"][0]
     assert top["name"].startswith("nvjet") and top["calls"] == 2 and top["kind"] == "matmul"
 
 
-def test_dry_run_profiles_both_phases_of_the_tiny_preset(tmp_path, monkeypatch):
+def test_dry_run_profiles_every_phase_of_the_tiny_preset(tmp_path, monkeypatch):
     profile = _load()
     monkeypatch.setattr(sys, "argv", ["profile_fast.py", "--dry-run"])
     out = tmp_path / "profile.json"
-    assert profile.main(["--dry-run", "--out", str(out), "--trace-dir", str(tmp_path / "traces")]) == 0
+    assert profile.main(["--dry-run", "--phases", "denoise,decode,decode_bf16", "--out", str(out),
+                         "--trace-dir", str(tmp_path / "traces")]) == 0
     result = json.loads(out.read_text())
-    assert [row["phase"] for row in result["rows"]] == ["denoise", "decode"]
+    assert [row["phase"] for row in result["rows"]] == ["denoise", "decode", "decode_bf16"]
     assert all(row["untraced_s"] > 0 and row["traced_wall_s"] > 0 for row in result["rows"])
-    assert result["rows"][1]["decode_video_s"] > 0 and result["date"] and result["command"]
+    assert all(row["decode_video_s"] > 0 for row in result["rows"][1:]) and result["date"] and result["command"]
     assert list((tmp_path / "traces").glob("decode/**/perfetto_trace.json.gz"))

@@ -11,6 +11,7 @@ import pytest
 from flax import nnx
 
 from radial_jax import RadialPlan
+from models import static_graph
 from models.wan import pipeline
 from models.wan import sampler as sampler_lib
 from models.wan import vae as vae_lib
@@ -45,7 +46,7 @@ def test_denoise_step_is_one_euler_update_of_the_guided_flow(tiny):
     t = jnp.full((1,), euler.timesteps[0])
     cond, uncond = (tiny.dit(noise, t, context[i : i + 1], dense=True) for i in (0, 1))
     expected = noise + (euler.sigmas[1] - euler.sigmas[0]) * (uncond + 4.0 * (cond - uncond))
-    graphdef, params = nnx.split(tiny.dit)
+    graphdef, params = static_graph.split(tiny.dit)
     state = pipeline.denoise_step(graphdef, params, euler, euler.init(jnp.array(noise)), context[:1], context[1:],
                                   jnp.float32(4.0), None, None, plan=None, dense=True)  # fmt: skip
     np.testing.assert_allclose(state.sample, expected, rtol=1e-5, atol=1e-5 * float(jnp.abs(expected).max()))
