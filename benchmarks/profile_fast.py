@@ -128,7 +128,7 @@ def phases(shape: str, which: list[str], dry_run: bool):
             noise = sampler_lib.initial_noise(0, shape_latents)
             return pipeline.denoise(dit, sampler, noise, context, None, 1.0, plan=plan)
 
-        denoise()
+        jax.block_until_ready(denoise())  # compiles; waited for, or the next timing would include its run
         yield "denoise", denoise, {}
     latents = jax.random.normal(jax.random.key(5), shape_latents, "float32")
     for phase in [p for p in which if p.startswith("decode")]:
@@ -137,7 +137,7 @@ def phases(shape: str, which: list[str], dry_run: bool):
             vae = random_module(lambda rngs: vae_lib.WanVAE(dataclasses.replace(vae.config, dtype="bfloat16"),
                                                             rngs=rngs), 2)  # fmt: skip
         decode = functools.partial(vae_lib.decode, vae, latents)
-        decode()
+        jax.block_until_ready(decode())
         pipeline.decode_video(vae, latents[:, :2])  # compiles the uint8 conversion's programs
         start = time.perf_counter()
         pipeline.decode_video(vae, latents)
