@@ -34,7 +34,17 @@ class MosaicTuning:
     # O += P_j V_j are issued together and the softmax of S_{j+1} runs while P_j V_j is on the
     # tensor cores; the two warpgroups pass a token so that their issues alternate (ping-pong).
     # Off until timed against the default and FA4 (benchmarks/NOTES.md, 2026-11-30 FWDOV).
+    # Measured 0.60x the default on the H200 (1.3B 480p-81f/161f, 14B 720p-81f): ptxas serializes its
+    # wgmmas (C7513, "non wgmma instructions defining input registers"), see the two fields below.
     overlap_qk: bool = False
+    # With overlap_qk: the softmax of S_{j+1} stays f32 until P_j V_j is waited for and is cast to
+    # P_{j+1} (bf16, the next P V's register operand) only after wait_group 0, as FA3 does. Cast
+    # before the wait, P_{j+1} takes P_j's registers (LLVM sees P_j dead once the asm is issued),
+    # so the cast writes an operand of the wgmma in flight and ptxas serializes (NOTES FWDOV2).
+    overlap_late_p: bool = False
+    # With overlap_qk: O *= alpha_j between the S_{j+1} and the P_j V_j issues (FA3's rescale_o),
+    # under S_{j+1}'s wgmma and before P V's fence, instead of after the wait_group 0.
+    overlap_early_rescale: bool = False
     # The two compute warpgroups alternate on the tensor cores (FA3's ping-pong): a rendezvous of both
     # around each softmax, or with overlap_qk a turn token passed at each issue. False drops it, to
     # time what it buys.

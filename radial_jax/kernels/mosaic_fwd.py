@@ -104,6 +104,9 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
     num_q_tiles = tables.num_q_blocks
     qk_scale = scale * LOG2_E
     lazy_threshold = tuning.lazy_rescale_threshold
+    late_p, early_rescale = tuning.overlap_late_p, tuning.overlap_early_rescale
+    if (late_p or early_rescale) and not tuning.overlap_qk:
+        raise ValueError("overlap_late_p and overlap_early_rescale reorder the overlapped loop: set overlap_qk=True too")
     if lazy_threshold is not None and not 0.0 <= lazy_threshold <= 15.0:
         raise ValueError(f"lazy_rescale_threshold={lazy_threshold} is outside [0, 15] (log2 units; FA4 uses 8): "
                          "p reaches 2^threshold and f16 ends at 2^16")
@@ -228,8 +231,11 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
                     plgpu.barrier_wait(v_barriers.at[slot])
                     plgpu.wgmma(o_ref, p16, v_smem.at[slot])
 
+                def rescale_o(alpha, m_old, m_new):  # no wait: O's last P V has been waited for
+                    o_ref[...] = rescale(plgpu.wgmma_accumulator_load(o_ref, wait_n=None), alpha, m_old, m_new)
+
                 def first(_, carry, *, mask_tail):
-                    m_i, l_i, _ = carry
+                    m_i, l_i = carry[:2]
 
                     def qk(s_ref):
                         plgpu.barrier_wait(k_barriers.at[0])
@@ -241,15 +247,20 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
                     s = pl.run_scoped(qk, plgpu.ACC((block_q, block_kv), jnp.float32))  # [block_q, block_kv]
                     plgpu.barrier_arrive(k_consumed.at[0])
                     p, m_new, alpha = softmax_scores(s, m_i, 0, mask_tail=mask_tail)
-                    return m_new, l_i * alpha + p.sum(axis=1), p.astype(dtype)  # O is zero: no rescale
+                    out = (m_new, l_i * alpha + p.sum(axis=1), p.astype(dtype))  # O is zero: no rescale
+                    if early_rescale:  # alpha_0 = 1 and no max moved: step 0's rescale is a no-op
+                        out += (plgpu.layout_cast(jnp.full((block_q,), 1.0, jnp.float32), row), m_new)
+                    return out
 
                 def middle(j, carry, *, mask_tail):
-                    m_i, l_i, p16 = carry
+                    m_i, l_i, p16 = carry[:3]
 
                     def qk_and_pv(s_ref):
                         plgpu.barrier_wait(k_barriers.at[lax.rem(j + 1, jnp.int32(stages))])
                         take_turn()
                         issue_qk(s_ref, j + 1)
+                        if early_rescale:  # O *= alpha_j under S_{j+1}'s wgmma; the store fences O
+                            rescale_o(*carry[3:], m_i)
                         issue_pv(p16, j)
                         pass_turn()
                         return plgpu.wgmma_accumulator_load(s_ref, wait_n=1)  # S_{j+1} done, P_j V_j may run
@@ -258,16 +269,25 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
                     plgpu.barrier_arrive(k_consumed.at[lax.rem(j + 1, jnp.int32(stages))])
                     p, m_new, alpha = softmax_scores(s, m_i, j + 1, mask_tail=mask_tail)
                     l_i = l_i * alpha + p.sum(axis=1)
-                    p16_next = p.astype(dtype)
                     # The softmax must be done before the wait below, or LLVM may sink it past the
                     # wait (its results are used only after it) and the overlap is gone.
-                    l_i, m_new, alpha, p16_next = lax.optimization_barrier((l_i, m_new, alpha, p16_next))
+                    if late_p:
+                        l_i, m_new, alpha, p = lax.optimization_barrier((l_i, m_new, alpha, p))
+                    else:
+                        p16_next = p.astype(dtype)
+                        l_i, m_new, alpha, p16_next = lax.optimization_barrier((l_i, m_new, alpha, p16_next))
                     acc = plgpu.wgmma_accumulator_load(o_ref, wait_n=0)  # P_j V_j done
                     plgpu.barrier_arrive(v_consumed.at[lax.rem(j, jnp.int32(stages))])
+                    if late_p:  # p passes a barrier after the wait, so LLVM cannot hoist the cast above it
+                        p16_next = lax.optimization_barrier(p).astype(dtype)  # into P_j's registers, now free
+                    if early_rescale:
+                        return m_new, l_i, p16_next, alpha, m_i
                     o_ref[...] = rescale(acc, alpha, m_i, m_new)
                     return m_new, l_i, p16_next
 
                 def last(_, carry):
+                    if early_rescale:  # nothing to overlap with: before the turn, not while holding it
+                        rescale_o(*carry[3:], carry[0])
                     take_turn()
                     issue_pv(carry[2], count - 1)
                     pass_turn()
@@ -277,6 +297,8 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
 
                 p16 = plgpu.layout_cast(jnp.full((block_q, block_kv), 0.0, dtype), plgpu.Layout.WGMMA)
                 carry = (m_i, l_i, p16)
+                if early_rescale:  # + (alpha_j, m_{j-1}): O's factor for step j, applied before P_j V_j
+                    carry += (plgpu.layout_cast(jnp.full((block_q,), 1.0, jnp.float32), row), m_i)
                 # Step s is masked iff s >= full_count (the ragged block is the last, tables.py):
                 # the first step when full_count == 0, middle j (step j + 1) when j >= full_count - 1.
                 has_first, full_first = jnp.minimum(count, 1), jnp.minimum(full_count, 1)
@@ -287,7 +309,7 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
                     carry = lax.fori_loop(full_first, has_first, functools.partial(first, mask_tail=True), carry)
                     carry = lax.fori_loop(full_middles, count - 1, functools.partial(middle, mask_tail=True),
                                           carry)  # fmt: skip
-                m_last, l_last, _ = lax.fori_loop(0, has_first, last, carry)
+                m_last, l_last = lax.fori_loop(0, has_first, last, carry)[:2]
                 return o_ref[...], m_last, l_last
 
             if tuning.overlap_qk:

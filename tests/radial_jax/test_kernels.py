@@ -5,6 +5,7 @@ everywhere, the GPU subclasses (skipped without a GPU) run the Triton and Mosaic
 """
 
 import contextlib
+import dataclasses
 import re
 
 import jax
@@ -370,7 +371,7 @@ class TestMosaicOverlapGPU(TestMosaicGPU):
         q, k, v = _qkv(q_len, 1, q_len, kv_len, heads, 128, jnp.float16)
         attend = lambda tuning: jax.jit(lambda q, k, v: block_sparse_attention(
             q, k, v, mask, block_size=self.block, return_lse=True, backend=self.backend, tuning=tuning))
-        overlap = KernelTuning(mosaic_fwd=MosaicTuning(overlap_qk=True, pingpong=pingpong))
+        overlap = KernelTuning(mosaic_fwd=dataclasses.replace(self.tuning.mosaic_fwd, pingpong=pingpong))
         (out, lse), (ref_out, ref_lse) = attend(overlap)(q, k, v), attend(None)(q, k, v)
         f32 = lambda x: x.astype(jnp.float32)
         assert float(jnp.abs(f32(out) - f32(ref_out)).max()) <= 2**-9 * float(jnp.abs(f32(ref_out)).max())
@@ -378,6 +379,20 @@ class TestMosaicOverlapGPU(TestMosaicGPU):
         assert bool((finite == jnp.isfinite(lse)).all())
         lse_err = float(jnp.abs(jnp.where(finite, lse - ref_lse, 0.0)).max())
         assert lse_err <= 1e-5 * float(jnp.abs(ref_lse[finite]).max()), lse_err
+
+
+class TestMosaicOverlapLatePGPU(TestMosaicOverlapGPU):
+    """The overlap with P_{j+1} cast to bf16 only after P_j V_j is waited for
+    (MosaicTuning.overlap_late_p): the cast no longer writes the registers of the wgmma in flight."""
+
+    tuning = KernelTuning(mosaic_fwd=MosaicTuning(overlap_qk=True, overlap_late_p=True))
+
+
+class TestMosaicOverlapFA3GPU(TestMosaicOverlapGPU):
+    """FA3's order in full: the late cast, and O rescaled between the S_{j+1} and the P_j V_j issues
+    (MosaicTuning.overlap_early_rescale); step j's factor is carried to step j + 1."""
+
+    tuning = KernelTuning(mosaic_fwd=MosaicTuning(overlap_qk=True, overlap_late_p=True, overlap_early_rescale=True))
 
 
 def test_tables_list_exactly_the_mask_blocks():

@@ -21,7 +21,7 @@ class TestLazyRescaleGPU:
     backend = "mosaic"
     block = 128
     checks = kernel_tests.TestMosaicGPU()  # assert_forward / assert_gradients, the Mosaic suite's bounds
-    overlap_qk = False
+    overlap = {}  # MosaicTuning's overlap fields
 
     LAZY_CASES = {  # name: (q_len, kv_len, heads, head_dim, batch, dtype, radial (frames, tokens) or None)
         "radial_10x100_d64": (1000, 1000, 3, 64, 2, jnp.float16, (10, 100)),
@@ -69,7 +69,7 @@ class TestLazyRescaleGPU:
             self.checks.assert_gradients(grads, ref(f32(q), f32(k), f32(v)), q, mask, 5e-3)
 
     def lazy_tuning(self, threshold):
-        return KernelTuning(mosaic_fwd=MosaicTuning(lazy_rescale_threshold=threshold, overlap_qk=self.overlap_qk))
+        return KernelTuning(mosaic_fwd=MosaicTuning(lazy_rescale_threshold=threshold, **self.overlap))
 
     def check_lazy_forward(self, q, k, v, mask, threshold, tolerance):
         """The lazy kernel vs the f32 reference (assert_forward) and vs the exact kernel on the same inputs."""
@@ -93,7 +93,14 @@ class TestLazyRescaleOverlapGPU(TestLazyRescaleGPU):
     """The lazy rescale inside the intra-warpgroup overlap (MosaicTuning.overlap_qk): the warp vote
     and branch run on O after its wait_group 0, between two pipelined steps."""
 
-    overlap_qk = True
+    overlap = {"overlap_qk": True}
+
+
+class TestLazyRescaleOverlapFA3GPU(TestLazyRescaleGPU):
+    """The lazy rescale in FA3's order (overlap_late_p, overlap_early_rescale): the warp vote and branch
+    act on O between the S_{j+1} and the P_j V_j issues, with step j's maxima carried to step j + 1."""
+
+    overlap = {"overlap_qk": True, "overlap_late_p": True, "overlap_early_rescale": True}
 
 
 def _late_jump_qkv(q_len, kv_len, heads, head_dim, dtype):

@@ -100,17 +100,75 @@ def _wgmma_waits(module: str) -> list[tuple[int, int]]:
 
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("lazy", [None, 8.0], ids=["exact", "lazy"])
-def test_overlap_forward_keeps_p_v_in_flight_through_the_softmax(monkeypatch, case, lazy):
+@pytest.mark.parametrize("order", [{}, {"overlap_late_p": True, "overlap_early_rescale": True}], ids=["plain", "fa3"])
+def test_overlap_forward_keeps_p_v_in_flight_through_the_softmax(monkeypatch, case, lazy, order):
     # MosaicTuning(overlap_qk=True): each middle step commits S_{j+1} = Q K^T and O += P_j V_j
     # (two groups) and waits with wait_group 1, i.e. for S alone; the softmax then runs before a
     # wait_group 0 with nothing committed in between. In text order, per key loop (the ragged key
     # block has its own, masked): the first step's S alone, then the middle steps; after them the
     # last P V alone and the final read of O.
     tables, q, kv, _ = _setup(*case)
-    tuning = mosaic_fwd.MosaicTuning(overlap_qk=True, lazy_rescale_threshold=lazy)
+    tuning = mosaic_fwd.MosaicTuning(overlap_qk=True, lazy_rescale_threshold=lazy, **order)
     waits = _wgmma_waits(_forward_module(monkeypatch, tables, q, kv, tuning))
     first, middle, last = [(0, 1)], [(1, 2), (0, 0)], [(0, 1), (0, 0)]
     assert waits == (first + middle) * (1 + tables.kv_ragged) + last, waits
+
+
+def _middle_steps(module: str) -> list[tuple[str, str, str]]:
+    """Returns (issues, under, after) for each middle step of an overlapped loop, in text order: issues
+    runs from the S_{j+1} commit to the P_j V_j commit, under from the wait_group 1 to the wait_group 0
+    (P_j V_j in flight), after from the wait_group 0 to the end of the loop body (scf.yield)."""
+    syncs = list(_WGMMA_SYNC.finditer(module))
+    steps = []
+    for i, sync in enumerate(syncs):
+        if sync.group(1) != "1":
+            continue
+        commit_s, commit_pv, wait_0 = syncs[i - 2], syncs[i - 1], syncs[i + 1]
+        assert commit_s.group(1) is None and commit_pv.group(1) is None and wait_0.group(1) == "0"
+        end = module.index("scf.yield", wait_0.end())
+        steps.append((module[commit_s.end():commit_pv.start()], module[sync.end():wait_0.start()],
+                      module[wait_0.end():end]))  # fmt: skip
+    return steps
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_overlap_late_p_casts_p_only_after_its_p_v_is_waited_for(monkeypatch, case):
+    # MosaicTuning.overlap_late_p: P_{j+1}'s bf16 cast (arith.truncf) must follow the wait_group 0
+    # on P_j V_j. Before it, LLVM gives P_{j+1} P_j's registers (P_j is dead to it once the wgmma
+    # asm is issued), so the cast writes an operand of the wgmma in flight and ptxas serializes
+    # (C7513 on the H200, benchmarks/NOTES.md); the plain overlap casts there, as the check shows.
+    tables, q, kv, _ = _setup(*case)
+    for late_p in (False, True):
+        tuning = mosaic_fwd.MosaicTuning(overlap_qk=True, overlap_late_p=late_p)
+        steps = _middle_steps(_forward_module(monkeypatch, tables, q, kv, tuning))
+        assert len(steps) == 1 + tables.kv_ragged, len(steps)
+        casts = [(under.count("arith.truncf"), after.count("arith.truncf")) for _, under, after in steps]
+        assert all((under == 0 and after > 0) if late_p else under > 0 for under, after in casts), (late_p, casts)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_overlap_early_rescale_scales_o_between_the_issues_and_fences_it(monkeypatch, case):
+    # MosaicTuning.overlap_early_rescale (FA3's order): O's multiply sits between the S_{j+1} and
+    # the P_j V_j commits, followed by a wgmma fence (O's store) before P V's wgmma; after the
+    # wait_group 0 nothing is multiplied (the default overlap multiplies there, and not between).
+    tables, q, kv, _ = _setup(*case)
+    for early in (False, True):
+        tuning = mosaic_fwd.MosaicTuning(overlap_qk=True, overlap_late_p=True, overlap_early_rescale=early)
+        for issues, _, after in _middle_steps(_forward_module(monkeypatch, tables, q, kv, tuning)):
+            if early:
+                last_multiply = issues.rindex("arith.mulf")
+                assert "wgmma.fence" in issues[last_multiply:] and "arith.mulf" not in after
+            else:
+                assert "arith.mulf" not in issues and "arith.mulf" in after
+
+
+def test_overlap_order_fields_need_overlap_qk():
+    tables, q, kv, _ = _setup(*CASES[0])
+    for fields in ({"overlap_late_p": True}, {"overlap_early_rescale": True}):
+        tuning = mosaic_fwd.MosaicTuning(**fields)
+        with pytest.raises(ValueError, match="set overlap_qk=True"):
+            jax.eval_shape(lambda q, k, v: mosaic_fwd.mosaic_forward(q, k, v, tables=tables, scale=0.1, tuning=tuning),
+                           q, kv, kv)  # fmt: skip
 
 
 def test_default_forward_never_has_two_wgmma_groups_in_flight(monkeypatch):

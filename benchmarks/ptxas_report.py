@@ -1,0 +1,116 @@
+"""ptxas's report (registers, spills, wgmma serialization) and the PTX of Mosaic forward designs, on a GPU.
+
+    python benchmarks/ptxas_report.py [--variants default,overlap_fwd,...] [--shape 1.3b-480p-81f]
+                                      [--out DIR] [--dry-run]
+
+Each design (`default` or a name from attention.py's forward_variants) compiles in a process of its
+own with MOSAIC_GPU_DUMP_PTXAS=1 and MOSAIC_GPU_DUMP_PTX=1, under which Mosaic GPU prints the PTX it
+hands to ptxas and ptxas's verbose report on stdout. That stdout is kept as DIR/<name>.log: the PTX
+shows where ptxas's C7513 ("wgmma.mma_async instructions are serialized") comes from, and can be fed
+to ptxas again off the GPU (`ptxas -arch=sm_90a -v`). ptxas's lines are printed as each design
+finishes and written to DIR/report.json: {name: {tuning, ptxas, registers, spill_bytes, serialized}}.
+--dry-run prints the plan and runs nothing.
+"""
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import re
+import subprocess
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # benchmarks/ is no package
+import attention  # noqa: E402
+
+COMPILE_TIMEOUT_S = 240  # one design's trace, lowering and ptxas: ~5-30 s on the H200 host
+
+
+def designs() -> dict:
+    """{name: KernelTuning}: the default and attention.py's forward variants."""
+    return {"default": attention.KernelTuning(), **attention.forward_variants()}
+
+
+def summarize(stdout: str) -> dict:
+    """Returns ptxas's lines of a compile's stdout and what they say: registers, spill bytes, serialized."""
+    is_ptxas = lambda line: line.startswith("ptxas") or "bytes stack frame" in line  # the spill line is indented
+    lines = [line.strip() for line in stdout.splitlines() if is_ptxas(line)]
+    ptx = [line for line in stdout.splitlines() if not is_ptxas(line)]
+    registers = [int(n) for line in lines for n in re.findall(r"Used (\d+) registers", line)]
+    spills = [int(n) for line in lines for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", line)]
+    return {"ptxas": lines, "registers": max(registers, default=None), "spill_bytes": sum(spills),
+            "serialized": any("C7513" in line or "serialized" in line for line in lines),
+            "injected_arrives": sum("C7519" in line for line in lines),
+            "ptx_wgmma": sum("wgmma.mma_async" in line for line in ptx)}  # fmt: skip
+
+
+def _text(output) -> str:
+    return output.decode(errors="replace") if isinstance(output, bytes) else output or ""
+
+
+def compile_one(name: str, shape: str) -> None:
+    """Compiles (and runs once) the Mosaic forward with design `name` at `shape`, zeros in bf16."""
+    import jax.numpy as jnp
+
+    frames, tokens, heads = attention.SHAPES[shape]
+    mask = attention.radial_block_mask(frames, tokens, block_size=128)
+    x = jnp.zeros((1, frames * tokens, heads, attention.HEAD_DIM), jnp.bfloat16)
+    out = attention.block_sparse_attention(x, x, x, mask, block_size=128, backend="mosaic", tuning=designs()[name])
+    out.block_until_ready()
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--variants", default="default,overlap_fwd",
+                        help=f"comma list of {list(designs())} (default %(default)s)")  # fmt: skip
+    parser.add_argument("--shape", default="1.3b-480p-81f", help=f"one of {list(attention.fa4.SHAPES)}")
+    parser.add_argument("--out", default="ptxas-report", help="directory for <name>.log and report.json")
+    parser.add_argument("--dry-run", action="store_true", help="print the plan, run nothing")
+    parser.add_argument("--compile", help=argparse.SUPPRESS)  # the child process: one design
+    args = parser.parse_args(argv)
+    if args.shape not in attention.fa4.SHAPES:
+        parser.error(f"--shape {args.shape} is not one of {list(attention.fa4.SHAPES)}")
+    if args.compile:
+        return compile_one(args.compile, args.shape)
+    names = [n for n in args.variants.split(",") if n]
+    unknown = [n for n in names if n not in designs()]
+    if unknown:
+        parser.error(f"unknown variants {unknown}; choose from {list(designs())}")
+    env = {**os.environ, "MOSAIC_GPU_DUMP_PTXAS": "1", "MOSAIC_GPU_DUMP_PTX": "1",
+           "XLA_PYTHON_CLIENT_PREALLOCATE": "false"}  # fmt: skip
+    env.pop("MOSAIC_GPU_DUMP_TO", None)  # it would send the dumps to files instead of stdout
+    if args.dry_run:
+        for name in names:
+            print(f"{name}: {designs()[name].mosaic_fwd} at {args.shape} -> {args.out}/{name}.log")
+        return None
+    os.makedirs(args.out, exist_ok=True)
+    report, failed = {}, []
+    for i, name in enumerate(names):
+        command = [sys.executable, os.path.abspath(__file__), "--compile", name, "--shape", args.shape]
+        try:
+            run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=COMPILE_TIMEOUT_S)
+            stdout, stderr, status = run.stdout, run.stderr, run.returncode
+        except subprocess.TimeoutExpired as timeout:
+            stdout, stderr, status = _text(timeout.stdout), _text(timeout.stderr), "timeout"
+        with open(os.path.join(args.out, f"{name}.log"), "w") as f:
+            f.write(stdout)
+        entry = {"tuning": dataclasses.asdict(designs()[name].mosaic_fwd), "status": status, **summarize(stdout)}
+        report[name] = entry
+        print(f"[{i + 1}/{len(names)}] {name}: status {status}, {entry['registers']} registers, "
+              f"{entry['spill_bytes']} spill bytes, serialized {entry['serialized']}", flush=True)  # fmt: skip
+        for line in entry["ptxas"]:
+            print("   ", line)
+        if status != 0:
+            failed.append(name)
+            print("    stderr:", stderr[-2000:], flush=True)
+    with open(os.path.join(args.out, "report.json"), "w") as f:
+        json.dump({"command": " ".join(sys.argv), "date": datetime.datetime.now(datetime.UTC).isoformat(),
+                   "shape": args.shape, "designs": report}, f, indent=1)  # fmt: skip
+    if failed:
+        raise SystemExit(f"ptxas_report: {failed} did not compile; see their logs in {args.out}")
+    return report
+
+
+if __name__ == "__main__":
+    main()
