@@ -5,7 +5,7 @@
 
 Each design (`default` or a name from attention.py's forward_variants) compiles in a process of its
 own with MOSAIC_GPU_DUMP_PTXAS=1 and MOSAIC_GPU_DUMP_PTX=1, under which Mosaic GPU prints the PTX it
-hands to ptxas and ptxas's verbose report on stdout. That stdout is kept as DIR/<name>.log: the PTX
+hands to ptxas and ptxas's verbose report. The compile's output is kept as DIR/<name>.log: the PTX
 shows where ptxas's C7513 ("wgmma.mma_async instructions are serialized") comes from, and can be fed
 to ptxas again off the GPU (`ptxas -arch=sm_90a -v`). ptxas's lines are printed as each design
 finishes and written to DIR/report.json: {name: {tuning, ptxas, registers, spill_bytes, serialized}}.
@@ -89,10 +89,12 @@ def main(argv=None):
     for i, name in enumerate(names):
         command = [sys.executable, os.path.abspath(__file__), "--compile", name, "--shape", args.shape]
         try:
-            run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=COMPILE_TIMEOUT_S)
-            stdout, stderr, status = run.stdout, run.stderr, run.returncode
+            # stderr joins stdout: whichever stream this jaxlib prints ptxas's report on, the log has it
+            run = subprocess.run(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                 timeout=COMPILE_TIMEOUT_S)  # fmt: skip
+            stdout, status = run.stdout, run.returncode
         except subprocess.TimeoutExpired as timeout:
-            stdout, stderr, status = _text(timeout.stdout), _text(timeout.stderr), "timeout"
+            stdout, status = _text(timeout.stdout), "timeout"
         with open(os.path.join(args.out, f"{name}.log"), "w") as f:
             f.write(stdout)
         entry = {"tuning": dataclasses.asdict(designs()[name].mosaic_fwd), "status": status, **summarize(stdout)}
@@ -103,7 +105,7 @@ def main(argv=None):
             print("   ", line)
         if status != 0:
             failed.append(name)
-            print("    stderr:", stderr[-2000:], flush=True)
+            print("    log tail:", stdout[-2000:], flush=True)
     with open(os.path.join(args.out, "report.json"), "w") as f:
         json.dump({"command": " ".join(sys.argv), "date": datetime.datetime.now(datetime.UTC).isoformat(),
                    "shape": args.shape, "designs": report}, f, indent=1)  # fmt: skip

@@ -42,8 +42,10 @@ class MosaicTuning:
     # before the wait, P_{j+1} takes P_j's registers (LLVM sees P_j dead once the asm is issued),
     # so the cast writes an operand of the wgmma in flight and ptxas serializes (NOTES FWDOV2).
     overlap_late_p: bool = False
-    # With overlap_qk: O *= alpha_j between the S_{j+1} and the P_j V_j issues (FA3's rescale_o),
-    # under S_{j+1}'s wgmma and before P V's fence, instead of after the wait_group 0.
+    # With overlap_qk: O *= alpha_j between the S_{j+1} and the P_j V_j issues (FA3's rescale_o above
+    # head_dim 128, as we recall its source), under S_{j+1}'s wgmma and before P V's fence, instead of
+    # after the wait_group 0. ptxas 13.0 injects a wait for S before the multiply in a PTX model of it
+    # (C7517, benchmarks/wgmma_hazards.py), so it may buy nothing; timed to know.
     overlap_early_rescale: bool = False
     # The two compute warpgroups alternate on the tensor cores (FA3's ping-pong): a rendezvous of both
     # around each softmax, or with overlap_qk a turn token passed at each issue. False drops it, to

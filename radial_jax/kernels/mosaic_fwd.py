@@ -14,7 +14,9 @@ TMA cannot address it; Wan's lengths are multiples of 8 and take no copy.
 
 MosaicTuning.overlap_qk pipelines each warpgroup's loop as FlashAttention-3's Hopper forward does
 (the softmax of one step runs while the previous step's P V is on the tensor cores); the default
-loop issues QK, waits, softmaxes, issues PV and waits.
+loop issues QK, waits, softmaxes, issues PV and waits. As first built it ran 0.60x the default on
+the H200: ptxas serialized its wgmmas (C7513), most likely because P_{j+1}'s bf16 cast landed in
+P_j's registers while P_j V_j was in flight; overlap_late_p casts after the wait (NOTES FWDOV2).
 """
 
 import functools
@@ -211,9 +213,12 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
                 the first (wait_group 1), releases K_{j+1} and computes the softmax of S_{j+1} while P_j V_j
                 runs, then waits for it (wait_group 0), releases V_j and rescales O; the last P V goes
                 alone. P_j's registers are an operand of the wgmma in flight, so P_{j+1} is a new value
-                carried to the next iteration. With pingpong, every phase (first, middles, last) takes
-                the turn token from the other warpgroup before issuing and hands it over after, as FA3's
-                named barriers do. Zero-trip loops make count 0 and 1 need no branch.
+                carried to the next iteration; overlap_late_p casts it to bf16 only after the wait (else
+                LLVM may put it in P_j's registers), overlap_early_rescale moves O's rescale between
+                the issues (then step j's factor and maxima are carried to step j + 1). With pingpong,
+                every phase (first, middles, last) takes the turn token from the other warpgroup before
+                issuing and hands it over after, as FA3's named barriers do. Zero-trip loops make count 0
+                and 1 need no branch.
                 """
                 def take_turn():
                     if pingpong:

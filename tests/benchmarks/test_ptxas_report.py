@@ -2,6 +2,7 @@
 the compiles themselves need a GPU (Mosaic GPU runs ptxas when XLA compiles the kernel)."""
 
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
@@ -61,3 +62,14 @@ def test_unknown_design_is_refused_with_the_choices(capsys):
     with pytest.raises(SystemExit):
         _load().main(["--dry-run", "--variants", "default,overlap_typo"])
     assert "overlap_typo" in capsys.readouterr().err
+
+
+def test_a_design_that_cannot_compile_is_logged_reported_and_fails_the_run(tmp_path):
+    # On the CPU the Mosaic kernel cannot compile: the child fails, and the run still keeps its log
+    # and report, then exits with a one-line error naming the design.
+    report = _load()
+    with pytest.raises(SystemExit, match=r"\['default'\] did not compile"):
+        report.main(["--variants", "default", "--out", str(tmp_path)])
+    written = json.loads((tmp_path / "report.json").read_text())
+    assert written["designs"]["default"]["status"] != 0 and written["shape"] == "1.3b-480p-81f"
+    assert (tmp_path / "default.log").read_text()  # the child's traceback, for the reader

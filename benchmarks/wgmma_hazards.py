@@ -1,0 +1,103 @@
+"""Which register writes make ptxas serialize two wgmma groups in flight: minimal PTX of the overlapped step.
+
+    python benchmarks/wgmma_hazards.py [--ptxas PATH] [--out FILE] [--emit DIR]
+
+One loop per pattern, the shape of mosaic_fwd's overlapped middle step at n = 64: zero S, fence, issue
+S = A B (both operands in shared memory), fence, issue O += P B (P in four registers, the RS form),
+wait_group 1, a few ex2 on S (the softmax), wait_group 0, alpha from memory, O *= alpha. The patterns
+move one register write:
+  cast_in_flight   P's next value (cvt.rn.bf16x2.f32 from S) written before wait_group 0, i.e. into
+                   the registers of the P V in flight: what LLVM makes of MosaicTuning(overlap_qk=True)
+                   when it gives P_{j+1} P_j's registers (they are dead to it once the asm is issued)
+  cast_after_wait  the same cast after wait_group 0 (MosaicTuning.overlap_late_p)
+  p_before_fence   P written between the S issue and P V's fence (legal: the fence orders it)
+  rescale_between  O *= alpha between the S issue and P V's fence (MosaicTuning.overlap_early_rescale)
+  o_in_flight      one of O's registers written while P V runs
+Runs ptxas -arch=sm_90a -v on each (ptxas is a host program: no GPU needed) and prints and writes
+its C75xx messages as JSON. --emit writes the PTX files.
+"""
+
+import argparse
+import datetime
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+
+N = 64  # the wgmmas' n: N // 2 f32 accumulator registers per thread
+PATTERNS = ("cast_in_flight", "cast_after_wait", "p_before_fence", "rescale_between", "o_in_flight")
+
+
+def ptx(pattern: str) -> str:
+    """Returns the PTX module of one pattern (see the module docstring)."""
+    if pattern not in PATTERNS:
+        raise ValueError(f"pattern {pattern!r} is not one of {PATTERNS}")
+    acc = N // 2
+    s, o, p = [f"%s{i}" for i in range(acc)], [f"%o{i}" for i in range(acc)], [f"%p{i}" for i in range(4)]
+    shape = f"wgmma.mma_async.sync.aligned.m64n{N}k16.f32.bf16.bf16"
+    issue_s = [f"{shape} {{{','.join(s)}}}, %da, %db, 1, 1, 1, 0, 0;", "wgmma.commit_group.sync.aligned;"]
+    issue_pv = [f"{shape} {{{','.join(o)}}}, {{{','.join(p)}}}, %db, 1, 1, 1, 0;", "wgmma.commit_group.sync.aligned;"]
+    fence = ["wgmma.fence.sync.aligned;"]
+    rescale = [f"mul.f32 {r}, {r}, %alpha;" for r in o]
+    cast = [f"cvt.rn.bf16x2.f32 {p[i]}, {s[2 * i]}, {s[2 * i + 1]};" for i in range(4)]
+    between = {"p_before_fence": [f"add.u32 {r}, {r}, 1;" for r in p], "rescale_between": rescale}.get(pattern, [])
+    body = [f"mov.f32 {r}, 0f00000000;" for r in s] + fence + issue_s + between + fence + issue_pv
+    body += ["wgmma.wait_group.sync.aligned 1;"] + [f"ex2.approx.f32 {r}, {r};" for r in s[:8]]
+    if pattern == "o_in_flight":
+        body += [f"mov.f32 {o[0]}, {s[3]};"]
+    if pattern == "cast_in_flight":
+        body += cast
+    body += ["wgmma.wait_group.sync.aligned 0;"] + ([] if pattern == "cast_in_flight" else cast)
+    body += ["ld.volatile.global.f32 %alpha, [%out];"] + ([] if pattern == "rescale_between" else rescale)
+    lines = [".version 8.0", ".target sm_90a", ".address_size 64",
+             ".visible .entry overlapped_step(.param .u64 pa, .param .u64 pb, .param .u32 pn, .param .u64 pout)",
+             "{", f".reg .f32 %s<{acc}>, %o<{acc}>, %alpha;", ".reg .b32 %p<4>, %n, %i;", ".reg .b64 %da, %db, %out;",
+             ".reg .pred %more;", "ld.param.u64 %da, [pa];", "ld.param.u64 %db, [pb];", "ld.param.u32 %n, [pn];",
+             "ld.param.u64 %out, [pout];", "mov.f32 %alpha, 0f3F800000;", "mov.u32 %i, 0;"]  # fmt: skip
+    lines += [f"mov.f32 {r}, 0f00000000;" for r in o] + [f"mov.b32 {r}, 0;" for r in p] + ["LOOP:"] + body
+    lines += ["add.u32 %i, %i, 1;", "setp.lt.u32 %more, %i, %n;", "@%more bra LOOP;"]
+    lines += [f"st.global.f32 [%out+{4 * i}], {r};" for i, r in enumerate(o)] + ["ret;", "}"]
+    return "\n".join(lines) + "\n"
+
+
+def messages(ptxas_output: str) -> list[str]:
+    """Returns ptxas's numbered warnings (C75xx: wgmma serialization, injected arrives and waits), shortened."""
+    found = re.findall(r"\((C75\d\d)\) (.*?)(?: in (?:the )?function '.*')?$", ptxas_output, flags=re.M)
+    return [code + " " + re.sub(r" in around line \d+", "", text).strip() for code, text in found]
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ptxas", default=shutil.which("ptxas"), help="ptxas binary (default: the one on PATH)")
+    parser.add_argument("--out", help="JSON path for the messages per pattern")
+    parser.add_argument("--emit", help="directory to write <pattern>.ptx into")
+    args = parser.parse_args(argv)
+    if not args.ptxas:
+        parser.error("no ptxas on PATH: install the CUDA toolkit's ptxas or pass --ptxas PATH")
+    version = subprocess.run([args.ptxas, "--version"], capture_output=True, text=True, check=True).stdout
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for pattern in PATTERNS:
+            source = os.path.join(args.emit or tmp, f"{pattern}.ptx")
+            os.makedirs(os.path.dirname(source), exist_ok=True)
+            with open(source, "w") as f:
+                f.write(ptx(pattern))
+            run = subprocess.run([args.ptxas, "-arch=sm_90a", "-v", source, "-o", os.path.join(tmp, "out.cubin")],
+                                 capture_output=True, text=True)  # fmt: skip
+            if run.returncode != 0:
+                sys.exit(f"wgmma_hazards: ptxas rejected {pattern}: {run.stderr.strip()[-500:]}")
+            results[pattern] = messages(run.stdout + run.stderr)
+            print(f"{pattern:16s} {'; '.join(results[pattern]) or 'no wgmma warning'}", flush=True)
+    if args.out:
+        record = {"ptxas": version.strip().splitlines()[-1], "command": " ".join(sys.argv),
+                  "date": datetime.datetime.now(datetime.UTC).isoformat(), "messages": results}  # fmt: skip
+        with open(args.out, "w") as f:
+            json.dump(record, f, indent=1)
+    return results
+
+
+if __name__ == "__main__":
+    main()

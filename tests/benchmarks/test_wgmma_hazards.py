@@ -1,0 +1,59 @@
+"""benchmarks/wgmma_hazards.py: its PTX patterns put the one register write where each name says, its
+reading of ptxas's warnings, and (where a ptxas is installed; it needs no GPU) ptxas's verdicts."""
+
+import importlib.util
+import shutil
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("benchmark_wgmma_hazards", BENCHMARKS / "wgmma_hazards.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _loop_body(text: str) -> list[str]:
+    lines = text.splitlines()
+    return lines[lines.index("LOOP:") + 1 : lines.index("@%more bra LOOP;")]
+
+
+def _first(body, prefix, start=0):
+    return next(i for i in range(start, len(body)) if body[i].startswith(prefix))
+
+
+@pytest.mark.parametrize("pattern", ["cast_in_flight", "cast_after_wait"])
+def test_the_cast_of_p_sits_on_its_side_of_the_wait(pattern):
+    body = _loop_body(_load().ptx(pattern))
+    cast, wait_0 = _first(body, "cvt.rn.bf16x2.f32"), body.index("wgmma.wait_group.sync.aligned 0;")
+    wait_1 = body.index("wgmma.wait_group.sync.aligned 1;")
+    assert (wait_1 < cast < wait_0) if pattern == "cast_in_flight" else cast > wait_0
+    assert sum(line.startswith("wgmma.mma_async") for line in body) == 2  # S then P V, both in flight
+
+
+def test_the_rescale_between_sits_after_the_s_issue_and_before_p_vs_fence():
+    body = _loop_body(_load().ptx("rescale_between"))
+    s_issue = _first(body, "wgmma.mma_async")
+    multiply = _first(body, "mul.f32 %o")
+    pv_issue = _first(body, "wgmma.mma_async", s_issue + 1)
+    assert s_issue < multiply < body.index("wgmma.fence.sync.aligned;", multiply) < pv_issue
+    assert not any(line.startswith("mul.f32 %o") for line in body[pv_issue:])
+
+
+def test_messages_keep_the_codes_and_drop_the_line_numbers():
+    output = ("ptxas info    : (C7519) warpgroup.arrive is injected in around line 456 by compiler to allow use "
+              "of registers in GMMA in function 'kernel'\nptxas info    : Used 168 registers\n")
+    expected = "C7519 warpgroup.arrive is injected by compiler to allow use of registers in GMMA"
+    assert _load().messages(output) == [expected]
+
+
+@pytest.mark.skipif(shutil.which("ptxas") is None, reason="no ptxas on PATH (the CUDA toolkit's; no GPU needed)")
+def test_ptxas_serializes_only_the_writes_into_a_wgmma_in_flight(tmp_path):
+    codes = {name: [m.split()[0] for m in found] for name, found in _load().main(["--emit", str(tmp_path)]).items()}
+    assert codes["cast_in_flight"] == ["C7513"] and codes["o_in_flight"] == ["C7515"]
+    assert codes["cast_after_wait"] == [] and codes["p_before_fence"] == []
+    assert codes["rescale_between"] == ["C7517"]  # ptxas 13.0 waits for S before O's multiply
