@@ -75,8 +75,9 @@ def forward_variants() -> dict[str, KernelTuning]:
     """{case name: KernelTuning} of the Mosaic forward designs --variants can time beside the default:
     the lazy rescale at FA4's threshold (8 log2 units) and at 0 (skip only where no row max moved);
     FA3's intra-warpgroup overlap, alone, with the lazy rescale, and without the warpgroups' ping-pong;
-    the overlap with P cast after its P V's wait (late_p), and in FA3's full order (late_p and O rescaled
-    between the issues: fa3), alone, lazy and without the ping-pong; the default loop without the ping-pong."""
+    the overlap with P cast after its P V's wait (late_p), also with P V reading P from shared memory
+    (p_smem), and in FA3's full order (late_p and O rescaled between the issues: fa3), alone, lazy and
+    without the ping-pong; the default loop without the ping-pong."""
     fwd = lambda **fields: KernelTuning(mosaic_fwd=MosaicTuning(**fields))
     return {"lazy_rescale_fwd": fwd(lazy_rescale_threshold=8.0),
             "lazy_rescale_0_fwd": fwd(lazy_rescale_threshold=0.0),
@@ -84,6 +85,7 @@ def forward_variants() -> dict[str, KernelTuning]:
             "overlap_lazy_fwd": fwd(overlap_qk=True, lazy_rescale_threshold=8.0),
             "overlap_no_pingpong_fwd": fwd(overlap_qk=True, pingpong=False),
             "overlap_late_p_fwd": fwd(overlap_qk=True, overlap_late_p=True),
+            "overlap_p_smem_fwd": fwd(overlap_qk=True, overlap_late_p=True, overlap_p_smem=True),
             "overlap_fa3_fwd": fwd(overlap_qk=True, overlap_late_p=True, overlap_early_rescale=True),
             "overlap_fa3_lazy_fwd": fwd(overlap_qk=True, overlap_late_p=True, overlap_early_rescale=True,
                                         lazy_rescale_threshold=8.0),

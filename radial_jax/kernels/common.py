@@ -47,6 +47,10 @@ class MosaicTuning:
     # after the wait_group 0. ptxas 13.0 injects a wait for S before the multiply in a PTX model of it
     # (C7517, benchmarks/wgmma_hazards.py), so it may buy nothing; timed to know.
     overlap_early_rescale: bool = False
+    # With overlap_late_p: P V reads P from a per-warpgroup shared-memory tile (an SS wgmma, FA3's
+    # Mma1_is_RS = false) written after the wait, so no register of the wgmma in flight is P's;
+    # 16 KiB of SMEM per warpgroup and a store, proxy fence and warpgroup barrier per step.
+    overlap_p_smem: bool = False
     # The two compute warpgroups alternate on the tensor cores (FA3's ping-pong): a rendezvous of both
     # around each softmax, or with overlap_qk a turn token passed at each issue. False drops it, to
     # time what it buys.

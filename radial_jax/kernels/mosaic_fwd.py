@@ -106,9 +106,13 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
     num_q_tiles = tables.num_q_blocks
     qk_scale = scale * LOG2_E
     lazy_threshold = tuning.lazy_rescale_threshold
-    late_p, early_rescale = tuning.overlap_late_p, tuning.overlap_early_rescale
-    if (late_p or early_rescale) and not tuning.overlap_qk:
-        raise ValueError("overlap_late_p and overlap_early_rescale reorder the overlapped loop: set overlap_qk=True too")
+    late_p, early_rescale, p_smem = tuning.overlap_late_p, tuning.overlap_early_rescale, tuning.overlap_p_smem
+    if (late_p or early_rescale or p_smem) and not tuning.overlap_qk:
+        raise ValueError("overlap_late_p, overlap_early_rescale and overlap_p_smem reorder the overlapped loop: "
+                         "set overlap_qk=True too")  # fmt: skip
+    if p_smem and not late_p:
+        raise ValueError("overlap_p_smem writes P after P V's wait (else it overwrites the tile in flight): "
+                         "set overlap_late_p=True too")  # fmt: skip
     if lazy_threshold is not None and not 0.0 <= lazy_threshold <= 15.0:
         raise ValueError(f"lazy_rescale_threshold={lazy_threshold} is outside [0, 15] (log2 units; FA4 uses 8): "
                          "p reaches 2^threshold and f16 ends at 2^16")
@@ -118,7 +122,7 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
 
     def kernel(q_ref, k_ref, v_ref, ids_ref, counts_ref, out_ref, lse_ref,
                qo_smem2, k_smem, v_smem, lse_smem2,
-               k_barriers, v_barriers, q_barriers, k_consumed, v_consumed, schedule_barrier):
+               k_barriers, v_barriers, q_barriers, k_consumed, v_consumed, schedule_barrier, *p_smem2):
         b = lax.axis_index("batch")
         head = lax.axis_index("heads")
         q_tile = lax.axis_index("q_seq")
@@ -231,10 +235,17 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
                 def issue_qk(s_ref, step):  # after K_step's barrier: FA3 waits for data before its turn
                     plgpu.wgmma(s_ref, qo_smem, k_smem.at[lax.rem(step, jnp.int32(stages))].transpose((1, 0)))
 
-                def issue_pv(p16, step):
+                def issue_pv(p16, step):  # p16: P in registers, or None: P in this warpgroup's SMEM tile
                     slot = lax.rem(step, jnp.int32(stages))
                     plgpu.barrier_wait(v_barriers.at[slot])
-                    plgpu.wgmma(o_ref, p16, v_smem.at[slot])
+                    plgpu.wgmma(o_ref, p_smem2[0].at[wg] if p_smem else p16, v_smem.at[slot])
+
+                def keep_p(p):  # P [block_q, block_kv] f32 -> bf16, carried in registers or staged in SMEM
+                    if not p_smem:
+                        return p.astype(dtype)
+                    p_smem2[0].at[wg][...] = p.astype(dtype)
+                    plgpu.commit_smem()  # visible to the wgmma's async proxy, every warp of the warpgroup
+                    return None
 
                 def rescale_o(alpha, m_old, m_new):  # no wait: O's last P V has been waited for
                     o_ref[...] = rescale(plgpu.wgmma_accumulator_load(o_ref, wait_n=None), alpha, m_old, m_new)
@@ -252,7 +263,7 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
                     s = pl.run_scoped(qk, plgpu.ACC((block_q, block_kv), jnp.float32))  # [block_q, block_kv]
                     plgpu.barrier_arrive(k_consumed.at[0])
                     p, m_new, alpha = softmax_scores(s, m_i, 0, mask_tail=mask_tail)
-                    out = (m_new, l_i * alpha + p.sum(axis=1), p.astype(dtype))  # O is zero: no rescale
+                    out = (m_new, l_i * alpha + p.sum(axis=1), keep_p(p))  # O is zero: no rescale
                     if early_rescale:  # alpha_0 = 1 and no max moved: step 0's rescale is a no-op
                         out += (plgpu.layout_cast(jnp.full((block_q,), 1.0, jnp.float32), row), m_new)
                     return out
@@ -284,7 +295,7 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
                     acc = plgpu.wgmma_accumulator_load(o_ref, wait_n=0)  # P_j V_j done
                     plgpu.barrier_arrive(v_consumed.at[lax.rem(j, jnp.int32(stages))])
                     if late_p:  # p passes a barrier after the wait, so LLVM cannot hoist the cast above it
-                        p16_next = lax.optimization_barrier(p).astype(dtype)  # into P_j's registers, now free
+                        p16_next = keep_p(lax.optimization_barrier(p))  # into P_j's registers, now free
                     if early_rescale:
                         return m_new, l_i, p16_next, alpha, m_i
                     o_ref[...] = rescale(acc, alpha, m_i, m_new)
@@ -300,7 +311,9 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
                     plgpu.barrier_arrive(v_consumed.at[lax.rem(count - 1, jnp.int32(stages))])
                     return carry
 
-                p16 = plgpu.layout_cast(jnp.full((block_q, block_kv), 0.0, dtype), plgpu.Layout.WGMMA)
+                p16 = None  # P_0 comes from the first step; in SMEM mode it is never carried
+                if not p_smem:
+                    p16 = plgpu.layout_cast(jnp.full((block_q, block_kv), 0.0, dtype), plgpu.Layout.WGMMA)
                 carry = (m_i, l_i, p16)
                 if early_rescale:  # + (alpha_j, m_{j-1}): O's factor for step j, applied before P_j V_j
                     carry += (plgpu.layout_cast(jnp.full((block_q,), 1.0, jnp.float32), row), m_i)
@@ -382,6 +395,8 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
         # turn barrier per warpgroup, which the other arrives on when it has issued its wgmmas.
         plgpu.Barrier(num_barriers=COMPUTE_WGS) if tuning.overlap_qk else plgpu.Barrier(num_arrivals=COMPUTE_WGS),
     ]
+    if p_smem:  # each compute warpgroup's P tile, as its Q tile: the lhs of an SS wgmma
+        scratch.append(plgpu.SMEM((COMPUTE_WGS, block_q, block_kv), dtype, transforms=(tiling, swizzle)))
     out, lse = plgpu.kernel(
         kernel,
         out_type=[

@@ -388,6 +388,13 @@ class TestMosaicOverlapLatePGPU(TestMosaicOverlapGPU):
     tuning = KernelTuning(mosaic_fwd=MosaicTuning(overlap_qk=True, overlap_late_p=True))
 
 
+class TestMosaicOverlapPSmemGPU(TestMosaicOverlapGPU):
+    """The overlap with P V as an SS wgmma (MosaicTuning.overlap_p_smem): P_{j+1} is cast after the
+    wait and stored to the warpgroup's shared-memory tile, which the next P V reads."""
+
+    tuning = KernelTuning(mosaic_fwd=MosaicTuning(overlap_qk=True, overlap_late_p=True, overlap_p_smem=True))
+
+
 class TestMosaicOverlapFA3GPU(TestMosaicOverlapGPU):
     """FA3's order in full: the late cast, and O rescaled between the S_{j+1} and the P_j V_j issues
     (MosaicTuning.overlap_early_rescale); step j's factor is carried to step j + 1."""

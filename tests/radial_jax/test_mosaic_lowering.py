@@ -100,7 +100,8 @@ def _wgmma_waits(module: str) -> list[tuple[int, int]]:
 
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("lazy", [None, 8.0], ids=["exact", "lazy"])
-@pytest.mark.parametrize("order", [{}, {"overlap_late_p": True, "overlap_early_rescale": True}], ids=["plain", "fa3"])
+@pytest.mark.parametrize("order", [{}, {"overlap_late_p": True, "overlap_early_rescale": True},
+                                   {"overlap_late_p": True, "overlap_p_smem": True}], ids=["plain", "fa3", "p_smem"])
 def test_overlap_forward_keeps_p_v_in_flight_through_the_softmax(monkeypatch, case, lazy, order):
     # MosaicTuning(overlap_qk=True): each middle step commits S_{j+1} = Q K^T and O += P_j V_j
     # (two groups) and waits with wait_group 1, i.e. for S alone; the softmax then runs before a
@@ -162,11 +163,32 @@ def test_overlap_early_rescale_scales_o_between_the_issues_and_fences_it(monkeyp
                 assert "arith.mulf" not in issues and "arith.mulf" in after
 
 
-def test_overlap_order_fields_need_overlap_qk():
+# A register array stored to shared memory: jax 0.10.2 prints llvm stores, 0.11.2 stmatrix.
+_SMEM_STORE = re.compile(r"llvm\.store|stmatrix")
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_overlap_p_smem_issues_p_v_from_shared_memory_written_after_the_wait(monkeypatch, case):
+    # MosaicTuning.overlap_p_smem: P V is an SS wgmma, so no register operand is fenced for it
+    # (the issues hold no wgmma fence), and P_{j+1} reaches its tile after the wait_group 0 on
+    # P_j V_j: cast, stored, then the async-proxy fence (commit_smem) before the next issue.
+    tables, q, kv, _ = _setup(*case)
+    tuning = mosaic_fwd.MosaicTuning(overlap_qk=True, overlap_late_p=True, overlap_p_smem=True)
+    steps = _middle_steps(_forward_module(monkeypatch, tables, q, kv, tuning))
+    assert len(steps) == 1 + tables.kv_ragged
+    for issues, under, after in steps:
+        assert "wgmma.fence" not in issues and "arith.truncf" not in under and not _SMEM_STORE.search(under)
+        cast, store = after.index("arith.truncf"), _SMEM_STORE.search(after).start()
+        assert cast < store < after.index("fence.proxy", store)
+
+
+def test_overlap_order_fields_need_overlap_qk_and_p_smem_the_late_cast():
     tables, q, kv, _ = _setup(*CASES[0])
-    for fields in ({"overlap_late_p": True}, {"overlap_early_rescale": True}):
+    refused = [({"overlap_late_p": True}, "set overlap_qk=True"), ({"overlap_early_rescale": True}, "set overlap_qk=True"),
+               ({"overlap_qk": True, "overlap_p_smem": True}, "set overlap_late_p=True")]  # fmt: skip
+    for fields, message in refused:
         tuning = mosaic_fwd.MosaicTuning(**fields)
-        with pytest.raises(ValueError, match="set overlap_qk=True"):
+        with pytest.raises(ValueError, match=message):
             jax.eval_shape(lambda q, k, v: mosaic_fwd.mosaic_forward(q, k, v, tables=tables, scale=0.1, tuning=tuning),
                            q, kv, kv)  # fmt: skip
 
