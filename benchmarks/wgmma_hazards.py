@@ -15,6 +15,11 @@ move one register write:
   o_in_flight      one of O's registers written while P V runs
 Runs ptxas -arch=sm_90a -v on each (ptxas is a host program: no GPU needed) and prints and writes
 its C75xx messages as JSON. --emit writes the PTX files.
+
+--llc PATH also asks LLVM's NVPTX back end where the cast lands: an LLVM IR model of the loop as Mosaic
+lowers it (each wgmma, fence and optimization barrier an inline asm, operands tied, P and O carried by
+phis), with the cast before the wait_group 0 (overlap_qk) or after it (overlap_late_p), compiled by llc;
+the report says whether the cast writes the P V asm's A register and whether it sits between the waits.
 """
 
 import argparse
@@ -63,6 +68,69 @@ def ptx(pattern: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def llvm_model(late_p: bool) -> str:
+    """Returns LLVM IR of one overlapped loop (one register per operand; the asm strings are comments)."""
+    if late_p:
+        softmax = """  %eb = call float asm sideeffect "// barrier before wait", "=f,0"(float %e)
+  call void asm sideeffect "wgmma.wait_group.sync.aligned 0;", ""()
+  %ea = call float asm sideeffect "// barrier after wait", "=f,0"(float %eb)
+  %pn = call i32 @llvm.nvvm.ff2bf16x2.rn(float %ea, float %ea)
+"""
+    else:
+        softmax = """  %pc = call i32 @llvm.nvvm.ff2bf16x2.rn(float %e, float %e)
+  %pn = call i32 asm sideeffect "// barrier before wait", "=r,0"(i32 %pc)
+  call void asm sideeffect "wgmma.wait_group.sync.aligned 0;", ""()
+  %eb = fadd float %e, 0.0
+"""
+    return """target triple = "nvptx64-nvidia-cuda"
+declare i32 @llvm.nvvm.ff2bf16x2.rn(float, float)
+declare float @llvm.nvvm.ex2.approx.f(float)
+
+define void @overlapped_loop(i64 %desc, i32 %n, float* %out) {
+entry:
+  br label %loop
+loop:
+  %i = phi i32 [0, %entry], [%i1, %loop]
+  %p = phi i32 [0, %entry], [%pn, %loop]
+  %o = phi float [0.0, %entry], [%ob, %loop]
+  %z = call float asm sideeffect "// barrier S zero", "=f,0"(float 0.0)
+  call void asm sideeffect "wgmma.fence.sync.aligned;", ""()
+  %s = call float asm sideeffect "// wgmma S $0", "=f,0,l"(float %z, i64 %desc)
+  call void asm sideeffect "wgmma.commit_group.sync.aligned;", ""()
+  %pf = call i32 asm sideeffect "// barrier P fence", "=r,0"(i32 %p)
+  call void asm sideeffect "wgmma.fence.sync.aligned;", ""()
+  %o1 = call float asm sideeffect "// wgmma PV $0 A=$2", "=f,0,r"(float %o, i32 %pf)
+  call void asm sideeffect "wgmma.commit_group.sync.aligned;", ""()
+  call void asm sideeffect "wgmma.wait_group.sync.aligned 1;", ""()
+  %e = call float @llvm.nvvm.ex2.approx.f(float %s)
+""" + softmax + """  %o2 = fmul float %o1, %eb
+  %ob = call float asm sideeffect "// barrier O store", "=f,0"(float %o2)
+  call void asm sideeffect "wgmma.fence.sync.aligned;", ""()
+  %i1 = add i32 %i, 1
+  %more = icmp slt i32 %i1, %n
+  br i1 %more, label %loop, label %exit
+exit:
+  store float %ob, float* %out
+  ret void
+}
+"""
+
+
+def cast_placement(ptx_text: str) -> dict:
+    """Returns where llc put P's cast in llvm_model's loop: into the P V's A register? between the waits?"""
+    a_register = re.search(r"// wgmma PV %f\d+ A=(%r\d+)", ptx_text).group(1)
+    cast = re.search(r"cvt\.rn\.bf16x2\.f32\s+(%r\d+)", ptx_text)
+    wait_1 = ptx_text.index("wgmma.wait_group.sync.aligned 1;")
+    wait_0 = ptx_text.index("wgmma.wait_group.sync.aligned 0;")
+    return {"cast_writes_the_p_v_operand": cast.group(1) == a_register,
+            "cast_between_the_waits": wait_1 < cast.start() < wait_0}
+
+
+def _llc_version(llc: str) -> str:
+    out = subprocess.run([llc, "--version"], capture_output=True, text=True, check=True).stdout
+    return re.search(r"LLVM version [\w.]+", out).group(0)
+
+
 def messages(ptxas_output: str) -> list[str]:
     """Returns ptxas's numbered warnings (C75xx: wgmma serialization, injected arrives and waits), shortened."""
     found = re.findall(r"\((C75\d\d)\) (.*?)(?: in (?:the )?function '.*')?$", ptxas_output, flags=re.M)
@@ -74,6 +142,7 @@ def main(argv=None):
     parser.add_argument("--ptxas", default=shutil.which("ptxas"), help="ptxas binary (default: the one on PATH)")
     parser.add_argument("--out", help="JSON path for the messages per pattern")
     parser.add_argument("--emit", help="directory to write <pattern>.ptx into")
+    parser.add_argument("--llc", help="an llc with the NVPTX target: also place the cast with LLVM (llvm_model)")
     args = parser.parse_args(argv)
     if not args.ptxas:
         parser.error("no ptxas on PATH: install the CUDA toolkit's ptxas or pass --ptxas PATH")
@@ -91,12 +160,24 @@ def main(argv=None):
                 sys.exit(f"wgmma_hazards: ptxas rejected {pattern}: {run.stderr.strip()[-500:]}")
             results[pattern] = messages(run.stdout + run.stderr)
             print(f"{pattern:16s} {'; '.join(results[pattern]) or 'no wgmma warning'}", flush=True)
+        placements = {}
+        for late_p in (False, True) if args.llc else ():
+            ir_path, ptx_path = os.path.join(tmp, "model.ll"), os.path.join(tmp, "model.ptx")
+            with open(ir_path, "w") as f:
+                f.write(llvm_model(late_p))
+            subprocess.run([args.llc, "-march=nvptx64", "-mcpu=sm_80", "-O3", ir_path, "-o", ptx_path], check=True)
+            with open(ptx_path) as f:
+                name = "late_p" if late_p else "overlap_qk"
+                placements[name] = cast_placement(f.read())
+            print(f"llc model, {name:10s} {placements[name]}", flush=True)
     if args.out:
         record = {"ptxas": version.strip().splitlines()[-1], "command": " ".join(sys.argv),
                   "date": datetime.datetime.now(datetime.UTC).isoformat(), "messages": results}  # fmt: skip
+        if placements:
+            record["llc"] = {"version": _llc_version(args.llc), **placements}
         with open(args.out, "w") as f:
             json.dump(record, f, indent=1)
-    return results
+    return results, placements
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ reading of ptxas's warnings, and (where a ptxas is installed; it needs no GPU) p
 
 import importlib.util
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -53,7 +54,25 @@ def test_messages_keep_the_codes_and_drop_the_line_numbers():
 
 @pytest.mark.skipif(shutil.which("ptxas") is None, reason="no ptxas on PATH (the CUDA toolkit's; no GPU needed)")
 def test_ptxas_serializes_only_the_writes_into_a_wgmma_in_flight(tmp_path):
-    codes = {name: [m.split()[0] for m in found] for name, found in _load().main(["--emit", str(tmp_path)]).items()}
+    results, _ = _load().main(["--emit", str(tmp_path)])
+    codes = {name: [m.split()[0] for m in found] for name, found in results.items()}
     assert codes["cast_in_flight"] == ["C7513"] and codes["o_in_flight"] == ["C7515"]
     assert codes["cast_after_wait"] == [] and codes["p_before_fence"] == []
     assert codes["rescale_between"] == ["C7517"]  # ptxas 13.0 waits for S before O's multiply
+
+
+def _llc_with_nvptx():
+    llc = shutil.which("llc")
+    if llc is None:
+        return None
+    targets = subprocess.run([llc, "--version"], capture_output=True, text=True).stdout
+    return llc if "nvptx64" in targets else None
+
+
+@pytest.mark.skipif(_llc_with_nvptx() is None, reason="no llc with the NVPTX target on PATH")
+def test_llvm_puts_an_early_cast_into_the_registers_of_the_p_v_in_flight():
+    # The mechanism behind C7513: LLVM sees P_j dead once the P V asm is issued and coalesces the
+    # loop-carried P_{j+1} into its register; only the cast's position differs with overlap_late_p.
+    placements = _load().main(["--llc", _llc_with_nvptx()])[1]
+    assert placements["overlap_qk"] == {"cast_writes_the_p_v_operand": True, "cast_between_the_waits": True}
+    assert placements["late_p"] == {"cast_writes_the_p_v_operand": True, "cast_between_the_waits": False}
