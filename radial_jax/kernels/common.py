@@ -33,9 +33,10 @@ class MosaicTuning:
     # Intra-warpgroup overlap (FlashAttention-3's Hopper forward): S_{j+1} = Q K_{j+1}^T and
     # O += P_j V_j are issued together and the softmax of S_{j+1} runs while P_j V_j is on the
     # tensor cores; the two warpgroups pass a token so that their issues alternate (ping-pong).
-    # Off until timed against the default and FA4 (benchmarks/NOTES.md, 2026-11-30 FWDOV).
-    # Measured 0.60x the default on the H200 (1.3B 480p-81f/161f, 14B 720p-81f): ptxas serializes its
-    # wgmmas (C7513, "non wgmma instructions defining input registers"), see the two fields below.
+    # Off: measured 0.60x the default on the H200 (1.3B 480p-81f/161f, 14B 720p-81f; benchmarks/NOTES.md,
+    # 2026-11-30 FWDOV): ptxas serializes its wgmmas (C7513, "non wgmma instructions defining input
+    # registers"). The three reorders below remove the serialization but still run 0.90-0.94x the
+    # default at 1.3B 480p-81f (NOTES, 2026-11-30 session 5).
     overlap_qk: bool = False
     # With overlap_qk: the softmax of S_{j+1} stays f32 until P_j V_j is waited for and is cast to
     # P_{j+1} (bf16, the next P V's register operand) only after wait_group 0, as FA3 does. Cast
@@ -45,7 +46,7 @@ class MosaicTuning:
     # With overlap_qk: O *= alpha_j between the S_{j+1} and the P_j V_j issues (FA3's rescale_o above
     # head_dim 128, as we recall its source), under S_{j+1}'s wgmma and before P V's fence, instead of
     # after the wait_group 0. ptxas 13.0 injects a wait for S before the multiply in a PTX model of it
-    # (C7517, benchmarks/wgmma_hazards.py), so it may buy nothing; timed to know.
+    # (C7517, benchmarks/wgmma_hazards.py); timed with overlap_late_p on the H200: 0.90x the default.
     overlap_early_rescale: bool = False
     # With overlap_late_p: P V reads P from a per-warpgroup shared-memory tile (an SS wgmma, FA3's
     # Mma1_is_RS = false) written after the wait, so no register of the wgmma in flight is P's;
@@ -53,7 +54,8 @@ class MosaicTuning:
     overlap_p_smem: bool = False
     # The two compute warpgroups alternate on the tensor cores (FA3's ping-pong): a rendezvous of both
     # around each softmax, or with overlap_qk a turn token passed at each issue. False drops it, to
-    # time what it buys.
+    # time what it buys: 0.93-0.95x the default on the H200 (benchmarks/attention.py --variants
+    # no_pingpong_fwd, results/attention-overlap-h200.json).
     pingpong: bool = True
 
 
