@@ -8,8 +8,8 @@ own with MOSAIC_GPU_DUMP_PTXAS=1 and MOSAIC_GPU_DUMP_PTX=1, under which Mosaic G
 hands to ptxas and ptxas's verbose report. The compile's output is kept as DIR/<name>.log: the PTX
 shows where ptxas's C7513 ("wgmma.mma_async instructions are serialized") comes from, and can be fed
 to ptxas again off the GPU (`ptxas -arch=sm_90a -v`). ptxas's lines are printed as each design
-finishes and written to DIR/report.json: {name: {tuning, ptxas, registers, spill_bytes, serialized}}.
---dry-run prints the plan and runs nothing.
+finishes and written to DIR/report.json: {command, date, shape, designs: {name: {tuning, status, ptxas,
+registers, spill_bytes, serialized, injected_arrives, ptx_wgmma}}}. --dry-run prints the plan and runs nothing.
 """
 
 import argparse
