@@ -2,6 +2,7 @@
 reading of ptxas's warnings, and (where a ptxas is installed; it needs no GPU) ptxas's verdicts."""
 
 import importlib.util
+import json
 import shutil
 import subprocess
 from pathlib import Path
@@ -76,3 +77,35 @@ def test_llvm_puts_an_early_cast_into_the_registers_of_the_p_v_in_flight():
     placements = _load().main(["--llc", _llc_with_nvptx()])[1]
     assert placements["overlap_qk"] == {"cast_writes_the_p_v_operand": True, "cast_between_the_waits": True}
     assert placements["late_p"] == {"cast_writes_the_p_v_operand": True, "cast_between_the_waits": False}
+
+
+def _fake_ptxas(tmp_path, body: str) -> str:
+    """An executable standing in for ptxas (CI has none): `--version`, then `body` for each compile."""
+    path = tmp_path / "ptxas"
+    path.write_text('#!/bin/sh\nif [ "$1" = --version ]; then echo "ptxas fake"; echo "Build fake_1.0"; exit 0; fi\n'
+                    + body)  # fmt: skip
+    path.chmod(0o755)
+    return str(path)
+
+
+def test_main_records_each_patterns_messages_and_writes_the_ptx_it_compiled(tmp_path):
+    # The script's bookkeeping without a real ptxas: which file went to which verdict, the JSON, --emit.
+    warning = ("ptxas info    : (C7513) Potential Performance Loss: wgmma.mma_async instructions are serialized "
+               "in function 'overlapped_step'")
+    ptxas = _fake_ptxas(tmp_path, f'case "$3" in *cast_in_flight.ptx) echo "{warning}";; esac\nexit 0\n')
+    hazards, out = _load(), tmp_path / "hazards.json"
+    results, placements = hazards.main(["--ptxas", ptxas, "--out", str(out), "--emit", str(tmp_path / "ptx")])
+    expected = {name: [] for name in hazards.PATTERNS} | {
+        "cast_in_flight": ["C7513 Potential Performance Loss: wgmma.mma_async instructions are serialized"]}
+    assert results == expected and placements == {}
+    record = json.loads(out.read_text())
+    assert record["messages"] == expected and record["ptxas"] == "Build fake_1.0" and record["date"]
+    assert "llc" not in record
+    for name in hazards.PATTERNS:
+        assert (tmp_path / "ptx" / f"{name}.ptx").read_text() == hazards.ptx(name)
+
+
+def test_main_stops_with_one_line_naming_the_pattern_ptxas_rejected(tmp_path):
+    ptxas = _fake_ptxas(tmp_path, 'echo "ptxas fatal   : Unresolved extern" >&2\nexit 1\n')
+    with pytest.raises(SystemExit, match="ptxas rejected cast_in_flight: ptxas fatal   : Unresolved extern"):
+        _load().main(["--ptxas", ptxas])
