@@ -1,5 +1,7 @@
 """models/static_graph.py: one GraphDef hash per split, interned across splits, and what jit sees."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import pytest
@@ -65,11 +67,5 @@ def test_a_denoise_hashes_the_dit_graph_once_not_once_a_step(monkeypatch):
 def test_a_static_graph_is_not_equal_to_a_bare_graphdef():
     graphdef, _ = static_graph.split(_Two(4, nnx.Rngs(0)))
     assert graphdef != graphdef.graphdef
-    with pytest.raises(dataclasses_error()):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         graphdef.digest = 0
-
-
-def dataclasses_error():
-    import dataclasses
-
-    return dataclasses.FrozenInstanceError

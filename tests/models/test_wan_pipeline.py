@@ -141,3 +141,23 @@ def test_bf16_vae_tiny_components_decode_close_to_f32():
     assert bf16_vae.decoder.conv1.kernel.get_value().dtype == jnp.bfloat16
     difference = np.abs(pipeline.decode_video(bf16_vae, latents).astype(int) - f32)
     assert 0 < difference.mean() <= 2 and difference.max() <= 20  # uint8 levels (tests/models/test_vae.py)
+
+
+def test_decode_video_is_the_clipped_decode_rounded_to_uint8_one_chunk_at_a_time():
+    vae = pipeline.tiny_components(seed=0).vae
+    # Large latents, so the tiny VAE's pixels leave [-1, 1] and the clip inside each chunk matters.
+    latents = jnp.asarray(4.0 * np.random.default_rng(1).normal(size=(1, 3, 4, 6, 16)).astype(np.float32))
+    chunks = list(vae_lib.decode_chunks(vae, latents))
+    assert [chunk.shape for chunk in chunks] == [(1, 1, 32, 48, 3), (1, 4, 32, 48, 3), (1, 4, 32, 48, 3)]
+    whole = np.asarray(vae_lib.decode(vae, latents))
+    np.testing.assert_array_equal(np.concatenate([np.asarray(c) for c in chunks], axis=1), whole)
+    assert whole.dtype == np.float32 and whole.min() == -1.0 and whole.max() == 1.0  # clipped, and it clipped
+    video = pipeline.decode_video(vae, latents)
+    assert video.dtype == np.uint8 and video.shape == (9, 32, 48, 3)
+    np.testing.assert_array_equal(video, np.round((whole[0] + np.float32(1.0)) * np.float32(127.5)).astype(np.uint8))
+
+
+def test_decode_chunks_refuses_bad_latents_when_called_not_at_the_first_chunk():
+    vae = pipeline.tiny_components(seed=0).vae
+    with pytest.raises(ValueError, match=r"latents must be \[B, F, H, W, 16\]"):
+        vae_lib.decode_chunks(vae, jnp.zeros((1, 2, 4, 6, 3)))  # never iterated
