@@ -107,7 +107,7 @@ def main(argv=None):
             failed.append(name)
             print("    log tail:", stdout[-2000:], flush=True)
     with open(os.path.join(args.out, "report.json"), "w") as f:
-        json.dump({"command": " ".join(sys.argv), "date": datetime.datetime.now(datetime.UTC).isoformat(),
+        json.dump({"command": " ".join(sys.argv), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
                    "shape": args.shape, "designs": report}, f, indent=1)  # fmt: skip
     if failed:
         raise SystemExit(f"ptxas_report: {failed} did not compile; see their logs in {args.out}")

@@ -172,7 +172,7 @@ def main(argv=None):
             print(f"llc model, {name:10s} {placements[name]}", flush=True)
     if args.out:
         record = {"ptxas": version.strip().splitlines()[-1], "command": " ".join(sys.argv),
-                  "date": datetime.datetime.now(datetime.UTC).isoformat(), "messages": results}  # fmt: skip
+                  "date": datetime.datetime.now(datetime.timezone.utc).isoformat(), "messages": results}  # fmt: skip
         if placements:
             record["llc"] = {"version": _llc_version(args.llc), **placements}
         with open(args.out, "w") as f:
