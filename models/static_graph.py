@@ -1,8 +1,9 @@
 """nnx.split for jit: the GraphDef as a static argument that is hashed once, not on every call.
 
 jax.jit hashes its static arguments on every call, and a GraphDef's hash walks the whole graph:
-tens of milliseconds for a 40-block DiT, on the host, before the step's kernels start (a 14B
-fast-path run of 4 steps idled its H200 ~1 s this way, benchmarks/NOTES.md). `split` returns the
+tens of milliseconds for a 40-block DiT, on the host, before the step's kernels start (this and a
+second nnx.split of the DiT idled an H200 ~1 s in a 14B fast-path run of 4 steps, benchmarks/NOTES.md,
+2026-11-30 session 5). `split` returns the
 GraphDef in a `StaticGraph` that carries its hash; equal GraphDefs share one StaticGraph (interned),
 so jit's cache lookups after the first compare by identity.
 """
