@@ -6,8 +6,8 @@
 The phases of `radial-jax generate --preset lightx2v` (benchmarks/fast_generate.py times them end to
 end): denoise, the 4 steps (step 0 dense through our kernel with every block on, steps 1-3 radial);
 decode, the f32 VAE decode (the device's work, then the same decode with the move to a uint8 host
-array, timed apart); decode_bf16, the same in bf16. Each phase is run once to compile, once timed without the profiler, and once
-inside `jax.profiler.trace` (perfetto JSON). From the trace: every device kernel's time summed by kind
+array, timed apart); decode_bf16, the same in bf16. Each phase is run once to compile, once timed
+without the profiler, and once inside `jax.profiler.trace` (perfetto JSON). From the trace: every device kernel's time summed by kind
 (attention, matmul, conv, copy/transpose, reduction, other fusion) and by name, and the device's busy
 time (the union of its kernels' intervals) against the traced wall time, i.e. where it idled.
 Random weights (cost does not depend on values). Writes JSON (device, command, date) to --out
@@ -99,6 +99,7 @@ def traced(fn, trace_dir: Path, label: str) -> tuple[float, dict]:
 
 
 def timed(fn) -> float:
+    """Returns the wall seconds of fn() until its result is ready."""
     import jax
 
     start = time.perf_counter()
