@@ -7,9 +7,10 @@ The phases of `radial-jax generate --preset lightx2v` (benchmarks/fast_generate.
 end): denoise, the 4 steps (step 0 dense through our kernel with every block on, steps 1-3 radial);
 decode, the f32 VAE decode (the device's work, then the same decode with the move to a uint8 host
 array, timed apart); decode_bf16, the same in bf16. Each phase is run once to compile, once timed
-without the profiler, and once inside `jax.profiler.trace` (perfetto JSON). From the trace: every device kernel's time summed by kind
-(attention, matmul, conv, copy/transpose, reduction, other fusion) and by name, and the device's busy
-time (the union of its kernels' intervals) against the traced wall time, i.e. where it idled.
+without the profiler, and once inside `jax.profiler.trace` (perfetto JSON). From the trace: every
+device kernel's time summed by kind (attention, matmul, conv, copy/transpose, reduction, other
+fusion) and by name, and the device's busy time (the union of its kernels' intervals) against the
+traced wall time, i.e. where it idled.
 Random weights (cost does not depend on values). Writes JSON (device, command, date) to --out
 (default benchmarks/results/profile-fast-<device>.json); --trace-dir keeps the raw traces.
 """
