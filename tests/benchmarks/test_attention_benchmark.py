@@ -60,6 +60,23 @@ def test_forward_variants_differ_from_the_default_only_in_the_mosaic_forward():
         assert tuning == KernelTuning(mosaic_fwd=tuning.mosaic_fwd)
 
 
+def test_every_forward_variant_is_a_design_the_mosaic_forward_accepts():
+    # The GPU run would stop at a variant whose fields the kernel refuses (e.g. overlap_p_smem without
+    # overlap_late_p); tracing the Mosaic forward (no lowering, no GPU) runs those checks in a second.
+    import jax
+    import jax.numpy as jnp
+
+    from radial_jax.kernels import mosaic_fwd
+    from radial_jax.kernels.tables import block_tables
+
+    tables = block_tables(np.ones((3, 3), bool), 128, 300, 300)
+    q = jax.ShapeDtypeStruct((1, 300, 2, 128), jnp.bfloat16)
+    for name, tuning in _load("attention").forward_variants().items():
+        forward = lambda q, k, v: mosaic_fwd.mosaic_forward(q, k, v, tables=tables, scale=0.1, tuning=tuning.mosaic_fwd)
+        out, lse = jax.eval_shape(forward, q, q, q)
+        assert out.shape == q.shape and lse.shape == (1, 2, 300), name
+
+
 @pytest.mark.parametrize("transpose", [False, True], ids=["forward", "backward"])
 def test_fa4_block_lists_hold_each_rows_blocks_ascending(transpose):
     mask = radial_block_mask(9, 300, decay_factor=0.5)
