@@ -449,8 +449,9 @@ def add_parser(sub) -> None:
                                      "Hopper kernel with every block on (~10%% faster than cuDNN at 720p on an "
                                      "H200; cuDNN elsewhere)", "dense_implementation"))  # fmt: skip
     p.add_argument("--vae-dtype", choices=("bf16", "f32"),
-                   help=_preset_help("VAE (decode, and I2V's image encode); bf16 halves its memory and adds ~1 "
-                                     "uint8 level of error, and was no faster on an H200", "vae_dtype"))  # fmt: skip
+                   help=_preset_help("VAE (decode, and I2V's image encode); bf16 halves its memory, adds ~1 uint8 "
+                                     "level of error and decodes 720p-81f in 2.1 s instead of 3.2 s on an H200",
+                                     "vae_dtype"))  # fmt: skip
     p.add_argument("--dtype", choices=("bf16", "f32"), default="bf16",
                    help="DiT and encoders of --ckpt (default %(default)s; the tiny preset is float32)")
     p.add_argument("--lora", action="append", default=[], metavar="FILE[:STRENGTH]",
