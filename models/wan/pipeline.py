@@ -191,7 +191,7 @@ def denoise(
     # Once per expert: every step reuses the same static graph. The experts share it (equal
     # configs), so their steps share the compiled programs: their weights are arguments.
     graphdef, params = static_graph.split(dits[0])
-    params = [params] + [static_graph.split(d)[1] for d in dits[1:]]
+    params = [params] + [nnx.split(d)[1] for d in dits[1:]]  # the experts share the first one's graph
     scales = [jnp.float32(g) for g in guidance]
     state = sampler.init(noise)
     for step in range(sampler.num_steps):
