@@ -1,9 +1,7 @@
 """benchmarks/attention.py on the CPU (--dry-run: the Triton twin in interpret mode, the same timing,
 error and JSON code as the GPU run) and benchmarks/fa4.py's block lists (FA4 itself needs a GPU)."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,14 +9,7 @@ import pytest
 from radial_jax import radial_block_mask
 from radial_jax.kernels import KernelTuning, MosaicBwdTuning, MosaicTuning
 
-BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
-
-
-def _load(name):
-    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", BENCHMARKS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from benchmark_testing import load_benchmark
 
 
 @pytest.mark.parametrize("backward", [False, True], ids=["fwd", "fwd_bwd"])
@@ -27,7 +18,7 @@ def test_dry_run_times_ours_and_writes_json(tmp_path, backward):
     # around them (timing, the default again, speed ratio, sampled error) is what is checked.
     out = tmp_path / "attention.json"
     variant = "fused_bwd" if backward else "lazy_rescale_fwd"
-    _load("attention").main(["--dry-run", "--decay", "0.5", "--out", str(out), "--variants", variant]
+    load_benchmark("attention").main(["--dry-run", "--decay", "0.5", "--out", str(out), "--variants", variant]
                             + (["--backward"] if backward else []))  # fmt: skip
     record = json.loads(out.read_text())
     assert {"device", "command", "date", "jax", "rows"} <= set(record)
@@ -45,17 +36,17 @@ def test_dry_run_times_ours_and_writes_json(tmp_path, backward):
 
 def test_variants_refuse_a_backward_design_without_backward():
     with pytest.raises(SystemExit, match="backward designs need --backward"):
-        _load("attention").main(["--dry-run", "--variants", "fused_bwd"])
+        load_benchmark("attention").main(["--dry-run", "--variants", "fused_bwd"])
 
 
 def test_backward_variants_differ_from_the_default_only_in_the_mosaic_backward():
-    for tuning in _load("attention").backward_variants().values():
+    for tuning in load_benchmark("attention").backward_variants().values():
         assert isinstance(tuning, KernelTuning) and tuning.mosaic_bwd != MosaicBwdTuning()
         assert tuning == KernelTuning(mosaic_bwd=tuning.mosaic_bwd)
 
 
 def test_forward_variants_differ_from_the_default_only_in_the_mosaic_forward():
-    for tuning in _load("attention").forward_variants().values():
+    for tuning in load_benchmark("attention").forward_variants().values():
         assert isinstance(tuning, KernelTuning) and tuning.mosaic_fwd != MosaicTuning()
         assert tuning == KernelTuning(mosaic_fwd=tuning.mosaic_fwd)
 
@@ -71,7 +62,7 @@ def test_every_forward_variant_is_a_design_the_mosaic_forward_accepts():
 
     tables = block_tables(np.ones((3, 3), bool), 128, 300, 300)
     q = jax.ShapeDtypeStruct((1, 300, 2, 128), jnp.bfloat16)
-    for name, tuning in _load("attention").forward_variants().items():
+    for name, tuning in load_benchmark("attention").forward_variants().items():
         forward = lambda q, k, v: mosaic_fwd.mosaic_forward(q, k, v, tables=tables, scale=0.1, tuning=tuning.mosaic_fwd)
         out, lse = jax.eval_shape(forward, q, q, q)
         assert out.shape == q.shape and lse.shape == (1, 2, 300), name
@@ -81,7 +72,7 @@ def test_every_forward_variant_is_a_design_the_mosaic_forward_accepts():
 def test_fa4_block_lists_hold_each_rows_blocks_ascending(transpose):
     mask = radial_block_mask(9, 300, decay_factor=0.5)
     mask = np.ascontiguousarray(mask.T) if transpose else mask
-    counts, ids = _load("fa4").block_lists(mask)
+    counts, ids = load_benchmark("fa4").block_lists(mask)
     assert counts.dtype == ids.dtype == np.int32 and ids.shape == mask.shape
     for row in range(mask.shape[0]):
         on = np.flatnonzero(mask[row])

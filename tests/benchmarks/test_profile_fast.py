@@ -1,18 +1,9 @@
 """benchmarks/profile_fast.py's trace bookkeeping on a made-up trace, and its dry run on the CPU."""
 
-import importlib.util
 import json
 import sys
-from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "profile_fast.py"
-
-
-def _load():
-    spec = importlib.util.spec_from_file_location("benchmark_profile_fast", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from benchmark_testing import load_benchmark
 
 
 def _trace():
@@ -32,7 +23,7 @@ def _trace():
 
 
 def test_trace_summary_sums_device_kernels_by_kind_and_name_and_measures_idle_time():
-    profile = _load()
+    profile = load_benchmark("profile_fast")
     row = profile.summarise_trace(_trace(), wall_s=0.002)
     assert row["device_processes"] == ["/device:GPU:0"] and row["kernels"] == 7
     assert abs(row["kernel_s"] - 555e-6) < 1e-12
@@ -46,7 +37,7 @@ def test_trace_summary_sums_device_kernels_by_kind_and_name_and_measures_idle_ti
 
 
 def test_dry_run_profiles_every_phase_of_the_tiny_preset(tmp_path, monkeypatch):
-    profile = _load()
+    profile = load_benchmark("profile_fast")
     monkeypatch.setattr(sys, "argv", ["profile_fast.py", "--dry-run"])
     out = tmp_path / "profile.json"
     assert profile.main(["--dry-run", "--phases", "denoise,decode,decode_bf16", "--out", str(out),

@@ -1,13 +1,12 @@
 """benchmarks/ptxas_report.py on the CPU: its reading of ptxas's report and its plan (--dry-run);
 the compiles themselves need a GPU (Mosaic GPU runs ptxas when XLA compiles the kernel)."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
-BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+from benchmark_testing import load_benchmark
+
 
 # ptxas's lines for the overlap forward on the H200 (2026-11-30, benchmarks/NOTES.md), PTX around them.
 OVERLAP_STDOUT = """//
@@ -27,16 +26,8 @@ ptxas info    : Function properties for kernel_mosaic_gpu_kernel
 ptxas info    : Used 168 registers, used 16 barriers, 1 bytes smem
 """
 
-
-def _load():
-    spec = importlib.util.spec_from_file_location("benchmark_ptxas_report", BENCHMARKS / "ptxas_report.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_summary_reads_registers_spills_and_serialization():
-    summary = _load().summarize(OVERLAP_STDOUT)
+    summary = load_benchmark("ptxas_report").summarize(OVERLAP_STDOUT)
     assert summary["registers"] == 168 and summary["spill_bytes"] == 12
     assert summary["serialized"] and summary["injected_arrives"] == 2 and summary["ptx_wgmma"] == 2
     assert len(summary["ptxas"]) == 8 and summary["ptxas"][-2].startswith("0 bytes stack frame")
@@ -44,12 +35,12 @@ def test_summary_reads_registers_spills_and_serialization():
 
 def test_summary_of_a_clean_compile_says_not_serialized():
     clean = "\n".join(line for line in OVERLAP_STDOUT.splitlines() if "C75" not in line)
-    summary = _load().summarize(clean)
+    summary = load_benchmark("ptxas_report").summarize(clean)
     assert not summary["serialized"] and summary["injected_arrives"] == 0
 
 
 def test_dry_run_plans_every_named_design(tmp_path, capsys):
-    report = _load()
+    report = load_benchmark("ptxas_report")
     names = ["default", "overlap_fwd", "overlap_late_p_fwd", "overlap_fa3_fwd"]
     report.main(["--dry-run", "--variants", ",".join(names), "--out", str(tmp_path)])
     plan = capsys.readouterr().out.splitlines()
@@ -60,14 +51,14 @@ def test_dry_run_plans_every_named_design(tmp_path, capsys):
 
 def test_unknown_design_is_refused_with_the_choices(capsys):
     with pytest.raises(SystemExit):
-        _load().main(["--dry-run", "--variants", "default,overlap_typo"])
+        load_benchmark("ptxas_report").main(["--dry-run", "--variants", "default,overlap_typo"])
     assert "overlap_typo" in capsys.readouterr().err
 
 
 def test_a_design_that_cannot_compile_is_logged_reported_and_fails_the_run(tmp_path):
     # On the CPU the Mosaic kernel cannot compile: the child fails, and the run still keeps its log
     # and report, then exits with a one-line error naming the design.
-    report = _load()
+    report = load_benchmark("ptxas_report")
     with pytest.raises(SystemExit, match=r"\['default'\] did not compile"):
         report.main(["--variants", "default", "--out", str(tmp_path)])
     written = json.loads((tmp_path / "report.json").read_text())

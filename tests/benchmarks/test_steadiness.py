@@ -1,20 +1,10 @@
 """benchmarks/steadiness.py's bookkeeping on made-up calls and nvidia-smi lines (the probe itself needs a GPU)."""
 
-import importlib.util
-from pathlib import Path
-
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "steadiness.py"
-
-
-def _load():
-    spec = importlib.util.spec_from_file_location("benchmark_steadiness", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from benchmark_testing import load_benchmark
 
 
 def test_summary_pairs_each_phase_with_the_samples_taken_while_it_ran(tmp_path):
-    steadiness = _load()
+    steadiness = load_benchmark("steadiness")
     smi = tmp_path / "smi.csv"
     smi.write_text("2026/11/29 21:00:00.000, 1980, 150.5, 50, 0x0000000000000000\n"
                    "garbage line\n"

@@ -1,22 +1,13 @@
 """benchmarks/wgmma_hazards.py: its PTX patterns put the one register write where each name says, its
 reading of ptxas's warnings, and (where a ptxas is installed; it needs no GPU) ptxas's verdicts."""
 
-import importlib.util
 import json
 import shutil
 import subprocess
-from pathlib import Path
 
 import pytest
 
-BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
-
-
-def _load():
-    spec = importlib.util.spec_from_file_location("benchmark_wgmma_hazards", BENCHMARKS / "wgmma_hazards.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from benchmark_testing import load_benchmark
 
 
 def _loop_body(text: str) -> list[str]:
@@ -30,7 +21,7 @@ def _first(body, prefix, start=0):
 
 @pytest.mark.parametrize("pattern", ["cast_in_flight", "cast_after_wait"])
 def test_the_cast_of_p_sits_on_its_side_of_the_wait(pattern):
-    body = _loop_body(_load().ptx(pattern))
+    body = _loop_body(load_benchmark("wgmma_hazards").ptx(pattern))
     cast, wait_0 = _first(body, "cvt.rn.bf16x2.f32"), body.index("wgmma.wait_group.sync.aligned 0;")
     wait_1 = body.index("wgmma.wait_group.sync.aligned 1;")
     assert (wait_1 < cast < wait_0) if pattern == "cast_in_flight" else cast > wait_0
@@ -38,7 +29,7 @@ def test_the_cast_of_p_sits_on_its_side_of_the_wait(pattern):
 
 
 def test_the_rescale_between_sits_after_the_s_issue_and_before_p_vs_fence():
-    body = _loop_body(_load().ptx("rescale_between"))
+    body = _loop_body(load_benchmark("wgmma_hazards").ptx("rescale_between"))
     s_issue = _first(body, "wgmma.mma_async")
     multiply = _first(body, "mul.f32 %o")
     pv_issue = _first(body, "wgmma.mma_async", s_issue + 1)
@@ -50,12 +41,12 @@ def test_messages_keep_the_codes_and_drop_the_line_numbers():
     output = ("ptxas info    : (C7519) warpgroup.arrive is injected in around line 456 by compiler to allow use "
               "of registers in GMMA in function 'kernel'\nptxas info    : Used 168 registers\n")
     expected = "C7519 warpgroup.arrive is injected by compiler to allow use of registers in GMMA"
-    assert _load().messages(output) == [expected]
+    assert load_benchmark("wgmma_hazards").messages(output) == [expected]
 
 
 @pytest.mark.skipif(shutil.which("ptxas") is None, reason="no ptxas on PATH (the CUDA toolkit's; no GPU needed)")
 def test_ptxas_serializes_only_the_writes_into_a_wgmma_in_flight(tmp_path):
-    results, _ = _load().main(["--emit", str(tmp_path)])
+    results, _ = load_benchmark("wgmma_hazards").main(["--emit", str(tmp_path)])
     codes = {name: [m.split()[0] for m in found] for name, found in results.items()}
     assert codes["cast_in_flight"] == ["C7513"] and codes["o_in_flight"] == ["C7515"]
     assert codes["cast_after_wait"] == [] and codes["p_before_fence"] == []
@@ -74,7 +65,7 @@ def _llc_with_nvptx():
 def test_llvm_puts_an_early_cast_into_the_registers_of_the_p_v_in_flight():
     # The mechanism behind C7513: LLVM sees P_j dead once the P V asm is issued and coalesces the
     # loop-carried P_{j+1} into its register; only the cast's position differs with overlap_late_p.
-    placements = _load().main(["--llc", _llc_with_nvptx()])[1]
+    placements = load_benchmark("wgmma_hazards").main(["--llc", _llc_with_nvptx()])[1]
     assert placements["overlap_qk"] == {"cast_writes_the_p_v_operand": True, "cast_between_the_waits": True}
     assert placements["late_p"] == {"cast_writes_the_p_v_operand": True, "cast_between_the_waits": False}
 
@@ -93,7 +84,7 @@ def test_main_records_each_patterns_messages_and_writes_the_ptx_it_compiled(tmp_
     warning = ("ptxas info    : (C7513) Potential Performance Loss: wgmma.mma_async instructions are serialized "
                "in function 'overlapped_step'")
     ptxas = _fake_ptxas(tmp_path, f'case "$3" in *cast_in_flight.ptx) echo "{warning}";; esac\nexit 0\n')
-    hazards, out = _load(), tmp_path / "hazards.json"
+    hazards, out = load_benchmark("wgmma_hazards"), tmp_path / "hazards.json"
     results, placements = hazards.main(["--ptxas", ptxas, "--out", str(out), "--emit", str(tmp_path / "ptx")])
     expected = {name: [] for name in hazards.PATTERNS} | {
         "cast_in_flight": ["C7513 Potential Performance Loss: wgmma.mma_async instructions are serialized"]}
@@ -108,4 +99,4 @@ def test_main_records_each_patterns_messages_and_writes_the_ptx_it_compiled(tmp_
 def test_main_stops_with_one_line_naming_the_pattern_ptxas_rejected(tmp_path):
     ptxas = _fake_ptxas(tmp_path, 'echo "ptxas fatal   : Unresolved extern" >&2\nexit 1\n')
     with pytest.raises(SystemExit, match="ptxas rejected cast_in_flight: ptxas fatal   : Unresolved extern"):
-        _load().main(["--ptxas", ptxas])
+        load_benchmark("wgmma_hazards").main(["--ptxas", ptxas])
