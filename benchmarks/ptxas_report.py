@@ -1,9 +1,10 @@
-"""ptxas's report (registers, spills, wgmma serialization) and the PTX of Mosaic forward designs, on a GPU.
+"""ptxas's report (registers, spills, wgmma serialization) and the PTX of Mosaic designs, on a GPU.
 
     python benchmarks/ptxas_report.py [--variants default,overlap_fwd,...] [--shape 1.3b-480p-81f]
                                       [--out DIR] [--dry-run]
 
-Each design (`default` or a name from attention.py's forward_variants) compiles in a process of its
+Each design (`default`, `default_bwd` or a name from attention.py's forward_variants or backward_variants;
+a backward design compiles the forward and backward of value_and_grad) compiles in a process of its
 own with MOSAIC_GPU_DUMP_PTXAS=1 and MOSAIC_GPU_DUMP_PTX=1, under which Mosaic GPU prints the PTX it
 hands to ptxas and ptxas's verbose report. The compile's output is kept as DIR/<name>.log: the PTX
 shows where ptxas's C7513 ("wgmma.mma_async instructions are serialized") comes from, and can be fed
@@ -28,21 +29,45 @@ COMPILE_TIMEOUT_S = 240  # one design's trace, lowering and ptxas: ~5-30 s on th
 
 
 def designs() -> dict:
-    """{name: KernelTuning}: the default and attention.py's forward variants."""
-    return {"default": attention.KernelTuning(), **attention.forward_variants()}
+    """{name: KernelTuning}: the defaults and attention.py's forward and backward variants."""
+    return {"default": attention.KernelTuning(), "default_bwd": attention.KernelTuning(),
+            **attention.forward_variants(), **attention.backward_variants()}
+
+
+def is_backward(name: str) -> bool:
+    """Whether design `name` is timed through its backward (its log then also holds the forward's ptxas)."""
+    return name == "default_bwd" or name in attention.backward_variants()
+
+
+def tuning_of(name: str):
+    """The half of design `name`'s KernelTuning that it is about: the Mosaic backward's or forward's."""
+    return designs()[name].mosaic_bwd if is_backward(name) else designs()[name].mosaic_fwd
 
 
 def summarize(stdout: str) -> dict:
-    """Returns ptxas's lines of a compile's stdout and what they say: registers, spill bytes, serialized."""
+    """Returns ptxas's lines of a compile's stdout and what they say: registers, spill bytes, serialized,
+    over the whole compile and per kernel (a backward design compiles several: each ptxas run ends
+    with its "Used N registers" line)."""
     is_ptxas = lambda line: line.startswith("ptxas") or "bytes stack frame" in line  # the spill line is indented
     lines = [line.strip() for line in stdout.splitlines() if is_ptxas(line)]
     ptx = [line for line in stdout.splitlines() if not is_ptxas(line)]
+    kernels, current = [], []
+    for line in lines:
+        current.append(line)
+        if re.search(r"Used \d+ registers", line):
+            kernels.append(_read(current))
+            current = []
+    return {"ptxas": lines, **_read(lines), "kernels": kernels,
+            "ptx_wgmma": sum("wgmma.mma_async" in line for line in ptx)}
+
+
+def _read(lines: list[str]) -> dict:
+    """Registers (the most), spill bytes (the sum) and serialization (any) of ptxas's lines."""
     registers = [int(n) for line in lines for n in re.findall(r"Used (\d+) registers", line)]
     spills = [int(n) for line in lines for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", line)]
-    return {"ptxas": lines, "registers": max(registers, default=None), "spill_bytes": sum(spills),
+    return {"registers": max(registers, default=None), "spill_bytes": sum(spills),
             "serialized": any("C7513" in line or "serialized" in line for line in lines),
-            "injected_arrives": sum("C7519" in line for line in lines),
-            "ptx_wgmma": sum("wgmma.mma_async" in line for line in ptx)}  # fmt: skip
+            "injected_arrives": sum("C7519" in line for line in lines)}  # fmt: skip
 
 
 def _text(output) -> str:
@@ -82,7 +107,7 @@ def main(argv=None):
     env.pop("MOSAIC_GPU_DUMP_TO", None)  # it would send the dumps to files instead of stdout
     if args.dry_run:
         for name in names:
-            print(f"{name}: {designs()[name].mosaic_fwd} at {args.shape} -> {args.out}/{name}.log")
+            print(f"{name}: {tuning_of(name)} at {args.shape} -> {args.out}/{name}.log")
         return None
     os.makedirs(args.out, exist_ok=True)
     report, failed = {}, []
@@ -97,7 +122,7 @@ def main(argv=None):
             stdout, status = _text(timeout.stdout), "timeout"
         with open(os.path.join(args.out, f"{name}.log"), "w") as f:
             f.write(stdout)
-        entry = {"tuning": dataclasses.asdict(designs()[name].mosaic_fwd), "status": status, **summarize(stdout)}
+        entry = {"tuning": dataclasses.asdict(tuning_of(name)), "backward": is_backward(name), "status": status, **summarize(stdout)}
         report[name] = entry
         print(f"[{i + 1}/{len(names)}] {name}: status {status}, {entry['registers']} registers, "
               f"{entry['spill_bytes']} spill bytes, serialized {entry['serialized']}", flush=True)  # fmt: skip

@@ -68,3 +68,24 @@ def test_a_design_that_cannot_compile_is_logged_reported_and_fails_the_run(tmp_p
     # kernel on the CPU), not stopped earlier by an import or a typo in the script.
     log = (tmp_path / "default.log").read_text()
     assert "pallas" in log.lower() and "ImportError" not in log and "AttributeError" not in log, log[-2000:]
+
+
+def test_summary_splits_a_compile_of_several_kernels_per_kernel():
+    # A backward design's compile runs ptxas once per kernel (forward, dq, dk/dv): each run's lines end
+    # with its register count, so the serialized one is told apart from the clean ones.
+    clean = "\n".join(line for line in OVERLAP_STDOUT.splitlines() if "C75" not in line).replace("168", "90")
+    clean = clean.replace("8 bytes spill stores, 4 bytes spill loads", "0 bytes spill stores, 0 bytes spill loads")
+    summary = load_benchmark("ptxas_report").summarize(clean + "\n" + OVERLAP_STDOUT)
+    assert [k["registers"] for k in summary["kernels"]] == [90, 168]
+    assert [k["serialized"] for k in summary["kernels"]] == [False, True]
+    assert [k["spill_bytes"] for k in summary["kernels"]] == [0, 12]
+    assert summary["registers"] == 168 and summary["serialized"] and summary["ptx_wgmma"] == 4
+
+
+def test_dry_run_plans_backward_designs_with_their_backward_tuning(tmp_path, capsys):
+    report = load_benchmark("ptxas_report")
+    report.main(["--dry-run", "--variants", "default_bwd,fused_bwd", "--out", str(tmp_path)])
+    plan = capsys.readouterr().out.splitlines()
+    assert [line.split(":")[0] for line in plan] == ["default_bwd", "fused_bwd"]
+    assert plan[0].split(": ")[1].startswith("MosaicBwdTuning(") and "fused=False" in plan[0]
+    assert "fused=True" in plan[1] and report.is_backward("fused_bwd") and not report.is_backward("default")
