@@ -75,14 +75,16 @@ def _text(output) -> str:
 
 
 def compile_one(name: str, shape: str) -> None:
-    """Compiles (and runs once) the Mosaic forward with design `name` at `shape`, zeros in bf16."""
+    """Compiles (and runs once) the Mosaic forward, or forward and backward (value_and_grad), of
+    design `name` at `shape`, zeros in bf16."""
+    import jax
     import jax.numpy as jnp
 
     frames, tokens, heads = attention.SHAPES[shape]
     mask = attention.radial_block_mask(frames, tokens, block_size=128)
     x = jnp.zeros((1, frames * tokens, heads, attention.HEAD_DIM), jnp.bfloat16)
-    out = attention.block_sparse_attention(x, x, x, mask, block_size=128, backend="mosaic", tuning=designs()[name])
-    out.block_until_ready()
+    call = attention.jax_case(x, x, x, mask, is_backward(name), "mosaic", designs()[name])
+    jax.block_until_ready(call())
 
 
 def main(argv=None):

@@ -89,3 +89,19 @@ def test_dry_run_plans_backward_designs_with_their_backward_tuning(tmp_path, cap
     assert [line.split(":")[0] for line in plan] == ["default_bwd", "fused_bwd"]
     assert plan[0].split(": ")[1].startswith("MosaicBwdTuning(") and "fused=False" in plan[0]
     assert "fused=True" in plan[1] and report.is_backward("fused_bwd") and not report.is_backward("default")
+
+
+@pytest.mark.parametrize("name, backward", [("default", False), ("default_bwd", True), ("fused_bwd", True)])
+def test_a_backward_design_compiles_value_and_grad(name, backward, monkeypatch):
+    # The child compiles through attention.jax_case: with backward=True that is value_and_grad, so
+    # ptxas sees the backward kernels too (a plain forward call would compile the forward alone).
+    report = load_benchmark("ptxas_report")
+    seen = []
+
+    def fake_case(q, k, v, mask, backward, backend, tuning):
+        seen.append((backward, backend, tuning))
+        return lambda: q
+
+    monkeypatch.setattr(report.attention, "jax_case", fake_case)
+    report.compile_one(name, "tiny")
+    assert seen == [(backward, "mosaic", report.designs()[name])]
