@@ -67,6 +67,7 @@ def jax_case(q, k, v, mask, backward: bool, backend: str | None, tuning: KernelT
 def backward_variants() -> dict[str, KernelTuning]:
     """{case name: KernelTuning} of the Mosaic backward designs --variants can time beside the default."""
     return {"fused_bwd": KernelTuning(mosaic_bwd=MosaicBwdTuning(fused=True)),
+            "fused_fa4_bwd": KernelTuning(mosaic_bwd=MosaicBwdTuning(fused=True, fused_order="fa4")),
             "dq_tile_128_bwd": KernelTuning(mosaic_bwd=MosaicBwdTuning(block_kv_dq=128)),
             "stages_3_bwd": KernelTuning(mosaic_bwd=MosaicBwdTuning(max_concurrent_steps=3))}
 

@@ -71,6 +71,13 @@ class MosaicBwdTuning:
     # One kernel with dq by TMA reduce-add (head_dim % 128 == 0). Off: on the H100 it ran the
     # backward at ~430 on-block TFLOP/s where the split kernels ran ~505 (benchmarks/NOTES.md).
     fused: bool = False
+    # The fused kernel's order within a step. "deferred_dq" (the measured one above): dQ of step
+    # i - 1 is issued beside S^T of step i, then the exp2, a full wait and dQ's store before dP^T
+    # and dV are even issued, so the tensor cores idle during the store. "fa4" (FlashAttention-4's
+    # sm90 backward): S^T and dP^T issued together (exp2 under dP^T), dV under dS^T's store, then
+    # dQ and dK issued together and dQ stored while dK runs: the tensor cores always have queued
+    # work, at the price of a barrier of both warpgroups every step (lockstep, as FA4 runs).
+    fused_order: str = "deferred_dq"
 
 
 @dataclasses.dataclass(frozen=True)

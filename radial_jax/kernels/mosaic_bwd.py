@@ -14,6 +14,9 @@ count, index maps that read the tables from GMEM; only the memory warpgroup eval
   memory, the two meet at a barrier, and warpgroup w computes head-dim half w of the partial
   dQ from all 128 keys one step later (so the two need not run in lockstep), adding it into an
   f32 dQ accumulator in GMEM with a TMA reduce-add; a cast turns it into dq.
+  `MosaicBwdTuning.fused_order` picks the order inside a step: "deferred_dq" (the above) or
+  "fa4", FlashAttention-4's sm90 order (dQ of the step's own dS^T, issued beside dK and stored
+  while dK runs; the warpgroups meet every step), see `fused_kernel`.
 
 Pipeline tiles are smaller than mask blocks (64 vs 128 tokens) to keep the accumulators in
 registers, so step t of a row visits tile (ids[t // r] * r + t % r), r = 128 / tile.
@@ -31,7 +34,10 @@ from jax import lax
 from radial_jax.kernels.common import COMPUTE_WGS, LOG2_E, MASK_BLOCK, MosaicBwdTuning, seq_multiple, unpad_seq
 from radial_jax.kernels.tables import BlockTables
 
-__all__ = ["MosaicBwdTuning", "dkv_kernel", "dq_kernel", "fused_kernel", "mosaic_backward", "row_statistics"]
+FUSED_ORDERS = ("deferred_dq", "fa4")  # MosaicBwdTuning.fused_order's choices
+
+__all__ = ["FUSED_ORDERS", "MosaicBwdTuning", "dkv_kernel", "dq_kernel", "fused_kernel", "mosaic_backward",
+           "row_statistics"]
 
 
 @functools.partial(jax.jit, static_argnames=("tables", "scale", "tuning"))
@@ -43,6 +49,10 @@ def mosaic_backward(q, k, v, out, lse, d_out, d_lse, *, tables: BlockTables, sca
     assert (q_len, kv_len) == (tables.q_len, tables.kv_len), "tables built for other lengths"
     lse2, delta = row_statistics(out, lse, d_out, d_lse, tables)
     args = (seq_multiple(q), seq_multiple(k), seq_multiple(v), seq_multiple(d_out), lse2, delta)
+    if tuning.fused_order not in FUSED_ORDERS:
+        raise ValueError(f"fused_order={tuning.fused_order!r}: choose one of {FUSED_ORDERS}")
+    if tuning.fused_order != "deferred_dq" and not tuning.fused:
+        raise ValueError(f"fused_order={tuning.fused_order!r} orders the fused kernel: set fused=True too")
     if tuning.fused and q.shape[-1] % (COMPUTE_WGS * 64) == 0:
         if jax.__version_info__ < (0, 11):  # 0.10 cannot pass the accumulator Ref through plgpu.kernel
             raise NotImplementedError(f"the fused Mosaic backward needs jax >= 0.11, not {jax.__version__}")
@@ -297,6 +307,7 @@ def fused_kernel(q, k, v, d_out, lse2, delta, *, tables: BlockTables, scale: flo
     r = MASK_BLOCK // block_q
     padded = tables.num_q_blocks * MASK_BLOCK
     qk_scale = scale * LOG2_E
+    fa4 = tuning.fused_order == "fa4"
 
     tiling, swizzle = _smem_transforms(dtype)
     f32_tiling = plgpu.TilingTransform((8, 32))
@@ -335,18 +346,19 @@ def fused_kernel(q, k, v, d_out, lse2, delta, *, tables: BlockTables, scale: flo
 
             acc = plgpu.ACC((block_kv, head_dim), jnp.float32)
             dk, dv = pl.run_scoped(run, acc, acc)
-            steps = counts_ref[kv_block] * r
+            if not fa4:  # fa4 stores every step's dQ within the step
+                steps = counts_ref[kv_block] * r
 
-            @pl.when(steps > 0)
-            def _():  # the last step's dQ, deferred like every other (see step)
-                last = steps - 1
-                plgpu.barrier_wait(ds_ready.at[lax.rem(last, jnp.int32(2))])
+                @pl.when(steps > 0)
+                def _():  # the last step's dQ, deferred like every other (see step)
+                    last = steps - 1
+                    plgpu.barrier_wait(ds_ready.at[lax.rem(last, jnp.int32(2))])
 
-                def compute_dq(acc):
-                    plgpu.wgmma(acc, ds_smem.at[lax.rem(last, jnp.int32(2))].transpose((1, 0)), k_cols)
-                    return acc[...]
+                    def compute_dq(acc):
+                        plgpu.wgmma(acc, ds_smem.at[lax.rem(last, jnp.int32(2))].transpose((1, 0)), k_cols)
+                        return acc[...]
 
-                add_dq(pl.run_scoped(compute_dq, plgpu.ACC((block_q, d_half), jnp.float32)), last)
+                    add_dq(pl.run_scoped(compute_dq, plgpu.ACC((block_q, d_half), jnp.float32)), last)
 
             # The other warpgroup may still read this one's K rows for its last dQ.
             plgpu.barrier_arrive(done)
@@ -408,9 +420,58 @@ def fused_kernel(q, k, v, d_out, lse2, delta, *, tables: BlockTables, scale: flo
             plgpu.barrier_arrive(q_consumed)
             return dk_acc, dv_acc
 
+        def step_fa4(index, q_smem, do_smem, lse_smem, delta_smem, q_consumed, do_consumed, lse_consumed,
+                     delta_consumed, carry):
+            # FlashAttention-4's sm90 order: each wait retires one wgmma with another queued behind
+            # it, so the tensor cores have work through the exp2 (dP^T), dS^T's store (dV) and dQ's
+            # store (dK). One deviation: dV is issued before dP^T is waited for, as in dkv_kernel,
+            # not after dS^T's store, so it also runs under dS^T's arithmetic.
+            # dS^T slot i % 2 is free when this warpgroup writes it: its last readers were both dQs of
+            # step i - 2; this warpgroup's retired in that step, and the other warpgroup's retired
+            # before it arrived at ds_ready of step i - 1, which this one passed. The dQ staging slots
+            # are this warpgroup's own; add_dq waits for the TMA read of the slot's step i - 2.
+            # P^T and dS^T (bf16) are RS operands of dV and dK: fresh values each step, never carried
+            # (the loop carries only the accumulators), so LLVM cannot coalesce a later write into
+            # their registers while their wgmma runs (what serialized the overlap forward, NOTES FWDOV2).
+            (i,) = index
+            dk_acc, dv_acc = carry
+            slot = lax.rem(i, jnp.int32(2))
+
+            def compute_p_and_dp_issue_dv(s_acc, dp_acc):
+                plgpu.wgmma(s_acc, k_own, q_smem.transpose((1, 0)))
+                plgpu.wgmma(dp_acc, v_own, do_smem.transpose((1, 0)))
+                s_t = plgpu.wgmma_accumulator_load(s_acc, wait_n=1)  # S^T; dP^T may still run
+                lse = _load(lse_smem, layout=col)
+                plgpu.barrier_arrive(lse_consumed)
+                p_t = jnp.exp2(s_t * qk_scale - bcast_col(lse, s_t.shape))
+                plgpu.wgmma(dv_acc, p_t.astype(dtype), do_smem)
+                return p_t, plgpu.wgmma_accumulator_load(dp_acc, wait_n=1)  # dP^T; dV may still run
+
+            acc_t = plgpu.ACC((block_kv, block_q), jnp.float32)
+            p_t, dp_t = pl.run_scoped(compute_p_and_dp_issue_dv, acc_t, acc_t)
+            delta = _load(delta_smem, layout=col)
+            plgpu.barrier_arrive(delta_consumed)
+            ds_t = (p_t * (dp_t - bcast_col(delta, dp_t.shape))).astype(dtype)
+            ds_smem.at[slot, own][...] = ds_t
+            plgpu.commit_smem()
+            plgpu.barrier_arrive(ds_ready.at[slot])
+
+            def compute_dq_issue_dk(dq_acc):
+                plgpu.barrier_wait(ds_ready.at[slot])  # the other warpgroup's half of dS^T stored
+                plgpu.wgmma(dq_acc, ds_smem.at[slot].transpose((1, 0)), k_cols)
+                plgpu.wgmma(dk_acc, ds_t, q_smem)
+                plgpu.wgmma_wait(2)  # dV
+                plgpu.barrier_arrive(do_consumed)
+                return plgpu.wgmma_accumulator_load(dq_acc, wait_n=1)  # dQ; dK may still run
+
+            add_dq(pl.run_scoped(compute_dq_issue_dk, plgpu.ACC((block_q, d_half), jnp.float32)), i)
+            plgpu.wgmma_wait(0)
+            plgpu.barrier_arrive(q_consumed)
+            return dk_acc, dv_acc
+
         q_tile = lambda i: _tile_of_step(ids_ref, kv_block, i, r)
-        _query_tile_pipeline(step, compute_thread, (q_ref, do_ref, lse_ref, delta_ref), ids_ref, counts_ref,
-                             (b, head, kv_block), block_q, tuning.max_concurrent_steps)
+        _query_tile_pipeline(step_fa4 if fa4 else step, compute_thread, (q_ref, do_ref, lse_ref, delta_ref),
+                             ids_ref, counts_ref, (b, head, kv_block), block_q, tuning.max_concurrent_steps)
 
     smem = (
         plgpu.SMEM((COMPUTE_WGS * block_kv, head_dim), dtype, transforms=(tiling, swizzle)),  # K, both halves

@@ -68,6 +68,28 @@ def test_every_forward_variant_is_a_design_the_mosaic_forward_accepts():
         assert out.shape == q.shape and lse.shape == (1, 2, 300), name
 
 
+def test_every_backward_variant_is_a_design_the_mosaic_backward_accepts():
+    # As above for the backward (e.g. fused_order without fused=True); jax 0.10 refuses only the
+    # fused kernel itself, after the fields are checked.
+    import jax
+    import jax.numpy as jnp
+
+    from radial_jax.kernels import mosaic_bwd
+    from radial_jax.kernels.tables import block_tables
+
+    tables = block_tables(np.ones((3, 3), bool), 128, 300, 300)
+    q = jax.ShapeDtypeStruct((1, 300, 2, 128), jnp.bfloat16)
+    rows = jax.ShapeDtypeStruct((1, 2, 300), jnp.float32)
+    for name, tuning in load_benchmark("attention").backward_variants().items():
+        backward = lambda *a: mosaic_bwd.mosaic_backward(*a, tables=tables, scale=0.1, tuning=tuning.mosaic_bwd)
+        try:
+            grads = jax.eval_shape(backward, q, q, q, q, rows, q, rows)
+        except NotImplementedError as error:
+            assert tuning.mosaic_bwd.fused and jax.__version_info__ < (0, 11), (name, error)
+            continue
+        assert [g.shape for g in grads] == [q.shape] * 3, name
+
+
 @pytest.mark.parametrize("transpose", [False, True], ids=["forward", "backward"])
 def test_fa4_block_lists_hold_each_rows_blocks_ascending(transpose):
     mask = radial_block_mask(9, 300, decay_factor=0.5)

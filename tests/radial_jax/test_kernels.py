@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from radial_jax import attention_reference, radial_block_mask
-from radial_jax.kernels import KernelTuning, MosaicTuning, TritonTuning, block_sparse_attention
+from radial_jax.kernels import KernelTuning, MosaicBwdTuning, MosaicTuning, TritonTuning, block_sparse_attention
 from radial_jax.kernels.tables import block_tables
 
 ON_GPU = jax.default_backend() == "gpu"
@@ -312,7 +312,8 @@ class TestMosaicGPU(KernelChecks):
 
         tuning = {"split": mosaic_bwd.MosaicBwdTuning(fused=False),
                   "split_dq_tile_128": mosaic_bwd.MosaicBwdTuning(fused=False, block_kv_dq=128),
-                  "fused": mosaic_bwd.MosaicBwdTuning(fused=True)}[variant]
+                  "fused": mosaic_bwd.MosaicBwdTuning(fused=True),
+                  "fused_fa4": mosaic_bwd.MosaicBwdTuning(fused=True, fused_order="fa4")}[variant]
 
         q_len, kv_len = lengths
         heads, head_dim, batch, block = 3, 128, 2, self.block
@@ -336,6 +337,27 @@ class TestMosaicGPU(KernelChecks):
             assert err <= 3e-3 * float(jnp.abs(r).max()), (name, err)
         rows = np.repeat(~mask.any(axis=1), block)[:q_len]
         assert bool((grads[0][:, rows] == 0).all())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not IS_HOPPER, reason="needs a Hopper GPU (sm90) for the Mosaic kernel")
+class TestMosaicFusedFA4GPU(TestMosaicGPU):
+    """The Mosaic suite with the fused backward in FlashAttention-4's order (MosaicBwdTuning(fused=True,
+    fused_order="fa4")): gradients of every mask (bf16, 3 heads, batch 2), any length (f16), the
+    cross-length variant check (f16, an empty row). Its arithmetic is the deferred fused kernel's
+    (dS^T cast to the input dtype, dQ summed in f32 by TMA reduce-adds), issued in another order, so
+    the suite's bounds. The forward tests re-run the default forward."""
+
+    tuning = KernelTuning(mosaic_bwd=MosaicBwdTuning(fused=True, fused_order="fa4"))
+    # head_dim 128 (the fused kernel's condition) needs (q_len + kv_len) % 3 != 0 in the any-length
+    # test; every residue mod 8 on the query side, tiny lengths, count 1, q and kv apart both ways.
+    ragged_lengths = [(1, 1), (7, 7), (61, 130), (130, 61), (1000, 7), (8, 1001), (4100, 257), (257, 4100),
+                      (195, 196), (318, 317), (383, 383), (258, 256), (192, 320), (256, 202)]
+
+    @pytest.mark.parametrize("lengths", [(1560, 1560), (1000, 1560), (1560, 1000)])
+    @pytest.mark.parametrize("variant", ["fused_fa4"])
+    def test_backward_variants_match_reference(self, lengths, variant):
+        super().test_backward_variants_match_reference(lengths, variant)
 
 
 @pytest.mark.gpu

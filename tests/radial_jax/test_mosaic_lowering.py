@@ -69,8 +69,15 @@ _WGMMA_SYNC = re.compile(r'wgmma\.commit[._]group|wgmma\.wait[._]group\.sync\.al
 
 
 def _forward_module(monkeypatch, tables, q, kv, tuning) -> str:
-    """Lowers the forward for CUDA and returns its Mosaic GPU module's text, printed without locations
-    before serialization (as_text shows only the bytecode, whose string table holds each name once)."""
+    """Lowers the forward for CUDA and returns its Mosaic GPU module's text (see _mosaic_modules)."""
+    forward = lambda q, k, v: mosaic_fwd.mosaic_forward(q, k, v, tables=tables, scale=0.1, tuning=tuning)
+    (module,) = _mosaic_modules(monkeypatch, forward, q, kv, kv)
+    return module
+
+
+def _mosaic_modules(monkeypatch, fn, *shapes) -> list[str]:
+    """Lowers fn for CUDA and returns its Mosaic GPU modules' text, printed without locations before
+    serialization (as_text shows only the bytecode, whose string table holds each name once)."""
     modules = []
     serialize = mosaic_gpu_core._run_serde_pass
 
@@ -80,10 +87,8 @@ def _forward_module(monkeypatch, tables, q, kv, tuning) -> str:
         return module
 
     monkeypatch.setattr(mosaic_gpu_core, "_run_serde_pass", capture)
-    forward = lambda q, k, v: mosaic_fwd.mosaic_forward(q, k, v, tables=tables, scale=0.1, tuning=tuning)
-    _lowered_text(forward, q, kv, kv)
-    (module,) = modules
-    return module
+    _lowered_text(fn, *shapes)
+    return modules
 
 
 def _wgmma_waits(module: str) -> list[tuple[int, int]]:
@@ -234,6 +239,38 @@ def test_fused_backward_lowers_with_a_tma_reduce():
                                           tuning=mosaic_bwd.MosaicBwdTuning(fused=True))  # fmt: skip
 
     assert "reduce" in _lowered_text(backward, q, kv, kv, q, rows, q, rows)
+
+
+_FA4 = mosaic_bwd.MosaicBwdTuning(fused=True, fused_order="fa4")
+
+
+@pytest.mark.skipif(jax.__version_info__ < (0, 11), reason="the fused backward needs jax >= 0.11")
+@pytest.mark.parametrize("case", [(32760, 32760, 1, 128), *[c for c in CASES if c[3] == 128]])
+def test_fa4_order_keeps_a_wgmma_queued_behind_each_wait(monkeypatch, case):
+    # MosaicBwdTuning(fused_order="fa4"), one loop step in text order: S^T and dP^T committed, wait 1
+    # (S^T; exp2 under dP^T), dV committed, wait 1 (dP^T; dV runs under dS^T's store), the barrier of
+    # both warpgroups' dS^T halves, dQ and dK committed, wait 2 (dV: release dO), wait 1 (dQ, whose
+    # TMA reduce-add runs under dK), wait 0 (dK); after the loop, the dK and dV reads. The deferred
+    # order's dQ of the last step (after the loop) is gone: one dQ per step, each reduced in the step.
+    tables, q, kv, rows = _setup(*case)
+    backward = lambda *a: mosaic_bwd.mosaic_backward(*a, tables=tables, scale=0.1, tuning=_FA4)
+    (module,) = _mosaic_modules(monkeypatch, backward, q, kv, kv, q, rows, q, rows)
+    assert _wgmma_waits(module) == [(1, 2), (1, 1), (2, 2), (1, 0), (0, 0), (0, 0), (0, 0)]
+    syncs = [m for m in _WGMMA_SYNC.finditer(module) if m.group(1) is not None]
+    under_dp, dq_issue, under_dk = (module[a.end():b.start()] for a, b in [syncs[0:2], syncs[1:3], syncs[3:5]])
+    assert under_dp.count("ex2.approx") == 32 and "ex2.approx" not in module[syncs[1].end():]
+    assert _SMEM_STORE.search(dq_issue) and "mbarrier.try_wait" in dq_issue  # dS^T stored, then the rendezvous
+    assert module.count("cp.reduce.async.bulk") == 1 and "cp.reduce.async.bulk" in under_dk
+
+
+def test_fused_order_is_checked_with_the_fix():
+    tables, q, kv, rows = _setup(*CASES[0])
+    refused = [({"fused_order": "fa4"}, "set fused=True"), ({"fused": True, "fused_order": "fa3"}, "choose one of")]
+    for fields, message in refused:
+        tuning = mosaic_bwd.MosaicBwdTuning(**fields)
+        with pytest.raises(ValueError, match=message):
+            jax.eval_shape(lambda *a: mosaic_bwd.mosaic_backward(*a, tables=tables, scale=0.1, tuning=tuning),
+                           q, kv, kv, q, rows, q, rows)  # fmt: skip
 
 
 @pytest.mark.skipif(jax.__version_info__ >= (0, 11), reason="jax >= 0.11 runs the fused backward")
