@@ -13,6 +13,11 @@ move one register write:
   p_before_fence   P written between the S issue and P V's fence (legal: the fence orders it)
   rescale_between  O *= alpha between the S issue and P V's fence (MosaicTuning.overlap_early_rescale)
   o_in_flight      one of O's registers written while P V runs
+and one backward step (MosaicBwdTuning(fused_order="fa4"), its lowered wgmma order at n = 64):
+  bwd_fa4_step     issue S^T, dP^T (SS); wait_group 1; ex2 on S^T, P^T cast; issue dV (RS, P^T);
+                   wait_group 1; dS^T from dP^T and P^T, cast, stored to shared memory, bar.sync;
+                   dQ's accumulator zeroed (dV in flight); issue dQ (SS), dK (RS, dS^T); wait_group 2;
+                   wait_group 1; dQ stored to shared memory (dK in flight); wait_group 0
 Runs ptxas -arch=sm_90a -v on each (ptxas is a host program: no GPU needed) and prints and writes
 its C75xx messages as JSON. --emit writes the PTX files.
 
@@ -33,13 +38,15 @@ import sys
 import tempfile
 
 N = 64  # the wgmmas' n: N // 2 f32 accumulator registers per thread
-PATTERNS = ("cast_in_flight", "cast_after_wait", "p_before_fence", "rescale_between", "o_in_flight")
+PATTERNS = ("cast_in_flight", "cast_after_wait", "p_before_fence", "rescale_between", "o_in_flight", "bwd_fa4_step")
 
 
 def ptx(pattern: str) -> str:
     """Returns the PTX module of one pattern (see the module docstring)."""
     if pattern not in PATTERNS:
         raise ValueError(f"pattern {pattern!r} is not one of {PATTERNS}")
+    if pattern == "bwd_fa4_step":
+        return _fa4_backward_ptx()
     acc = N // 2
     s, o, p = [f"%s{i}" for i in range(acc)], [f"%o{i}" for i in range(acc)], [f"%p{i}" for i in range(4)]
     shape = f"wgmma.mma_async.sync.aligned.m64n{N}k16.f32.bf16.bf16"
@@ -65,6 +72,38 @@ def ptx(pattern: str) -> str:
     lines += [f"mov.f32 {r}, 0f00000000;" for r in o] + [f"mov.b32 {r}, 0;" for r in p] + ["LOOP:"] + body
     lines += ["add.u32 %i, %i, 1;", "setp.lt.u32 %more, %i, %n;", "@%more bra LOOP;"]
     lines += [f"st.global.f32 [%out+{4 * i}], {r};" for i, r in enumerate(o)] + ["ret;", "}"]
+    return "\n".join(lines) + "\n"
+
+
+def _fa4_backward_ptx() -> str:
+    """Returns the PTX module of the bwd_fa4_step pattern (see the module docstring): dV and dK accumulate
+    across the loop; P^T and dS^T (four registers each) are fresh values each step, as in the kernel."""
+    acc = N // 2
+    regs = lambda name, count: [f"%{name}{i}" for i in range(count)]
+    s, dp, dv, dk, dq = (regs(name, acc) for name in "stvkq")
+    p, ds = regs("p", 4), regs("d", 4)
+    shape = f"wgmma.mma_async.sync.aligned.m64n{N}k16.f32.bf16.bf16"
+    commit, fence = "wgmma.commit_group.sync.aligned;", "wgmma.fence.sync.aligned;"
+    ss = lambda c: [f"{shape} {{{','.join(c)}}}, %da, %db, 1, 1, 1, 0, 0;", commit]
+    rs = lambda c, a: [f"{shape} {{{','.join(c)}}}, {{{','.join(a)}}}, %db, 1, 1, 1, 0;", commit]
+    wait = lambda n: f"wgmma.wait_group.sync.aligned {n};"
+    cast = lambda dst, src: [f"cvt.rn.bf16x2.f32 {dst[i]}, {src[2 * i]}, {src[2 * i + 1]};" for i in range(4)]
+    body = [f"mov.f32 {r}, 0f00000000;" for r in s + dp] + [fence] + ss(s) + ss(dp) + [wait(1)]
+    body += [f"ex2.approx.f32 {r}, {r};" for r in s] + cast(p, s) + [fence] + rs(dv, p) + [wait(1)]
+    body += [f"sub.f32 {r}, {r}, %delta;" for r in dp] + [f"mul.f32 {a}, {a}, {b};" for a, b in zip(dp, s)]
+    body += cast(ds, dp) + [f"st.shared.b32 [%sm+{4 * i}], {r};" for i, r in enumerate(ds)] + ["bar.sync 1, 128;"]
+    body += [f"mov.f32 {r}, 0f00000000;" for r in dq] + [fence] + ss(dq) + rs(dk, ds) + [wait(2), wait(1)]
+    body += [f"st.shared.f32 [%sm+{16 + 4 * i}], {r};" for i, r in enumerate(dq)] + [wait(0)]
+    lines = [".version 8.0", ".target sm_90a", ".address_size 64",
+             ".visible .entry fa4_backward_step(.param .u64 pa, .param .u64 pb, .param .u32 pn, .param .u64 pout)",
+             "{", f".reg .f32 %s<{acc}>, %t<{acc}>, %v<{acc}>, %k<{acc}>, %q<{acc}>, %delta;",
+             ".reg .b32 %p<4>, %d<4>, %n, %i, %sm;", ".reg .b64 %da, %db, %out;", ".reg .pred %more;",
+             ".shared .align 16 .b8 tile[256];", "mov.u32 %sm, tile;", "ld.param.u64 %da, [pa];",
+             "ld.param.u64 %db, [pb];", "ld.param.u32 %n, [pn];", "ld.param.u64 %out, [pout];",
+             "ld.global.f32 %delta, [%out];", "mov.u32 %i, 0;"]  # fmt: skip
+    lines += [f"mov.f32 {r}, 0f00000000;" for r in dv + dk] + ["LOOP:"] + body
+    lines += ["add.u32 %i, %i, 1;", "setp.lt.u32 %more, %i, %n;", "@%more bra LOOP;"]
+    lines += [f"st.global.f32 [%out+{4 * i}], {r};" for i, r in enumerate(dv + dk)] + ["ret;", "}"]
     return "\n".join(lines) + "\n"
 
 

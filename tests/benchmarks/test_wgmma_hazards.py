@@ -51,6 +51,20 @@ def test_ptxas_serializes_only_the_writes_into_a_wgmma_in_flight(tmp_path):
     assert codes["cast_in_flight"] == ["C7513"] and codes["o_in_flight"] == ["C7515"]
     assert codes["cast_after_wait"] == [] and codes["p_before_fence"] == []
     assert codes["rescale_between"] == ["C7517"]  # ptxas 13.0 waits for S before O's multiply
+    assert codes["bwd_fa4_step"] == []  # dQ zeroed and dS^T cast while dV runs, dQ stored while dK runs
+
+
+def test_the_fa4_backward_step_commits_and_waits_as_the_lowered_kernel_does():
+    # The sequence test_mosaic_lowering.py reads from MosaicBwdTuning(fused_order="fa4")'s loop:
+    # S^T and dP^T, wait 1, dV, wait 1, dQ and dK, wait 2, wait 1, wait 0; P^T cast before dV's fence,
+    # dQ's zeros after dV's issue, dQ's store after the wait 1 that retires it.
+    body = _loop_body(load_benchmark("wgmma_hazards").ptx("bwd_fa4_step"))
+    syncs = [line.split()[-1].rstrip(";") for line in body if line.startswith(("wgmma.commit", "wgmma.wait"))]
+    assert syncs == ["wgmma.commit_group.sync.aligned"] * 2 + ["1", "wgmma.commit_group.sync.aligned", "1"] + \
+        ["wgmma.commit_group.sync.aligned"] * 2 + ["2", "1", "0"]
+    dv_issue = next(i for i, line in enumerate(body) if "{%p0" in line)
+    assert _first(body, "cvt.rn.bf16x2.f32 %p") < dv_issue < _first(body, "mov.f32 %q")
+    assert _first(body, "st.shared.f32") > body.index("wgmma.wait_group.sync.aligned 2;")
 
 
 def _llc_with_nvptx():
