@@ -1,0 +1,153 @@
+"""Hardware counters of the Mosaic kernels of one or more designs, read by Nsight Compute on a GPU.
+
+    python benchmarks/ncu_report.py [--variants default_bwd,fused_bwd] [--shape 1.3b-480p-81f]
+                                    [--out DIR] [--dry-run]
+
+Each design (a name ptxas_report.py knows: `default`, `default_bwd`, attention.py's forward and
+backward variants) runs once, zeros in bf16, in a child process under `ncu --clock-control none`
+(the card's own clocks, as every timing here), which profiles the Mosaic kernels only. What is
+read per kernel: its duration and SM clock, how busy the tensor pipe was (the wgmma's), the shared
+memory pipe and its bank conflicts, L2 reductions (the fused backward's dQ), DRAM and the issue
+slots, and why warps stalled (per active warp: barrier, long/short scoreboard, MIO throttle, math
+pipe throttle, wait...). Metric names differ between Nsight Compute versions, so the wish list is
+first checked against `ncu --query-metrics`, and a metric this ncu lacks is reported as missing
+rather than failing the run. Writes DIR/report.json: {command, date, shape, ncu (its version), missing_metrics,
+designs: {name: {status, kernels: [{name, grid, block, metrics}]}}} and the raw CSV per design.
+"""
+
+import argparse
+import csv
+import datetime
+import io
+import json
+import os
+import subprocess
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # benchmarks/ is no package
+import ptxas_report  # noqa: E402
+
+RUN_TIMEOUT_S = 400  # compile, then each kernel replayed once per metric pass
+STALLS = ("barrier", "long_scoreboard", "short_scoreboard", "mio_throttle", "math_pipe_throttle", "wait",
+          "membar", "sleeping", "branch_resolving", "dispatch_stall", "lg_throttle", "no_instruction",
+          "selected", "not_selected", "tex_throttle", "drain")  # fmt: skip
+WISHED = (
+    "gpu__time_duration.sum",
+    "sm__cycles_elapsed.avg.per_second",
+    "sm__pipe_tensor_op_gmma_cycles_active.avg.pct_of_peak_sustained_active",
+    "sm__pipe_tensor_cycles_active.avg.pct_of_peak_sustained_active",
+    "sm__inst_executed_pipe_tensor_op_gmma.sum",
+    "smsp__issue_active.avg.pct_of_peak_sustained_active",
+    "l1tex__data_pipe_lsu_wavefronts_mem_shared.sum.pct_of_peak_sustained_elapsed",
+    "l1tex__data_bank_conflicts_pipe_lsu_mem_shared.sum",
+    "lts__t_sectors_op_red.sum",
+    "lts__t_sector_hit_rate.pct",
+    "dram__throughput.avg.pct_of_peak_sustained_elapsed",
+    *(f"smsp__warp_issue_stalled_{s}_per_warp_active.pct" for s in STALLS),
+)
+
+
+def available(wished, query_output: str) -> tuple[list[str], list[str]]:
+    """Splits `wished` into (metrics this ncu knows, missing ones), by base name: `ncu --query-metrics`
+    lists each metric once without its rollup (.sum, .avg.pct_of_...) or ratio (.pct) suffix."""
+    known = {line.split()[0] for line in query_output.splitlines() if line.strip()}
+    have = [m for m in wished if m.split(".")[0] in known]
+    return have, [m for m in wished if m not in have]
+
+
+def parse_csv(text: str) -> list[dict]:
+    """Returns one dict per profiled kernel launch ({name, grid, block, metrics}) of `ncu --csv` output;
+    lines before the CSV header (ncu's ==PROF== notes, the program's own output) are skipped."""
+    lines = text.splitlines()
+    start = next((i for i, line in enumerate(lines) if line.startswith('"ID"')), None)
+    if start is None:
+        return []
+    kernels = {}
+    for row in csv.DictReader(io.StringIO("\n".join(lines[start:]))):
+        if not row.get("ID", "").isdigit():
+            continue
+        kernel = kernels.setdefault(row["ID"], {"name": row["Kernel Name"], "grid": row["Grid Size"],
+                                                "block": row["Block Size"], "metrics": {}})  # fmt: skip
+        value = row["Metric Value"].replace(",", "")
+        try:
+            kernel["metrics"][row["Metric Name"]] = float(value)
+        except ValueError:
+            kernel["metrics"][row["Metric Name"]] = value
+    return [kernels[i] for i in sorted(kernels, key=int)]
+
+
+def ncu_command(ncu: str, metrics: list[str], name: str, shape: str) -> list[str]:
+    """The ncu command line that profiles design `name`'s Mosaic kernels at `shape`."""
+    child = [sys.executable, os.path.abspath(ptxas_report.__file__), "--compile", name, "--shape", shape]
+    return [ncu, "--clock-control", "none", "--kernel-name", "regex:mosaic", "--csv",
+            "--metrics", ",".join(metrics), *child]  # fmt: skip
+
+
+def summary_line(kernel: dict) -> str:
+    """One line per kernel: duration, clock, tensor pipe, shared-memory pipe and the top three stalls."""
+    m = kernel["metrics"]
+    tensor = m.get("sm__pipe_tensor_op_gmma_cycles_active.avg.pct_of_peak_sustained_active",
+                   m.get("sm__pipe_tensor_cycles_active.avg.pct_of_peak_sustained_active"))  # fmt: skip
+    stalls = sorted(((v, k.split("stalled_")[1].split("_per_warp")[0]) for k, v in m.items()
+                     if "stalled_" in k and isinstance(v, float)), reverse=True)[:3]  # fmt: skip
+    duration = m.get("gpu__time_duration.sum")
+    return (f"{kernel['grid']}: {duration} ns, tensor pipe {tensor}%, smem pipe "
+            f"{m.get('l1tex__data_pipe_lsu_wavefronts_mem_shared.sum.pct_of_peak_sustained_elapsed')}%, "
+            f"stalls {', '.join(f'{name} {v:.1f}%' for v, name in stalls)}")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--variants", default="default_bwd,fused_bwd",
+                        help=f"comma list of {list(ptxas_report.designs())} (default %(default)s)")  # fmt: skip
+    parser.add_argument("--shape", default="1.3b-480p-81f", help="a shape of benchmarks/attention.py")
+    parser.add_argument("--ncu", default="ncu", help="the Nsight Compute command (default %(default)s)")
+    parser.add_argument("--out", default="ncu-report", help="directory for report.json and <name>.csv")
+    parser.add_argument("--dry-run", action="store_true", help="print the plan, run nothing")
+    args = parser.parse_args(argv)
+    names = [n for n in args.variants.split(",") if n]
+    unknown = [n for n in names if n not in ptxas_report.designs()]
+    if unknown:
+        parser.error(f"unknown variants {unknown}; choose from {list(ptxas_report.designs())}")
+    if args.shape not in ptxas_report.attention.SHAPES:
+        parser.error(f"--shape {args.shape} is not one of {list(ptxas_report.attention.SHAPES)}")
+    if args.dry_run:
+        for name in names:
+            print(f"{name}: {' '.join(ncu_command(args.ncu, list(WISHED), name, args.shape))}")
+        return None
+    try:
+        query = subprocess.run([args.ncu, "--query-metrics", "--chip", "gh100"], capture_output=True, text=True,
+                               timeout=120, check=True)  # fmt: skip
+    except (OSError, subprocess.SubprocessError) as error:
+        sys.exit(f"ncu_report: cannot run `{args.ncu} --query-metrics` ({error}); pass --ncu PATH")
+    version = subprocess.run([args.ncu, "--version"], capture_output=True, text=True, timeout=60).stdout
+    metrics, missing = available(WISHED, query.stdout)
+    print(f"{len(metrics)} metrics; missing from this ncu: {missing or 'none'}", flush=True)
+    os.makedirs(args.out, exist_ok=True)
+    env = {**os.environ, "XLA_PYTHON_CLIENT_PREALLOCATE": "false"}
+    report = {}
+    for name in names:
+        try:
+            run = subprocess.run(ncu_command(args.ncu, metrics, name, args.shape), env=env, stdout=subprocess.PIPE,
+                                 stderr=subprocess.STDOUT, text=True, timeout=RUN_TIMEOUT_S)  # fmt: skip
+            text, status = run.stdout, run.returncode
+        except subprocess.TimeoutExpired as timeout:
+            text, status = ptxas_report._text(timeout.stdout), "timeout"
+        with open(os.path.join(args.out, f"{name}.csv"), "w") as f:
+            f.write(text)
+        kernels = parse_csv(text)
+        report[name] = {"status": status, "kernels": kernels}
+        print(f"{name}: status {status}, {len(kernels)} Mosaic kernels", flush=True)
+        for kernel in kernels:
+            print("   ", summary_line(kernel), flush=True)
+        if status != 0 or not kernels:
+            print("    output tail:", text[-1500:], flush=True)
+    with open(os.path.join(args.out, "report.json"), "w") as f:
+        json.dump({"command": " ".join(sys.argv), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+                   "shape": args.shape, "ncu": version.strip().splitlines()[-1:], "missing_metrics": missing,
+                   "designs": report}, f, indent=1)  # fmt: skip
+    return report
+
+
+if __name__ == "__main__":
+    main()
