@@ -68,6 +68,10 @@ def backward_variants() -> dict[str, KernelTuning]:
     """{case name: KernelTuning} of the Mosaic backward designs --variants can time beside the default."""
     return {"fused_bwd": KernelTuning(mosaic_bwd=MosaicBwdTuning(fused=True)),
             "fused_fa4_bwd": KernelTuning(mosaic_bwd=MosaicBwdTuning(fused=True, fused_order="fa4")),
+            "fused_fa4_regs240_bwd": KernelTuning(mosaic_bwd=MosaicBwdTuning(fused=True, fused_order="fa4",
+                                                                             memory_registers=24)),
+            "fused_regs240_bwd": KernelTuning(mosaic_bwd=MosaicBwdTuning(fused=True, memory_registers=24)),
+            "regs240_bwd": KernelTuning(mosaic_bwd=MosaicBwdTuning(memory_registers=24)),
             "dq_tile_128_bwd": KernelTuning(mosaic_bwd=MosaicBwdTuning(block_kv_dq=128)),
             "stages_3_bwd": KernelTuning(mosaic_bwd=MosaicBwdTuning(max_concurrent_steps=3))}
 

@@ -78,6 +78,10 @@ class MosaicBwdTuning:
     # dQ and dK issued together and dQ stored while dK runs: the tensor cores always have queued
     # work, at the price of a barrier of both warpgroups every step (lockstep, as FA4 runs).
     fused_order: str = "deferred_dq"
+    # Registers per thread left to the memory warpgroup (TMA issue only); the two compute
+    # warpgroups share the rest of the 512 (40 -> 232 each, 24 -> 240, FA4's split). ptxas spills
+    # in the fused kernel at 232 (204-212 bytes on the H200, benchmarks/NOTES.md session 6).
+    memory_registers: int = 40
 
 
 @dataclasses.dataclass(frozen=True)

@@ -163,7 +163,7 @@ def dq_kernel(q, k, v, d_out, lse2, delta, *, tables: BlockTables, scale: float,
                                transforms=[tiling, swizzle])
         pipeline = plgpu.emit_pipeline_warp_specialized(
             step, grid=(counts_ref[q_tile] * r_dq,), max_concurrent_steps=t.max_concurrent_steps,
-            num_compute_wgs=COMPUTE_WGS, memory_registers=40, wg_axis="wg",
+            num_compute_wgs=COMPUTE_WGS, memory_registers=t.memory_registers, wg_axis="wg",
             manual_consumed_barriers=True, compute_context=compute_thread, in_specs=[spec, spec])
         pipeline(k_ref.at[b, :, head, :], v_ref.at[b, :, head, :])
 
@@ -254,7 +254,7 @@ def dkv_kernel(q, k, v, d_out, lse2, delta, *, tables: BlockTables, scale: float
             return dk_acc, dv_acc
 
         _query_tile_pipeline(step, compute_thread, (q_ref, do_ref, lse_ref, delta_ref), ids_ref, counts_ref,
-                             (b, head, kv_block), block_q, t.max_concurrent_steps)
+                             (b, head, kv_block), block_q, t.max_concurrent_steps, t.memory_registers)
 
     kv_scratch = plgpu.SMEM((COMPUTE_WGS, t.block_kv_dkv, head_dim), dtype, transforms=(tiling, swizzle))
     dk, dv = plgpu.kernel(
@@ -273,11 +273,13 @@ def _tile_of_step(ids_ref, row, i, r):
     return ids_ref[row, i // r] * r + lax.rem(i, jnp.int32(r))
 
 
-def _query_tile_pipeline(step, compute_thread, refs, ids_ref, counts_ref, where, block_q: int, stages: int):
+def _query_tile_pipeline(step, compute_thread, refs, ids_ref, counts_ref, where, block_q: int, stages: int,
+                         memory_registers: int):
     """Runs the dk/dv-side pipeline: q, dO ([block_q, D]) and lse2, delta ([block_q]) tiles of the
     query blocks that see key block `kv_block` (the transposed table), in `stages` buffers.
 
-    refs: (q, dO, lse2, delta) GMEM refs; where: (batch, head, kv_block) of this CTA.
+    refs: (q, dO, lse2, delta) GMEM refs; where: (batch, head, kv_block) of this CTA;
+    memory_registers: the memory warpgroup's registers per thread (MosaicBwdTuning).
     """
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
@@ -290,7 +292,7 @@ def _query_tile_pipeline(step, compute_thread, refs, ids_ref, counts_ref, where,
     row_spec = plgpu.BlockSpec(block_shape=(block_q,), index_map=lambda i: (tile(i),))
     pipeline = plgpu.emit_pipeline_warp_specialized(
         step, grid=(counts_ref[kv_block] * r,), max_concurrent_steps=stages, num_compute_wgs=COMPUTE_WGS,
-        memory_registers=40, wg_axis="wg", manual_consumed_barriers=True, compute_context=compute_thread,
+        memory_registers=memory_registers, wg_axis="wg", manual_consumed_barriers=True, compute_context=compute_thread,
         in_specs=[seq_spec, seq_spec, row_spec, row_spec])
     pipeline(q_ref.at[b, :, head, :], do_ref.at[b, :, head, :], lse_ref.at[b, head, :], delta_ref.at[b, head, :])
 
@@ -471,7 +473,8 @@ def fused_kernel(q, k, v, d_out, lse2, delta, *, tables: BlockTables, scale: flo
 
         q_tile = lambda i: _tile_of_step(ids_ref, kv_block, i, r)
         _query_tile_pipeline(step_fa4 if fa4 else step, compute_thread, (q_ref, do_ref, lse_ref, delta_ref),
-                             ids_ref, counts_ref, (b, head, kv_block), block_q, tuning.max_concurrent_steps)
+                             ids_ref, counts_ref, (b, head, kv_block), block_q, tuning.max_concurrent_steps,
+                             tuning.memory_registers)
 
     smem = (
         plgpu.SMEM((COMPUTE_WGS * block_kv, head_dim), dtype, transforms=(tiling, swizzle)),  # K, both halves
