@@ -77,6 +77,9 @@ class MosaicBwdTuning:
     # sm90 backward): S^T and dP^T issued together (exp2 under dP^T), dV under dS^T's store, then
     # dQ and dK issued together and dQ stored while dK runs: the tensor cores always have queued
     # work, at the price of a barrier of both warpgroups every step (lockstep, as FA4 runs).
+    # "fa4_late_dv": the same with dV issued after dS^T's store, where FA4 issues it ("fa4" issues
+    # it before dP^T's wait): 16 fewer live registers through dS^T's arithmetic, since "fa4" spills
+    # (ptxas, H200) and the spill reloads stall the wgmma issues (ncu, benchmarks/NOTES.md session 6).
     fused_order: str = "deferred_dq"
     # Registers per thread left to the memory warpgroup (TMA issue only); the two compute
     # warpgroups share the rest of the 512 (40 -> 232 each, 24 -> 240, FA4's split). ptxas spills

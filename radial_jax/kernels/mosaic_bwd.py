@@ -34,7 +34,7 @@ from jax import lax
 from radial_jax.kernels.common import COMPUTE_WGS, LOG2_E, MASK_BLOCK, MosaicBwdTuning, seq_multiple, unpad_seq
 from radial_jax.kernels.tables import BlockTables
 
-FUSED_ORDERS = ("deferred_dq", "fa4")  # MosaicBwdTuning.fused_order's choices
+FUSED_ORDERS = ("deferred_dq", "fa4", "fa4_late_dv")  # MosaicBwdTuning.fused_order's choices
 
 __all__ = ["FUSED_ORDERS", "MosaicBwdTuning", "dkv_kernel", "dq_kernel", "fused_kernel", "mosaic_backward",
            "row_statistics"]
@@ -309,7 +309,8 @@ def fused_kernel(q, k, v, d_out, lse2, delta, *, tables: BlockTables, scale: flo
     r = MASK_BLOCK // block_q
     padded = tables.num_q_blocks * MASK_BLOCK
     qk_scale = scale * LOG2_E
-    fa4 = tuning.fused_order == "fa4"
+    fa4 = tuning.fused_order in ("fa4", "fa4_late_dv")
+    late_dv = tuning.fused_order == "fa4_late_dv"
 
     tiling, swizzle = _smem_transforms(dtype)
     f32_tiling = plgpu.TilingTransform((8, 32))
@@ -426,8 +427,9 @@ def fused_kernel(q, k, v, d_out, lse2, delta, *, tables: BlockTables, scale: flo
                      delta_consumed, carry):
             # FlashAttention-4's sm90 order: each wait retires one wgmma with another queued behind
             # it, so the tensor cores have work through the exp2 (dP^T), dS^T's store (dV) and dQ's
-            # store (dK). One deviation: dV is issued before dP^T is waited for, as in dkv_kernel,
-            # not after dS^T's store, so it also runs under dS^T's arithmetic.
+            # store (dK). One deviation in "fa4": dV is issued before dP^T is waited for, as in
+            # dkv_kernel, not after dS^T's store, so it also runs under dS^T's arithmetic;
+            # "fa4_late_dv" issues it where FA4 does.
             # dS^T slot i % 2 is free when this warpgroup writes it: its last readers were both dQs of
             # step i - 2; this warpgroup's retired in that step, and the other warpgroup's retired
             # before it arrived at ds_ready of step i - 1, which this one passed. The dQ staging slots
@@ -446,6 +448,8 @@ def fused_kernel(q, k, v, d_out, lse2, delta, *, tables: BlockTables, scale: flo
                 lse = _load(lse_smem, layout=col)
                 plgpu.barrier_arrive(lse_consumed)
                 p_t = jnp.exp2(s_t * qk_scale - bcast_col(lse, s_t.shape))
+                if late_dv:
+                    return p_t, plgpu.wgmma_accumulator_load(dp_acc, wait_n=0)
                 plgpu.wgmma(dv_acc, p_t.astype(dtype), do_smem)
                 return p_t, plgpu.wgmma_accumulator_load(dp_acc, wait_n=1)  # dP^T; dV may still run
 
@@ -456,6 +460,8 @@ def fused_kernel(q, k, v, d_out, lse2, delta, *, tables: BlockTables, scale: flo
             ds_t = (p_t * (dp_t - bcast_col(delta, dp_t.shape))).astype(dtype)
             ds_smem.at[slot, own][...] = ds_t
             plgpu.commit_smem()
+            if late_dv:  # FA4's own place: P^T's bf16 registers are not live through dS^T's arithmetic
+                plgpu.wgmma(dv_acc, p_t.astype(dtype), do_smem)
             plgpu.barrier_arrive(ds_ready.at[slot])
 
             def compute_dq_issue_dk(dq_acc):

@@ -305,3 +305,21 @@ def test_only_lengths_off_the_tma_tiling_are_padded(lengths):
     q_off, kv_off = q_len % 8 != 0, kv_len % 8 != 0
     assert _sequence_copies(fwd) == 2 * q_off + 2 * kv_off  # q and out; k and v
     assert _sequence_copies(bwd) == 3 * q_off + 4 * kv_off  # q, dO and dq; k, v, dk and dv
+
+
+@pytest.mark.skipif(jax.__version_info__ < (0, 11), reason="the fused backward needs jax >= 0.11")
+@pytest.mark.parametrize("case", [(32760, 32760, 1, 128), *[c for c in CASES if c[3] == 128]])
+def test_fa4_late_dv_issues_dv_after_the_ds_store(monkeypatch, case):
+    # fused_order="fa4_late_dv": S^T and dP^T committed, wait 1 (S^T; exp2 under dP^T), wait 0 (dP^T;
+    # nothing queued through dS^T's arithmetic), dS^T stored, then dV committed before the rendezvous,
+    # dQ and dK committed, wait 2 (dV), wait 1 (dQ; its reduce under dK), wait 0 (dK).
+    tables, q, kv, rows = _setup(*case)
+    tuning = mosaic_bwd.MosaicBwdTuning(fused=True, fused_order="fa4_late_dv")
+    backward = lambda *a: mosaic_bwd.mosaic_backward(*a, tables=tables, scale=0.1, tuning=tuning)
+    (module,) = _mosaic_modules(monkeypatch, backward, q, kv, kv, q, rows, q, rows)
+    assert _wgmma_waits(module) == [(1, 2), (0, 0), (2, 3), (1, 0), (0, 0), (0, 0), (0, 0)]
+    syncs = [m for m in _WGMMA_SYNC.finditer(module) if m.group(1) is not None]
+    after_dp = module[syncs[1].end():syncs[2].start()]
+    store, rendezvous = _SMEM_STORE.search(after_dp), after_dp.find("mbarrier.try_wait")
+    assert store and 0 <= store.start() < rendezvous  # dS^T stored before the rendezvous
+    assert "cp.reduce.async.bulk" in module[syncs[3].end():syncs[4].start()]
