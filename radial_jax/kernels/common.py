@@ -85,6 +85,10 @@ class MosaicBwdTuning:
     # warpgroups share the rest of the 512 (40 -> 232 each, 24 -> 240, FA4's split). ptxas spills
     # in the fused kernel at 232 (204-212 bytes on the H200, benchmarks/NOTES.md session 6).
     memory_registers: int = 40
+    # With fused_order="fa4_late_dv": S^T's and dP^T's accumulators start at -lse2/scale and -delta
+    # (per query column) instead of zero, so the exp2 and dS^T need no registers for the stats: in
+    # the transposed S^T layout each of them takes 16 per thread (64 query columns, 4 per lane).
+    stats_in_acc: bool = False
 
 
 @dataclasses.dataclass(frozen=True)

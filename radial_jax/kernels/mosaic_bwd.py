@@ -311,6 +311,10 @@ def fused_kernel(q, k, v, d_out, lse2, delta, *, tables: BlockTables, scale: flo
     qk_scale = scale * LOG2_E
     fa4 = tuning.fused_order in ("fa4", "fa4_late_dv")
     late_dv = tuning.fused_order == "fa4_late_dv"
+    stats_in_acc = tuning.stats_in_acc
+    if stats_in_acc and not late_dv:
+        raise ValueError("stats_in_acc starts the fa4_late_dv step's accumulators at the row statistics: "
+                         "set fused=True, fused_order='fa4_late_dv' too")
 
     tiling, swizzle = _smem_transforms(dtype)
     f32_tiling = plgpu.TilingTransform((8, 32))
@@ -453,11 +457,32 @@ def fused_kernel(q, k, v, d_out, lse2, delta, *, tables: BlockTables, scale: flo
                 plgpu.wgmma(dv_acc, p_t.astype(dtype), do_smem)
                 return p_t, plgpu.wgmma_accumulator_load(dp_acc, wait_n=1)  # dP^T; dV may still run
 
-            acc_t = plgpu.ACC((block_kv, block_q), jnp.float32)
-            p_t, dp_t = pl.run_scoped(compute_p_and_dp_issue_dv, acc_t, acc_t)
-            delta = _load(delta_smem, layout=col)
-            plgpu.barrier_arrive(delta_consumed)
-            ds_t = (p_t * (dp_t - bcast_col(delta, dp_t.shape))).astype(dtype)
+            def compute_p_and_dp_from_stats(refs):
+                # The accumulators start at -lse2 / qk_scale and -delta (per query column), so S^T
+                # comes out shifted by the row's lse and dP^T minus delta: the stats take no
+                # registers of their own while the exp2 and dS^T are formed (FA4 shuffles them in
+                # from a few registers instead; Pallas has no shuffle).
+                s_acc, dp_acc, p_ref = refs
+                plgpu.wgmma(s_acc, k_own, q_smem.transpose((1, 0)))
+                plgpu.wgmma(dp_acc, v_own, do_smem.transpose((1, 0)))
+                p_ref[...] = jnp.exp2(plgpu.wgmma_accumulator_load(s_acc, wait_n=1) * qk_scale)  # under dP^T
+
+            shape_t = (block_kv, block_q)
+            if stats_in_acc:  # late_dv only: run_state ends with a wait for every wgmma in flight
+                lse = _load(lse_smem, layout=col)
+                plgpu.barrier_arrive(lse_consumed)
+                delta = _load(delta_smem, layout=col)
+                plgpu.barrier_arrive(delta_consumed)
+                inits = (plgpu.ACC.init(bcast_col(lse * (-1.0 / qk_scale), shape_t)),
+                         plgpu.ACC.init(bcast_col(-delta, shape_t)), jnp.zeros(shape_t, jnp.float32))
+                _, dp_minus_delta, p_t = pl.run_state(compute_p_and_dp_from_stats)(inits)
+            else:
+                acc_t = plgpu.ACC(shape_t, jnp.float32)
+                p_t, dp_t = pl.run_scoped(compute_p_and_dp_issue_dv, acc_t, acc_t)
+                delta = _load(delta_smem, layout=col)
+                plgpu.barrier_arrive(delta_consumed)
+                dp_minus_delta = dp_t - bcast_col(delta, dp_t.shape)
+            ds_t = (p_t * dp_minus_delta).astype(dtype)
             ds_smem.at[slot, own][...] = ds_t
             plgpu.commit_smem()
             if late_dv:  # FA4's own place: P^T's bf16 registers are not live through dS^T's arithmetic

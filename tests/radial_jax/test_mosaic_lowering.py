@@ -265,7 +265,8 @@ def test_fa4_order_keeps_a_wgmma_queued_behind_each_wait(monkeypatch, case):
 
 def test_fused_order_is_checked_with_the_fix():
     tables, q, kv, rows = _setup(*CASES[0])
-    refused = [({"fused_order": "fa4"}, "set fused=True"), ({"fused": True, "fused_order": "fa3"}, "choose one of")]
+    refused = [({"fused_order": "fa4"}, "set fused=True"), ({"fused": True, "fused_order": "fa3"}, "choose one of"),
+               ({"fused": True, "fused_order": "fa4", "stats_in_acc": True}, "fused_order='fa4_late_dv'")]
     for fields, message in refused:
         tuning = mosaic_bwd.MosaicBwdTuning(**fields)
         with pytest.raises(ValueError, match=message):
@@ -309,12 +310,14 @@ def test_only_lengths_off_the_tma_tiling_are_padded(lengths):
 
 @pytest.mark.skipif(jax.__version_info__ < (0, 11), reason="the fused backward needs jax >= 0.11")
 @pytest.mark.parametrize("case", [(32760, 32760, 1, 128), *[c for c in CASES if c[3] == 128]])
-def test_fa4_late_dv_issues_dv_after_the_ds_store(monkeypatch, case):
+@pytest.mark.parametrize("stats_in_acc", [False, True], ids=["stats_in_registers", "stats_in_acc"])
+def test_fa4_late_dv_issues_dv_after_the_ds_store(monkeypatch, case, stats_in_acc):
     # fused_order="fa4_late_dv": S^T and dP^T committed, wait 1 (S^T; exp2 under dP^T), wait 0 (dP^T;
     # nothing queued through dS^T's arithmetic), dS^T stored, then dV committed before the rendezvous,
     # dQ and dK committed, wait 2 (dV), wait 1 (dQ; its reduce under dK), wait 0 (dK).
     tables, q, kv, rows = _setup(*case)
-    tuning = mosaic_bwd.MosaicBwdTuning(fused=True, fused_order="fa4_late_dv")
+    # stats_in_acc: the same waits (its run_state ends in the wait 0 that retires dP^T).
+    tuning = mosaic_bwd.MosaicBwdTuning(fused=True, fused_order="fa4_late_dv", stats_in_acc=stats_in_acc)
     backward = lambda *a: mosaic_bwd.mosaic_backward(*a, tables=tables, scale=0.1, tuning=tuning)
     (module,) = _mosaic_modules(monkeypatch, backward, q, kv, kv, q, rows, q, rows)
     assert _wgmma_waits(module) == [(1, 2), (0, 0), (2, 3), (1, 0), (0, 0), (0, 0), (0, 0)]
