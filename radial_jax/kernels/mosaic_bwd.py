@@ -53,6 +53,9 @@ def mosaic_backward(q, k, v, out, lse, d_out, d_lse, *, tables: BlockTables, sca
         raise ValueError(f"fused_order={tuning.fused_order!r}: choose one of {FUSED_ORDERS}")
     if tuning.fused_order != "deferred_dq" and not tuning.fused:
         raise ValueError(f"fused_order={tuning.fused_order!r} orders the fused kernel: set fused=True too")
+    if tuning.stats_in_acc and tuning.fused_order != "fa4_late_dv":
+        raise ValueError("stats_in_acc starts the fa4_late_dv step's accumulators at the row statistics: "
+                         "set fused=True, fused_order='fa4_late_dv' too")
     if tuning.fused and q.shape[-1] % (COMPUTE_WGS * 64) == 0:
         if jax.__version_info__ < (0, 11):  # 0.10 cannot pass the accumulator Ref through plgpu.kernel
             raise NotImplementedError(f"the fused Mosaic backward needs jax >= 0.11, not {jax.__version__}")
@@ -312,9 +315,6 @@ def fused_kernel(q, k, v, d_out, lse2, delta, *, tables: BlockTables, scale: flo
     fa4 = tuning.fused_order in ("fa4", "fa4_late_dv")
     late_dv = tuning.fused_order == "fa4_late_dv"
     stats_in_acc = tuning.stats_in_acc
-    if stats_in_acc and not late_dv:
-        raise ValueError("stats_in_acc starts the fa4_late_dv step's accumulators at the row statistics: "
-                         "set fused=True, fused_order='fa4_late_dv' too")
 
     tiling, swizzle = _smem_transforms(dtype)
     f32_tiling = plgpu.TilingTransform((8, 32))
