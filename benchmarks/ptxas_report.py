@@ -64,7 +64,9 @@ def summarize(stdout: str) -> dict:
 def _read(lines: list[str]) -> dict:
     """Registers (the most), spill bytes (the sum) and serialization (any) of ptxas's lines."""
     registers = [int(n) for line in lines for n in re.findall(r"Used (\d+) registers", line)]
-    spills = [int(n) for line in lines for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", line)]
+    # The function-properties line only: ptxas repeats the counts in a warning when it spills.
+    spills = [int(n) for line in lines if "bytes stack frame" in line
+              for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", line)]
     return {"registers": max(registers, default=None), "spill_bytes": sum(spills),
             "serialized": any("C7513" in line or "serialized" in line for line in lines),
             "injected_arrives": sum("C7519" in line for line in lines)}  # fmt: skip

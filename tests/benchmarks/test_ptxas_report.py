@@ -105,3 +105,13 @@ def test_a_backward_design_compiles_value_and_grad(name, backward, monkeypatch):
     monkeypatch.setattr(report.attention, "jax_case", fake_case)
     report.compile_one(name, "tiny")
     assert seen == [(backward, "mosaic", report.designs()[name])]
+
+
+def test_spills_are_counted_once_when_ptxas_also_warns():
+    # A spilling compile prints the counts twice: a warning and the function-properties line.
+    warned = OVERLAP_STDOUT.replace(
+        "ptxas info    : Function properties",
+        "ptxas warning : Registers are spilled to local memory in function 'kernel_mosaic_gpu_kernel', "
+        "8 bytes spill stores, 4 bytes spill loads\nptxas info    : Function properties")
+    summary = load_benchmark("ptxas_report").summarize(warned)
+    assert summary["spill_bytes"] == 12 and summary["kernels"][0]["spill_bytes"] == 12
