@@ -80,12 +80,15 @@ class MosaicBwdTuning:
     # "fa4_late_dv": the same with dV issued after dS^T's store, where FA4 issues it ("fa4" issues
     # it before dP^T's wait): 16 fewer live registers through dS^T's arithmetic, since "fa4" spills
     # (ptxas, H200) and the spill reloads stall the wgmma issues (ncu, benchmarks/NOTES.md session 6).
+    # "private_dq": as "fa4_late_dv", but each warpgroup reduce-adds dS_w K_w over its own 64 keys
+    # (two head-dim halves, twice the TMA reduce-adds) instead of meeting the other warpgroup for
+    # dS K over all 128: no rendezvous, so the warpgroups are not held in lockstep.
     fused_order: str = "deferred_dq"
     # Registers per thread left to the memory warpgroup (TMA issue only); the two compute
     # warpgroups share the rest of the 512 (40 -> 232 each, 24 -> 240, FA4's split). ptxas spills
     # in the fused kernel at 232 (204-212 bytes on the H200, benchmarks/NOTES.md session 6).
     memory_registers: int = 40
-    # With fused_order="fa4_late_dv": S^T's and dP^T's accumulators start at -lse2/scale and -delta
+    # With fused_order="fa4_late_dv" or "private_dq": S^T's and dP^T's accumulators start at -lse2/scale and -delta
     # (per query column) instead of zero, so the exp2 and dS^T need no registers for the stats: in
     # the transposed S^T layout each of them takes 16 per thread (64 query columns, 4 per lane).
     stats_in_acc: bool = False

@@ -34,7 +34,7 @@ from jax import lax
 from radial_jax.kernels.common import COMPUTE_WGS, LOG2_E, MASK_BLOCK, MosaicBwdTuning, seq_multiple, unpad_seq
 from radial_jax.kernels.tables import BlockTables
 
-FUSED_ORDERS = ("deferred_dq", "fa4", "fa4_late_dv")  # MosaicBwdTuning.fused_order's choices
+FUSED_ORDERS = ("deferred_dq", "fa4", "fa4_late_dv", "private_dq")  # MosaicBwdTuning.fused_order's choices
 
 __all__ = ["FUSED_ORDERS", "MosaicBwdTuning", "dkv_kernel", "dq_kernel", "fused_kernel", "mosaic_backward",
            "row_statistics"]
@@ -53,9 +53,9 @@ def mosaic_backward(q, k, v, out, lse, d_out, d_lse, *, tables: BlockTables, sca
         raise ValueError(f"fused_order={tuning.fused_order!r}: choose one of {FUSED_ORDERS}")
     if tuning.fused_order != "deferred_dq" and not tuning.fused:
         raise ValueError(f"fused_order={tuning.fused_order!r} orders the fused kernel: set fused=True too")
-    if tuning.stats_in_acc and tuning.fused_order != "fa4_late_dv":
-        raise ValueError("stats_in_acc starts the fa4_late_dv step's accumulators at the row statistics: "
-                         "set fused=True, fused_order='fa4_late_dv' too")
+    if tuning.stats_in_acc and tuning.fused_order not in ("fa4_late_dv", "private_dq"):
+        raise ValueError("stats_in_acc starts the late-dV fused steps' accumulators at the row statistics: "
+                         "set fused=True, fused_order='fa4_late_dv' (or 'private_dq') too")
     if tuning.fused and q.shape[-1] % (COMPUTE_WGS * 64) == 0:
         if jax.__version_info__ < (0, 11):  # 0.10 cannot pass the accumulator Ref through plgpu.kernel
             raise NotImplementedError(f"the fused Mosaic backward needs jax >= 0.11, not {jax.__version__}")
@@ -312,8 +312,9 @@ def fused_kernel(q, k, v, d_out, lse2, delta, *, tables: BlockTables, scale: flo
     r = MASK_BLOCK // block_q
     padded = tables.num_q_blocks * MASK_BLOCK
     qk_scale = scale * LOG2_E
-    fa4 = tuning.fused_order in ("fa4", "fa4_late_dv")
-    late_dv = tuning.fused_order == "fa4_late_dv"
+    fa4 = tuning.fused_order in ("fa4", "fa4_late_dv", "private_dq")
+    late_dv = tuning.fused_order in ("fa4_late_dv", "private_dq")
+    private_dq = tuning.fused_order == "private_dq"
     stats_in_acc = tuning.stats_in_acc
 
     tiling, swizzle = _smem_transforms(dtype)
@@ -331,13 +332,16 @@ def fused_kernel(q, k, v, d_out, lse2, delta, *, tables: BlockTables, scale: flo
         k_own, v_own, dq_smem = k_smem.at[own], v_smem2.at[wg], dq_smem2.at[wg]
         k_cols = k_smem.at[:, pl.ds(wg * d_half, d_half)]  # all 128 keys, this warpgroup's dQ columns
 
-        def add_dq(dq, i, predicate=None):
-            """Reduce-adds this warpgroup's dQ partial of step i into the f32 accumulator in GMEM."""
-            slot = lax.rem(i, jnp.int32(2))
-            plgpu.wait_smem_to_gmem(1, wait_read_only=True)  # this slot's copy of two steps ago
+        def add_dq(dq, i, predicate=None, *, half=None, slot=None):
+            """Reduce-adds this warpgroup's dQ partial of step i (head-dim half `half`, by default
+            the warpgroup's own) into the f32 accumulator in GMEM, staged in SMEM slot `slot`
+            (by default i % 2; each use of a slot waits for the TMA read of its use before last)."""
+            slot = lax.rem(i, jnp.int32(2)) if slot is None else slot
+            half = wg if half is None else half
+            plgpu.wait_smem_to_gmem(1, wait_read_only=True)  # this slot's copy of two uses ago
             dq_smem.at[slot][...] = dq
             plgpu.commit_smem()
-            dst = dq_acc_ref.at[b, head, pl.ds(q_tile(i) * block_q, block_q), pl.ds(wg * d_half, d_half)]
+            dst = dq_acc_ref.at[b, head, pl.ds(q_tile(i) * block_q, block_q), pl.ds(half * d_half, d_half)]
             plgpu.copy_smem_to_gmem(dq_smem.at[slot], dst, predicate, reduction_op="add")
 
         def compute_thread(pipeline):
@@ -487,6 +491,32 @@ def fused_kernel(q, k, v, d_out, lse2, delta, *, tables: BlockTables, scale: flo
             plgpu.commit_smem()
             if late_dv:  # FA4's own place: P^T's bf16 registers are not live through dS^T's arithmetic
                 plgpu.wgmma(dv_acc, p_t.astype(dtype), do_smem)
+            if private_dq:
+                # Each warpgroup adds its own keys' share of dQ, dS_w K_w ([64 q, 128 d] over its
+                # 64 keys), in two head-dim halves: it reads only its own dS^T rows, so there is no
+                # rendezvous and the warpgroups drift apart (one's softmax under the other's
+                # wgmmas) at the price of twice the TMA reduce-adds. Its dS^T rows' last reader is
+                # its own dQ of step i - 2, retired in that step.
+                ds_own = ds_smem.at[slot, own].transpose((1, 0))  # dS_w: [block_q, block_kv]
+
+                def compute_dq_halves(dq_acc):
+                    plgpu.wgmma(dq_acc, ds_own, k_own.at[:, pl.ds(0, d_half)])
+                    plgpu.wgmma(dk_acc, ds_t, q_smem)
+                    plgpu.wgmma_wait(2)  # dV
+                    plgpu.barrier_arrive(do_consumed)
+                    return plgpu.wgmma_accumulator_load(dq_acc, wait_n=1)  # dK may still run
+
+                add_dq(pl.run_scoped(compute_dq_halves, plgpu.ACC((block_q, d_half), jnp.float32)), i, half=0,
+                       slot=0)  # fmt: skip
+
+                def compute_dq_high(dq_acc):
+                    plgpu.wgmma(dq_acc, ds_own, k_own.at[:, pl.ds(d_half, d_half)])
+                    plgpu.wgmma_wait(1)  # dK
+                    plgpu.barrier_arrive(q_consumed)
+                    return plgpu.wgmma_accumulator_load(dq_acc, wait_n=0)
+
+                add_dq(pl.run_scoped(compute_dq_high, plgpu.ACC((block_q, d_half), jnp.float32)), i, half=1, slot=1)
+                return dk_acc, dv_acc
             plgpu.barrier_arrive(ds_ready.at[slot])
 
             def compute_dq_issue_dk(dq_acc):

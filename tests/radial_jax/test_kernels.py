@@ -317,7 +317,11 @@ class TestMosaicGPU(KernelChecks):
                   "fused_fa4_late_dv": mosaic_bwd.MosaicBwdTuning(fused=True, fused_order="fa4_late_dv",
                                                                   memory_registers=24),
                   "fused_fa4_stats": mosaic_bwd.MosaicBwdTuning(fused=True, fused_order="fa4_late_dv",
-                                                                memory_registers=24, stats_in_acc=True)}[variant]
+                                                                memory_registers=24, stats_in_acc=True),
+                  "fused_private_dq": mosaic_bwd.MosaicBwdTuning(fused=True, fused_order="private_dq",
+                                                                 memory_registers=24),
+                  "fused_private_dq_stats": mosaic_bwd.MosaicBwdTuning(fused=True, fused_order="private_dq",
+                                                                       memory_registers=24, stats_in_acc=True)}[variant]
 
         q_len, kv_len = lengths
         heads, head_dim, batch, block = 3, 128, 2, self.block
@@ -359,7 +363,8 @@ class TestMosaicFusedFA4GPU(TestMosaicGPU):
                       (195, 196), (318, 317), (383, 383), (258, 256), (192, 320), (256, 202)]
 
     @pytest.mark.parametrize("lengths", [(1560, 1560), (1000, 1560), (1560, 1000)])
-    @pytest.mark.parametrize("variant", ["fused_fa4", "fused_fa4_late_dv", "fused_fa4_stats"])
+    @pytest.mark.parametrize("variant", ["fused_fa4", "fused_fa4_late_dv", "fused_fa4_stats", "fused_private_dq",
+                                         "fused_private_dq_stats"])
     def test_backward_variants_match_reference(self, lengths, variant):
         super().test_backward_variants_match_reference(lengths, variant)
 

@@ -326,3 +326,23 @@ def test_fa4_late_dv_issues_dv_after_the_ds_store(monkeypatch, case, stats_in_ac
     store, rendezvous = _SMEM_STORE.search(after_dp), after_dp.find("mbarrier.try_wait")
     assert store and 0 <= store.start() < rendezvous  # dS^T stored before the rendezvous
     assert "cp.reduce.async.bulk" in module[syncs[3].end():syncs[4].start()]
+
+
+@pytest.mark.skipif(jax.__version_info__ < (0, 11), reason="the fused backward needs jax >= 0.11")
+@pytest.mark.parametrize("case", [(32760, 32760, 1, 128), *[c for c in CASES if c[3] == 128]])
+def test_private_dq_needs_no_rendezvous(monkeypatch, case):
+    # fused_order="private_dq": S^T, dP^T (wait 1, wait 0), then dV, dQ's low half and dK committed:
+    # wait 2 (dV), wait 1 (dQ low; reduced under dK), dQ's high half committed, wait 1 (dK), wait 0
+    # (dQ high). Two reduce-adds a step and no mbarrier wait inside the step but the pipeline's own.
+    tables, q, kv, rows = _setup(*case)
+    private = mosaic_bwd.MosaicBwdTuning(fused=True, fused_order="private_dq")
+    shared = mosaic_bwd.MosaicBwdTuning(fused=True, fused_order="fa4_late_dv")
+    modules = {}
+    for name, tuning in [("private", private), ("shared", shared)]:
+        backward = lambda *a, tuning=tuning: mosaic_bwd.mosaic_backward(*a, tables=tables, scale=0.1, tuning=tuning)
+        (modules[name],) = _mosaic_modules(monkeypatch, backward, q, kv, kv, q, rows, q, rows)
+    module = modules["private"]
+    assert _wgmma_waits(module) == [(1, 2), (0, 0), (2, 3), (1, 0), (1, 1), (0, 0), (0, 0), (0, 0)]
+    assert module.count("cp.reduce.async.bulk") == 2
+    # The rendezvous on both dS^T halves is the one mbarrier wait the shared order has more.
+    assert module.count("mbarrier.try_wait") == modules["shared"].count("mbarrier.try_wait") - 1
