@@ -69,7 +69,8 @@ class MosaicBwdTuning:
     block_kv_dkv: int = 64  # key rows per warpgroup in the dk/dv kernel
     max_concurrent_steps: int = 2  # 3 ran 5-6% slower on the H100 (benchmarks/NOTES.md)
     # One kernel with dq by TMA reduce-add (head_dim % 128 == 0). Off: on the H100 it ran the
-    # backward at ~430 on-block TFLOP/s where the split kernels ran ~505 (benchmarks/NOTES.md).
+    # backward at ~430 on-block TFLOP/s where the split kernels ran ~505 (benchmarks/NOTES.md); on
+    # the H200 432-438 against 504.
     fused: bool = False
     # The fused kernel's order within a step. "deferred_dq" (the measured one above): dQ of step
     # i - 1 is issued beside S^T of step i, then the exp2, a full wait and dQ's store before dP^T
@@ -83,14 +84,19 @@ class MosaicBwdTuning:
     # "private_dq": as "fa4_late_dv", but each warpgroup reduce-adds dS_w K_w over its own 64 keys
     # (two head-dim halves, twice the TMA reduce-adds) instead of meeting the other warpgroup for
     # dS K over all 128: no rendezvous, so the warpgroups are not held in lockstep.
+    # Measured on the H200, forward+backward vs the split default (benchmarks/NOTES.md session 6):
+    # deferred_dq 0.89-0.93x, fa4 0.82-0.84x, fa4_late_dv 0.92-0.97x, private_dq 0.85-0.88x
+    # (the last two at memory_registers=24): none is the default.
     fused_order: str = "deferred_dq"
     # Registers per thread left to the memory warpgroup (TMA issue only); the two compute
     # warpgroups share the rest of the 512 (40 -> 232 each, 24 -> 240, FA4's split). ptxas spills
-    # in the fused kernel at 232 (204-212 bytes on the H200, benchmarks/NOTES.md session 6).
+    # 276-452 bytes in the fused kernels (less at 240) and 24 in the split dk/dv kernel at 232 (0 at
+    # 240, which times within the drift: 1.005-1.016x; benchmarks/NOTES.md session 6).
     memory_registers: int = 40
-    # With fused_order="fa4_late_dv" or "private_dq": S^T's and dP^T's accumulators start at -lse2/scale and -delta
-    # (per query column) instead of zero, so the exp2 and dS^T need no registers for the stats: in
-    # the transposed S^T layout each of them takes 16 per thread (64 query columns, 4 per lane).
+    # With fused_order="fa4_late_dv" or "private_dq": S^T's and dP^T's accumulators start at
+    # -lse2/scale and -delta (per query column) instead of zero, so the exp2 and dS^T need no
+    # registers for the stats (16 a thread each in the transposed S^T layout). The best fused
+    # design with fa4_late_dv and 24 registers: 0.94-0.96x the split default on the H200.
     stats_in_acc: bool = False
 
 

@@ -14,9 +14,12 @@ count, index maps that read the tables from GMEM; only the memory warpgroup eval
   memory, the two meet at a barrier, and warpgroup w computes head-dim half w of the partial
   dQ from all 128 keys one step later (so the two need not run in lockstep), adding it into an
   f32 dQ accumulator in GMEM with a TMA reduce-add; a cast turns it into dq.
-  `MosaicBwdTuning.fused_order` picks the order inside a step: "deferred_dq" (the above) or
+  `MosaicBwdTuning.fused_order` picks the order inside a step: "deferred_dq" (the above),
   "fa4", FlashAttention-4's sm90 order (dQ of the step's own dS^T, issued beside dK and stored
-  while dK runs; the warpgroups meet every step), see `fused_kernel`.
+  while dK runs; the warpgroups meet every step), "fa4_late_dv" (the same, dV issued where FA4
+  issues it) or "private_dq" (each warpgroup reduces dS_w K_w over its own keys: no meeting), see
+  `fused_kernel`. On the H200 every order runs slower than the split kernels (0.82-0.97x; the
+  fused step spills and issues ~600 instructions per warp beside its 32 wgmmas, NOTES session 6).
 
 Pipeline tiles are smaller than mask blocks (64 vs 128 tokens) to keep the accumulators in
 registers, so step t of a row visits tile (ids[t // r] * r + t % r), r = 128 / tile.
