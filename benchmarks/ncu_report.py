@@ -12,7 +12,10 @@ slots, and why warps stalled (per active warp: barrier, long/short scoreboard, M
 pipe throttle, wait...). Metric names differ between Nsight Compute versions, so the wish list is
 first checked against `ncu --query-metrics`, and a metric this ncu lacks is reported as missing
 rather than failing the run. Writes DIR/report.json: {command, date, shape, ncu (its version), missing_metrics,
-designs: {name: {status, kernels: [{name, grid, block, metrics}]}}} and the raw CSV per design.
+designs: {name: {status, kernels: [{name, grid, block, metrics}]}}} and the raw CSV per design. `kernels` are
+in launch order (a backward design's forward kernel first); metric values are in ncu's base units (ns, Hz,
+%, counts), which is what --csv prints. A design whose run fails or shows no Mosaic kernel fails the
+command, after the report is written.
 """
 
 import argparse
@@ -68,9 +71,9 @@ def parse_csv(text: str) -> list[dict]:
             continue
         kernel = kernels.setdefault(row["ID"], {"name": row["Kernel Name"], "grid": row["Grid Size"],
                                                 "block": row["Block Size"], "metrics": {}})  # fmt: skip
-        value = row["Metric Value"].replace(",", "")
+        value = row["Metric Value"]
         try:
-            kernel["metrics"][row["Metric Name"]] = float(value)
+            kernel["metrics"][row["Metric Name"]] = float(value.replace(",", ""))  # ncu prints 4,093,120
         except ValueError:
             kernel["metrics"][row["Metric Name"]] = value
     return [kernels[i] for i in sorted(kernels, key=int)]
@@ -115,7 +118,7 @@ def main(argv=None):
         for name in names:
             print(f"{name}: {' '.join(ncu_command(args.ncu, list(WISHED), name, args.shape))}")
         return None
-    try:
+    try:  # the H100 and the H200 are both GH100
         query = subprocess.run([args.ncu, "--query-metrics", "--chip", "gh100"], capture_output=True, text=True,
                                timeout=120, check=True)  # fmt: skip
     except (OSError, subprocess.SubprocessError) as error:
@@ -125,7 +128,7 @@ def main(argv=None):
     print(f"{len(metrics)} metrics; missing from this ncu: {missing or 'none'}", flush=True)
     os.makedirs(args.out, exist_ok=True)
     env = {**os.environ, "XLA_PYTHON_CLIENT_PREALLOCATE": "false"}
-    report = {}
+    report, failed = {}, []
     for name in names:
         try:
             run = subprocess.run(ncu_command(args.ncu, metrics, name, args.shape), env=env, stdout=subprocess.PIPE,
@@ -141,11 +144,14 @@ def main(argv=None):
         for kernel in kernels:
             print("   ", summary_line(kernel), flush=True)
         if status != 0 or not kernels:
+            failed.append(name)
             print("    output tail:", text[-1500:], flush=True)
     with open(os.path.join(args.out, "report.json"), "w") as f:
         json.dump({"command": " ".join(sys.argv), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
                    "shape": args.shape, "ncu": version.strip().splitlines()[-1:], "missing_metrics": missing,
                    "designs": report}, f, indent=1)  # fmt: skip
+    if failed:
+        raise SystemExit(f"ncu_report: {failed} gave no Mosaic kernel counters; see their CSV in {args.out}")
     return report
 
 

@@ -9,8 +9,10 @@ own with MOSAIC_GPU_DUMP_PTXAS=1 and MOSAIC_GPU_DUMP_PTX=1, under which Mosaic G
 hands to ptxas and ptxas's verbose report. The compile's output is kept as DIR/<name>.log: the PTX
 shows where ptxas's C7513 ("wgmma.mma_async instructions are serialized") comes from, and can be fed
 to ptxas again off the GPU (`ptxas -arch=sm_90a -v`). ptxas's lines are printed as each design
-finishes and written to DIR/report.json: {command, date, shape, designs: {name: {tuning, status, ptxas,
-registers, spill_bytes, serialized, injected_arrives, ptx_wgmma}}}. --dry-run prints the plan and runs nothing.
+finishes and written to DIR/report.json: {command, date, shape, designs: {name: {tuning, backward, status, ptxas,
+registers, spill_bytes, serialized, injected_arrives, ptx_wgmma, kernels: [{name, registers, spill_bytes,
+serialized, injected_arrives}]}}}, `kernels` in ptxas's order (a backward design's forward first). --dry-run
+prints the plan and runs nothing.
 """
 
 import argparse
@@ -55,7 +57,8 @@ def summarize(stdout: str) -> dict:
     for line in lines:
         current.append(line)
         if re.search(r"Used \d+ registers", line):
-            kernels.append(_read(current))
+            entry = re.search(r"Compiling entry function '([^']+)'", "\n".join(current))
+            kernels.append({"name": entry.group(1) if entry else None, **_read(current)})
             current = []
     return {"ptxas": lines, **_read(lines), "kernels": kernels,
             "ptx_wgmma": sum("wgmma.mma_async" in line for line in ptx)}
@@ -126,7 +129,8 @@ def main(argv=None):
             stdout, status = _text(timeout.stdout), "timeout"
         with open(os.path.join(args.out, f"{name}.log"), "w") as f:
             f.write(stdout)
-        entry = {"tuning": dataclasses.asdict(tuning_of(name)), "backward": is_backward(name), "status": status, **summarize(stdout)}
+        entry = {"tuning": dataclasses.asdict(tuning_of(name)), "backward": is_backward(name), "status": status,
+                 **summarize(stdout)}
         report[name] = entry
         print(f"[{i + 1}/{len(names)}] {name}: status {status}, {entry['registers']} registers, "
               f"{entry['spill_bytes']} spill bytes, serialized {entry['serialized']}", flush=True)  # fmt: skip

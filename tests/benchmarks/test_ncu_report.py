@@ -1,6 +1,8 @@
 """benchmarks/ncu_report.py on the CPU: its choice of metrics, its reading of ncu's CSV and its plan;
 the profiling itself needs a GPU and Nsight Compute."""
 
+import json
+
 import pytest
 
 from benchmark_testing import load_benchmark
@@ -66,3 +68,44 @@ def test_unknown_design_is_refused_with_the_choices(capsys):
 def test_a_missing_ncu_is_one_line_with_the_fix(tmp_path):
     with pytest.raises(SystemExit, match="pass --ncu PATH"):
         load_benchmark("ncu_report").main(["--ncu", str(tmp_path / "no-ncu"), "--out", str(tmp_path / "out")])
+
+
+def _stand_in_ncu(tmp_path, profile_exit: int):
+    """An `ncu` that answers --query-metrics with QUERY, --version with a version and a profile with CSV."""
+    (tmp_path / "query.txt").write_text(QUERY)
+    (tmp_path / "profile.csv").write_text(CSV if profile_exit == 0 else "==ERROR== the program failed\n")
+    ncu = tmp_path / "ncu"
+    ncu.write_text(f"""#!/bin/sh
+case "$1" in
+  --query-metrics) cat {tmp_path / "query.txt"} ;;
+  --version) printf 'NVIDIA (R) Nsight Compute Command Line Profiler\\nVersion 2025.3.1.0 (build 1)\\n' ;;
+  *) cat {tmp_path / "profile.csv"}; exit {profile_exit} ;;
+esac
+""")
+    ncu.chmod(0o755)
+    return str(ncu)
+
+
+def test_a_run_writes_each_designs_kernels_and_the_metrics_this_ncu_lacks(tmp_path):
+    ncu_report = load_benchmark("ncu_report")
+    out = tmp_path / "out"
+    ncu_report.main(["--ncu", _stand_in_ncu(tmp_path, 0), "--variants", "default_bwd", "--out", str(out)])
+    report = json.loads((out / "report.json").read_text())
+    assert report["ncu"] == ["Version 2025.3.1.0 (build 1)"] and report["shape"] == "1.3b-480p-81f"
+    # QUERY knows three of the wished metrics: every other one is reported missing, none silently dropped.
+    known = {"gpu__time_duration", "sm__pipe_tensor_op_gmma_cycles_active",
+             "smsp__warp_issue_stalled_barrier_per_warp_active"}
+    assert report["missing_metrics"] == [m for m in ncu_report.WISHED if m.split(".")[0] not in known]
+    design = report["designs"]["default_bwd"]
+    assert design["status"] == 0 and [k["metrics"]["gpu__time_duration.sum"] for k in design["kernels"]] == [
+        4093120.0, 8250000.0]
+    assert (out / "default_bwd.csv").read_text() == CSV
+
+
+def test_a_design_without_kernels_fails_the_run_after_the_report(tmp_path):
+    ncu_report = load_benchmark("ncu_report")
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit, match=r"\['fused_bwd'\] gave no Mosaic kernel counters"):
+        ncu_report.main(["--ncu", _stand_in_ncu(tmp_path, 1), "--variants", "fused_bwd", "--out", str(out)])
+    report = json.loads((out / "report.json").read_text())
+    assert report["designs"]["fused_bwd"] == {"status": 1, "kernels": []}
