@@ -70,7 +70,7 @@ class MosaicBwdTuning:
     max_concurrent_steps: int = 2  # 3 ran 5-6% slower on the H100 (benchmarks/NOTES.md)
     # One kernel with dq by TMA reduce-add (head_dim % 128 == 0). Off: on the H100 it ran the
     # backward at ~430 on-block TFLOP/s where the split kernels ran ~505 (benchmarks/NOTES.md); on
-    # the H200 432-438 against 504.
+    # the H200 432-439 against 485-505 in the same calls.
     fused: bool = False
     # The fused kernel's order within a step. "deferred_dq" (the measured one above): dQ of step
     # i - 1 is issued beside S^T of step i, then the exp2, a full wait and dQ's store before dP^T
@@ -88,8 +88,9 @@ class MosaicBwdTuning:
     # deferred_dq 0.89-0.93x, fa4 0.82-0.84x, fa4_late_dv 0.92-0.97x, private_dq 0.85-0.88x
     # (the last two at memory_registers=24): none is the default.
     fused_order: str = "deferred_dq"
-    # Registers per thread left to the memory warpgroup (TMA issue only); the two compute
-    # warpgroups share the rest of the 512 (40 -> 232 each, 24 -> 240, FA4's split). ptxas spills
+    # Registers per thread left to the memory warpgroup (TMA issue only; setmaxnreg takes a multiple
+    # of 8 from 24 to 256); the two compute warpgroups share the rest of the 512, each rounded down
+    # to a multiple of 8 (40 -> 232 each, 24 -> 240, FA4's split). ptxas spills
     # 276-452 bytes in the fused kernels (less at 240) and 24 in the split dk/dv kernel at 232 (0 at
     # 240, which times within the drift: 1.005-1.016x; benchmarks/NOTES.md session 6).
     memory_registers: int = 40

@@ -52,6 +52,9 @@ def mosaic_backward(q, k, v, out, lse, d_out, d_lse, *, tables: BlockTables, sca
     assert (q_len, kv_len) == (tables.q_len, tables.kv_len), "tables built for other lengths"
     lse2, delta = row_statistics(out, lse, d_out, d_lse, tables)
     args = (seq_multiple(q), seq_multiple(k), seq_multiple(v), seq_multiple(d_out), lse2, delta)
+    if tuning.memory_registers % 8 or not 24 <= tuning.memory_registers <= 256:  # setmaxnreg's range
+        raise ValueError(f"memory_registers={tuning.memory_registers}: choose a multiple of 8 from 24 to 256 "
+                         "(40, the default; 24 gives the compute warpgroups FA4's 240)")
     if tuning.fused_order not in FUSED_ORDERS:
         raise ValueError(f"fused_order={tuning.fused_order!r}: choose one of {FUSED_ORDERS}")
     if tuning.fused_order != "deferred_dq" and not tuning.fused:

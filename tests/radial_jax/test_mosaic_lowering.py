@@ -266,12 +266,30 @@ def test_fa4_order_keeps_a_wgmma_queued_behind_each_wait(monkeypatch, case):
 def test_fused_order_is_checked_with_the_fix():
     tables, q, kv, rows = _setup(*CASES[0])
     refused = [({"fused_order": "fa4"}, "set fused=True"), ({"fused": True, "fused_order": "fa3"}, "choose one of"),
-               ({"fused": True, "fused_order": "fa4", "stats_in_acc": True}, "fused_order='fa4_late_dv'")]
+               ({"fused": True, "fused_order": "fa4", "stats_in_acc": True}, "fused_order='fa4_late_dv'"),
+               ({"memory_registers": 20}, "memory_registers=20: choose a multiple of 8")]
     for fields, message in refused:
         tuning = mosaic_bwd.MosaicBwdTuning(**fields)
         with pytest.raises(ValueError, match=message):
             jax.eval_shape(lambda *a: mosaic_bwd.mosaic_backward(*a, tables=tables, scale=0.1, tuning=tuning),
                            q, kv, kv, q, rows, q, rows)  # fmt: skip
+
+
+# A setmaxnreg in a Mosaic GPU module as printed: jax 0.10.2 has an nvvm op (`action = #nvvm<action increase>,
+# regCount = 232`), jax 0.11.2 inline PTX (`setmaxnreg.inc.sync.aligned.u32 232;`).
+_SETMAXNREG = re.compile(r"(inc|dec)(?:rease>, regCount = |\.sync\.aligned\.u32 )(\d+)")
+
+
+@pytest.mark.parametrize("memory_registers, compute_registers", [(40, 232), (24, 240)])
+def test_memory_registers_set_both_split_kernels_register_split(monkeypatch, memory_registers, compute_registers):
+    # MosaicBwdTuning.memory_registers reaches the dq and the dk/dv kernel's pipelines: the memory
+    # warpgroup decreases to it, the compute warpgroups increase to the rest of 512, halved, in 8s.
+    tables, q, kv, rows = _setup(*CASES[0])
+    tuning = mosaic_bwd.MosaicBwdTuning(memory_registers=memory_registers)
+    backward = lambda *a: mosaic_bwd.mosaic_backward(*a, tables=tables, scale=0.1, tuning=tuning)
+    modules = _mosaic_modules(monkeypatch, backward, q, kv, kv, q, rows, q, rows)
+    expected = [("dec", str(memory_registers)), ("inc", str(compute_registers))]
+    assert len(modules) == 2 and all(sorted(_SETMAXNREG.findall(m)) == expected for m in modules)
 
 
 @pytest.mark.skipif(jax.__version_info__ >= (0, 11), reason="jax >= 0.11 runs the fused backward")
