@@ -99,6 +99,14 @@ class MosaicBwdTuning:
     # registers for the stats (16 a thread each in the transposed S^T layout). The best fused
     # design with fa4_late_dv and 24 registers: 0.94-0.96x the split default on the H200.
     stats_in_acc: bool = False
+    # How the fused kernel streams the query tiles. "emit": plgpu.emit_pipeline_warp_specialized, one
+    # step a 64-row tile, whose buffers, barriers and dS^T / dQ staging slots are indexed by the
+    # step's parity at run time. "static" (fused_order="fa4_late_dv" only): a hand-written pipeline
+    # (mosaic_bwd._static_query_pipeline) whose loop iteration is one 128-query mask block, i.e. two
+    # steps unrolled in Python, the first on ring stage 0 and the second on stage 1, so every
+    # shared-memory address, barrier and wgmma descriptor in the body is a compile-time constant (ncu
+    # found the emit steps spilling and reloading such addresses, benchmarks/NOTES.md session 6).
+    fused_pipeline: str = "emit"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -38,8 +38,9 @@ from radial_jax.kernels.common import COMPUTE_WGS, LOG2_E, MASK_BLOCK, MosaicBwd
 from radial_jax.kernels.tables import BlockTables
 
 FUSED_ORDERS = ("deferred_dq", "fa4", "fa4_late_dv", "private_dq")  # MosaicBwdTuning.fused_order's choices
+FUSED_PIPELINES = ("emit", "static")  # MosaicBwdTuning.fused_pipeline's choices
 
-__all__ = ["FUSED_ORDERS", "MosaicBwdTuning", "dkv_kernel", "dq_kernel", "fused_kernel", "mosaic_backward",
+__all__ = ["FUSED_ORDERS", "FUSED_PIPELINES", "MosaicBwdTuning", "dkv_kernel", "dq_kernel", "fused_kernel", "mosaic_backward",
            "row_statistics"]
 
 
@@ -62,6 +63,11 @@ def mosaic_backward(q, k, v, out, lse, d_out, d_lse, *, tables: BlockTables, sca
     if tuning.stats_in_acc and tuning.fused_order not in ("fa4_late_dv", "private_dq"):
         raise ValueError("stats_in_acc starts the late-dV fused steps' accumulators at the row statistics: "
                          "set fused=True, fused_order='fa4_late_dv' (or 'private_dq') too")
+    if tuning.fused_pipeline not in FUSED_PIPELINES:
+        raise ValueError(f"fused_pipeline={tuning.fused_pipeline!r}: choose one of {FUSED_PIPELINES}")
+    if tuning.fused_pipeline == "static" and not (tuning.fused and tuning.fused_order == "fa4_late_dv"):
+        raise ValueError("fused_pipeline='static' streams the fused kernel's late-dV steps: "
+                         "set fused=True, fused_order='fa4_late_dv' too")
     if tuning.fused and q.shape[-1] % (COMPUTE_WGS * 64) == 0:
         if jax.__version_info__ < (0, 11):  # 0.10 cannot pass the accumulator Ref through plgpu.kernel
             raise NotImplementedError(f"the fused Mosaic backward needs jax >= 0.11, not {jax.__version__}")
@@ -306,6 +312,86 @@ def _query_tile_pipeline(step, compute_thread, refs, ids_ref, counts_ref, where,
     pipeline(q_ref.at[b, :, head, :], do_ref.at[b, :, head, :], lse_ref.at[b, head, :], delta_ref.at[b, head, :])
 
 
+def _static_query_pipeline(step, compute_thread, refs, ring, ids_ref, counts_ref, where, tile_rows: int,
+                           memory_registers: int):
+    """The fused kernel's hand-written query pipeline (MosaicBwdTuning.fused_pipeline="static").
+
+    One loop iteration j visits query block ids[kv_block, j] of the transposed table as two 64-row
+    steps unrolled here: step A on ring stage 0, step B on stage 1, so the body's buffers, barriers
+    and slots are constants and the one dynamic value an iteration is the block index (one table
+    read). step(stage, q_block, (q, dO, lse2, delta) tiles of the stage, the stage's consumed
+    barrier, carry) runs one step and arrives on that barrier once it has read the tiles for the
+    last time; compute_thread(pipeline) as in _query_tile_pipeline.
+    refs: (q [B, L, N, D], dO, lse2 [B, N, L], delta) in GMEM; ring: (q, dO, lse2, delta stages,
+    full barriers, consumed barriers), each tile ring [2 * tile_rows, ...]; where: (batch, head, kv_block)
+    of this CTA; tile_rows: a step's query rows, half a mask block.
+
+    Slot safety. The memory warpgroup refills stage s for iteration j (j > 0) only after stage s's
+    consumed barrier completed for iteration j - 1: both compute warpgroups had retired every wgmma
+    reading its q and dO tiles (the step's last, dK) and had loaded its lse2 and delta. A compute
+    warpgroup reads stage s of iteration j only after stage s's full barrier completed phase j (all
+    four TMA loads landed). Each barrier completes once an iteration and every waiter waits on every
+    phase, so the parities stay matched. The dS^T and dQ staging slots alternate as i % 2 does in the
+    emit pipeline (step A is an even step, B odd), so fused_kernel's arguments for them hold as written.
+    Ragged ends are as in the emit pipeline: TMA zero-fills q and dO past the length; lse2 and delta
+    are padded to whole mask blocks with zeros. count 0: no iteration, no load, dK = dV = 0.
+    """
+    import jax.experimental.pallas as pl
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+
+    q_ref, do_ref, lse_ref, delta_ref = refs
+    *tiles, full, consumed = ring
+    b, head, kv_block = where
+    stages, block_q = MASK_BLOCK // tile_rows, tile_rows
+    # A stage is a static row slice of the ring, not an integer index: an integer index of a ref that a
+    # pl.run_state in the step closes over (stats_in_acc) reaches the loop body as a literal, which
+    # Mosaic GPU's lowering of the loop rejects ("Shaped arrays must be represented by ir.Values").
+    stage_of = lambda ref, stage: ref.at[pl.ds(stage * block_q, block_q)]
+    count = counts_ref[kv_block]
+    wg = lax.axis_index("wg")
+
+    @pl.when(wg < COMPUTE_WGS)
+    def _compute():
+        # emit_pipeline_warp_specialized's split of the 512 registers a thread (multiples of 8).
+        plgpu.set_max_registers(min(256, (512 - memory_registers) // COMPUTE_WGS) // 8 * 8, action="increase")
+
+        def pipeline(carry):
+            @pl.loop(0, count)
+            def _(j):
+                q_block = ids_ref[kv_block, j]
+                for stage in range(stages):
+                    plgpu.barrier_wait(full.at[stage])
+                    step(stage, q_block, tuple(stage_of(tile, stage) for tile in tiles), consumed.at[stage], carry)
+
+            return carry
+
+        compute_thread(pipeline)
+
+    @pl.when(wg == COMPUTE_WGS)
+    def _memory():
+        plgpu.set_max_registers(memory_registers, action="decrease")
+
+        def load(q_block, stage):
+            rows = pl.ds((q_block * stages + stage) * block_q, block_q)
+            sources = (q_ref.at[b, rows, head], do_ref.at[b, rows, head], lse_ref.at[b, head, rows],
+                       delta_ref.at[b, head, rows])  # fmt: skip
+            for source, tile in zip(sources, tiles):
+                plgpu.copy_gmem_to_smem(source, stage_of(tile, stage), full.at[stage])
+
+        @pl.when(count > 0)
+        def _():  # iteration 0: both stages are free
+            q_block = ids_ref[kv_block, 0]
+            for stage in range(stages):
+                load(q_block, stage)
+
+        @pl.loop(1, count)
+        def _(j):
+            q_block = ids_ref[kv_block, j]
+            for stage in range(stages):
+                plgpu.barrier_wait(consumed.at[stage])  # iteration j - 1's step on this stage is done
+                load(q_block, stage)
+
+
 def fused_kernel(q, k, v, d_out, lse2, delta, *, tables: BlockTables, scale: float, tuning: MosaicBwdTuning):
     """The fused design (module docstring): one kernel per (head, 128-key block, batch). -> (dq, dk, dv)."""
     import jax.experimental.pallas as pl
@@ -322,6 +408,8 @@ def fused_kernel(q, k, v, d_out, lse2, delta, *, tables: BlockTables, scale: flo
     late_dv = tuning.fused_order in ("fa4_late_dv", "private_dq")
     private_dq = tuning.fused_order == "private_dq"
     stats_in_acc = tuning.stats_in_acc
+    static = tuning.fused_pipeline == "static"
+    assert not static or r == 2, "the static pipeline's two stages are the two query tiles of a mask block"
 
     tiling, swizzle = _smem_transforms(dtype)
     f32_tiling = plgpu.TilingTransform((8, 32))
@@ -332,22 +420,24 @@ def fused_kernel(q, k, v, d_out, lse2, delta, *, tables: BlockTables, scale: flo
                smem, barriers):
         b, head, kv_block = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("kv_seq")
         wg = lax.axis_index("wg")
-        k_smem, v_smem2, ds_smem, dq_smem2 = smem
-        k_loaded, v_loaded, ds_ready, done = barriers
+        k_smem, v_smem2, ds_smem, dq_smem2, *ring = smem  # ring: the static pipeline's q, dO, lse2, delta
+        k_loaded, v_loaded, ds_ready, done, *ring_barriers = barriers  # its (full, consumed) barriers
         own = pl.ds(wg * block_kv, block_kv)
         k_own, v_own, dq_smem = k_smem.at[own], v_smem2.at[wg], dq_smem2.at[wg]
         k_cols = k_smem.at[:, pl.ds(wg * d_half, d_half)]  # all 128 keys, this warpgroup's dQ columns
 
-        def add_dq(dq, i, predicate=None, *, half=None, slot=None):
+        def add_dq(dq, i, predicate=None, *, half=None, slot=None, tile=None):
             """Reduce-adds this warpgroup's dQ partial of step i (head-dim half `half`, by default
             the warpgroup's own) into the f32 accumulator in GMEM, staged in SMEM slot `slot`
-            (by default i % 2; each use of a slot waits for the TMA read of its use before last)."""
+            (by default i % 2; each use of a slot waits for the TMA read of its use before last).
+            tile: () -> the query tile of the step (by default the table's tile of step i)."""
             slot = lax.rem(i, jnp.int32(2)) if slot is None else slot
             half = wg if half is None else half
             plgpu.wait_smem_to_gmem(1, wait_read_only=True)  # this slot's copy of two uses ago
             dq_smem.at[slot][...] = dq
             plgpu.commit_smem()
-            dst = dq_acc_ref.at[b, head, pl.ds(q_tile(i) * block_q, block_q), pl.ds(half * d_half, d_half)]
+            row = (q_tile(i) if tile is None else tile()) * block_q
+            dst = dq_acc_ref.at[b, head, pl.ds(row, block_q), pl.ds(half * d_half, d_half)]
             plgpu.copy_smem_to_gmem(dq_smem.at[slot], dst, predicate, reduction_op="add")
 
         def compute_thread(pipeline):
@@ -437,8 +527,24 @@ def fused_kernel(q, k, v, d_out, lse2, delta, *, tables: BlockTables, scale: flo
             plgpu.barrier_arrive(q_consumed)
             return dk_acc, dv_acc
 
+        def arrive(barrier):  # the static pipeline releases a stage once, on its q barrier
+            if barrier is not None:
+                plgpu.barrier_arrive(barrier)
+
         def step_fa4(index, q_smem, do_smem, lse_smem, delta_smem, q_consumed, do_consumed, lse_consumed,
                      delta_consumed, carry):
+            (i,) = index
+            dk_acc, dv_acc = carry
+            fa4_body(lax.rem(i, jnp.int32(2)), functools.partial(add_dq, i=i), (q_smem, do_smem, lse_smem, delta_smem),
+                     (q_consumed, do_consumed, lse_consumed, delta_consumed), dk_acc, dv_acc)  # fmt: skip
+            return dk_acc, dv_acc
+
+        def fa4_body(slot, add, bufs, consumed, dk_acc, dv_acc):
+            """One 64-query step of the fa4 orders on slot `slot` of dS^T (an int in the static pipeline).
+
+            add(dq, **add_dq's keywords): reduce-adds a dQ partial of this step; bufs: the step's
+            (q, dO, lse2, delta) tiles in SMEM; consumed: their release barriers (None: not released here).
+            """
             # FlashAttention-4's sm90 order: each wait retires one wgmma with another queued behind
             # it, so the tensor cores have work through the exp2 (dP^T), dS^T's store (dV) and dQ's
             # store (dK). One deviation in "fa4": dV is issued before dP^T is waited for, as in
@@ -451,16 +557,15 @@ def fused_kernel(q, k, v, d_out, lse2, delta, *, tables: BlockTables, scale: flo
             # P^T and dS^T (bf16) are RS operands of dV and dK: fresh values each step, never carried
             # (the loop carries only the accumulators), so LLVM cannot coalesce a later write into
             # their registers while their wgmma runs (what serialized the overlap forward, NOTES FWDOV2).
-            (i,) = index
-            dk_acc, dv_acc = carry
-            slot = lax.rem(i, jnp.int32(2))
+            q_smem, do_smem, lse_smem, delta_smem = bufs
+            q_consumed, do_consumed, lse_consumed, delta_consumed = consumed
 
             def compute_p_and_dp_issue_dv(s_acc, dp_acc):
                 plgpu.wgmma(s_acc, k_own, q_smem.transpose((1, 0)))
                 plgpu.wgmma(dp_acc, v_own, do_smem.transpose((1, 0)))
                 s_t = plgpu.wgmma_accumulator_load(s_acc, wait_n=1)  # S^T; dP^T may still run
                 lse = _load(lse_smem, layout=col)
-                plgpu.barrier_arrive(lse_consumed)
+                arrive(lse_consumed)
                 p_t = jnp.exp2(s_t * qk_scale - bcast_col(lse, s_t.shape))
                 if late_dv:
                     return p_t, plgpu.wgmma_accumulator_load(dp_acc, wait_n=0)
@@ -480,9 +585,9 @@ def fused_kernel(q, k, v, d_out, lse2, delta, *, tables: BlockTables, scale: flo
             shape_t = (block_kv, block_q)
             if stats_in_acc:  # late_dv only: run_state ends with a wait for every wgmma in flight
                 lse = _load(lse_smem, layout=col)
-                plgpu.barrier_arrive(lse_consumed)
+                arrive(lse_consumed)
                 delta = _load(delta_smem, layout=col)
-                plgpu.barrier_arrive(delta_consumed)
+                arrive(delta_consumed)
                 inits = (plgpu.ACC.init(bcast_col(lse * (-1.0 / qk_scale), shape_t)),
                          plgpu.ACC.init(bcast_col(-delta, shape_t)), jnp.zeros(shape_t, jnp.float32))
                 _, dp_minus_delta, p_t = pl.run_state(compute_p_and_dp_from_stats)(inits)
@@ -490,7 +595,7 @@ def fused_kernel(q, k, v, d_out, lse2, delta, *, tables: BlockTables, scale: flo
                 acc_t = plgpu.ACC(shape_t, jnp.float32)
                 p_t, dp_t = pl.run_scoped(compute_p_and_dp_issue_dv, acc_t, acc_t)
                 delta = _load(delta_smem, layout=col)
-                plgpu.barrier_arrive(delta_consumed)
+                arrive(delta_consumed)
                 dp_minus_delta = dp_t - bcast_col(delta, dp_t.shape)
             ds_t = (p_t * dp_minus_delta).astype(dtype)
             ds_smem.at[slot, own][...] = ds_t
@@ -509,20 +614,19 @@ def fused_kernel(q, k, v, d_out, lse2, delta, *, tables: BlockTables, scale: flo
                     plgpu.wgmma(dq_acc, ds_own, k_own.at[:, pl.ds(0, d_half)])
                     plgpu.wgmma(dk_acc, ds_t, q_smem)
                     plgpu.wgmma_wait(2)  # dV
-                    plgpu.barrier_arrive(do_consumed)
+                    arrive(do_consumed)
                     return plgpu.wgmma_accumulator_load(dq_acc, wait_n=1)  # dK may still run
 
-                add_dq(pl.run_scoped(compute_dq_halves, plgpu.ACC((block_q, d_half), jnp.float32)), i, half=0,
-                       slot=0)  # fmt: skip
+                add(pl.run_scoped(compute_dq_halves, plgpu.ACC((block_q, d_half), jnp.float32)), half=0, slot=0)
 
                 def compute_dq_high(dq_acc):
                     plgpu.wgmma(dq_acc, ds_own, k_own.at[:, pl.ds(d_half, d_half)])
                     plgpu.wgmma_wait(1)  # dK
-                    plgpu.barrier_arrive(q_consumed)
+                    arrive(q_consumed)
                     return plgpu.wgmma_accumulator_load(dq_acc, wait_n=0)
 
-                add_dq(pl.run_scoped(compute_dq_high, plgpu.ACC((block_q, d_half), jnp.float32)), i, half=1, slot=1)
-                return dk_acc, dv_acc
+                add(pl.run_scoped(compute_dq_high, plgpu.ACC((block_q, d_half), jnp.float32)), half=1, slot=1)
+                return
             plgpu.barrier_arrive(ds_ready.at[slot])
 
             def compute_dq_issue_dk(dq_acc):
@@ -530,18 +634,28 @@ def fused_kernel(q, k, v, d_out, lse2, delta, *, tables: BlockTables, scale: flo
                 plgpu.wgmma(dq_acc, ds_smem.at[slot].transpose((1, 0)), k_cols)
                 plgpu.wgmma(dk_acc, ds_t, q_smem)
                 plgpu.wgmma_wait(2)  # dV
-                plgpu.barrier_arrive(do_consumed)
+                arrive(do_consumed)
                 return plgpu.wgmma_accumulator_load(dq_acc, wait_n=1)  # dQ; dK may still run
 
-            add_dq(pl.run_scoped(compute_dq_issue_dk, plgpu.ACC((block_q, d_half), jnp.float32)), i)
+            add(pl.run_scoped(compute_dq_issue_dk, plgpu.ACC((block_q, d_half), jnp.float32)))
             plgpu.wgmma_wait(0)
-            plgpu.barrier_arrive(q_consumed)
-            return dk_acc, dv_acc
+            arrive(q_consumed)
+
+        def static_step(stage, q_block, bufs, release, carry):
+            # Stage `stage` is also the dS^T and dQ staging slot: the same alternation as the emit
+            # pipeline's i % 2 (step i = 2 j + stage), so fa4_body's slot argument holds unchanged.
+            dk_acc, dv_acc = carry
+            add = functools.partial(add_dq, i=None, slot=stage, tile=lambda: q_block * r + stage)
+            fa4_body(stage, add, bufs, (release, None, None, None), dk_acc, dv_acc)
 
         q_tile = lambda i: _tile_of_step(ids_ref, kv_block, i, r)
-        _query_tile_pipeline(step_fa4 if fa4 else step, compute_thread, (q_ref, do_ref, lse_ref, delta_ref),
-                             ids_ref, counts_ref, (b, head, kv_block), block_q, tuning.max_concurrent_steps,
-                             tuning.memory_registers)
+        refs = (q_ref, do_ref, lse_ref, delta_ref)
+        if static:
+            _static_query_pipeline(static_step, compute_thread, refs, (*ring, *ring_barriers), ids_ref, counts_ref,
+                                   (b, head, kv_block), block_q, tuning.memory_registers)  # fmt: skip
+        else:
+            _query_tile_pipeline(step_fa4 if fa4 else step, compute_thread, refs, ids_ref, counts_ref,
+                                 (b, head, kv_block), block_q, tuning.max_concurrent_steps, tuning.memory_registers)
 
     smem = (
         plgpu.SMEM((COMPUTE_WGS * block_kv, head_dim), dtype, transforms=(tiling, swizzle)),  # K, both halves
@@ -555,6 +669,12 @@ def fused_kernel(q, k, v, d_out, lse2, delta, *, tables: BlockTables, scale: flo
         plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=2),  # both dS^T halves stored, per slot
         plgpu.Barrier(num_arrivals=COMPUTE_WGS),  # both warpgroups done with K
     )
+    if static:  # the query ring, one stage per 64-row half of a mask block (_static_query_pipeline)
+        seq_ring = plgpu.SMEM((r * block_q, head_dim), dtype, transforms=(tiling, swizzle))
+        row_ring = plgpu.SMEM((r * block_q,), jnp.float32)
+        smem += (seq_ring, seq_ring, row_ring, row_ring)
+        barriers += (plgpu.Barrier(num_arrivals=4, num_barriers=r),  # a stage's four tiles loaded
+                     plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=r))  # both warpgroups done with a stage
     # The accumulator must start at zero and plgpu.kernel has no input/output aliasing: pass a Ref.
     dq_acc = jax.new_ref(jnp.zeros((batch, heads, padded, head_dim), jnp.float32))
     dk, dv = plgpu.kernel(

@@ -321,11 +321,17 @@ class TestMosaicGPU(KernelChecks):
                   "fused_private_dq": mosaic_bwd.MosaicBwdTuning(fused=True, fused_order="private_dq",
                                                                  memory_registers=24),
                   "fused_private_dq_stats": mosaic_bwd.MosaicBwdTuning(fused=True, fused_order="private_dq",
-                                                                       memory_registers=24, stats_in_acc=True)}[variant]
+                                                                       memory_registers=24, stats_in_acc=True),
+                  "fused_static": mosaic_bwd.MosaicBwdTuning(fused=True, fused_order="fa4_late_dv",
+                                                             memory_registers=24, fused_pipeline="static"),
+                  "fused_static_stats": mosaic_bwd.MosaicBwdTuning(fused=True, fused_order="fa4_late_dv",
+                                                                   memory_registers=24, stats_in_acc=True,
+                                                                   fused_pipeline="static")}[variant]
 
         q_len, kv_len = lengths
         heads, head_dim, batch, block = 3, 128, 2, self.block
         mask = _random_mask(q_len + kv_len, -(-q_len // block), -(-kv_len // block), 0.5, empty_rows=(1,))
+        mask[:, 2] = False  # an empty key-block column: the dk/dv side's count 0 (dK = dV = 0, no dQ added)
         tables = block_tables(mask, block, q_len, kv_len)
         q, k, v = _qkv(11, batch, q_len, kv_len, heads, head_dim, jnp.float16)
         d_out = jax.random.normal(jax.random.key(12), q.shape, jnp.float32).astype(jnp.float16)
@@ -345,6 +351,8 @@ class TestMosaicGPU(KernelChecks):
             assert err <= 3e-3 * float(jnp.abs(r).max()), (name, err)
         rows = np.repeat(~mask.any(axis=1), block)[:q_len]
         assert bool((grads[0][:, rows] == 0).all())
+        cols = np.repeat(~mask.any(axis=0), block)[:kv_len]
+        assert cols.any() and bool((grads[1][:, cols] == 0).all()) and bool((grads[2][:, cols] == 0).all())
 
 
 @pytest.mark.gpu
@@ -364,7 +372,25 @@ class TestMosaicFusedFA4GPU(TestMosaicGPU):
 
     @pytest.mark.parametrize("lengths", [(1560, 1560), (1000, 1560), (1560, 1000)])
     @pytest.mark.parametrize("variant", ["fused_fa4", "fused_fa4_late_dv", "fused_fa4_stats", "fused_private_dq",
-                                         "fused_private_dq_stats"])
+                                         "fused_private_dq_stats", "fused_static", "fused_static_stats"])
+    def test_backward_variants_match_reference(self, lengths, variant):
+        super().test_backward_variants_match_reference(lengths, variant)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not IS_HOPPER, reason="needs a Hopper GPU (sm90) for the Mosaic kernel")
+class TestMosaicFusedStaticGPU(TestMosaicFusedFA4GPU):
+    """The Mosaic suite with the fused backward on the hand-written static pipeline
+    (MosaicBwdTuning(fused_pipeline="static"), fa4_late_dv with the stats in the accumulators, 24/240
+    registers): the fa4_late_dv step's arithmetic, two steps an iteration on constant slots, so the
+    same cases and bounds as TestMosaicFusedFA4GPU (any length, empty rows, cross lengths, and in the
+    variant check an empty key-block column: no iteration, dK = dV = 0)."""
+
+    tuning = KernelTuning(mosaic_bwd=MosaicBwdTuning(fused=True, fused_order="fa4_late_dv", memory_registers=24,
+                                                     stats_in_acc=True, fused_pipeline="static"))
+
+    @pytest.mark.parametrize("lengths", [(1560, 1560), (1000, 1560), (1560, 1000)])
+    @pytest.mark.parametrize("variant", ["fused_static", "fused_static_stats"])
     def test_backward_variants_match_reference(self, lengths, variant):
         super().test_backward_variants_match_reference(lengths, variant)
 

@@ -6,6 +6,7 @@ copies, barriers. The kernels themselves run only on a Hopper GPU (test_kernels.
 catches tracing and lowering errors in CI, on the jax version CI has.
 """
 
+import dataclasses
 import re
 
 import jax
@@ -267,7 +268,10 @@ def test_fused_order_is_checked_with_the_fix():
     tables, q, kv, rows = _setup(*CASES[0])
     refused = [({"fused_order": "fa4"}, "set fused=True"), ({"fused": True, "fused_order": "fa3"}, "choose one of"),
                ({"fused": True, "fused_order": "fa4", "stats_in_acc": True}, "fused_order='fa4_late_dv'"),
-               ({"memory_registers": 20}, "memory_registers=20: choose a multiple of 8")]
+               ({"memory_registers": 20}, "memory_registers=20: choose a multiple of 8"),
+               ({"fused": True, "fused_pipeline": "static"}, "fused_order='fa4_late_dv'"),
+               ({"fused_order": "fa4_late_dv", "fused_pipeline": "static"}, "set fused=True"),
+               ({"fused": True, "fused_order": "fa4_late_dv", "fused_pipeline": "manual"}, "choose one of")]
     for fields, message in refused:
         tuning = mosaic_bwd.MosaicBwdTuning(**fields)
         with pytest.raises(ValueError, match=message):
@@ -364,3 +368,80 @@ def test_private_dq_needs_no_rendezvous(monkeypatch, case):
     assert module.count("cp.reduce.async.bulk") == 2
     # The rendezvous on both dS^T halves is the one mbarrier wait the shared order has more.
     assert module.count("mbarrier.try_wait") == modules["shared"].count("mbarrier.try_wait") - 1
+
+
+def _compute_loop(module: str) -> str:
+    """The body of the fused backward's compute loop (the scf.for, or a scf.while's after-region,
+    holding the dQ reduce-adds), from its block header (^bb0) on."""
+    lines = module.split("\n")
+    indent = lambda line: len(line) - len(line.lstrip())
+    reduce = next(i for i, line in enumerate(lines) if "cp.reduce.async.bulk" in line)
+    loop = next(i for i in range(reduce, -1, -1)
+                if re.search(r'scf\.(for|while)"', lines[i]) and indent(lines[i]) < indent(lines[reduce]))
+    start = next(i for i in range(reduce, loop, -1)
+                 if lines[i].lstrip().startswith("^bb0") and indent(lines[i]) == indent(lines[loop]))
+    end = next(i for i in range(reduce, len(lines))
+               if indent(lines[i]) == indent(lines[loop]) and lines[i].lstrip().startswith("}"))
+    return "\n".join(lines[start:end])
+
+
+# A table read: a scalar load from a GMEM ref at a dynamic offset (a barrier's phase word has a static one).
+_TABLE_READ = re.compile(r'memref\.load"\(%\w+\) : \(memref<i32, strided<\[\], offset: \?>>\)')
+
+
+def _iteration_dependent_ops(loop: str) -> dict[str, int]:
+    """Counts the ops of a loop body whose operands depend on its integer block arguments (the step
+    index) or on a table read in it, by op name (inline asm by its first word)."""
+    header, body = loop.split("\n", 1)
+    dependent = {name for name, ty in re.findall(r"(%arg\d+): (\w+)", header) if ty in ("i32", "i64", "index")}
+    counts: dict[str, int] = {}
+    for line in body.split("\n"):
+        match = re.match(r'\s*(?:(%\w+)(?::\d+)? = )?"stable_mosaic_gpu\.([\w.]+)"(.*)', line)
+        if not match:
+            continue
+        name, op, rest = match.groups()
+        if _TABLE_READ.search(line):
+            dependent.add(name)
+        elif set(re.findall(r"%\w+", rest.split(" : ")[0])) & dependent:
+            dependent.add(name) if name else None
+            asm = re.search(r'asm_string = "(?:@\$\d+ |\{ \.reg \.pred p; setp\.ne\.b32 p, \$\d+, 0; )?([\w.]+)', line)
+            key = f"{op}:{asm.group(1)}" if asm else op
+            counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
+_STATIC = mosaic_bwd.MosaicBwdTuning(fused=True, fused_order="fa4_late_dv", fused_pipeline="static", memory_registers=24)
+
+
+@pytest.mark.skipif(jax.__version_info__ < (0, 11), reason="the fused backward needs jax >= 0.11")
+@pytest.mark.parametrize("case", [(32760, 32760, 1, 128), *[c for c in CASES if c[3] == 128]])
+@pytest.mark.parametrize("stats_in_acc", [False, True], ids=["stats_in_registers", "stats_in_acc"])
+def test_static_pipeline_runs_a_mask_block_as_two_steps_on_constant_slots(monkeypatch, case, stats_in_acc):
+    # MosaicBwdTuning(fused_pipeline="static"): one loop iteration is a 128-query mask block, two
+    # fa4_late_dv steps unrolled (each S^T, dP^T; wait 1, wait 0, dV, dQ, dK; wait 2, 1, 0), then the
+    # dK and dV reads after the loop. One table read an iteration (the emit pipeline reads one a
+    # step), one dQ reduce-add a step, and what depends on the iteration is only the reduce's
+    # destination row: no shared-memory address (getelementptr), wgmma descriptor, stmatrix or
+    # barrier, all of which the emit pipeline's step computes from the step's parity.
+    tables, q, kv, rows = _setup(*case)
+    modules = {}
+    for name, pipeline in [("static", "static"), ("emit", "emit")]:
+        tuning = dataclasses.replace(_STATIC, stats_in_acc=stats_in_acc, fused_pipeline=pipeline)
+        backward = lambda *a, tuning=tuning: mosaic_bwd.mosaic_backward(*a, tables=tables, scale=0.1, tuning=tuning)
+        (modules[name],) = _mosaic_modules(monkeypatch, backward, q, kv, kv, q, rows, q, rows)
+    step = [(1, 2), (0, 0), (2, 3), (1, 0), (0, 0)]
+    assert _wgmma_waits(modules["emit"]) == step + [(0, 0), (0, 0)]
+    assert _wgmma_waits(modules["static"]) == step * 2 + [(0, 0), (0, 0)]
+    loops = {name: _compute_loop(module) for name, module in modules.items()}
+    assert [len(_TABLE_READ.findall(loops[name])) for name in ("static", "emit")] == [1, 1]
+    assert loops["static"].count("cp.reduce.async.bulk") == 2 and loops["static"].count("mbarrier.try_wait") == 4
+    static, emit = (_iteration_dependent_ops(loops[name]) for name in ("static", "emit"))
+    assert {op for op in static if not op.startswith("arith.")} == {
+        "memref.subview", "llvm.inline_asm:cp.reduce.async.bulk.tensor.5d.global.shared", "scf.yield"}, static
+    assert static["llvm.inline_asm:cp.reduce.async.bulk.tensor.5d.global.shared"] == 2
+    assert emit["llvm.getelementptr"] > 50 and emit["nvvm.stmatrix"] and emit["nvvm.mbarrier.try_wait.parity"]
+    assert any(op.startswith("llvm.inline_asm:wgmma.mma_async") for op in emit)  # descriptors of the slot
+    assert "arith.remsi" not in loops["static"] and "arith.remsi" in loops["emit"]
+    # memory_registers=24: the memory warpgroup gives up registers, the compute warpgroups take 240.
+    assert "setmaxnreg.dec.sync.aligned.u32 24;" in modules["static"]
+    assert "setmaxnreg.inc.sync.aligned.u32 240;" in modules["static"]
