@@ -84,6 +84,9 @@ def backward_variants() -> dict[str, KernelTuning]:
                 fused=True, fused_order="fa4_late_dv", memory_registers=24, stats_in_acc=True, fused_pipeline="static")),
             "fused_static_nostats_bwd": KernelTuning(mosaic_bwd=MosaicBwdTuning(
                 fused=True, fused_order="fa4_late_dv", memory_registers=24, fused_pipeline="static")),
+            "fused_static_wg_bwd": KernelTuning(mosaic_bwd=MosaicBwdTuning(
+                fused=True, fused_order="fa4_late_dv", memory_registers=24, stats_in_acc=True,
+                fused_pipeline="static_wg")),
             "fused_regs240_bwd": KernelTuning(mosaic_bwd=MosaicBwdTuning(fused=True, memory_registers=24)),
             "regs240_bwd": KernelTuning(mosaic_bwd=MosaicBwdTuning(memory_registers=24)),
             "dq_tile_128_bwd": KernelTuning(mosaic_bwd=MosaicBwdTuning(block_kv_dq=128)),

@@ -106,6 +106,9 @@ class MosaicBwdTuning:
     # steps unrolled in Python, the first on ring stage 0 and the second on stage 1, so every
     # shared-memory address, barrier and wgmma descriptor in the body is a compile-time constant (ncu
     # found the emit steps spilling and reloading such addresses, benchmarks/NOTES.md session 6).
+    # "static_wg": the same with each compute warpgroup's code emitted apart (a branch on the
+    # warpgroup around each), so its own K/V rows, dS^T half and dQ staging tile are constants too and
+    # no wgmma descriptor depends on the thread index; twice the compute code.
     fused_pipeline: str = "emit"
 
 

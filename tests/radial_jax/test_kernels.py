@@ -326,7 +326,10 @@ class TestMosaicGPU(KernelChecks):
                                                              memory_registers=24, fused_pipeline="static"),
                   "fused_static_stats": mosaic_bwd.MosaicBwdTuning(fused=True, fused_order="fa4_late_dv",
                                                                    memory_registers=24, stats_in_acc=True,
-                                                                   fused_pipeline="static")}[variant]
+                                                                   fused_pipeline="static"),
+                  "fused_static_wg_stats": mosaic_bwd.MosaicBwdTuning(fused=True, fused_order="fa4_late_dv",
+                                                                      memory_registers=24, stats_in_acc=True,
+                                                                      fused_pipeline="static_wg")}[variant]
 
         q_len, kv_len = lengths
         heads, head_dim, batch, block = 3, 128, 2, self.block
@@ -372,7 +375,8 @@ class TestMosaicFusedFA4GPU(TestMosaicGPU):
 
     @pytest.mark.parametrize("lengths", [(1560, 1560), (1000, 1560), (1560, 1000)])
     @pytest.mark.parametrize("variant", ["fused_fa4", "fused_fa4_late_dv", "fused_fa4_stats", "fused_private_dq",
-                                         "fused_private_dq_stats", "fused_static", "fused_static_stats"])
+                                         "fused_private_dq_stats", "fused_static", "fused_static_stats",
+                                         "fused_static_wg_stats"])
     def test_backward_variants_match_reference(self, lengths, variant):
         super().test_backward_variants_match_reference(lengths, variant)
 
@@ -390,9 +394,19 @@ class TestMosaicFusedStaticGPU(TestMosaicFusedFA4GPU):
                                                      stats_in_acc=True, fused_pipeline="static"))
 
     @pytest.mark.parametrize("lengths", [(1560, 1560), (1000, 1560), (1560, 1000)])
-    @pytest.mark.parametrize("variant", ["fused_static", "fused_static_stats"])
+    @pytest.mark.parametrize("variant", ["fused_static", "fused_static_stats", "fused_static_wg_stats"])
     def test_backward_variants_match_reference(self, lengths, variant):
         super().test_backward_variants_match_reference(lengths, variant)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not IS_HOPPER, reason="needs a Hopper GPU (sm90) for the Mosaic kernel")
+class TestMosaicFusedStaticWgGPU(TestMosaicFusedStaticGPU):
+    """TestMosaicFusedStaticGPU with each compute warpgroup's code emitted apart
+    (fused_pipeline="static_wg"): the same steps, so the same cases and bounds."""
+
+    tuning = KernelTuning(mosaic_bwd=MosaicBwdTuning(fused=True, fused_order="fa4_late_dv", memory_registers=24,
+                                                     stats_in_acc=True, fused_pipeline="static_wg"))
 
 
 @pytest.mark.gpu

@@ -271,7 +271,8 @@ def test_fused_order_is_checked_with_the_fix():
                ({"memory_registers": 20}, "memory_registers=20: choose a multiple of 8"),
                ({"fused": True, "fused_pipeline": "static"}, "fused_order='fa4_late_dv'"),
                ({"fused_order": "fa4_late_dv", "fused_pipeline": "static"}, "set fused=True"),
-               ({"fused": True, "fused_order": "fa4_late_dv", "fused_pipeline": "manual"}, "choose one of")]
+               ({"fused": True, "fused_order": "fa4_late_dv", "fused_pipeline": "manual"}, "choose one of"),
+               ({"fused": True, "fused_order": "private_dq", "fused_pipeline": "static_wg"}, "fused_order='fa4_late_dv'")]
     for fields, message in refused:
         tuning = mosaic_bwd.MosaicBwdTuning(**fields)
         with pytest.raises(ValueError, match=message):
@@ -393,17 +394,36 @@ def _iteration_dependent_ops(loop: str) -> dict[str, int]:
     """Counts the ops of a loop body whose operands depend on its integer block arguments (the step
     index) or on a table read in it, by op name (inline asm by its first word)."""
     header, body = loop.split("\n", 1)
-    dependent = {name for name, ty in re.findall(r"(%arg\d+): (\w+)", header) if ty in ("i32", "i64", "index")}
+    seeds = {name for name, ty in re.findall(r"(%arg\d+): (\w+)", header) if ty in ("i32", "i64", "index")}
+    return _dependent_ops(body, body, seeds, _TABLE_READ)
+
+
+def _thread_dependent_ops(module: str, loop: str) -> dict[str, int]:
+    """Counts the ops of a loop body that depend on the thread index (gpu.thread_id, in the whole
+    module), as _iteration_dependent_ops; arithmetic on f32/bf16 values and vectors is left out."""
+    return _dependent_ops(module, loop, set(), re.compile(r'"stable_mosaic_gpu\.gpu\.thread_id"'))
+
+
+def _dependent_ops(text: str, counted: str, dependent: set[str], seed: re.Pattern) -> dict[str, int]:
+    """Follows the SSA data flow of `text` from the names in `dependent` and the results of the lines
+    matching `seed`, not through f32/bf16 values or vectors (the data, not addresses); counts the
+    dependent ops in `counted` (a part of `text`), by op name (inline asm: its first word)."""
+    first = text[: text.index(counted)].count("\n")
+    last = first + counted.count("\n")
     counts: dict[str, int] = {}
-    for line in body.split("\n"):
+    for number, line in enumerate(text.split("\n")):
         match = re.match(r'\s*(?:(%\w+)(?::\d+)? = )?"stable_mosaic_gpu\.([\w.]+)"(.*)', line)
         if not match:
             continue
         name, op, rest = match.groups()
-        if _TABLE_READ.search(line):
+        if seed.search(line):
             dependent.add(name)
-        elif set(re.findall(r"%\w+", rest.split(" : ")[0])) & dependent:
-            dependent.add(name) if name else None
+            continue
+        if not set(re.findall(r"%\w+", rest.split(" : ")[0])) & dependent:
+            continue
+        if name and not re.search(r"-> \(?(vector<|f32|bf16|f16)", line):
+            dependent.add(name)
+        if first <= number <= last:
             asm = re.search(r'asm_string = "(?:@\$\d+ |\{ \.reg \.pred p; setp\.ne\.b32 p, \$\d+, 0; )?([\w.]+)', line)
             key = f"{op}:{asm.group(1)}" if asm else op
             counts[key] = counts.get(key, 0) + 1
@@ -445,3 +465,30 @@ def test_static_pipeline_runs_a_mask_block_as_two_steps_on_constant_slots(monkey
     # memory_registers=24: the memory warpgroup gives up registers, the compute warpgroups take 240.
     assert "setmaxnreg.dec.sync.aligned.u32 24;" in modules["static"]
     assert "setmaxnreg.inc.sync.aligned.u32 240;" in modules["static"]
+
+
+@pytest.mark.skipif(jax.__version_info__ < (0, 11), reason="the fused backward needs jax >= 0.11")
+@pytest.mark.parametrize("case", [(32760, 32760, 1, 128), (4100, 257, 2, 128)])
+def test_static_wg_pipeline_gives_each_warpgroup_constant_wgmma_descriptors(monkeypatch, case):
+    # fused_pipeline="static_wg": the static pipeline with each compute warpgroup's code emitted
+    # apart (wg a Python int), so its K/V rows, dS^T half and dQ staging tile are constants too: no
+    # wgmma issue in the loop depends on the thread index, where the shared static code computes the
+    # descriptors of 24 of a step's 32 from it. Two compute loops, each with the static one's waits,
+    # table read, reduce-adds and iteration-dependent ops.
+    tables, q, kv, rows = _setup(*case)
+    modules = {}
+    for pipeline in ("static", "static_wg"):
+        tuning = dataclasses.replace(_STATIC, stats_in_acc=True, fused_pipeline=pipeline)
+        backward = lambda *a, tuning=tuning: mosaic_bwd.mosaic_backward(*a, tables=tables, scale=0.1, tuning=tuning)
+        (modules[pipeline],) = _mosaic_modules(monkeypatch, backward, q, kv, kv, q, rows, q, rows)
+    step = [(1, 2), (0, 0), (2, 3), (1, 0), (0, 0)]
+    assert _wgmma_waits(modules["static_wg"]) == (step * 2 + [(0, 0), (0, 0)]) * 2
+    assert modules["static_wg"].count("cp.reduce.async.bulk") == 4
+    wgmma_of_thread = {}
+    for pipeline, module in modules.items():
+        loop = _compute_loop(module)  # warpgroup 0's in static_wg
+        assert len(_TABLE_READ.findall(loop)) == 1 and loop.count("cp.reduce.async.bulk") == 2
+        assert _iteration_dependent_ops(loop) == _iteration_dependent_ops(_compute_loop(modules["static"]))
+        wgmma_of_thread[pipeline] = sum(n for op, n in _thread_dependent_ops(module, loop).items()
+                                        if op.startswith("llvm.inline_asm:wgmma.mma_async"))
+    assert wgmma_of_thread == {"static": 48, "static_wg": 0}, wgmma_of_thread
