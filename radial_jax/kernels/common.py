@@ -102,7 +102,7 @@ class MosaicBwdTuning:
     # How the fused kernel streams the query tiles. "emit": plgpu.emit_pipeline_warp_specialized, one
     # step a 64-row tile, whose buffers, barriers and dS^T / dQ staging slots are indexed by the
     # step's parity at run time. "static" (fused_order="fa4_late_dv" only): a hand-written pipeline
-    # (mosaic_bwd._static_query_pipeline) whose loop iteration is one 128-query mask block, i.e. two
+    # (mosaic_pipeline.static_query_pipeline) whose loop iteration is one 128-query mask block, i.e. two
     # steps unrolled in Python, the first on ring stage 0 and the second on stage 1, so every
     # shared-memory address, barrier and wgmma descriptor in the body is a compile-time constant (ncu
     # found the emit steps spilling and reloading such addresses, benchmarks/NOTES.md session 6).

@@ -1,0 +1,146 @@
+"""What the Mosaic backward's kernels share: the wgmma operands' shared-memory transforms, a whole-ref
+load that both jax versions take, and the query-side pipelines of the key-block kernels (the split
+design's dk/dv kernel and the fused kernel, mosaic_bwd.py and mosaic_bwd_fused.py): one on
+`emit_pipeline_warp_specialized`, one written by hand with constant slots.
+"""
+
+import functools
+
+import jax.numpy as jnp
+from jax import lax
+
+from radial_jax.kernels.common import COMPUTE_WGS, MASK_BLOCK
+
+__all__ = ["load_ref", "query_tile_pipeline", "smem_transforms", "static_query_pipeline", "tile_of_step"]
+
+
+def smem_transforms(dtype):
+    """(tiling, swizzle) of a wgmma operand in shared memory: 128-byte rows, swizzled."""
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+
+    return plgpu.TilingTransform((8, 128 // jnp.dtype(dtype).itemsize)), plgpu.SwizzleTransform(128)
+
+
+def load_ref(ref, *, layout):
+    """plgpu.load of a whole ref: jax 0.10 requires an index argument, 0.11 deprecates it."""
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+
+    try:
+        return plgpu.load(ref, layout=layout)
+    except TypeError:
+        return plgpu.load(ref, None, layout=layout)
+
+
+def tile_of_step(ids_ref, row, i, r):
+    """The pipeline tile that step i of table row `row` visits: tiles are 1/r of a mask block."""
+    return ids_ref[row, i // r] * r + lax.rem(i, jnp.int32(r))
+
+
+def query_tile_pipeline(step, compute_thread, refs, ids_ref, counts_ref, where, block_q: int, stages: int,
+                         memory_registers: int):
+    """Runs the dk/dv-side pipeline: q, dO ([block_q, D]) and lse2, delta ([block_q]) tiles of the
+    query blocks that see key block `kv_block` (the transposed table), in `stages` buffers.
+
+    refs: (q, dO, lse2, delta) GMEM refs; where: (batch, head, kv_block) of this CTA;
+    memory_registers: the memory warpgroup's registers per thread (MosaicBwdTuning).
+    """
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+
+    q_ref, do_ref, lse_ref, delta_ref = refs
+    b, head, kv_block = where
+    r = MASK_BLOCK // block_q
+    tile = lambda i: tile_of_step(ids_ref, kv_block, i, r)
+    seq_spec = plgpu.BlockSpec(block_shape=(block_q, q_ref.shape[-1]), index_map=lambda i: (tile(i), 0),
+                               transforms=smem_transforms(q_ref.dtype))
+    row_spec = plgpu.BlockSpec(block_shape=(block_q,), index_map=lambda i: (tile(i),))
+    pipeline = plgpu.emit_pipeline_warp_specialized(
+        step, grid=(counts_ref[kv_block] * r,), max_concurrent_steps=stages, num_compute_wgs=COMPUTE_WGS,
+        memory_registers=memory_registers, wg_axis="wg", manual_consumed_barriers=True, compute_context=compute_thread,
+        in_specs=[seq_spec, seq_spec, row_spec, row_spec])
+    pipeline(q_ref.at[b, :, head, :], do_ref.at[b, :, head, :], lse_ref.at[b, head, :], delta_ref.at[b, head, :])
+
+
+def static_query_pipeline(step, compute_thread, refs, ring, ids_ref, counts_ref, where, tile_rows: int,
+                           memory_registers: int):
+    """The fused kernel's hand-written query pipeline (MosaicBwdTuning.fused_pipeline="static").
+
+    One loop iteration j visits query block ids[kv_block, j] of the transposed table as two 64-row
+    steps unrolled here: step A on ring stage 0, step B on stage 1, so the body's buffers, barriers
+    and slots are constants and the one dynamic value an iteration is the block index (one table
+    read). step(stage, q_block, (q, dO, lse2, delta) tiles of the stage, the stage's consumed
+    barrier, carry) runs one step and arrives on that barrier once it has read the tiles for the
+    last time; compute_thread(pipeline) as in query_tile_pipeline. Lists of COMPUTE_WGS steps and
+    compute_threads: warpgroup w runs its own (MosaicBwdTuning.fused_pipeline="static_wg").
+    refs: (q [B, L, N, D], dO, lse2 [B, N, L], delta) in GMEM; ring: (q, dO, lse2, delta stages,
+    full barriers, consumed barriers), each tile ring [2 * tile_rows, ...]; where: (batch, head, kv_block)
+    of this CTA; tile_rows: a step's query rows, half a mask block.
+
+    Slot safety. The memory warpgroup refills stage s for iteration j (j > 0) only after stage s's
+    consumed barrier completed for iteration j - 1: both compute warpgroups had retired every wgmma
+    reading its q and dO tiles (the step's last, dK) and had loaded its lse2 and delta. A compute
+    warpgroup reads stage s of iteration j only after stage s's full barrier completed phase j (all
+    four TMA loads landed). Each barrier completes once an iteration and every waiter waits on every
+    phase, so the parities stay matched. The dS^T and dQ staging slots alternate as i % 2 does in the
+    emit pipeline (step A is an even step, B odd), so fused_kernel's arguments for them hold as written.
+    Ragged ends are as in the emit pipeline: TMA zero-fills q and dO past the length; lse2 and delta
+    are padded to whole mask blocks with zeros. count 0: no iteration, no load, dK = dV = 0.
+    """
+    import jax.experimental.pallas as pl
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+
+    q_ref, do_ref, lse_ref, delta_ref = refs
+    *tiles, full, consumed = ring
+    b, head, kv_block = where
+    stages, block_q = MASK_BLOCK // tile_rows, tile_rows
+    # A stage is a static row slice of the ring, not an integer index: an integer index of a ref that a
+    # pl.run_state in the step closes over (stats_in_acc) reaches the loop body as a literal, which
+    # Mosaic GPU's lowering of the loop rejects ("Shaped arrays must be represented by ir.Values").
+    stage_of = lambda ref, stage: ref.at[pl.ds(stage * block_q, block_q)]
+    count = counts_ref[kv_block]
+    wg = lax.axis_index("wg")
+
+    def compute(step, compute_thread):
+        # emit_pipeline_warp_specialized's split of the 512 registers a thread (multiples of 8).
+        plgpu.set_max_registers(min(256, (512 - memory_registers) // COMPUTE_WGS) // 8 * 8, action="increase")
+
+        def pipeline(carry):
+            @pl.loop(0, count)
+            def _(j):
+                q_block = ids_ref[kv_block, j]
+                for stage in range(stages):
+                    plgpu.barrier_wait(full.at[stage])
+                    step(stage, q_block, tuple(stage_of(tile, stage) for tile in tiles), consumed.at[stage], carry)
+
+            return carry
+
+        compute_thread(pipeline)
+
+    if isinstance(step, list):  # one (step, compute_thread) per compute warpgroup
+        for w in range(COMPUTE_WGS):
+            pl.when(wg == w)(functools.partial(compute, step[w], compute_thread[w]))
+    else:
+        pl.when(wg < COMPUTE_WGS)(functools.partial(compute, step, compute_thread))
+
+    @pl.when(wg == COMPUTE_WGS)
+    def _memory():
+        plgpu.set_max_registers(memory_registers, action="decrease")
+
+        def load(q_block, stage):
+            rows = pl.ds((q_block * stages + stage) * block_q, block_q)
+            sources = (q_ref.at[b, rows, head], do_ref.at[b, rows, head], lse_ref.at[b, head, rows],
+                       delta_ref.at[b, head, rows])  # fmt: skip
+            for source, tile in zip(sources, tiles):
+                plgpu.copy_gmem_to_smem(source, stage_of(tile, stage), full.at[stage])
+
+        @pl.when(count > 0)
+        def _():  # iteration 0: both stages are free
+            q_block = ids_ref[kv_block, 0]
+            for stage in range(stages):
+                load(q_block, stage)
+
+        @pl.loop(1, count)
+        def _(j):
+            q_block = ids_ref[kv_block, j]
+            for stage in range(stages):
+                plgpu.barrier_wait(consumed.at[stage])  # iteration j - 1's step on this stage is done
+                load(q_block, stage)
