@@ -29,7 +29,8 @@ from jax import lax
 
 from radial_jax.kernels.common import COMPUTE_WGS, LOG2_E, MASK_BLOCK, MosaicBwdTuning, seq_multiple, unpad_seq
 from radial_jax.kernels.mosaic_bwd_fused import FUSED_ORDERS, FUSED_PIPELINES, fused_kernel
-from radial_jax.kernels.mosaic_pipeline import load_ref, query_tile_pipeline, smem_transforms, tile_of_step
+from radial_jax.kernels.mosaic_pipeline import (load_ref, query_tile_pipeline, smem_transforms, store_dk_dv,
+                                                tile_of_step)
 from radial_jax.kernels.tables import BlockTables
 
 __all__ = ["FUSED_ORDERS", "FUSED_PIPELINES", "MosaicBwdTuning", "dkv_kernel", "dq_kernel", "fused_kernel",
@@ -205,13 +206,7 @@ def dkv_kernel(q, k, v, d_out, lse2, delta, *, tables: BlockTables, scale: float
 
             acc = plgpu.ACC((block_kv, head_dim), jnp.float32)
             dk, dv = pl.run_scoped(run, acc, acc)
-            k_smem[...] = (dk * scale).astype(dtype)
-            v_smem[...] = dv.astype(dtype)
-            plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(k_smem, dk_ref.at[rows], commit_group=False)
-            plgpu.copy_smem_to_gmem(v_smem, dv_ref.at[rows], commit_group=False)
-            plgpu.commit_smem_to_gmem_group()
-            plgpu.wait_smem_to_gmem(0)
+            store_dk_dv(dk, dv, k_smem, v_smem, dk_ref.at[rows], dv_ref.at[rows], scale=scale)
 
         def step(_, q_smem, do_smem, lse_smem, delta_smem, q_consumed, do_consumed, lse_consumed,
                  delta_consumed, carry):

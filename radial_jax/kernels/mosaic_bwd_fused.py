@@ -24,7 +24,7 @@ from jax import lax
 
 from radial_jax.kernels.common import COMPUTE_WGS, LOG2_E, MASK_BLOCK, MosaicBwdTuning
 from radial_jax.kernels.mosaic_pipeline import (load_ref, query_tile_pipeline, smem_transforms,
-                                                static_query_pipeline, tile_of_step)
+                                                static_query_pipeline, store_dk_dv, tile_of_step)
 from radial_jax.kernels.tables import BlockTables
 
 FUSED_ORDERS = ("deferred_dq", "fa4", "fa4_late_dv", "private_dq")  # MosaicBwdTuning.fused_order's choices
@@ -117,13 +117,7 @@ def fused_kernel(q, k, v, d_out, lse2, delta, *, tables: BlockTables, scale: flo
                 # The other warpgroup may still read this one's K rows for its last dQ.
                 plgpu.barrier_arrive(done)
                 plgpu.barrier_wait(done)
-                k_own[...] = (dk * scale).astype(dtype)
-                v_own[...] = dv.astype(dtype)
-                plgpu.commit_smem()
-                plgpu.copy_smem_to_gmem(k_own, dk_ref.at[rows], commit_group=False)
-                plgpu.copy_smem_to_gmem(v_own, dv_ref.at[rows], commit_group=False)
-                plgpu.commit_smem_to_gmem_group()
-                plgpu.wait_smem_to_gmem(0)
+                store_dk_dv(dk, dv, k_own, v_own, dk_ref.at[rows], dv_ref.at[rows], scale=scale)
 
             def step(index, q_smem, do_smem, lse_smem, delta_smem, q_consumed, do_consumed, lse_consumed,
                      delta_consumed, carry):

@@ -1,7 +1,8 @@
-"""What the Mosaic backward's kernels share: the wgmma operands' shared-memory transforms, a whole-ref
-load that both jax versions take, and the query-side pipelines of the key-block kernels (the split
-design's dk/dv kernel and the fused kernel, mosaic_bwd.py and mosaic_bwd_fused.py): one on
-`emit_pipeline_warp_specialized`, one written by hand with constant slots.
+"""What the Mosaic backward's kernels share: the wgmma operands' shared-memory transforms, a
+whole-ref load that both jax versions take, and for the key-block kernels (the split design's
+dk/dv kernel in mosaic_bwd.py, the fused kernel in mosaic_bwd_fused.py) their dK/dV epilogue and
+their query-side pipelines: one on `emit_pipeline_warp_specialized`, one written by hand with
+constant slots.
 """
 
 import functools
@@ -11,7 +12,8 @@ from jax import lax
 
 from radial_jax.kernels.common import COMPUTE_WGS, MASK_BLOCK
 
-__all__ = ["load_ref", "query_tile_pipeline", "smem_transforms", "static_query_pipeline", "tile_of_step"]
+__all__ = ["load_ref", "query_tile_pipeline", "smem_transforms", "static_query_pipeline", "store_dk_dv",
+           "tile_of_step"]
 
 
 def smem_transforms(dtype):
@@ -29,6 +31,24 @@ def load_ref(ref, *, layout):
         return plgpu.load(ref, layout=layout)
     except TypeError:
         return plgpu.load(ref, None, layout=layout)
+
+
+def store_dk_dv(dk, dv, k_smem, v_smem, dk_ref, dv_ref, *, scale: float):
+    """The key-block kernels' epilogue: dk * scale and dv, cast to the inputs' dtype, through this
+    warpgroup's K and V tiles in SMEM (free once its last wgmma retired) to dk_ref, dv_ref by TMA.
+
+    dk, dv: [block_kv, D] f32 in registers; k_smem, v_smem: [block_kv, D] SMEM; dk_ref, dv_ref: the
+    GMEM rows they go to.
+    """
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+
+    k_smem[...] = (dk * scale).astype(k_smem.dtype)
+    v_smem[...] = dv.astype(v_smem.dtype)
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(k_smem, dk_ref, commit_group=False)
+    plgpu.copy_smem_to_gmem(v_smem, dv_ref, commit_group=False)
+    plgpu.commit_smem_to_gmem_group()
+    plgpu.wait_smem_to_gmem(0)
 
 
 def tile_of_step(ids_ref, row, i, r):
