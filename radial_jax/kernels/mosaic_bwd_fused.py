@@ -45,7 +45,7 @@ def fused_kernel(q, k, v, d_out, lse2, delta, *, tables: BlockTables, scale: flo
     r = MASK_BLOCK // block_q
     padded = tables.num_q_blocks * MASK_BLOCK
     qk_scale = scale * LOG2_E
-    fa4 = tuning.fused_order in ("fa4", "fa4_late_dv", "private_dq")
+    in_step_dq = tuning.fused_order != "deferred_dq"  # step_fa4: each step reduces its own dQ
     late_dv = tuning.fused_order in ("fa4_late_dv", "private_dq")
     private_dq = tuning.fused_order == "private_dq"
     stats_in_acc = tuning.stats_in_acc
@@ -64,6 +64,7 @@ def fused_kernel(q, k, v, d_out, lse2, delta, *, tables: BlockTables, scale: flo
         wg = lax.axis_index("wg")
         k_smem, v_smem2, ds_smem, dq_smem2, *ring = smem  # ring: the static pipeline's q, dO, lse2, delta
         k_loaded, v_loaded, ds_ready, done, *ring_barriers = barriers  # its (full, consumed) barriers
+
         def warpgroup(wg):
             """(compute_thread, step, step_fa4, static_step) of compute warpgroup wg: traced (one code for both
             warpgroups) or, with fused_pipeline="static_wg", a Python int (each its own code, whose
@@ -100,7 +101,7 @@ def fused_kernel(q, k, v, d_out, lse2, delta, *, tables: BlockTables, scale: flo
 
                 acc = plgpu.ACC((block_kv, head_dim), jnp.float32)
                 dk, dv = pl.run_scoped(run, acc, acc)
-                if not fa4:  # fa4 stores every step's dQ within the step
+                if not in_step_dq:  # the deferred order's last dQ, after the loop
                     steps = counts_ref[kv_block] * r
 
                     @pl.when(steps > 0)
@@ -304,7 +305,7 @@ def fused_kernel(q, k, v, d_out, lse2, delta, *, tables: BlockTables, scale: flo
             static_query_pipeline(static_step, compute_thread, refs, (*ring, *ring_barriers), ids_ref, counts_ref,
                                    (b, head, kv_block), block_q, tuning.memory_registers)  # fmt: skip
         else:
-            query_tile_pipeline(step_fa4 if fa4 else step, compute_thread, refs, ids_ref, counts_ref,
+            query_tile_pipeline(step_fa4 if in_step_dq else step, compute_thread, refs, ids_ref, counts_ref,
                                  (b, head, kv_block), block_q, tuning.max_concurrent_steps, tuning.memory_registers)
 
     smem = (
