@@ -29,8 +29,8 @@ from jax import lax
 
 from radial_jax.kernels.common import COMPUTE_WGS, LOG2_E, MASK_BLOCK, MosaicBwdTuning, seq_multiple, unpad_seq
 from radial_jax.kernels.mosaic_bwd_fused import FUSED_ORDERS, FUSED_PIPELINES, fused_kernel
-from radial_jax.kernels.mosaic_pipeline import (load_ref, query_tile_pipeline, smem_transforms, store_dk_dv,
-                                                tile_of_step)
+from radial_jax.kernels.mosaic_pipeline import (dv_and_ds_t, load_ref, query_tile_pipeline, smem_transforms,
+                                                store_dk_dv, tile_of_step)
 from radial_jax.kernels.tables import BlockTables
 
 __all__ = ["FUSED_ORDERS", "FUSED_PIPELINES", "MosaicBwdTuning", "dkv_kernel", "dq_kernel", "fused_kernel",
@@ -222,15 +222,7 @@ def dkv_kernel(q, k, v, d_out, lse2, delta, *, tables: BlockTables, scale: float
             plgpu.barrier_arrive(lse_consumed)
             p_t = jnp.exp2(s_t * qk_scale - lax.broadcast_in_dim(lse, s_t.shape, [1]))
 
-            def compute_dp_t(acc):
-                plgpu.wgmma(acc, v_smem, do_smem.transpose((1, 0)))
-                plgpu.wgmma(dv_acc, p_t.astype(dtype), do_smem)
-                return plgpu.wgmma_accumulator_load(acc, wait_n=1)  # dP^T; dV may still run
-
-            dp_t = pl.run_scoped(compute_dp_t, plgpu.ACC((block_kv, block_q), jnp.float32))
-            delta = load_ref(delta_smem, layout=col)
-            plgpu.barrier_arrive(delta_consumed)
-            ds_t = p_t * (dp_t - lax.broadcast_in_dim(delta, dp_t.shape, [1]))
+            ds_t = dv_and_ds_t(p_t, v_smem, do_smem, delta_smem, delta_consumed, dv_acc)
             plgpu.wgmma(dk_acc, ds_t.astype(dtype), q_smem)
             plgpu.wgmma_wait(1)
             plgpu.barrier_arrive(do_consumed)

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from radial_jax.kernels.common import COMPUTE_WGS, LOG2_E, MASK_BLOCK, MosaicBwdTuning
-from radial_jax.kernels.mosaic_pipeline import (load_ref, query_tile_pipeline, smem_transforms,
+from radial_jax.kernels.mosaic_pipeline import (dv_and_ds_t, load_ref, query_tile_pipeline, smem_transforms,
                                                 static_query_pipeline, store_dk_dv, tile_of_step)
 from radial_jax.kernels.tables import BlockTables
 
@@ -148,15 +148,7 @@ def fused_kernel(q, k, v, d_out, lse2, delta, *, tables: BlockTables, scale: flo
                                              plgpu.ACC((block_q, d_half), jnp.float32))
                 add_dq(dq_prev, jnp.maximum(i - 1, 0), predicate=i > 0)
 
-                def compute_dp_t(acc):
-                    plgpu.wgmma(acc, v_own, do_smem.transpose((1, 0)))
-                    plgpu.wgmma(dv_acc, p_t.astype(dtype), do_smem)
-                    return plgpu.wgmma_accumulator_load(acc, wait_n=1)  # dP^T; dV may still run
-
-                dp_t = pl.run_scoped(compute_dp_t, plgpu.ACC((block_kv, block_q), jnp.float32))
-                delta = load_ref(delta_smem, layout=col)
-                plgpu.barrier_arrive(delta_consumed)
-                ds_t = (p_t * (dp_t - bcast_col(delta, dp_t.shape))).astype(dtype)
+                ds_t = dv_and_ds_t(p_t, v_own, do_smem, delta_smem, delta_consumed, dv_acc).astype(dtype)
                 plgpu.wgmma(dk_acc, ds_t, q_smem)
                 # Safe to overwrite: both warpgroups read this slot (dQ of step i - 2) before they
                 # arrived for step i - 1, and this warpgroup waited for that arrival above.

@@ -12,7 +12,7 @@ from jax import lax
 
 from radial_jax.kernels.common import COMPUTE_WGS, MASK_BLOCK
 
-__all__ = ["load_ref", "query_tile_pipeline", "smem_transforms", "static_query_pipeline", "store_dk_dv",
+__all__ = ["dv_and_ds_t", "load_ref", "query_tile_pipeline", "smem_transforms", "static_query_pipeline", "store_dk_dv",
            "tile_of_step"]
 
 
@@ -49,6 +49,27 @@ def store_dk_dv(dk, dv, k_smem, v_smem, dk_ref, dv_ref, *, scale: float):
     plgpu.copy_smem_to_gmem(v_smem, dv_ref, commit_group=False)
     plgpu.commit_smem_to_gmem_group()
     plgpu.wait_smem_to_gmem(0)
+
+
+def dv_and_ds_t(p_t, v_smem, do_smem, delta_smem, delta_consumed, dv_acc):
+    """One key-block step's middle: issues dP^T = V dO^T and dV += P^T dO, waits for dP^T only (dV may
+    still run), and returns dS^T = P^T (dP^T - delta), f32.
+
+    p_t: [block_kv, block_q] f32 (its cast is dV's register operand); v_smem: [block_kv, D];
+    do_smem: [block_q, D]; delta_smem: [block_q], released on delta_consumed once read.
+    """
+    import jax.experimental.pallas as pl
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+
+    def compute_dp_t(acc):
+        plgpu.wgmma(acc, v_smem, do_smem.transpose((1, 0)))
+        plgpu.wgmma(dv_acc, p_t.astype(do_smem.dtype), do_smem)
+        return plgpu.wgmma_accumulator_load(acc, wait_n=1)  # dP^T; dV may still run
+
+    dp_t = pl.run_scoped(compute_dp_t, plgpu.ACC(p_t.shape, jnp.float32))
+    delta = load_ref(delta_smem, layout=plgpu.Layout.WGMMA.reduce(0))
+    plgpu.barrier_arrive(delta_consumed)
+    return p_t * (dp_t - lax.broadcast_in_dim(delta, dp_t.shape, [1]))
 
 
 def tile_of_step(ids_ref, row, i, r):
