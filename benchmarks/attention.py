@@ -90,7 +90,13 @@ def backward_variants() -> dict[str, KernelTuning]:
             "fused_regs240_bwd": KernelTuning(mosaic_bwd=MosaicBwdTuning(fused=True, memory_registers=24)),
             "regs240_bwd": KernelTuning(mosaic_bwd=MosaicBwdTuning(memory_registers=24)),
             "dq_tile_128_bwd": KernelTuning(mosaic_bwd=MosaicBwdTuning(block_kv_dq=128)),
-            "stages_3_bwd": KernelTuning(mosaic_bwd=MosaicBwdTuning(max_concurrent_steps=3))}
+            "stages_3_bwd": KernelTuning(mosaic_bwd=MosaicBwdTuning(max_concurrent_steps=3)),
+            # Launch orders of the backward kernels: query (dq) / key (dk/dv) blocks fastest, 4 heads fastest.
+            "rows_bwd": KernelTuning(mosaic_bwd=MosaicBwdTuning(grid_heads=1)),
+            "heads4_bwd": KernelTuning(mosaic_bwd=MosaicBwdTuning(grid_heads=4)),
+            "fused_static_rows_bwd": KernelTuning(mosaic_bwd=MosaicBwdTuning(
+                fused=True, fused_order="fa4_late_dv", memory_registers=24, stats_in_acc=True, fused_pipeline="static",
+                grid_heads=1))}
 
 
 def forward_variants() -> dict[str, KernelTuning]:
@@ -99,7 +105,7 @@ def forward_variants() -> dict[str, KernelTuning]:
     FA3's intra-warpgroup overlap, alone, with the lazy rescale, and without the warpgroups' ping-pong;
     the overlap with P cast after its P V's wait (late_p), also with P V reading P from shared memory
     (p_smem), and in FA3's full order (late_p and O rescaled between the issues: fa3), alone, lazy and
-    without the ping-pong; the default loop without the ping-pong."""
+    without the ping-pong; the default loop without the ping-pong; two launch orders (grid_heads)."""
     fwd = lambda **fields: KernelTuning(mosaic_fwd=MosaicTuning(**fields))
     return {"lazy_rescale_fwd": fwd(lazy_rescale_threshold=8.0),
             "lazy_rescale_0_fwd": fwd(lazy_rescale_threshold=0.0),
@@ -113,7 +119,10 @@ def forward_variants() -> dict[str, KernelTuning]:
                                         lazy_rescale_threshold=8.0),
             "overlap_fa3_no_pingpong_fwd": fwd(overlap_qk=True, overlap_late_p=True, overlap_early_rescale=True,
                                                pingpong=False),
-            "no_pingpong_fwd": fwd(pingpong=False)}
+            "no_pingpong_fwd": fwd(pingpong=False),
+            # Launch orders: query tiles fastest (FA4's), and 4 heads fastest then the tiles.
+            "rows_fwd": fwd(grid_heads=1),
+            "heads4_fwd": fwd(grid_heads=4)}
 
 
 def variants(backward: bool) -> dict[str, KernelTuning]:

@@ -57,6 +57,11 @@ class MosaicTuning:
     # time what it buys: 0.93-0.95x the default on the H200 (benchmarks/attention.py --variants
     # no_pingpong_fwd, results/attention-overlap-h200.json).
     pingpong: bool = True
+    # Launch order (block_grid below): how many heads vary fastest. None: every head, the grid
+    # (heads, query tiles, batch) measured best on the H100 (benchmarks/NOTES.md). 1: query tiles
+    # fastest, FlashAttention-4's sm90 order (its grid is (m blocks, heads, batch)), so the CTAs in
+    # flight share one head's K/V in L2.
+    grid_heads: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,6 +115,9 @@ class MosaicBwdTuning:
     # warpgroup around each), so its own K/V rows, dS^T half and dQ staging tile are constants too and
     # no wgmma descriptor depends on the thread index; twice the compute code.
     fused_pipeline: str = "emit"
+    # Launch order of every backward kernel (block_grid below), as MosaicTuning.grid_heads: None
+    # every head fastest, 1 the query (dq) or key (dk/dv, fused) blocks fastest.
+    grid_heads: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,6 +137,33 @@ class KernelTuning:
     mosaic_bwd: MosaicBwdTuning = MosaicBwdTuning()
     triton_fwd: TritonTuning = TritonTuning(num_warps=4, num_stages=2)
     triton_bwd: TritonTuning = TritonTuning(num_warps=4, num_stages=1)
+
+
+def block_grid(heads: int, blocks: int, batch: int, block_axis: str, grid_heads: int | None):
+    """Returns (grid, grid_names) of a Mosaic kernel with one CTA per (head, block, batch).
+
+    CUDA launches the first grid axis fastest: `grid_heads` heads of one block, then the same heads
+    of the next block, ..., then the next group of heads (and batches). None: every head fastest, the
+    grid (heads, blocks, batch). block_coords reads a CTA's (batch, head, block) back.
+    """
+    if grid_heads is None:
+        return (heads, blocks, batch), ("heads", block_axis, "batch")
+    if not 1 <= grid_heads <= heads or heads % grid_heads:
+        raise ValueError(f"grid_heads={grid_heads} must divide the {heads} heads")
+    return (grid_heads, blocks, heads // grid_heads * batch), ("head_in_group", block_axis, "group_batch")
+
+
+def block_coords(axis_index, heads: int, block_axis: str, grid_heads: int | None):
+    """Returns (batch, head, block) of this CTA in block_grid's launch order.
+
+    axis_index: name -> index of the CTA along that grid axis (jax.lax.axis_index in a kernel).
+    """
+    if grid_heads is None:
+        return axis_index("batch"), axis_index("heads"), axis_index(block_axis)
+    groups = heads // grid_heads
+    group_batch = axis_index("group_batch")
+    head = (group_batch % groups) * grid_heads + axis_index("head_in_group")
+    return group_batch // groups, head, axis_index(block_axis)
 
 
 def seq_multiple(x, multiple: int = TMA_SEQ_MULTIPLE):

@@ -27,7 +27,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from radial_jax.kernels.common import COMPUTE_WGS, LOG2_E, MASK_BLOCK, MosaicBwdTuning, seq_multiple, unpad_seq
+from radial_jax.kernels.common import (COMPUTE_WGS, LOG2_E, MASK_BLOCK, MosaicBwdTuning, block_coords, block_grid,
+                                       seq_multiple, unpad_seq)
 from radial_jax.kernels.mosaic_bwd_fused import FUSED_ORDERS, FUSED_PIPELINES, fused_kernel
 from radial_jax.kernels.mosaic_pipeline import (dv_and_ds_t, load_ref, query_tile_pipeline, smem_transforms,
                                                 store_dk_dv, tile_of_step)
@@ -99,7 +100,7 @@ def dq_kernel(q, k, v, d_out, lse2, delta, *, tables: BlockTables, scale: float,
 
     def kernel_dq(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, ids_ref, counts_ref, dq_ref,
                   smem, barriers):
-        b, head, q_tile = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("q_seq")
+        b, head, q_tile = block_coords(lax.axis_index, heads, "q_seq", t.grid_heads)
         wg = lax.axis_index("wg")
         q_smem2, do_smem2, lse_smem2, delta_smem2 = smem
         block_q, block_kv = t.block_q_dq, t.block_kv_dq
@@ -160,13 +161,14 @@ def dq_kernel(q, k, v, d_out, lse2, delta, *, tables: BlockTables, scale: float,
 
     q_scratch = plgpu.SMEM((COMPUTE_WGS, t.block_q_dq, head_dim), dtype, transforms=(tiling, swizzle))
     row_scratch = plgpu.SMEM((COMPUTE_WGS, t.block_q_dq), jnp.float32)
+    grid, grid_names = block_grid(heads, tables.num_q_blocks, batch, "q_seq", t.grid_heads)
     dq = plgpu.kernel(
         kernel_dq,
         out_type=jax.ShapeDtypeStruct(q.shape, dtype),
         scratch_types=[(q_scratch, q_scratch, row_scratch, row_scratch),
                        (plgpu.Barrier(num_barriers=COMPUTE_WGS),) * 4],
         compiler_params=plgpu.CompilerParams(approx_math=True),
-        grid=(heads, tables.num_q_blocks, batch), grid_names=("heads", "q_seq", "batch"),
+        grid=grid, grid_names=grid_names,
         num_threads=COMPUTE_WGS + 1, thread_name="wg",
     )(q, k, v, d_out, lse2, delta, jnp.asarray(tables.kv_ids), jnp.asarray(tables.kv_counts))
     return dq
@@ -186,7 +188,7 @@ def dkv_kernel(q, k, v, d_out, lse2, delta, *, tables: BlockTables, scale: float
 
     def kernel_dkv(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, ids_ref, counts_ref, dk_ref, dv_ref,
                    smem, barriers):
-        b, head, kv_block = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("kv_seq")
+        b, head, kv_block = block_coords(lax.axis_index, heads, "kv_seq", t.grid_heads)
         wg = lax.axis_index("wg")
         k_smem2, v_smem2 = smem
         block_q, block_kv = t.block_q_dkv, t.block_kv_dkv
@@ -234,12 +236,13 @@ def dkv_kernel(q, k, v, d_out, lse2, delta, *, tables: BlockTables, scale: float
                              (b, head, kv_block), block_q, t.max_concurrent_steps, t.memory_registers)
 
     kv_scratch = plgpu.SMEM((COMPUTE_WGS, t.block_kv_dkv, head_dim), dtype, transforms=(tiling, swizzle))
+    grid, grid_names = block_grid(heads, tables.num_kv_blocks, batch, "kv_seq", t.grid_heads)
     dk, dv = plgpu.kernel(
         kernel_dkv,
         out_type=[jax.ShapeDtypeStruct(k.shape, dtype)] * 2,
         scratch_types=[(kv_scratch, kv_scratch), (plgpu.Barrier(num_barriers=COMPUTE_WGS),) * 2],
         compiler_params=plgpu.CompilerParams(approx_math=True),
-        grid=(heads, tables.num_kv_blocks, batch), grid_names=("heads", "kv_seq", "batch"),
+        grid=grid, grid_names=grid_names,
         num_threads=COMPUTE_WGS + 1, thread_name="wg",
     )(q, k, v, d_out, lse2, delta, jnp.asarray(tables.q_ids), jnp.asarray(tables.q_counts))
     return dk, dv

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from radial_jax.kernels.common import COMPUTE_WGS, LOG2_E, MASK_BLOCK, MosaicBwdTuning
+from radial_jax.kernels.common import COMPUTE_WGS, LOG2_E, MASK_BLOCK, MosaicBwdTuning, block_coords, block_grid
 from radial_jax.kernels.mosaic_pipeline import (dv_and_ds_t, load_ref, query_tile_pipeline, smem_transforms,
                                                 static_query_pipeline, store_dk_dv, tile_of_step)
 from radial_jax.kernels.tables import BlockTables
@@ -60,7 +60,7 @@ def fused_kernel(q, k, v, d_out, lse2, delta, *, tables: BlockTables, scale: flo
 
     def kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, ids_ref, counts_ref, dq_acc_ref, dk_ref, dv_ref,
                smem, barriers):
-        b, head, kv_block = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("kv_seq")
+        b, head, kv_block = block_coords(lax.axis_index, heads, "kv_seq", tuning.grid_heads)
         wg = lax.axis_index("wg")
         k_smem, v_smem2, ds_smem, dq_smem2, *ring = smem  # ring: the static pipeline's q, dO, lse2, delta
         k_loaded, v_loaded, ds_ready, done, *ring_barriers = barriers  # its (full, consumed) barriers
@@ -321,12 +321,13 @@ def fused_kernel(q, k, v, d_out, lse2, delta, *, tables: BlockTables, scale: flo
                      plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=r))  # both warpgroups done with a stage
     # The accumulator must start at zero and plgpu.kernel has no input/output aliasing: pass a Ref.
     dq_acc = jax.new_ref(jnp.zeros((batch, heads, padded, head_dim), jnp.float32))
+    grid, grid_names = block_grid(heads, tables.num_kv_blocks, batch, "kv_seq", tuning.grid_heads)
     dk, dv = plgpu.kernel(
         kernel,
         out_type=[jax.ShapeDtypeStruct(k.shape, dtype)] * 2,
         scratch_types=[smem, barriers],
         compiler_params=plgpu.CompilerParams(approx_math=True),
-        grid=(heads, tables.num_kv_blocks, batch), grid_names=("heads", "kv_seq", "batch"),
+        grid=grid, grid_names=grid_names,
         num_threads=COMPUTE_WGS + 1, thread_name="wg",
     )(q, k, v, d_out, lse2, delta, jnp.asarray(tables.q_ids), jnp.asarray(tables.q_counts), dq_acc)
     dq = (dq_acc[...][:, :, :q_len] * scale).astype(dtype).transpose(0, 2, 1, 3)

@@ -26,7 +26,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from radial_jax.kernels.common import COMPUTE_WGS, LN_2, LOG2_E, MASK_BLOCK, MosaicTuning, seq_multiple, unpad_seq
+from radial_jax.kernels.common import (COMPUTE_WGS, LN_2, LOG2_E, MASK_BLOCK, MosaicTuning, block_coords, block_grid,
+                                       seq_multiple, unpad_seq)
 from radial_jax.kernels.tables import BlockTables
 
 __all__ = ["MosaicTuning", "mosaic_forward", "supported"]
@@ -118,15 +119,14 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
         raise ValueError(f"lazy_rescale_threshold={lazy_threshold} is outside [0, 15] (log2 units; FA4 uses 8): "
                          "p reaches 2^threshold and f16 ends at 2^16")
 
+    grid, grid_names = block_grid(heads, num_q_tiles, batch, "q_seq", tuning.grid_heads)
     kv_ids = jnp.asarray(tables.kv_ids)
     counts = jnp.stack([jnp.asarray(tables.kv_counts), jnp.asarray(tables.kv_full_counts)], axis=1)
 
     def kernel(q_ref, k_ref, v_ref, ids_ref, counts_ref, out_ref, lse_ref,
                qo_smem2, k_smem, v_smem, lse_smem2,
                k_barriers, v_barriers, q_barriers, k_consumed, v_consumed, schedule_barrier, *p_smem2):
-        b = lax.axis_index("batch")
-        head = lax.axis_index("heads")
-        q_tile = lax.axis_index("q_seq")
+        b, head, q_tile = block_coords(lax.axis_index, heads, "q_seq", tuning.grid_heads)
         wg = lax.axis_index("wg")
         count = counts_ref[q_tile, 0]
         full_count = counts_ref[q_tile, 1]
@@ -405,8 +405,8 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
             jax.ShapeDtypeStruct((batch, heads, num_q_tiles * MASK_BLOCK), jnp.float32),
         ],
         scratch_types=scratch,
-        grid=(heads, num_q_tiles, batch),  # heads fastest: best measured order (benchmarks/NOTES.md)
-        grid_names=("heads", "q_seq", "batch"),
+        grid=grid,
+        grid_names=grid_names,
         num_threads=COMPUTE_WGS + 1,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),

@@ -473,6 +473,60 @@ class TestMosaicOverlapFA3GPU(TestMosaicOverlapGPU):
     tuning = KernelTuning(mosaic_fwd=MosaicTuning(overlap_qk=True, overlap_late_p=True, overlap_early_rescale=True))
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not IS_HOPPER, reason="needs a Hopper GPU (sm90) for the Mosaic kernel")
+@pytest.mark.parametrize("grid_heads", [1, 2])
+@pytest.mark.parametrize("fused", [False, True], ids=["split", "fused"])
+def test_launch_order_changes_no_value(grid_heads, fused):
+    # MosaicTuning/MosaicBwdTuning.grid_heads only reorders the CTAs; each CTA's arithmetic is the
+    # same, so out, lse and the split backward's gradients are bitwise the default's. The fused dQ
+    # is summed by TMA reduce-adds in arrival order, so it agrees to f32 rounding only.
+    q_len, kv_len, heads, batch, block = 1000, 1560, 4, 2, 128
+    mask = _random_mask(7, -(-q_len // block), -(-kv_len // block), 0.5, empty_rows=(1,))
+    q, k, v = _qkv(5, batch, q_len, kv_len, heads, 128, jnp.bfloat16)
+    weights = jax.random.normal(jax.random.key(6), q.shape, jnp.float32)
+
+    def run(fwd, bwd):
+        tuning = KernelTuning(mosaic_fwd=fwd, mosaic_bwd=bwd)
+        def loss(q, k, v):
+            out, lse = block_sparse_attention(q, k, v, mask, block_size=block, return_lse=True, backend="mosaic",
+                                              tuning=tuning)  # fmt: skip
+            return jnp.sum(out.astype(jnp.float32) * weights), (out, lse)
+        return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(q, k, v)
+
+    bwd = MosaicBwdTuning(fused=True, fused_order="fa4_late_dv", memory_registers=24) if fused else MosaicBwdTuning()
+    (_, (out, lse)), grads = run(MosaicTuning(grid_heads=grid_heads), dataclasses.replace(bwd, grid_heads=grid_heads))
+    (_, (ref_out, ref_lse)), ref_grads = run(MosaicTuning(), bwd)
+    assert bool((out == ref_out).all()) and bool(jnp.array_equal(lse, ref_lse, equal_nan=True))
+    for name, g, r in zip("qkv", grads, ref_grads):
+        if fused and name == "q":
+            assert float(jnp.abs(g - r).max()) <= 2e-2 * float(jnp.abs(r).max()), name  # bf16 rounding of dQ
+        else:
+            assert bool((g == r).all()), name
+
+
+def test_launch_order_visits_every_head_block_and_batch_once():
+    from radial_jax.kernels.common import block_coords, block_grid
+
+    heads, blocks, batch = 12, 5, 2
+    for grid_heads in (None, 1, 2, 3, 4, 6, 12):
+        grid, names = block_grid(heads, blocks, batch, "q_seq", grid_heads)
+        seen, order = set(), []
+        for linear in range(int(np.prod(grid))):  # CUDA's launch order: the first axis fastest
+            index = dict(zip(names, np.unravel_index(linear, grid, order="F")))
+            coords = tuple(int(c) for c in block_coords(index.__getitem__, heads, "q_seq", grid_heads))
+            seen.add(coords)
+            order.append(coords)
+        assert len(seen) == heads * blocks * batch == len(order)
+        assert all(0 <= b < batch and 0 <= h < heads and 0 <= t < blocks for b, h, t in seen)
+        group = heads if grid_heads is None else grid_heads
+        # the first `group * blocks` CTAs: the first group of heads over every block of batch 0
+        assert sorted(order[: group * blocks]) == [(0, h, t) for h in range(group) for t in range(blocks)]
+        assert [h for _, h, _ in order[:group]] == list(range(group))  # heads fastest within a group
+    with pytest.raises(ValueError, match="grid_heads=5 must divide the 12 heads"):
+        block_grid(heads, blocks, batch, "q_seq", 5)
+
+
 def test_tables_list_exactly_the_mask_blocks():
     mask = _random_mask(4, 9, 7, 0.5, empty_rows=(2,))
     t = block_tables(mask, 128, 9 * 128 - 5, 7 * 128 - 50)

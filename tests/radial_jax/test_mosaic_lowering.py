@@ -231,6 +231,28 @@ def test_split_backward_lowers(case, tuning):
     assert "wgmma" in text and "cp.async.bulk" in text
 
 
+@pytest.mark.parametrize("grid_heads", [1, 2])
+def test_launch_order_lowers_for_forward_and_split_backward(monkeypatch, grid_heads):
+    # grid_heads reorders the CTAs: the kernels' modules differ from the default ones only by the
+    # index arithmetic that reads (batch, head, block) back from the grid.
+    tables, q, kv, rows = _setup(1000, 1000, 4, 128)  # 4 heads: groups of 1 or 2, 4 or 2 of them
+
+    def modules(grid_heads):
+        bwd = mosaic_bwd.MosaicBwdTuning(grid_heads=grid_heads)
+        backward = lambda q, k, v, out, lse, d_out, d_lse: mosaic_bwd.mosaic_backward(
+            q, k, v, out, lse, d_out, d_lse, tables=tables, scale=0.1, tuning=bwd)
+        return [_forward_module(monkeypatch, tables, q, kv, mosaic_fwd.MosaicTuning(grid_heads=grid_heads)),
+                *_mosaic_modules(monkeypatch, backward, q, kv, kv, q, rows, q, rows)]
+
+    ordered, default = modules(grid_heads), modules(None)
+    assert len(ordered) == len(default) == 3  # forward, dq, dk/dv
+    index_ops = lambda module: module.count("arith.remsi") + module.count("arith.divsi")
+    for mine, theirs in zip(ordered, default):
+        assert "wgmma" in mine and index_ops(mine) > index_ops(theirs)
+    with pytest.raises(ValueError, match="grid_heads=3 must divide the 4 heads"):
+        modules(3)
+
+
 @pytest.mark.skipif(jax.__version_info__ < (0, 11), reason="the fused backward needs jax >= 0.11")
 def test_fused_backward_lowers_with_a_tma_reduce():
     tables, q, kv, rows = _setup(*CASES[0])
