@@ -178,6 +178,19 @@ def run_shape(name: str, decay: float, backward: bool, iters: int) -> dict:
     return row
 
 
+def run_once(name: str, decay: float, backward: bool) -> None:
+    """Runs FA4 once at shape `name` (forward, or forward and backward), zeros in bf16 as
+    ptxas_report.compile_one runs ours: the program ncu_report.py profiles FA4's kernels in."""
+    import torch
+
+    frames, tokens, heads = SHAPES[name]
+    mask = radial_block_mask(frames, tokens, decay_factor=decay)
+    q, k, v = (torch.zeros(1, frames * tokens, heads, HEAD_DIM, device="cuda", dtype=torch.bfloat16,
+                           requires_grad=backward) for _ in range(3))  # fmt: skip
+    fa4_case(q, k, v, mask, backward=backward)()
+    torch.cuda.synchronize()
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", default="1.3b-480p-81f,1.3b-480p-161f,14b-720p-81f",
@@ -186,12 +199,16 @@ def main(argv=None):
     parser.add_argument("--backward", action="store_true", help="also time forward+backward")
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--out", help="JSON path")
+    parser.add_argument("--once", action="store_true",
+                        help="run the first shape once, untimed, zeros (for a profiler: ncu_report.py)")
     args = parser.parse_args(argv)
     names = args.shapes.split(",")
     if unknown := [n for n in names if n not in SHAPES]:
         sys.exit(f"unknown --shapes {unknown}; choose from {list(SHAPES)}")
     if reason := unavailable():
         sys.exit(f"benchmarks/fa4.py: {reason} (install: see this file's docstring)")
+    if args.once:
+        return run_once(names[0], args.decay, args.backward)
     import torch
 
     rows = []

@@ -1,21 +1,24 @@
-"""Hardware counters of the Mosaic kernels of one or more designs, read by Nsight Compute on a GPU.
+"""Hardware counters of the Mosaic kernels of one or more designs, and of FlashAttention-4's, read by
+Nsight Compute on a GPU.
 
     python benchmarks/ncu_report.py [--variants default_bwd,fused_bwd] [--shape 1.3b-480p-81f]
                                     [--out DIR] [--dry-run]
 
 Each design (a name ptxas_report.py knows: `default`, `default_bwd`, attention.py's forward and
-backward variants) runs once, zeros in bf16, in a child process under `ncu --clock-control none`
-(the card's own clocks, as every timing here), which profiles the Mosaic kernels only. What is
-read per kernel: its duration and SM clock, how busy the tensor pipe was (the wgmma's), the shared
-memory pipe and its bank conflicts, L2 reductions (the fused backward's dQ), DRAM and the issue
-slots, and why warps stalled (per active warp: barrier, long/short scoreboard, MIO throttle, math
-pipe throttle, wait...). Metric names differ between Nsight Compute versions, so the wish list is
-first checked against `ncu --query-metrics`, and a metric this ncu lacks is reported as missing
-rather than failing the run. Writes DIR/report.json: {command, date, shape, ncu (its version), missing_metrics,
+backward variants; or `fa4` / `fa4_bwd`, FA4's block-sparse kernels on the same mask through
+benchmarks/fa4.py, which needs FA4 installed) runs once, zeros in bf16, in a child process under
+`ncu --clock-control none` (the card's own clocks, as every timing here), which profiles our Mosaic
+kernels only, or every kernel of FA4's run. What is read per kernel: its duration and SM clock, how
+busy the tensor pipe was (the wgmma's), the shared memory pipe and its bank conflicts, L2 throughput
+and reductions (the fused backward's dQ), DRAM, the instructions issued and the issue slots, and why
+warps stalled (per active warp: barrier, long/short scoreboard, MIO throttle, math pipe throttle,
+wait...). Metric names differ between Nsight Compute versions, so the wish list is first checked
+against `ncu --query-metrics`, and a metric this ncu lacks is reported as missing rather than failing
+the run. Writes DIR/report.json: {command, date, shape, ncu (its version), missing_metrics,
 designs: {name: {status, kernels: [{name, grid, block, metrics}]}}} and the raw CSV per design. `kernels` are
 in launch order (a backward design's forward kernel first); metric values are in ncu's base units (ns, Hz,
-%, counts), which is what --csv prints. A design whose run fails or shows no Mosaic kernel fails the
-command, after the report is written.
+%, counts), which is what --csv prints. A design whose run fails or shows none of its own kernels fails
+the command, after the report is written.
 """
 
 import argparse
@@ -29,6 +32,12 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # benchmarks/ is no package
 import ptxas_report  # noqa: E402
+
+# FlashAttention-4's block-sparse kernels on the same masks (benchmarks/fa4.py --once, zeros in bf16 as
+# ours): the forward, and forward and backward. Profiled unfiltered (their kernel names are CuTe DSL's),
+# so torch's small fill and random kernels show up beside them.
+FA4_DESIGNS = {"fa4": [], "fa4_bwd": ["--backward"]}
+TORCH_KERNELS = ("elementwise", "fill", "distribution", "randn")  # not FA4's: torch.zeros, randn_like
 
 RUN_TIMEOUT_S = 400  # compile, then each kernel replayed once per metric pass
 STALLS = ("barrier", "long_scoreboard", "short_scoreboard", "mio_throttle", "math_pipe_throttle", "wait",
@@ -46,6 +55,9 @@ WISHED = (
     "lts__t_sectors_op_red.sum",
     "lts__t_sector_hit_rate.pct",
     "dram__throughput.avg.pct_of_peak_sustained_elapsed",
+    "lts__throughput.avg.pct_of_peak_sustained_elapsed",  # L2: each step streams 64 KiB of K/V per CTA
+    "lts__t_bytes.sum.per_second",
+    "smsp__inst_executed.sum",  # instructions beside the matmuls: issue slots, and power at the cap
     *(f"smsp__warp_issue_stalled_{s}_per_warp_active.pct" for s in STALLS),
 )
 
@@ -79,11 +91,28 @@ def parse_csv(text: str) -> list[dict]:
     return [kernels[i] for i in sorted(kernels, key=int)]
 
 
+def designs() -> list[str]:
+    """The names --variants takes: ours (ptxas_report's designs) and FA4's."""
+    return [*ptxas_report.designs(), *FA4_DESIGNS]
+
+
 def ncu_command(ncu: str, metrics: list[str], name: str, shape: str) -> list[str]:
-    """The ncu command line that profiles design `name`'s Mosaic kernels at `shape`."""
-    child = [sys.executable, os.path.abspath(ptxas_report.__file__), "--compile", name, "--shape", shape]
-    return [ncu, "--clock-control", "none", "--kernel-name", "regex:mosaic", "--csv",
-            "--metrics", ",".join(metrics), *child]  # fmt: skip
+    """The ncu command line that profiles design `name`'s kernels at `shape`: ours' Mosaic kernels
+    only, or every kernel of FA4's run."""
+    if name in FA4_DESIGNS:
+        fa4 = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fa4.py")
+        child, only = [sys.executable, fa4, "--once", "--shapes", shape, *FA4_DESIGNS[name]], []
+    else:
+        child = [sys.executable, os.path.abspath(ptxas_report.__file__), "--compile", name, "--shape", shape]
+        only = ["--kernel-name", "regex:mosaic"]
+    return [ncu, "--clock-control", "none", *only, "--csv", "--metrics", ",".join(metrics), *child]
+
+
+def designs_kernels(name: str, kernels: list[dict]) -> list[dict]:
+    """The kernels of `kernels` that are design `name`'s own (FA4's run also launches torch's)."""
+    if name not in FA4_DESIGNS:
+        return kernels
+    return [k for k in kernels if not any(word in k["name"].lower() for word in TORCH_KERNELS)]
 
 
 def summary_line(kernel: dict) -> str:
@@ -102,16 +131,16 @@ def summary_line(kernel: dict) -> str:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--variants", default="default_bwd,fused_bwd",
-                        help=f"comma list of {list(ptxas_report.designs())} (default %(default)s)")  # fmt: skip
+                        help=f"comma list of {designs()} (default %(default)s)")  # fmt: skip
     parser.add_argument("--shape", default="1.3b-480p-81f", help="a shape of benchmarks/attention.py")
     parser.add_argument("--ncu", default="ncu", help="the Nsight Compute command (default %(default)s)")
     parser.add_argument("--out", default="ncu-report", help="directory for report.json and <name>.csv")
     parser.add_argument("--dry-run", action="store_true", help="print the plan, run nothing")
     args = parser.parse_args(argv)
     names = [n for n in args.variants.split(",") if n]
-    unknown = [n for n in names if n not in ptxas_report.designs()]
+    unknown = [n for n in names if n not in designs()]
     if unknown:
-        parser.error(f"unknown variants {unknown}; choose from {list(ptxas_report.designs())}")
+        parser.error(f"unknown variants {unknown}; choose from {designs()}")
     if args.shape not in ptxas_report.attention.SHAPES:
         parser.error(f"--shape {args.shape} is not one of {list(ptxas_report.attention.SHAPES)}")
     if args.dry_run:
@@ -140,10 +169,10 @@ def main(argv=None):
             f.write(text)
         kernels = parse_csv(text)
         report[name] = {"status": status, "kernels": kernels}
-        print(f"{name}: status {status}, {len(kernels)} Mosaic kernels", flush=True)
+        print(f"{name}: status {status}, {len(kernels)} kernels", flush=True)
         for kernel in kernels:
-            print("   ", summary_line(kernel), flush=True)
-        if status != 0 or not kernels:
+            print("   ", kernel["name"][:80], summary_line(kernel), flush=True)
+        if status != 0 or not designs_kernels(name, kernels):
             failed.append(name)
             print("    output tail:", text[-1500:], flush=True)
     with open(os.path.join(args.out, "report.json"), "w") as f:
@@ -151,7 +180,7 @@ def main(argv=None):
                    "shape": args.shape, "ncu": version.strip().splitlines()[-1:], "missing_metrics": missing,
                    "designs": report}, f, indent=1)  # fmt: skip
     if failed:
-        raise SystemExit(f"ncu_report: {failed} gave no Mosaic kernel counters; see their CSV in {args.out}")
+        raise SystemExit(f"ncu_report: {failed} gave no counters of their own kernels; see their CSV in {args.out}")
     return report
 
 

@@ -59,6 +59,18 @@ def test_dry_run_plans_one_ncu_command_per_design(capsys):
     assert plan[1].endswith("--compile fused_bwd --shape 1.3b-480p-81f")
 
 
+def test_fa4_designs_profile_fa4s_run_unfiltered_and_count_only_its_kernels(capsys):
+    ncu = load_benchmark("ncu_report")
+    ncu.main(["--dry-run", "--variants", "fa4,fa4_bwd", "--shape", "14b-720p-81f"])
+    plan = capsys.readouterr().out.splitlines()
+    assert plan[0].endswith("fa4.py --once --shapes 14b-720p-81f") and "regex:mosaic" not in plan[0]
+    assert plan[1].endswith("fa4.py --once --shapes 14b-720p-81f --backward")
+    kernels = [{"name": n} for n in ("vectorized_elementwise_kernel", "kernel_cutlass_flash_fwd_sm90",
+                                     "distribution_elementwise_grid_stride_kernel")]  # fmt: skip
+    assert ncu.designs_kernels("fa4", kernels) == [kernels[1]]
+    assert ncu.designs_kernels("default", kernels) == kernels  # ours: ncu already kept only Mosaic's
+
+
 def test_unknown_design_is_refused_with_the_choices(capsys):
     with pytest.raises(SystemExit):
         load_benchmark("ncu_report").main(["--dry-run", "--variants", "fused_typo"])
@@ -105,7 +117,7 @@ def test_a_run_writes_each_designs_kernels_and_the_metrics_this_ncu_lacks(tmp_pa
 def test_a_design_without_kernels_fails_the_run_after_the_report(tmp_path):
     ncu_report = load_benchmark("ncu_report")
     out = tmp_path / "out"
-    with pytest.raises(SystemExit, match=r"\['fused_bwd'\] gave no Mosaic kernel counters"):
+    with pytest.raises(SystemExit, match=r"\['fused_bwd'\] gave no counters of their own kernels"):
         ncu_report.main(["--ncu", _stand_in_ncu(tmp_path, 1), "--variants", "fused_bwd", "--out", str(out)])
     report = json.loads((out / "report.json").read_text())
     assert report["designs"]["fused_bwd"] == {"status": 1, "kernels": []}
