@@ -191,6 +191,27 @@ def run_once(name: str, decay: float, backward: bool) -> None:
     torch.cuda.synchronize()
 
 
+def calls_for(name: str, decay: float, seconds: float) -> list[dict]:
+    """FA4's forward at shape `name` called back to back for `seconds` (random bf16), each call timed
+    alone by wall clock around a synchronized call, as benchmarks/steadiness.py times ours: [{t, ms}],
+    t the call's start in time.time() (the clock nvidia-smi's samples are matched against)."""
+    import torch
+
+    frames, tokens, heads = SHAPES[name]
+    mask = radial_block_mask(frames, tokens, decay_factor=decay)
+    q, k, v = (torch.randn(1, frames * tokens, heads, HEAD_DIM, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    fn = fa4_case(q, k, v, mask, backward=False)
+    fn()  # compile
+    torch.cuda.synchronize()
+    calls, end = [], time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        wall, start = time.time(), time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        calls.append(dict(t=wall, ms=(time.perf_counter() - start) * 1e3))
+    return calls
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", default="1.3b-480p-81f,1.3b-480p-161f,14b-720p-81f",
@@ -201,6 +222,9 @@ def main(argv=None):
     parser.add_argument("--out", help="JSON path")
     parser.add_argument("--once", action="store_true",
                         help="run the first shape once, untimed, zeros (for a profiler: ncu_report.py)")
+    parser.add_argument("--calls-for", type=float, metavar="SECONDS",
+                        help="call the first shape's forward back to back, print each call's time as JSON "
+                             "(for benchmarks/steadiness.py)")  # fmt: skip
     args = parser.parse_args(argv)
     names = args.shapes.split(",")
     if unknown := [n for n in names if n not in SHAPES]:
@@ -209,6 +233,8 @@ def main(argv=None):
         sys.exit(f"benchmarks/fa4.py: {reason} (install: see this file's docstring)")
     if args.once:
         return run_once(names[0], args.decay, args.backward)
+    if args.calls_for:
+        return print(json.dumps(calls_for(names[0], args.decay, args.calls_for)))
     import torch
 
     rows = []

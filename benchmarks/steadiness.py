@@ -6,8 +6,12 @@ Runs ours (radial mask, decay 1.0) back to back for --seconds, idles 5 s, runs i
 cuDNN dense (the control: a kernel that is not ours) and ours once more, timing each call alone
 (wall clock around a blocking call) while `nvidia-smi` samples the SM clock, power, temperature
 and the reasons the clock is held down every 50 ms. If ours slows as power or temperature climb
-and cuDNN moves the same way, the spread is the chip's, not the kernel's. Writes JSON: every
-call (phase, start time, ms), every sample, and per-phase medians and quantiles.
+and cuDNN moves the same way, the spread is the chip's, not the kernel's. With --fa4, FA4's
+block-sparse forward on the same mask runs as one more phase (benchmarks/fa4.py --calls-for, in a
+child process: FA4 is torch's), so its clock and power at the cap stand beside ours: at the 700 W
+cap the kernel that spends fewer joules per call runs at the higher clock. Writes JSON: every call
+(phase, start time, ms), every sample, and per-phase medians and quantiles, energy per call and
+on-block GFLOP per joule.
 """
 
 import argparse
@@ -65,8 +69,20 @@ def timed_calls(fn, seconds: float, phase: str) -> list[dict]:
     return calls
 
 
-def summary(calls: list[dict], samples: list[dict]) -> dict:
-    """Per phase: call count, median/p10/p90/min/max ms, and the median SM clock and power while it ran."""
+def fa4_calls(shape: str, seconds: float) -> list[dict]:
+    """FA4's forward calls in a child process (benchmarks/fa4.py --calls-for), as phase "fa4"; the
+    child's compile runs while the GPU idles, as before ours_2_after_idle."""
+    fa4 = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fa4.py")
+    run = subprocess.run([sys.executable, fa4, "--shapes", shape, "--calls-for", str(seconds)], capture_output=True,
+                         text=True, timeout=seconds + 600)  # fmt: skip
+    if run.returncode != 0:
+        sys.exit(f"benchmarks/steadiness.py: the FA4 phase failed:\n{run.stdout[-2000:]}{run.stderr[-3000:]}")
+    return [dict(phase="fa4", **call) for call in json.loads(run.stdout.strip().splitlines()[-1])]
+
+
+def summary(calls: list[dict], samples: list[dict], flops: float | None = None) -> dict:
+    """Per phase: call count, median/p10/p90/min/max ms, the median SM clock and power while it ran,
+    and from those the energy of a median call and (given the on-block `flops` of one call) GFLOP/J."""
     out = {}
     for phase in dict.fromkeys(c["phase"] for c in calls):
         ms = sorted(c["ms"] for c in calls if c["phase"] == phase)
@@ -81,6 +97,9 @@ def summary(calls: list[dict], samples: list[dict]) -> dict:
                        power_w_median=statistics.median(s["power_w"] for s in inside),
                        temp_c_max=max(s["temp_c"] for s in inside),
                        reasons=sorted({s["reasons"] for s in inside}))
+            row["joules_per_call"] = row["power_w_median"] * row["median_ms"] / 1e3
+            if flops:
+                row["gflop_per_joule"] = flops / row["joules_per_call"] / 1e9
         out[phase] = row
     return out
 
@@ -90,6 +109,7 @@ def main(argv=None):
     parser.add_argument("--shape", default="1.3b-480p-161f", choices=list(SHAPES))
     parser.add_argument("--seconds", type=float, default=10.0, help="length of each timed phase")
     parser.add_argument("--out", default="steadiness.json")
+    parser.add_argument("--fa4", action="store_true", help="add a phase of FA4's forward (needs FA4 installed)")
     args = parser.parse_args(argv)
     if jax.default_backend() != "gpu":
         sys.exit("benchmarks/steadiness.py needs a GPU")
@@ -108,6 +128,8 @@ def main(argv=None):
     time.sleep(5.0)  # idle: does the first call after a pause run faster?
     calls += timed_calls(lambda: ours(q, k, v), args.seconds, "ours_2_after_idle")
     calls += timed_calls(lambda: cudnn(q, k, v), args.seconds, "cudnn_dense")
+    if args.fa4:
+        calls += fa4_calls(args.shape, args.seconds)
     calls += timed_calls(lambda: ours(q, k, v), args.seconds, "ours_3")
     time.sleep(0.3)
     if sampler:
@@ -117,7 +139,7 @@ def main(argv=None):
     flops = attention_flops(computed_token_pairs(mask, 128, L, L), heads=heads, head_dim=HEAD_DIM)
     result = dict(device=jax.devices()[0].device_kind, command="python " + " ".join(sys.argv),
                   date=datetime.date.today().isoformat(), shape=args.shape, on_block_flops=flops,
-                  summary=summary(calls, samples), calls=calls, samples=samples)
+                  summary=summary(calls, samples, flops), calls=calls, samples=samples)
     with open(args.out, "w") as f:
         json.dump(result, f)
     for phase, row in result["summary"].items():

@@ -16,10 +16,13 @@ def test_summary_pairs_each_phase_with_the_samples_taken_while_it_ran(tmp_path):
     calls = [dict(phase="fast", t=t0 - 0.01, ms=11.0), dict(phase="fast", t=t0 + 0.01, ms=12.0),
              dict(phase="capped", t=t0 + 1.0, ms=13.0), dict(phase="capped", t=t0 + 2.0, ms=14.0),
              dict(phase="capped", t=t0 + 2.0, ms=13.5)]
-    result = steadiness.summary(calls, samples)
+    result = steadiness.summary(calls, samples, flops=2e12)
     assert list(result) == ["fast", "capped"]
     assert result["fast"]["calls"] == 2 and result["fast"]["median_ms"] == 11.5
     assert result["fast"]["sm_mhz_median"] == 1980 and result["fast"]["reasons"] == ["0x0000000000000000"]
     capped = result["capped"]
     assert capped["median_ms"] == 13.5 and capped["min_ms"] == 13.0 and capped["max_ms"] == 14.0
     assert capped["sm_mhz_min"] == 1650 and capped["sm_mhz_max"] == 1700 and capped["temp_c_max"] == 61
+    # energy of a median call at the median power: 689 W x 13.5 ms; 2 TFLOP of on-block work a call
+    assert abs(capped["joules_per_call"] - 689.0 * 13.5e-3) < 1e-9
+    assert abs(capped["gflop_per_joule"] - 2e12 / (689.0 * 13.5e-3) / 1e9) < 1e-6
