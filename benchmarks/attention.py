@@ -1,7 +1,7 @@
 """Radial block-sparse attention vs dense baselines on one GPU, side by side in one run.
 
     python benchmarks/attention.py [--shapes ...] [--decay F] [--variants ...] [--backward [--breakdown]]
-                                   [--no-torch] [--out FILE]
+                                   [--batch N] [--no-torch] [--out FILE]
 
 Times, bf16, head_dim 128, batch 1, Wan's real token counts (ragged last block): ours with the
 radial mask (decay 1.0 unless --decay), ours with an all-on mask, (on Hopper) ours with other
@@ -42,9 +42,14 @@ BWD_SHAPES = "1.3b-480p-81f,1.3b-480p-161f,14b-720p-81f"
 HEAD_DIM, BWD_FLOP_FACTOR = fa4.HEAD_DIM, fa4.BWD_FLOP_FACTOR
 
 
-def median_seconds(fn, iters: int, settle_s: float, warmup: int = 2) -> float:
-    """Returns the median wall time of `iters` calls of fn, after at least `warmup` calls and
-    `settle_s` seconds of back-to-back calls (the power-capped clock; fa4.SETTLE_S says why)."""
+def median_seconds(fn, iters: int, settle_s: float, warmup: int = 2, batch: int = 1) -> float:
+    """Returns the median wall time of one call of fn over `iters` samples, after at least `warmup` calls
+    and `settle_s` seconds of back-to-back calls (the power-capped clock; fa4.SETTLE_S says why).
+
+    batch 1: each sample is one call, blocked on (its dispatch and the wait for the result count, as
+    they do where a caller waits on each attention call). batch N: a sample is N calls dispatched back
+    to back and blocked on once, divided by N: the GPU never idles between them, as in a DiT step,
+    and the host's share vanishes (fa4.median_ms times FA4 the same way)."""
     start = time.perf_counter()
     for i in range(10**6):
         jax.block_until_ready(fn())
@@ -53,8 +58,10 @@ def median_seconds(fn, iters: int, settle_s: float, warmup: int = 2) -> float:
     times = []
     for _ in range(iters):
         start = time.perf_counter()
+        for _ in range(batch - 1):
+            fn()  # one stream: blocking on the last call waits for all
         jax.block_until_ready(fn())
-        times.append(time.perf_counter() - start)
+        times.append((time.perf_counter() - start) / batch)
     return statistics.median(times)
 
 
@@ -130,7 +137,7 @@ def variants(backward: bool) -> dict[str, KernelTuning]:
     return {**forward_variants(), **(backward_variants() if backward else {})}
 
 
-def backward_breakdown(q, k, v, mask, iters: int, fwd_flops: float, settle_s: float) -> dict:
+def backward_breakdown(q, k, v, mask, iters: int, fwd_flops: float, settle_s: float, batch: int = 1) -> dict:
     """Times the default Mosaic backward's parts alone: the row statistics (XLA), the dq kernel and
     the dk/dv kernel. Each kernel's TFLOP/s count the matmuls it executes (dq: S, dP, dQ = 1.5x
     the forward's FLOPs; dk/dv: S, dP, dV, dK = 2x), i.e. how busy its tensor cores are."""
@@ -153,7 +160,7 @@ def backward_breakdown(q, k, v, mask, iters: int, fwd_flops: float, settle_s: fl
              "dkv_kernel": (lambda: dkv(*kernel_args), 2.0 * fwd_flops)}
     result = {}
     for name, (fn, executed_flops) in parts.items():
-        ms = median_seconds(fn, iters, settle_s) * 1e3
+        ms = median_seconds(fn, iters, settle_s, batch=batch) * 1e3
         result[f"bwd_{name}_ms"] = ms
         if executed_flops:
             result[f"bwd_{name}_executed_tflops"] = executed_flops / (ms * 1e-3) / 1e12
@@ -198,7 +205,7 @@ def sampled_block_error(q, k, v, mask, out, rows=(0, -1), heads=4) -> float:
     return worst
 
 
-def torch_cases(q_len, heads, mask, backward, iters, settle_s):
+def torch_cases(q_len, heads, mask, backward, iters, settle_s, batch=1):
     """Returns {name: ms} for FlexAttention and FA4 (same block mask) and SDPA, or {} without torch+CUDA."""
     try:
         import torch
@@ -232,7 +239,7 @@ def torch_cases(q_len, heads, mask, backward, iters, settle_s):
     results = {}
     for name, fn in runs.items():
         try:
-            results[name] = fa4.median_ms(step(fn), iters, settle_s)
+            results[name] = fa4.median_ms(step(fn), iters, settle_s, batch=batch)
         except Exception as e:  # a baseline failing must not lose ours
             print(f"torch {name} failed: {type(e).__name__}: {e}")
     if reason := fa4.unavailable():
@@ -240,8 +247,8 @@ def torch_cases(q_len, heads, mask, backward, iters, settle_s):
     else:  # FA4 takes [B, L, N, D], as ours
         q4, k4, v4 = (x.detach().transpose(1, 2).contiguous().requires_grad_(backward) for x in (q, k, v))
         try:
-            results["fa4"] = fa4.median_ms(fa4.fa4_case(q4, k4, v4, mask, backward,
-                                                        d_out.transpose(1, 2).contiguous()), iters, settle_s)
+            results["fa4"] = fa4.median_ms(fa4.fa4_case(q4, k4, v4, mask, backward, d_out.transpose(1, 2).contiguous()),
+                                           iters, settle_s, batch=batch)  # fmt: skip
             if not backward:
                 results["fa4_max_rel_err_sampled_blocks"] = fa4.sampled_error(q4, k4, v4, mask,
                                                                                fa4.fa4_case(q4, k4, v4, mask, False)())
@@ -266,7 +273,7 @@ def _without_grad(fn):
 def run_torch_shape(name, args):
     frames, tokens, heads = SHAPES[name]
     mask = radial_block_mask(frames, tokens, decay_factor=args.decay)
-    return torch_cases(frames * tokens, heads, mask, args.backward, args.iters, args.settle)
+    return torch_cases(frames * tokens, heads, mask, args.backward, args.iters, args.settle, args.batch)
 
 
 def torch_in_subprocess(names, args) -> dict:
@@ -275,7 +282,7 @@ def torch_in_subprocess(names, args) -> dict:
     import subprocess
 
     cmd = [sys.executable, __file__, "--torch-only", "--shapes", ",".join(names), "--iters", str(args.iters),
-           "--decay", str(args.decay), "--settle", str(args.settle)]
+           "--decay", str(args.decay), "--settle", str(args.settle), "--batch", str(args.batch)]
     cmd += ["--backward"] if args.backward else []
     proc = subprocess.run(cmd, capture_output=True, text=True)
     results = {}
@@ -328,7 +335,7 @@ def run_shape(name, args, torch_ms):
             print(f"{name} {case} failed: {type(e).__name__}: {str(e)[:2000]}")
             continue
         row[f"{case}_first_call_s"] = time.perf_counter() - start
-        row[f"{case}_ms"] = median_seconds(fn, args.iters, args.settle) * 1e3
+        row[f"{case}_ms"] = median_seconds(fn, args.iters, args.settle, batch=args.batch) * 1e3
         if args.backward:  # XLA's buffer plan: scratch the gradient needs beyond q, k, v, dq, dk, dv
             row[f"{case}_temp_gib"] = fn.temp_bytes() / 2**30
     if args.backward:
@@ -337,7 +344,7 @@ def run_shape(name, args, torch_ms):
                              ("cudnn_dense", cudnn_case(q, k, v, False), dense_flops / BWD_FLOP_FACTOR)):
             if f"{case}_ms" not in row:
                 continue
-            fwd_ms = median_seconds(fn, args.iters, args.settle) * 1e3
+            fwd_ms = median_seconds(fn, args.iters, args.settle, batch=args.batch) * 1e3
             row[f"{case}_fwd_only_msec"] = fwd_ms
             bwd_s = (row[f"{case}_ms"] - fwd_ms) * 1e-3
             row[f"{case}_bwd_only_tflops"] = (BWD_FLOP_FACTOR - 1) * on / bwd_s / 1e12
@@ -346,7 +353,7 @@ def run_shape(name, args, torch_ms):
             bwd_s = (row[f"{variant}_ms"] - row["ours_radial_fwd_only_msec"]) * 1e-3
             row[f"{variant}_bwd_only_tflops"] = (BWD_FLOP_FACTOR - 1) * fwd_flops / bwd_s / 1e12
         if args.breakdown and args.backend in (None, "mosaic"):
-            row.update(backward_breakdown(q, k, v, mask, args.iters, fwd_flops, args.settle))
+            row.update(backward_breakdown(q, k, v, mask, args.iters, fwd_flops, args.settle, args.batch))
         if "cudnn_dense_bwd_only_tflops" in row and "ours_radial_bwd_only_tflops" in row:
             row["bwd_throughput_vs_cudnn"] = row["ours_radial_bwd_only_tflops"] / row["cudnn_dense_bwd_only_tflops"]
     for variant in [v for v in named if f"ours_radial_{v}_ms" in row and "ours_radial_ms" in row]:
@@ -406,6 +413,9 @@ def main(argv=None):
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--settle", type=float, default=fa4.SETTLE_S,
                         help="seconds of back-to-back calls before each case is timed (default %(default)s)")
+    parser.add_argument("--batch", type=int, default=1,
+                        help="calls per timed sample, dispatched back to back and waited on once (default "
+                             "%(default)s: each call timed alone; see median_seconds)")  # fmt: skip
     parser.add_argument("--decay", type=float, default=1.0, help="radial mask decay factor (default %(default)s)")
     parser.add_argument("--backend", choices=["mosaic", "triton"], help="our kernel (default: fastest available)")
     parser.add_argument("--variants",
@@ -449,7 +459,7 @@ def main(argv=None):
     if args.dry_run and not args.out:
         return
     record = dict(device=device, command="python " + " ".join(sys.argv), date=datetime.date.today().isoformat(),
-                  jax=jax.__version__, settle_s=args.settle, rows=rows)
+                  jax=jax.__version__, settle_s=args.settle, batch=args.batch, rows=rows)
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
     with open(out, "w") as f:
         json.dump(record, f, indent=1)

@@ -116,9 +116,10 @@ def _no_grad(fn):
         return fn()
 
 
-def median_ms(fn, iters: int, settle_s: float = SETTLE_S, warmup: int = 2) -> float:
-    """Returns the median of `iters` CUDA-event timings of fn() in ms, after at least `warmup` calls
-    and settle_s seconds of back-to-back calls (SETTLE_S says why)."""
+def median_ms(fn, iters: int, settle_s: float = SETTLE_S, warmup: int = 2, batch: int = 1) -> float:
+    """Returns the median over `iters` CUDA-event timings of one call of fn() in ms, after at least
+    `warmup` calls and settle_s seconds of back-to-back calls (SETTLE_S says why). The events enclose
+    `batch` calls issued back to back, and the time is divided by `batch` (attention.median_seconds)."""
     import torch
 
     start = time.perf_counter()
@@ -131,10 +132,11 @@ def median_ms(fn, iters: int, settle_s: float = SETTLE_S, warmup: int = 2) -> fl
     for _ in range(iters):
         begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         begin.record()
-        fn()
+        for _ in range(batch):
+            fn()
         end.record()
         torch.cuda.synchronize()
-        times.append(begin.elapsed_time(end))
+        times.append(begin.elapsed_time(end) / batch)
     return statistics.median(times)
 
 

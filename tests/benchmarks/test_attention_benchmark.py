@@ -100,3 +100,17 @@ def test_fa4_block_lists_hold_each_rows_blocks_ascending(transpose):
         on = np.flatnonzero(mask[row])
         assert counts[row] == on.size
         assert ids[row, : on.size].tolist() == on.tolist() and not ids[row, on.size :].any()
+
+
+def test_batched_timing_issues_batch_calls_per_sample_after_the_warmup():
+    attention = load_benchmark("attention")
+    calls = []
+    seconds = attention.median_seconds(lambda: calls.append(1) or len(calls), iters=2, settle_s=0.0, warmup=2, batch=3)
+    assert len(calls) == 2 + 2 * 3 and seconds >= 0.0
+
+
+def test_dry_run_records_the_batch_it_timed_with(tmp_path):
+    out = tmp_path / "attention.json"
+    load_benchmark("attention").main(["--dry-run", "--batch", "2", "--out", str(out)])
+    record = json.loads(out.read_text())
+    assert record["batch"] == 2 and record["rows"][0]["ours_radial_ms"] > 0
