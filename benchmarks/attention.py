@@ -98,6 +98,10 @@ def backward_variants() -> dict[str, KernelTuning]:
             "regs240_bwd": KernelTuning(mosaic_bwd=MosaicBwdTuning(memory_registers=24)),
             "dq_tile_128_bwd": KernelTuning(mosaic_bwd=MosaicBwdTuning(block_kv_dq=128)),
             "stages_3_bwd": KernelTuning(mosaic_bwd=MosaicBwdTuning(max_concurrent_steps=3)),
+            # The split dk/dv kernel on the fused kernel's hand-written static pipeline, also at 24/240 registers.
+            "split_static_bwd": KernelTuning(mosaic_bwd=MosaicBwdTuning(split_pipeline="static")),
+            "split_static_regs240_bwd": KernelTuning(mosaic_bwd=MosaicBwdTuning(split_pipeline="static",
+                                                                                memory_registers=24)),
             # Launch orders of the backward kernels: query (dq) / key (dk/dv) blocks fastest, 4 heads fastest.
             "rows_bwd": KernelTuning(mosaic_bwd=MosaicBwdTuning(grid_heads=1)),
             "heads4_bwd": KernelTuning(mosaic_bwd=MosaicBwdTuning(grid_heads=4)),

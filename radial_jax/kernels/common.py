@@ -115,6 +115,12 @@ class MosaicBwdTuning:
     # warpgroup around each), so its own K/V rows, dS^T half and dQ staging tile are constants too and
     # no wgmma descriptor depends on the thread index; twice the compute code.
     fused_pipeline: str = "emit"
+    # How the split design's dk/dv kernel streams its query tiles: "emit" (emit_pipeline_warp_specialized,
+    # slots indexed by the step's parity at run time) or "static" (mosaic_pipeline.static_query_pipeline,
+    # the fused kernel's hand-written pipeline: a mask block an iteration as two steps on constant ring
+    # stages, so the step's shared-memory addresses are constants; one release a stage, after dK).
+    # "static" needs block_q_dkv = 64 and max_concurrent_steps = 2, the defaults.
+    split_pipeline: str = "emit"
     # Launch order of every backward kernel (block_grid below), as MosaicTuning.grid_heads: None
     # every head fastest, 1 the query (dq) or key (dk/dv, fused) blocks fastest.
     grid_heads: int | None = None

@@ -8,7 +8,9 @@ count, index maps that read the tables from GMEM; only the memory warpgroup eval
   128-key block, batch) over its query blocks (the transposed table); two compute warpgroups
   of 64 rows each. It recomputes S and dP in both kernels, seven matmuls per block pair
   instead of five, but needs no atomics and no cross-warpgroup barrier, and on the H100 it is
-  the faster of the two.
+  the faster of the two. `MosaicBwdTuning(split_pipeline="static")` runs its dk/dv kernel on the
+  fused kernel's hand-written pipeline instead (mosaic_pipeline.static_query_pipeline: constant
+  slots, not yet timed on a GPU).
 - fused (`MosaicBwdTuning(fused=True)`, head_dim % 128 == 0; FlashAttention-3's design, in
   mosaic_bwd_fused.py): the dk/dv kernel also computes dQ_partial = dS K and adds it into an f32
   accumulator in GMEM with TMA reduce-adds, five matmuls per block pair; slower than the split
@@ -31,7 +33,7 @@ from radial_jax.kernels.common import (COMPUTE_WGS, LOG2_E, MASK_BLOCK, MosaicBw
                                        seq_multiple, unpad_seq)
 from radial_jax.kernels.mosaic_bwd_fused import FUSED_ORDERS, FUSED_PIPELINES, fused_kernel
 from radial_jax.kernels.mosaic_pipeline import (dv_and_ds_t, load_ref, query_tile_pipeline, smem_transforms,
-                                                store_dk_dv, tile_of_step)
+                                                static_query_pipeline, store_dk_dv, tile_of_step)
 from radial_jax.kernels.tables import BlockTables
 
 __all__ = ["FUSED_ORDERS", "FUSED_PIPELINES", "MosaicBwdTuning", "dkv_kernel", "dq_kernel", "fused_kernel",
@@ -62,6 +64,11 @@ def mosaic_backward(q, k, v, out, lse, d_out, d_lse, *, tables: BlockTables, sca
     if tuning.fused_pipeline != "emit" and not (tuning.fused and tuning.fused_order == "fa4_late_dv"):
         raise ValueError(f"fused_pipeline={tuning.fused_pipeline!r} streams the fused kernel's late-dV steps: "
                          "set fused=True, fused_order='fa4_late_dv' too")
+    if tuning.split_pipeline not in ("emit", "static"):
+        raise ValueError(f"split_pipeline={tuning.split_pipeline!r}: choose 'emit' or 'static'")
+    if tuning.split_pipeline == "static" and (tuning.block_q_dkv, tuning.max_concurrent_steps) != (64, 2):
+        raise ValueError("split_pipeline='static' streams a mask block as two 64-row stages: "
+                         "keep block_q_dkv=64 and max_concurrent_steps=2")
     if tuning.fused and q.shape[-1] % (COMPUTE_WGS * 64) == 0:
         if jax.__version_info__ < (0, 11):  # 0.10 cannot pass the accumulator Ref through plgpu.kernel
             raise NotImplementedError(f"the fused Mosaic backward needs jax >= 0.11, not {jax.__version__}")
@@ -185,22 +192,24 @@ def dkv_kernel(q, k, v, d_out, lse2, delta, *, tables: BlockTables, scale: float
     qk_scale = scale * LOG2_E
     tiling, swizzle = smem_transforms(dtype)
     col = plgpu.Layout.WGMMA.reduce(0)
+    static = t.split_pipeline == "static"
 
     def kernel_dkv(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, ids_ref, counts_ref, dk_ref, dv_ref,
                    smem, barriers):
         b, head, kv_block = block_coords(lax.axis_index, heads, "kv_seq", t.grid_heads)
         wg = lax.axis_index("wg")
-        k_smem2, v_smem2 = smem
+        k_smem2, v_smem2, *ring = smem  # ring: the static pipeline's q, dO, lse2, delta stages
+        kv_loaded, ring_barriers = barriers[:2], barriers[2:]  # the latter: its (full, consumed) barriers
         block_q, block_kv = t.block_q_dkv, t.block_kv_dkv
 
         def compute_thread(pipeline):
             k_smem, v_smem = k_smem2.at[wg], v_smem2.at[wg]
             kv_base = kv_block * MASK_BLOCK + wg * block_kv
             rows = (b, pl.ds(kv_base, block_kv), head)
-            plgpu.copy_gmem_to_smem(k_ref.at[rows], k_smem, barriers[0].at[wg])
-            plgpu.copy_gmem_to_smem(v_ref.at[rows], v_smem, barriers[1].at[wg])
-            plgpu.barrier_wait(barriers[0].at[wg])
-            plgpu.barrier_wait(barriers[1].at[wg])
+            plgpu.copy_gmem_to_smem(k_ref.at[rows], k_smem, kv_loaded[0].at[wg])
+            plgpu.copy_gmem_to_smem(v_ref.at[rows], v_smem, kv_loaded[1].at[wg])
+            plgpu.barrier_wait(kv_loaded[0].at[wg])
+            plgpu.barrier_wait(kv_loaded[1].at[wg])
 
             def run(dk_acc, dv_acc):
                 pipeline((dk_acc, dv_acc))
@@ -214,6 +223,7 @@ def dkv_kernel(q, k, v, d_out, lse2, delta, *, tables: BlockTables, scale: float
                  delta_consumed, carry):
             k_smem, v_smem = k_smem2.at[wg], v_smem2.at[wg]
             dk_acc, dv_acc = carry
+            arrive = lambda barrier: barrier is not None and plgpu.barrier_arrive(barrier)
 
             def compute_s_t(acc):
                 plgpu.wgmma(acc, k_smem, q_smem.transpose((1, 0)))
@@ -221,26 +231,43 @@ def dkv_kernel(q, k, v, d_out, lse2, delta, *, tables: BlockTables, scale: float
 
             s_t = pl.run_scoped(compute_s_t, plgpu.ACC((block_kv, block_q), jnp.float32))
             lse = load_ref(lse_smem, layout=col)
-            plgpu.barrier_arrive(lse_consumed)
+            arrive(lse_consumed)
             p_t = jnp.exp2(s_t * qk_scale - lax.broadcast_in_dim(lse, s_t.shape, [1]))
 
             ds_t = dv_and_ds_t(p_t, v_smem, do_smem, delta_smem, delta_consumed, dv_acc)
             plgpu.wgmma(dk_acc, ds_t.astype(dtype), q_smem)
             plgpu.wgmma_wait(1)
-            plgpu.barrier_arrive(do_consumed)
+            arrive(do_consumed)
             plgpu.wgmma_wait(0)
-            plgpu.barrier_arrive(q_consumed)
+            arrive(q_consumed)
             return dk_acc, dv_acc
 
-        query_tile_pipeline(step, compute_thread, (q_ref, do_ref, lse_ref, delta_ref), ids_ref, counts_ref,
-                             (b, head, kv_block), block_q, t.max_concurrent_steps, t.memory_registers)
+        def static_step(stage, q_block, tiles, release, carry):
+            # One release of the stage's four tiles, after dK (their last reader) retired.
+            step(None, *tiles, release, None, None, None, carry)
+
+        refs = (q_ref, do_ref, lse_ref, delta_ref)
+        if static:
+            static_query_pipeline(static_step, compute_thread, refs, (*ring, *ring_barriers), ids_ref, counts_ref,
+                                   (b, head, kv_block), block_q, t.memory_registers)  # fmt: skip
+        else:
+            query_tile_pipeline(step, compute_thread, refs, ids_ref, counts_ref, (b, head, kv_block), block_q,
+                                 t.max_concurrent_steps, t.memory_registers)  # fmt: skip
 
     kv_scratch = plgpu.SMEM((COMPUTE_WGS, t.block_kv_dkv, head_dim), dtype, transforms=(tiling, swizzle))
+    smem, barriers = (kv_scratch, kv_scratch), (plgpu.Barrier(num_barriers=COMPUTE_WGS),) * 2
+    if static:  # the query ring, one stage per 64-row half of a mask block (static_query_pipeline)
+        r = MASK_BLOCK // t.block_q_dkv
+        seq_ring = plgpu.SMEM((r * t.block_q_dkv, head_dim), dtype, transforms=(tiling, swizzle))
+        row_ring = plgpu.SMEM((r * t.block_q_dkv,), jnp.float32)
+        smem += (seq_ring, seq_ring, row_ring, row_ring)
+        barriers += (plgpu.Barrier(num_arrivals=4, num_barriers=r),  # a stage's four tiles loaded
+                     plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=r))  # both warpgroups done with a stage
     grid, grid_names = block_grid(heads, tables.num_kv_blocks, batch, "kv_seq", t.grid_heads)
     dk, dv = plgpu.kernel(
         kernel_dkv,
         out_type=[jax.ShapeDtypeStruct(k.shape, dtype)] * 2,
-        scratch_types=[(kv_scratch, kv_scratch), (plgpu.Barrier(num_barriers=COMPUTE_WGS),) * 2],
+        scratch_types=[smem, barriers],
         compiler_params=plgpu.CompilerParams(approx_math=True),
         grid=grid, grid_names=grid_names,
         num_threads=COMPUTE_WGS + 1, thread_name="wg",

@@ -56,7 +56,8 @@ def dv_and_ds_t(p_t, v_smem, do_smem, delta_smem, delta_consumed, dv_acc):
     still run), and returns dS^T = P^T (dP^T - delta), f32.
 
     p_t: [block_kv, block_q] f32 (its cast is dV's register operand); v_smem: [block_kv, D];
-    do_smem: [block_q, D]; delta_smem: [block_q], released on delta_consumed once read.
+    do_smem: [block_q, D]; delta_smem: [block_q], released on delta_consumed once read (None: the
+    caller releases it later, as the static pipeline's one release a stage does).
     """
     import jax.experimental.pallas as pl
     import jax.experimental.pallas.mosaic_gpu as plgpu
@@ -68,7 +69,8 @@ def dv_and_ds_t(p_t, v_smem, do_smem, delta_smem, delta_consumed, dv_acc):
 
     dp_t = pl.run_scoped(compute_dp_t, plgpu.ACC(p_t.shape, jnp.float32))
     delta = load_ref(delta_smem, layout=plgpu.Layout.WGMMA.reduce(0))
-    plgpu.barrier_arrive(delta_consumed)
+    if delta_consumed is not None:
+        plgpu.barrier_arrive(delta_consumed)
     return p_t * (dp_t - lax.broadcast_in_dim(delta, dp_t.shape, [1]))
 
 

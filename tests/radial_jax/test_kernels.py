@@ -312,6 +312,8 @@ class TestMosaicGPU(KernelChecks):
 
         tuning = {"split": mosaic_bwd.MosaicBwdTuning(fused=False),
                   "split_dq_tile_128": mosaic_bwd.MosaicBwdTuning(fused=False, block_kv_dq=128),
+                  "split_static": mosaic_bwd.MosaicBwdTuning(split_pipeline="static"),
+                  "split_static_regs240": mosaic_bwd.MosaicBwdTuning(split_pipeline="static", memory_registers=24),
                   "fused": mosaic_bwd.MosaicBwdTuning(fused=True),
                   "fused_fa4": mosaic_bwd.MosaicBwdTuning(fused=True, fused_order="fa4"),
                   "fused_fa4_late_dv": mosaic_bwd.MosaicBwdTuning(fused=True, fused_order="fa4_late_dv",
@@ -411,6 +413,23 @@ class TestMosaicFusedStaticWgGPU(TestMosaicFusedStaticGPU):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not IS_HOPPER, reason="needs a Hopper GPU (sm90) for the Mosaic kernel")
+class TestMosaicSplitStaticGPU(TestMosaicGPU):
+    """The Mosaic suite with the split dk/dv kernel on the static pipeline
+    (MosaicBwdTuning(split_pipeline="static")): the split step's arithmetic, two steps an iteration
+    on constant slots, so the suite's cases and bounds (any length, empty rows, cross lengths, and in
+    the variant check an empty key-block column: no iteration, dK = dV = 0)."""
+
+    tuning = KernelTuning(mosaic_bwd=MosaicBwdTuning(split_pipeline="static"))
+    ragged_lengths = TestMosaicFusedFA4GPU.ragged_lengths
+
+    @pytest.mark.parametrize("lengths", [(1560, 1560), (1000, 1560), (1560, 1000)])
+    @pytest.mark.parametrize("variant", ["split_static", "split_static_regs240"])
+    def test_backward_variants_match_reference(self, lengths, variant):
+        super().test_backward_variants_match_reference(lengths, variant)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not IS_HOPPER, reason="needs a Hopper GPU (sm90) for the Mosaic kernel")
 class TestMosaicOverlapGPU(TestMosaicGPU):
     """The Mosaic suite with the forward's intra-warpgroup overlap (MosaicTuning.overlap_qk): the same
     arithmetic issued in another order, so the same cases and bounds; the backward reads its lse.
@@ -473,33 +492,49 @@ class TestMosaicOverlapFA3GPU(TestMosaicOverlapGPU):
     tuning = KernelTuning(mosaic_fwd=MosaicTuning(overlap_qk=True, overlap_late_p=True, overlap_early_rescale=True))
 
 
+_FUSED = MosaicBwdTuning(fused=True, fused_order="fa4_late_dv", memory_registers=24)
+# Designs that reorder the CTAs or re-address the same steps: (forward tuning, backward tuning, the
+# backward they are compared with).
+_SAME_VALUES = {
+    "rows": (MosaicTuning(grid_heads=1), MosaicBwdTuning(grid_heads=1), MosaicBwdTuning()),
+    "heads2": (MosaicTuning(grid_heads=2), MosaicBwdTuning(grid_heads=2), MosaicBwdTuning()),
+    "split_static": (MosaicTuning(), MosaicBwdTuning(split_pipeline="static"), MosaicBwdTuning()),
+    "split_static_regs240": (MosaicTuning(), MosaicBwdTuning(split_pipeline="static", memory_registers=24),
+                             MosaicBwdTuning()),
+    "fused_rows": (MosaicTuning(grid_heads=1), dataclasses.replace(_FUSED, grid_heads=1), _FUSED),
+}
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not IS_HOPPER, reason="needs a Hopper GPU (sm90) for the Mosaic kernel")
-@pytest.mark.parametrize("grid_heads", [1, 2])
-@pytest.mark.parametrize("fused", [False, True], ids=["split", "fused"])
-def test_launch_order_changes_no_value(grid_heads, fused):
-    # MosaicTuning/MosaicBwdTuning.grid_heads only reorders the CTAs; each CTA's arithmetic is the
-    # same, so out, lse and the split backward's gradients are bitwise the default's. The fused dQ
-    # is summed by TMA reduce-adds in arrival order, so it agrees to f32 rounding only.
+@pytest.mark.parametrize("design", list(_SAME_VALUES))
+def test_reordered_designs_change_no_value(design):
+    # grid_heads only reorders the CTAs, split_pipeline="static" runs the same steps in the same order
+    # on constant slots: each CTA's arithmetic is the same, so out, lse and the split backward's
+    # gradients are bitwise those of the design they are compared with. The fused dQ is summed by TMA
+    # reduce-adds in arrival order, so it agrees to rounding only.
     q_len, kv_len, heads, batch, block = 1000, 1560, 4, 2, 128
     mask = _random_mask(7, -(-q_len // block), -(-kv_len // block), 0.5, empty_rows=(1,))
+    mask[:, 2] = False  # an empty key-block column: a dk/dv CTA with no step
     q, k, v = _qkv(5, batch, q_len, kv_len, heads, 128, jnp.bfloat16)
     weights = jax.random.normal(jax.random.key(6), q.shape, jnp.float32)
 
     def run(fwd, bwd):
         tuning = KernelTuning(mosaic_fwd=fwd, mosaic_bwd=bwd)
+
         def loss(q, k, v):
             out, lse = block_sparse_attention(q, k, v, mask, block_size=block, return_lse=True, backend="mosaic",
                                               tuning=tuning)  # fmt: skip
             return jnp.sum(out.astype(jnp.float32) * weights), (out, lse)
+
         return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(q, k, v)
 
-    bwd = MosaicBwdTuning(fused=True, fused_order="fa4_late_dv", memory_registers=24) if fused else MosaicBwdTuning()
-    (_, (out, lse)), grads = run(MosaicTuning(grid_heads=grid_heads), dataclasses.replace(bwd, grid_heads=grid_heads))
-    (_, (ref_out, ref_lse)), ref_grads = run(MosaicTuning(), bwd)
+    fwd, bwd, reference = _SAME_VALUES[design]
+    (_, (out, lse)), grads = run(fwd, bwd)
+    (_, (ref_out, ref_lse)), ref_grads = run(MosaicTuning(), reference)
     assert bool((out == ref_out).all()) and bool(jnp.array_equal(lse, ref_lse, equal_nan=True))
     for name, g, r in zip("qkv", grads, ref_grads):
-        if fused and name == "q":
+        if bwd.fused and name == "q":
             assert float(jnp.abs(g - r).max()) <= 2e-2 * float(jnp.abs(r).max()), name  # bf16 rounding of dQ
         else:
             assert bool((g == r).all()), name

@@ -393,12 +393,13 @@ def test_private_dq_needs_no_rendezvous(monkeypatch, case):
     assert module.count("mbarrier.try_wait") == modules["shared"].count("mbarrier.try_wait") - 1
 
 
-def _compute_loop(module: str) -> str:
-    """The body of the fused backward's compute loop (the scf.for, or a scf.while's after-region,
-    holding the dQ reduce-adds), from its block header (^bb0) on."""
+def _compute_loop(module: str, anchor: str = "cp.reduce.async.bulk") -> str:
+    """The body of a key-block kernel's compute loop (the scf.for, or a scf.while's after-region,
+    holding the first line with `anchor`: by default the fused backward's dQ reduce-adds), from its
+    block header (^bb0) on."""
     lines = module.split("\n")
     indent = lambda line: len(line) - len(line.lstrip())
-    reduce = next(i for i, line in enumerate(lines) if "cp.reduce.async.bulk" in line)
+    reduce = next(i for i, line in enumerate(lines) if anchor in line)
     loop = next(i for i in range(reduce, -1, -1)
                 if re.search(r'scf\.(for|while)"', lines[i]) and indent(lines[i]) < indent(lines[reduce]))
     start = next(i for i in range(reduce, loop, -1)
@@ -514,3 +515,37 @@ def test_static_wg_pipeline_gives_each_warpgroup_constant_wgmma_descriptors(monk
         wgmma_of_thread[pipeline] = sum(n for op, n in _thread_dependent_ops(module, loop).items()
                                         if op.startswith("llvm.inline_asm:wgmma.mma_async"))
     assert wgmma_of_thread == {"static": 48, "static_wg": 0}, wgmma_of_thread
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_split_dkv_static_pipeline_runs_a_mask_block_as_two_steps_on_constant_slots(monkeypatch, case):
+    # MosaicBwdTuning(split_pipeline="static"): the split dk/dv kernel on the fused kernel's static
+    # pipeline. One loop iteration is a 128-query mask block, the split step twice (S^T; dP^T and dV,
+    # wait 1; dK, wait 1, wait 0), then the dK and dV reads after the loop; nothing in the compute
+    # loop depends on the iteration (the memory warpgroup alone reads the table), where the emit
+    # pipeline's step computes its tiles' addresses, barriers and wgmma descriptors from the step.
+    tables, q, kv, rows = _setup(*case)
+    modules = {}
+    for pipeline in ("static", "emit"):
+        tuning = mosaic_bwd.MosaicBwdTuning(split_pipeline=pipeline)
+        backward = lambda *a, tuning=tuning: mosaic_bwd.mosaic_backward(*a, tables=tables, scale=0.1, tuning=tuning)
+        _, modules[pipeline] = _mosaic_modules(monkeypatch, backward, q, kv, kv, q, rows, q, rows)  # dq, dk/dv
+    step = [(0, 1), (1, 2), (1, 1), (0, 0)]
+    assert _wgmma_waits(modules["emit"]) == step + [(0, 0), (0, 0)]
+    assert _wgmma_waits(modules["static"]) == step * 2 + [(0, 0), (0, 0)]
+    loops = {name: _compute_loop(module, "wgmma.mma_async") for name, module in modules.items()}
+    static, emit = (_iteration_dependent_ops(loops[name]) for name in ("static", "emit"))
+    # jax 0.10 keeps the compute side's unused table read (and a subview of it); 0.11 drops it.
+    assert {op for op in static if not op.startswith("arith.")} <= {"scf.yield", "memref.subview"}, static
+    assert emit["llvm.getelementptr"] > 30 and emit["nvvm.mbarrier.try_wait.parity"]
+    assert any(op.startswith("llvm.inline_asm:wgmma.mma_async") for op in emit)  # descriptors of the slot
+    assert loops["static"].count("mbarrier.try_wait") == 2  # each stage's full barrier, once an iteration
+
+
+def test_split_static_pipeline_needs_the_default_tiles():
+    tables, q, kv, rows = _setup(*CASES[0])
+    for fields in ({"split_pipeline": "static", "max_concurrent_steps": 3}, {"split_pipeline": "no_such"}):
+        tuning = mosaic_bwd.MosaicBwdTuning(**fields)
+        with pytest.raises(ValueError, match="split_pipeline"):
+            jax.eval_shape(lambda *a: mosaic_bwd.mosaic_backward(*a, tables=tables, scale=0.1, tuning=tuning),
+                           q, kv, kv, q, rows, q, rows)  # fmt: skip
