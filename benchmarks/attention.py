@@ -98,6 +98,13 @@ def backward_variants() -> dict[str, KernelTuning]:
             "regs240_bwd": KernelTuning(mosaic_bwd=MosaicBwdTuning(memory_registers=24)),
             "dq_tile_128_bwd": KernelTuning(mosaic_bwd=MosaicBwdTuning(block_kv_dq=128)),
             "stages_3_bwd": KernelTuning(mosaic_bwd=MosaicBwdTuning(max_concurrent_steps=3)),
+            # The fused kernel's dQ staged in plain 8x8 f32 tiles (no swizzle selects), on both pipelines.
+            "fused_fa4_stats_dq8_regs240_bwd": KernelTuning(mosaic_bwd=MosaicBwdTuning(
+                fused=True, fused_order="fa4_late_dv", memory_registers=24, stats_in_acc=True,
+                fused_dq_staging="tiles8x8")),
+            "fused_static_dq8_bwd": KernelTuning(mosaic_bwd=MosaicBwdTuning(
+                fused=True, fused_order="fa4_late_dv", memory_registers=24, stats_in_acc=True, fused_pipeline="static",
+                fused_dq_staging="tiles8x8")),
             # The split dk/dv kernel on the fused kernel's hand-written static pipeline, also at 24/240 registers.
             "split_static_bwd": KernelTuning(mosaic_bwd=MosaicBwdTuning(split_pipeline="static")),
             "split_static_regs240_bwd": KernelTuning(mosaic_bwd=MosaicBwdTuning(split_pipeline="static",

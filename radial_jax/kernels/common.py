@@ -121,6 +121,12 @@ class MosaicBwdTuning:
     # stages, so the step's shared-memory addresses are constants; one release a stage, after dK).
     # "static" needs block_q_dkv = 64 and max_concurrent_steps = 2, the defaults.
     split_pipeline: str = "emit"
+    # The fused kernel's f32 dQ staging tile in shared memory (registers -> SMEM -> TMA reduce-add):
+    # "swizzle128", (8, 32) tiles swizzled over 128 bytes, or "tiles8x8", plain (8, 8) tiles. Both
+    # store a warp's register pair as 256 contiguous bytes (no bank conflict), but the swizzle's
+    # addresses depend on the row, which costs the store 48 selects a step in the lowered module
+    # (ncu: 32 FSEL a warp and step); plain 8x8 tiles have none. The TMA copies the same values.
+    fused_dq_staging: str = "swizzle128"
     # Launch order of every backward kernel (block_grid below), as MosaicTuning.grid_heads: None
     # every head fastest, 1 the query (dq) or key (dk/dv, fused) blocks fastest.
     grid_heads: int | None = None

@@ -64,6 +64,8 @@ def mosaic_backward(q, k, v, out, lse, d_out, d_lse, *, tables: BlockTables, sca
     if tuning.fused_pipeline != "emit" and not (tuning.fused and tuning.fused_order == "fa4_late_dv"):
         raise ValueError(f"fused_pipeline={tuning.fused_pipeline!r} streams the fused kernel's late-dV steps: "
                          "set fused=True, fused_order='fa4_late_dv' too")
+    if tuning.fused_dq_staging not in ("swizzle128", "tiles8x8"):
+        raise ValueError(f"fused_dq_staging={tuning.fused_dq_staging!r}: choose 'swizzle128' or 'tiles8x8'")
     if tuning.split_pipeline not in ("emit", "static"):
         raise ValueError(f"split_pipeline={tuning.split_pipeline!r}: choose 'emit' or 'static'")
     if tuning.split_pipeline == "static" and (tuning.block_q_dkv, tuning.max_concurrent_steps) != (64, 2):

@@ -54,7 +54,8 @@ def fused_kernel(q, k, v, d_out, lse2, delta, *, tables: BlockTables, scale: flo
     assert not static or r == 2, "the static pipeline's two stages are the two query tiles of a mask block"
 
     tiling, swizzle = smem_transforms(dtype)
-    f32_tiling = plgpu.TilingTransform((8, 32))
+    dq_staging = {"swizzle128": (plgpu.TilingTransform((8, 32)), swizzle),
+                  "tiles8x8": (plgpu.TilingTransform((8, 8)),)}[tuning.fused_dq_staging]  # fmt: skip
     col = plgpu.Layout.WGMMA.reduce(0)
     bcast_col = lambda x, shape: lax.broadcast_in_dim(x, shape, [1])
 
@@ -305,7 +306,7 @@ def fused_kernel(q, k, v, d_out, lse2, delta, *, tables: BlockTables, scale: flo
         plgpu.SMEM((COMPUTE_WGS * block_kv, head_dim) if static_wg else (COMPUTE_WGS, block_kv, head_dim), dtype,
                    transforms=(tiling, swizzle)),  # V, per warpgroup (static_wg: by row slices, see warpgroup)
         plgpu.SMEM((2, COMPUTE_WGS * block_kv, block_q), dtype, transforms=(tiling, swizzle)),  # dS^T, 2 slots
-        plgpu.SMEM((COMPUTE_WGS, 2, block_q, d_half), jnp.float32, transforms=(f32_tiling, swizzle)),  # dQ partials
+        plgpu.SMEM((COMPUTE_WGS, 2, block_q, d_half), jnp.float32, transforms=dq_staging),  # dQ partials
     )
     barriers = (
         plgpu.Barrier(num_barriers=COMPUTE_WGS),  # K loaded

@@ -331,7 +331,13 @@ class TestMosaicGPU(KernelChecks):
                                                                    fused_pipeline="static"),
                   "fused_static_wg_stats": mosaic_bwd.MosaicBwdTuning(fused=True, fused_order="fa4_late_dv",
                                                                       memory_registers=24, stats_in_acc=True,
-                                                                      fused_pipeline="static_wg")}[variant]
+                                                                      fused_pipeline="static_wg"),
+                  "fused_static_dq8": mosaic_bwd.MosaicBwdTuning(fused=True, fused_order="fa4_late_dv",
+                                                                 memory_registers=24, stats_in_acc=True,
+                                                                 fused_pipeline="static", fused_dq_staging="tiles8x8"),
+                  "fused_fa4_stats_dq8": mosaic_bwd.MosaicBwdTuning(fused=True, fused_order="fa4_late_dv",
+                                                                    memory_registers=24, stats_in_acc=True,
+                                                                    fused_dq_staging="tiles8x8")}[variant]
 
         q_len, kv_len = lengths
         heads, head_dim, batch, block = 3, 128, 2, self.block
@@ -396,7 +402,8 @@ class TestMosaicFusedStaticGPU(TestMosaicFusedFA4GPU):
                                                      stats_in_acc=True, fused_pipeline="static"))
 
     @pytest.mark.parametrize("lengths", [(1560, 1560), (1000, 1560), (1560, 1000)])
-    @pytest.mark.parametrize("variant", ["fused_static", "fused_static_stats", "fused_static_wg_stats"])
+    @pytest.mark.parametrize("variant", ["fused_static", "fused_static_stats", "fused_static_wg_stats", "fused_static_dq8",
+                                         "fused_fa4_stats_dq8"])
     def test_backward_variants_match_reference(self, lengths, variant):
         super().test_backward_variants_match_reference(lengths, variant)
 

@@ -549,3 +549,35 @@ def test_split_static_pipeline_needs_the_default_tiles():
         with pytest.raises(ValueError, match="split_pipeline"):
             jax.eval_shape(lambda *a: mosaic_bwd.mosaic_backward(*a, tables=tables, scale=0.1, tuning=tuning),
                            q, kv, kv, q, rows, q, rows)  # fmt: skip
+
+
+@pytest.mark.skipif(jax.__version_info__ < (0, 11), reason="the fused backward needs jax >= 0.11")
+@pytest.mark.parametrize("pipeline", ["static", "emit"])
+def test_fused_dq_staged_in_plain_tiles_needs_no_selects(monkeypatch, pipeline):
+    # fused_dq_staging="tiles8x8": the f32 dQ partial goes to SMEM as (8, 8) tiles, no swizzle, whose
+    # addresses do not depend on the row; the swizzled (8, 32) tiles cost the store 48 selects a step.
+    # Same stores (16 a step), the same reduce-add, nothing else in the step changes.
+    tables, q, kv, rows = _setup(4100, 1000, 2, 128)
+    loops = {}
+    for staging in ("tiles8x8", "swizzle128"):
+        tuning = dataclasses.replace(_STATIC, stats_in_acc=True, fused_pipeline=pipeline, fused_dq_staging=staging)
+        backward = lambda *a, tuning=tuning: mosaic_bwd.mosaic_backward(*a, tables=tables, scale=0.1, tuning=tuning)
+        (module,) = _mosaic_modules(monkeypatch, backward, q, kv, kv, q, rows, q, rows)
+        loops[staging] = _compute_loop(module)
+    steps = 2 if pipeline == "static" else 1
+    count = lambda staging, op: loops[staging].count(f'"stable_mosaic_gpu.{op}"')
+    # (the emit pipeline selects its slot twice a step, in either staging)
+    assert count("swizzle128", "arith.select") - count("tiles8x8", "arith.select") == 48 * steps
+    assert count("tiles8x8", "arith.select") == (0 if pipeline == "static" else 2)
+    assert count("tiles8x8", "llvm.store") == count("swizzle128", "llvm.store") == 16 * steps
+    for staging in loops:
+        assert loops[staging].count("cp.reduce.async.bulk") == steps
+        assert loops[staging].count("wgmma.mma_async") == loops["swizzle128"].count("wgmma.mma_async")
+
+
+def test_fused_dq_staging_is_checked():
+    tables, q, kv, rows = _setup(*CASES[0])
+    tuning = mosaic_bwd.MosaicBwdTuning(fused=True, fused_dq_staging="tiles4x4")
+    with pytest.raises(ValueError, match="fused_dq_staging='tiles4x4'"):
+        jax.eval_shape(lambda *a: mosaic_bwd.mosaic_backward(*a, tables=tables, scale=0.1, tuning=tuning),
+                       q, kv, kv, q, rows, q, rows)  # fmt: skip
