@@ -123,7 +123,8 @@ def forward_variants() -> dict[str, KernelTuning]:
     FA3's intra-warpgroup overlap, alone, with the lazy rescale, and without the warpgroups' ping-pong;
     the overlap with P cast after its P V's wait (late_p), also with P V reading P from shared memory
     (p_smem), and in FA3's full order (late_p and O rescaled between the issues: fa3), alone, lazy and
-    without the ping-pong; the default loop without the ping-pong; two launch orders (grid_heads)."""
+    without the ping-pong; the default loop without the ping-pong; two launch orders (grid_heads); the
+    persistent grid (one CTA per SM walks the work items) in the default and the rows-first order."""
     fwd = lambda **fields: KernelTuning(mosaic_fwd=MosaicTuning(**fields))
     return {"lazy_rescale_fwd": fwd(lazy_rescale_threshold=8.0),
             "lazy_rescale_0_fwd": fwd(lazy_rescale_threshold=0.0),
@@ -140,7 +141,10 @@ def forward_variants() -> dict[str, KernelTuning]:
             "no_pingpong_fwd": fwd(pingpong=False),
             # Launch orders: query tiles fastest (FA4's), and 4 heads fastest then the tiles.
             "rows_fwd": fwd(grid_heads=1),
-            "heads4_fwd": fwd(grid_heads=4)}
+            "heads4_fwd": fwd(grid_heads=4),
+            # One CTA per SM walking the (head, query tile, batch) items in either launch order.
+            "persistent_fwd": fwd(persistent=True),
+            "persistent_rows_fwd": fwd(persistent=True, grid_heads=1)}
 
 
 def variants(backward: bool) -> dict[str, KernelTuning]:

@@ -12,6 +12,7 @@ LOG2_E = math.log2(math.e)  # exp(x) = exp2(x * LOG2_E): the kernels keep logits
 LN_2 = math.log(2.0)
 MASK_BLOCK = 128  # tokens per mask block the Mosaic kernels serve: COMPUTE_WGS x 64 rows
 COMPUTE_WGS = 2  # compute warpgroups per Mosaic CTA
+HOPPER_SMS = 132  # SMs of an H100/H200 SXM: the persistent forward's CTA count when tracing off a GPU
 # Rows of the 8-row shared-memory tiling: a TMA copy needs the sequence axis of its GMEM array to
 # be a multiple of it (or shorter), so other lengths are zero-padded up to one (seq_multiple).
 TMA_SEQ_MULTIPLE = 8
@@ -57,11 +58,23 @@ class MosaicTuning:
     # time what it buys: 0.93-0.95x the default on the H200 (benchmarks/attention.py --variants
     # no_pingpong_fwd, results/attention-overlap-h200.json).
     pingpong: bool = True
-    # Launch order (block_grid below): how many heads vary fastest. None: every head, the grid
-    # (heads, query tiles, batch) measured best on the H100 (benchmarks/NOTES.md). 1: query tiles
-    # fastest, FlashAttention-4's sm90 order (its grid is (m blocks, heads, batch)), so the CTAs in
-    # flight share one head's K/V in L2.
+    # Launch order (block_grid below). None: the grid (heads, query tiles, batch); g: the grid (g, query
+    # tiles, heads / g * batch). Pallas Mosaic GPU hands the grid to CUDA reversed (its last axis is
+    # blockIdx.x, dispatched fastest), so None runs batch, then query tiles fastest (at batch 1 FA4's
+    # sm90 order: consecutive query tiles of one head share its K/V in L2) and 1 runs heads fastest,
+    # then tiles: the reverse of what this field was named for (benchmarks/NOTES.md, 2026-11-30 PERSIST).
     grid_heads: int | None = None
+    # Persistent grid: one CTA per SM walks the (head, query tile, batch) work items in the launch
+    # order above (item w = cta, cta + CTAs, ..., work_coords), so its memory warpgroup loads the next item's first
+    # K/V blocks (and each compute warpgroup the next Q) while the current item's last steps, O and lse
+    # run: a CTA's start (Q and first K/V latency) and end (last P V, O store) no longer idle the SM.
+    # What that can win (a list-scheduling model: the tail of the last wave is 1.6% at 1.3B 480p-81f,
+    # less elsewhere) is mostly the overlap of one item's end with the next one's start. Not with
+    # overlap_qk (its turn token would have to carry across items).
+    persistent: bool = False
+    # With persistent: CTAs launched. None: the GPU's SM count at trace time (jax.devices()[0].core_count),
+    # or HOPPER_SMS when tracing off a GPU (cross-lowering), so a lowered module does not depend on the host.
+    persistent_ctas: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,8 +140,8 @@ class MosaicBwdTuning:
     # addresses depend on the row, which costs the store 48 selects a step in the lowered module
     # (ncu: 32 FSEL a warp and step); plain 8x8 tiles have none. The TMA copies the same values.
     fused_dq_staging: str = "swizzle128"
-    # Launch order of every backward kernel (block_grid below), as MosaicTuning.grid_heads: None
-    # every head fastest, 1 the query (dq) or key (dk/dv, fused) blocks fastest.
+    # Launch order of every backward kernel (block_grid below), as MosaicTuning.grid_heads: None runs
+    # batch, then the query (dq) or key (dk/dv, fused) blocks fastest, 1 heads fastest.
     grid_heads: int | None = None
 
 
@@ -154,9 +167,11 @@ class KernelTuning:
 def block_grid(heads: int, blocks: int, batch: int, block_axis: str, grid_heads: int | None):
     """Returns (grid, grid_names) of a Mosaic kernel with one CTA per (head, block, batch).
 
-    CUDA launches the first grid axis fastest: `grid_heads` heads of one block, then the same heads
-    of the next block, ..., then the next group of heads (and batches). None: every head fastest, the
-    grid (heads, blocks, batch). block_coords reads a CTA's (batch, head, block) back.
+    None: the grid (heads, blocks, batch); g: (g, blocks, heads / g * batch). Pallas Mosaic GPU reverses
+    the grid for CUDA (the last axis becomes blockIdx.x, which runs fastest; the lowered gpu.launch shows
+    it), so None launches batch fastest, then blocks, then heads, and g the heads / g head groups and
+    batch fastest (g = 1: every head), then blocks, then a group's g heads. block_coords reads a CTA's
+    (batch, head, block) back, work_coords the item-th CTA's.
     """
     if grid_heads is None:
         return (heads, blocks, batch), ("heads", block_axis, "batch")
@@ -176,6 +191,26 @@ def block_coords(axis_index, heads: int, block_axis: str, grid_heads: int | None
     group_batch = axis_index("group_batch")
     head = (group_batch % groups) * grid_heads + axis_index("head_in_group")
     return group_batch // groups, head, axis_index(block_axis)
+
+
+def work_coords(item, heads: int, blocks: int, batch: int, grid_heads: int | None):
+    """Returns (batch, head, block) of linear work item `item`: the item-th CTA a launch of block_grid's
+    grid starts (CUDA's linear block index, i.e. the grid's last axis fastest, see block_grid).
+
+    item: a Python/numpy int or an int32 scalar (traced in a kernel), 0 <= item < heads * blocks * batch.
+    """
+    grid, names = block_grid(heads, blocks, batch, "block", grid_heads)
+    index, rest = {}, item
+    for size, name in zip(grid[:0:-1], names[:0:-1]):  # the last axis first
+        index[name], rest = rest % size, rest // size
+    index[names[0]] = rest  # the slowest axis: what is left (item is in range)
+    return block_coords(index.__getitem__, heads, "block", grid_heads)
+
+
+def persistent_items(cta, num_ctas: int, total: int):
+    """Returns how many work items CTA `cta` (0 <= cta < min(num_ctas, total)) walks, items cta,
+    cta + num_ctas, ... below total: ceil((total - cta) / num_ctas), at least 1."""
+    return (total - 1 - cta) // num_ctas + 1
 
 
 def seq_multiple(x, multiple: int = TMA_SEQ_MULTIPLE):

@@ -18,6 +18,12 @@ loop issues QK, waits, softmaxes, issues PV and waits. As first built it ran 0.6
 the H200: ptxas serialized its wgmmas (C7513), most likely because P_{j+1}'s bf16 cast landed in
 P_j's registers while P_j V_j was in flight. overlap_late_p casts after the wait (NOTES FWDOV2):
 no longer serialized, but 0.91x the default (0.90-0.94x with the other reorders), so all are off.
+
+MosaicTuning.persistent launches one CTA per SM instead, each walking work items (head, query block,
+batch) in the normal launch's order: its memory warpgroup streams the next item's K/V into the same
+ring (one running ring position, so slots and barrier phases carry across items), each compute
+warpgroup loads the next item's Q into a second Q slot while it works on the current one, and O is
+staged apart from Q, so one item's end overlaps the next one's start.
 """
 
 import functools
@@ -26,8 +32,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from radial_jax.kernels.common import (COMPUTE_WGS, LN_2, LOG2_E, MASK_BLOCK, MosaicTuning, block_coords, block_grid,
-                                       seq_multiple, unpad_seq)
+from radial_jax.kernels.common import (COMPUTE_WGS, HOPPER_SMS, LN_2, LOG2_E, MASK_BLOCK, MosaicTuning, block_coords,
+                                       block_grid, persistent_items, seq_multiple, unpad_seq, work_coords)
 from radial_jax.kernels.tables import BlockTables
 
 __all__ = ["MosaicTuning", "mosaic_forward", "supported"]
@@ -42,6 +48,12 @@ def supported(q_dtype, head_dim: int, block_size: int) -> str | None:
     if head_dim not in (64, 128):
         return f"head_dim={head_dim} (the Mosaic kernel takes 64 or 128)"
     return None
+
+
+def _sm_count() -> int:
+    """The SM count of the GPU jax runs on, or HOPPER_SMS when tracing elsewhere (cross-lowering on a CPU)."""
+    device = jax.devices()[0]
+    return device.core_count if device.platform == "gpu" else HOPPER_SMS
 
 
 def _rescale_raised_warps(acc, alpha, m_old, m_new):
@@ -120,8 +132,260 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
                          "p reaches 2^threshold and f16 ends at 2^16")
 
     grid, grid_names = block_grid(heads, num_q_tiles, batch, "q_seq", tuning.grid_heads)
+    persistent, total = tuning.persistent, heads * num_q_tiles * batch
+    if persistent and tuning.overlap_qk:
+        raise ValueError("persistent=True runs the default key loop; overlap_qk's turn token would have to "
+                         "carry across work items: set one of them")  # fmt: skip
+    if tuning.persistent_ctas is not None and not (persistent and tuning.persistent_ctas >= 1):
+        raise ValueError(f"persistent_ctas={tuning.persistent_ctas} needs persistent=True and at least 1 CTA")
+    num_ctas = min(tuning.persistent_ctas or _sm_count(), total) if persistent else None
+    if persistent:
+        grid, grid_names = (num_ctas,), ("cta",)
     kv_ids = jnp.asarray(tables.kv_ids)
     counts = jnp.stack([jnp.asarray(tables.kv_counts), jnp.asarray(tables.kv_full_counts)], axis=1)
+
+    def attend(refs, qo_smem, wg, q_tile, count, full_count, base=None):
+        """Returns (acc [block_q, head_dim] f32, unnormalised; m_i, l_i [block_q] f32, m_i in log2 units)
+        of this compute warpgroup's rows (Q in qo_smem, landed) against query tile q_tile's `count` key
+        blocks, the last `count - full_count` masked, as the memory warpgroup streams them into the ring.
+
+        refs: (ids_ref, k_smem, v_smem, k_barriers, v_barriers, k_consumed, v_consumed, schedule_barrier,
+        p_smem2), the kernel's. base: None, or (persistent kernel) the ring position of the tile's first
+        block, int32: the blocks of earlier items went through the ring before it, so step s's slot is
+        (base + s) % stages and every barrier phase carries on from the previous item.
+        """
+        ids_ref, k_smem, v_smem, k_barriers, v_barriers, k_consumed, v_consumed, schedule_barrier, p_smem2 = refs
+        pingpong = tuning.pingpong
+
+        def ring_slot(step):
+            return lax.rem(step if base is None else base + step, jnp.int32(stages))
+
+        def schedule():
+            plgpu.barrier_arrive(schedule_barrier)
+            plgpu.barrier_wait(schedule_barrier)
+
+        row = plgpu.Layout.WGMMA.reduce(1)
+        m_i = plgpu.layout_cast(jnp.full((block_q,), -jnp.inf, jnp.float32), row)
+        l_i = plgpu.layout_cast(jnp.full((block_q,), 0.0, jnp.float32), row)
+        acc = plgpu.layout_cast(jnp.full((block_q, head_dim), 0.0, jnp.float32), plgpu.Layout.WGMMA)
+
+        def softmax_scores(s, m_i, step, *, mask_tail):
+            """Returns (p, m_new, alpha) of one key block's scores s [block_q, block_kv] f32."""
+            if mask_tail:
+                kv_start = ids_ref[q_tile, step] * block_kv
+                cols = plgpu.broadcasted_iota(jnp.int32, (block_q, block_kv), 1, layout=plgpu.Layout.WGMMA)
+                s = jnp.where(kv_start + cols < kv_len, s, -jnp.inf)
+            # m_i is kept in log2 units (scaled logits) so that p is one FMA + exp2.
+            if lazy_threshold is None:
+                m_new = jnp.maximum(m_i, s.max(axis=1) * qk_scale)
+                alpha = jnp.exp2(m_i - m_new)
+            else:  # the max moves only past the threshold; alpha is exactly 1 where it stays
+                row_max = s.max(axis=1) * qk_scale
+                raised = row_max > m_i + lazy_threshold
+                m_new = jnp.where(raised, row_max, m_i)
+                alpha = jnp.where(raised, jnp.exp2(m_i - m_new), 1.0)
+            p = jnp.exp2(s * qk_scale - lax.broadcast_in_dim(m_new, s.shape, [0]))
+            return p, m_new, alpha
+
+        def rescale(acc, alpha, m_i, m_new):
+            if lazy_threshold is None:
+                return acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+            return _rescale_raised_warps(acc, lax.broadcast_in_dim(alpha, acc.shape, [0]), m_i, m_new)
+
+        def kv_step(step, carry, *, mask_tail):
+            acc, m_i, l_i = carry
+            slot = ring_slot(step)
+
+            def compute_qk(acc_ref):
+                plgpu.wgmma(acc_ref, qo_smem, k_smem.at[slot].transpose((1, 0)))
+                if pingpong:
+                    schedule()
+                return acc_ref[...]
+
+            s = pl.run_scoped(compute_qk, plgpu.ACC((block_q, block_kv), jnp.float32))
+            plgpu.barrier_arrive(k_consumed.at[slot])
+            p, m_new, alpha = softmax_scores(s, m_i, step, mask_tail=mask_tail)
+            acc = rescale(acc, alpha, m_i, m_new)
+            l_i = l_i * alpha + p.sum(axis=1)
+            p16 = p.astype(dtype)
+            # Ordering found by the jax example to matter for speed on H100.
+            acc, l_i, m_new, p16 = lax.optimization_barrier((acc, l_i, m_new, p16))
+            if pingpong:
+                plgpu.barrier_arrive(schedule_barrier)
+            plgpu.barrier_wait(v_barriers.at[slot])
+            if pingpong:
+                plgpu.barrier_wait(schedule_barrier)
+
+            def compute_pv(acc_ref):
+                plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
+                next_slot = ring_slot(step + 1)
+
+                @pl.when(step + 1 < count)
+                def _():
+                    plgpu.barrier_wait(k_barriers.at[next_slot])
+
+            acc = pl.run_state(compute_pv)(plgpu.ACC.init(acc))
+            plgpu.barrier_arrive(v_consumed.at[slot])
+            return acc, m_new, l_i
+
+        def overlapped_loop(o_ref):
+            """Returns (acc, m_i, l_i) after every key block, FlashAttention-3's intra-warpgroup overlap.
+
+            o_ref: the [block_q, head_dim] f32 accumulator, zero. Step 0's S is issued alone; each
+            middle iteration j issues S_{j+1} then P_j V_j (two wgmma groups in flight), waits for
+            the first (wait_group 1), releases K_{j+1} and computes the softmax of S_{j+1} while P_j V_j
+            runs, then waits for it (wait_group 0), releases V_j and rescales O; the last P V goes
+            alone. P_j's registers are an operand of the wgmma in flight, so P_{j+1} is a new value
+            carried to the next iteration; overlap_late_p casts it to bf16 only after the wait (else
+            LLVM may put it in P_j's registers), overlap_early_rescale moves O's rescale between
+            the issues (then step j's factor and maxima are carried to step j + 1). With pingpong,
+            every phase (first, middles, last) takes the turn token from the other warpgroup before
+            issuing and hands it over after, as FA3's named barriers do. Zero-trip loops make count 0
+            and 1 need no branch.
+            """
+            def take_turn():
+                if pingpong:
+                    plgpu.barrier_wait(schedule_barrier.at[wg])
+
+            def pass_turn():
+                if pingpong:
+                    plgpu.barrier_arrive(schedule_barrier.at[COMPUTE_WGS - 1 - wg])
+
+            def issue_qk(s_ref, step):  # after K_step's barrier: FA3 waits for data before its turn
+                plgpu.wgmma(s_ref, qo_smem, k_smem.at[lax.rem(step, jnp.int32(stages))].transpose((1, 0)))
+
+            def issue_pv(p16, step):  # p16: P in registers, or None: P in this warpgroup's SMEM tile
+                slot = lax.rem(step, jnp.int32(stages))
+                plgpu.barrier_wait(v_barriers.at[slot])
+                plgpu.wgmma(o_ref, p_smem2[0].at[wg] if p_smem else p16, v_smem.at[slot])
+
+            def keep_p(p):  # P [block_q, block_kv] f32 -> bf16, carried in registers or staged in SMEM
+                if not p_smem:
+                    return p.astype(dtype)
+                p_smem2[0].at[wg][...] = p.astype(dtype)
+                plgpu.commit_smem()  # visible to the wgmma's async proxy, every warp of the warpgroup
+                return None
+
+            def rescale_o(alpha, m_old, m_new):  # no wait: O's last P V has been waited for
+                o_ref[...] = rescale(plgpu.wgmma_accumulator_load(o_ref, wait_n=None), alpha, m_old, m_new)
+
+            def first(_, carry, *, mask_tail):
+                m_i, l_i = carry[:2]
+
+                def qk(s_ref):
+                    plgpu.barrier_wait(k_barriers.at[0])
+                    take_turn()
+                    issue_qk(s_ref, 0)
+                    pass_turn()
+                    return plgpu.wgmma_accumulator_load(s_ref, wait_n=0)
+
+                s = pl.run_scoped(qk, plgpu.ACC((block_q, block_kv), jnp.float32))  # [block_q, block_kv]
+                plgpu.barrier_arrive(k_consumed.at[0])
+                p, m_new, alpha = softmax_scores(s, m_i, 0, mask_tail=mask_tail)
+                out = (m_new, l_i * alpha + p.sum(axis=1), keep_p(p))  # O is zero: no rescale
+                if early_rescale:  # alpha_0 = 1 and no max moved: step 0's rescale is a no-op
+                    out += (plgpu.layout_cast(jnp.full((block_q,), 1.0, jnp.float32), row), m_new)
+                return out
+
+            def middle(j, carry, *, mask_tail):
+                m_i, l_i, p16 = carry[:3]
+
+                def qk_and_pv(s_ref):
+                    plgpu.barrier_wait(k_barriers.at[lax.rem(j + 1, jnp.int32(stages))])
+                    take_turn()
+                    issue_qk(s_ref, j + 1)
+                    if early_rescale:  # O *= alpha_j under S_{j+1}'s wgmma; the store fences O
+                        rescale_o(*carry[3:], m_i)
+                    issue_pv(p16, j)
+                    pass_turn()
+                    return plgpu.wgmma_accumulator_load(s_ref, wait_n=1)  # S_{j+1} done, P_j V_j may run
+
+                s = pl.run_scoped(qk_and_pv, plgpu.ACC((block_q, block_kv), jnp.float32))
+                plgpu.barrier_arrive(k_consumed.at[lax.rem(j + 1, jnp.int32(stages))])
+                p, m_new, alpha = softmax_scores(s, m_i, j + 1, mask_tail=mask_tail)
+                l_i = l_i * alpha + p.sum(axis=1)
+                # The softmax must be done before the wait below, or LLVM may sink it past the
+                # wait (its results are used only after it) and the overlap is gone.
+                if late_p:
+                    l_i, m_new, alpha, p = lax.optimization_barrier((l_i, m_new, alpha, p))
+                else:
+                    p16_next = p.astype(dtype)
+                    l_i, m_new, alpha, p16_next = lax.optimization_barrier((l_i, m_new, alpha, p16_next))
+                acc = plgpu.wgmma_accumulator_load(o_ref, wait_n=0)  # P_j V_j done
+                plgpu.barrier_arrive(v_consumed.at[lax.rem(j, jnp.int32(stages))])
+                if late_p:  # p passes a barrier after the wait, so LLVM cannot hoist the cast above it
+                    p16_next = keep_p(lax.optimization_barrier(p))  # into P_j's registers, now free
+                if early_rescale:
+                    return m_new, l_i, p16_next, alpha, m_i
+                o_ref[...] = rescale(acc, alpha, m_i, m_new)
+                return m_new, l_i, p16_next
+
+            def last(_, carry):
+                if early_rescale:  # nothing to overlap with: before the turn, not while holding it
+                    rescale_o(*carry[3:], carry[0])
+                take_turn()
+                issue_pv(carry[2], count - 1)
+                pass_turn()
+                plgpu.wgmma_wait(0)
+                plgpu.barrier_arrive(v_consumed.at[lax.rem(count - 1, jnp.int32(stages))])
+                return carry
+
+            p16 = None  # P_0 comes from the first step; in SMEM mode it is never carried
+            if not p_smem:
+                p16 = plgpu.layout_cast(jnp.full((block_q, block_kv), 0.0, dtype), plgpu.Layout.WGMMA)
+            carry = (m_i, l_i, p16)
+            if early_rescale:  # + (alpha_j, m_{j-1}): O's factor for step j, applied before P_j V_j
+                carry += (plgpu.layout_cast(jnp.full((block_q,), 1.0, jnp.float32), row), m_i)
+            # Step s is masked iff s >= full_count (the ragged block is the last, tables.py):
+            # the first step when full_count == 0, middle j (step j + 1) when j >= full_count - 1.
+            has_first, full_first = jnp.minimum(count, 1), jnp.minimum(full_count, 1)
+            carry = lax.fori_loop(0, full_first, functools.partial(first, mask_tail=False), carry)
+            full_middles = jnp.maximum(full_count - 1, 0)
+            carry = lax.fori_loop(0, full_middles, functools.partial(middle, mask_tail=False), carry)
+            if tables.kv_ragged:
+                carry = lax.fori_loop(full_first, has_first, functools.partial(first, mask_tail=True), carry)
+                carry = lax.fori_loop(full_middles, count - 1, functools.partial(middle, mask_tail=True),
+                                      carry)  # fmt: skip
+            m_last, l_last = lax.fori_loop(0, has_first, last, carry)[:2]
+            return o_ref[...], m_last, l_last
+
+        if tuning.overlap_qk:
+            assert base is None, "the persistent kernel refuses overlap_qk"
+            if pingpong:  # warpgroup 0 takes the first turn
+                pl.when(wg == 1)(lambda: plgpu.barrier_arrive(schedule_barrier.at[0]))
+            carry = pl.run_scoped(overlapped_loop, plgpu.ACC((block_q, head_dim), jnp.float32))
+        else:
+
+            @pl.when(count > 0)
+            def _():
+                plgpu.barrier_wait(k_barriers.at[0 if base is None else ring_slot(0)])
+
+            if pingpong:  # warpgroup 1 starts one rendezvous behind
+                pl.when(wg == 1)(schedule)
+            carry = lax.fori_loop(0, full_count, functools.partial(kv_step, mask_tail=False), (acc, m_i, l_i))
+            if tables.kv_ragged:
+                carry = lax.fori_loop(full_count, count, functools.partial(kv_step, mask_tail=True), carry)
+            if pingpong:
+                pl.when(wg == 0)(schedule)
+        return carry
+
+    def stage_tile(o_smem, lse_smem, acc, m_i, l_i):
+        """Writes a warpgroup's normalised O (dtype) and lse (natural log) to its staging tiles, fenced
+        for the TMA stores. acc [block_q, head_dim], m_i, l_i [block_q]: attend's results."""
+        # An empty row (count == 0) has l_i == 0: write zeros and lse = -inf, never NaN.
+        nonempty = l_i > 0.0
+        inv = jnp.where(nonempty, 1.0 / jnp.where(nonempty, l_i, 1.0), 0.0)
+        acc *= lax.broadcast_in_dim(inv, acc.shape, [0])
+        o_smem[...] = acc.astype(dtype)
+        lse_smem[...] = jnp.where(nonempty, (m_i + jnp.log2(jnp.where(nonempty, l_i, 1.0))) * LN_2, -jnp.inf)
+        plgpu.commit_smem()
+
+    def load_kv(refs, b, head, q_tile, step, slot):
+        """Issues the TMA loads of K and V block `step` of query tile q_tile's list into ring slot `slot`."""
+        k_ref, v_ref, ids_ref, k_smem, v_smem, k_barriers, v_barriers = refs
+        kv = (b, pl.ds(ids_ref[q_tile, step] * block_kv, block_kv), head)
+        plgpu.copy_gmem_to_smem(k_ref.at[kv], k_smem.at[slot], k_barriers.at[slot])
+        plgpu.copy_gmem_to_smem(v_ref.at[kv], v_smem.at[slot], v_barriers.at[slot])
 
     def kernel(q_ref, k_ref, v_ref, ids_ref, counts_ref, out_ref, lse_ref,
                qo_smem2, k_smem, v_smem, lse_smem2,
@@ -131,232 +395,17 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
         count = counts_ref[q_tile, 0]
         full_count = counts_ref[q_tile, 1]
 
-        pingpong = tuning.pingpong
-
-        def schedule():
-            plgpu.barrier_arrive(schedule_barrier)
-            plgpu.barrier_wait(schedule_barrier)
-
         @pl.when(wg < COMPUTE_WGS)
         def _compute_wg():
             plgpu.set_max_registers(232, action="increase")
-            qo_smem = qo_smem2.at[wg]
+            qo_smem = qo_smem2.at[wg]  # Q, then O's staging tile
             lse_smem = lse_smem2.at[wg]
             q_base = q_tile * MASK_BLOCK + wg * block_q
             plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(q_base, block_q), head], qo_smem, q_barriers.at[wg])
             plgpu.barrier_wait(q_barriers.at[wg])
-
-            row = plgpu.Layout.WGMMA.reduce(1)
-            m_i = plgpu.layout_cast(jnp.full((block_q,), -jnp.inf, jnp.float32), row)
-            l_i = plgpu.layout_cast(jnp.full((block_q,), 0.0, jnp.float32), row)
-            acc = plgpu.layout_cast(jnp.full((block_q, head_dim), 0.0, jnp.float32), plgpu.Layout.WGMMA)
-
-            def softmax_scores(s, m_i, step, *, mask_tail):
-                """Returns (p, m_new, alpha) of one key block's scores s [block_q, block_kv] f32."""
-                if mask_tail:
-                    kv_start = ids_ref[q_tile, step] * block_kv
-                    cols = plgpu.broadcasted_iota(jnp.int32, (block_q, block_kv), 1, layout=plgpu.Layout.WGMMA)
-                    s = jnp.where(kv_start + cols < kv_len, s, -jnp.inf)
-                # m_i is kept in log2 units (scaled logits) so that p is one FMA + exp2.
-                if lazy_threshold is None:
-                    m_new = jnp.maximum(m_i, s.max(axis=1) * qk_scale)
-                    alpha = jnp.exp2(m_i - m_new)
-                else:  # the max moves only past the threshold; alpha is exactly 1 where it stays
-                    row_max = s.max(axis=1) * qk_scale
-                    raised = row_max > m_i + lazy_threshold
-                    m_new = jnp.where(raised, row_max, m_i)
-                    alpha = jnp.where(raised, jnp.exp2(m_i - m_new), 1.0)
-                p = jnp.exp2(s * qk_scale - lax.broadcast_in_dim(m_new, s.shape, [0]))
-                return p, m_new, alpha
-
-            def rescale(acc, alpha, m_i, m_new):
-                if lazy_threshold is None:
-                    return acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
-                return _rescale_raised_warps(acc, lax.broadcast_in_dim(alpha, acc.shape, [0]), m_i, m_new)
-
-            def kv_step(step, carry, *, mask_tail):
-                acc, m_i, l_i = carry
-                slot = lax.rem(step, jnp.int32(stages))
-
-                def compute_qk(acc_ref):
-                    plgpu.wgmma(acc_ref, qo_smem, k_smem.at[slot].transpose((1, 0)))
-                    if pingpong:
-                        schedule()
-                    return acc_ref[...]
-
-                s = pl.run_scoped(compute_qk, plgpu.ACC((block_q, block_kv), jnp.float32))
-                plgpu.barrier_arrive(k_consumed.at[slot])
-                p, m_new, alpha = softmax_scores(s, m_i, step, mask_tail=mask_tail)
-                acc = rescale(acc, alpha, m_i, m_new)
-                l_i = l_i * alpha + p.sum(axis=1)
-                p16 = p.astype(dtype)
-                # Ordering found by the jax example to matter for speed on H100.
-                acc, l_i, m_new, p16 = lax.optimization_barrier((acc, l_i, m_new, p16))
-                if pingpong:
-                    plgpu.barrier_arrive(schedule_barrier)
-                plgpu.barrier_wait(v_barriers.at[slot])
-                if pingpong:
-                    plgpu.barrier_wait(schedule_barrier)
-
-                def compute_pv(acc_ref):
-                    plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
-                    next_slot = lax.rem(step + 1, jnp.int32(stages))
-
-                    @pl.when(step + 1 < count)
-                    def _():
-                        plgpu.barrier_wait(k_barriers.at[next_slot])
-
-                acc = pl.run_state(compute_pv)(plgpu.ACC.init(acc))
-                plgpu.barrier_arrive(v_consumed.at[slot])
-                return acc, m_new, l_i
-
-            def overlapped_loop(o_ref):
-                """Returns (acc, m_i, l_i) after every key block, FlashAttention-3's intra-warpgroup overlap.
-
-                o_ref: the [block_q, head_dim] f32 accumulator, zero. Step 0's S is issued alone; each
-                middle iteration j issues S_{j+1} then P_j V_j (two wgmma groups in flight), waits for
-                the first (wait_group 1), releases K_{j+1} and computes the softmax of S_{j+1} while P_j V_j
-                runs, then waits for it (wait_group 0), releases V_j and rescales O; the last P V goes
-                alone. P_j's registers are an operand of the wgmma in flight, so P_{j+1} is a new value
-                carried to the next iteration; overlap_late_p casts it to bf16 only after the wait (else
-                LLVM may put it in P_j's registers), overlap_early_rescale moves O's rescale between
-                the issues (then step j's factor and maxima are carried to step j + 1). With pingpong,
-                every phase (first, middles, last) takes the turn token from the other warpgroup before
-                issuing and hands it over after, as FA3's named barriers do. Zero-trip loops make count 0
-                and 1 need no branch.
-                """
-                def take_turn():
-                    if pingpong:
-                        plgpu.barrier_wait(schedule_barrier.at[wg])
-
-                def pass_turn():
-                    if pingpong:
-                        plgpu.barrier_arrive(schedule_barrier.at[COMPUTE_WGS - 1 - wg])
-
-                def issue_qk(s_ref, step):  # after K_step's barrier: FA3 waits for data before its turn
-                    plgpu.wgmma(s_ref, qo_smem, k_smem.at[lax.rem(step, jnp.int32(stages))].transpose((1, 0)))
-
-                def issue_pv(p16, step):  # p16: P in registers, or None: P in this warpgroup's SMEM tile
-                    slot = lax.rem(step, jnp.int32(stages))
-                    plgpu.barrier_wait(v_barriers.at[slot])
-                    plgpu.wgmma(o_ref, p_smem2[0].at[wg] if p_smem else p16, v_smem.at[slot])
-
-                def keep_p(p):  # P [block_q, block_kv] f32 -> bf16, carried in registers or staged in SMEM
-                    if not p_smem:
-                        return p.astype(dtype)
-                    p_smem2[0].at[wg][...] = p.astype(dtype)
-                    plgpu.commit_smem()  # visible to the wgmma's async proxy, every warp of the warpgroup
-                    return None
-
-                def rescale_o(alpha, m_old, m_new):  # no wait: O's last P V has been waited for
-                    o_ref[...] = rescale(plgpu.wgmma_accumulator_load(o_ref, wait_n=None), alpha, m_old, m_new)
-
-                def first(_, carry, *, mask_tail):
-                    m_i, l_i = carry[:2]
-
-                    def qk(s_ref):
-                        plgpu.barrier_wait(k_barriers.at[0])
-                        take_turn()
-                        issue_qk(s_ref, 0)
-                        pass_turn()
-                        return plgpu.wgmma_accumulator_load(s_ref, wait_n=0)
-
-                    s = pl.run_scoped(qk, plgpu.ACC((block_q, block_kv), jnp.float32))  # [block_q, block_kv]
-                    plgpu.barrier_arrive(k_consumed.at[0])
-                    p, m_new, alpha = softmax_scores(s, m_i, 0, mask_tail=mask_tail)
-                    out = (m_new, l_i * alpha + p.sum(axis=1), keep_p(p))  # O is zero: no rescale
-                    if early_rescale:  # alpha_0 = 1 and no max moved: step 0's rescale is a no-op
-                        out += (plgpu.layout_cast(jnp.full((block_q,), 1.0, jnp.float32), row), m_new)
-                    return out
-
-                def middle(j, carry, *, mask_tail):
-                    m_i, l_i, p16 = carry[:3]
-
-                    def qk_and_pv(s_ref):
-                        plgpu.barrier_wait(k_barriers.at[lax.rem(j + 1, jnp.int32(stages))])
-                        take_turn()
-                        issue_qk(s_ref, j + 1)
-                        if early_rescale:  # O *= alpha_j under S_{j+1}'s wgmma; the store fences O
-                            rescale_o(*carry[3:], m_i)
-                        issue_pv(p16, j)
-                        pass_turn()
-                        return plgpu.wgmma_accumulator_load(s_ref, wait_n=1)  # S_{j+1} done, P_j V_j may run
-
-                    s = pl.run_scoped(qk_and_pv, plgpu.ACC((block_q, block_kv), jnp.float32))
-                    plgpu.barrier_arrive(k_consumed.at[lax.rem(j + 1, jnp.int32(stages))])
-                    p, m_new, alpha = softmax_scores(s, m_i, j + 1, mask_tail=mask_tail)
-                    l_i = l_i * alpha + p.sum(axis=1)
-                    # The softmax must be done before the wait below, or LLVM may sink it past the
-                    # wait (its results are used only after it) and the overlap is gone.
-                    if late_p:
-                        l_i, m_new, alpha, p = lax.optimization_barrier((l_i, m_new, alpha, p))
-                    else:
-                        p16_next = p.astype(dtype)
-                        l_i, m_new, alpha, p16_next = lax.optimization_barrier((l_i, m_new, alpha, p16_next))
-                    acc = plgpu.wgmma_accumulator_load(o_ref, wait_n=0)  # P_j V_j done
-                    plgpu.barrier_arrive(v_consumed.at[lax.rem(j, jnp.int32(stages))])
-                    if late_p:  # p passes a barrier after the wait, so LLVM cannot hoist the cast above it
-                        p16_next = keep_p(lax.optimization_barrier(p))  # into P_j's registers, now free
-                    if early_rescale:
-                        return m_new, l_i, p16_next, alpha, m_i
-                    o_ref[...] = rescale(acc, alpha, m_i, m_new)
-                    return m_new, l_i, p16_next
-
-                def last(_, carry):
-                    if early_rescale:  # nothing to overlap with: before the turn, not while holding it
-                        rescale_o(*carry[3:], carry[0])
-                    take_turn()
-                    issue_pv(carry[2], count - 1)
-                    pass_turn()
-                    plgpu.wgmma_wait(0)
-                    plgpu.barrier_arrive(v_consumed.at[lax.rem(count - 1, jnp.int32(stages))])
-                    return carry
-
-                p16 = None  # P_0 comes from the first step; in SMEM mode it is never carried
-                if not p_smem:
-                    p16 = plgpu.layout_cast(jnp.full((block_q, block_kv), 0.0, dtype), plgpu.Layout.WGMMA)
-                carry = (m_i, l_i, p16)
-                if early_rescale:  # + (alpha_j, m_{j-1}): O's factor for step j, applied before P_j V_j
-                    carry += (plgpu.layout_cast(jnp.full((block_q,), 1.0, jnp.float32), row), m_i)
-                # Step s is masked iff s >= full_count (the ragged block is the last, tables.py):
-                # the first step when full_count == 0, middle j (step j + 1) when j >= full_count - 1.
-                has_first, full_first = jnp.minimum(count, 1), jnp.minimum(full_count, 1)
-                carry = lax.fori_loop(0, full_first, functools.partial(first, mask_tail=False), carry)
-                full_middles = jnp.maximum(full_count - 1, 0)
-                carry = lax.fori_loop(0, full_middles, functools.partial(middle, mask_tail=False), carry)
-                if tables.kv_ragged:
-                    carry = lax.fori_loop(full_first, has_first, functools.partial(first, mask_tail=True), carry)
-                    carry = lax.fori_loop(full_middles, count - 1, functools.partial(middle, mask_tail=True),
-                                          carry)  # fmt: skip
-                m_last, l_last = lax.fori_loop(0, has_first, last, carry)[:2]
-                return o_ref[...], m_last, l_last
-
-            if tuning.overlap_qk:
-                if pingpong:  # warpgroup 0 takes the first turn
-                    pl.when(wg == 1)(lambda: plgpu.barrier_arrive(schedule_barrier.at[0]))
-                carry = pl.run_scoped(overlapped_loop, plgpu.ACC((block_q, head_dim), jnp.float32))
-            else:
-
-                @pl.when(count > 0)
-                def _():
-                    plgpu.barrier_wait(k_barriers.at[0])
-
-                if pingpong:  # warpgroup 1 starts one rendezvous behind
-                    pl.when(wg == 1)(schedule)
-                carry = lax.fori_loop(0, full_count, functools.partial(kv_step, mask_tail=False), (acc, m_i, l_i))
-                if tables.kv_ragged:
-                    carry = lax.fori_loop(full_count, count, functools.partial(kv_step, mask_tail=True), carry)
-                if pingpong:
-                    pl.when(wg == 0)(schedule)
-            acc, m_i, l_i = carry
-
-            # An empty row (count == 0) has l_i == 0: write zeros and lse = -inf, never NaN.
-            nonempty = l_i > 0.0
-            inv = jnp.where(nonempty, 1.0 / jnp.where(nonempty, l_i, 1.0), 0.0)
-            acc *= lax.broadcast_in_dim(inv, acc.shape, [0])
-            qo_smem[...] = acc.astype(dtype)
-            lse_smem[...] = jnp.where(nonempty, (m_i + jnp.log2(jnp.where(nonempty, l_i, 1.0))) * LN_2, -jnp.inf)
-            plgpu.commit_smem()
+            refs = (ids_ref, k_smem, v_smem, k_barriers, v_barriers, k_consumed, v_consumed, schedule_barrier, p_smem2)
+            acc, m_i, l_i = attend(refs, qo_smem, wg, q_tile, count, full_count)
+            stage_tile(qo_smem, lse_smem, acc, m_i, l_i)
             plgpu.copy_smem_to_gmem(qo_smem, out_ref.at[b, pl.ds(q_base, block_q), head])
             plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[b, head, pl.ds(q_base, block_q)])
             plgpu.wait_smem_to_gmem(0)
@@ -364,11 +413,8 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
         @pl.when(wg == COMPUTE_WGS)
         def _memory_wg():
             plgpu.set_max_registers(40, action="decrease")
-
-            def load(step, slot):
-                kv = (b, pl.ds(ids_ref[q_tile, step] * block_kv, block_kv), head)
-                plgpu.copy_gmem_to_smem(k_ref.at[kv], k_smem.at[slot], k_barriers.at[slot])
-                plgpu.copy_gmem_to_smem(v_ref.at[kv], v_smem.at[slot], v_barriers.at[slot])
+            load = functools.partial(load_kv, (k_ref, v_ref, ids_ref, k_smem, v_smem, k_barriers, v_barriers),
+                                     b, head, q_tile)  # fmt: skip
 
             for i in range(stages):
                 pl.when(i < count)(functools.partial(load, i, i))
@@ -380,10 +426,89 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
                 plgpu.barrier_wait(v_consumed.at[slot])
                 load(step + stages, slot)
 
+    def persistent_kernel(q_ref, k_ref, v_ref, ids_ref, counts_ref, out_ref, lse_ref,
+                          q_smem3, k_smem, v_smem, lse_smem2,
+                          k_barriers, v_barriers, q_barriers, k_consumed, v_consumed, schedule_barrier, o_smem2):
+        """One CTA walks work items cta, cta + num_ctas, ... (block_grid's launch order, work_coords).
+
+        Each warpgroup keeps a running ring position (`base`, the K/V blocks of its earlier items), so
+        the memory warpgroup's loads and the compute warpgroups' waits agree on every slot and barrier
+        phase across items, and the memory warpgroup runs ahead into the next item as far as the ring
+        lets it. Q is double-buffered (q_smem3 [2, COMPUTE_WGS, block_q, head_dim], slot i % 2): item
+        i + 1's Q is loaded as soon as item i's has landed, into the slot item i - 1's QKs have
+        finished with, so it lands under item i's key loop. O has its own staging tile (o_smem2), whose
+        previous TMA store (with the lse's) is waited for only, and only for its reads, right before
+        the next item's O overwrites it.
+        """
+        cta = lax.axis_index("cta")
+        wg = lax.axis_index("wg")
+        items = persistent_items(cta, num_ctas, total)
+
+        def coords(i):  # (batch, head, query tile) of this CTA's i-th item
+            return work_coords(cta + i * num_ctas, heads, num_q_tiles, batch, tuning.grid_heads)
+
+        @pl.when(wg < COMPUTE_WGS)
+        def _compute_wg():
+            plgpu.set_max_registers(232, action="increase")
+            o_smem, lse_smem = o_smem2.at[wg], lse_smem2.at[wg]
+            refs = (ids_ref, k_smem, v_smem, k_barriers, v_barriers, k_consumed, v_consumed, schedule_barrier, ())
+
+            def load_q(i, q_slot):
+                b, head, q_tile = coords(i)
+                q_rows = pl.ds(q_tile * MASK_BLOCK + wg * block_q, block_q)
+                plgpu.copy_gmem_to_smem(q_ref.at[b, q_rows, head], q_smem3.at[q_slot, wg], q_barriers.at[wg])
+
+            load_q(0, 0)
+
+            def item(i, base):
+                b, head, q_tile = coords(i)
+                count, full_count = counts_ref[q_tile, 0], counts_ref[q_tile, 1]
+                q_slot = lax.rem(i, 2)
+                # One Q load in flight per warpgroup at a time (the next is issued after this wait),
+                # so one barrier serves both slots and its phases alternate with the items.
+                plgpu.barrier_wait(q_barriers.at[wg])
+                pl.when(i + 1 < items)(lambda: load_q(i + 1, 1 - q_slot))
+                acc, m_i, l_i = attend(refs, q_smem3.at[q_slot, wg], wg, q_tile, count, full_count, base)
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # item i - 1's O and lse stores have read
+                stage_tile(o_smem, lse_smem, acc, m_i, l_i)
+                q_base = q_tile * MASK_BLOCK + wg * block_q
+                plgpu.copy_smem_to_gmem(o_smem, out_ref.at[b, pl.ds(q_base, block_q), head])
+                plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[b, head, pl.ds(q_base, block_q)])
+                return base + count
+
+            lax.fori_loop(0, items, item, jnp.int32(0))
+            plgpu.wait_smem_to_gmem(0)
+
+        @pl.when(wg == COMPUTE_WGS)
+        def _memory_wg():
+            plgpu.set_max_registers(40, action="decrease")
+
+            def item(i, base):
+                b, head, q_tile = coords(i)
+                load = functools.partial(load_kv, (k_ref, v_ref, ids_ref, k_smem, v_smem, k_barriers, v_barriers),
+                                         b, head, q_tile)  # fmt: skip
+
+                @pl.loop(0, counts_ref[q_tile, 0])  # an empty row loads nothing
+                def _(step):
+                    position = base + step
+                    slot = lax.rem(position, jnp.int32(stages))
+
+                    @pl.when(position >= stages)  # the block `stages` earlier (maybe an earlier item's) was used
+                    def _():
+                        plgpu.barrier_wait(k_consumed.at[slot])
+                        plgpu.barrier_wait(v_consumed.at[slot])
+
+                    load(step, slot)
+
+                return base + counts_ref[q_tile, 0]
+
+            lax.fori_loop(0, items, item, jnp.int32(0))
+
     tiling = plgpu.TilingTransform((8, 64 * 2 // jnp.dtype(dtype).itemsize))
     swizzle = plgpu.SwizzleTransform(128)
     scratch = [
-        plgpu.SMEM((COMPUTE_WGS, block_q, head_dim), dtype, transforms=(tiling, swizzle)),
+        # Q (and O's staging tile) of each compute warpgroup; persistent: Q double-buffered
+        plgpu.SMEM((2,) * persistent + (COMPUTE_WGS, block_q, head_dim), dtype, transforms=(tiling, swizzle)),
         plgpu.SMEM((stages, block_kv, head_dim), dtype, transforms=(tiling, swizzle)),
         plgpu.SMEM((stages, block_kv, head_dim), dtype, transforms=(tiling, swizzle)),
         plgpu.SMEM((COMPUTE_WGS, block_q), jnp.float32),
@@ -398,8 +523,15 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
     ]
     if p_smem:  # each compute warpgroup's P tile, as its Q tile: the lhs of an SS wgmma
         scratch.append(plgpu.SMEM((COMPUTE_WGS, block_q, block_kv), dtype, transforms=(tiling, swizzle)))
+    params = {}
+    if persistent:  # O's staging tiles, apart from Q's two slots
+        scratch.append(plgpu.SMEM((COMPUTE_WGS, block_q, head_dim), dtype, transforms=(tiling, swizzle)))
+        # Pallas reserves 2 KiB of SMEM for cross-warp reductions by default; the row max and sum in
+        # the WGMMA layout reduce within a warp's quads (no scratch used), and at head_dim 128 the
+        # 224 KiB of tiles above plus those 2 KiB pass the 227 KiB a Hopper CTA can have by 88 bytes.
+        params["reduction_scratch_bytes"] = 0
     out, lse = plgpu.kernel(
-        kernel,
+        persistent_kernel if persistent else kernel,
         out_type=[
             jax.ShapeDtypeStruct(q.shape, dtype),
             jax.ShapeDtypeStruct((batch, heads, num_q_tiles * MASK_BLOCK), jnp.float32),
@@ -409,6 +541,6 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
         grid_names=grid_names,
         num_threads=COMPUTE_WGS + 1,
         thread_name="wg",
-        compiler_params=plgpu.CompilerParams(approx_math=True),
+        compiler_params=plgpu.CompilerParams(approx_math=True, **params),
     )(q, k, v, kv_ids, counts)
     return unpad_seq(out, q_len), lse[..., :q_len]

@@ -547,26 +547,155 @@ def test_reordered_designs_change_no_value(design):
             assert bool((g == r).all()), name
 
 
+# (q_len, kv_len, heads, batch, head_dim, dtype) of TestMosaicPersistentGPU's cases.
+_PERSISTENT_CASES = {
+    "wan_480p_81f_radial": (32760, 32760, 2, 1, 128, jnp.bfloat16),  # 512 items, 1.3B-like rows
+    "ragged_cross_empty_row": (4100, 1000, 3, 2, 128, jnp.float16),  # 198 items, 6 of them empty
+    "random_hd64_empty_rows": (1000, 1560, 4, 2, 64, jnp.bfloat16),  # 64 items, 16 empty
+    "tiny_7x129": (7, 129, 1, 2, 64, jnp.bfloat16),  # 2 items, one ragged key block each
+    "tiny_61x130": (61, 130, 2, 2, 128, jnp.float16),  # the second warpgroup's rows all past the end
+}
+
+
+def _persistent_case(name):
+    """((q, k, v), block mask) of a case of TestMosaicPersistentGPU."""
+    q_len, kv_len, heads, batch, head_dim, dtype = _PERSISTENT_CASES[name]
+    if name.startswith("wan"):
+        mask = radial_block_mask(21, 1560, block_size=128, decay_factor=1.0)
+    elif name.startswith("random"):
+        mask = _random_mask(3, 8, 13, 0.4, empty_rows=(0, 7))
+    else:  # the ragged last key block in every other row, row 1 empty where there are 3+ rows
+        mask = _ragged_mask(q_len + kv_len, q_len, kv_len, 128)
+    return _qkv(q_len + heads, batch, q_len, kv_len, heads, head_dim, dtype), mask
+
+
+def _poison_free_memory(*shapes_and_dtypes):
+    """Allocates NaN-filled arrays of the given (shape, dtype)s and frees them, so that the next outputs of
+    those sizes likely take that memory (XLA's allocator reuses freed blocks): a tile a kernel never
+    writes then reads NaN, not an earlier result that might be the expected one."""
+    poison = [jnp.full(shape, jnp.nan, dtype) for shape, dtype in shapes_and_dtypes]
+    jax.block_until_ready(poison)
+    del poison
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not IS_HOPPER, reason="needs a Hopper GPU (sm90) for the Mosaic kernel")
+class TestMosaicPersistentGPU:
+    """MosaicTuning(persistent=True) against the default kernel: each work item runs the default's key
+    loop on the same data, so out and lse must be bitwise equal. With few CTAs (persistent_ctas=3)
+    each walks dozens to hundreds of items with different key counts, empty rows among them (no K/V
+    loads), so the K/V ring's slots and barrier phases carry across many item boundaries at every
+    parity: a skipped item leaves its tile unwritten (NaN from the poisoned memory, or garbage), a
+    stale phase reads a slot before its TMA lands (or hangs: run under `timeout`), an O stored before
+    its last P V or a Q slot reloaded under a QK changes values. A duplicated item would write the same
+    values twice; the CPU test test_persistent_ctas_walk_the_launch_order_once rules it out."""
+
+    @pytest.mark.parametrize("name, grid_heads, ctas, lazy", [
+        ("wan_480p_81f_radial", None, None, None), ("wan_480p_81f_radial", 1, None, None),
+        ("wan_480p_81f_radial", None, 3, None), ("ragged_cross_empty_row", None, None, None),
+        ("ragged_cross_empty_row", None, 3, None), ("ragged_cross_empty_row", 1, 3, None),
+        ("ragged_cross_empty_row", None, 5, 8.0), ("random_hd64_empty_rows", None, 3, None),
+        ("random_hd64_empty_rows", 2, None, None), ("tiny_7x129", None, None, None), ("tiny_7x129", None, 1, None),
+        ("tiny_61x130", 1, 3, None)])  # fmt: skip
+    def test_forward_is_bitwise_the_default_kernel(self, name, grid_heads, ctas, lazy):
+        from radial_jax.kernels import mosaic_fwd
+
+        (q, k, v), mask = _persistent_case(name)
+        q_len, kv_len = q.shape[1], k.shape[1]
+        tables = block_tables(mask, 128, q_len, kv_len)
+        run = lambda tuning: mosaic_fwd.mosaic_forward(q, k, v, tables=tables, scale=q.shape[-1] ** -0.5,
+                                                       tuning=tuning)  # fmt: skip
+        ref_out, ref_lse = jax.block_until_ready(run(MosaicTuning(lazy_rescale_threshold=lazy)))  # kept alive
+        padded_q = -(-q_len // 8) * 8
+        _poison_free_memory(((q.shape[0], padded_q, *q.shape[2:]), q.dtype),
+                            ((q.shape[0], q.shape[2], tables.num_q_blocks * 128), jnp.float32))  # fmt: skip
+        persistent = MosaicTuning(persistent=True, persistent_ctas=ctas, grid_heads=grid_heads,
+                                  lazy_rescale_threshold=lazy)  # fmt: skip
+        out, lse = run(persistent)
+        assert not jnp.isnan(ref_out).any() and not jnp.isnan(ref_lse).any()
+        assert bool((out == ref_out).all()), float(jnp.abs(out.astype(jnp.float32) - ref_out.astype(jnp.float32)).max())
+        assert bool(jnp.array_equal(lse, ref_lse)), float(jnp.nanmax(jnp.abs(lse - ref_lse)))
+        empty = np.repeat(~mask.any(axis=1), 128)[:q_len]  # zeros and lse = -inf, as the default writes
+        assert bool((out[:, empty] == 0).all()) and bool((lse[..., empty] == -jnp.inf).all())
+        assert empty.any() == (name not in ("wan_480p_81f_radial", "tiny_7x129", "tiny_61x130"))
+
+    def test_backward_on_the_persistent_forward_is_the_default(self):
+        # The backward reads the forward's out and lse; fed the persistent forward's, its gradients
+        # (the loss weighs out and the finite lse) are bitwise the default's.
+        (q, k, v), mask = _persistent_case("ragged_cross_empty_row")
+        weights = jax.random.normal(jax.random.key(6), q.shape, jnp.float32)
+        lse_weights = jax.random.normal(jax.random.key(7), (q.shape[0], q.shape[2], q.shape[1]), jnp.float32)
+
+        def run(fwd):
+            def loss(q, k, v):
+                out, lse = block_sparse_attention(q, k, v, mask, block_size=128, return_lse=True, backend="mosaic",
+                                                  tuning=KernelTuning(mosaic_fwd=fwd))  # fmt: skip
+                finite_lse = jnp.where(jnp.isfinite(lse), lse, 0.0)
+                return jnp.sum(out.astype(jnp.float32) * weights) + jnp.sum(finite_lse * lse_weights), (out, lse)
+            return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(q, k, v)
+
+        (ref_loss, (ref_out, ref_lse)), ref_grads = jax.block_until_ready(run(MosaicTuning()))
+        (value, (out, lse)), grads = run(MosaicTuning(persistent=True, persistent_ctas=3))
+        assert bool((out == ref_out).all()) and bool(jnp.array_equal(lse, ref_lse)) and float(value) == float(ref_loss)
+        for name, g, r in zip("qkv", grads, ref_grads):
+            assert bool(jnp.isfinite(r.astype(jnp.float32)).all()) and float(jnp.abs(r).max()) > 0, name
+            assert bool((g == r).all()), name
+
+
 def test_launch_order_visits_every_head_block_and_batch_once():
-    from radial_jax.kernels.common import block_coords, block_grid
+    from radial_jax.kernels.common import block_grid
 
     heads, blocks, batch = 12, 5, 2
     for grid_heads in (None, 1, 2, 3, 4, 6, 12):
         grid, names = block_grid(heads, blocks, batch, "q_seq", grid_heads)
-        seen, order = set(), []
-        for linear in range(int(np.prod(grid))):  # CUDA's launch order: the first axis fastest
-            index = dict(zip(names, np.unravel_index(linear, grid, order="F")))
-            coords = tuple(int(c) for c in block_coords(index.__getitem__, heads, "q_seq", grid_heads))
-            seen.add(coords)
-            order.append(coords)
-        assert len(seen) == heads * blocks * batch == len(order)
-        assert all(0 <= b < batch and 0 <= h < heads and 0 <= t < blocks for b, h, t in seen)
-        group = heads if grid_heads is None else grid_heads
-        # the first `group * blocks` CTAs: the first group of heads over every block of batch 0
-        assert sorted(order[: group * blocks]) == [(0, h, t) for h in range(group) for t in range(blocks)]
-        assert [h for _, h, _ in order[:group]] == list(range(group))  # heads fastest within a group
+        order = _launch_order(heads, blocks, batch, grid_heads)
+        assert len(set(order)) == heads * blocks * batch == len(order) == int(np.prod(grid))
+        assert all(0 <= b < batch and 0 <= h < heads and 0 <= t < blocks for b, h, t in order)
+        if grid_heads is None:  # batch fastest, then the blocks of head 0
+            assert order[: blocks * batch] == [(b, 0, t) for t in range(blocks) for b in range(batch)]
+        else:  # the heads / g head groups (heads g apart), then batch, fastest, at block 0
+            groups = heads // grid_heads
+            assert order[: groups * batch] == [(b, g * grid_heads, 0) for b in range(batch) for g in range(groups)]
     with pytest.raises(ValueError, match="grid_heads=5 must divide the 12 heads"):
         block_grid(heads, blocks, batch, "q_seq", 5)
+
+
+def _launch_order(heads, blocks, batch, grid_heads) -> list[tuple[int, int, int]]:
+    """(batch, head, block) of each CTA of block_grid's grid in CUDA's launch order: linear block index
+    x + X * (y + Y * z). Pallas Mosaic GPU hands the grid to CUDA reversed, (x, y, z) = its (last, middle,
+    first) axis (test_mosaic_lowering checks the lowered gpu.launch)."""
+    from radial_jax.kernels.common import block_coords, block_grid
+
+    grid, names = block_grid(heads, blocks, batch, "q_seq", grid_heads)
+    order = []
+    for z in range(grid[0]):
+        for y in range(grid[1]):
+            for x in range(grid[2]):
+                index = {names[0]: z, names[1]: y, names[2]: x}.__getitem__
+                order.append(tuple(int(c) for c in block_coords(index, heads, "q_seq", grid_heads)))
+    return order
+
+
+@pytest.mark.parametrize("grid_heads", [None, 1, 2, 3, 12])
+def test_persistent_ctas_walk_the_launch_order_once(grid_heads):
+    # MosaicTuning(persistent=True): CTA c of n walks items c, c + n, ... (persistent_items of them)
+    # and item w is the w-th CTA a normal launch starts (work_coords), so the CTAs together visit
+    # every (batch, head, query tile) once, whatever n, and the first n items are the first wave's.
+    # In the kernel both take int32 values (traced): the same numbers.
+    from radial_jax.kernels.common import persistent_items, work_coords
+
+    heads, blocks, batch = 12, 5, 2
+    total = heads * blocks * batch
+    order = _launch_order(heads, blocks, batch, grid_heads)
+    assert [tuple(int(c) for c in work_coords(w, heads, blocks, batch, grid_heads)) for w in range(total)] == order
+    traced = jax.jit(lambda w: jnp.stack(work_coords(w, heads, blocks, batch, grid_heads)))
+    assert np.asarray(traced(jnp.arange(total, dtype=jnp.int32))).T.tolist() == [list(c) for c in order]
+    for n in (1, 3, 7, 64, 132, total - 1, total):
+        counts = [int(persistent_items(cta, n, total)) for cta in range(min(n, total))]
+        ctas = jnp.arange(min(n, total), dtype=jnp.int32)
+        assert np.asarray(jax.jit(lambda c: persistent_items(c, n, total))(ctas)).tolist() == counts
+        walked = [cta + i * n for cta, count in enumerate(counts) for i in range(count)]
+        assert sorted(walked) == list(range(total)), n
 
 
 def test_tables_list_exactly_the_mask_blocks():

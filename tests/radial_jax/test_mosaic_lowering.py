@@ -17,6 +17,7 @@ from jax.experimental.mosaic.gpu import core as mosaic_gpu_core
 from jax.extend.core import jaxprs_in_params
 
 from radial_jax.kernels import mosaic_bwd, mosaic_fwd
+from radial_jax.kernels.common import HOPPER_SMS, block_grid
 from radial_jax.kernels.tables import block_tables
 
 # (q_len, kv_len, heads, head_dim); the last two are not multiples of 8 (the TMA's row tiling).
@@ -216,6 +217,86 @@ def test_forward_without_pingpong_drops_only_the_schedule_barrier(monkeypatch, o
         tuning = mosaic_fwd.MosaicTuning(overlap_qk=overlap, pingpong=pingpong)
         waits[pingpong] = _forward_module(monkeypatch, tables, q, kv, tuning).count("mbarrier.try_wait")
     assert waits[True] - waits[False] == (5 if overlap else 6) and waits[False] > 0, waits
+
+
+def _launch(module: str) -> tuple[int, ...]:
+    """(grid x, y, z, block x, y, z, dynamic SMEM bytes) of a Mosaic GPU module's gpu.launch."""
+    operands = re.search(r'"stable_mosaic_gpu\.gpu\.launch"\(([^)]*)\)', module).group(1).split(", ")[1:]
+    constants = dict(re.findall(r'(%\w+) = "stable_mosaic_gpu\.arith\.constant"\(\) \{value = (\d+) : (?:index|i32)\}',
+                                module))  # fmt: skip
+    return tuple(int(constants[name]) for name in operands)
+
+
+def _loop_depths(module: str, pattern: str) -> list[int]:
+    """For each line matching `pattern`, in text order, how many scf.for / scf.while regions enclose it."""
+    depths, open_ops = [], []  # (indent, is a loop) of each op whose regions are open at the line
+    for line in module.split("\n"):
+        indent, text = len(line) - len(line.lstrip()), line.strip()
+        if text.startswith("})") and open_ops and open_ops[-1][0] == indent:
+            open_ops.pop()
+        if re.search(pattern, line):
+            depths.append(sum(loop for _, loop in open_ops))
+        if text.endswith("({"):
+            open_ops.append((indent, bool(re.search(r'"stable_mosaic_gpu\.scf\.(for|while)"', line))))
+    return depths
+
+
+_TMA_LOAD = r"cp\.async\.bulk\.tensor\.shared\.cluster\.global"
+_TMA_STORE = r"cp\.async\.bulk\.tensor\.global\.shared|cp\.async\.bulk\.global\.shared"  # O (a tile), lse (1-d)
+_WAIT_STORE = r"cp\.async\.bulk\.wait_group"
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("grid_heads", [None, 1], ids=["heads_fastest", "rows_fastest"])
+def test_persistent_forward_walks_the_work_items_in_one_cta_per_sm(monkeypatch, case, grid_heads):
+    # MosaicTuning(persistent=True): the grid is min(SMs, items) CTAs (132 when tracing off a GPU);
+    # each compute warpgroup loops over its items (Q load of the next item, key loops, O and lse stores
+    # in the loop; the stores' reads are waited for in the loop, before O's tile is rewritten, and
+    # fully once after it), and the memory warpgroup's K/V loads sit in a step loop inside its item
+    # loop, none unrolled before it (the default unrolls the first `num_stages` blocks' loads).
+    tables, q, kv, _ = _setup(*case)
+    heads, tiles, batch = case[2], tables.num_q_blocks, q.shape[0]
+    modules = {name: _forward_module(monkeypatch, tables, q, kv, mosaic_fwd.MosaicTuning(grid_heads=grid_heads,
+                                                                                         persistent=persistent))
+               for name, persistent in [("default", False), ("persistent", True)]}  # fmt: skip
+    default, persistent = modules["default"], modules["persistent"]
+    assert mosaic_fwd._sm_count() == HOPPER_SMS  # no GPU here
+    # Pallas hands the grid to CUDA reversed: block_grid's last axis is blockIdx.x, launched fastest.
+    assert _launch(default)[:3] == block_grid(heads, tiles, batch, "q_seq", grid_heads)[0][::-1]
+    assert _launch(persistent)[:6] == (min(HOPPER_SMS, heads * tiles * batch), 1, 1) + _launch(default)[3:6]
+    # Q's second slot and O's staging tiles (2 warpgroups x 2 x [64, head_dim] 16-bit), less the 2 KiB
+    # of reduction scratch the persistent kernel does without; within what a Hopper CTA can have.
+    assert _launch(persistent)[6] == _launch(default)[6] + 4 * 64 * case[3] * 2 - 2048 <= 227 * 1024
+    assert _loop_depths(default, _TMA_LOAD) == [0] + [0] * 4 + [1] * 2  # Q; 2 stages of K, V; the loop's K, V
+    assert _loop_depths(persistent, _TMA_LOAD) == [0, 1, 2, 2]  # first Q, next Q; K, V
+    assert _loop_depths(default, _TMA_STORE) == [0, 0] and _loop_depths(persistent, _TMA_STORE) == [1, 1]
+    assert _loop_depths(default, _WAIT_STORE) == [0] and _loop_depths(persistent, _WAIT_STORE) == [1, 0]
+    assert re.findall(r"cp\.async\.bulk\.wait_group\"\(\) \{group = 0 : i32(, read)?\}", persistent) == [", read", ""]
+    key_steps = _loop_depths(default, r"wgmma\.commit[._]group")
+    assert key_steps and _loop_depths(persistent, r"wgmma\.commit[._]group") == [d + 1 for d in key_steps]
+
+
+@pytest.mark.parametrize("case", [(1000, 1000, 3, 128), (4100, 257, 2, 64)])
+def test_persistent_forward_takes_a_cta_count_and_lazy_rescale(monkeypatch, case):
+    # persistent_ctas fixes the grid (here fewer CTAs than items: each walks several); the lazy
+    # rescale's warp vote and branch stay in the key loop, now inside the item loop.
+    tables, q, kv, _ = _setup(*case)
+    tuning = mosaic_fwd.MosaicTuning(persistent=True, persistent_ctas=3, lazy_rescale_threshold=8.0)
+    module = _forward_module(monkeypatch, tables, q, kv, tuning)
+    assert _launch(module)[:3] == (3, 1, 1)
+    assert _loop_depths(module, r"vote\.sync") == [2] * (1 + tables.kv_ragged)
+
+
+def test_persistent_forward_refuses_overlap_and_a_bad_cta_count():
+    tables, q, kv, _ = _setup(*CASES[0])
+    refused = [({"persistent": True, "overlap_qk": True}, "overlap_qk's turn token"),
+               ({"persistent_ctas": 4}, "persistent_ctas=4 needs persistent=True"),
+               ({"persistent": True, "persistent_ctas": 0}, "persistent_ctas=0 needs persistent=True and at least 1")]
+    for fields, message in refused:
+        tuning = mosaic_fwd.MosaicTuning(**fields)
+        with pytest.raises(ValueError, match=message):
+            jax.eval_shape(lambda q, k, v: mosaic_fwd.mosaic_forward(q, k, v, tables=tables, scale=0.1, tuning=tuning),
+                           q, kv, kv)  # fmt: skip
 
 
 @pytest.mark.parametrize("case", CASES)
