@@ -460,9 +460,16 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
 
             load_q(0, 0)
 
-            def item(i, base):
+            def counts_of(i):  # (count, full_count) of item i (the last one's past the end)
+                q_tile = coords(jnp.minimum(i, items - 1))[2]
+                return counts_ref[q_tile, 0], counts_ref[q_tile, 1]
+
+            def item(i, carry):
+                base, count, full_count = carry
                 b, head, q_tile = coords(i)
-                count, full_count = counts_ref[q_tile, 0], counts_ref[q_tile, 1]
+                # The next item's counts, read now and carried: the global load's latency passes under
+                # this item instead of delaying the next one's first wait.
+                next_counts = counts_of(i + 1)
                 q_slot = lax.rem(i, 2)
                 # One Q load in flight per warpgroup at a time (the next is issued after this wait),
                 # so one barrier serves both slots and its phases alternate with the items.
@@ -474,9 +481,9 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
                 q_base = q_tile * MASK_BLOCK + wg * block_q
                 plgpu.copy_smem_to_gmem(o_smem, out_ref.at[b, pl.ds(q_base, block_q), head])
                 plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[b, head, pl.ds(q_base, block_q)])
-                return base + count
+                return base + count, *next_counts
 
-            lax.fori_loop(0, items, item, jnp.int32(0))
+            lax.fori_loop(0, items, item, (jnp.int32(0), *counts_of(0)))
             plgpu.wait_smem_to_gmem(0)
 
         @pl.when(wg == COMPUTE_WGS)
@@ -485,10 +492,11 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
 
             def item(i, base):
                 b, head, q_tile = coords(i)
+                count = counts_ref[q_tile, 0]
                 load = functools.partial(load_kv, (k_ref, v_ref, ids_ref, k_smem, v_smem, k_barriers, v_barriers),
                                          b, head, q_tile)  # fmt: skip
 
-                @pl.loop(0, counts_ref[q_tile, 0])  # an empty row loads nothing
+                @pl.loop(0, count)  # an empty row loads nothing
                 def _(step):
                     position = base + step
                     slot = lax.rem(position, jnp.int32(stages))
@@ -500,7 +508,7 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
 
                     load(step, slot)
 
-                return base + counts_ref[q_tile, 0]
+                return base + count
 
             lax.fori_loop(0, items, item, jnp.int32(0))
 
