@@ -47,3 +47,25 @@ def test_unknown_variants_and_a_single_step_count_are_refused(capsys):
     with pytest.raises(SystemExit):
         cta_cost.main(["--dry-run", "--steps", "4"])
     assert "at least two" in capsys.readouterr().err
+
+
+def test_a_timing_table_is_read_per_cta_for_ours_and_fa4_alike():
+    # read_fit takes {mask name: ms} from either timer: here made up from 4 us fixed and 1.5 us a
+    # step per CTA at 1.3B 480p-81f (3,072 CTAs on 132 SMs), the radial mask 10% slower than predicted.
+    cta_cost = load_benchmark("cta_cost")
+    names = cta_cost.masks("1.3b-480p-81f", [1, 4, 16])
+    assert list(names) == ["band 1", "band 4", "band 16", "radial"]
+    waves = 3072 / 132
+    mean_count = float(names["radial"].sum(axis=1).mean())
+    times = {f"band {k}": waves * (4 + 1.5 * k) * 1e-3 for k in (1, 4, 16)}
+    times["radial"] = 1.1 * waves * (4 + 1.5 * mean_count) * 1e-3
+    row = cta_cost.read_fit("1.3b-480p-81f", times, 132)
+    assert row["ctas"] == 3072 and row["band_ms"] == {"1": times["band 1"], "4": times["band 4"], "16": times["band 16"]}
+    assert row["cta_fixed_us"] == pytest.approx(4.0) and row["step_us"] == pytest.approx(1.5)
+    assert row["radial_ms"] / row["radial_predicted_ms"] == pytest.approx(1.1)
+    assert row["fixed_share_at_radial"] == pytest.approx(4 / (4 + 1.5 * mean_count))
+
+
+def test_fa4_needs_a_gpu():
+    with pytest.raises(SystemExit, match="--fa4"):
+        load_benchmark("cta_cost").main(["--dry-run", "--fa4"])
