@@ -109,12 +109,11 @@ def backward_variants() -> dict[str, KernelTuning]:
             "split_static_bwd": KernelTuning(mosaic_bwd=MosaicBwdTuning(split_pipeline="static")),
             "split_static_regs240_bwd": KernelTuning(mosaic_bwd=MosaicBwdTuning(split_pipeline="static",
                                                                                 memory_registers=24)),
-            # Launch orders of the backward kernels: query (dq) / key (dk/dv) blocks fastest, 4 heads fastest.
-            "rows_bwd": KernelTuning(mosaic_bwd=MosaicBwdTuning(grid_heads=1)),
+            # Launch order of the backward kernels: 4 heads of a block together (the default: blocks fastest).
             "heads4_bwd": KernelTuning(mosaic_bwd=MosaicBwdTuning(grid_heads=4)),
-            "fused_static_rows_bwd": KernelTuning(mosaic_bwd=MosaicBwdTuning(
+            "fused_static_heads4_bwd": KernelTuning(mosaic_bwd=MosaicBwdTuning(
                 fused=True, fused_order="fa4_late_dv", memory_registers=24, stats_in_acc=True, fused_pipeline="static",
-                grid_heads=1))}
+                grid_heads=4))}
 
 
 def forward_variants() -> dict[str, KernelTuning]:
@@ -123,8 +122,8 @@ def forward_variants() -> dict[str, KernelTuning]:
     FA3's intra-warpgroup overlap, alone, with the lazy rescale, and without the warpgroups' ping-pong;
     the overlap with P cast after its P V's wait (late_p), also with P V reading P from shared memory
     (p_smem), and in FA3's full order (late_p and O rescaled between the issues: fa3), alone, lazy and
-    without the ping-pong; the default loop without the ping-pong; two launch orders (grid_heads); the
-    persistent grid (one CTA per SM walks the work items) in the default and the rows-first order."""
+    without the ping-pong; the default loop without the ping-pong; 4 heads launched together
+    (grid_heads); the persistent grid (one CTA per SM walks the work items) in either order."""
     fwd = lambda **fields: KernelTuning(mosaic_fwd=MosaicTuning(**fields))
     return {"lazy_rescale_fwd": fwd(lazy_rescale_threshold=8.0),
             "lazy_rescale_0_fwd": fwd(lazy_rescale_threshold=0.0),
@@ -139,12 +138,11 @@ def forward_variants() -> dict[str, KernelTuning]:
             "overlap_fa3_no_pingpong_fwd": fwd(overlap_qk=True, overlap_late_p=True, overlap_early_rescale=True,
                                                pingpong=False),
             "no_pingpong_fwd": fwd(pingpong=False),
-            # Launch orders: query tiles fastest (FA4's), and 4 heads fastest then the tiles.
-            "rows_fwd": fwd(grid_heads=1),
+            # Launch order: 4 heads of a query tile together (the default: query tiles fastest, as FA4's).
             "heads4_fwd": fwd(grid_heads=4),
             # One CTA per SM walking the (head, query tile, batch) items in either launch order.
             "persistent_fwd": fwd(persistent=True),
-            "persistent_rows_fwd": fwd(persistent=True, grid_heads=1)}
+            "persistent_heads4_fwd": fwd(persistent=True, grid_heads=4)}
 
 
 def variants(backward: bool) -> dict[str, KernelTuning]:

@@ -58,11 +58,11 @@ class MosaicTuning:
     # time what it buys: 0.93-0.95x the default on the H200 (benchmarks/attention.py --variants
     # no_pingpong_fwd, results/attention-overlap-h200.json).
     pingpong: bool = True
-    # Launch order (block_grid below). None: the grid (heads, query tiles, batch); g: the grid (g, query
-    # tiles, heads / g * batch). Pallas Mosaic GPU hands the grid to CUDA reversed (its last axis is
-    # blockIdx.x, dispatched fastest), so None runs batch, then query tiles fastest (at batch 1 FA4's
-    # sm90 order: consecutive query tiles of one head share its K/V in L2) and 1 runs heads fastest,
-    # then tiles: the reverse of what this field was named for (benchmarks/NOTES.md, 2026-11-30 PERSIST).
+    # Launch order (block_grid below). None: batch, then query tiles fastest, then heads (at batch 1
+    # FA4's sm90 order: consecutive query tiles of one head share its K/V in L2); g: g heads of one
+    # query tile launched together, then the next tile, ..., then the next g heads (g = 1: the default's
+    # order at batch 1). Pallas Mosaic GPU hands the grid to CUDA reversed (benchmarks/NOTES.md,
+    # 2026-11-30 PERSIST): block_grid writes its grids for that.
     grid_heads: int | None = None
     # Persistent grid: one CTA per SM walks the (head, query tile, batch) work items in the launch
     # order above (item w = cta, cta + CTAs, ..., work_coords), so its memory warpgroup loads the next item's first
@@ -141,7 +141,7 @@ class MosaicBwdTuning:
     # (ncu: 32 FSEL a warp and step); plain 8x8 tiles have none. The TMA copies the same values.
     fused_dq_staging: str = "swizzle128"
     # Launch order of every backward kernel (block_grid below), as MosaicTuning.grid_heads: None runs
-    # batch, then the query (dq) or key (dk/dv, fused) blocks fastest, 1 heads fastest.
+    # batch, then the query (dq) or key (dk/dv, fused) blocks fastest; g, g heads of a block together.
     grid_heads: int | None = None
 
 
@@ -167,17 +167,17 @@ class KernelTuning:
 def block_grid(heads: int, blocks: int, batch: int, block_axis: str, grid_heads: int | None):
     """Returns (grid, grid_names) of a Mosaic kernel with one CTA per (head, block, batch).
 
-    None: the grid (heads, blocks, batch); g: (g, blocks, heads / g * batch). Pallas Mosaic GPU reverses
-    the grid for CUDA (the last axis becomes blockIdx.x, which runs fastest; the lowered gpu.launch shows
-    it), so None launches batch fastest, then blocks, then heads, and g the heads / g head groups and
-    batch fastest (g = 1: every head), then blocks, then a group's g heads. block_coords reads a CTA's
-    (batch, head, block) back, work_coords the item-th CTA's.
+    Pallas Mosaic GPU reverses the grid for CUDA (its last axis becomes blockIdx.x, which runs fastest;
+    the lowered gpu.launch shows it). None: the grid (heads, blocks, batch), launched batch fastest, then
+    blocks, then heads. g: (heads / g * batch, blocks, g), launched g heads of one block together, then
+    the next block, ..., then the next g heads (and batch). block_coords reads a CTA's (batch, head,
+    block) back, work_coords the item-th CTA's.
     """
     if grid_heads is None:
         return (heads, blocks, batch), ("heads", block_axis, "batch")
     if not 1 <= grid_heads <= heads or heads % grid_heads:
         raise ValueError(f"grid_heads={grid_heads} must divide the {heads} heads")
-    return (grid_heads, blocks, heads // grid_heads * batch), ("head_in_group", block_axis, "group_batch")
+    return (heads // grid_heads * batch, blocks, grid_heads), ("group_batch", block_axis, "head_in_group")
 
 
 def block_coords(axis_index, heads: int, block_axis: str, grid_heads: int | None):

@@ -30,7 +30,7 @@ def test_the_fit_reads_a_line_back_per_cta():
 
 def test_dry_run_fits_the_default_and_a_variant(tmp_path):
     out = tmp_path / "cta.json"
-    record = load_benchmark("cta_cost").main(["--dry-run", "--variants", "rows_fwd", "--out", str(out)])
+    record = load_benchmark("cta_cost").main(["--dry-run", "--variants", "heads4_fwd", "--out", str(out)])
     assert json.loads(out.read_text()) == json.loads(json.dumps(record))
     for row in record["designs"].values():
         assert list(row["band_ms"]) == ["1", "2"]

@@ -503,12 +503,12 @@ _FUSED = MosaicBwdTuning(fused=True, fused_order="fa4_late_dv", memory_registers
 # Designs that reorder the CTAs or re-address the same steps: (forward tuning, backward tuning, the
 # backward they are compared with).
 _SAME_VALUES = {
-    "rows": (MosaicTuning(grid_heads=1), MosaicBwdTuning(grid_heads=1), MosaicBwdTuning()),
+    "heads1": (MosaicTuning(grid_heads=1), MosaicBwdTuning(grid_heads=1), MosaicBwdTuning()),
     "heads2": (MosaicTuning(grid_heads=2), MosaicBwdTuning(grid_heads=2), MosaicBwdTuning()),
     "split_static": (MosaicTuning(), MosaicBwdTuning(split_pipeline="static"), MosaicBwdTuning()),
     "split_static_regs240": (MosaicTuning(), MosaicBwdTuning(split_pipeline="static", memory_registers=24),
                              MosaicBwdTuning()),
-    "fused_rows": (MosaicTuning(grid_heads=1), dataclasses.replace(_FUSED, grid_heads=1), _FUSED),
+    "fused_heads2": (MosaicTuning(grid_heads=2), dataclasses.replace(_FUSED, grid_heads=2), _FUSED),
 }
 
 
@@ -653,9 +653,8 @@ def test_launch_order_visits_every_head_block_and_batch_once():
         assert all(0 <= b < batch and 0 <= h < heads and 0 <= t < blocks for b, h, t in order)
         if grid_heads is None:  # batch fastest, then the blocks of head 0
             assert order[: blocks * batch] == [(b, 0, t) for t in range(blocks) for b in range(batch)]
-        else:  # the heads / g head groups (heads g apart), then batch, fastest, at block 0
-            groups = heads // grid_heads
-            assert order[: groups * batch] == [(b, g * grid_heads, 0) for b in range(batch) for g in range(groups)]
+        else:  # the first g heads of a block together, block after block, in batch 0
+            assert order[: grid_heads * blocks] == [(0, h, t) for t in range(blocks) for h in range(grid_heads)]
     with pytest.raises(ValueError, match="grid_heads=5 must divide the 12 heads"):
         block_grid(heads, blocks, batch, "q_seq", 5)
 

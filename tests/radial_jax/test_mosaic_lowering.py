@@ -247,7 +247,7 @@ _WAIT_STORE = r"cp\.async\.bulk\.wait_group"
 
 
 @pytest.mark.parametrize("case", CASES)
-@pytest.mark.parametrize("grid_heads", [None, 1], ids=["heads_fastest", "rows_fastest"])
+@pytest.mark.parametrize("grid_heads", [None, 1], ids=["blocks_fastest", "one_head_a_group"])
 def test_persistent_forward_walks_the_work_items_in_one_cta_per_sm(monkeypatch, case, grid_heads):
     # MosaicTuning(persistent=True): the grid is min(SMs, items) CTAs (132 when tracing off a GPU);
     # each compute warpgroup loops over its items (Q load of the next item, key loops, O and lse stores
