@@ -97,11 +97,7 @@ def time_ours(shape: str, steps: list[int], iters: int, settle: float, backend: 
 
 def time_fa4(shape: str, steps: list[int], iters: int, settle: float) -> dict:
     """{mask name: ms} of FA4's block-sparse forward on the same masks (benchmarks/fa4.py), random bf16."""
-    import torch
-
-    frames, tokens, heads = attention.SHAPES[shape]
-    q, k, v = (torch.randn(1, frames * tokens, heads, attention.HEAD_DIM, device="cuda", dtype=torch.bfloat16)
-               for _ in range(3))  # fmt: skip
+    q, k, v = attention.fa4.inputs(shape)
     return {name: attention.fa4.median_ms(attention.fa4.fa4_case(q, k, v, mask, backward=False), iters, settle)
             for name, mask in masks(shape, steps).items()}  # fmt: skip
 

@@ -157,14 +157,23 @@ def sampled_error(q, k, v, mask: np.ndarray, out, rows=(0, -1), heads=2) -> floa
     return worst / scale
 
 
+def inputs(name: str, *, zeros: bool = False, requires_grad: bool = False):
+    """(q, k, v) [1, L, heads, HEAD_DIM] bf16 on the GPU at shape `name`: random normal, or zeros."""
+    import torch
+
+    frames, tokens, heads = SHAPES[name]
+    make = torch.zeros if zeros else torch.randn
+    return tuple(make(1, frames * tokens, heads, HEAD_DIM, device="cuda", dtype=torch.bfloat16,
+                      requires_grad=requires_grad) for _ in range(3))  # fmt: skip
+
+
 def run_shape(name: str, decay: float, backward: bool, iters: int) -> dict:
     import torch
 
     frames, tokens, heads = SHAPES[name]
     L = frames * tokens
     mask = radial_block_mask(frames, tokens, decay_factor=decay)
-    q, k, v = (torch.randn(1, L, heads, HEAD_DIM, device="cuda", dtype=torch.bfloat16, requires_grad=backward)
-               for _ in range(3))
+    q, k, v = inputs(name, requires_grad=backward)
     # TFLOP/s on the computed blocks, ragged edge blocks counted exactly (benchmarks/attention.py's count).
     flops = attention_flops(computed_token_pairs(mask, BLOCK, L, L), heads=heads, head_dim=HEAD_DIM)
     row = dict(shape=name, seq=L, heads=heads, density=float(mask.mean()), decay=decay)
@@ -185,11 +194,9 @@ def run_once(name: str, decay: float, backward: bool) -> None:
     ptxas_report.compile_one runs ours: the program ncu_report.py profiles FA4's kernels in."""
     import torch
 
-    frames, tokens, heads = SHAPES[name]
-    mask = radial_block_mask(frames, tokens, decay_factor=decay)
-    q, k, v = (torch.zeros(1, frames * tokens, heads, HEAD_DIM, device="cuda", dtype=torch.bfloat16,
-                           requires_grad=backward) for _ in range(3))  # fmt: skip
-    fa4_case(q, k, v, mask, backward=backward)()
+    frames, tokens, _ = SHAPES[name]
+    q, k, v = inputs(name, zeros=True, requires_grad=backward)
+    fa4_case(q, k, v, radial_block_mask(frames, tokens, decay_factor=decay), backward=backward)()
     torch.cuda.synchronize()
 
 
@@ -199,10 +206,9 @@ def calls_for(name: str, decay: float, seconds: float) -> list[dict]:
     t the call's start in time.time() (the clock nvidia-smi's samples are matched against)."""
     import torch
 
-    frames, tokens, heads = SHAPES[name]
-    mask = radial_block_mask(frames, tokens, decay_factor=decay)
-    q, k, v = (torch.randn(1, frames * tokens, heads, HEAD_DIM, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-    fn = fa4_case(q, k, v, mask, backward=False)
+    frames, tokens, _ = SHAPES[name]
+    q, k, v = inputs(name)
+    fn = fa4_case(q, k, v, radial_block_mask(frames, tokens, decay_factor=decay), backward=False)
     fn()  # compile
     torch.cuda.synchronize()
     calls, end = [], time.perf_counter() + seconds
