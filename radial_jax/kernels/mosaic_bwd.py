@@ -33,7 +33,8 @@ from radial_jax.kernels.common import (COMPUTE_WGS, LOG2_E, MASK_BLOCK, MosaicBw
                                        seq_multiple, unpad_seq)
 from radial_jax.kernels.mosaic_bwd_fused import FUSED_ORDERS, FUSED_PIPELINES, fused_kernel
 from radial_jax.kernels.mosaic_pipeline import (dv_and_ds_t, load_ref, query_tile_pipeline, smem_transforms,
-                                                static_query_pipeline, store_dk_dv, tile_of_step)
+                                                static_query_pipeline, static_ring_scratch, store_dk_dv,
+                                                tile_of_step)
 from radial_jax.kernels.tables import BlockTables
 
 __all__ = ["FUSED_ORDERS", "FUSED_PIPELINES", "MosaicBwdTuning", "dkv_kernel", "dq_kernel", "fused_kernel",
@@ -258,13 +259,9 @@ def dkv_kernel(q, k, v, d_out, lse2, delta, *, tables: BlockTables, scale: float
 
     kv_scratch = plgpu.SMEM((COMPUTE_WGS, t.block_kv_dkv, head_dim), dtype, transforms=(tiling, swizzle))
     smem, barriers = (kv_scratch, kv_scratch), (plgpu.Barrier(num_barriers=COMPUTE_WGS),) * 2
-    if static:  # the query ring, one stage per 64-row half of a mask block (static_query_pipeline)
-        r = MASK_BLOCK // t.block_q_dkv
-        seq_ring = plgpu.SMEM((r * t.block_q_dkv, head_dim), dtype, transforms=(tiling, swizzle))
-        row_ring = plgpu.SMEM((r * t.block_q_dkv,), jnp.float32)
-        smem += (seq_ring, seq_ring, row_ring, row_ring)
-        barriers += (plgpu.Barrier(num_arrivals=4, num_barriers=r),  # a stage's four tiles loaded
-                     plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=r))  # both warpgroups done with a stage
+    if static:  # the query ring, one stage per 64-row half of a mask block
+        ring_smem, ring_barriers = static_ring_scratch(head_dim, dtype, t.block_q_dkv)
+        smem, barriers = smem + ring_smem, barriers + ring_barriers
     grid, grid_names = block_grid(heads, tables.num_kv_blocks, batch, "kv_seq", t.grid_heads)
     dk, dv = plgpu.kernel(
         kernel_dkv,

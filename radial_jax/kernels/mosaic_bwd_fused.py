@@ -24,7 +24,8 @@ from jax import lax
 
 from radial_jax.kernels.common import COMPUTE_WGS, LOG2_E, MASK_BLOCK, MosaicBwdTuning, block_coords, block_grid
 from radial_jax.kernels.mosaic_pipeline import (dv_and_ds_t, load_ref, query_tile_pipeline, smem_transforms,
-                                                static_query_pipeline, store_dk_dv, tile_of_step)
+                                                static_query_pipeline, static_ring_scratch, store_dk_dv,
+                                                tile_of_step)
 from radial_jax.kernels.tables import BlockTables
 
 FUSED_ORDERS = ("deferred_dq", "fa4", "fa4_late_dv", "private_dq")  # MosaicBwdTuning.fused_order's choices
@@ -314,12 +315,9 @@ def fused_kernel(q, k, v, d_out, lse2, delta, *, tables: BlockTables, scale: flo
         plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=2),  # both dS^T halves stored, per slot
         plgpu.Barrier(num_arrivals=COMPUTE_WGS),  # both warpgroups done with K
     )
-    if static:  # the query ring, one stage per 64-row half of a mask block (static_query_pipeline)
-        seq_ring = plgpu.SMEM((r * block_q, head_dim), dtype, transforms=(tiling, swizzle))
-        row_ring = plgpu.SMEM((r * block_q,), jnp.float32)
-        smem += (seq_ring, seq_ring, row_ring, row_ring)
-        barriers += (plgpu.Barrier(num_arrivals=4, num_barriers=r),  # a stage's four tiles loaded
-                     plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=r))  # both warpgroups done with a stage
+    if static:  # the query ring, one stage per 64-row half of a mask block
+        ring_smem, ring_barriers = static_ring_scratch(head_dim, dtype, block_q)
+        smem, barriers = smem + ring_smem, barriers + ring_barriers
     # The accumulator must start at zero and plgpu.kernel has no input/output aliasing: pass a Ref.
     dq_acc = jax.new_ref(jnp.zeros((batch, heads, padded, head_dim), jnp.float32))
     grid, grid_names = block_grid(heads, tables.num_kv_blocks, batch, "kv_seq", tuning.grid_heads)

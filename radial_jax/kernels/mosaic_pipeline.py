@@ -12,8 +12,8 @@ from jax import lax
 
 from radial_jax.kernels.common import COMPUTE_WGS, MASK_BLOCK
 
-__all__ = ["dv_and_ds_t", "load_ref", "query_tile_pipeline", "smem_transforms", "static_query_pipeline", "store_dk_dv",
-           "tile_of_step"]
+__all__ = ["dv_and_ds_t", "load_ref", "query_tile_pipeline", "smem_transforms", "static_query_pipeline",
+           "static_ring_scratch", "store_dk_dv", "tile_of_step"]
 
 
 def smem_transforms(dtype):
@@ -101,6 +101,20 @@ def query_tile_pipeline(step, compute_thread, refs, ids_ref, counts_ref, where, 
         memory_registers=memory_registers, wg_axis="wg", manual_consumed_barriers=True, compute_context=compute_thread,
         in_specs=[seq_spec, seq_spec, row_spec, row_spec])
     pipeline(q_ref.at[b, :, head, :], do_ref.at[b, :, head, :], lse_ref.at[b, head, :], delta_ref.at[b, head, :])
+
+
+def static_ring_scratch(head_dim: int, dtype, tile_rows: int) -> tuple[tuple, tuple]:
+    """(SMEM, barriers) that static_query_pipeline's `ring` takes: the q and dO tile rings [2 * tile_rows,
+    head_dim] and the lse2 and delta rings [2 * tile_rows], one stage per half of a mask block; each
+    stage's full barrier (its four TMA loads) and consumed barrier (both compute warpgroups)."""
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+
+    stages = MASK_BLOCK // tile_rows
+    seq_ring = plgpu.SMEM((stages * tile_rows, head_dim), dtype, transforms=smem_transforms(dtype))
+    row_ring = plgpu.SMEM((stages * tile_rows,), jnp.float32)
+    return ((seq_ring, seq_ring, row_ring, row_ring),
+            (plgpu.Barrier(num_arrivals=4, num_barriers=stages),
+             plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages)))  # fmt: skip
 
 
 def static_query_pipeline(step, compute_thread, refs, ring, ids_ref, counts_ref, where, tile_rows: int,
