@@ -138,6 +138,9 @@ def forward_variants() -> dict[str, KernelTuning]:
             "overlap_fa3_no_pingpong_fwd": fwd(overlap_qk=True, overlap_late_p=True, overlap_early_rescale=True,
                                                pingpong=False),
             "no_pingpong_fwd": fwd(pingpong=False),
+            # The overlapped loop's one turn a step, waiting for P V with S before the softmax.
+            "paired_issue_fwd": fwd(overlap_qk=True, overlap_softmax=False),
+            "paired_issue_lazy_fwd": fwd(overlap_qk=True, overlap_softmax=False, lazy_rescale_threshold=8.0),
             # Launch order: 4 heads of a query tile together (the default: query tiles fastest, as FA4's).
             "heads4_fwd": fwd(grid_heads=4),
             # One CTA per SM walking the (head, query tile, batch) items in either launch order.

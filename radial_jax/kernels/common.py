@@ -53,6 +53,14 @@ class MosaicTuning:
     # Mma1_is_RS = false) written after the wait, so no register of the wgmma in flight is P's;
     # 16 KiB of SMEM per warpgroup and a store, proxy fence and warpgroup barrier per step.
     overlap_p_smem: bool = False
+    # With overlap_qk: False waits for P_j V_j together with S_{j+1} (wait_group 0) before the softmax,
+    # so no wgmma of the warpgroup is in flight while it computes (no register hazard, V_j released
+    # before the softmax). What stays of the overlapped order is one turn a step, under which P_j V_j
+    # and S_{j+1} are issued back to back, where the default loop meets the other warpgroup twice a step
+    # and waits for P V before it issues the next S. A latency model (benchmarks/schedule_model.py,
+    # NOTES session 7) keeps the tensor pipe ~92% busy this way at ~200 cycles a sync point, against
+    # ~72% for the default loop and ~100% for the full overlap.
+    overlap_softmax: bool = True
     # The two compute warpgroups alternate on the tensor cores (FA3's ping-pong): a rendezvous of both
     # around each softmax, or with overlap_qk a turn token passed at each issue. False drops it, to
     # time what it buys: 0.93-0.95x the default on the H200 (benchmarks/attention.py --variants

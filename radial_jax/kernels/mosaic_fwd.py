@@ -127,6 +127,10 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
     if p_smem and not late_p:
         raise ValueError("overlap_p_smem writes P after P V's wait (else it overwrites the tile in flight): "
                          "set overlap_late_p=True too")  # fmt: skip
+    overlap_softmax = tuning.overlap_softmax
+    if not overlap_softmax and (late_p or p_smem or not tuning.overlap_qk):
+        raise ValueError("overlap_softmax=False waits for P V before the softmax, which the late cast and the "
+                         "SMEM P exist to protect: set overlap_qk=True, without overlap_late_p/overlap_p_smem")
     if lazy_threshold is not None and not 0.0 <= lazy_threshold <= 15.0:
         raise ValueError(f"lazy_rescale_threshold={lazy_threshold} is outside [0, 15] (log2 units; FA4 uses 8): "
                          "p reaches 2^threshold and f16 ends at 2^16")
@@ -298,10 +302,13 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
                         rescale_o(*carry[3:], m_i)
                     issue_pv(p16, j)
                     pass_turn()
-                    return plgpu.wgmma_accumulator_load(s_ref, wait_n=1)  # S_{j+1} done, P_j V_j may run
+                    # S_{j+1} done and P_j V_j still running, or (overlap_softmax=False) both done
+                    return plgpu.wgmma_accumulator_load(s_ref, wait_n=1 if overlap_softmax else 0)
 
                 s = pl.run_scoped(qk_and_pv, plgpu.ACC((block_q, block_kv), jnp.float32))
                 plgpu.barrier_arrive(k_consumed.at[lax.rem(j + 1, jnp.int32(stages))])
+                if not overlap_softmax:  # P_j V_j has retired: V_j is free before the softmax
+                    plgpu.barrier_arrive(v_consumed.at[lax.rem(j, jnp.int32(stages))])
                 p, m_new, alpha = softmax_scores(s, m_i, j + 1, mask_tail=mask_tail)
                 l_i = l_i * alpha + p.sum(axis=1)
                 # The softmax must be done before the wait below, or LLVM may sink it past the
@@ -312,7 +319,8 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
                     p16_next = p.astype(dtype)
                     l_i, m_new, alpha, p16_next = lax.optimization_barrier((l_i, m_new, alpha, p16_next))
                 acc = plgpu.wgmma_accumulator_load(o_ref, wait_n=0)  # P_j V_j done
-                plgpu.barrier_arrive(v_consumed.at[lax.rem(j, jnp.int32(stages))])
+                if overlap_softmax:
+                    plgpu.barrier_arrive(v_consumed.at[lax.rem(j, jnp.int32(stages))])
                 if late_p:  # p passes a barrier after the wait, so LLVM cannot hoist the cast above it
                     p16_next = keep_p(lax.optimization_barrier(p))  # into P_j's registers, now free
                 if early_rescale:

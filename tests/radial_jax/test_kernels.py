@@ -492,6 +492,14 @@ class TestMosaicOverlapPSmemGPU(TestMosaicOverlapGPU):
     tuning = KernelTuning(mosaic_fwd=MosaicTuning(overlap_qk=True, overlap_late_p=True, overlap_p_smem=True))
 
 
+class TestMosaicPairedIssueGPU(TestMosaicOverlapGPU):
+    """The overlapped loop waiting for P_j V_j with S_{j+1} before the softmax (MosaicTuning(overlap_qk=True,
+    overlap_softmax=False)): the same arithmetic in the same order per element, so the overlap's cases
+    and bounds, and its agreement with the default kernel."""
+
+    tuning = KernelTuning(mosaic_fwd=MosaicTuning(overlap_qk=True, overlap_softmax=False))
+
+
 class TestMosaicOverlapFA3GPU(TestMosaicOverlapGPU):
     """FA3's order in full: the late cast, and O rescaled between the S_{j+1} and the P_j V_j issues
     (MosaicTuning.overlap_early_rescale); step j's factor is carried to step j + 1."""

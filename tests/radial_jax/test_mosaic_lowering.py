@@ -122,6 +122,29 @@ def test_overlap_forward_keeps_p_v_in_flight_through_the_softmax(monkeypatch, ca
     assert waits == (first + middle) * (1 + tables.kv_ragged) + last, waits
 
 
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("lazy", [None, 8.0], ids=["exact", "lazy"])
+def test_paired_issue_waits_for_p_v_with_s_before_the_softmax(monkeypatch, case, lazy):
+    # overlap_softmax=False: a middle step still commits S_{j+1} and P_j V_j under one turn, but waits
+    # for both (wait_group 0) before the softmax, which then runs with no wgmma of its warpgroup in
+    # flight: no second wait in the step, and V_j is released before the softmax's exp2s.
+    tables, q, kv, _ = _setup(*case)
+    tuning = mosaic_fwd.MosaicTuning(overlap_qk=True, overlap_softmax=False, lazy_rescale_threshold=lazy)
+    module = _forward_module(monkeypatch, tables, q, kv, tuning)
+    first, middle, last = [(0, 1)], [(0, 2), (0, 0)], [(0, 1), (0, 0)]
+    assert _wgmma_waits(module) == (first + middle) * (1 + tables.kv_ragged) + last
+    # From the first middle step's wait (the fifth sync: commit, wait; commit, commit, wait) to its first
+    # exp2, K_{j+1} and V_j are released; the full overlap releases K_{j+1} only there.
+    released = {}
+    for softmax_overlaps in (False, True):
+        text = _forward_module(monkeypatch, tables, q, kv, dataclasses.replace(tuning, overlap_softmax=softmax_overlaps))
+        wait = [m.end() for m in _WGMMA_SYNC.finditer(text)][4]
+        released[softmax_overlaps] = text[wait:text.index("ex2.approx", wait)].count("mbarrier.arrive")
+    assert released == {False: 2, True: 1}, released
+    with pytest.raises(ValueError, match="overlap_softmax=False"):
+        _forward_module(monkeypatch, tables, q, kv, dataclasses.replace(tuning, overlap_late_p=True))
+
+
 def _middle_steps(module: str) -> list[tuple[str, str, str]]:
     """Returns (issues, under, after) for each middle step of an overlapped loop, in text order: issues
     runs from the S_{j+1} commit to the P_j V_j commit, under from the wait_group 1 to the wait_group 0
