@@ -11,9 +11,12 @@ Each warpgroup runs a program of steps (all times in SM cycles):
 - "overlap" (MosaicTuning.overlap_qk, FA3's order): take the turn token; issue S_{j+1} and
   O += P_j V_j together; pass the token; wait for S_{j+1}; softmax; wait for P_j V_j; rescale O.
 Each issue, wait and meeting costs `latency` cycles (barrier wake-up, wgmma wait, descriptor setup;
-not measured here: `benchmarks/ncu_report.py` reads stalls, not latencies). The model ignores memory
-(K/V always ready), register pressure and issue slots, so it says which schedule tolerates latency,
-not how fast a kernel is. At 64 x 128 x 128 a wgmma takes ~512 cycles (4 MFLOP at ~4,096 FLOP a
+not measured here: `benchmarks/ncu_report.py` reads stalls, not latencies). Events run in time order
+(the warpgroup whose clock is behind moves first); the softmaxes of the two warpgroups take turns on
+the SM's units (shared_alu). The model ignores memory (K/V always ready), register pressure and issue
+slots, so it says which schedule tolerates latency, not how fast a kernel is; and it misses something
+real: without meetings (no ping-pong) it keeps the pipe as busy as the default loop at low latency and
+busier at high latency, where the H200 measured the ping-pong worth 5-7% (NOTES, session 5). At 64 x 128 x 128 a wgmma takes ~512 cycles (4 MFLOP at ~4,096 FLOP a
 cycle and SM) and a 64 x 128 softmax ~600 (64 ex2 a thread at 16 a cycle and SM, plus the FMAs).
 """
 
@@ -22,39 +25,49 @@ import json
 
 
 def busy_fraction(program: str, *, gemm: float = 512, softmax: float = 600, latency: float = 200,
-                  steps: int = 200) -> float:
-    """Share of the time the tensor pipe is busy when two warpgroups run `program` for `steps` key blocks."""
+                  steps: int = 200, shared_alu: bool = True) -> float:
+    """Share of the time the tensor pipe is busy when two warpgroups run `program` for `steps` key blocks.
+
+    shared_alu: one warpgroup's softmax at a time (both warpgroups' warps share the SM's four schedulers
+    and its exp2 units, which the softmax saturates), else both may compute at once at full speed."""
     ops = [_default_ops(w, steps, softmax) if program == "default" else _overlap_ops(w, steps, softmax)
            for w in range(2)]  # fmt: skip
     clock, position = [0.0, 0.0], [0, 0]
-    pipe_free, busy = 0.0, 0.0
+    pipe_free, busy, alu_free = 0.0, 0.0, 0.0
     finished = [{}, {}]  # per warpgroup: wgmma name -> when its last issue retires
     arrivals: dict[tuple, list[float]] = {}  # (barrier, phase) -> arrival times
-    moved = True
-    while moved:
-        moved = False
-        for w in range(2):
-            while position[w] < len(ops[w]):
-                kind, arg = ops[w][position[w]]
-                if kind == "issue":
-                    start = max(clock[w] + latency, pipe_free)
-                    pipe_free, busy = start + gemm, busy + gemm
-                    finished[w][arg] = pipe_free
-                    clock[w] += latency
-                elif kind == "wait_gemm":
-                    clock[w] = max(clock[w], finished[w][arg]) + latency
-                elif kind == "compute":
-                    clock[w] += arg
-                elif kind == "arrive":
-                    arrivals.setdefault(arg, []).append(clock[w])
-                elif kind == "wait":  # for both warpgroups' arrival (a meeting) or the other's (a token)
-                    needed = 2 if arg[0] == "meet" else 1
-                    seen = arrivals.get(arg, [])
-                    if len(seen) < needed:
-                        break  # blocked until the other warpgroup gets there
-                    clock[w] = max(clock[w], max(seen)) + latency
-                position[w] += 1
-                moved = True
+
+    def step(w: int) -> bool:
+        """Runs warpgroup w's next op; False if it must wait for the other warpgroup."""
+        nonlocal pipe_free, busy, alu_free
+        kind, arg = ops[w][position[w]]
+        if kind == "issue":  # the pipe takes wgmmas in the order they are issued in time
+            start = max(clock[w] + latency, pipe_free)
+            pipe_free, busy = start + gemm, busy + gemm
+            finished[w][arg] = pipe_free
+            clock[w] += latency
+        elif kind == "wait_gemm":
+            clock[w] = max(clock[w], finished[w][arg]) + latency
+        elif kind == "compute":  # the exp2s and FMAs: both warpgroups' warps share the SM's units
+            start = max(clock[w], alu_free) if shared_alu else clock[w]
+            clock[w] = start + arg
+            alu_free = clock[w]
+        elif kind == "arrive":
+            arrivals.setdefault(arg, []).append(clock[w])
+        elif kind == "wait":  # for both warpgroups' arrival (a meeting) or the other's (a token)
+            seen = arrivals.get(arg, [])
+            if len(seen) < (2 if arg[0] == "meet" else 1):
+                return False
+            clock[w] = max(clock[w], max(seen)) + latency
+        position[w] += 1
+        return True
+
+    # Discrete events in time order: the warpgroup whose clock is behind moves first, so the two
+    # interleave their issues as they would on the chip.
+    while True:
+        runnable = sorted((clock[w], w) for w in range(2) if position[w] < len(ops[w]))
+        if not runnable or not any(step(w) for _, w in runnable):
+            break
     if any(p < len(o) for p, o in zip(position, ops)):
         raise RuntimeError(f"{program}: the two warpgroups deadlocked at {position}")
     return busy / max(clock)
