@@ -269,6 +269,15 @@ _TMA_STORE = r"cp\.async\.bulk\.tensor\.global\.shared|cp\.async\.bulk\.global\.
 _WAIT_STORE = r"cp\.async\.bulk\.wait_group"
 
 
+def _barrier_ops(module: str) -> list[tuple[str, int]]:
+    """(kind, enclosing loops) of each mbarrier op in text order: "E" an arrive with expect_tx (a TMA
+    load's, one per load), "A" a plain arrive, "W" a wait (a try_wait on the next phase's parity)."""
+    pattern = r"mbarrier\.(try_wait|arrive)"
+    kinds = [("W" if "try_wait" in line else "E" if "expect_tx" in line else "A")
+             for line in module.split("\n") if re.search(pattern, line)]  # fmt: skip
+    return list(zip(kinds, _loop_depths(module, pattern)))
+
+
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("grid_heads", [None, 1], ids=["blocks_fastest", "one_head_a_group"])
 def test_persistent_forward_walks_the_work_items_in_one_cta_per_sm(monkeypatch, case, grid_heads):
@@ -308,6 +317,32 @@ def test_persistent_forward_takes_a_cta_count_and_lazy_rescale(monkeypatch, case
     module = _forward_module(monkeypatch, tables, q, kv, tuning)
     assert _launch(module)[:3] == (3, 1, 1)
     assert _loop_depths(module, r"vote\.sync") == [2] * (1 + tables.kv_ragged)
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("fields", [{}, {"grid_heads": 1, "lazy_rescale_threshold": 8.0}],
+                         ids=["default", "ordered_lazy"])  # fmt: skip
+def test_persistent_forward_waits_each_barrier_phase_once_an_item(monkeypatch, case, fields):
+    # Mosaic GPU keeps one parity bit per barrier and thread, flipped at each wait, so a wait skipped
+    # or doubled on any path desynchronises it (a hang or a read before the TMA landed). The persistent
+    # kernel's compute side must run the default's barrier ops (GPU-tested) once per item: the Q wait,
+    # the next item's Q load (one load in flight, so one barrier serves both Q slots), then the
+    # default's K wait, warpgroup 1's rendezvous before the key loop and warpgroup 0's after it (both
+    # arrive 2 * count + 1 times an item on the schedule barrier) and the key loops' waits and releases,
+    # one loop deeper. The memory side waits both consumed barriers of a slot before each K/V load pair
+    # (guarded by position >= stages: the ring position runs on across items), with no unrolled loads.
+    tables, q, kv, _ = _setup(*case)
+    default, persistent = (_barrier_ops(_forward_module(monkeypatch, tables, q, kv,
+                                                        mosaic_fwd.MosaicTuning(persistent=p, **fields)))
+                           for p in (False, True))  # fmt: skip
+    stages = mosaic_fwd.MosaicTuning().num_stages
+    memory = [("E", 0)] * 2 * stages + [("W", 1), ("W", 1), ("E", 1), ("E", 1)]
+    assert default[:2] == [("E", 0), ("W", 0)] and default[-len(memory):] == memory, default  # Q; memory side
+    compute = default[2:-len(memory)]  # after the Q wait: the K wait, the rendezvous, the key loops
+    key_loops = 1 + tables.kv_ragged  # a key step: 4 waits (schedule twice, V, the next K), 4 arrives
+    assert compute.count(("W", 1)) == compute.count(("A", 1)) == 4 * key_loops, compute
+    assert persistent == ([("E", 0), ("W", 1), ("E", 1)] + [(kind, depth + 1) for kind, depth in compute]
+                          + [("W", 2), ("W", 2), ("E", 2), ("E", 2)]), persistent  # fmt: skip
 
 
 def test_persistent_forward_refuses_overlap_and_a_bad_cta_count():
@@ -644,6 +679,23 @@ def test_split_dkv_static_pipeline_runs_a_mask_block_as_two_steps_on_constant_sl
     assert emit["llvm.getelementptr"] > 30 and emit["nvvm.mbarrier.try_wait.parity"]
     assert any(op.startswith("llvm.inline_asm:wgmma.mma_async") for op in emit)  # descriptors of the slot
     assert loops["static"].count("mbarrier.try_wait") == 2  # each stage's full barrier, once an iteration
+
+
+@pytest.mark.parametrize("case", CASES[:2])
+def test_split_dkv_static_pipeline_matches_every_barrier_phase(monkeypatch, case):
+    # The static ring's barriers as split_pipeline="static" runs them: each compute warpgroup waits a
+    # stage's full barrier (4 TMA loads: q, dO, lse2, delta) and releases the stage once (after dK), per
+    # iteration; the memory warpgroup loads iteration 0's two stages unconditionally and waits a stage's
+    # consumed barrier (both warpgroups' releases) before each later refill, never after its last loads.
+    # So each barrier completes once an iteration and each waiter waits each phase once, in order.
+    tables, q, kv, rows = _setup(*case)
+    tuning = mosaic_bwd.MosaicBwdTuning(split_pipeline="static")
+    backward = lambda *a: mosaic_bwd.mosaic_backward(*a, tables=tables, scale=0.1, tuning=tuning)
+    _, module = _mosaic_modules(monkeypatch, backward, q, kv, kv, q, rows, q, rows)  # dq, dk/dv
+    kv_loads = [("E", 0), ("E", 0), ("W", 0), ("W", 0)]  # this warpgroup's K and V tiles
+    compute = [("W", 1), ("A", 1)] * 2
+    memory = [("E", 0)] * 8 + ([("W", 1)] + [("E", 1)] * 4) * 2
+    assert _barrier_ops(module) == kv_loads + compute + memory, _barrier_ops(module)
 
 
 def test_split_static_pipeline_needs_the_default_tiles():
