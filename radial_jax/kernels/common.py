@@ -76,7 +76,7 @@ class MosaicTuning:
     # order above (item w = cta, cta + CTAs, ..., work_coords), so its memory warpgroup loads the next item's first
     # K/V blocks (and each compute warpgroup the next Q) while the current item's last steps, O and lse
     # run: a CTA's start (Q and first K/V latency) and end (last P V, O store) no longer idle the SM.
-    # What that can win (a list-scheduling model: the tail of the last wave is 1.6% at 1.3B 480p-81f,
+    # What that can win (a list-scheduling model: the tail of the last wave is 1.8% at 1.3B 480p-81f,
     # less elsewhere) is mostly the overlap of one item's end with the next one's start. Not with
     # overlap_qk (its turn token would have to carry across items).
     persistent: bool = False
