@@ -32,9 +32,9 @@ from jax import lax
 from radial_jax.kernels.common import (COMPUTE_WGS, LOG2_E, MASK_BLOCK, MosaicBwdTuning, block_coords, block_grid,
                                        seq_multiple, unpad_seq)
 from radial_jax.kernels.mosaic_bwd_fused import FUSED_ORDERS, FUSED_PIPELINES, fused_kernel
-from radial_jax.kernels.mosaic_pipeline import (dv_and_ds_t, load_ref, query_tile_pipeline, smem_transforms,
-                                                static_query_pipeline, static_ring_scratch, store_dk_dv,
-                                                tile_of_step)
+from radial_jax.kernels.mosaic_pipeline import (dv_and_ds_t, key_block_kernel, load_ref, query_tile_pipeline,
+                                                smem_transforms, static_query_pipeline, static_ring_scratch,
+                                                store_dk_dv, tile_of_step)
 from radial_jax.kernels.tables import BlockTables
 
 __all__ = ["FUSED_ORDERS", "FUSED_PIPELINES", "MosaicBwdTuning", "dkv_kernel", "dq_kernel", "fused_kernel",
@@ -262,13 +262,6 @@ def dkv_kernel(q, k, v, d_out, lse2, delta, *, tables: BlockTables, scale: float
     if static:  # the query ring, one stage per 64-row half of a mask block
         ring_smem, ring_barriers = static_ring_scratch(head_dim, dtype, t.block_q_dkv)
         smem, barriers = smem + ring_smem, barriers + ring_barriers
-    grid, grid_names = block_grid(heads, tables.num_kv_blocks, batch, "kv_seq", t.grid_heads)
-    dk, dv = plgpu.kernel(
-        kernel_dkv,
-        out_type=[jax.ShapeDtypeStruct(k.shape, dtype)] * 2,
-        scratch_types=[smem, barriers],
-        compiler_params=plgpu.CompilerParams(approx_math=True),
-        grid=grid, grid_names=grid_names,
-        num_threads=COMPUTE_WGS + 1, thread_name="wg",
-    )(q, k, v, d_out, lse2, delta, jnp.asarray(tables.q_ids), jnp.asarray(tables.q_counts))
-    return dk, dv
+    launch = key_block_kernel(kernel_dkv, k, [smem, barriers], heads=heads, batch=batch,
+                              num_kv_blocks=tables.num_kv_blocks, grid_heads=t.grid_heads)  # fmt: skip
+    return launch(q, k, v, d_out, lse2, delta, jnp.asarray(tables.q_ids), jnp.asarray(tables.q_counts))

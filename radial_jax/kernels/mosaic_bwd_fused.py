@@ -22,10 +22,10 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from radial_jax.kernels.common import COMPUTE_WGS, LOG2_E, MASK_BLOCK, MosaicBwdTuning, block_coords, block_grid
-from radial_jax.kernels.mosaic_pipeline import (dv_and_ds_t, load_ref, query_tile_pipeline, smem_transforms,
-                                                static_query_pipeline, static_ring_scratch, store_dk_dv,
-                                                tile_of_step)
+from radial_jax.kernels.common import COMPUTE_WGS, LOG2_E, MASK_BLOCK, MosaicBwdTuning, block_coords
+from radial_jax.kernels.mosaic_pipeline import (dv_and_ds_t, key_block_kernel, load_ref, query_tile_pipeline,
+                                                smem_transforms, static_query_pipeline, static_ring_scratch,
+                                                store_dk_dv, tile_of_step)
 from radial_jax.kernels.tables import BlockTables
 
 FUSED_ORDERS = ("deferred_dq", "fa4", "fa4_late_dv", "private_dq")  # MosaicBwdTuning.fused_order's choices
@@ -320,14 +320,8 @@ def fused_kernel(q, k, v, d_out, lse2, delta, *, tables: BlockTables, scale: flo
         smem, barriers = smem + ring_smem, barriers + ring_barriers
     # The accumulator must start at zero and plgpu.kernel has no input/output aliasing: pass a Ref.
     dq_acc = jax.new_ref(jnp.zeros((batch, heads, padded, head_dim), jnp.float32))
-    grid, grid_names = block_grid(heads, tables.num_kv_blocks, batch, "kv_seq", tuning.grid_heads)
-    dk, dv = plgpu.kernel(
-        kernel,
-        out_type=[jax.ShapeDtypeStruct(k.shape, dtype)] * 2,
-        scratch_types=[smem, barriers],
-        compiler_params=plgpu.CompilerParams(approx_math=True),
-        grid=grid, grid_names=grid_names,
-        num_threads=COMPUTE_WGS + 1, thread_name="wg",
-    )(q, k, v, d_out, lse2, delta, jnp.asarray(tables.q_ids), jnp.asarray(tables.q_counts), dq_acc)
+    launch = key_block_kernel(kernel, k, [smem, barriers], heads=heads, batch=batch,
+                              num_kv_blocks=tables.num_kv_blocks, grid_heads=tuning.grid_heads)  # fmt: skip
+    dk, dv = launch(q, k, v, d_out, lse2, delta, jnp.asarray(tables.q_ids), jnp.asarray(tables.q_counts), dq_acc)
     dq = (dq_acc[...][:, :, :q_len] * scale).astype(dtype).transpose(0, 2, 1, 3)
     return dq, dk, dv

@@ -10,10 +10,10 @@ import functools
 import jax.numpy as jnp
 from jax import lax
 
-from radial_jax.kernels.common import COMPUTE_WGS, MASK_BLOCK
+from radial_jax.kernels.common import COMPUTE_WGS, MASK_BLOCK, block_grid
 
-__all__ = ["dv_and_ds_t", "load_ref", "query_tile_pipeline", "smem_transforms", "static_query_pipeline",
-           "static_ring_scratch", "store_dk_dv", "tile_of_step"]
+__all__ = ["dv_and_ds_t", "key_block_kernel", "load_ref", "query_tile_pipeline", "smem_transforms",
+           "static_query_pipeline", "static_ring_scratch", "store_dk_dv", "tile_of_step"]
 
 
 def smem_transforms(dtype):
@@ -49,6 +49,19 @@ def store_dk_dv(dk, dv, k_smem, v_smem, dk_ref, dv_ref, *, scale: float):
     plgpu.copy_smem_to_gmem(v_smem, dv_ref, commit_group=False)
     plgpu.commit_smem_to_gmem_group()
     plgpu.wait_smem_to_gmem(0)
+
+
+def key_block_kernel(body, k, scratch, *, heads: int, batch: int, num_kv_blocks: int, grid_heads: int | None):
+    """plgpu.kernel of a key-block kernel (the split dk/dv kernel, the fused kernel): one CTA per
+    (head, 128-key block, batch) in block_grid's launch order, two compute warpgroups and a memory
+    warpgroup ("wg"), outputs (dk, dv) shaped and typed as k [B, M, N, D]; scratch: [SMEM, barriers]."""
+    import jax
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+
+    grid, grid_names = block_grid(heads, num_kv_blocks, batch, "kv_seq", grid_heads)
+    return plgpu.kernel(body, out_type=[jax.ShapeDtypeStruct(k.shape, k.dtype)] * 2, scratch_types=scratch,
+                        compiler_params=plgpu.CompilerParams(approx_math=True), grid=grid, grid_names=grid_names,
+                        num_threads=COMPUTE_WGS + 1, thread_name="wg")  # fmt: skip
 
 
 def dv_and_ds_t(p_t, v_smem, do_smem, delta_smem, delta_consumed, dv_acc):
