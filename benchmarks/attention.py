@@ -105,6 +105,10 @@ def backward_variants() -> dict[str, KernelTuning]:
             "fused_static_dq8_bwd": KernelTuning(mosaic_bwd=MosaicBwdTuning(
                 fused=True, fused_order="fa4_late_dv", memory_registers=24, stats_in_acc=True, fused_pipeline="static",
                 fused_dq_staging="tiles8x8")),
+            # All three register/instruction cuts together: static slots, plain dQ tiles, dK's A from SMEM.
+            "fused_static_lean_bwd": KernelTuning(mosaic_bwd=MosaicBwdTuning(
+                fused=True, fused_order="fa4_late_dv", memory_registers=24, stats_in_acc=True, fused_pipeline="static",
+                fused_dq_staging="tiles8x8", fused_dk_from_smem=True)),
             # The split dk/dv kernel on the fused kernel's hand-written static pipeline, also at 24/240 registers.
             "split_static_bwd": KernelTuning(mosaic_bwd=MosaicBwdTuning(split_pipeline="static")),
             "split_static_regs240_bwd": KernelTuning(mosaic_bwd=MosaicBwdTuning(split_pipeline="static",

@@ -148,6 +148,12 @@ class MosaicBwdTuning:
     # addresses depend on the row, which costs the store 48 selects a step in the lowered module
     # (ncu: 32 FSEL a warp and step); plain 8x8 tiles have none. The TMA copies the same values.
     fused_dq_staging: str = "swizzle128"
+    # The fused kernel's dK += dS^T Q (fa4 orders): A from dS^T's registers (an RS wgmma, as FA4 does),
+    # or, with True, from this warpgroup's rows of the dS^T tile already stored to SMEM for dQ (an SS
+    # wgmma): dS^T's 16 bf16 registers a thread die at that store instead of living until dK retires,
+    # through the dQ wgmma and its staging, where the fused step's register pressure peaks (dK, dV, dQ
+    # accumulators: 160 a thread) and ptxas spills.
+    fused_dk_from_smem: bool = False
     # Launch order of every backward kernel (block_grid below), as MosaicTuning.grid_heads: None runs
     # batch, then the query (dq) or key (dk/dv, fused) blocks fastest; g, g heads of a block together.
     grid_heads: int | None = None

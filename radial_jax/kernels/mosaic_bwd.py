@@ -65,6 +65,9 @@ def mosaic_backward(q, k, v, out, lse, d_out, d_lse, *, tables: BlockTables, sca
     if tuning.fused_pipeline != "emit" and not (tuning.fused and tuning.fused_order == "fa4_late_dv"):
         raise ValueError(f"fused_pipeline={tuning.fused_pipeline!r} streams the fused kernel's late-dV steps: "
                          "set fused=True, fused_order='fa4_late_dv' too")
+    if tuning.fused_dk_from_smem and not (tuning.fused and tuning.fused_order != "deferred_dq"):
+        raise ValueError("fused_dk_from_smem reads dK's operand from the fa4 orders' dS^T tile: set fused=True "
+                         "and fused_order='fa4', 'fa4_late_dv' or 'private_dq' too")
     if tuning.fused_dq_staging not in ("swizzle128", "tiles8x8"):
         raise ValueError(f"fused_dq_staging={tuning.fused_dq_staging!r}: choose 'swizzle128' or 'tiles8x8'")
     if tuning.split_pipeline not in ("emit", "static"):

@@ -237,6 +237,9 @@ def fused_kernel(q, k, v, d_out, lse2, delta, *, tables: BlockTables, scale: flo
                 ds_t = (p_t * dp_minus_delta).astype(dtype)
                 ds_smem.at[slot, own][...] = ds_t
                 plgpu.commit_smem()
+                # dK's A operand: dS^T's registers, or the rows just stored (visible to the wgmma's async
+                # proxy since commit_smem; the slot is rewritten two steps on, after dK of this step retired).
+                ds_operand = ds_smem.at[slot, own] if tuning.fused_dk_from_smem else ds_t
                 if late_dv:  # FA4's own place: P^T's bf16 registers are not live through dS^T's arithmetic
                     plgpu.wgmma(dv_acc, p_t.astype(dtype), do_smem)
                 if private_dq:
@@ -249,7 +252,7 @@ def fused_kernel(q, k, v, d_out, lse2, delta, *, tables: BlockTables, scale: flo
 
                     def compute_dq_halves(dq_acc):
                         plgpu.wgmma(dq_acc, ds_own, k_own.at[:, pl.ds(0, d_half)])
-                        plgpu.wgmma(dk_acc, ds_t, q_smem)
+                        plgpu.wgmma(dk_acc, ds_operand, q_smem)
                         plgpu.wgmma_wait(2)  # dV
                         arrive(do_consumed)
                         return plgpu.wgmma_accumulator_load(dq_acc, wait_n=1)  # dK may still run
@@ -269,7 +272,7 @@ def fused_kernel(q, k, v, d_out, lse2, delta, *, tables: BlockTables, scale: flo
                 def compute_dq_issue_dk(dq_acc):
                     plgpu.barrier_wait(ds_ready.at[slot])  # the other warpgroup's half of dS^T stored
                     plgpu.wgmma(dq_acc, ds_smem.at[slot].transpose((1, 0)), k_cols)
-                    plgpu.wgmma(dk_acc, ds_t, q_smem)
+                    plgpu.wgmma(dk_acc, ds_operand, q_smem)
                     plgpu.wgmma_wait(2)  # dV
                     arrive(do_consumed)
                     return plgpu.wgmma_accumulator_load(dq_acc, wait_n=1)  # dQ; dK may still run

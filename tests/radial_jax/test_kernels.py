@@ -337,7 +337,14 @@ class TestMosaicGPU(KernelChecks):
                                                                  fused_pipeline="static", fused_dq_staging="tiles8x8"),
                   "fused_fa4_stats_dq8": mosaic_bwd.MosaicBwdTuning(fused=True, fused_order="fa4_late_dv",
                                                                     memory_registers=24, stats_in_acc=True,
-                                                                    fused_dq_staging="tiles8x8")}[variant]
+                                                                    fused_dq_staging="tiles8x8"),
+                  "fused_static_lean": mosaic_bwd.MosaicBwdTuning(fused=True, fused_order="fa4_late_dv",
+                                                                  memory_registers=24, stats_in_acc=True,
+                                                                  fused_pipeline="static", fused_dq_staging="tiles8x8",
+                                                                  fused_dk_from_smem=True),
+                  "fused_private_dq_dk_smem": mosaic_bwd.MosaicBwdTuning(fused=True, fused_order="private_dq",
+                                                                         memory_registers=24,
+                                                                         fused_dk_from_smem=True)}[variant]
 
         q_len, kv_len = lengths
         heads, head_dim, batch, block = 3, 128, 2, self.block
@@ -403,7 +410,7 @@ class TestMosaicFusedStaticGPU(TestMosaicFusedFA4GPU):
 
     @pytest.mark.parametrize("lengths", [(1560, 1560), (1000, 1560), (1560, 1000)])
     @pytest.mark.parametrize("variant", ["fused_static", "fused_static_stats", "fused_static_wg_stats", "fused_static_dq8",
-                                         "fused_fa4_stats_dq8"])
+                                         "fused_fa4_stats_dq8", "fused_static_lean", "fused_private_dq_dk_smem"])
     def test_backward_variants_match_reference(self, lengths, variant):
         super().test_backward_variants_match_reference(lengths, variant)
 

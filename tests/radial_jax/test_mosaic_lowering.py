@@ -737,3 +737,37 @@ def test_fused_dq_staging_is_checked():
     with pytest.raises(ValueError, match="fused_dq_staging='tiles4x4'"):
         jax.eval_shape(lambda *a: mosaic_bwd.mosaic_backward(*a, tables=tables, scale=0.1, tuning=tuning),
                        q, kv, kv, q, rows, q, rows)  # fmt: skip
+
+
+# A wgmma issue as jax 0.11 prints it: its shape, then the accumulator registers, then A as registers
+# ({...}, an RS wgmma) or as a shared-memory descriptor ($n, an SS wgmma).
+_WGMMA_ISSUE = re.compile(r"wgmma\.mma_async\.sync\.aligned\.(m64n\d+k16)\.f32\.bf16\.bf16 \{[^}]*\}, (\{|\$)")
+
+
+@pytest.mark.skipif(jax.__version_info__ < (0, 11), reason="the fused backward needs jax >= 0.11")
+@pytest.mark.parametrize("order, pipeline", [("fa4_late_dv", "static"), ("fa4_late_dv", "emit"), ("fa4", "emit"),
+                                             ("private_dq", "emit")])
+def test_fused_dk_from_smem_reads_ds_t_from_its_tile(monkeypatch, order, pipeline):
+    # fused_dk_from_smem: dK += dS^T Q (the n128 wgmma with dV) takes A from SMEM; dV keeps P^T in
+    # registers. Every other wgmma (S^T, dP^T, dQ: n64) is SS either way.
+    tables, q, kv, rows = _setup(4100, 1000, 2, 128)
+    issues = {}
+    for from_smem in (False, True):
+        tuning = mosaic_bwd.MosaicBwdTuning(fused=True, fused_order=order, memory_registers=24, fused_pipeline=pipeline,
+                                            fused_dk_from_smem=from_smem)  # fmt: skip
+        backward = lambda *a, tuning=tuning: mosaic_bwd.mosaic_backward(*a, tables=tables, scale=0.1, tuning=tuning)
+        (module,) = _mosaic_modules(monkeypatch, backward, q, kv, kv, q, rows, q, rows)
+        found = _WGMMA_ISSUE.findall(_compute_loop(module))
+        issues[from_smem] = {(shape, "RS" if a == "{" else "SS"): found.count((shape, a)) for shape, a in set(found)}
+    n128 = issues[False][("m64n128k16", "RS")]  # dV and dK, 4 k-steps each (64 queries)
+    assert ("m64n128k16", "SS") not in issues[False] and n128 % 8 == 0
+    assert issues[True][("m64n128k16", "RS")] == issues[True][("m64n128k16", "SS")] == n128 // 2
+    assert issues[True][("m64n64k16", "SS")] == issues[False][("m64n64k16", "SS")]
+
+
+def test_fused_dk_from_smem_needs_an_fa4_order():
+    tables, q, kv, rows = _setup(*CASES[0])
+    tuning = mosaic_bwd.MosaicBwdTuning(fused=True, fused_dk_from_smem=True)  # the deferred order
+    with pytest.raises(ValueError, match="fused_dk_from_smem"):
+        jax.eval_shape(lambda *a: mosaic_bwd.mosaic_backward(*a, tables=tables, scale=0.1, tuning=tuning),
+                       q, kv, kv, q, rows, q, rows)  # fmt: skip
