@@ -256,10 +256,10 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
                     plgpu.barrier_arrive(schedule_barrier.at[COMPUTE_WGS - 1 - wg])
 
             def issue_qk(s_ref, step):  # after K_step's barrier: FA3 waits for data before its turn
-                plgpu.wgmma(s_ref, qo_smem, k_smem.at[lax.rem(step, jnp.int32(stages))].transpose((1, 0)))
+                plgpu.wgmma(s_ref, qo_smem, k_smem.at[ring_slot(step)].transpose((1, 0)))
 
             def issue_pv(p16, step):  # p16: P in registers, or None: P in this warpgroup's SMEM tile
-                slot = lax.rem(step, jnp.int32(stages))
+                slot = ring_slot(step)
                 plgpu.barrier_wait(v_barriers.at[slot])
                 plgpu.wgmma(o_ref, p_smem2[0].at[wg] if p_smem else p16, v_smem.at[slot])
 
@@ -295,7 +295,7 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
                 m_i, l_i, p16 = carry[:3]
 
                 def qk_and_pv(s_ref):
-                    plgpu.barrier_wait(k_barriers.at[lax.rem(j + 1, jnp.int32(stages))])
+                    plgpu.barrier_wait(k_barriers.at[ring_slot(j + 1)])
                     take_turn()
                     issue_qk(s_ref, j + 1)
                     if early_rescale:  # O *= alpha_j under S_{j+1}'s wgmma; the store fences O
@@ -306,9 +306,9 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
                     return plgpu.wgmma_accumulator_load(s_ref, wait_n=1 if overlap_softmax else 0)
 
                 s = pl.run_scoped(qk_and_pv, plgpu.ACC((block_q, block_kv), jnp.float32))
-                plgpu.barrier_arrive(k_consumed.at[lax.rem(j + 1, jnp.int32(stages))])
+                plgpu.barrier_arrive(k_consumed.at[ring_slot(j + 1)])
                 if not overlap_softmax:  # P_j V_j has retired: V_j is free before the softmax
-                    plgpu.barrier_arrive(v_consumed.at[lax.rem(j, jnp.int32(stages))])
+                    plgpu.barrier_arrive(v_consumed.at[ring_slot(j)])
                 p, m_new, alpha = softmax_scores(s, m_i, j + 1, mask_tail=mask_tail)
                 l_i = l_i * alpha + p.sum(axis=1)
                 # The softmax must be done before the wait below, or LLVM may sink it past the
@@ -320,7 +320,7 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
                     l_i, m_new, alpha, p16_next = lax.optimization_barrier((l_i, m_new, alpha, p16_next))
                 acc = plgpu.wgmma_accumulator_load(o_ref, wait_n=0)  # P_j V_j done
                 if overlap_softmax:
-                    plgpu.barrier_arrive(v_consumed.at[lax.rem(j, jnp.int32(stages))])
+                    plgpu.barrier_arrive(v_consumed.at[ring_slot(j)])
                 if late_p:  # p passes a barrier after the wait, so LLVM cannot hoist the cast above it
                     p16_next = keep_p(lax.optimization_barrier(p))  # into P_j's registers, now free
                 if early_rescale:
@@ -335,7 +335,7 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
                 issue_pv(carry[2], count - 1)
                 pass_turn()
                 plgpu.wgmma_wait(0)
-                plgpu.barrier_arrive(v_consumed.at[lax.rem(count - 1, jnp.int32(stages))])
+                plgpu.barrier_arrive(v_consumed.at[ring_slot(count - 1)])
                 return carry
 
             p16 = None  # P_0 comes from the first step; in SMEM mode it is never carried
