@@ -127,7 +127,8 @@ def forward_variants() -> dict[str, KernelTuning]:
     the overlap with P cast after its P V's wait (late_p), also with P V reading P from shared memory
     (p_smem), and in FA3's full order (late_p and O rescaled between the issues: fa3), alone, lazy and
     without the ping-pong; the default loop without the ping-pong; 4 heads launched together
-    (grid_heads); the persistent grid (one CTA per SM walks the work items) in either order."""
+    (grid_heads); the persistent grid (one CTA per SM walks the work items) in either order; the
+    softmax's row reductions as trees, alone and with the lazy rescale; part of the exp2 on the FMA pipe."""
     fwd = lambda **fields: KernelTuning(mosaic_fwd=MosaicTuning(**fields))
     return {"lazy_rescale_fwd": fwd(lazy_rescale_threshold=8.0),
             "lazy_rescale_0_fwd": fwd(lazy_rescale_threshold=0.0),
@@ -149,7 +150,15 @@ def forward_variants() -> dict[str, KernelTuning]:
             "heads4_fwd": fwd(grid_heads=4),
             # One CTA per SM walking the (head, query tile, batch) items in either launch order.
             "persistent_fwd": fwd(persistent=True),
-            "persistent_heads4_fwd": fwd(persistent=True, grid_heads=4)}
+            "persistent_heads4_fwd": fwd(persistent=True, grid_heads=4),
+            # The softmax's row max and sum reduced as trees (4 dependent levels, not a 16-deep chain).
+            "tree_reduce_fwd": fwd(tree_reduce=True),
+            "tree_reduce_lazy_fwd": fwd(tree_reduce=True, lazy_rescale_threshold=8.0),
+            # Every k-th 8-key tile's exp2 by a polynomial on the FMA pipe (FA4's split on Blackwell).
+            "exp2_poly4_fwd": fwd(exp2_poly_every=4),
+            "exp2_poly2_fwd": fwd(exp2_poly_every=2),
+            "tree_exp2_poly4_fwd": fwd(tree_reduce=True, exp2_poly_every=4),
+            "tree_exp2_poly4_lazy_fwd": fwd(tree_reduce=True, exp2_poly_every=4, lazy_rescale_threshold=8.0)}
 
 
 def variants(backward: bool) -> dict[str, KernelTuning]:

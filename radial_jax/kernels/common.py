@@ -66,6 +66,16 @@ class MosaicTuning:
     # time what it buys: 0.93-0.95x the default on the H200 (benchmarks/attention.py --variants
     # no_pingpong_fwd, results/attention-overlap-h200.json).
     pingpong: bool = True
+    # The softmax's row max and row sum combine a thread's column halves as a tree (log2(block_kv / 8)
+    # dependent levels) before the last pair and the shuffles, instead of Pallas's running values a
+    # row (a chain 8-16 deep): ncu's source view of the default on the H200 put 23% of the softmax's
+    # stall samples on the max's chain (benchmarks/NOTES.md, session 8). The max is bitwise the same;
+    # the sum rounds in another order.
+    tree_reduce: bool = False
+    # None: every exp2 of the softmax on the multi-function unit (ex2.approx, 8 cycles a warp). k >= 2:
+    # every k-th 8-key tile of each unmasked key block by a degree-3 polynomial on the FMA pipe instead
+    # (FlashAttention-4's split on Blackwell; relative error <= 7.5e-5, below bf16's rounding of P).
+    exp2_poly_every: int | None = None
     # Launch order (block_grid below). None: batch, then query tiles fastest, then heads (at batch 1
     # FA4's sm90 order: consecutive query tiles of one head share its K/V in L2); g: g heads of one
     # query tile launched together, then the next tile, ..., then the next g heads (g = 1: the default's

@@ -101,6 +101,93 @@ def _rescale_raised_warps(acc, alpha, m_old, m_new):
     return rescale(acc, alpha, m_old, m_new)
 
 
+def _tree_row_reduce(x, op: str):
+    """Returns x reduced along its columns ("max" or "add"), [rows] f32 in the WGMMA row layout.
+
+    x: [rows, cols] f32 in the WGMMA layout, cols a power-of-two multiple of 8. Pallas's own
+    reduction (FragmentedArray.reduce) folds a thread's registers of a row into one or two running
+    values, a chain 8 to 16 deep (jax 0.11.2's accumulator ILP leaves 1 part for 2 rows a thread); here the
+    column halves are combined instead (cols/2 + cols/4 + ... + 8 columns, log2(cols/8) dependent levels),
+    and what is left, 8 columns, goes to FragmentedArray.reduce for the last in-thread pair and the
+    shuffles across the row's 4 threads. The max is exact in any order, so its result is bitwise
+    Pallas's; the sum rounds in another order.
+    """
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+
+    row = plgpu.Layout.WGMMA.reduce(1)
+
+    @plgpu.inline_mgpu(arg_types=(plgpu.Layout.WGMMA,),
+                       return_type=plgpu.ShapeDtypeStruct(x.shape[:1], jnp.float32, layout=row))
+    def reduce(_, x):
+        while x.shape[1] > 8:
+            half = x.shape[1] // 2
+            left, right = x[:, :half], x[:, half:]
+            x = left.max(right) if op == "max" else left + right
+        return x.reduce(op, 1)
+
+    return reduce(x)
+
+
+# 2^f on [-1/2, 1/2], degree 3, fitted for relative error (Lawson-weighted least squares on Chebyshev
+# nodes): at most 7.5e-5 off, below bf16's 2^-9 rounding of P.
+_EXP2_POLY = (0.9999280735783096, 0.6932609862225378, 0.24261112187715136, 0.05517166493030209)
+# x + 1.5 * 2^23 rounds x to an integer j held in the low mantissa bits (exact for |x| < 2^22).
+_ROUND_MAGIC = 12582912.0
+
+
+def _exp2_with_polynomial_tiles(x, every: int):
+    """Returns 2^x, every `every`-th 8-column tile of x computed on the FMA pipe, the rest by ex2.approx.
+
+    x: [rows, cols] f32 in the WGMMA layout, every entry <= 0 (scores less their row max) or -inf.
+    The multi-function unit computes 4 exp2 a cycle per SM sub-partition, a warp's in 8 cycles, and
+    the softmax's 64 a thread a key block are its longest stretch (ncu, benchmarks/NOTES.md session 8).
+    FlashAttention-4 moves part of them to the FMA pipe on Blackwell; here as a polynomial in FADD/FFMA
+    and one shift-add: j = round(x) by the magic-number add, f = x - j in [-1/2, 1/2], 2^f by
+    _EXP2_POLY, and j added to the exponent field. x is clamped to -126 first, so j's shift cannot
+    leave the exponent field; below that ex2.approx.ftz gives 0 where this gives 2^-126 (a polynomial
+    tile of a masked key block would hold 2^-126, not 0: callers keep masked blocks on ex2.approx).
+    """
+    import jax.experimental.mosaic.gpu as mgpu
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+    import numpy as np
+    from jaxlib.mlir import ir
+    from jaxlib.mlir.dialects import arith
+    from jaxlib.mlir.dialects import math as mlir_math
+
+    def poly(r):  # r: one register, a vector of f32
+        f32, i32 = ir.F32Type.get(), ir.IntegerType.get_signless(32)
+        ints = ir.VectorType.get(ir.VectorType(r.type).shape, i32)
+        splat = lambda value, element, vec: arith.constant(vec, ir.DenseElementsAttr.get_splat(
+            vec, ir.FloatAttr.get(element, value) if element == f32 else ir.IntegerAttr.get(element, value)))
+        const = lambda value: splat(value, f32, r.type)
+        x = arith.maximumf(r, const(-126.0))
+        shifted = arith.addf(x, const(_ROUND_MAGIC))
+        frac = arith.subf(x, arith.subf(shifted, const(_ROUND_MAGIC)))
+        p = const(_EXP2_POLY[3])
+        for c in reversed(_EXP2_POLY[:3]):
+            p = mlir_math.fma(p, frac, const(c))
+        exponent = arith.shli(arith.bitcast(ints, shifted), splat(23, i32, ints))  # j's low bits, into the exponent
+        return arith.bitcast(r.type, arith.addi(arith.bitcast(ints, p), exponent))
+
+    @plgpu.inline_mgpu(arg_types=(plgpu.Layout.WGMMA,),
+                       return_type=plgpu.ShapeDtypeStruct(x.shape, jnp.float32, layout=plgpu.Layout.WGMMA))
+    def exp2(_, x):
+        computed = {}  # id(register of x) -> its 2^x
+        for tile in range(x.shape[1] // 8):
+            part = x[:, tile * 8:(tile + 1) * 8]  # a view: the same register objects as x's
+            if tile % every == every - 1:
+                values = [poly(r) for r in part.registers.flat]
+            else:
+                values = list(part.exp2(approx=True).registers.flat)
+            computed.update(zip(map(id, part.registers.flat), values))
+        registers = np.empty(x.registers.shape, dtype=object)
+        for index, r in np.ndenumerate(x.registers):
+            registers[index] = computed[id(r)]
+        return mgpu.FragmentedArray(_registers=registers, _layout=x.layout, _is_signed=None)
+
+    return exp2(x)
+
+
 @functools.partial(jax.jit, static_argnames=("tables", "scale", "tuning"))
 def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: MosaicTuning = MosaicTuning()):
     """Returns (out [B, L, N, D] in q.dtype, lse [B, N, L] float32, natural log).
@@ -142,6 +229,8 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
                          "carry across work items: set one of them")  # fmt: skip
     if tuning.persistent_ctas is not None and not (persistent and tuning.persistent_ctas >= 1):
         raise ValueError(f"persistent_ctas={tuning.persistent_ctas} needs persistent=True and at least 1 CTA")
+    if tuning.exp2_poly_every is not None and not tuning.exp2_poly_every >= 1:
+        raise ValueError(f"exp2_poly_every={tuning.exp2_poly_every}: None, or k >= 1 (every k-th 8-key tile)")
     num_ctas = min(tuning.persistent_ctas or _sm_count(), total) if persistent else None
     if persistent:
         grid, grid_names = (num_ctas,), ("cta",)
@@ -173,6 +262,12 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
         l_i = plgpu.layout_cast(jnp.full((block_q,), 0.0, jnp.float32), row)
         acc = plgpu.layout_cast(jnp.full((block_q, head_dim), 0.0, jnp.float32), plgpu.Layout.WGMMA)
 
+        def row_max(s):  # [block_q, block_kv] f32 -> [block_q]
+            return _tree_row_reduce(s, "max") if tuning.tree_reduce else s.max(axis=1)
+
+        def row_sum(p):
+            return _tree_row_reduce(p, "add") if tuning.tree_reduce else p.sum(axis=1)
+
         def softmax_scores(s, m_i, step, *, mask_tail):
             """Returns (p, m_new, alpha) of one key block's scores s [block_q, block_kv] f32."""
             if mask_tail:
@@ -181,14 +276,18 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
                 s = jnp.where(kv_start + cols < kv_len, s, -jnp.inf)
             # m_i is kept in log2 units (scaled logits) so that p is one FMA + exp2.
             if lazy_threshold is None:
-                m_new = jnp.maximum(m_i, s.max(axis=1) * qk_scale)
+                m_new = jnp.maximum(m_i, row_max(s) * qk_scale)
                 alpha = jnp.exp2(m_i - m_new)
             else:  # the max moves only past the threshold; alpha is exactly 1 where it stays
-                row_max = s.max(axis=1) * qk_scale
-                raised = row_max > m_i + lazy_threshold
-                m_new = jnp.where(raised, row_max, m_i)
+                raw_max = row_max(s) * qk_scale
+                raised = raw_max > m_i + lazy_threshold
+                m_new = jnp.where(raised, raw_max, m_i)
                 alpha = jnp.where(raised, jnp.exp2(m_i - m_new), 1.0)
-            p = jnp.exp2(s * qk_scale - lax.broadcast_in_dim(m_new, s.shape, [0]))
+            x = s * qk_scale - lax.broadcast_in_dim(m_new, s.shape, [0])
+            if tuning.exp2_poly_every is None or mask_tail:  # masked entries must give exactly 0
+                p = jnp.exp2(x)
+            else:
+                p = _exp2_with_polynomial_tiles(x, tuning.exp2_poly_every)
             return p, m_new, alpha
 
         def rescale(acc, alpha, m_i, m_new):
@@ -210,7 +309,7 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
             plgpu.barrier_arrive(k_consumed.at[slot])
             p, m_new, alpha = softmax_scores(s, m_i, step, mask_tail=mask_tail)
             acc = rescale(acc, alpha, m_i, m_new)
-            l_i = l_i * alpha + p.sum(axis=1)
+            l_i = l_i * alpha + row_sum(p)
             p16 = p.astype(dtype)
             # Ordering found by the jax example to matter for speed on H100.
             acc, l_i, m_new, p16 = lax.optimization_barrier((acc, l_i, m_new, p16))
@@ -286,7 +385,7 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
                 s = pl.run_scoped(qk, plgpu.ACC((block_q, block_kv), jnp.float32))  # [block_q, block_kv]
                 plgpu.barrier_arrive(k_consumed.at[0])
                 p, m_new, alpha = softmax_scores(s, m_i, 0, mask_tail=mask_tail)
-                out = (m_new, l_i * alpha + p.sum(axis=1), keep_p(p))  # O is zero: no rescale
+                out = (m_new, l_i * alpha + row_sum(p), keep_p(p))  # O is zero: no rescale
                 if early_rescale:  # alpha_0 = 1 and no max moved: step 0's rescale is a no-op
                     out += (plgpu.layout_cast(jnp.full((block_q,), 1.0, jnp.float32), row), m_new)
                 return out
@@ -310,7 +409,7 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
                 if not overlap_softmax:  # P_j V_j has retired: V_j is free before the softmax
                     plgpu.barrier_arrive(v_consumed.at[ring_slot(j)])
                 p, m_new, alpha = softmax_scores(s, m_i, j + 1, mask_tail=mask_tail)
-                l_i = l_i * alpha + p.sum(axis=1)
+                l_i = l_i * alpha + row_sum(p)
                 # The softmax must be done before the wait below, or LLVM may sink it past the
                 # wait (its results are used only after it) and the overlap is gone.
                 if late_p:

@@ -514,6 +514,23 @@ class TestMosaicOverlapFA3GPU(TestMosaicOverlapGPU):
     tuning = KernelTuning(mosaic_fwd=MosaicTuning(overlap_qk=True, overlap_late_p=True, overlap_early_rescale=True))
 
 
+class TestMosaicTreeReduceGPU(TestMosaicOverlapGPU):
+    """The default loop with the softmax's row max and sum reduced as trees (MosaicTuning.tree_reduce):
+    the same max bitwise and the sum rounded in another order, so the same cases and bounds, and the
+    default kernel's out to f16 rounding and lse to f32 rounding (test_overlap_matches_the_default_kernel,
+    with and without the ping-pong)."""
+
+    tuning = KernelTuning(mosaic_fwd=MosaicTuning(tree_reduce=True))
+
+
+class TestMosaicExp2PolyGPU(TestMosaicOverlapGPU):
+    """The tree reductions with every 4th 8-key tile's exp2 by the FMA pipe's polynomial
+    (MosaicTuning.exp2_poly_every=4; relative error <= 7.5e-5 a term, under f16's 2^-11): the same cases
+    and bounds, and the default kernel's out to f16 rounding and lse to 1e-5 relative."""
+
+    tuning = KernelTuning(mosaic_fwd=MosaicTuning(tree_reduce=True, exp2_poly_every=4))
+
+
 _FUSED = MosaicBwdTuning(fused=True, fused_order="fa4_late_dv", memory_registers=24)
 # Designs that reorder the CTAs or re-address the same steps: (forward tuning, backward tuning, the
 # backward they are compared with).

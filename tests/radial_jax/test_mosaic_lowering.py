@@ -229,6 +229,83 @@ def test_default_forward_never_has_two_wgmma_groups_in_flight(monkeypatch):
     assert waits and all(n == 0 and committed <= 1 for n, committed in waits), waits
 
 
+def _longest_chain(module: str, op: str) -> int:
+    """The most `op` operations on one path of data dependencies between a module's SSA values
+    (operands within one region; a loop's carried values start a new path each iteration)."""
+    depth, longest = {}, 0
+    for line in module.splitlines():
+        match = re.match(r"\s*(%[\w.#-]+)(?::\d+)?(?:\s*,\s*%[\w.#-]+)*\s*=\s*(.*)$", line)
+        if match:
+            name, rhs = match.groups()
+            d = max((depth.get(operand, 0) for operand in re.findall(r"%[\w.#-]+", rhs)), default=0)
+            if op in rhs:
+                d += 1
+                longest = max(longest, d)
+            depth[name] = d
+    return longest
+
+
+@pytest.mark.parametrize("fields", [{}, {"lazy_rescale_threshold": 8.0}, {"overlap_qk": True}],
+                         ids=["default", "lazy", "overlap"])
+def test_tree_reduce_shortens_the_softmax_reductions_only(monkeypatch, fields):
+    # MosaicTuning.tree_reduce: the row max and sum take no more operations than Pallas's reductions
+    # (jax 0.10.2: as many; 0.11.2 combines its partial chains with a few more), but at most 9 on one
+    # dependency path (4 halvings of 128 columns, the last pair, 2 shuffles, the running max or sum,
+    # and the lazy rescale's threshold add before the sum), where Pallas chains a row's registers
+    # (19-20 deep for the max on jax 0.10.2 and 0.11.2, 13-19 for the sum).
+    tables, q, kv, _ = _setup(*CASES[0])
+    default, tree = (_forward_module(monkeypatch, tables, q, kv, mosaic_fwd.MosaicTuning(tree_reduce=tree, **fields))
+                     for tree in (False, True))  # fmt: skip
+    for op in ("max.NaN.f32", "arith.addf"):
+        assert tree.count(op) <= default.count(op), op
+        assert _longest_chain(tree, op) <= 9 < _longest_chain(default, op), op
+    assert _wgmma_waits(tree) == _wgmma_waits(default)
+    assert tree.count("mbarrier") == default.count("mbarrier")
+
+
+@pytest.mark.parametrize("every", [1, 2, 4])
+def test_exp2_poly_moves_every_kth_tile_of_unmasked_blocks_off_ex2(monkeypatch, every):
+    # MosaicTuning.exp2_poly_every: in the loop over unmasked key blocks a thread's 64 exp2 a step lose
+    # 64 / every to the polynomial (3 FMAs a 2-element register); the masked blocks' loop keeps ex2.
+    tables, q, kv, _ = _setup(*CASES[0])
+    default, poly = (_forward_module(monkeypatch, tables, q, kv, mosaic_fwd.MosaicTuning(exp2_poly_every=k))
+                     for k in (None, every))  # fmt: skip
+    assert default.count("ex2.approx") - poly.count("ex2.approx") == 64 // every
+    assert poly.count("math.fma") - default.count("math.fma") == 3 * (64 // every) // 2
+    assert _wgmma_waits(poly) == _wgmma_waits(default) and poly.count("mbarrier") == default.count("mbarrier")
+
+
+def test_exp2_polynomial_stays_below_bf16_rounding():
+    # The kernel's steps in f32 (numpy): clamp, magic-number round, polynomial, exponent add.
+    x = np.concatenate([-np.geomspace(1e-7, 126, 200_001), np.linspace(-126, 0, 200_001), [0.0, -126.0]])
+    x = x.astype(np.float32)
+    clamped = np.maximum(x, np.float32(-126))
+    magic = np.float32(mosaic_fwd._ROUND_MAGIC)
+    shifted = clamped + magic
+    frac = clamped - (shifted - magic)
+    c = [np.float32(v) for v in mosaic_fwd._EXP2_POLY]
+    p = ((c[3] * frac + c[2]) * frac + c[1]) * frac + c[0]
+    bits = p.view(np.int32) + (shifted.view(np.int32) << 23)
+    got = bits.view(np.float32).astype(np.float64)
+    rel = np.abs(got / np.exp2(x.astype(np.float64)) - 1)
+    normal = x > -125.5  # below, 2^j f lands on the exponent field's edge: a subnormal's 2^-126 scale
+    assert float(rel[normal].max()) <= 7.6e-5 and float(rel.max()) <= 1.5e-4 < 2.0**-9
+    below = np.array([-np.inf, -200.0, -126.5], np.float32)  # clamped: 2^-126, where ex2.approx.ftz gives 0
+    shifted = np.maximum(below, np.float32(-126)) + magic
+    frac = np.maximum(below, np.float32(-126)) - (shifted - magic)
+    p = ((c[3] * frac + c[2]) * frac + c[1]) * frac + c[0]
+    tiny = (p.view(np.int32) + (shifted.view(np.int32) << 23)).view(np.float32)
+    assert bool((np.abs(tiny / np.float32(2.0**-126) - 1) <= 1.5e-4).all())
+
+
+def test_exp2_poly_refuses_a_tile_step_below_one():
+    tables, q, kv, _ = _setup(*CASES[0])
+    tuning = mosaic_fwd.MosaicTuning(exp2_poly_every=0)
+    with pytest.raises(ValueError, match="exp2_poly_every=0"):
+        jax.eval_shape(lambda q, k, v: mosaic_fwd.mosaic_forward(q, k, v, tables=tables, scale=0.1, tuning=tuning),
+                       q, kv, kv)  # fmt: skip
+
+
 @pytest.mark.parametrize("overlap", [False, True], ids=["serial", "overlap"])
 def test_forward_without_pingpong_drops_only_the_schedule_barrier(monkeypatch, overlap):
     # MosaicTuning(pingpong=False): the same kernel less the warpgroups' schedule barrier waits
