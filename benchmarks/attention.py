@@ -128,7 +128,8 @@ def forward_variants() -> dict[str, KernelTuning]:
     (p_smem), and in FA3's full order (late_p and O rescaled between the issues: fa3), alone, lazy and
     without the ping-pong; the default loop without the ping-pong; 4 heads launched together
     (grid_heads); the persistent grid (one CTA per SM walks the work items) in either order; the
-    softmax's row reductions as trees, alone and with the lazy rescale; part of the exp2 on the FMA pipe."""
+    softmax's row reductions as trees, alone and with the lazy rescale; part of the exp2 on the FMA pipe;
+    the overlaps' turn on named barriers."""
     fwd = lambda **fields: KernelTuning(mosaic_fwd=MosaicTuning(**fields))
     return {"lazy_rescale_fwd": fwd(lazy_rescale_threshold=8.0),
             "lazy_rescale_0_fwd": fwd(lazy_rescale_threshold=0.0),
@@ -158,7 +159,12 @@ def forward_variants() -> dict[str, KernelTuning]:
             "exp2_poly4_fwd": fwd(exp2_poly_every=4),
             "exp2_poly2_fwd": fwd(exp2_poly_every=2),
             "tree_exp2_poly4_fwd": fwd(tree_reduce=True, exp2_poly_every=4),
-            "tree_exp2_poly4_lazy_fwd": fwd(tree_reduce=True, exp2_poly_every=4, lazy_rescale_threshold=8.0)}
+            "tree_exp2_poly4_lazy_fwd": fwd(tree_reduce=True, exp2_poly_every=4, lazy_rescale_threshold=8.0),
+            # The overlapped loops with the turn token on named barriers (FA3's and FA4's).
+            "overlap_late_p_named_fwd": fwd(overlap_qk=True, overlap_late_p=True, named_turn=True),
+            "overlap_fa3_named_fwd": fwd(overlap_qk=True, overlap_late_p=True, overlap_early_rescale=True,
+                                         named_turn=True),
+            "paired_issue_named_fwd": fwd(overlap_qk=True, overlap_softmax=False, named_turn=True)}
 
 
 def variants(backward: bool) -> dict[str, KernelTuning]:

@@ -76,6 +76,11 @@ class MosaicTuning:
     # every k-th 8-key tile of each unmasked key block by a degree-3 polynomial on the FMA pipe instead
     # (FlashAttention-4's split on Blackwell; relative error <= 7.5e-5, below bf16's rounding of P).
     exp2_poly_every: int | None = None
+    # With overlap_qk and pingpong: the turn token through named barriers (bar.sync to take it, bar.arrive
+    # to pass it; FA3's and FA4's warp scheduler barrier, one instruction each) instead of mbarriers,
+    # whose wait is a try_wait loop. ncu's source view of FA4's sm90 forward (NOTES session 8) shows the
+    # turn costing it 1.3% of its compute warps' stall samples.
+    named_turn: bool = False
     # Launch order (block_grid below). None: batch, then query tiles fastest, then heads (at batch 1
     # FA4's sm90 order: consecutive query tiles of one head share its K/V in L2); g: g heads of one
     # query tile launched together, then the next tile, ..., then the next g heads (g = 1: the default's

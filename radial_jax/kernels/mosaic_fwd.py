@@ -128,6 +128,33 @@ def _tree_row_reduce(x, op: str):
     return reduce(x)
 
 
+# Named barriers 0 (gpu.barrier) and 1-3 (Mosaic's per-warpgroup bar.sync) are taken; the turn uses 4 + wg.
+_TURN_BARRIER = 4
+
+
+def _named_turn(op: str, other: bool):
+    """bar.sync ("take") or bar.arrive ("pass") on the turn barrier of this warpgroup or (other) of the
+    other compute warpgroup, 256 threads: FA3's and FA4's warp scheduler barrier. A warpgroup takes its
+    turn by syncing on its own barrier, which completes when the other warpgroup has passed it there.
+    A single instruction (ptxas: BAR.SYNC / BAR.ARV), where an mbarrier wait is a try_wait loop."""
+    import jax.experimental.mosaic.gpu as mgpu
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+    from jaxlib.mlir import ir
+    from jaxlib.mlir.dialects import arith, llvm
+
+    @plgpu.inline_mgpu()
+    def turn(_):
+        i32 = ir.IntegerType.get_signless(32)
+        wg = arith.shrui(mgpu.utils.thread_idx(), mgpu.utils.c(7, i32))  # 0 or 1 in a compute warpgroup
+        if other:
+            wg = arith.xori(wg, mgpu.utils.c(1, i32))
+        barrier = arith.addi(wg, mgpu.utils.c(_TURN_BARRIER, i32))
+        instruction = {"take": "bar.sync", "pass": "bar.arrive"}[op]
+        llvm.inline_asm(ir.Type.parse("!llvm.void"), [barrier], f"{instruction} $0, 256;", "r", has_side_effects=True)
+
+    turn()
+
+
 # 2^f on [-1/2, 1/2], degree 3, fitted for relative error (Lawson-weighted least squares on Chebyshev
 # nodes): at most 7.5e-5 off, below bf16's 2^-9 rounding of P.
 _EXP2_POLY = (0.9999280735783096, 0.6932609862225378, 0.24261112187715136, 0.05517166493030209)
@@ -229,6 +256,9 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
                          "carry across work items: set one of them")  # fmt: skip
     if tuning.persistent_ctas is not None and not (persistent and tuning.persistent_ctas >= 1):
         raise ValueError(f"persistent_ctas={tuning.persistent_ctas} needs persistent=True and at least 1 CTA")
+    if tuning.named_turn and not tuning.overlap_qk:
+        raise ValueError("named_turn passes the overlapped loop's turn token; the default loop's rendezvous "
+                         "(arrive, then wait for the other's arrival) has no named-barrier form: set overlap_qk")
     if tuning.exp2_poly_every is not None and not tuning.exp2_poly_every >= 1:
         raise ValueError(f"exp2_poly_every={tuning.exp2_poly_every}: None, or k >= 1 (every k-th 8-key tile)")
     num_ctas = min(tuning.persistent_ctas or _sm_count(), total) if persistent else None
@@ -347,11 +377,15 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
             and 1 need no branch.
             """
             def take_turn():
-                if pingpong:
+                if pingpong and tuning.named_turn:
+                    _named_turn("take", other=False)
+                elif pingpong:
                     plgpu.barrier_wait(schedule_barrier.at[wg])
 
             def pass_turn():
-                if pingpong:
+                if pingpong and tuning.named_turn:
+                    _named_turn("pass", other=True)
+                elif pingpong:
                     plgpu.barrier_arrive(schedule_barrier.at[COMPUTE_WGS - 1 - wg])
 
             def issue_qk(s_ref, step):  # after K_step's barrier: FA3 waits for data before its turn
@@ -458,7 +492,9 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
 
         if tuning.overlap_qk:
             assert base is None, "the persistent kernel refuses overlap_qk"
-            if pingpong:  # warpgroup 0 takes the first turn
+            if pingpong and tuning.named_turn:  # warpgroup 0 takes the first turn
+                pl.when(wg == 1)(lambda: _named_turn("pass", other=True))
+            elif pingpong:
                 pl.when(wg == 1)(lambda: plgpu.barrier_arrive(schedule_barrier.at[0]))
             carry = pl.run_scoped(overlapped_loop, plgpu.ACC((block_q, head_dim), jnp.float32))
         else:

@@ -523,6 +523,13 @@ class TestMosaicTreeReduceGPU(TestMosaicOverlapGPU):
     tuning = KernelTuning(mosaic_fwd=MosaicTuning(tree_reduce=True))
 
 
+class TestMosaicNamedTurnGPU(TestMosaicOverlapGPU):
+    """The overlap with the late cast and its turn token on named barriers (MosaicTuning.named_turn):
+    the same arithmetic in the same order, so the overlap's cases and bounds."""
+
+    tuning = KernelTuning(mosaic_fwd=MosaicTuning(overlap_qk=True, overlap_late_p=True, named_turn=True))
+
+
 class TestMosaicExp2PolyGPU(TestMosaicOverlapGPU):
     """The tree reductions with every 4th 8-key tile's exp2 by the FMA pipe's polynomial
     (MosaicTuning.exp2_poly_every=4; relative error <= 7.5e-5 a term, under f16's 2^-11): the same cases

@@ -306,6 +306,29 @@ def test_exp2_poly_refuses_a_tile_step_below_one():
                        q, kv, kv)  # fmt: skip
 
 
+@pytest.mark.parametrize("order", [{"overlap_late_p": True}, {"overlap_softmax": False}], ids=["late_p", "paired"])
+def test_named_turn_swaps_the_turn_mbarriers_for_named_barriers(monkeypatch, order):
+    # MosaicTuning.named_turn: each of the overlapped loop's 5 phases (first and middle steps, unmasked and
+    # masked, and the last) takes the turn with one bar.sync and passes it with one bar.arrive, plus
+    # warpgroup 1's first pass; the mbarrier waits and arrivals of the turn token go, the ring's stay.
+    tables, q, kv, _ = _setup(*CASES[0])
+    mbarrier, named = (_forward_module(monkeypatch, tables, q, kv,
+                                       mosaic_fwd.MosaicTuning(overlap_qk=True, named_turn=n, **order))
+                       for n in (False, True))  # fmt: skip
+    waits, arrives = (lambda m: len(re.findall(r"try_wait", m))), (lambda m: len(re.findall(r"mbarrier.arrive", m)))
+    assert (named.count("bar.sync $0, 256"), named.count("bar.arrive $0, 256")) == (5, 6)
+    assert (waits(mbarrier) - waits(named), arrives(mbarrier) - arrives(named)) == (5, 6)
+    assert "bar.sync $0, 256" not in mbarrier and _wgmma_waits(named) == _wgmma_waits(mbarrier)
+
+
+def test_named_turn_needs_the_overlapped_loop():
+    tables, q, kv, _ = _setup(*CASES[0])
+    tuning = mosaic_fwd.MosaicTuning(named_turn=True)
+    with pytest.raises(ValueError, match="named_turn"):
+        jax.eval_shape(lambda q, k, v: mosaic_fwd.mosaic_forward(q, k, v, tables=tables, scale=0.1, tuning=tuning),
+                       q, kv, kv)  # fmt: skip
+
+
 @pytest.mark.parametrize("overlap", [False, True], ids=["serial", "overlap"])
 def test_forward_without_pingpong_drops_only_the_schedule_barrier(monkeypatch, overlap):
     # MosaicTuning(pingpong=False): the same kernel less the warpgroups' schedule barrier waits
