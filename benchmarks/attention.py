@@ -129,7 +129,7 @@ def forward_variants() -> dict[str, KernelTuning]:
     without the ping-pong; the default loop without the ping-pong; 4 heads launched together
     (grid_heads); the persistent grid (one CTA per SM walks the work items) in either order; the
     softmax's row reductions as trees, alone and with the lazy rescale; part of the exp2 on the FMA pipe;
-    the overlaps' turn on named barriers."""
+    the overlaps' turn on named barriers, and their waits before S's accumulator opens."""
     fwd = lambda **fields: KernelTuning(mosaic_fwd=MosaicTuning(**fields))
     return {"lazy_rescale_fwd": fwd(lazy_rescale_threshold=8.0),
             "lazy_rescale_0_fwd": fwd(lazy_rescale_threshold=0.0),
@@ -164,7 +164,15 @@ def forward_variants() -> dict[str, KernelTuning]:
             "overlap_late_p_named_fwd": fwd(overlap_qk=True, overlap_late_p=True, named_turn=True),
             "overlap_fa3_named_fwd": fwd(overlap_qk=True, overlap_late_p=True, overlap_early_rescale=True,
                                          named_turn=True),
-            "paired_issue_named_fwd": fwd(overlap_qk=True, overlap_softmax=False, named_turn=True)}
+            "paired_issue_named_fwd": fwd(overlap_qk=True, overlap_softmax=False, named_turn=True),
+            # ... and S's accumulator opened after K's and the turn's waits (ptxas folds its zeros).
+            "overlap_late_p_waits_fwd": fwd(overlap_qk=True, overlap_late_p=True, overlap_waits_first=True),
+            "overlap_late_p_named_waits_fwd": fwd(overlap_qk=True, overlap_late_p=True, named_turn=True,
+                                                  overlap_waits_first=True),
+            "overlap_fa3_named_waits_fwd": fwd(overlap_qk=True, overlap_late_p=True, overlap_early_rescale=True,
+                                               named_turn=True, overlap_waits_first=True),
+            "paired_issue_named_waits_fwd": fwd(overlap_qk=True, overlap_softmax=False, named_turn=True,
+                                                overlap_waits_first=True)}
 
 
 def variants(backward: bool) -> dict[str, KernelTuning]:

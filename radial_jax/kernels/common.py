@@ -81,6 +81,12 @@ class MosaicTuning:
     # whose wait is a try_wait loop. ncu's source view of FA4's sm90 forward (NOTES session 8) shows the
     # turn costing it 1.3% of its compute warps' stall samples.
     named_turn: bool = False
+    # With overlap_qk: wait for K and the turn before opening S's accumulator scope, so that its zero
+    # init lands next to the first wgmma. Opened first (False), the scope's fence holds 64 zeroed registers
+    # across the waits and ptxas re-zeroes them with 31 CS2R while holding the turn (510 instructions a
+    # middle step); moved in the PTX, ptxas folds them into the wgmma (RZ, scale-d off: 476), as in the
+    # default loop (ptxas 13.0 on the H200's PTX, benchmarks/NOTES.md session 8).
+    overlap_waits_first: bool = False
     # Launch order (block_grid below). None: batch, then query tiles fastest, then heads (at batch 1
     # FA4's sm90 order: consecutive query tiles of one head share its K/V in L2); g: g heads of one
     # query tile launched together, then the next tile, ..., then the next g heads (g = 1: the default's

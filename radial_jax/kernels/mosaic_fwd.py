@@ -256,6 +256,8 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
                          "carry across work items: set one of them")  # fmt: skip
     if tuning.persistent_ctas is not None and not (persistent and tuning.persistent_ctas >= 1):
         raise ValueError(f"persistent_ctas={tuning.persistent_ctas} needs persistent=True and at least 1 CTA")
+    if tuning.overlap_waits_first and not tuning.overlap_qk:
+        raise ValueError("overlap_waits_first reorders the overlapped loop's waits: set overlap_qk")
     if tuning.named_turn and not tuning.overlap_qk:
         raise ValueError("named_turn passes the overlapped loop's turn token; the default loop's rendezvous "
                          "(arrive, then wait for the other's arrival) has no named-barrier form: set overlap_qk")
@@ -376,6 +378,11 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
             issuing and hands it over after, as FA3's named barriers do. Zero-trip loops make count 0
             and 1 need no branch.
             """
+            # S's accumulator scope opens with a fence over its 64 zeroed registers; opened before the
+            # waits, ptxas re-zeroes them with 31 CS2R under the turn instead of folding the zeros into
+            # the first wgmma (RZ, scale-d off), as it does when the scope opens next to the issue.
+            waits_first = tuning.overlap_waits_first
+
             def take_turn():
                 if pingpong and tuning.named_turn:
                     _named_turn("take", other=False)
@@ -408,10 +415,14 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
 
             def first(_, carry, *, mask_tail):
                 m_i, l_i = carry[:2]
-
-                def qk(s_ref):
+                if waits_first:
                     plgpu.barrier_wait(k_barriers.at[0])
                     take_turn()
+
+                def qk(s_ref):
+                    if not waits_first:
+                        plgpu.barrier_wait(k_barriers.at[0])
+                        take_turn()
                     issue_qk(s_ref, 0)
                     pass_turn()
                     return plgpu.wgmma_accumulator_load(s_ref, wait_n=0)
@@ -426,10 +437,14 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
 
             def middle(j, carry, *, mask_tail):
                 m_i, l_i, p16 = carry[:3]
-
-                def qk_and_pv(s_ref):
+                if waits_first:
                     plgpu.barrier_wait(k_barriers.at[ring_slot(j + 1)])
                     take_turn()
+
+                def qk_and_pv(s_ref):
+                    if not waits_first:
+                        plgpu.barrier_wait(k_barriers.at[ring_slot(j + 1)])
+                        take_turn()
                     issue_qk(s_ref, j + 1)
                     if early_rescale:  # O *= alpha_j under S_{j+1}'s wgmma; the store fences O
                         rescale_o(*carry[3:], m_i)

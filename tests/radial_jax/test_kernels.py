@@ -530,6 +530,14 @@ class TestMosaicNamedTurnGPU(TestMosaicOverlapGPU):
     tuning = KernelTuning(mosaic_fwd=MosaicTuning(overlap_qk=True, overlap_late_p=True, named_turn=True))
 
 
+class TestMosaicOverlapWaitsFirstGPU(TestMosaicOverlapGPU):
+    """The overlap with the late cast, the named-barrier turn, and K's and the turn's waits before S's
+    accumulator scope opens (MosaicTuning.overlap_waits_first): the same arithmetic in the same order."""
+
+    tuning = KernelTuning(mosaic_fwd=MosaicTuning(overlap_qk=True, overlap_late_p=True, named_turn=True,
+                                                  overlap_waits_first=True))
+
+
 class TestMosaicExp2PolyGPU(TestMosaicOverlapGPU):
     """The tree reductions with every 4th 8-key tile's exp2 by the FMA pipe's polynomial
     (MosaicTuning.exp2_poly_every=4; relative error <= 7.5e-5 a term, under f16's 2^-11): the same cases

@@ -321,6 +321,34 @@ def test_named_turn_swaps_the_turn_mbarriers_for_named_barriers(monkeypatch, ord
     assert "bar.sync $0, 256" not in mbarrier and _wgmma_waits(named) == _wgmma_waits(mbarrier)
 
 
+def _issue_events(module: str) -> str:
+    """The module's barrier waits (W), wgmma fences (F), wgmma issues (M) and loops (L) in text order."""
+    codes = {"try_wait": "W", "wgmma.fence": "F", "wgmma.mma_async": "M", "scf.for": "L"}
+    return "".join(codes[m.group(0)] for m in re.finditer(r"try_wait|wgmma\.fence|wgmma\.mma_async|scf\.for", module))
+
+
+@pytest.mark.parametrize("case", [CASES[0], CASES[3]])
+def test_overlap_waits_first_opens_s_next_to_its_issue(monkeypatch, case):
+    # MosaicTuning.overlap_waits_first: the first and middle steps wait for K and the turn (W W), then
+    # open S's accumulator (its fence, F) right before the 8 issues (M), where the plain overlapped loop
+    # fences S's zeroed registers first and waits after (F W W M); nothing else moves.
+    tables, q, kv, _ = _setup(*case)
+    plain, first = (_issue_events(_forward_module(monkeypatch, tables, q, kv, mosaic_fwd.MosaicTuning(
+        overlap_qk=True, overlap_late_p=True, overlap_waits_first=w))) for w in (False, True))
+    steps = 4 if tables.kv_ragged else 2  # first and middle steps, unmasked (and masked)
+    assert plain.count("FWWMMMMMMMM") == steps and first.count("FWWMMMMMMMM") == 0
+    assert first.count("WWFMMMMMMMM") == steps + plain.count("WWFMMMMMMMM")
+    assert sorted(plain) == sorted(first)
+
+
+def test_overlap_waits_first_needs_the_overlapped_loop():
+    tables, q, kv, _ = _setup(*CASES[0])
+    tuning = mosaic_fwd.MosaicTuning(overlap_waits_first=True)
+    with pytest.raises(ValueError, match="overlap_waits_first"):
+        jax.eval_shape(lambda q, k, v: mosaic_fwd.mosaic_forward(q, k, v, tables=tables, scale=0.1, tuning=tuning),
+                       q, kv, kv)  # fmt: skip
+
+
 def test_named_turn_needs_the_overlapped_loop():
     tables, q, kv, _ = _setup(*CASES[0])
     tuning = mosaic_fwd.MosaicTuning(named_turn=True)
