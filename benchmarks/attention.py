@@ -67,8 +67,16 @@ def median_seconds(fn, iters: int, settle_s: float, warmup: int = 2, batch: int 
 
 def jax_case(q, k, v, mask, backward: bool, backend: str | None, tuning: KernelTuning | None = None):
     """Returns a no-argument callable running ours (forward, or value_and_grad wrt q, k, v)."""
-    attend = lambda q, k, v: block_sparse_attention(q, k, v, mask, block_size=128, backend=backend, tuning=tuning)
-    return _wrap(attend, q, k, v, backward)
+    return _wrap(_attend(mask, backend, tuning), q, k, v, backward)
+
+
+def jax_fn(mask, backward: bool, backend: str | None, tuning: KernelTuning | None = None):
+    """The jitted function of (q, k, v) that jax_case calls: for ahead-of-time lowering and compiling."""
+    return _jitted(_attend(mask, backend, tuning), backward)
+
+
+def _attend(mask, backend, tuning):
+    return lambda q, k, v: block_sparse_attention(q, k, v, mask, block_size=128, backend=backend, tuning=tuning)
 
 
 def backward_variants() -> dict[str, KernelTuning]:
@@ -215,12 +223,15 @@ def cudnn_case(q, k, v, backward: bool):
     return _wrap(attend, q, k, v, backward)
 
 
-def _wrap(attend, q, k, v, backward):
+def _jitted(attend, backward):
     if not backward:
-        fn = jax.jit(attend)
-    else:
-        loss = lambda q, k, v: jnp.sum(attend(q, k, v).astype(jnp.float32) * cotangent_weights(q))
-        fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
+        return jax.jit(attend)
+    loss = lambda q, k, v: jnp.sum(attend(q, k, v).astype(jnp.float32) * cotangent_weights(q))
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
+
+
+def _wrap(attend, q, k, v, backward):
+    fn = _jitted(attend, backward)
     call = lambda: fn(q, k, v)
     call.temp_bytes = lambda: fn.lower(q, k, v).compile().memory_analysis().temp_size_in_bytes
     return call

@@ -1,7 +1,14 @@
-"""ptxas's report (registers, spills, wgmma serialization) and the PTX of Mosaic designs, on a GPU.
+"""ptxas's report (registers, spills, wgmma serialization) and the PTX of Mosaic designs, on a GPU or off it.
 
     python benchmarks/ptxas_report.py [--variants default,overlap_fwd,...] [--shape 1.3b-480p-81f]
-                                      [--out DIR] [--dry-run]
+                                      [--out DIR] [--deviceless] [--dry-run]
+
+--deviceless compiles ahead of time for an H200 described by a GPU target config (DEVICELESS_TARGET below)
+instead of running on a GPU: XLA's CUDA plugin compiles without one, Mosaic GPU and ptxas included, so
+the same PTX, ptxas report and (with benchmarks/sass_report.py --ptx DIR) SASS come out on a CPU-only
+machine. It needs jax's CUDA plugin at jax's own version (`pip install jax-cuda13-plugin==V
+jax-cuda13-pjrt==V`); the CUDA libraries' version check is skipped (JAX_SKIP_CUDA_CONSTRAINTS_CHECK=1),
+as nothing is run. Checked on jax 0.11.2: the default forward's PTX and ptxas report match the H200's.
 
 Each design (`default`, `default_bwd` or a name from attention.py's forward_variants or backward_variants;
 a backward design compiles the forward and backward of value_and_grad) compiles in a process of its
@@ -27,6 +34,18 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # benchmarks/ is no package
 import attention  # noqa: E402
 
+# An H200 as XLA's GpuTargetConfigProto (text format): what a deviceless compile targets.
+DEVICELESS_TARGET = """gpu_device_info {
+  threads_per_block_limit: 1024 threads_per_warp: 32 shared_memory_per_block: 49152
+  shared_memory_per_core: 233472 threads_per_core_limit: 2048 core_count: 132 fpus_per_core: 128
+  block_dim_limit_x: 2147483647 block_dim_limit_y: 65535 block_dim_limit_z: 65535
+  memory_bandwidth: 4800000000000 l2_cache_size: 52428800 clock_rate_ghz: 1.98
+  device_memory_size: 150000000000 shared_memory_per_block_optin: 232448
+  cuda_compute_capability { major: 9 } registers_per_core_limit: 65536 registers_per_block_limit: 65536
+}
+platform_name: "CUDA"
+device_description_str: "NVIDIA H200"
+"""
 COMPILE_TIMEOUT_S = 240  # one design's trace, lowering and ptxas: ~5-30 s on the H200 host
 
 
@@ -79,15 +98,26 @@ def _text(output) -> str:
     return output.decode(errors="replace") if isinstance(output, bytes) else output or ""
 
 
-def compile_one(name: str, shape: str) -> None:
+def compile_one(name: str, shape: str, deviceless: bool = False) -> None:
     """Compiles (and runs once) the Mosaic forward, or forward and backward (value_and_grad), of
-    design `name` at `shape`, zeros in bf16."""
+    design `name` at `shape`, zeros in bf16; deviceless: compiles only, for DEVICELESS_TARGET."""
     import jax
     import jax.numpy as jnp
 
     frames, tokens, heads = attention.SHAPES[shape]
     mask = attention.radial_block_mask(frames, tokens, block_size=128)
-    x = jnp.zeros((1, frames * tokens, heads, attention.HEAD_DIM), jnp.bfloat16)
+    x_shape = (1, frames * tokens, heads, attention.HEAD_DIM)
+    if deviceless:
+        import numpy as np
+        from jax.experimental import topologies
+
+        topology = topologies.get_topology_desc(platform="cuda", topology_name="h200", target_config=DEVICELESS_TARGET,
+                                                topology="1x1x1")  # fmt: skip
+        mesh = jax.sharding.Mesh(np.array(topology.devices), ("x",))
+        x = jax.ShapeDtypeStruct(x_shape, jnp.bfloat16, sharding=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+        attention.jax_fn(mask, is_backward(name), "mosaic", designs()[name]).lower(x, x, x).compile()
+        return
+    x = jnp.zeros(x_shape, jnp.bfloat16)
     call = attention.jax_case(x, x, x, mask, is_backward(name), "mosaic", designs()[name])
     jax.block_until_ready(call())
 
@@ -99,12 +129,14 @@ def main(argv=None):
     parser.add_argument("--shape", default="1.3b-480p-81f", help=f"one of {list(attention.fa4.SHAPES)}")
     parser.add_argument("--out", default="ptxas-report", help="directory for <name>.log and report.json")
     parser.add_argument("--dry-run", action="store_true", help="print the plan, run nothing")
+    parser.add_argument("--deviceless", action="store_true",
+                        help="compile ahead of time for an H200 without one (needs jax's CUDA plugin)")
     parser.add_argument("--compile", help=argparse.SUPPRESS)  # the child process: one design
     args = parser.parse_args(argv)
     if args.shape not in attention.fa4.SHAPES:
         parser.error(f"--shape {args.shape} is not one of {list(attention.fa4.SHAPES)}")
     if args.compile:
-        return compile_one(args.compile, args.shape)
+        return compile_one(args.compile, args.shape, args.deviceless)
     names = [n for n in args.variants.split(",") if n]
     unknown = [n for n in names if n not in designs()]
     if unknown:
@@ -112,6 +144,8 @@ def main(argv=None):
     env = {**os.environ, "MOSAIC_GPU_DUMP_PTXAS": "1", "MOSAIC_GPU_DUMP_PTX": "1",
            "XLA_PYTHON_CLIENT_PREALLOCATE": "false"}  # fmt: skip
     env.pop("MOSAIC_GPU_DUMP_TO", None)  # it would send the dumps to files instead of stdout
+    if args.deviceless:
+        env["JAX_SKIP_CUDA_CONSTRAINTS_CHECK"] = "1"  # no CUDA libraries needed: nothing runs
     if args.dry_run:
         for name in names:
             print(f"{name}: {tuning_of(name)} at {args.shape} -> {args.out}/{name}.log")
@@ -119,7 +153,8 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     report, failed = {}, []
     for i, name in enumerate(names):
-        command = [sys.executable, os.path.abspath(__file__), "--compile", name, "--shape", args.shape]
+        command = [sys.executable, os.path.abspath(__file__), "--compile", name, "--shape", args.shape,
+                   *(["--deviceless"] if args.deviceless else [])]
         try:
             # stderr joins stdout: whichever stream this jaxlib prints ptxas's report on, the log has it
             run = subprocess.run(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,

@@ -117,3 +117,51 @@ def test_spills_are_counted_once_when_ptxas_also_warns():
         "8 bytes spill stores, 4 bytes spill loads\nptxas info    : Function properties")
     summary = load_benchmark("ptxas_report").summarize(warned)
     assert summary["spill_bytes"] == 12 and summary["kernels"][0]["spill_bytes"] == 12
+
+
+def _has_cuda_plugin() -> bool:
+    import importlib.util
+
+    return any(importlib.util.find_spec(f"jax_plugins.xla_cuda{v}") for v in (12, 13)) if importlib.util.find_spec(
+        "jax_plugins") else False
+
+
+def test_deviceless_child_compiles_ahead_of_time_for_the_target(monkeypatch):
+    # --deviceless: the child lowers and compiles attention.jax_fn for shapes sharded on a CUDA topology
+    # built from DEVICELESS_TARGET (an H200, compute capability 9.0), and runs nothing.
+    report = load_benchmark("ptxas_report")
+    assert "cuda_compute_capability { major: 9 }" in report.DEVICELESS_TARGET and "core_count: 132" in report.DEVICELESS_TARGET
+    seen = {}
+
+    import jax
+
+    class Topology:  # a CPU device stands in for the topology's GPU
+        devices = jax.devices("cpu")[:1]
+
+    class Compiled:
+        def __init__(self, shapes):
+            seen["shapes"] = shapes
+
+        def compile(self):
+            seen["compiled"] = True
+
+    class Fn:
+        def lower(self, *shapes):
+            return Compiled(shapes)
+
+    from jax.experimental import topologies
+
+    monkeypatch.setattr(topologies, "get_topology_desc", lambda **kw: seen.setdefault("topology", kw) and Topology())
+    monkeypatch.setattr(report.attention, "jax_fn", lambda mask, backward, backend, tuning: seen.setdefault(
+        "fn", (backward, backend, tuning)) and Fn())
+    report.compile_one("default_bwd", "tiny", deviceless=True)
+    assert seen["topology"]["platform"] == "cuda" and seen["topology"]["target_config"] == report.DEVICELESS_TARGET
+    assert seen["fn"] == (True, "mosaic", report.designs()["default_bwd"]) and seen["compiled"]
+    assert all(list(s.sharding.mesh.devices.flat) == Topology.devices for s in seen["shapes"])
+
+
+@pytest.mark.skipif(not _has_cuda_plugin(), reason="needs jax's CUDA plugin (no GPU needed)")
+def test_deviceless_compile_of_the_default_forward_runs_ptxas(tmp_path):
+    report = load_benchmark("ptxas_report")
+    designs = report.main(["--deviceless", "--variants", "default", "--out", str(tmp_path)])
+    assert designs["default"]["status"] == 0 and designs["default"]["registers"] and designs["default"]["ptx_wgmma"]
