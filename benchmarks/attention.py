@@ -114,6 +114,10 @@ def backward_variants() -> dict[str, KernelTuning]:
                 fused=True, fused_order="fa4_late_dv", memory_registers=24, stats_in_acc=True, fused_pipeline="static",
                 fused_dq_staging="tiles8x8")),
             # All three register/instruction cuts together: static slots, plain dQ tiles, dK's A from SMEM.
+            # fused_fa4_stats_dq8_regs240_bwd with dK's A operand from the dS^T tile in SMEM (Pallas's pipeline).
+            "fused_fa4_lean_regs240_bwd": KernelTuning(mosaic_bwd=MosaicBwdTuning(
+                fused=True, fused_order="fa4_late_dv", memory_registers=24, stats_in_acc=True,
+                fused_dq_staging="tiles8x8", fused_dk_from_smem=True)),
             "fused_static_lean_bwd": KernelTuning(mosaic_bwd=MosaicBwdTuning(
                 fused=True, fused_order="fa4_late_dv", memory_registers=24, stats_in_acc=True, fused_pipeline="static",
                 fused_dq_staging="tiles8x8", fused_dk_from_smem=True)),
