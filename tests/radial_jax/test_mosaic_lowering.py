@@ -57,10 +57,16 @@ def test_lazy_rescale_forward_lowers_with_a_warp_vote(case):
     assert "wgmma" in text and "vote.sync" in text and "scf.if" in text
 
 
-def test_lazy_rescale_refuses_a_threshold_that_would_overflow_p():
+@pytest.mark.parametrize("fields, message", [
+    ({"lazy_rescale_threshold": 20.0}, "lazy_rescale_threshold=20.0"),  # p would overflow f16
+    ({"exp2_poly_every": 0}, "exp2_poly_every=0"),
+    ({"overlap_waits_first": True}, "overlap_waits_first"),  # without overlap_qk
+    ({"named_turn": True}, "named_turn"),  # the default loop's rendezvous has no named-barrier form
+], ids=["lazy_overflow", "exp2_poly_0", "waits_first_alone", "named_turn_alone"])
+def test_forward_refuses_a_tuning_it_cannot_run(fields, message):
     tables, q, kv, _ = _setup(*CASES[0])
-    tuning = mosaic_fwd.MosaicTuning(lazy_rescale_threshold=20.0)
-    with pytest.raises(ValueError, match="lazy_rescale_threshold=20.0"):
+    tuning = mosaic_fwd.MosaicTuning(**fields)
+    with pytest.raises(ValueError, match=message):
         jax.eval_shape(lambda q, k, v: mosaic_fwd.mosaic_forward(q, k, v, tables=tables, scale=0.1, tuning=tuning),
                        q, kv, kv)  # fmt: skip
 
@@ -298,14 +304,6 @@ def test_exp2_polynomial_stays_below_bf16_rounding():
     assert bool((np.abs(tiny / np.float32(2.0**-126) - 1) <= 1.5e-4).all())
 
 
-def test_exp2_poly_refuses_a_tile_step_below_one():
-    tables, q, kv, _ = _setup(*CASES[0])
-    tuning = mosaic_fwd.MosaicTuning(exp2_poly_every=0)
-    with pytest.raises(ValueError, match="exp2_poly_every=0"):
-        jax.eval_shape(lambda q, k, v: mosaic_fwd.mosaic_forward(q, k, v, tables=tables, scale=0.1, tuning=tuning),
-                       q, kv, kv)  # fmt: skip
-
-
 @pytest.mark.parametrize("order", [{"overlap_late_p": True}, {"overlap_softmax": False}], ids=["late_p", "paired"])
 def test_named_turn_swaps_the_turn_mbarriers_for_named_barriers(monkeypatch, order):
     # MosaicTuning.named_turn: each of the overlapped loop's 5 phases (first and middle steps, unmasked and
@@ -339,22 +337,6 @@ def test_overlap_waits_first_opens_s_next_to_its_issue(monkeypatch, case):
     assert plain.count("FWWMMMMMMMM") == steps and first.count("FWWMMMMMMMM") == 0
     assert first.count("WWFMMMMMMMM") == steps + plain.count("WWFMMMMMMMM")
     assert sorted(plain) == sorted(first)
-
-
-def test_overlap_waits_first_needs_the_overlapped_loop():
-    tables, q, kv, _ = _setup(*CASES[0])
-    tuning = mosaic_fwd.MosaicTuning(overlap_waits_first=True)
-    with pytest.raises(ValueError, match="overlap_waits_first"):
-        jax.eval_shape(lambda q, k, v: mosaic_fwd.mosaic_forward(q, k, v, tables=tables, scale=0.1, tuning=tuning),
-                       q, kv, kv)  # fmt: skip
-
-
-def test_named_turn_needs_the_overlapped_loop():
-    tables, q, kv, _ = _setup(*CASES[0])
-    tuning = mosaic_fwd.MosaicTuning(named_turn=True)
-    with pytest.raises(ValueError, match="named_turn"):
-        jax.eval_shape(lambda q, k, v: mosaic_fwd.mosaic_forward(q, k, v, tables=tables, scale=0.1, tuning=tuning),
-                       q, kv, kv)  # fmt: skip
 
 
 @pytest.mark.parametrize("overlap", [False, True], ids=["serial", "overlap"])
