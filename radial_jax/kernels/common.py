@@ -70,22 +70,26 @@ class MosaicTuning:
     # dependent levels) before the last pair and the shuffles, instead of Pallas's running values a
     # row (a chain 8-16 deep): ncu's source view of the default on the H200 put 23% of the softmax's
     # stall samples on the max's chain (benchmarks/NOTES.md, session 8). The max is bitwise the same;
-    # the sum rounds in another order.
+    # the sum rounds in another order. Off: 1.000-1.005x the default on the H200 (the chains' latency
+    # is not on the critical path).
     tree_reduce: bool = False
-    # None: every exp2 of the softmax on the multi-function unit (ex2.approx, 8 cycles a warp). k >= 2:
+    # None: every exp2 of the softmax on the multi-function unit (ex2.approx, 8 cycles a warp). k >= 1:
     # every k-th 8-key tile of each unmasked key block by a degree-3 polynomial on the FMA pipe instead
     # (FlashAttention-4's split on Blackwell; relative error <= 7.5e-5, below bf16's rounding of P).
+    # Off: 0.958x (k = 4) and 0.926x (k = 2) the default on the H200.
     exp2_poly_every: int | None = None
     # With overlap_qk and pingpong: the turn token through named barriers (bar.sync to take it, bar.arrive
     # to pass it; FA3's and FA4's warp scheduler barrier, one instruction each) instead of mbarriers,
     # whose wait is a try_wait loop. ncu's source view of FA4's sm90 forward (NOTES session 8) shows the
-    # turn costing it 1.3% of its compute warps' stall samples.
+    # turn costing it 1.3% of its compute warps' stall samples. On the H200 the overlaps run as fast as
+    # with mbarriers (0.895x and 0.91x the default).
     named_turn: bool = False
     # With overlap_qk: wait for K and the turn before opening S's accumulator scope, so that its zero
     # init lands next to the first wgmma. Opened first (False), the scope's fence holds 64 zeroed registers
     # across the waits and ptxas re-zeroes them with 31 CS2R while holding the turn (510 instructions a
-    # middle step); moved in the PTX, ptxas folds them into the wgmma (RZ, scale-d off: 476), as in the
-    # default loop (ptxas 13.0 on the H200's PTX, benchmarks/NOTES.md session 8).
+    # middle step); opened after, ptxas folds them into the wgmma (RZ, scale-d off) as in the default
+    # loop: 475 instructions, 469 with named_turn (FA4: 475; compiled without a GPU, benchmarks/NOTES.md
+    # session 8). Not yet timed.
     overlap_waits_first: bool = False
     # Launch order (block_grid below). None: batch, then query tiles fastest, then heads (at batch 1
     # FA4's sm90 order: consecutive query tiles of one head share its K/V in L2); g: g heads of one

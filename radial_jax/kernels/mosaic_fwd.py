@@ -378,10 +378,7 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
             issuing and hands it over after, as FA3's named barriers do. Zero-trip loops make count 0
             and 1 need no branch.
             """
-            # S's accumulator scope opens with a fence over its 64 zeroed registers; opened before the
-            # waits, ptxas re-zeroes them with 31 CS2R under the turn instead of folding the zeros into
-            # the first wgmma (RZ, scale-d off), as it does when the scope opens next to the issue.
-            waits_first = tuning.overlap_waits_first
+            waits_first = tuning.overlap_waits_first  # S's scope opens after the waits (MosaicTuning)
 
             def take_turn():
                 if pingpong and tuning.named_turn:
