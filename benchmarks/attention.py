@@ -141,7 +141,8 @@ def forward_variants() -> dict[str, KernelTuning]:
     without the ping-pong; the default loop without the ping-pong; 4 heads launched together
     (grid_heads); the persistent grid (one CTA per SM walks the work items) in either order; the
     softmax's row reductions as trees, alone and with the lazy rescale; part of the exp2 on the FMA pipe;
-    the overlaps' turn on named barriers, and their waits before S's accumulator opens."""
+    the overlaps' turn on named barriers, and their waits before S's accumulator opens; the memory
+    warpgroup's K and V slot waits apart, in the default, lazy, persistent and overlapped loops."""
     fwd = lambda **fields: KernelTuning(mosaic_fwd=MosaicTuning(**fields))
     return {"lazy_rescale_fwd": fwd(lazy_rescale_threshold=8.0),
             "lazy_rescale_0_fwd": fwd(lazy_rescale_threshold=0.0),
@@ -184,7 +185,20 @@ def forward_variants() -> dict[str, KernelTuning]:
             "overlap_fa3_named_waits_fwd": fwd(overlap_qk=True, overlap_late_p=True, overlap_early_rescale=True,
                                                named_turn=True, overlap_waits_first=True),
             "paired_issue_named_waits_fwd": fwd(overlap_qk=True, overlap_softmax=False, named_turn=True,
-                                                overlap_waits_first=True)}
+                                                overlap_waits_first=True),
+            # ... and the memory warpgroup waiting for K's and V's ring slots apart (and the default so).
+            "separate_kv_fwd": fwd(separate_kv_waits=True),
+            "separate_kv_lazy_fwd": fwd(separate_kv_waits=True, lazy_rescale_threshold=8.0),
+            "persistent_separate_kv_fwd": fwd(persistent=True, separate_kv_waits=True),
+            "overlap_late_p_sep_fwd": fwd(overlap_qk=True, overlap_late_p=True, named_turn=True,
+                                          overlap_waits_first=True, separate_kv_waits=True),
+            "overlap_late_p_sep_lazy_fwd": fwd(overlap_qk=True, overlap_late_p=True, named_turn=True,
+                                               overlap_waits_first=True, separate_kv_waits=True,
+                                               lazy_rescale_threshold=8.0),
+            "overlap_fa3_sep_fwd": fwd(overlap_qk=True, overlap_late_p=True, overlap_early_rescale=True,
+                                       named_turn=True, overlap_waits_first=True, separate_kv_waits=True),
+            "paired_issue_sep_fwd": fwd(overlap_qk=True, overlap_softmax=False, named_turn=True,
+                                        overlap_waits_first=True, separate_kv_waits=True)}
 
 
 def variants(backward: bool) -> dict[str, KernelTuning]:

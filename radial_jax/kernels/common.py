@@ -91,6 +91,13 @@ class MosaicTuning:
     # loop: 475 instructions, 469 with named_turn (FA4: 475; compiled without a GPU, benchmarks/NOTES.md
     # session 8). Not yet timed.
     overlap_waits_first: bool = False
+    # The memory warpgroup reads the next block's index, waits until K's ring slot is free and loads K,
+    # then the same for V; by default it waits for both slots, then reads the index and loads both. The
+    # overlapped loops release V_j only after P_j V_j, late in step j + 1, and K_{j+2} (same slot) is
+    # wanted right after: ncu's source view of overlap_late_p with named_turn and overlap_waits_first
+    # on the H200 put 12% of the compute warps' stall samples on that K wait, and FA4's sm90 forward
+    # waits and loads K and V apart (benchmarks/NOTES.md, session 9).
+    separate_kv_waits: bool = False
     # Launch order (block_grid below). None: batch, then query tiles fastest, then heads (at batch 1
     # FA4's sm90 order: consecutive query tiles of one head share its K/V in L2); g: g heads of one
     # query tile launched together, then the next tile, ..., then the next g heads (g = 1: the default's

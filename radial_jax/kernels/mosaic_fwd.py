@@ -535,11 +535,23 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
         lse_smem[...] = jnp.where(nonempty, (m_i + jnp.log2(jnp.where(nonempty, l_i, 1.0))) * LN_2, -jnp.inf)
         plgpu.commit_smem()
 
-    def load_kv(refs, b, head, q_tile, step, slot):
-        """Issues the TMA loads of K and V block `step` of query tile q_tile's list into ring slot `slot`."""
+    def load_kv(refs, b, head, q_tile, step, slot, wait_slot=None):
+        """Issues the TMA loads of K and V block `step` of query tile q_tile's list into ring slot `slot`.
+
+        wait_slot(which): waits until the slot's earlier K (which 0) and/or V (1) are consumed, or None
+        for a fresh slot. By default both waits come first; with separate_kv_waits the block's index is
+        read first (its global load's latency passes under the waits) and K waits only for K, V for V.
+        """
         k_ref, v_ref, ids_ref, k_smem, v_smem, k_barriers, v_barriers = refs
+        apart = wait_slot is not None and tuning.separate_kv_waits
+        if wait_slot is not None and not apart:
+            wait_slot((0, 1))
         kv = (b, pl.ds(ids_ref[q_tile, step] * block_kv, block_kv), head)
+        if apart:
+            wait_slot((0,))
         plgpu.copy_gmem_to_smem(k_ref.at[kv], k_smem.at[slot], k_barriers.at[slot])
+        if apart:
+            wait_slot((1,))
         plgpu.copy_gmem_to_smem(v_ref.at[kv], v_smem.at[slot], v_barriers.at[slot])
 
     def kernel(q_ref, k_ref, v_ref, ids_ref, counts_ref, out_ref, lse_ref,
@@ -577,9 +589,12 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
             @pl.loop(0, jnp.maximum(count - stages, 0))
             def _(step):
                 slot = lax.rem(step, jnp.int32(stages))
-                plgpu.barrier_wait(k_consumed.at[slot])
-                plgpu.barrier_wait(v_consumed.at[slot])
-                load(step + stages, slot)
+
+                def wait_slot(which):
+                    for i in which:
+                        plgpu.barrier_wait((k_consumed, v_consumed)[i].at[slot])
+
+                load(step + stages, slot, wait_slot)
 
     def persistent_kernel(q_ref, k_ref, v_ref, ids_ref, counts_ref, out_ref, lse_ref,
                           q_smem3, k_smem, v_smem, lse_smem2,
@@ -656,12 +671,13 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
                     position = base + step
                     slot = lax.rem(position, jnp.int32(stages))
 
-                    @pl.when(position >= stages)  # the block `stages` earlier (maybe an earlier item's) was used
-                    def _():
-                        plgpu.barrier_wait(k_consumed.at[slot])
-                        plgpu.barrier_wait(v_consumed.at[slot])
+                    def wait_slot(which):
+                        @pl.when(position >= stages)  # the block `stages` earlier (maybe an earlier item's) was used
+                        def _():
+                            for i in which:
+                                plgpu.barrier_wait((k_consumed, v_consumed)[i].at[slot])
 
-                    load(step, slot)
+                    load(step, slot, wait_slot)
 
                 return base + count
 

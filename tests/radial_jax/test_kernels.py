@@ -538,6 +538,14 @@ class TestMosaicOverlapWaitsFirstGPU(TestMosaicOverlapGPU):
                                                   overlap_waits_first=True))
 
 
+class TestMosaicOverlapSeparateKVGPU(TestMosaicOverlapGPU):
+    """The overlap of TestMosaicOverlapWaitsFirstGPU with the memory warpgroup waiting for K's and V's
+    ring slots apart (MosaicTuning.separate_kv_waits): the same arithmetic in the same order."""
+
+    tuning = KernelTuning(mosaic_fwd=MosaicTuning(overlap_qk=True, overlap_late_p=True, named_turn=True,
+                                                  overlap_waits_first=True, separate_kv_waits=True))
+
+
 class TestMosaicExp2PolyGPU(TestMosaicOverlapGPU):
     """The tree reductions with every 4th 8-key tile's exp2 by the FMA pipe's polynomial
     (MosaicTuning.exp2_poly_every=4; relative error <= 7.5e-5 a term, under f16's 2^-11): the same cases
@@ -556,6 +564,9 @@ _SAME_VALUES = {
     "split_static_regs240": (MosaicTuning(), MosaicBwdTuning(split_pipeline="static", memory_registers=24),
                              MosaicBwdTuning()),
     "fused_heads2": (MosaicTuning(grid_heads=2), dataclasses.replace(_FUSED, grid_heads=2), _FUSED),
+    "separate_kv": (MosaicTuning(separate_kv_waits=True), MosaicBwdTuning(), MosaicBwdTuning()),
+    "persistent_separate_kv": (MosaicTuning(persistent=True, persistent_ctas=5, separate_kv_waits=True),
+                               MosaicBwdTuning(), MosaicBwdTuning()),
 }
 
 
@@ -564,7 +575,8 @@ _SAME_VALUES = {
 @pytest.mark.parametrize("design", list(_SAME_VALUES))
 def test_reordered_designs_change_no_value(design):
     # grid_heads only reorders the CTAs, split_pipeline="static" runs the same steps in the same order
-    # on constant slots: each CTA's arithmetic is the same, so out, lse and the split backward's
+    # on constant slots, separate_kv_waits reorders the memory warpgroup's waits and loads (and the
+    # persistent grid walks the same items, here 5 CTAs each several): each CTA's arithmetic is the same, so out, lse and the split backward's
     # gradients are bitwise those of the design they are compared with. The fused dQ is summed by TMA
     # reduce-adds in arrival order, so it agrees to rounding only.
     q_len, kv_len, heads, batch, block = 1000, 1560, 4, 2, 128

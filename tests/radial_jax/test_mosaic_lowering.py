@@ -455,6 +455,28 @@ def test_persistent_forward_waits_each_barrier_phase_once_an_item(monkeypatch, c
                           + [("W", 2), ("W", 2), ("E", 2), ("E", 2)]), persistent  # fmt: skip
 
 
+@pytest.mark.parametrize("case", [CASES[0], CASES[3]])
+@pytest.mark.parametrize("fields", [{}, {"persistent": True}, {"overlap_qk": True, "overlap_late_p": True}],
+                         ids=["default", "persistent", "overlap"])  # fmt: skip
+def test_separate_kv_waits_loads_k_and_v_each_after_its_own_wait(monkeypatch, case, fields):
+    # MosaicTuning.separate_kv_waits: the memory warpgroup's loop waits for K's slot, loads K, waits for
+    # V's slot, loads V (W E W E) where it waited for both first (W W E E); it reads the block's index
+    # before the first wait, not after the second. The compute warpgroups' barrier ops do not change.
+    tables, q, kv, _ = _setup(*case)
+    together, apart = (_forward_module(monkeypatch, tables, q, kv,
+                                       mosaic_fwd.MosaicTuning(separate_kv_waits=s, **fields))
+                       for s in (False, True))  # fmt: skip
+    depth = 2 if fields.get("persistent") else 1
+    tail = lambda ops: "".join(kind for kind, d in ops[-4:] if d == depth)  # noqa: E731
+    assert (tail(_barrier_ops(together)), tail(_barrier_ops(apart))) == ("WWEE", "WEWE")
+    assert _barrier_ops(together)[:-4] == _barrier_ops(apart)[:-4]
+    # The block index's read (a load through a view of the ids table; the other scalar loads are the
+    # barriers' parities) against the waits of its load pair: after both, or before the first.
+    events = lambda m: "".join("W" if "try_wait" in x else "L" for x in re.findall(  # noqa: E731
+        r"mbarrier\.try_wait|memref\.load[^\n]*memref<i32, strided", m))
+    assert events(together).endswith("WWL") and events(apart).endswith("LWW"), (events(together), events(apart))
+
+
 def test_persistent_forward_refuses_overlap_and_a_bad_cta_count():
     tables, q, kv, _ = _setup(*CASES[0])
     refused = [({"persistent": True, "overlap_qk": True}, "overlap_qk's turn token"),
