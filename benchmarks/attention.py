@@ -198,7 +198,9 @@ def forward_variants() -> dict[str, KernelTuning]:
             "overlap_fa3_sep_fwd": fwd(overlap_qk=True, overlap_late_p=True, overlap_early_rescale=True,
                                        named_turn=True, overlap_waits_first=True, separate_kv_waits=True),
             "paired_issue_sep_fwd": fwd(overlap_qk=True, overlap_softmax=False, named_turn=True,
-                                        overlap_waits_first=True, separate_kv_waits=True)}
+                                        overlap_waits_first=True, separate_kv_waits=True),
+            "overlap_late_p_sep_s3_fwd": fwd(overlap_qk=True, overlap_late_p=True, named_turn=True,
+                                             overlap_waits_first=True, separate_kv_waits=True, num_stages=3)}
 
 
 def variants(backward: bool) -> dict[str, KernelTuning]:
@@ -277,8 +279,12 @@ def sampled_block_error(q, k, v, mask, out, rows=(0, -1), heads=4) -> float:
     return worst
 
 
-def torch_cases(q_len, heads, mask, backward, iters, settle_s, batch=1):
-    """Returns {name: ms} for FlexAttention and FA4 (same block mask) and SDPA, or {} without torch+CUDA."""
+TORCH_RUNS = ("flex", "sdpa", "fa4")
+
+
+def torch_cases(q_len, heads, mask, backward, iters, settle_s, batch=1, only=TORCH_RUNS):
+    """Returns {name: ms} for FlexAttention and FA4 (same block mask) and SDPA, or {} without torch+CUDA.
+    only: the baselines to run (TORCH_RUNS' names)."""
     try:
         import torch
         from torch.nn.attention.flex_attention import BlockMask, flex_attention
@@ -310,11 +316,15 @@ def torch_cases(q_len, heads, mask, backward, iters, settle_s, batch=1):
     step = (lambda fn: lambda: torch.autograd.grad(fn(), (q, k, v), d_out)) if backward else _without_grad
     results = {}
     for name, fn in runs.items():
+        if name not in only:
+            continue
         try:
             results[name] = fa4.median_ms(step(fn), iters, settle_s, batch=batch)
         except Exception as e:  # a baseline failing must not lose ours
             print(f"torch {name} failed: {type(e).__name__}: {e}")
-    if reason := fa4.unavailable():
+    if "fa4" not in only:
+        pass
+    elif reason := fa4.unavailable():
         print(f"FA4 skipped: {reason}")
     else:  # FA4 takes [B, L, N, D], as ours
         q4, k4, v4 = (x.detach().transpose(1, 2).contiguous().requires_grad_(backward) for x in (q, k, v))
@@ -345,7 +355,8 @@ def _without_grad(fn):
 def run_torch_shape(name, args):
     frames, tokens, heads = SHAPES[name]
     mask = radial_block_mask(frames, tokens, decay_factor=args.decay)
-    return torch_cases(frames * tokens, heads, mask, args.backward, args.iters, args.settle, args.batch)
+    return torch_cases(frames * tokens, heads, mask, args.backward, args.iters, args.settle, args.batch,
+                       args.torch_runs.split(","))
 
 
 def torch_in_subprocess(names, args) -> dict:
@@ -354,7 +365,8 @@ def torch_in_subprocess(names, args) -> dict:
     import subprocess
 
     cmd = [sys.executable, __file__, "--torch-only", "--shapes", ",".join(names), "--iters", str(args.iters),
-           "--decay", str(args.decay), "--settle", str(args.settle), "--batch", str(args.batch)]
+           "--decay", str(args.decay), "--settle", str(args.settle), "--batch", str(args.batch),
+           "--torch-runs", args.torch_runs]
     cmd += ["--backward"] if args.backward else []
     proc = subprocess.run(cmd, capture_output=True, text=True)
     results = {}
@@ -498,6 +510,9 @@ def main(argv=None):
                         help="with --backward on Hopper: also time the backward's row statistics, dq kernel and "
                              "dk/dv kernel alone")
     parser.add_argument("--no-torch", action="store_true", help="skip the torch baselines")
+    parser.add_argument("--torch-runs", default=",".join(TORCH_RUNS),
+                        help="comma list of the torch baselines to run (default %(default)s); fa4 alone skips "
+                             "FlexAttention's compile and the dense SDPA, the slow ones at 720p")
     parser.add_argument("--torch-only", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--dry-run", action="store_true",
                         help="a tiny shape on the CPU (the Triton twin in interpret mode): checks the path in seconds")
@@ -509,6 +524,8 @@ def main(argv=None):
     if unknown:
         sys.exit(f"unknown --variants {unknown}{'' if args.backward else ' (backward designs need --backward)'}; "
                  f"choose from {list(variants(args.backward))}")
+    if unknown := set(filter(None, args.torch_runs.split(","))) - set(TORCH_RUNS):
+        sys.exit(f"unknown --torch-runs {sorted(unknown)}; choose from {list(TORCH_RUNS)}")
     if args.dry_run:
         args.shapes, args.backend, args.no_torch = "tiny", "interpret", True
         args.iters, args.settle = min(args.iters, 2), 0.0

@@ -705,11 +705,13 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
     params = {}
     if persistent:  # O's staging tiles, apart from Q's two slots
         scratch.append(plgpu.SMEM((COMPUTE_WGS, block_q, head_dim), dtype, transforms=(tiling, swizzle)))
+    if persistent or stages > 2:
         # Pallas reserves 2 KiB of SMEM for cross-warp reductions by default; the row max and sum in
         # the WGMMA layout reduce within a warp's quads (no scratch used), and at head_dim 128 the
-        # 224 KiB of tiles above plus those 2 KiB pass the 227 KiB a Hopper CTA can have by 88 bytes.
-        # A reduction across warps would need the scratch: Mosaic GPU (jax 0.10 and 0.11) then raises at
-        # lowering ("Required reduction scratch size ..."), so the CPU lowering tests would catch one.
+        # 224 KiB of tiles of either design plus those 2 KiB pass the 227 KiB a Hopper CTA can have
+        # (by 88 and 128 bytes). A reduction across warps would need the scratch: Mosaic GPU (jax 0.10
+        # and 0.11) then raises at lowering ("Required reduction scratch size ..."), so the CPU lowering
+        # tests would catch one.
         params["reduction_scratch_bytes"] = 0
     out, lse = plgpu.kernel(
         persistent_kernel if persistent else kernel,

@@ -2,6 +2,7 @@
 error and JSON code as the GPU run) and benchmarks/fa4.py's block lists (FA4 itself needs a GPU)."""
 
 import json
+import types
 
 import numpy as np
 import pytest
@@ -114,3 +115,15 @@ def test_dry_run_records_the_batch_it_timed_with(tmp_path):
     load_benchmark("attention").main(["--dry-run", "--batch", "2", "--out", str(out)])
     record = json.loads(out.read_text())
     assert record["batch"] == 2 and record["rows"][0]["ours_radial_ms"] > 0
+
+
+def test_torch_runs_reach_the_child_process_and_refuse_unknown_names(monkeypatch):
+    attention = load_benchmark("attention")
+    with pytest.raises(SystemExit, match=r"unknown --torch-runs \['fa5'\]"):
+        attention.main(["--dry-run", "--torch-runs", "fa4,fa5"])
+    seen = []
+    monkeypatch.setattr("subprocess.run", lambda cmd, **kw: seen.append(cmd) or types.SimpleNamespace(
+        stdout='TORCH_JSON {"tiny": {"fa4": 1.5}}\n', returncode=0, stderr=""))
+    args = types.SimpleNamespace(iters=2, decay=1.0, settle=0.0, batch=1, backward=False, torch_runs="fa4")
+    assert attention.torch_in_subprocess(["tiny"], args) == {"tiny": {"fa4": 1.5}}
+    assert seen[0][seen[0].index("--torch-runs") + 1] == "fa4" and "--torch-only" in seen[0]

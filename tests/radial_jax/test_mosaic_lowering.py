@@ -477,6 +477,18 @@ def test_separate_kv_waits_loads_k_and_v_each_after_its_own_wait(monkeypatch, ca
     assert events(together).endswith("WWL") and events(apart).endswith("LWW"), (events(together), events(apart))
 
 
+@pytest.mark.parametrize("overlap", [False, True], ids=["serial", "overlap"])
+def test_three_stage_ring_fits_a_hopper_cta(monkeypatch, overlap):
+    # num_stages=3 at head_dim 128: Q's two tiles and three K/V slots are 224 KiB; without Pallas's
+    # 2 KiB reduction scratch (unused: the row reductions stay within a warp) the CTA fits in 227 KiB.
+    tables, q, kv, _ = _setup(*CASES[0])
+    two, three = (_forward_module(monkeypatch, tables, q, kv, mosaic_fwd.MosaicTuning(
+        num_stages=n, overlap_qk=overlap, overlap_late_p=overlap, separate_kv_waits=True)) for n in (2, 3))
+    assert _launch(three)[6] == _launch(two)[6] + 2 * 128 * 128 * 2 - 2048 + 2 * 2 * 8  # + K, V slot and barriers
+    assert _launch(three)[6] <= 227 * 1024
+    assert _loop_depths(three, _TMA_LOAD) == [0] + [0] * 6 + [1] * 2  # Q; 3 stages of K, V; the loop's K, V
+
+
 def test_persistent_forward_refuses_overlap_and_a_bad_cta_count():
     tables, q, kv, _ = _setup(*CASES[0])
     refused = [({"persistent": True, "overlap_qk": True}, "overlap_qk's turn token"),
