@@ -16,6 +16,7 @@ JSON with the device, the command and the date.
 """
 
 import argparse
+import dataclasses
 import datetime
 import json
 import os
@@ -33,7 +34,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # benchmarks/ is
 import fa4  # noqa: E402
 
 from radial_jax import attention_flops, block_density, computed_token_pairs, radial_block_mask  # noqa: E402
-from radial_jax.kernels import KernelTuning, MosaicBwdTuning, MosaicTuning, block_sparse_attention  # noqa: E402
+from radial_jax.kernels import (DEFAULT_MOSAIC_FWD, KernelTuning, MosaicBwdTuning, MosaicTuning,  # noqa: E402
+                                block_sparse_attention)
 from radial_jax.kernels.tables import block_tables  # noqa: E402
 
 SHAPES = {**fa4.SHAPES, "tiny": (3, 100, 2)}  # tiny: --dry-run only (the Triton twin in interpret mode, CPU)
@@ -133,18 +135,22 @@ def backward_variants() -> dict[str, KernelTuning]:
 
 
 def forward_variants() -> dict[str, KernelTuning]:
-    """{case name: KernelTuning} of the Mosaic forward designs --variants can time beside the default:
-    the lazy rescale at FA4's threshold (8 log2 units) and at 0 (skip only where no row max moved);
+    """{case name: KernelTuning} of the Mosaic forward designs --variants can time beside the default
+    (DEFAULT_MOSAIC_FWD): the serial key loop (MosaicTuning(), on which the others below build); the
+    default with the lazy rescale; the lazy rescale at FA4's threshold (8 log2 units) and at 0 (skip only where no row max moved);
     FA3's intra-warpgroup overlap, alone, with the lazy rescale, and without the warpgroups' ping-pong;
     the overlap with P cast after its P V's wait (late_p), also with P V reading P from shared memory
     (p_smem), and in FA3's full order (late_p and O rescaled between the issues: fa3), alone, lazy and
-    without the ping-pong; the default loop without the ping-pong; 4 heads launched together
+    without the ping-pong; the serial loop without the ping-pong; 4 heads launched together
     (grid_heads); the persistent grid (one CTA per SM walks the work items) in either order; the
     softmax's row reductions as trees, alone and with the lazy rescale; part of the exp2 on the FMA pipe;
     the overlaps' turn on named barriers, and their waits before S's accumulator opens; the memory
-    warpgroup's K and V slot waits apart, in the default, lazy, persistent and overlapped loops."""
+    warpgroup's K and V slot waits apart, in the serial, lazy, persistent and overlapped loops."""
     fwd = lambda **fields: KernelTuning(mosaic_fwd=MosaicTuning(**fields))
-    return {"lazy_rescale_fwd": fwd(lazy_rescale_threshold=8.0),
+    return {"serial_fwd": fwd(),  # MosaicTuning(): the serial key loop, the default until session 9
+            "default_lazy_fwd": KernelTuning(mosaic_fwd=dataclasses.replace(DEFAULT_MOSAIC_FWD,
+                                                                            lazy_rescale_threshold=8.0)),
+            "lazy_rescale_fwd": fwd(lazy_rescale_threshold=8.0),
             "lazy_rescale_0_fwd": fwd(lazy_rescale_threshold=0.0),
             "overlap_fwd": fwd(overlap_qk=True),
             "overlap_lazy_fwd": fwd(overlap_qk=True, lazy_rescale_threshold=8.0),
@@ -190,8 +196,6 @@ def forward_variants() -> dict[str, KernelTuning]:
             "separate_kv_fwd": fwd(separate_kv_waits=True),
             "separate_kv_lazy_fwd": fwd(separate_kv_waits=True, lazy_rescale_threshold=8.0),
             "persistent_separate_kv_fwd": fwd(persistent=True, separate_kv_waits=True),
-            "overlap_late_p_sep_fwd": fwd(overlap_qk=True, overlap_late_p=True, named_turn=True,
-                                          overlap_waits_first=True, separate_kv_waits=True),
             "overlap_late_p_sep_lazy_fwd": fwd(overlap_qk=True, overlap_late_p=True, named_turn=True,
                                                overlap_waits_first=True, separate_kv_waits=True,
                                                lazy_rescale_threshold=8.0),

@@ -20,7 +20,9 @@ TMA_SEQ_MULTIPLE = 8
 
 @dataclasses.dataclass(frozen=True)
 class MosaicTuning:
-    """The Mosaic forward (mosaic_fwd.py)."""
+    """The Mosaic forward (mosaic_fwd.py). MosaicTuning() is the serial key loop (issue Q K^T, wait,
+    softmax, issue P V, wait), the reference design the others are timed against; the library runs
+    DEFAULT_MOSAIC_FWD below (start a variant of it with dataclasses.replace)."""
 
     block_q: int = 64  # query rows per compute warpgroup (wgmma M)
     block_kv: int = 128  # keys per pipeline step; equals the mask block
@@ -37,7 +39,8 @@ class MosaicTuning:
     # Off: measured 0.60x the default on the H200 (1.3B 480p-81f/161f, 14B 720p-81f; benchmarks/NOTES.md,
     # 2026-11-30 FWDOV): ptxas serializes its wgmmas (C7513, "non wgmma instructions defining input
     # registers"). The three reorders below remove the serialization but still run 0.90-0.94x the
-    # default at 1.3B 480p-81f (NOTES, 2026-11-30 session 5).
+    # serial loop at 1.3B 480p-81f (NOTES, 2026-11-30 session 5); with overlap_late_p, named_turn,
+    # overlap_waits_first and separate_kv_waits it is DEFAULT_MOSAIC_FWD.
     overlap_qk: bool = False
     # With overlap_qk: the softmax of S_{j+1} stays f32 until P_j V_j is waited for and is cast to
     # P_{j+1} (bf16, the next P V's register operand) only after wait_group 0, as FA3 does. Cast
@@ -89,14 +92,15 @@ class MosaicTuning:
     # across the waits and ptxas re-zeroes them with 31 CS2R while holding the turn (510 instructions a
     # middle step); opened after, ptxas folds them into the wgmma (RZ, scale-d off) as in the default
     # loop: 475 instructions, 469 with named_turn (FA4: 475; compiled without a GPU, benchmarks/NOTES.md
-    # session 8). Not yet timed.
+    # session 8). Timed on the H200: 0.89-0.91x the serial loop alone, the default with separate_kv_waits.
     overlap_waits_first: bool = False
     # The memory warpgroup reads the next block's index, waits until K's ring slot is free and loads K,
-    # then the same for V; by default it waits for both slots, then reads the index and loads both. The
+    # then the same for V; False: it waits for both slots, then reads the index and loads both. The
     # overlapped loops release V_j only after P_j V_j, late in step j + 1, and K_{j+2} (same slot) is
     # wanted right after: ncu's source view of overlap_late_p with named_turn and overlap_waits_first
-    # on the H200 put 12% of the compute warps' stall samples on that K wait, and FA4's sm90 forward
-    # waits and loads K and V apart (benchmarks/NOTES.md, session 9).
+    # on the H200 put 12% of the compute warps' stall samples on that K wait (FA4's sm90 forward waits
+    # and loads K and V apart). On the H200 that overlap went from 0.91x to 1.04x the serial loop, whose
+    # own speed it leaves as it was (1.004x; benchmarks/NOTES.md, session 9).
     separate_kv_waits: bool = False
     # Launch order (block_grid below). None: batch, then query tiles fastest, then heads (at batch 1
     # FA4's sm90 order: consecutive query tiles of one head share its K/V in L2); g: g heads of one
@@ -115,6 +119,16 @@ class MosaicTuning:
     # With persistent: CTAs launched. None: the GPU's SM count at trace time (jax.devices()[0].core_count),
     # or HOPPER_SMS when tracing off a GPU (cross-lowering), so a lowered module does not depend on the host.
     persistent_ctas: int | None = None
+
+
+# The forward the library runs (KernelTuning's default): FA3's intra-warpgroup overlap with P cast after
+# its P V, the turn on named barriers, K's and the turn's waits before S's accumulator opens, and K and V
+# each loaded as soon as its own ring slot is free. On the H200 in one call (benchmarks/NOTES.md,
+# session 9): 1.033-1.041x the serial loop at 1.3B 480p-81f and 480p-161f and 14B 720p-81f (decay 1.0
+# and 0.2). Without separate_kv_waits the same loop ran 0.89-0.91x the serial one: V_j is released late
+# in the overlapped order, and K_{j+2} waited for it.
+DEFAULT_MOSAIC_FWD = MosaicTuning(overlap_qk=True, overlap_late_p=True, named_turn=True, overlap_waits_first=True,
+                                  separate_kv_waits=True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -204,7 +218,7 @@ class KernelTuning:
     """Every tunable of the kernels as one frozen, hashable value (a static argument of jit and of
     the custom_vjp); each backend reads its own fields. Defaults: benchmarks/attention.py on the H100."""
 
-    mosaic_fwd: MosaicTuning = MosaicTuning()
+    mosaic_fwd: MosaicTuning = DEFAULT_MOSAIC_FWD
     mosaic_bwd: MosaicBwdTuning = MosaicBwdTuning()
     triton_fwd: TritonTuning = TritonTuning(num_warps=4, num_stages=2)
     triton_bwd: TritonTuning = TritonTuning(num_warps=4, num_stages=1)

@@ -17,7 +17,11 @@ MosaicTuning.overlap_qk pipelines each warpgroup's loop as FlashAttention-3's Ho
 loop issues QK, waits, softmaxes, issues PV and waits. As first built it ran 0.60x the default on
 the H200: ptxas serialized its wgmmas (C7513), most likely because P_{j+1}'s bf16 cast landed in
 P_j's registers while P_j V_j was in flight. overlap_late_p casts after the wait (NOTES FWDOV2):
-no longer serialized, but 0.91x the default (0.90-0.94x with the other reorders), so all are off.
+no longer serialized, but 0.89-0.94x the serial loop, until ncu showed the compute warpgroups
+waiting for K: the memory warpgroup waited for both of a ring slot's K and V before loading either,
+and the overlap releases V_j late. With K and V loaded apart (separate_kv_waits) the overlap runs
+1.03-1.04x the serial loop and is the default (common.DEFAULT_MOSAIC_FWD); MosaicTuning() keeps
+the serial loop.
 
 MosaicTuning.persistent launches one CTA per SM instead, each walking work items (head, query block,
 batch) in the normal launch's order: its memory warpgroup streams the next item's K/V into the same
@@ -32,8 +36,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from radial_jax.kernels.common import (COMPUTE_WGS, HOPPER_SMS, LN_2, LOG2_E, MASK_BLOCK, MosaicTuning, block_coords,
-                                       block_grid, persistent_items, seq_multiple, unpad_seq, work_coords)
+from radial_jax.kernels.common import (COMPUTE_WGS, DEFAULT_MOSAIC_FWD, HOPPER_SMS, LN_2, LOG2_E, MASK_BLOCK,
+                                       MosaicTuning, block_coords, block_grid, persistent_items, seq_multiple,
+                                       unpad_seq, work_coords)
 from radial_jax.kernels.tables import BlockTables
 
 __all__ = ["MosaicTuning", "mosaic_forward", "supported"]
@@ -216,7 +221,7 @@ def _exp2_with_polynomial_tiles(x, every: int):
 
 
 @functools.partial(jax.jit, static_argnames=("tables", "scale", "tuning"))
-def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: MosaicTuning = MosaicTuning()):
+def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: MosaicTuning = DEFAULT_MOSAIC_FWD):
     """Returns (out [B, L, N, D] in q.dtype, lse [B, N, L] float32, natural log).
 
     q: [batch, seq_q, heads, head_dim]; k, v: [batch, seq_kv, heads, head_dim], bf16 or f16.

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from radial_jax import radial_block_mask
-from radial_jax.kernels import KernelTuning, MosaicBwdTuning, MosaicTuning
+from radial_jax.kernels import DEFAULT_MOSAIC_FWD, KernelTuning, MosaicBwdTuning
 
 from benchmark_testing import load_benchmark
 
@@ -48,7 +48,7 @@ def test_backward_variants_differ_from_the_default_only_in_the_mosaic_backward()
 
 def test_forward_variants_differ_from_the_default_only_in_the_mosaic_forward():
     for tuning in load_benchmark("attention").forward_variants().values():
-        assert isinstance(tuning, KernelTuning) and tuning.mosaic_fwd != MosaicTuning()
+        assert isinstance(tuning, KernelTuning) and tuning.mosaic_fwd != DEFAULT_MOSAIC_FWD
         assert tuning == KernelTuning(mosaic_fwd=tuning.mosaic_fwd)
 
 

@@ -463,9 +463,9 @@ class TestMosaicOverlapGPU(TestMosaicGPU):
 
     @pytest.mark.parametrize("pingpong", [True, False], ids=["pingpong", "no_pingpong"])
     @pytest.mark.parametrize("shape", [(32760, 32760, 2), (4100, 1000, 3)], ids=["wan_480p_81f_radial", "ragged_cross"])
-    def test_overlap_matches_the_default_kernel(self, shape, pingpong):
+    def test_overlap_matches_the_serial_kernel(self, shape, pingpong):
         # Same operations in the same order per element (O is rescaled by step j+1's factor before
-        # P_{j+1} V_{j+1} is added, as in the default loop), so out agrees to f16 rounding and lse
+        # P_{j+1} V_{j+1} is added, as in the serial loop, MosaicTuning()), so out agrees to f16 rounding and lse
         # to f32 rounding; a block visited twice, skipped or unrescaled would move them by O(1).
         q_len, kv_len, heads = shape
         if q_len == kv_len:
@@ -476,13 +476,22 @@ class TestMosaicOverlapGPU(TestMosaicGPU):
         attend = lambda tuning: jax.jit(lambda q, k, v: block_sparse_attention(
             q, k, v, mask, block_size=self.block, return_lse=True, backend=self.backend, tuning=tuning))
         overlap = KernelTuning(mosaic_fwd=dataclasses.replace(self.tuning.mosaic_fwd, pingpong=pingpong))
-        (out, lse), (ref_out, ref_lse) = attend(overlap)(q, k, v), attend(None)(q, k, v)
+        serial = KernelTuning(mosaic_fwd=MosaicTuning())
+        (out, lse), (ref_out, ref_lse) = attend(overlap)(q, k, v), attend(serial)(q, k, v)
         f32 = lambda x: x.astype(jnp.float32)
         assert float(jnp.abs(f32(out) - f32(ref_out)).max()) <= 2**-9 * float(jnp.abs(f32(ref_out)).max())
         finite = jnp.isfinite(ref_lse)
         assert bool((finite == jnp.isfinite(lse)).all())
         lse_err = float(jnp.abs(jnp.where(finite, lse - ref_lse, 0.0)).max())
         assert lse_err <= 1e-5 * float(jnp.abs(ref_lse[finite]).max()), lse_err
+
+
+class TestMosaicSerialGPU(TestMosaicOverlapGPU):
+    """The Mosaic suite on the serial key loop (MosaicTuning(): issue Q K^T, wait, softmax, issue P V,
+    wait), the default forward until DEFAULT_MOSAIC_FWD overlapped it; the persistent grid and the
+    other designs build on it."""
+
+    tuning = KernelTuning(mosaic_fwd=MosaicTuning())
 
 
 class TestMosaicOverlapLatePGPU(TestMosaicOverlapGPU):
@@ -641,7 +650,7 @@ def _poison_free_memory(*shapes_and_dtypes):
 @pytest.mark.gpu
 @pytest.mark.skipif(not IS_HOPPER, reason="needs a Hopper GPU (sm90) for the Mosaic kernel")
 class TestMosaicPersistentGPU:
-    """MosaicTuning(persistent=True) against the default kernel: each work item runs the default's key
+    """MosaicTuning(persistent=True) against the serial kernel (MosaicTuning()): each work item runs its key
     loop on the same data, so out and lse must be bitwise equal. With few CTAs (persistent_ctas=3)
     each walks dozens to hundreds of items with different key counts, empty rows among them (no K/V
     loads), so the K/V ring's slots and barrier phases carry across many item boundaries at every
@@ -657,7 +666,7 @@ class TestMosaicPersistentGPU:
         ("ragged_cross_empty_row", None, 5, 8.0), ("random_hd64_empty_rows", None, 3, None),
         ("random_hd64_empty_rows", 2, None, None), ("tiny_7x129", None, None, None), ("tiny_7x129", None, 1, None),
         ("tiny_61x130", 1, 3, None)])  # fmt: skip
-    def test_forward_is_bitwise_the_default_kernel(self, name, grid_heads, ctas, lazy):
+    def test_forward_is_bitwise_the_serial_kernel(self, name, grid_heads, ctas, lazy):
         from radial_jax.kernels import mosaic_fwd
 
         (q, k, v), mask = _persistent_case(name)
@@ -679,9 +688,9 @@ class TestMosaicPersistentGPU:
         assert bool((out[:, empty] == 0).all()) and bool((lse[..., empty] == -jnp.inf).all())
         assert empty.any() == (name not in ("wan_480p_81f_radial", "tiny_7x129", "tiny_61x130"))
 
-    def test_backward_on_the_persistent_forward_is_the_default(self):
+    def test_backward_on_the_persistent_forward_is_the_serial_one(self):
         # The backward reads the forward's out and lse; fed the persistent forward's, its gradients
-        # (the loss weighs out and the finite lse) are bitwise the default's.
+        # (the loss weighs out and the finite lse) are bitwise those on the serial forward's.
         (q, k, v), mask = _persistent_case("ragged_cross_empty_row")
         weights = jax.random.normal(jax.random.key(6), q.shape, jnp.float32)
         lse_weights = jax.random.normal(jax.random.key(7), (q.shape[0], q.shape[2], q.shape[1]), jnp.float32)
