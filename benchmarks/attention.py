@@ -137,8 +137,8 @@ def backward_variants() -> dict[str, KernelTuning]:
 def forward_variants() -> dict[str, KernelTuning]:
     """{case name: KernelTuning} of the Mosaic forward designs --variants can time beside the default
     (DEFAULT_MOSAIC_FWD): the serial key loop (MosaicTuning(), on which the others below build); the
-    default with the lazy rescale; the lazy rescale at FA4's threshold (8 log2 units) and at 0 (skip only where no row max moved);
-    FA3's intra-warpgroup overlap, alone, with the lazy rescale, and without the warpgroups' ping-pong;
+    default with the lazy rescale; the lazy rescale at FA4's threshold (8 log2 units) and at 0 (skip
+    only where no row max moved); FA3's intra-warpgroup overlap, alone, with the lazy rescale, and without the warpgroups' ping-pong;
     the overlap with P cast after its P V's wait (late_p), also with P V reading P from shared memory
     (p_smem), and in FA3's full order (late_p and O rescaled between the issues: fa3), alone, lazy and
     without the ping-pong; the serial loop without the ping-pong; 4 heads launched together

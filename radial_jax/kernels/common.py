@@ -36,7 +36,7 @@ class MosaicTuning:
     # Intra-warpgroup overlap (FlashAttention-3's Hopper forward): S_{j+1} = Q K_{j+1}^T and
     # O += P_j V_j are issued together and the softmax of S_{j+1} runs while P_j V_j is on the
     # tensor cores; the two warpgroups pass a token so that their issues alternate (ping-pong).
-    # Off: measured 0.60x the default on the H200 (1.3B 480p-81f/161f, 14B 720p-81f; benchmarks/NOTES.md,
+    # Alone: measured 0.60x the serial loop on the H200 (1.3B 480p-81f/161f, 14B 720p-81f; benchmarks/NOTES.md,
     # 2026-11-30 FWDOV): ptxas serializes its wgmmas (C7513, "non wgmma instructions defining input
     # registers"). The three reorders below remove the serialization but still run 0.90-0.94x the
     # serial loop at 1.3B 480p-81f (NOTES, 2026-11-30 session 5); with overlap_late_p, named_turn,
@@ -216,7 +216,8 @@ class TritonTuning:
 @dataclasses.dataclass(frozen=True)
 class KernelTuning:
     """Every tunable of the kernels as one frozen, hashable value (a static argument of jit and of
-    the custom_vjp); each backend reads its own fields. Defaults: benchmarks/attention.py on the H100."""
+    the custom_vjp); each backend reads its own fields. Defaults: chosen with benchmarks/attention.py, on
+    the H100 and, for the Mosaic forward since session 9, on the H200."""
 
     mosaic_fwd: MosaicTuning = DEFAULT_MOSAIC_FWD
     mosaic_bwd: MosaicBwdTuning = MosaicBwdTuning()

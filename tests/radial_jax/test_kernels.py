@@ -586,8 +586,9 @@ _SAME_VALUES = {
 def test_reordered_designs_change_no_value(design):
     # grid_heads only reorders the CTAs, split_pipeline="static" runs the same steps in the same order
     # on constant slots, separate_kv_waits reorders the memory warpgroup's waits and loads (with a
-    # 3-slot ring too; and the persistent grid walks the same items, here 5 CTAs each several): each CTA's arithmetic is the same, so out, lse and the split backward's
-    # gradients are bitwise those of the design they are compared with. The fused dQ is summed by TMA
+    # 3-slot ring too; and the persistent grid walks the same items, here 5 CTAs each several): each
+    # CTA's arithmetic is the same, so out, lse and the split backward's gradients are bitwise those of
+    # the design they are compared with. The fused dQ is summed by TMA
     # reduce-adds in arrival order, so it agrees to rounding only.
     q_len, kv_len, heads, batch, block = 1000, 1560, 4, 2, 128
     mask = _random_mask(7, -(-q_len // block), -(-kv_len // block), 0.5, empty_rows=(1,))
