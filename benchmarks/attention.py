@@ -203,6 +203,12 @@ def forward_variants() -> dict[str, KernelTuning]:
                                        named_turn=True, overlap_waits_first=True, separate_kv_waits=True),
             "paired_issue_sep_fwd": fwd(overlap_qk=True, overlap_softmax=False, named_turn=True,
                                         overlap_waits_first=True, separate_kv_waits=True),
+            # ... and the wait for P V kept below the softmax (a never-taken divergent branch).
+            "late_pv_wait_fwd": KernelTuning(mosaic_fwd=dataclasses.replace(DEFAULT_MOSAIC_FWD, late_pv_wait=True)),
+            "late_pv_wait_lazy_fwd": KernelTuning(mosaic_fwd=dataclasses.replace(
+                DEFAULT_MOSAIC_FWD, late_pv_wait=True, lazy_rescale_threshold=8.0)),
+            "late_pv_wait_fa3_fwd": KernelTuning(mosaic_fwd=dataclasses.replace(
+                DEFAULT_MOSAIC_FWD, late_pv_wait=True, overlap_early_rescale=True)),
             "overlap_late_p_sep_s3_fwd": fwd(overlap_qk=True, overlap_late_p=True, named_turn=True,
                                              overlap_waits_first=True, separate_kv_waits=True, num_stages=3)}
 

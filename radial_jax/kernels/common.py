@@ -102,6 +102,14 @@ class MosaicTuning:
     # and loads K and V apart). On the H200 that overlap went from 0.91x to 1.04x the serial loop, whose
     # own speed it leaves as it was (1.004x; benchmarks/NOTES.md, session 9).
     separate_kv_waits: bool = False
+    # With overlap_qk (and overlap_softmax): after the wait for S_{j+1}, a branch on the thread index
+    # that is never taken (mosaic_fwd._convergence_point). ptxas otherwise puts the wait for P_j V_j
+    # before the softmax's first exp2 whatever the PTX's order (6.8% of the compute warps' stall samples
+    # on the H200, NOTES session 9). After a branch that may diverge it checks convergence before the
+    # next shuffle and keeps the wait below that check: all 64 exp2 run under P_j V_j. FA4's loop gets
+    # the same from its elected thread's release of K (10 exp2 before its wait). Found on FA4's PTX and
+    # ours compiled without a GPU; about 10 more instructions a step. Not yet timed.
+    late_pv_wait: bool = False
     # Launch order (block_grid below). None: batch, then query tiles fastest, then heads (at batch 1
     # FA4's sm90 order: consecutive query tiles of one head share its K/V in L2); g: g heads of one
     # query tile launched together, then the next tile, ..., then the next g heads (g = 1: the default's

@@ -160,6 +160,26 @@ def _named_turn(op: str, other: bool):
     turn()
 
 
+def _convergence_point():
+    """A branch on the thread index that is never taken (tid.x >= 4096) around a nanosleep, neither of
+    which LLVM or ptxas can remove (the index comes from an asm, the sleep has side effects). After a
+    branch that may diverge, ptxas checks convergence (BRA.DIV, WARPSYNC.ALL) before the next warp
+    shuffle, and it does not move a wgmma wait above that check (MosaicTuning.late_pv_wait)."""
+    import jax.experimental.mosaic.gpu as mgpu
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+    from jaxlib.mlir import ir
+    from jaxlib.mlir.dialects import arith, llvm
+
+    @plgpu.inline_mgpu()
+    def point(_):
+        i32 = ir.IntegerType.get_signless(32)
+        tid = llvm.inline_asm(i32, [], "mov.u32 $0, %tid.x;", "=r", has_side_effects=True)
+        with mgpu.utils.when(arith.cmpi(arith.CmpIPredicate.uge, tid, mgpu.utils.c(4096, i32))):
+            llvm.inline_asm(ir.Type.parse("!llvm.void"), [], "nanosleep.u32 0;", "", has_side_effects=True)
+
+    point()
+
+
 # 2^f on [-1/2, 1/2], degree 3, fitted for relative error (Lawson-weighted least squares on Chebyshev
 # nodes): at most 7.5e-5 off, below bf16's 2^-9 rounding of P.
 _EXP2_POLY = (0.9999280735783096, 0.6932609862225378, 0.24261112187715136, 0.05517166493030209)
@@ -263,6 +283,9 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
         raise ValueError(f"persistent_ctas={tuning.persistent_ctas} needs persistent=True and at least 1 CTA")
     if tuning.overlap_waits_first and not tuning.overlap_qk:
         raise ValueError("overlap_waits_first reorders the overlapped loop's waits: set overlap_qk")
+    if tuning.late_pv_wait and not (tuning.overlap_qk and overlap_softmax):
+        raise ValueError("late_pv_wait keeps the overlapped loop's wait for P V after its softmax: set overlap_qk "
+                         "(with overlap_softmax)")
     if tuning.named_turn and not tuning.overlap_qk:
         raise ValueError("named_turn passes the overlapped loop's turn token; the default loop's rendezvous "
                          "(arrive, then wait for the other's arrival) has no named-barrier form: set overlap_qk")
@@ -457,6 +480,8 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
 
                 s = pl.run_scoped(qk_and_pv, plgpu.ACC((block_q, block_kv), jnp.float32))
                 plgpu.barrier_arrive(k_consumed.at[ring_slot(j + 1)])
+                if tuning.late_pv_wait:
+                    _convergence_point()
                 if not overlap_softmax:  # P_j V_j has retired: V_j is free before the softmax
                     plgpu.barrier_arrive(v_consumed.at[ring_slot(j)])
                 p, m_new, alpha = softmax_scores(s, m_i, j + 1, mask_tail=mask_tail)

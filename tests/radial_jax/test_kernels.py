@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 from radial_jax import attention_reference, radial_block_mask
-from radial_jax.kernels import KernelTuning, MosaicBwdTuning, MosaicTuning, TritonTuning, block_sparse_attention
+from radial_jax.kernels import (DEFAULT_MOSAIC_FWD, KernelTuning, MosaicBwdTuning, MosaicTuning, TritonTuning,
+                                block_sparse_attention)
 from radial_jax.kernels.tables import block_tables
 
 ON_GPU = jax.default_backend() == "gpu"
@@ -553,6 +554,13 @@ class TestMosaicOverlapSeparateKVGPU(TestMosaicOverlapGPU):
 
     tuning = KernelTuning(mosaic_fwd=MosaicTuning(overlap_qk=True, overlap_late_p=True, named_turn=True,
                                                   overlap_waits_first=True, separate_kv_waits=True))
+
+
+class TestMosaicLatePVWaitGPU(TestMosaicOverlapGPU):
+    """The default forward with its wait for P V kept below the softmax by a never-taken branch
+    (MosaicTuning.late_pv_wait): the same arithmetic in the same order."""
+
+    tuning = KernelTuning(mosaic_fwd=dataclasses.replace(DEFAULT_MOSAIC_FWD, late_pv_wait=True))
 
 
 class TestMosaicExp2PolyGPU(TestMosaicOverlapGPU):

@@ -62,7 +62,10 @@ def test_lazy_rescale_forward_lowers_with_a_warp_vote(case):
     ({"exp2_poly_every": 0}, "exp2_poly_every=0"),
     ({"overlap_waits_first": True}, "overlap_waits_first"),  # without overlap_qk
     ({"named_turn": True}, "named_turn"),  # the default loop's rendezvous has no named-barrier form
-], ids=["lazy_overflow", "exp2_poly_0", "waits_first_alone", "named_turn_alone"])
+    ({"late_pv_wait": True}, "late_pv_wait"),  # no P V in flight through the serial loop's softmax
+    ({"late_pv_wait": True, "overlap_qk": True, "overlap_softmax": False}, "late_pv_wait"),
+], ids=["lazy_overflow", "exp2_poly_0", "waits_first_alone", "named_turn_alone", "late_pv_wait_alone",
+        "late_pv_wait_paired"])
 def test_forward_refuses_a_tuning_it_cannot_run(fields, message):
     tables, q, kv, _ = _setup(*CASES[0])
     tuning = mosaic_fwd.MosaicTuning(**fields)
@@ -337,6 +340,24 @@ def test_overlap_waits_first_opens_s_next_to_its_issue(monkeypatch, case):
     assert plain.count("FWWMMMMMMMM") == steps and first.count("FWWMMMMMMMM") == 0
     assert first.count("WWFMMMMMMMM") == steps + plain.count("WWFMMMMMMMM")
     assert sorted(plain) == sorted(first)
+
+
+@pytest.mark.parametrize("case", [CASES[0], CASES[3]])
+def test_late_pv_wait_puts_one_never_taken_branch_after_each_middle_steps_wait_for_s(monkeypatch, case):
+    # MosaicTuning.late_pv_wait: in each middle-step loop (unmasked, and masked with a ragged key block),
+    # between the wait for S (wait_group 1) and the one for P V (wait_group 0), a branch on the thread
+    # index (tid.x >= 4096, read by an asm so that LLVM cannot fold it) around a nanosleep; nothing else
+    # changes (the wgmma waits are the default's).
+    tables, q, kv, _ = _setup(*case)
+    default = _forward_module(monkeypatch, tables, q, kv, mosaic_fwd.DEFAULT_MOSAIC_FWD)
+    late = _forward_module(monkeypatch, tables, q, kv, dataclasses.replace(mosaic_fwd.DEFAULT_MOSAIC_FWD,
+                                                                           late_pv_wait=True))
+    middles = 1 + tables.kv_ragged
+    assert "nanosleep" not in default and late.count("nanosleep.u32 0;") == middles
+    assert late.count("mov.u32 $0, %tid.x;") == middles and _wgmma_waits(late) == _wgmma_waits(default)
+    events = re.findall(r"wgmma\.wait[._]group\.sync\.aligned(?:\"\(\) \{group = | )(\d)|(nanosleep)", late)
+    order = "".join(n or "N" for n, _ in [(e[0], e[1]) for e in events])
+    assert order.count("1N0") == middles, order
 
 
 @pytest.mark.parametrize("overlap", [False, True], ids=["serial", "overlap"])
