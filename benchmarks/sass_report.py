@@ -33,6 +33,7 @@ import tempfile
 _SASS_LINE = re.compile(r"\s*/\*([0-9a-f]+)\*/\s+(.*?)\s*;")
 _LABEL = re.compile(r"\s*\.L_x_(\d+):")
 _BRANCH = re.compile(r"\bBRA\s+`\(\.L_x_(\d+)\)")
+_DEPBAR = re.compile(r"WARPGROUP\.DEPBAR\.LE\s+gsb0,\s*(0x[0-9a-f]+|\d+)")
 _PREDICATE = re.compile(r"^@!?U?P\w+\s+")
 _GROUPED = ("SYNCS", "WARPGROUP", "BAR", "MUFU")  # opcodes whose first modifier says what they do
 
@@ -59,7 +60,9 @@ def parse_sass(text: str) -> tuple[list[tuple[int, str]], dict[str, int]]:
 
 def sass_loops(text: str, min_wgmma: int = 8) -> list[dict]:
     """The loops (backward branches) of a SASS listing with at least min_wgmma HGMMA: [{start, end,
-    instructions, mix: {opcode: count}}], innermost first by size."""
+    instructions, mix: {opcode: count}, waits: [(N, exp2 before it)]}], innermost first by size. waits:
+    each WARPGROUP.DEPBAR.LE gsb0, N in the body and how many MUFU.EX2 precede it there (where ptxas put
+    the softmax against the waits for the wgmmas: benchmarks/NOTES.md, session 9)."""
     instructions, labels = parse_sass(text)
     loops = []
     for address, instruction in instructions:
@@ -69,7 +72,13 @@ def sass_loops(text: str, min_wgmma: int = 8) -> list[dict]:
             body = [i for a, i in instructions if start <= a <= address]
             mix = collections.Counter(opcode(i) for i in body)
             if mix["HGMMA"] >= min_wgmma:
-                loops.append({"start": start, "end": address, "instructions": len(body), "mix": dict(mix.most_common())})
+                waits, exp2 = [], 0
+                for i in body:
+                    exp2 += opcode(i) == "MUFU.EX2"
+                    if wait := _DEPBAR.search(i):
+                        waits.append((int(wait.group(1), 16), exp2))
+                loops.append({"start": start, "end": address, "instructions": len(body), "mix": dict(mix.most_common()),
+                              "waits": waits})
     return sorted(loops, key=lambda loop: loop["instructions"])
 
 
@@ -164,6 +173,9 @@ def main():
             for loop in sass_loops(assemble(module, args.ptxas, args.nvdisasm), args.min_wgmma):
                 mix = ", ".join(f"{k} {v}" for k, v in list(loop["mix"].items())[:14])
                 print(f"  loop {loop['start']:#06x}-{loop['end']:#06x}: {loop['instructions']} instructions: {mix}")
+                if loop["waits"]:
+                    print("    wgmma waits (wait_group N after k exp2): "
+                          + ", ".join(f"{n} after {k}" for n, k in loop["waits"]))
     for path in args.ncu_source:
         print(f"== {path}")
         for loop in ncu_loops(read_ncu_source(path), top=args.top):

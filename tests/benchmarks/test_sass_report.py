@@ -20,7 +20,9 @@ SASS = """
         /*0140*/                   WARPGROUP.ARRIVE ;
         /*0150*/                   HGMMA.64x128x16.F32.BF16 R24, gdesc[UR8], R24 ;
         /*0160*/                   HGMMA.64x128x16.F32.BF16 R24, gdesc[UR12], R24, gsb0 ;
+        /*0168*/                   WARPGROUP.DEPBAR.LE gsb0, 0x1 ;
         /*0170*/                   MUFU.EX2 R30, R30 ;
+        /*0174*/                   WARPGROUP.DEPBAR.LE gsb0, 0x0 ;
         /*0180*/              @P0  BRA `(.L_x_4) ;
         /*0190*/                   FMUL R88, R88, R3 ;
 .L_x_4:
@@ -40,8 +42,9 @@ def test_opcode_keeps_the_modifier_that_names_the_operation():
 def test_sass_loops_find_the_loop_and_count_its_mix():
     sass_loops = load_benchmark("sass_report").sass_loops
     (loop,) = sass_loops(SASS, min_wgmma=2)
-    assert (loop["start"], loop["end"], loop["instructions"]) == (0x110, 0x1A0, 10)
+    assert (loop["start"], loop["end"], loop["instructions"]) == (0x110, 0x1A0, 12)
     assert loop["mix"]["CS2R"] == 2 and loop["mix"]["HGMMA"] == 2 and loop["mix"]["FMUL"] == 1
+    assert loop["waits"] == [(1, 0), (0, 1)]  # wait_group 1 before the exp2, wait_group 0 after it
     assert sass_loops(SASS, min_wgmma=3) == []  # no loop with 3 HGMMA
 
 
