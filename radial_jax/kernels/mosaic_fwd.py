@@ -565,23 +565,32 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
         lse_smem[...] = jnp.where(nonempty, (m_i + jnp.log2(jnp.where(nonempty, l_i, 1.0))) * LN_2, -jnp.inf)
         plgpu.commit_smem()
 
-    def load_kv(refs, b, head, q_tile, step, slot, wait_slot=None):
+    def load_kv(refs, b, head, q_tile, step, slot, reused=None):
         """Issues the TMA loads of K and V block `step` of query tile q_tile's list into ring slot `slot`.
 
-        wait_slot(which): waits until the slot's earlier K (which 0) and/or V (1) are consumed, or None
-        for a fresh slot. By default both waits come first; with separate_kv_waits the block's index is
-        read first (its global load's latency passes under the waits) and K waits only for K, V for V.
+        reused: None for a fresh slot; True, or a traced bool (the persistent kernel's ring runs across
+        items), when the slot held earlier blocks: the loads then wait for their K and V to be consumed.
+        By default both waits come first; with separate_kv_waits the block's index is read first (its
+        global load's latency passes under the waits) and K waits only for K, V only for V.
         """
-        k_ref, v_ref, ids_ref, k_smem, v_smem, k_barriers, v_barriers = refs
-        apart = wait_slot is not None and tuning.separate_kv_waits
-        if wait_slot is not None and not apart:
-            wait_slot((0, 1))
+        k_ref, v_ref, ids_ref, k_smem, v_smem, k_barriers, v_barriers, k_consumed, v_consumed = refs
+
+        def wait(*consumed):
+            def waits():
+                for barrier in consumed:
+                    plgpu.barrier_wait(barrier.at[slot])
+
+            waits() if reused is True else pl.when(reused)(waits)
+
+        apart = reused is not None and tuning.separate_kv_waits
+        if reused is not None and not apart:
+            wait(k_consumed, v_consumed)
         kv = (b, pl.ds(ids_ref[q_tile, step] * block_kv, block_kv), head)
         if apart:
-            wait_slot((0,))
+            wait(k_consumed)
         plgpu.copy_gmem_to_smem(k_ref.at[kv], k_smem.at[slot], k_barriers.at[slot])
         if apart:
-            wait_slot((1,))
+            wait(v_consumed)
         plgpu.copy_gmem_to_smem(v_ref.at[kv], v_smem.at[slot], v_barriers.at[slot])
 
     def kernel(q_ref, k_ref, v_ref, ids_ref, counts_ref, out_ref, lse_ref,
@@ -610,21 +619,15 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
         @pl.when(wg == COMPUTE_WGS)
         def _memory_wg():
             plgpu.set_max_registers(40, action="decrease")
-            load = functools.partial(load_kv, (k_ref, v_ref, ids_ref, k_smem, v_smem, k_barriers, v_barriers),
-                                     b, head, q_tile)  # fmt: skip
+            ring = (k_ref, v_ref, ids_ref, k_smem, v_smem, k_barriers, v_barriers, k_consumed, v_consumed)
+            load = functools.partial(load_kv, ring, b, head, q_tile)
 
             for i in range(stages):
                 pl.when(i < count)(functools.partial(load, i, i))
 
             @pl.loop(0, jnp.maximum(count - stages, 0))
             def _(step):
-                slot = lax.rem(step, jnp.int32(stages))
-
-                def wait_slot(which):
-                    for i in which:
-                        plgpu.barrier_wait((k_consumed, v_consumed)[i].at[slot])
-
-                load(step + stages, slot, wait_slot)
+                load(step + stages, lax.rem(step, jnp.int32(stages)), True)
 
     def persistent_kernel(q_ref, k_ref, v_ref, ids_ref, counts_ref, out_ref, lse_ref,
                           q_smem3, k_smem, v_smem, lse_smem2,
@@ -693,21 +696,16 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
             def item(i, base):
                 b, head, q_tile = coords(i)
                 count = counts_ref[q_tile, 0]
-                load = functools.partial(load_kv, (k_ref, v_ref, ids_ref, k_smem, v_smem, k_barriers, v_barriers),
-                                         b, head, q_tile)  # fmt: skip
+                ring = (k_ref, v_ref, ids_ref, k_smem, v_smem, k_barriers, v_barriers, k_consumed, v_consumed)
+                load = functools.partial(load_kv, ring, b, head, q_tile)
 
                 @pl.loop(0, count)  # an empty row loads nothing
                 def _(step):
                     position = base + step
                     slot = lax.rem(position, jnp.int32(stages))
 
-                    def wait_slot(which):
-                        @pl.when(position >= stages)  # the block `stages` earlier (maybe an earlier item's) was used
-                        def _():
-                            for i in which:
-                                plgpu.barrier_wait((k_consumed, v_consumed)[i].at[slot])
-
-                    load(step, slot, wait_slot)
+                    # The slot is reused when the block `stages` earlier (maybe an earlier item's) was loaded.
+                    load(step, slot, position >= stages)
 
                 return base + count
 
