@@ -147,9 +147,9 @@ def forward_variants() -> dict[str, KernelTuning]:
     the overlaps' turn on named barriers, and their waits before S's accumulator opens; the memory
     warpgroup's K and V slot waits apart, in the serial, lazy, persistent and overlapped loops."""
     fwd = lambda **fields: KernelTuning(mosaic_fwd=MosaicTuning(**fields))
+    default_and = lambda **fields: KernelTuning(mosaic_fwd=dataclasses.replace(DEFAULT_MOSAIC_FWD, **fields))
     return {"serial_fwd": fwd(),  # MosaicTuning(): the serial key loop, the default until session 9
-            "default_lazy_fwd": KernelTuning(mosaic_fwd=dataclasses.replace(DEFAULT_MOSAIC_FWD,
-                                                                            lazy_rescale_threshold=8.0)),
+            "default_lazy_fwd": default_and(lazy_rescale_threshold=8.0),
             "lazy_rescale_fwd": fwd(lazy_rescale_threshold=8.0),
             "lazy_rescale_0_fwd": fwd(lazy_rescale_threshold=0.0),
             "overlap_fwd": fwd(overlap_qk=True),
@@ -204,11 +204,9 @@ def forward_variants() -> dict[str, KernelTuning]:
             "paired_issue_sep_fwd": fwd(overlap_qk=True, overlap_softmax=False, named_turn=True,
                                         overlap_waits_first=True, separate_kv_waits=True),
             # ... and the wait for P V kept below the softmax (a never-taken divergent branch).
-            "late_pv_wait_fwd": KernelTuning(mosaic_fwd=dataclasses.replace(DEFAULT_MOSAIC_FWD, late_pv_wait=True)),
-            "late_pv_wait_lazy_fwd": KernelTuning(mosaic_fwd=dataclasses.replace(
-                DEFAULT_MOSAIC_FWD, late_pv_wait=True, lazy_rescale_threshold=8.0)),
-            "late_pv_wait_fa3_fwd": KernelTuning(mosaic_fwd=dataclasses.replace(
-                DEFAULT_MOSAIC_FWD, late_pv_wait=True, overlap_early_rescale=True)),
+            "late_pv_wait_fwd": default_and(late_pv_wait=True),
+            "late_pv_wait_lazy_fwd": default_and(late_pv_wait=True, lazy_rescale_threshold=8.0),
+            "late_pv_wait_fa3_fwd": default_and(late_pv_wait=True, overlap_early_rescale=True),
             "overlap_late_p_sep_s3_fwd": fwd(overlap_qk=True, overlap_late_p=True, named_turn=True,
                                              overlap_waits_first=True, separate_kv_waits=True, num_stages=3)}
 
