@@ -136,8 +136,8 @@ def backward_variants() -> dict[str, KernelTuning]:
 
 def forward_variants() -> dict[str, KernelTuning]:
     """{case name: KernelTuning} of the Mosaic forward designs --variants can time beside the default
-    (DEFAULT_MOSAIC_FWD): the serial key loop (MosaicTuning(), on which the others below build); the
-    default with the lazy rescale; the lazy rescale at FA4's threshold (8 log2 units) and at 0 (skip
+    (DEFAULT_MOSAIC_FWD): the serial key loop (MosaicTuning(), on which the others below build); session
+    9's default (the exact overlapped loop, its wait for P V before the softmax); the lazy rescale at FA4's threshold (8 log2 units) and at 0 (skip
     only where no row max moved); FA3's intra-warpgroup overlap, alone, with the lazy rescale, and without the warpgroups' ping-pong;
     the overlap with P cast after its P V's wait (late_p), also with P V reading P from shared memory
     (p_smem), and in FA3's full order (late_p and O rescaled between the issues: fa3), alone, lazy and
@@ -145,11 +145,15 @@ def forward_variants() -> dict[str, KernelTuning]:
     (grid_heads); the persistent grid (one CTA per SM walks the work items) in either order; the
     softmax's row reductions as trees, alone and with the lazy rescale; part of the exp2 on the FMA pipe;
     the overlaps' turn on named barriers, and their waits before S's accumulator opens; the memory
-    warpgroup's K and V slot waits apart, in the serial, lazy, persistent and overlapped loops."""
+    warpgroup's K and V slot waits apart, in the serial, lazy, persistent and overlapped loops; the wait for
+    P V kept below the softmax without the lazy rescale (the default's exact form), and in FA3's order."""
     fwd = lambda **fields: KernelTuning(mosaic_fwd=MosaicTuning(**fields))
     default_and = lambda **fields: KernelTuning(mosaic_fwd=dataclasses.replace(DEFAULT_MOSAIC_FWD, **fields))
+    # Session 9's default: the exact overlapped loop, P V waited for before the softmax's exp2.
+    session9 = dict(overlap_qk=True, overlap_late_p=True, named_turn=True, overlap_waits_first=True,
+                    separate_kv_waits=True)
     return {"serial_fwd": fwd(),  # MosaicTuning(): the serial key loop, the default until session 9
-            "default_lazy_fwd": default_and(lazy_rescale_threshold=8.0),
+            "session9_fwd": fwd(**session9),  # overlap_late_p_sep_fwd in session 9's result files
             "lazy_rescale_fwd": fwd(lazy_rescale_threshold=8.0),
             "lazy_rescale_0_fwd": fwd(lazy_rescale_threshold=0.0),
             "overlap_fwd": fwd(overlap_qk=True),
@@ -196,17 +200,16 @@ def forward_variants() -> dict[str, KernelTuning]:
             "separate_kv_fwd": fwd(separate_kv_waits=True),
             "separate_kv_lazy_fwd": fwd(separate_kv_waits=True, lazy_rescale_threshold=8.0),
             "persistent_separate_kv_fwd": fwd(persistent=True, separate_kv_waits=True),
-            "overlap_late_p_sep_lazy_fwd": fwd(overlap_qk=True, overlap_late_p=True, named_turn=True,
-                                               overlap_waits_first=True, separate_kv_waits=True,
-                                               lazy_rescale_threshold=8.0),
+            "overlap_late_p_sep_lazy_fwd": fwd(**session9, lazy_rescale_threshold=8.0),  # default_lazy_fwd in session 9
             "overlap_fa3_sep_fwd": fwd(overlap_qk=True, overlap_late_p=True, overlap_early_rescale=True,
                                        named_turn=True, overlap_waits_first=True, separate_kv_waits=True),
             "paired_issue_sep_fwd": fwd(overlap_qk=True, overlap_softmax=False, named_turn=True,
                                         overlap_waits_first=True, separate_kv_waits=True),
-            # ... and the wait for P V kept below the softmax (a never-taken divergent branch).
-            "late_pv_wait_fwd": default_and(late_pv_wait=True),
-            "late_pv_wait_lazy_fwd": default_and(late_pv_wait=True, lazy_rescale_threshold=8.0),
-            "late_pv_wait_fa3_fwd": default_and(late_pv_wait=True, overlap_early_rescale=True),
+            # ... and the wait for P V kept below the softmax (a never-taken divergent branch): exact, the
+            # default's form without the lazy rescale (late_pv_wait_lazy_fwd in session 10's files is
+            # the default), and in FA3's order.
+            "late_pv_wait_fwd": default_and(lazy_rescale_threshold=None),
+            "late_pv_wait_fa3_fwd": default_and(lazy_rescale_threshold=None, overlap_early_rescale=True),
             "overlap_late_p_sep_s3_fwd": fwd(overlap_qk=True, overlap_late_p=True, named_turn=True,
                                              overlap_waits_first=True, separate_kv_waits=True, num_stages=3)}
 

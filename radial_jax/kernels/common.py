@@ -105,10 +105,12 @@ class MosaicTuning:
     # With overlap_qk (and overlap_softmax): after the wait for S_{j+1}, a branch on the thread index
     # that is never taken (mosaic_fwd._convergence_point). ptxas otherwise puts the wait for P_j V_j
     # before the softmax's first exp2 whatever the PTX's order (6.8% of the compute warps' stall samples
-    # on the H200, NOTES session 9). After a branch that may diverge it checks convergence before the
-    # next shuffle and keeps the wait below that check: all 64 exp2 run under P_j V_j. FA4's loop gets
-    # the same from its elected thread's release of K (10 exp2 before its wait). Found on FA4's PTX and
-    # ours compiled without a GPU; about 10 more instructions a step. Not yet timed.
+    # on the H200, NOTES session 9). After a branch that may diverge it keeps that wait down to its
+    # first consumer: all 64 exp2 run under P_j V_j (FA4's elected thread's release of K does the same
+    # for 10 of its exp2). Found on FA4's PTX and ours compiled without a GPU; ~10 more instructions a
+    # step. On the H200 (NOTES session 10): alone 0.98-0.99x, as O's 64 multiplies and P's 32 casts
+    # then run after the wait with no exp2 left to hide them; with the lazy rescale, which skips the
+    # multiplies of most warps, 1.015-1.031x the exact default: in DEFAULT_MOSAIC_FWD.
     late_pv_wait: bool = False
     # Launch order (block_grid below). None: batch, then query tiles fastest, then heads (at batch 1
     # FA4's sm90 order: consecutive query tiles of one head share its K/V in L2); g: g heads of one
@@ -130,13 +132,15 @@ class MosaicTuning:
 
 
 # The forward the library runs (KernelTuning's default): FA3's intra-warpgroup overlap with P cast after
-# its P V, the turn on named barriers, K's and the turn's waits before S's accumulator opens, and K and V
-# each loaded as soon as its own ring slot is free. On the H200 in one call (benchmarks/NOTES.md,
-# session 9): 1.033-1.041x the serial loop at 1.3B 480p-81f and 480p-161f and 14B 720p-81f (decay 1.0
-# and 0.2). Without separate_kv_waits the same loop ran 0.89-0.91x the serial one: V_j is released late
+# its P V, the turn on named barriers, K's and the turn's waits before S's accumulator opens, K and V
+# each loaded as soon as its own ring slot is free, the wait for P V kept below the softmax, and the lazy
+# rescale at FA4's threshold. On the H200 (benchmarks/NOTES.md, sessions 9 and 10): the exact loop
+# (lazy_rescale_threshold=None, late_pv_wait=False) 1.033-1.041x the serial one at 1.3B 480p-81f and
+# 480p-161f and 14B 720p-81f (decay 1.0 and 0.2); the late wait with the lazy rescale another
+# 1.015-1.031x. Without separate_kv_waits the loop ran 0.89-0.91x the serial one: V_j is released late
 # in the overlapped order, and K_{j+2} waited for it.
 DEFAULT_MOSAIC_FWD = MosaicTuning(overlap_qk=True, overlap_late_p=True, named_turn=True, overlap_waits_first=True,
-                                  separate_kv_waits=True)
+                                  separate_kv_waits=True, late_pv_wait=True, lazy_rescale_threshold=8.0)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -20,8 +20,9 @@ P_j's registers while P_j V_j was in flight. overlap_late_p casts after the wait
 no longer serialized, but 0.89-0.94x the serial loop, until ncu showed the compute warpgroups
 waiting for K: the memory warpgroup waited for both of a ring slot's K and V before loading either,
 and the overlap releases V_j late. With K and V loaded apart (separate_kv_waits) the overlap runs
-1.03-1.04x the serial loop and is the default (common.DEFAULT_MOSAIC_FWD); MosaicTuning() keeps
-the serial loop.
+1.03-1.04x the serial loop. The default (common.DEFAULT_MOSAIC_FWD) adds late_pv_wait (a never-taken
+branch that keeps ptxas's wait for P V below the softmax) and the lazy rescale (which skips most
+warps' O multiplies after that wait): another 1.015-1.03x. MosaicTuning() keeps the serial loop.
 
 MosaicTuning.persistent launches one CTA per SM instead, each walking work items (head, query block,
 batch) in the normal launch's order: its memory warpgroup streams the next item's K/V into the same
@@ -163,8 +164,9 @@ def _named_turn(op: str, other: bool):
 def _convergence_point():
     """A branch on the thread index that is never taken (tid.x >= 4096) around a nanosleep, neither of
     which LLVM or ptxas can remove (the index comes from an asm, the sleep has side effects). After a
-    branch that may diverge, ptxas checks convergence (BRA.DIV, WARPSYNC.ALL) before the next warp
-    shuffle, and it does not move a wgmma wait above that check (MosaicTuning.late_pv_wait)."""
+    branch that may diverge, ptxas keeps a later wgmma wait down at the first use of what it waits for
+    instead of hoisting it to the first write of the softmax (MosaicTuning.late_pv_wait; its row sums'
+    shuffles removed from the PTX, the wait stays as low: benchmarks/NOTES.md, session 10)."""
     import jax.experimental.mosaic.gpu as mgpu
     import jax.experimental.pallas.mosaic_gpu as plgpu
     from jaxlib.mlir import ir

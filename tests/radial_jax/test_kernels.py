@@ -557,10 +557,11 @@ class TestMosaicOverlapSeparateKVGPU(TestMosaicOverlapGPU):
 
 
 class TestMosaicLatePVWaitGPU(TestMosaicOverlapGPU):
-    """The default forward with its wait for P V kept below the softmax by a never-taken branch
-    (MosaicTuning.late_pv_wait): the same arithmetic in the same order."""
+    """The default forward's exact form (no lazy rescale): its wait for P V kept below the softmax by a
+    never-taken branch (MosaicTuning.late_pv_wait), the same arithmetic in the same order as the serial
+    loop. The default itself (lazy) is TestMosaicGPU's, and against this one test_mosaic_lazy_rescale.py's."""
 
-    tuning = KernelTuning(mosaic_fwd=dataclasses.replace(DEFAULT_MOSAIC_FWD, late_pv_wait=True))
+    tuning = KernelTuning(mosaic_fwd=dataclasses.replace(DEFAULT_MOSAIC_FWD, lazy_rescale_threshold=None))
 
 
 class TestMosaicExp2PolyGPU(TestMosaicOverlapGPU):

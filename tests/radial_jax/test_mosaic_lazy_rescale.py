@@ -4,6 +4,8 @@ by more than the threshold, so out and lse must not move beyond rounding. The CP
 lowering (test_mosaic_lowering.py); the Triton twin has no lazy variant (same result, nothing to test).
 """
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -72,12 +74,14 @@ class TestLazyRescaleGPU:
         return KernelTuning(mosaic_fwd=MosaicTuning(lazy_rescale_threshold=threshold, **self.overlap))
 
     def check_lazy_forward(self, q, k, v, mask, threshold, tolerance):
-        """The lazy kernel vs the f32 reference (assert_forward) and vs the exact kernel on the same inputs."""
+        """The lazy kernel vs the f32 reference (assert_forward) and vs the same design without the lazy
+        rescale, on the same inputs."""
         lazy = self.lazy_tuning(threshold)
         attend = lambda tuning: jax.jit(lambda q, k, v: block_sparse_attention(
             q, k, v, mask, block_size=self.block, return_lse=True, backend=self.backend, tuning=tuning))
         out, lse = attend(lazy)(q, k, v)
-        exact_out, exact_lse = attend(None)(q, k, v)
+        exact = KernelTuning(mosaic_fwd=dataclasses.replace(lazy.mosaic_fwd, lazy_rescale_threshold=None))
+        exact_out, exact_lse = attend(exact)(q, k, v)
         f32 = lambda x: x.astype(jnp.float32)
         reference = jax.jit(lambda q, k, v: attention_reference(q, k, v, mask, block_size=self.block))
         ref_out, ref_lse = reference(f32(q), f32(k), f32(v))
@@ -101,6 +105,15 @@ class TestLazyRescaleOverlapFA3GPU(TestLazyRescaleGPU):
     act on O between the S_{j+1} and the P_j V_j issues, with step j's maxima carried to step j + 1."""
 
     overlap = {"overlap_qk": True, "overlap_late_p": True, "overlap_early_rescale": True}
+
+
+class TestLazyRescaleLatePVWaitGPU(TestLazyRescaleGPU):
+    """The default forward (DEFAULT_MOSAIC_FWD's fields): the lazy rescale with the wait for P V kept below
+    the softmax (late_pv_wait), so the warp vote and branch run on O right after that late wait, the
+    step's second branch."""
+
+    overlap = {"overlap_qk": True, "overlap_late_p": True, "named_turn": True, "overlap_waits_first": True,
+               "separate_kv_waits": True, "late_pv_wait": True}
 
 
 def _late_jump_qkv(q_len, kv_len, heads, head_dim, dtype):

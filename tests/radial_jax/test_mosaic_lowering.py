@@ -43,6 +43,11 @@ def test_forward_lowers_to_one_mosaic_kernel(case):
     tables, q, kv, _ = _setup(*case)
     text = _lowered_text(lambda q, k, v: mosaic_fwd.mosaic_forward(q, k, v, tables=tables, scale=0.1), q, kv, kv)
     assert text.count("mosaic_gpu") >= 1 and "wgmma" in text
+    # The default's lazy rescale: a warp votes before it multiplies its accumulator rows.
+    assert "vote.sync" in text and "nanosleep" in text  # and late_pv_wait's never-taken branch
+    exact = dataclasses.replace(mosaic_fwd.DEFAULT_MOSAIC_FWD, lazy_rescale_threshold=None)
+    text = _lowered_text(lambda q, k, v: mosaic_fwd.mosaic_forward(q, k, v, tables=tables, scale=0.1, tuning=exact),
+                         q, kv, kv)  # fmt: skip
     assert "vote.sync" not in text  # the exact online softmax rescales every step, no branch
 
 
@@ -347,11 +352,11 @@ def test_late_pv_wait_puts_one_never_taken_branch_after_each_middle_steps_wait_f
     # MosaicTuning.late_pv_wait: in each middle-step loop (unmasked, and masked with a ragged key block),
     # between the wait for S (wait_group 1) and the one for P V (wait_group 0), a branch on the thread
     # index (tid.x >= 4096, read by an asm so that LLVM cannot fold it) around a nanosleep; nothing else
-    # changes (the wgmma waits are the default's).
+    # changes (the same wgmma waits as without it).
     tables, q, kv, _ = _setup(*case)
-    default = _forward_module(monkeypatch, tables, q, kv, mosaic_fwd.DEFAULT_MOSAIC_FWD)
-    late = _forward_module(monkeypatch, tables, q, kv, dataclasses.replace(mosaic_fwd.DEFAULT_MOSAIC_FWD,
-                                                                           late_pv_wait=True))
+    early = dataclasses.replace(mosaic_fwd.DEFAULT_MOSAIC_FWD, late_pv_wait=False)
+    default = _forward_module(monkeypatch, tables, q, kv, early)
+    late = _forward_module(monkeypatch, tables, q, kv, dataclasses.replace(early, late_pv_wait=True))
     middles = 1 + tables.kv_ragged
     assert "nanosleep" not in default and late.count("nanosleep.u32 0;") == middles
     assert late.count("mov.u32 $0, %tid.x;") == middles and _wgmma_waits(late) == _wgmma_waits(default)
