@@ -146,7 +146,8 @@ def forward_variants() -> dict[str, KernelTuning]:
     softmax's row reductions as trees, alone and with the lazy rescale; part of the exp2 on the FMA pipe;
     the overlaps' turn on named barriers, and their waits before S's accumulator opens; the memory
     warpgroup's K and V slot waits apart, in the serial, lazy, persistent and overlapped loops; the wait for
-    P V kept below the softmax without the lazy rescale (the default's exact form), and in FA3's order."""
+    P V kept below the softmax without the lazy rescale (the default's exact form), and in FA3's order;
+    that wait and O's rescale placed after the exp2 of S's first 8, 16 or 24 columns."""
     fwd = lambda **fields: KernelTuning(mosaic_fwd=MosaicTuning(**fields))
     default_and = lambda **fields: KernelTuning(mosaic_fwd=dataclasses.replace(DEFAULT_MOSAIC_FWD, **fields))
     # Session 9's default: the exact overlapped loop, P V waited for before the softmax's exp2.
@@ -210,6 +211,10 @@ def forward_variants() -> dict[str, KernelTuning]:
             # the default), and in FA3's order.
             "late_pv_wait_fwd": default_and(lazy_rescale_threshold=None),
             "late_pv_wait_fa3_fwd": default_and(lazy_rescale_threshold=None, overlap_early_rescale=True),
+            # ... with the wait and O's exact rescale after the first 8 / 16 / 24 columns' exp2 (FA4's place).
+            "pv_wait_after8_fwd": default_and(lazy_rescale_threshold=None, pv_wait_after_cols=8),
+            "pv_wait_after16_fwd": default_and(lazy_rescale_threshold=None, pv_wait_after_cols=16),
+            "pv_wait_after24_fwd": default_and(lazy_rescale_threshold=None, pv_wait_after_cols=24),
             "overlap_late_p_sep_s3_fwd": fwd(overlap_qk=True, overlap_late_p=True, named_turn=True,
                                              overlap_waits_first=True, separate_kv_waits=True, num_stages=3)}
 

@@ -112,6 +112,15 @@ class MosaicTuning:
     # then run after the wait with no exp2 left to hide them; with the lazy rescale, which skips the
     # multiplies of most warps, 1.015-1.031x the exact default: in DEFAULT_MOSAIC_FWD.
     late_pv_wait: bool = False
+    # With late_pv_wait, overlap_late_p and the exact rescale: the wait for P_j V_j and O's rescale go
+    # after the exp2 of S_{j+1}'s first pv_wait_after_cols columns (a multiple of 8: 4 exp2 a thread
+    # per 8), the other exp2 after them (mosaic_fwd._exp2_around_pv_wait). In FA4's loop the wait comes
+    # after 10 of its 64 exp2 and ptxas puts O's multiplies and P's casts between the rest (6 to an
+    # exp2); with late_pv_wait alone ptxas keeps the wait below all 64 and runs the 64 multiplies and 32
+    # casts after them with nothing to hide them (NOTES session 10). The same arithmetic: bitwise the
+    # exact late_pv_wait loop's out and lse. Compiled without a GPU (ptxas 13.0, PTX edited that way):
+    # the wait after 13 exp2 and the multiplies 6-7 to an exp2, FA4's schedule. Not yet timed.
+    pv_wait_after_cols: int | None = None
     # Launch order (block_grid below). None: batch, then query tiles fastest, then heads (at batch 1
     # FA4's sm90 order: consecutive query tiles of one head share its K/V in L2); g: g heads of one
     # query tile launched together, then the next tile, ..., then the next g heads (g = 1: the default's

@@ -182,6 +182,48 @@ def _convergence_point():
     point()
 
 
+
+def _exp2_around_pv_wait(x, acc, alpha, head_cols: int):
+    """Returns (2^x, acc * alpha) with the warpgroup's wait for its last wgmma (P_j V_j) between the
+    exp2 of x's first head_cols columns and the rest, the multiplies after it (MosaicTuning.pv_wait_after_cols).
+
+    x: [rows, cols] f32 in the WGMMA layout (scores less their row max, log2 units); acc: O [rows,
+    head_dim] f32 as the P V wgmma in flight leaves it (read without a wait); alpha: O's row factor
+    broadcast to acc's shape. The head's exp2 pass an optimization barrier before the wait and acc one
+    after it (both side-effecting asm, so LLVM keeps them in that order around the wait and reads O
+    only after it); the rest follows in program order, where ptxas 13.0 (after late_pv_wait's branch)
+    keeps it and interleaves the multiplies with the remaining exp2. Same operations as jnp.exp2 (ex2.approx)
+    and acc * alpha.
+    """
+    import jax.experimental.mosaic.gpu as mgpu
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+    import numpy as np
+    from jax.experimental.mosaic.gpu import fragmented_array as fa
+    from jaxlib.mlir.dialects import nvvm
+
+    wgmma = plgpu.Layout.WGMMA
+    types = (plgpu.ShapeDtypeStruct(x.shape, jnp.float32, layout=wgmma),
+             plgpu.ShapeDtypeStruct(acc.shape, jnp.float32, layout=wgmma))
+
+    @plgpu.inline_mgpu(arg_types=(wgmma, wgmma, wgmma), return_type=types)
+    def around(_, x, acc, alpha):
+        computed = {}  # id(register of x) -> its 2^x
+        for cols in ((0, head_cols), (head_cols, x.shape[1])):
+            part = x[:, cols[0]:cols[1]]  # a view: the same register objects as x's
+            values = part.exp2(approx=True)
+            if cols[0] == 0:
+                values = fa.optimization_barrier(values)  # computed before the wait below
+                nvvm.wgmma_wait_group_sync_aligned(0)
+                scaled = fa.optimization_barrier(acc) * alpha  # O read after the wait
+            computed.update(zip(map(id, part.registers.flat), values.registers.flat))
+        registers = np.empty(x.registers.shape, dtype=object)
+        for index, r in np.ndenumerate(x.registers):
+            registers[index] = computed[id(r)]
+        return mgpu.FragmentedArray(_registers=registers, _layout=x.layout, _is_signed=None), scaled
+
+    return around(x, acc, alpha)
+
+
 # 2^f on [-1/2, 1/2], degree 3, fitted for relative error (Lawson-weighted least squares on Chebyshev
 # nodes): at most 7.5e-5 off, below bf16's 2^-9 rounding of P.
 _EXP2_POLY = (0.9999280735783096, 0.6932609862225378, 0.24261112187715136, 0.05517166493030209)
@@ -288,6 +330,14 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
     if tuning.late_pv_wait and not (tuning.overlap_qk and overlap_softmax):
         raise ValueError("late_pv_wait keeps the overlapped loop's wait for P V after its softmax: set overlap_qk "
                          "(with overlap_softmax)")
+    head_cols = tuning.pv_wait_after_cols
+    if head_cols is not None and not (tuning.late_pv_wait and late_p and lazy_threshold is None and not early_rescale
+                                      and tuning.exp2_poly_every is None):
+        raise ValueError("pv_wait_after_cols places late_pv_wait's wait for P V and O's exact rescale between the "
+                         "exp2: set late_pv_wait and overlap_late_p, without the lazy rescale, overlap_early_rescale "
+                         "or exp2_poly_every")  # fmt: skip
+    if head_cols is not None and not (head_cols % 8 == 0 and 0 < head_cols < block_kv):
+        raise ValueError(f"pv_wait_after_cols={head_cols}: a multiple of 8 between 0 and block_kv={block_kv}")
     if tuning.named_turn and not tuning.overlap_qk:
         raise ValueError("named_turn passes the overlapped loop's turn token; the default loop's rendezvous "
                          "(arrive, then wait for the other's arrival) has no named-barrier form: set overlap_qk")
@@ -330,8 +380,8 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
         def row_sum(p):
             return _tree_row_reduce(p, "add") if tuning.tree_reduce else p.sum(axis=1)
 
-        def softmax_scores(s, m_i, step, *, mask_tail):
-            """Returns (p, m_new, alpha) of one key block's scores s [block_q, block_kv] f32."""
+        def shifted_scores(s, m_i, step, *, mask_tail):
+            """Returns (x, m_new, alpha) of one key block's scores s [block_q, block_kv] f32: p = 2^x."""
             if mask_tail:
                 kv_start = ids_ref[q_tile, step] * block_kv
                 cols = plgpu.broadcasted_iota(jnp.int32, (block_q, block_kv), 1, layout=plgpu.Layout.WGMMA)
@@ -345,7 +395,11 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
                 raised = raw_max > m_i + lazy_threshold
                 m_new = jnp.where(raised, raw_max, m_i)
                 alpha = jnp.where(raised, jnp.exp2(m_i - m_new), 1.0)
-            x = s * qk_scale - lax.broadcast_in_dim(m_new, s.shape, [0])
+            return s * qk_scale - lax.broadcast_in_dim(m_new, s.shape, [0]), m_new, alpha
+
+        def softmax_scores(s, m_i, step, *, mask_tail):
+            """Returns (p, m_new, alpha) of one key block's scores s [block_q, block_kv] f32."""
+            x, m_new, alpha = shifted_scores(s, m_i, step, mask_tail=mask_tail)
             if tuning.exp2_poly_every is None or mask_tail:  # masked entries must give exactly 0
                 p = jnp.exp2(x)
             else:
@@ -486,6 +540,15 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
                     _convergence_point()
                 if not overlap_softmax:  # P_j V_j has retired: V_j is free before the softmax
                     plgpu.barrier_arrive(v_consumed.at[ring_slot(j)])
+                if head_cols is not None:  # the wait and O's rescale amid the exp2, as in FA4's loop
+                    x, m_new, alpha = shifted_scores(s, m_i, j + 1, mask_tail=mask_tail)
+                    in_flight = plgpu.wgmma_accumulator_load(o_ref, wait_n=None)  # read after the wait
+                    p, acc = _exp2_around_pv_wait(x, in_flight, lax.broadcast_in_dim(alpha, in_flight.shape, [0]),
+                                                  head_cols)  # fmt: skip
+                    l_i = l_i * alpha + row_sum(p)
+                    plgpu.barrier_arrive(v_consumed.at[ring_slot(j)])
+                    o_ref[...] = acc
+                    return m_new, l_i, keep_p(lax.optimization_barrier(p))
                 p, m_new, alpha = softmax_scores(s, m_i, j + 1, mask_tail=mask_tail)
                 l_i = l_i * alpha + row_sum(p)
                 # The softmax must be done before the wait below, or LLVM may sink it past the

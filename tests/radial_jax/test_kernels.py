@@ -564,6 +564,13 @@ class TestMosaicLatePVWaitGPU(TestMosaicOverlapGPU):
     tuning = KernelTuning(mosaic_fwd=dataclasses.replace(DEFAULT_MOSAIC_FWD, lazy_rescale_threshold=None))
 
 
+class TestMosaicPVWaitAfterGPU(TestMosaicOverlapGPU):
+    """The exact late-wait loop with the wait for P V and O's rescale after the exp2 of S's first 16
+    columns (MosaicTuning.pv_wait_after_cols, FA4's place): the same arithmetic in the same order."""
+
+    tuning = KernelTuning(mosaic_fwd=dataclasses.replace(DEFAULT_MOSAIC_FWD, lazy_rescale_threshold=None,
+                                                         pv_wait_after_cols=16))
+
 class TestMosaicExp2PolyGPU(TestMosaicOverlapGPU):
     """The tree reductions with every 4th 8-key tile's exp2 by the FMA pipe's polynomial
     (MosaicTuning.exp2_poly_every=4; relative error <= 7.5e-5 a term, under f16's 2^-11): the same cases

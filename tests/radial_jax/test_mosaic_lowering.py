@@ -69,8 +69,14 @@ def test_lazy_rescale_forward_lowers_with_a_warp_vote(case):
     ({"named_turn": True}, "named_turn"),  # the default loop's rendezvous has no named-barrier form
     ({"late_pv_wait": True}, "late_pv_wait"),  # no P V in flight through the serial loop's softmax
     ({"late_pv_wait": True, "overlap_qk": True, "overlap_softmax": False}, "late_pv_wait"),
+    # without late_pv_wait ptxas hoists the wait anyway; the lazy rescale's multiplies sit in a branch
+    ({"pv_wait_after_cols": 16, "overlap_qk": True, "overlap_late_p": True}, "pv_wait_after_cols"),
+    ({"pv_wait_after_cols": 16, "overlap_qk": True, "overlap_late_p": True, "late_pv_wait": True,
+      "lazy_rescale_threshold": 8.0}, "pv_wait_after_cols"),
+    ({"pv_wait_after_cols": 12, "overlap_qk": True, "overlap_late_p": True, "late_pv_wait": True},
+     "pv_wait_after_cols=12"),
 ], ids=["lazy_overflow", "exp2_poly_0", "waits_first_alone", "named_turn_alone", "late_pv_wait_alone",
-        "late_pv_wait_paired"])
+        "late_pv_wait_paired", "pv_wait_after_without_late_wait", "pv_wait_after_lazy", "pv_wait_after_12"])
 def test_forward_refuses_a_tuning_it_cannot_run(fields, message):
     tables, q, kv, _ = _setup(*CASES[0])
     tuning = mosaic_fwd.MosaicTuning(**fields)
@@ -364,6 +370,26 @@ def test_late_pv_wait_puts_one_never_taken_branch_after_each_middle_steps_wait_f
     order = "".join(n or "N" for n, _ in [(e[0], e[1]) for e in events])
     assert order.count("1N0") == middles, order
 
+
+@pytest.mark.parametrize("case", [CASES[0], CASES[3]])
+def test_pv_wait_after_cols_waits_for_p_v_after_that_many_columns_exp2(monkeypatch, case):
+    # MosaicTuning.pv_wait_after_cols: in each middle-step loop (unmasked, and masked with a ragged key
+    # block), after late_pv_wait's branch (N), the 2 exp2 of O's row factors and 4 per 8 head columns (a
+    # thread holds 2 rows x 2 columns of each 8-column tile), then the wait for P V (0), then the other
+    # exp2 of S: 66 in all, as in the exact late_pv_wait loop, which has them all before the wait.
+    tables, q, kv, _ = _setup(*case)
+    middles = 1 + tables.kv_ragged
+
+    def order(cols):
+        tuning = dataclasses.replace(mosaic_fwd.DEFAULT_MOSAIC_FWD, lazy_rescale_threshold=None, pv_wait_after_cols=cols)
+        events = re.findall(r"wgmma\.wait[._]group\.sync\.aligned(?:\"\(\) \{group = | )(\d)|(nanosleep)|(ex2\.approx)",
+                            _forward_module(monkeypatch, tables, q, kv, tuning))
+        return "".join(n or ("N" if sleep else "e") for n, sleep, _ in events)
+
+    assert order(None).count("1N" + "e" * 66 + "0") == middles
+    for cols in (8, 16, 24):
+        head = 2 + cols // 2
+        assert order(cols).count("1N" + "e" * head + "0" + "e" * (66 - head) + "0") == middles, cols
 
 @pytest.mark.parametrize("overlap", [False, True], ids=["serial", "overlap"])
 def test_forward_without_pingpong_drops_only_the_schedule_barrier(monkeypatch, overlap):
