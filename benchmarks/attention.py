@@ -215,6 +215,10 @@ def forward_variants() -> dict[str, KernelTuning]:
             "pv_wait_after8_fwd": default_and(lazy_rescale_threshold=None, pv_wait_after_cols=8),
             "pv_wait_after16_fwd": default_and(lazy_rescale_threshold=None, pv_wait_after_cols=16),
             "pv_wait_after24_fwd": default_and(lazy_rescale_threshold=None, pv_wait_after_cols=24),
+            # The K/V loads issued by one warp of the memory warpgroup (FA4's producer warp).
+            "producer_warp_fwd": default_and(producer_warp=True),
+            "producer_warp_after8_fwd": default_and(producer_warp=True, lazy_rescale_threshold=None,
+                                                    pv_wait_after_cols=8),
             "overlap_late_p_sep_s3_fwd": fwd(overlap_qk=True, overlap_late_p=True, named_turn=True,
                                              overlap_waits_first=True, separate_kv_waits=True, num_stages=3)}
 

@@ -123,6 +123,12 @@ class MosaicTuning:
     # 1.3B 480p-81f (NOTES session 10): 8 / 16 / 24 columns 1.004x / 0.995x / 0.984x the default (lazy),
     # the exact late wait without it 0.964x: exact and as fast as the lazy default, not yet faster.
     pv_wait_after_cols: int | None = None
+    # The memory warpgroup's K/V loop on its first warp only (plgpu.warp_map), as FA4's sm90 producer is
+    # one warp: in warpgroup semantics all 4 warps run the loop, each thread arrives with a 128th of the
+    # TMA's bytes and a warpgroup barrier (bar.sync, 128 threads) precedes each copy, so the 4 warps meet
+    # twice a step and take issue slots on all 4 SM sub-partitions. In warp semantics one warp arrives and
+    # issues. Not with persistent.
+    producer_warp: bool = False
     # Launch order (block_grid below). None: batch, then query tiles fastest, then heads (at batch 1
     # FA4's sm90 order: consecutive query tiles of one head share its K/V in L2); g: g heads of one
     # query tile launched together, then the next tile, ..., then the next g heads (g = 1: the default's

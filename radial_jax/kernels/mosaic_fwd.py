@@ -338,6 +338,9 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
                          "or exp2_poly_every")  # fmt: skip
     if head_cols is not None and not (head_cols % 8 == 0 and 0 < head_cols < block_kv):
         raise ValueError(f"pv_wait_after_cols={head_cols}: a multiple of 8 between 0 and block_kv={block_kv}")
+    if tuning.producer_warp and persistent:
+        raise ValueError("producer_warp runs the K/V loads of one work item on one warp; the persistent kernel's "
+                         "memory warpgroup also loads the next items' Q: set one of them")  # fmt: skip
     if tuning.named_turn and not tuning.overlap_qk:
         raise ValueError("named_turn passes the overlapped loop's turn token; the default loop's rendezvous "
                          "(arrive, then wait for the other's arrival) has no named-barrier form: set overlap_qk")
@@ -687,12 +690,18 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
             ring = (k_ref, v_ref, ids_ref, k_smem, v_smem, k_barriers, v_barriers, k_consumed, v_consumed)
             load = functools.partial(load_kv, ring, b, head, q_tile)
 
-            for i in range(stages):
-                pl.when(i < count)(functools.partial(load, i, i))
+            def produce():
+                for i in range(stages):
+                    pl.when(i < count)(functools.partial(load, i, i))
 
-            @pl.loop(0, jnp.maximum(count - stages, 0))
-            def _(step):
-                load(step + stages, lax.rem(step, jnp.int32(stages)), True)
+                @pl.loop(0, jnp.maximum(count - stages, 0))
+                def _(step):
+                    load(step + stages, lax.rem(step, jnp.int32(stages)), True)
+
+            if tuning.producer_warp:  # warp 0 alone, in single-warp semantics; warps 1-3 have nothing to do
+                plgpu.warp_map(lambda warp: pl.when(warp == 0)(produce))
+            else:
+                produce()
 
     def persistent_kernel(q_ref, k_ref, v_ref, ids_ref, counts_ref, out_ref, lse_ref,
                           q_smem3, k_smem, v_smem, lse_smem2,

@@ -571,6 +571,12 @@ class TestMosaicPVWaitAfterGPU(TestMosaicOverlapGPU):
     tuning = KernelTuning(mosaic_fwd=dataclasses.replace(DEFAULT_MOSAIC_FWD, lazy_rescale_threshold=None,
                                                          pv_wait_after_cols=16))
 
+class TestMosaicProducerWarpGPU(TestMosaicOverlapGPU):
+    """The default forward with its K/V loads issued by one warp of the memory warpgroup
+    (MosaicTuning.producer_warp): the same arithmetic; the same cases and bounds."""
+
+    tuning = KernelTuning(mosaic_fwd=dataclasses.replace(DEFAULT_MOSAIC_FWD, producer_warp=True))
+
 class TestMosaicExp2PolyGPU(TestMosaicOverlapGPU):
     """The tree reductions with every 4th 8-key tile's exp2 by the FMA pipe's polynomial
     (MosaicTuning.exp2_poly_every=4; relative error <= 7.5e-5 a term, under f16's 2^-11): the same cases

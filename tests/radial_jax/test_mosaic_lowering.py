@@ -75,8 +75,10 @@ def test_lazy_rescale_forward_lowers_with_a_warp_vote(case):
       "lazy_rescale_threshold": 8.0}, "pv_wait_after_cols"),
     ({"pv_wait_after_cols": 12, "overlap_qk": True, "overlap_late_p": True, "late_pv_wait": True},
      "pv_wait_after_cols=12"),
+    ({"producer_warp": True, "persistent": True}, "producer_warp"),
 ], ids=["lazy_overflow", "exp2_poly_0", "waits_first_alone", "named_turn_alone", "late_pv_wait_alone",
-        "late_pv_wait_paired", "pv_wait_after_without_late_wait", "pv_wait_after_lazy", "pv_wait_after_12"])
+        "late_pv_wait_paired", "pv_wait_after_without_late_wait", "pv_wait_after_lazy", "pv_wait_after_12",
+        "producer_warp_persistent"])
 def test_forward_refuses_a_tuning_it_cannot_run(fields, message):
     tables, q, kv, _ = _setup(*CASES[0])
     tuning = mosaic_fwd.MosaicTuning(**fields)
@@ -390,6 +392,25 @@ def test_pv_wait_after_cols_waits_for_p_v_after_that_many_columns_exp2(monkeypat
     for cols in (8, 16, 24):
         head = 2 + cols // 2
         assert order(cols).count("1N" + "e" * head + "0" + "e" * (66 - head) + "0") == middles, cols
+
+@pytest.mark.parametrize("case", [CASES[0], CASES[3]])
+def test_producer_warp_loads_k_and_v_without_a_warpgroup_barrier(monkeypatch, case):
+    # MosaicTuning.producer_warp: the memory warpgroup's K/V loads (TMA, global to shared) run on one
+    # warp in single-warp semantics, so no warpgroup barrier (bar.sync) precedes each of them, as one
+    # does in warpgroup semantics (every thread arrives with its share of the bytes first); a bar.sync
+    # opens and one closes the warp's part. The compute warpgroups' loads and barriers are unchanged.
+    tables, q, kv, _ = _setup(*case)
+
+    def order(producer_warp):
+        tuning = dataclasses.replace(mosaic_fwd.DEFAULT_MOSAIC_FWD, producer_warp=producer_warp)
+        events = re.findall(r"(bar\.sync)|cp\.async\.bulk\.tensor\.shared\.cluster\.global",
+                            _forward_module(monkeypatch, tables, q, kv, tuning))
+        return "".join("B" if sync else "L" for sync in events)
+
+    per_warpgroup, per_warp = order(False), order(True)
+    kv_loads = 2 * (2 + 1)  # K and V: the ring's two first slots and the loop
+    assert per_warpgroup.endswith("BL" * kv_loads), per_warpgroup
+    assert per_warp == per_warpgroup[:-2 * kv_loads] + "B" + "L" * kv_loads + "B", per_warp
 
 @pytest.mark.parametrize("overlap", [False, True], ids=["serial", "overlap"])
 def test_forward_without_pingpong_drops_only_the_schedule_barrier(monkeypatch, overlap):
