@@ -16,4 +16,5 @@ def test_ptx_is_relabelled_for_ptxas_13_0_and_loses_its_trailing_nuls():
 def test_help_runs_without_fa4(capsys):
     with pytest.raises(SystemExit) as exit_info:
         load_benchmark("fa4_ptx").main(["--help"])
-    assert exit_info.value.code == 0 and "--seq" in capsys.readouterr().out
+    help_text = capsys.readouterr().out
+    assert exit_info.value.code == 0 and "--seq" in help_text and "--backward" in help_text
