@@ -236,11 +236,21 @@ class MosaicBwdTuning:
 
 @dataclasses.dataclass(frozen=True)
 class TritonTuning:
-    """One Triton-lowered kernel (triton_fwd.py, triton_bwd.py): Triton's launch parameters."""
+    """One Triton-lowered kernel (triton_fwd.py, triton_bwd.py): Triton's launch parameters, and for the
+    forward the softmax's rule."""
 
     num_warps: int = 4
     num_stages: int = 2
+    # The forward's lazy rescale, MosaicTuning.lazy_rescale_threshold's rule row by row (a row's max is
+    # raised only past the threshold, and its factor is exactly 1 where it is not); the Mosaic kernel's
+    # per-warp skip of the multiply is its speed, not its values. The twin follows the Mosaic default so
+    # that the CPU suite runs the algorithm the GPU does. The backward ignores it.
+    lazy_rescale_threshold: float | None = None
 
+
+# The Triton twin's forward: the Mosaic default's softmax rule (its lazy rescale), Triton's launch defaults.
+DEFAULT_TRITON_FWD = TritonTuning(num_warps=4, num_stages=2,
+                                  lazy_rescale_threshold=DEFAULT_MOSAIC_FWD.lazy_rescale_threshold)
 
 @dataclasses.dataclass(frozen=True)
 class KernelTuning:
@@ -250,7 +260,7 @@ class KernelTuning:
 
     mosaic_fwd: MosaicTuning = DEFAULT_MOSAIC_FWD
     mosaic_bwd: MosaicBwdTuning = MosaicBwdTuning()
-    triton_fwd: TritonTuning = TritonTuning(num_warps=4, num_stages=2)
+    triton_fwd: TritonTuning = DEFAULT_TRITON_FWD
     triton_bwd: TritonTuning = TritonTuning(num_warps=4, num_stages=1)
 
 

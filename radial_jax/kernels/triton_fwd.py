@@ -1,7 +1,8 @@
 """Block-sparse flash attention forward, Pallas Triton lowering: the portable twin.
 
-The same algorithm as the Mosaic GPU kernel (mosaic_fwd.py) on the same index tables: each
-program owns one query block of one head and loops over that block's key blocks only. It runs
+The same algorithm as the Mosaic GPU kernel (mosaic_fwd.py) on the same index tables, its lazy
+rescale included (the default's softmax rule): each program owns one query block of one head and
+loops over that block's key blocks only. It runs
 on any CUDA GPU and, with interpret=True, on the CPU, where the test suite checks it. On Hopper
 it runs at about half the speed of the Mosaic kernel (the Triton lowering issues no wgmma).
 """
@@ -12,15 +13,16 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from radial_jax.kernels.common import LN_2, LOG2_E, TritonTuning
+from radial_jax.kernels.common import DEFAULT_TRITON_FWD, LN_2, LOG2_E, TritonTuning
 from radial_jax.kernels.tables import BlockTables, packed_table
 
 
-def _forward_kernel(table_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, scale, block, tile, kv_len, ragged):
+def _forward_kernel(table_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, scale, block, tile, kv_len, ragged, lazy):
     """One query tile x one head. table_ref: [1 + max_kv] = (count, kv block ids...) of its block.
 
     Tiles of `tile` tokens split each `block`-token mask block (tile < block where shared
     memory is short: f32, head_dim 128); the loop visits every tile of every listed block.
+    lazy: None (the exact online softmax) or the lazy rescale's threshold in log2 units (TritonTuning).
     """
     per_block = block // tile
     count = table_ref[0] if per_block == 1 else table_ref[0] * per_block
@@ -40,9 +42,15 @@ def _forward_kernel(table_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, scale, bl
         if ragged:
             cols = start + jax.lax.broadcasted_iota(jnp.int32, s.shape, 1)
             s = jnp.where(cols < kv_len, s, -jnp.inf)
-        new_max = jnp.maximum(row_max, s.max(axis=1))
+        if lazy is None:
+            new_max = jnp.maximum(row_max, s.max(axis=1))
+            correction = jnp.exp2(row_max - new_max)
+        else:  # the max moves only past the threshold; the correction is exactly 1 where it stays
+            raw_max = s.max(axis=1)
+            raised = raw_max > row_max + lazy
+            new_max = jnp.where(raised, raw_max, row_max)
+            correction = jnp.where(raised, jnp.exp2(row_max - new_max), 1.0)
         p = jnp.exp2(s - new_max[:, None])
-        correction = jnp.exp2(row_max - new_max)
         pv = jnp.dot(p.astype(v.dtype), v, precision=precision, preferred_element_type=jnp.float32)
         acc = acc * correction[:, None] + pv
         return acc, new_max, row_sum * correction + p.sum(axis=1)
@@ -82,7 +90,7 @@ def default_tile(dtype, head_dim: int, block: int, interpret: bool) -> int:
 
 @functools.partial(jax.jit, static_argnames=("tables", "scale", "interpret", "tuning"))
 def triton_forward(q, k, v, *, tables: BlockTables, scale: float, interpret: bool = False,
-                   tuning: TritonTuning = TritonTuning(num_warps=4, num_stages=2)):
+                   tuning: TritonTuning = DEFAULT_TRITON_FWD):
     """Returns (out [B, L, N, D] in q.dtype, lse [B, N, L] float32, natural log).
 
     q: [batch, seq_q, heads, head_dim]; k, v: [batch, seq_kv, heads, head_dim]. Sequences are
@@ -99,8 +107,11 @@ def triton_forward(q, k, v, *, tables: BlockTables, scale: float, interpret: boo
     table = packed_table(tables.kv_ids, tables.kv_counts)
     tile = default_tile(q.dtype, head_dim, block, interpret)
     per_block = block // tile
+    lazy = tuning.lazy_rescale_threshold
+    if lazy is not None and not 0.0 <= lazy <= 15.0:
+        raise ValueError(f"lazy_rescale_threshold={lazy} is outside [0, 15] (log2 units; p reaches 2^threshold)")
     kernel = functools.partial(_forward_kernel, scale=scale, block=block, tile=tile, kv_len=kv_len,
-                               ragged=tables.kv_ragged)
+                               ragged=tables.kv_ragged, lazy=lazy)
     out, lse = pl.pallas_call(
         kernel,
         grid=(heads, qb * per_block, batch),  # heads fastest: neighbouring programs share a K/V row

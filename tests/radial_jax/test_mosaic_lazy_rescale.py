@@ -1,7 +1,8 @@
-"""The Mosaic forward's lazy rescale (MosaicTuning.lazy_rescale_threshold) on a Hopper GPU, against
+"""The forward's lazy rescale (MosaicTuning.lazy_rescale_threshold, the default) on a Hopper GPU, against
 the f32 reference and the exact kernel: a row's running max stays stale until a key block passes it
-by more than the threshold, so out and lse must not move beyond rounding. The CPU checks its
-lowering (test_mosaic_lowering.py); the Triton twin has no lazy variant (same result, nothing to test).
+by more than the threshold, so out and lse must not move beyond rounding. On the CPU: its lowering
+(test_mosaic_lowering.py) and the same rule in the Triton twin (TritonTuning.lazy_rescale_threshold,
+the twin's default too) under interpret mode, on inputs whose row maxima jump late.
 """
 
 import dataclasses
@@ -13,7 +14,7 @@ import pytest
 
 import tests.radial_jax.test_kernels as kernel_tests
 from radial_jax import attention_reference, radial_block_mask
-from radial_jax.kernels import KernelTuning, MosaicTuning, block_sparse_attention
+from radial_jax.kernels import DEFAULT_MOSAIC_FWD, KernelTuning, MosaicTuning, TritonTuning, block_sparse_attention
 from radial_jax.kernels.tables import block_tables
 
 
@@ -115,6 +116,40 @@ class TestLazyRescaleLatePVWaitGPU(TestLazyRescaleGPU):
     overlap = {"overlap_qk": True, "overlap_late_p": True, "named_turn": True, "overlap_waits_first": True,
                "separate_kv_waits": True, "late_pv_wait": True}
 
+
+
+class TestLazyRescaleInterpret:
+    """The lazy rule in the Triton twin under interpret mode (any machine): the rows of one warp's band
+    jump late past the threshold (their max must move), others rise by less (it stays stale and p grows
+    to 2^threshold); out and lse match the f32 reference and the exact twin to rounding."""
+
+    def test_the_twin_follows_the_mosaic_default(self):
+        assert KernelTuning().triton_fwd.lazy_rescale_threshold == DEFAULT_MOSAIC_FWD.lazy_rescale_threshold == 8.0
+
+    @pytest.mark.parametrize("threshold", [8.0, 0.0])
+    def test_lazy_twin_matches_reference_and_exact_twin(self, threshold):
+        q_len, kv_len, block = 300, 700, 128  # ragged both ways; six key blocks for the five bands
+        mask = kernel_tests._ragged_mask(11, q_len, kv_len, block)
+        q, k, v = _late_jump_qkv(q_len, kv_len, heads=2, head_dim=64, dtype=jnp.float32)
+        tables = block_tables(mask, block, q_len, kv_len)
+        moved_late, stale_high = _lazy_max_events(q[0, :, 0], k[0, :, 0], tables, 64**-0.5, threshold)
+        assert moved_late.sum() >= 16 and (stale_high.sum() >= 16 or not threshold), (moved_late.sum(), stale_high.sum())
+
+        def attend(lazy):
+            tuning = KernelTuning(triton_fwd=TritonTuning(lazy_rescale_threshold=lazy))
+            return block_sparse_attention(q, k, v, mask, block_size=block, return_lse=True, backend="interpret",
+                                          tuning=tuning)  # fmt: skip
+
+        (out, lse), (exact_out, exact_lse) = attend(threshold), attend(None)
+        ref_out, ref_lse = attention_reference(q, k, v, mask, block_size=block)
+        kernel_tests.TestInterpret().assert_forward(out, lse, ref_out, ref_lse, q, mask)
+        scale = float(jnp.abs(ref_out).max())
+        assert float(jnp.abs(out - exact_out).max()) <= 1e-5 * scale
+        finite = jnp.isfinite(exact_lse)  # empty rows: -inf in both
+        assert bool((finite == jnp.isfinite(lse)).all())
+        assert float(jnp.abs(jnp.where(finite, lse - exact_lse, 0.0)).max()) <= 1e-5 * float(jnp.abs(exact_lse[finite]).max())
+        if threshold:  # the stale max is visible: p above 1 in some step, yet the same result
+            assert not bool(jnp.array_equal(out, exact_out))
 
 def _late_jump_qkv(q_len, kv_len, heads, head_dim, dtype):
     """q, k, v ~ N(0, 1) but for the last feature, which adds row_gain[r] * key_step[m] to logit (r, m)
