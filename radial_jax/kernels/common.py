@@ -252,6 +252,7 @@ class TritonTuning:
 DEFAULT_TRITON_FWD = TritonTuning(num_warps=4, num_stages=2,
                                   lazy_rescale_threshold=DEFAULT_MOSAIC_FWD.lazy_rescale_threshold)
 
+
 @dataclasses.dataclass(frozen=True)
 class KernelTuning:
     """Every tunable of the kernels as one frozen, hashable value (a static argument of jit and of

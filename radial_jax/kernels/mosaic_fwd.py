@@ -182,7 +182,6 @@ def _convergence_point():
     point()
 
 
-
 def _exp2_around_pv_wait(x, acc, alpha, head_cols: int):
     """Returns (2^x, acc * alpha) with the warpgroup's wait for its last wgmma (P_j V_j) between the
     exp2 of x's first head_cols columns and the rest, the multiplies after it (MosaicTuning.pv_wait_after_cols).
@@ -207,14 +206,13 @@ def _exp2_around_pv_wait(x, acc, alpha, head_cols: int):
 
     @plgpu.inline_mgpu(arg_types=(wgmma, wgmma, wgmma), return_type=types)
     def around(_, x, acc, alpha):
+        head, tail = x[:, :head_cols], x[:, head_cols:]  # views: the same register objects as x's
+        head_p = fa.optimization_barrier(head.exp2(approx=True))  # computed before the wait below
+        nvvm.wgmma_wait_group_sync_aligned(0)
+        scaled = fa.optimization_barrier(acc) * alpha  # O read after the wait
+        tail_p = tail.exp2(approx=True)
         computed = {}  # id(register of x) -> its 2^x
-        for cols in ((0, head_cols), (head_cols, x.shape[1])):
-            part = x[:, cols[0]:cols[1]]  # a view: the same register objects as x's
-            values = part.exp2(approx=True)
-            if cols[0] == 0:
-                values = fa.optimization_barrier(values)  # computed before the wait below
-                nvvm.wgmma_wait_group_sync_aligned(0)
-                scaled = fa.optimization_barrier(acc) * alpha  # O read after the wait
+        for part, values in ((head, head_p), (tail, tail_p)):
             computed.update(zip(map(id, part.registers.flat), values.registers.flat))
         registers = np.empty(x.registers.shape, dtype=object)
         for index, r in np.ndenumerate(x.registers):

@@ -2,9 +2,9 @@
 
 The same algorithm as the Mosaic GPU kernel (mosaic_fwd.py) on the same index tables, its lazy
 rescale included (the default's softmax rule): each program owns one query block of one head and
-loops over that block's key blocks only. It runs
-on any CUDA GPU and, with interpret=True, on the CPU, where the test suite checks it. On Hopper
-it runs at about half the speed of the Mosaic kernel (the Triton lowering issues no wgmma).
+loops over that block's key blocks only. It runs on any CUDA GPU and, with interpret=True, on the
+CPU, where the test suite checks it. On Hopper it runs at about half the speed of the Mosaic kernel
+(the Triton lowering issues no wgmma).
 """
 
 import functools
