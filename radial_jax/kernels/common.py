@@ -232,6 +232,13 @@ class MosaicBwdTuning:
     # Launch order of every backward kernel (block_grid below), as MosaicTuning.grid_heads: None runs
     # batch, then the query (dq) or key (dk/dv, fused) blocks fastest; g, g heads of a block together.
     grid_heads: int | None = None
+    # The key-block kernels (fused, split dk/dv) compiled with Pallas's unsafe_no_auto_barriers: no
+    # warpgroup barrier (bar.sync, 128 threads) before and after each store of registers to shared memory.
+    # Safe here: every such store (dS^T, the dQ staging tile, the epilogue's dK/dV) overwrites a region
+    # only wgmma and TMA read, behind a wgmma wait, wait_smem_to_gmem (which has its own barrier) or the
+    # warpgroups' dS^T barriers, and commit_smem (fence and barrier) makes it visible after. The fused
+    # loop's warpgroup barriers go from 7 to 3 a step (FA4's: 2; ptxas 13.0, NOTES session 10).
+    no_auto_barriers: bool = False
 
 
 @dataclasses.dataclass(frozen=True)

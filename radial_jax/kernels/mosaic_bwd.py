@@ -266,5 +266,6 @@ def dkv_kernel(q, k, v, d_out, lse2, delta, *, tables: BlockTables, scale: float
         ring_smem, ring_barriers = static_ring_scratch(head_dim, dtype, t.block_q_dkv)
         smem, barriers = smem + ring_smem, barriers + ring_barriers
     launch = key_block_kernel(kernel_dkv, k, [smem, barriers], heads=heads, batch=batch,
-                              num_kv_blocks=tables.num_kv_blocks, grid_heads=t.grid_heads)  # fmt: skip
+                              num_kv_blocks=tables.num_kv_blocks, grid_heads=t.grid_heads,
+                              auto_barriers=not t.no_auto_barriers)  # fmt: skip
     return launch(q, k, v, d_out, lse2, delta, jnp.asarray(tables.q_ids), jnp.asarray(tables.q_counts))

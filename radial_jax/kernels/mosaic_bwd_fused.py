@@ -328,7 +328,8 @@ def fused_kernel(q, k, v, d_out, lse2, delta, *, tables: BlockTables, scale: flo
     # The accumulator must start at zero and plgpu.kernel has no input/output aliasing: pass a Ref.
     dq_acc = jax.new_ref(jnp.zeros((batch, heads, padded, head_dim), jnp.float32))
     launch = key_block_kernel(kernel, k, [smem, barriers], heads=heads, batch=batch,
-                              num_kv_blocks=tables.num_kv_blocks, grid_heads=tuning.grid_heads)  # fmt: skip
+                              num_kv_blocks=tables.num_kv_blocks, grid_heads=tuning.grid_heads,
+                              auto_barriers=not tuning.no_auto_barriers)  # fmt: skip
     dk, dv = launch(q, k, v, d_out, lse2, delta, jnp.asarray(tables.q_ids), jnp.asarray(tables.q_counts), dq_acc)
     dq = (dq_acc[...][:, :, :q_len] * scale).astype(dtype).transpose(0, 2, 1, 3)
     return dq, dk, dv

@@ -51,17 +51,20 @@ def store_dk_dv(dk, dv, k_smem, v_smem, dk_ref, dv_ref, *, scale: float):
     plgpu.wait_smem_to_gmem(0)
 
 
-def key_block_kernel(body, k, scratch, *, heads: int, batch: int, num_kv_blocks: int, grid_heads: int | None):
+def key_block_kernel(body, k, scratch, *, heads: int, batch: int, num_kv_blocks: int, grid_heads: int | None,
+                     auto_barriers: bool = True):
     """plgpu.kernel of a key-block kernel (the split dk/dv kernel, the fused kernel): one CTA per
     (head, 128-key block, batch) in block_grid's launch order, two compute warpgroups and a memory
-    warpgroup ("wg"), outputs (dk, dv) shaped and typed as k [B, M, N, D]; scratch: [SMEM, barriers]."""
+    warpgroup ("wg"), outputs (dk, dv) shaped and typed as k [B, M, N, D]; scratch: [SMEM, barriers].
+    auto_barriers=False: MosaicBwdTuning.no_auto_barriers."""
     import jax
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
     grid, grid_names = block_grid(heads, num_kv_blocks, batch, "kv_seq", grid_heads)
+    params = plgpu.CompilerParams(approx_math=True, unsafe_no_auto_barriers=not auto_barriers)
     return plgpu.kernel(body, out_type=[jax.ShapeDtypeStruct(k.shape, k.dtype)] * 2, scratch_types=scratch,
-                        compiler_params=plgpu.CompilerParams(approx_math=True), grid=grid, grid_names=grid_names,
-                        num_threads=COMPUTE_WGS + 1, thread_name="wg")  # fmt: skip
+                        compiler_params=params, grid=grid, grid_names=grid_names, num_threads=COMPUTE_WGS + 1,
+                        thread_name="wg")  # fmt: skip
 
 
 def dv_and_ds_t(p_t, v_smem, do_smem, delta_smem, delta_consumed, dv_acc):

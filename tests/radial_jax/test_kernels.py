@@ -321,6 +321,9 @@ class TestMosaicGPU(KernelChecks):
                                                                   memory_registers=24),
                   "fused_fa4_stats": mosaic_bwd.MosaicBwdTuning(fused=True, fused_order="fa4_late_dv",
                                                                 memory_registers=24, stats_in_acc=True),
+                  "fused_lean_noauto": mosaic_bwd.MosaicBwdTuning(
+                      fused=True, fused_order="fa4_late_dv", memory_registers=24, stats_in_acc=True,
+                      fused_dq_staging="tiles8x8", fused_dk_from_smem=True, no_auto_barriers=True),
                   "fused_private_dq": mosaic_bwd.MosaicBwdTuning(fused=True, fused_order="private_dq",
                                                                  memory_registers=24),
                   "fused_private_dq_stats": mosaic_bwd.MosaicBwdTuning(fused=True, fused_order="private_dq",
@@ -396,6 +399,22 @@ class TestMosaicFusedFA4GPU(TestMosaicGPU):
     def test_backward_variants_match_reference(self, lengths, variant):
         super().test_backward_variants_match_reference(lengths, variant)
 
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not IS_HOPPER, reason="needs a Hopper GPU (sm90) for the Mosaic kernel")
+class TestMosaicFusedLeanNoAutoGPU(TestMosaicFusedFA4GPU):
+    """The lean fused design (FA4's order with dV late, the stats in the accumulators, dQ staged in plain
+    tiles, dK's A from SMEM, 24/240 registers) compiled without Pallas's automatic warpgroup barriers
+    (MosaicBwdTuning.no_auto_barriers): the same arithmetic; a missing barrier would show as a race."""
+
+    tuning = KernelTuning(mosaic_bwd=MosaicBwdTuning(
+        fused=True, fused_order="fa4_late_dv", memory_registers=24, stats_in_acc=True, fused_dq_staging="tiles8x8",
+        fused_dk_from_smem=True, no_auto_barriers=True))
+
+    @pytest.mark.parametrize("lengths", [(1560, 1560), (1000, 1560), (1560, 1000)])
+    @pytest.mark.parametrize("variant", ["fused_lean_noauto"])
+    def test_backward_variants_match_reference(self, lengths, variant):
+        super().test_backward_variants_match_reference(lengths, variant)
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not IS_HOPPER, reason="needs a Hopper GPU (sm90) for the Mosaic kernel")

@@ -982,6 +982,25 @@ def test_fused_dk_from_smem_reads_ds_t_from_its_tile(monkeypatch, order, pipelin
     assert issues[True][("m64n64k16", "SS")] == issues[False][("m64n64k16", "SS")]
 
 
+@pytest.mark.skipif(jax.__version_info__ < (0, 11), reason="the fused backward needs jax >= 0.11")
+def test_fused_without_auto_barriers_keeps_the_barriers_of_commit_and_the_dq_wait(monkeypatch):
+    # MosaicBwdTuning.no_auto_barriers: the step's two stores to shared memory (dS^T, the dQ staging
+    # tile) lose Pallas's warpgroup barrier before and after each (4 a step); commit_smem's barrier after
+    # each store and wait_smem_to_gmem's before the dQ store stay, and nothing else in the step changes.
+    tables, q, kv, rows = _setup(4100, 1000, 2, 128)
+    loops = {}
+    for no_auto in (False, True):
+        tuning = mosaic_bwd.MosaicBwdTuning(fused=True, fused_order="fa4_late_dv", memory_registers=24,
+                                            stats_in_acc=True, fused_dq_staging="tiles8x8", fused_dk_from_smem=True,
+                                            no_auto_barriers=no_auto)  # fmt: skip
+        backward = lambda *a, tuning=tuning: mosaic_bwd.mosaic_backward(*a, tables=tables, scale=0.1, tuning=tuning)
+        (module,) = _mosaic_modules(monkeypatch, backward, q, kv, kv, q, rows, q, rows)
+        loops[no_auto] = _compute_loop(module)
+    syncs = {no_auto: loop.count("bar.sync") for no_auto, loop in loops.items()}
+    assert syncs[False] - syncs[True] == 4 and syncs[True] >= 3, syncs
+    for op in ("wgmma.mma_async", "cp.reduce.async.bulk", "fence.proxy", "llvm.store"):
+        assert loops[True].count(op) == loops[False].count(op) > 0, op
+
 def test_fused_dk_from_smem_needs_an_fa4_order():
     tables, q, kv, rows = _setup(*CASES[0])
     tuning = mosaic_bwd.MosaicBwdTuning(fused=True, fused_dk_from_smem=True)  # the deferred order
