@@ -206,8 +206,7 @@ def forward_variants() -> dict[str, KernelTuning]:
             "separate_kv_lazy_fwd": fwd(separate_kv_waits=True, lazy_rescale_threshold=8.0),
             "persistent_separate_kv_fwd": fwd(persistent=True, separate_kv_waits=True),
             "overlap_late_p_sep_lazy_fwd": fwd(**session9, lazy_rescale_threshold=8.0),  # default_lazy_fwd in session 9
-            "overlap_fa3_sep_fwd": fwd(overlap_qk=True, overlap_late_p=True, overlap_early_rescale=True,
-                                       named_turn=True, overlap_waits_first=True, separate_kv_waits=True),
+            "overlap_fa3_sep_fwd": fwd(**session9, overlap_early_rescale=True),
             "paired_issue_sep_fwd": fwd(overlap_qk=True, overlap_softmax=False, named_turn=True,
                                         overlap_waits_first=True, separate_kv_waits=True),
             # ... and the wait for P V kept below the softmax (a never-taken divergent branch): exact, the
@@ -223,8 +222,7 @@ def forward_variants() -> dict[str, KernelTuning]:
             "producer_warp_fwd": default_and(producer_warp=True),
             "producer_warp_after8_fwd": default_and(producer_warp=True, lazy_rescale_threshold=None,
                                                     pv_wait_after_cols=8),
-            "overlap_late_p_sep_s3_fwd": fwd(overlap_qk=True, overlap_late_p=True, named_turn=True,
-                                             overlap_waits_first=True, separate_kv_waits=True, num_stages=3)}
+            "overlap_late_p_sep_s3_fwd": fwd(**session9, num_stages=3)}
 
 
 def variants(backward: bool) -> dict[str, KernelTuning]:
