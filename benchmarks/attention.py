@@ -120,6 +120,10 @@ def backward_variants() -> dict[str, KernelTuning]:
             "fused_fa4_lean_regs240_bwd": KernelTuning(mosaic_bwd=MosaicBwdTuning(
                 fused=True, fused_order="fa4_late_dv", memory_registers=24, stats_in_acc=True,
                 fused_dq_staging="tiles8x8", fused_dk_from_smem=True)),
+            # The split dk/dv kernel with dP^T issued beside S^T (alone, and at 24/240 registers).
+            "dkv_dp_with_s_bwd": KernelTuning(mosaic_bwd=MosaicBwdTuning(dkv_dp_with_s=True)),
+            "dkv_dp_with_s_regs240_bwd": KernelTuning(mosaic_bwd=MosaicBwdTuning(dkv_dp_with_s=True,
+                                                                               memory_registers=24)),
             # ... and without Pallas's automatic warpgroup barriers around its shared-memory stores.
             "fused_fa4_lean_noauto_bwd": KernelTuning(mosaic_bwd=MosaicBwdTuning(
                 fused=True, fused_order="fa4_late_dv", memory_registers=24, stats_in_acc=True,

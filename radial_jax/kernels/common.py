@@ -239,6 +239,13 @@ class MosaicBwdTuning:
     # warpgroups' dS^T barriers, and commit_smem (fence and barrier) makes it visible after. The fused
     # loop's warpgroup barriers go from 7 to 3 a step (FA4's: 2; ptxas 13.0, NOTES session 10).
     no_auto_barriers: bool = False
+    # The split design's dk/dv kernel issues dP^T = V dO^T together with S^T = K Q^T and waits for S^T
+    # alone, so dP^T runs under the exp2 (mosaic_pipeline.p_t_and_dp_t, the fused kernel's head of a
+    # step); False issues S^T, waits for it, forms P^T, then issues dP^T and dV (ptxas 13.0: the S^T
+    # wait comes before any exp2 with nothing else in flight in the warpgroup; ncu: the dk/dv kernel's
+    # tensor pipe 83% busy against the dq kernel's 90%). dP^T's 32 accumulator registers a thread are
+    # then live through the exp2.
+    dkv_dp_with_s: bool = False
 
 
 @dataclasses.dataclass(frozen=True)

@@ -23,9 +23,9 @@ import jax.numpy as jnp
 from jax import lax
 
 from radial_jax.kernels.common import COMPUTE_WGS, LOG2_E, MASK_BLOCK, MosaicBwdTuning, block_coords
-from radial_jax.kernels.mosaic_pipeline import (dv_and_ds_t, key_block_kernel, load_ref, query_tile_pipeline,
-                                                smem_transforms, static_query_pipeline, static_ring_scratch,
-                                                store_dk_dv, tile_of_step)
+from radial_jax.kernels.mosaic_pipeline import (dv_and_ds_t, key_block_kernel, load_ref, p_t_and_dp_t,
+                                                query_tile_pipeline, smem_transforms, static_query_pipeline,
+                                                static_ring_scratch, store_dk_dv, tile_of_step)
 from radial_jax.kernels.tables import BlockTables
 
 FUSED_ORDERS = ("deferred_dq", "fa4", "fa4_late_dv", "private_dq")  # MosaicBwdTuning.fused_order's choices
@@ -199,18 +199,6 @@ def fused_kernel(q, k, v, d_out, lse2, delta, *, tables: BlockTables, scale: flo
                 q_smem, do_smem, lse_smem, delta_smem = bufs
                 q_consumed, do_consumed, lse_consumed, delta_consumed = consumed
 
-                def compute_p_and_dp_issue_dv(s_acc, dp_acc):
-                    plgpu.wgmma(s_acc, k_own, q_smem.transpose((1, 0)))
-                    plgpu.wgmma(dp_acc, v_own, do_smem.transpose((1, 0)))
-                    s_t = plgpu.wgmma_accumulator_load(s_acc, wait_n=1)  # S^T; dP^T may still run
-                    lse = load_ref(lse_smem, layout=col)
-                    arrive(lse_consumed)
-                    p_t = jnp.exp2(s_t * qk_scale - bcast_col(lse, s_t.shape))
-                    if late_dv:
-                        return p_t, plgpu.wgmma_accumulator_load(dp_acc, wait_n=0)
-                    plgpu.wgmma(dv_acc, p_t.astype(dtype), do_smem)
-                    return p_t, plgpu.wgmma_accumulator_load(dp_acc, wait_n=1)  # dP^T; dV may still run
-
                 def compute_p_and_dp_from_stats(refs):
                     # The accumulators start at -lse2 / qk_scale and -delta (per query column), so S^T
                     # comes out shifted by the row's lse and dP^T minus delta: the stats take no
@@ -233,8 +221,8 @@ def fused_kernel(q, k, v, d_out, lse2, delta, *, tables: BlockTables, scale: flo
                              jnp.zeros(shape_t, jnp.float32))
                     _, dp_minus_delta, p_t = pl.run_state(compute_p_and_dp_from_stats)(inits)
                 else:
-                    acc_t = plgpu.ACC(shape_t, jnp.float32)
-                    p_t, dp_t = pl.run_scoped(compute_p_and_dp_issue_dv, acc_t, acc_t)
+                    p_t, dp_t = p_t_and_dp_t(k_own, v_own, q_smem, do_smem, lse_smem, lse_consumed, dv_acc, qk_scale,
+                                             issue_dv=not late_dv)  # fmt: skip
                     delta = load_ref(delta_smem, layout=col)
                     arrive(delta_consumed)
                     dp_minus_delta = dp_t - bcast_col(delta, dp_t.shape)

@@ -12,7 +12,7 @@ from jax import lax
 
 from radial_jax.kernels.common import COMPUTE_WGS, MASK_BLOCK, block_grid
 
-__all__ = ["dv_and_ds_t", "key_block_kernel", "load_ref", "query_tile_pipeline", "smem_transforms",
+__all__ = ["dv_and_ds_t", "key_block_kernel", "load_ref", "p_t_and_dp_t", "query_tile_pipeline", "smem_transforms",
            "static_query_pipeline", "static_ring_scratch", "store_dk_dv", "tile_of_step"]
 
 
@@ -89,6 +89,34 @@ def dv_and_ds_t(p_t, v_smem, do_smem, delta_smem, delta_consumed, dv_acc):
         plgpu.barrier_arrive(delta_consumed)
     return p_t * (dp_t - lax.broadcast_in_dim(delta, dp_t.shape, [1]))
 
+
+def p_t_and_dp_t(k_smem, v_smem, q_smem, do_smem, lse_smem, lse_consumed, dv_acc, qk_scale: float, *, issue_dv: bool):
+    """One key-block step's head with dP^T beside S^T: issues S^T = K Q^T and dP^T = V dO^T together,
+    waits for S^T only and forms P^T = 2^(S^T qk_scale - lse2) while dP^T runs; then, with issue_dv,
+    issues dV += P^T dO and waits for dP^T (dV may still run), else waits for dP^T alone. Returns
+    (p_t, dp_t): [block_kv, block_q] f32.
+
+    k_smem, v_smem: [block_kv, D]; q_smem, do_smem: [block_q, D]; lse_smem: [block_q], released on
+    lse_consumed once read (None: the caller releases it).
+    """
+    import jax.experimental.pallas as pl
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+
+    def compute(s_acc, dp_acc):
+        plgpu.wgmma(s_acc, k_smem, q_smem.transpose((1, 0)))
+        plgpu.wgmma(dp_acc, v_smem, do_smem.transpose((1, 0)))
+        s_t = plgpu.wgmma_accumulator_load(s_acc, wait_n=1)  # S^T; dP^T may still run
+        lse = load_ref(lse_smem, layout=plgpu.Layout.WGMMA.reduce(0))
+        if lse_consumed is not None:
+            plgpu.barrier_arrive(lse_consumed)
+        p_t = jnp.exp2(s_t * qk_scale - lax.broadcast_in_dim(lse, s_t.shape, [1]))
+        if not issue_dv:
+            return p_t, plgpu.wgmma_accumulator_load(dp_acc, wait_n=0)
+        plgpu.wgmma(dv_acc, p_t.astype(do_smem.dtype), do_smem)
+        return p_t, plgpu.wgmma_accumulator_load(dp_acc, wait_n=1)  # dP^T; dV may still run
+
+    acc_t = plgpu.ACC((k_smem.shape[0], q_smem.shape[0]), jnp.float32)
+    return pl.run_scoped(compute, acc_t, acc_t)
 
 def tile_of_step(ids_ref, row, i, r):
     """The pipeline tile that step i of table row `row` visits: tiles are 1/r of a mask block."""

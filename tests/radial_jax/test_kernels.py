@@ -615,6 +615,9 @@ _SAME_VALUES = {
                              MosaicBwdTuning()),
     "fused_heads2": (MosaicTuning(grid_heads=2), dataclasses.replace(_FUSED, grid_heads=2), _FUSED),
     "separate_kv": (MosaicTuning(separate_kv_waits=True), MosaicBwdTuning(), MosaicBwdTuning()),
+    "dkv_dp_with_s": (MosaicTuning(), MosaicBwdTuning(dkv_dp_with_s=True), MosaicBwdTuning()),
+    "dkv_dp_with_s_static": (MosaicTuning(), MosaicBwdTuning(dkv_dp_with_s=True, split_pipeline="static"),
+                             MosaicBwdTuning()),
     "stages3_separate_kv": (MosaicTuning(num_stages=3, separate_kv_waits=True), MosaicBwdTuning(), MosaicBwdTuning()),
     "persistent_separate_kv": (MosaicTuning(persistent=True, persistent_ctas=5, separate_kv_waits=True),
                                MosaicBwdTuning(), MosaicBwdTuning()),
@@ -626,7 +629,8 @@ _SAME_VALUES = {
 @pytest.mark.parametrize("design", list(_SAME_VALUES))
 def test_reordered_designs_change_no_value(design):
     # grid_heads only reorders the CTAs, split_pipeline="static" runs the same steps in the same order
-    # on constant slots, separate_kv_waits reorders the memory warpgroup's waits and loads (with a
+    # on constant slots, dkv_dp_with_s issues the dk/dv step's wgmmas in another order (each element's
+    # arithmetic unchanged), separate_kv_waits reorders the memory warpgroup's waits and loads (with a
     # 3-slot ring too; and the persistent grid walks the same items, here 5 CTAs each several): each
     # CTA's arithmetic is the same, so out, lse and the split backward's gradients are bitwise those of
     # the design they are compared with. The fused dQ is summed by TMA

@@ -898,6 +898,24 @@ def test_split_dkv_static_pipeline_runs_a_mask_block_as_two_steps_on_constant_sl
     assert loops["static"].count("mbarrier.try_wait") == 2  # each stage's full barrier, once an iteration
 
 
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("pipeline", ["emit", "static"])
+def test_dkv_dp_with_s_issues_dp_before_waiting_for_s(monkeypatch, case, pipeline):
+    # MosaicBwdTuning.dkv_dp_with_s: the dk/dv step commits S^T and dP^T before its first wait and waits
+    # for S^T alone (wait_group 1 with 2 committed), then dV and the wait for dP^T, dK and its two waits:
+    # the same 5 wgmma groups a step (S^T, dP^T, dV, dK) in another order; the dq kernel is untouched.
+    tables, q, kv, rows = _setup(*case)
+    modules = {}
+    for early in (False, True):
+        tuning = mosaic_bwd.MosaicBwdTuning(split_pipeline=pipeline, dkv_dp_with_s=early)
+        backward = lambda *a, tuning=tuning: mosaic_bwd.mosaic_backward(*a, tables=tables, scale=0.1, tuning=tuning)
+        modules[early] = _mosaic_modules(monkeypatch, backward, q, kv, kv, q, rows, q, rows)  # dq, dk/dv
+    unnumbered = lambda module: re.sub(r'(kernel_\w+?)_\d+"', r'\1"', module)  # jax 0.11 numbers the kernels
+    assert unnumbered(modules[True][0]) == unnumbered(modules[False][0])
+    steps = 2 if pipeline == "static" else 1
+    assert _wgmma_waits(modules[False][1]) == [(0, 1), (1, 2), (1, 1), (0, 0)] * steps + [(0, 0), (0, 0)]
+    assert _wgmma_waits(modules[True][1]) == [(1, 2), (1, 1), (1, 1), (0, 0)] * steps + [(0, 0), (0, 0)]
+
 @pytest.mark.parametrize("case", CASES[:2])
 def test_split_dkv_static_pipeline_matches_every_barrier_phase(monkeypatch, case):
     # The static ring's barriers as split_pipeline="static" runs them: each compute warpgroup waits a
