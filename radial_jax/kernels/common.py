@@ -148,6 +148,13 @@ class MosaicTuning:
     persistent_ctas: int | None = None
 
 
+def check_lazy_rescale_threshold(threshold: float | None) -> None:
+    """Raises ValueError unless the lazy rescale's threshold is None (off) or in [0, 15] log2 units: p
+    reaches 2^threshold, and f16 ends at 2^16 (FA4 uses 8)."""
+    if threshold is not None and not 0.0 <= threshold <= 15.0:
+        raise ValueError(f"lazy_rescale_threshold={threshold} is outside [0, 15] (log2 units; FA4 uses 8): "
+                         "p reaches 2^threshold and f16 ends at 2^16")
+
 # The forward the library runs (KernelTuning's default): FA3's intra-warpgroup overlap with P cast after
 # its P V, the turn on named barriers, K's and the turn's waits before S's accumulator opens, K and V
 # each loaded as soon as its own ring slot is free, the wait for P V kept below the softmax, and the lazy

@@ -32,7 +32,7 @@ from jax import lax
 from radial_jax.kernels.common import (COMPUTE_WGS, LOG2_E, MASK_BLOCK, MosaicBwdTuning, block_coords, block_grid,
                                        seq_multiple, unpad_seq)
 from radial_jax.kernels.mosaic_bwd_fused import FUSED_ORDERS, FUSED_PIPELINES, fused_kernel
-from radial_jax.kernels.mosaic_pipeline import (dv_and_ds_t, key_block_kernel, load_ref, p_t_and_dp_t,
+from radial_jax.kernels.mosaic_pipeline import (ds_t_of, dv_and_ds_t, key_block_kernel, load_ref, p_t_and_dp_t,
                                                 query_tile_pipeline, smem_transforms, static_query_pipeline,
                                                 static_ring_scratch, store_dk_dv, tile_of_step)
 from radial_jax.kernels.tables import BlockTables
@@ -238,9 +238,7 @@ def dkv_kernel(q, k, v, d_out, lse2, delta, *, tables: BlockTables, scale: float
             if t.dkv_dp_with_s:  # dP^T runs under the exp2, dV under dS^T's arithmetic
                 p_t, dp_t = p_t_and_dp_t(k_smem, v_smem, q_smem, do_smem, lse_smem, lse_consumed, dv_acc, qk_scale,
                                          issue_dv=True)  # fmt: skip
-                delta = load_ref(delta_smem, layout=col)
-                arrive(delta_consumed)
-                ds_t = p_t * (dp_t - lax.broadcast_in_dim(delta, dp_t.shape, [1]))
+                ds_t = ds_t_of(p_t, dp_t, delta_smem, delta_consumed)
             else:
                 s_t = pl.run_scoped(compute_s_t, plgpu.ACC((block_kv, block_q), jnp.float32))
                 lse = load_ref(lse_smem, layout=col)

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from radial_jax.kernels.common import COMPUTE_WGS, LOG2_E, MASK_BLOCK, MosaicBwdTuning, block_coords
-from radial_jax.kernels.mosaic_pipeline import (dv_and_ds_t, key_block_kernel, load_ref, p_t_and_dp_t,
+from radial_jax.kernels.mosaic_pipeline import (ds_t_of, dv_and_ds_t, key_block_kernel, load_ref, p_t_and_dp_t,
                                                 query_tile_pipeline, smem_transforms, static_query_pipeline,
                                                 static_ring_scratch, store_dk_dv, tile_of_step)
 from radial_jax.kernels.tables import BlockTables
@@ -220,13 +220,12 @@ def fused_kernel(q, k, v, d_out, lse2, delta, *, tables: BlockTables, scale: flo
                     inits = (plgpu.ACC.init(bcast_col(lse, shape_t)), plgpu.ACC.init(bcast_col(delta, shape_t)),
                              jnp.zeros(shape_t, jnp.float32))
                     _, dp_minus_delta, p_t = pl.run_state(compute_p_and_dp_from_stats)(inits)
+                    ds_t = p_t * dp_minus_delta
                 else:
                     p_t, dp_t = p_t_and_dp_t(k_own, v_own, q_smem, do_smem, lse_smem, lse_consumed, dv_acc, qk_scale,
                                              issue_dv=not late_dv)  # fmt: skip
-                    delta = load_ref(delta_smem, layout=col)
-                    arrive(delta_consumed)
-                    dp_minus_delta = dp_t - bcast_col(delta, dp_t.shape)
-                ds_t = (p_t * dp_minus_delta).astype(dtype)
+                    ds_t = ds_t_of(p_t, dp_t, delta_smem, delta_consumed)
+                ds_t = ds_t.astype(dtype)
                 ds_smem.at[slot, own][...] = ds_t
                 plgpu.commit_smem()
                 # dK's A operand: dS^T's registers, or the rows just stored (visible to the wgmma's async

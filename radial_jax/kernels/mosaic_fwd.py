@@ -38,8 +38,8 @@ import jax.numpy as jnp
 from jax import lax
 
 from radial_jax.kernels.common import (COMPUTE_WGS, DEFAULT_MOSAIC_FWD, HOPPER_SMS, LN_2, LOG2_E, MASK_BLOCK,
-                                       MosaicTuning, block_coords, block_grid, persistent_items, seq_multiple,
-                                       unpad_seq, work_coords)
+                                       MosaicTuning, block_coords, block_grid, check_lazy_rescale_threshold,
+                                       persistent_items, seq_multiple, unpad_seq, work_coords)
 from radial_jax.kernels.tables import BlockTables
 
 __all__ = ["MosaicTuning", "mosaic_forward", "supported"]
@@ -312,9 +312,7 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
     if not overlap_softmax and (late_p or p_smem or not tuning.overlap_qk):
         raise ValueError("overlap_softmax=False waits for P V before the softmax, which the late cast and the "
                          "SMEM P exist to protect: set overlap_qk=True, without overlap_late_p/overlap_p_smem")
-    if lazy_threshold is not None and not 0.0 <= lazy_threshold <= 15.0:
-        raise ValueError(f"lazy_rescale_threshold={lazy_threshold} is outside [0, 15] (log2 units; FA4 uses 8): "
-                         "p reaches 2^threshold and f16 ends at 2^16")
+    check_lazy_rescale_threshold(lazy_threshold)
 
     grid, grid_names = block_grid(heads, num_q_tiles, batch, "q_seq", tuning.grid_heads)
     persistent, total = tuning.persistent, heads * num_q_tiles * batch

@@ -12,8 +12,8 @@ from jax import lax
 
 from radial_jax.kernels.common import COMPUTE_WGS, MASK_BLOCK, block_grid
 
-__all__ = ["dv_and_ds_t", "key_block_kernel", "load_ref", "p_t_and_dp_t", "query_tile_pipeline", "smem_transforms",
-           "static_query_pipeline", "static_ring_scratch", "store_dk_dv", "tile_of_step"]
+__all__ = ["ds_t_of", "dv_and_ds_t", "key_block_kernel", "load_ref", "p_t_and_dp_t", "query_tile_pipeline",
+           "smem_transforms", "static_query_pipeline", "static_ring_scratch", "store_dk_dv", "tile_of_step"]
 
 
 def smem_transforms(dtype):
@@ -84,6 +84,14 @@ def dv_and_ds_t(p_t, v_smem, do_smem, delta_smem, delta_consumed, dv_acc):
         return plgpu.wgmma_accumulator_load(acc, wait_n=1)  # dP^T; dV may still run
 
     dp_t = pl.run_scoped(compute_dp_t, plgpu.ACC(p_t.shape, jnp.float32))
+    return ds_t_of(p_t, dp_t, delta_smem, delta_consumed)
+
+
+def ds_t_of(p_t, dp_t, delta_smem, delta_consumed):
+    """dS^T = P^T (dP^T - delta), f32 [block_kv, block_q]: delta [block_q] read from delta_smem, which is
+    released on delta_consumed once read (None: the caller releases it later)."""
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+
     delta = load_ref(delta_smem, layout=plgpu.Layout.WGMMA.reduce(0))
     if delta_consumed is not None:
         plgpu.barrier_arrive(delta_consumed)
@@ -117,6 +125,7 @@ def p_t_and_dp_t(k_smem, v_smem, q_smem, do_smem, lse_smem, lse_consumed, dv_acc
 
     acc_t = plgpu.ACC((k_smem.shape[0], q_smem.shape[0]), jnp.float32)
     return pl.run_scoped(compute, acc_t, acc_t)
+
 
 def tile_of_step(ids_ref, row, i, r):
     """The pipeline tile that step i of table row `row` visits: tiles are 1/r of a mask block."""

@@ -13,7 +13,8 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from radial_jax.kernels.common import DEFAULT_TRITON_FWD, LN_2, LOG2_E, TritonTuning
+from radial_jax.kernels.common import (DEFAULT_TRITON_FWD, LN_2, LOG2_E, TritonTuning,
+                                       check_lazy_rescale_threshold)
 from radial_jax.kernels.tables import BlockTables, packed_table
 
 
@@ -108,8 +109,7 @@ def triton_forward(q, k, v, *, tables: BlockTables, scale: float, interpret: boo
     tile = default_tile(q.dtype, head_dim, block, interpret)
     per_block = block // tile
     lazy = tuning.lazy_rescale_threshold
-    if lazy is not None and not 0.0 <= lazy <= 15.0:
-        raise ValueError(f"lazy_rescale_threshold={lazy} is outside [0, 15] (log2 units; p reaches 2^threshold)")
+    check_lazy_rescale_threshold(lazy)
     kernel = functools.partial(_forward_kernel, scale=scale, block=block, tile=tile, kv_len=kv_len,
                                ragged=tables.kv_ragged, lazy=lazy)
     out, lse = pl.pallas_call(
