@@ -128,6 +128,16 @@ def backward_variants() -> dict[str, KernelTuning]:
             "fused_fa4_lean_noauto_bwd": KernelTuning(mosaic_bwd=MosaicBwdTuning(
                 fused=True, fused_order="fa4_late_dv", memory_registers=24, stats_in_acc=True,
                 fused_dq_staging="tiles8x8", fused_dk_from_smem=True, no_auto_barriers=True)),
+            # The fixed operands' descriptors formed in each step: the split default, the lean fused design.
+            "operands_in_step_bwd": KernelTuning(mosaic_bwd=MosaicBwdTuning(operands_in_step=True)),
+            "operands_in_step_regs240_bwd": KernelTuning(mosaic_bwd=MosaicBwdTuning(operands_in_step=True,
+                                                                                    memory_registers=24)),
+            "fused_lean_in_step_bwd": KernelTuning(mosaic_bwd=MosaicBwdTuning(
+                fused=True, fused_order="fa4_late_dv", memory_registers=24, stats_in_acc=True,
+                fused_dq_staging="tiles8x8", fused_dk_from_smem=True, operands_in_step=True)),
+            "fused_lean_in_step_noauto_bwd": KernelTuning(mosaic_bwd=MosaicBwdTuning(
+                fused=True, fused_order="fa4_late_dv", memory_registers=24, stats_in_acc=True,
+                fused_dq_staging="tiles8x8", fused_dk_from_smem=True, operands_in_step=True, no_auto_barriers=True)),
             "fused_static_lean_bwd": KernelTuning(mosaic_bwd=MosaicBwdTuning(
                 fused=True, fused_order="fa4_late_dv", memory_registers=24, stats_in_acc=True, fused_pipeline="static",
                 fused_dq_staging="tiles8x8", fused_dk_from_smem=True)),

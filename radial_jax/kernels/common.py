@@ -253,6 +253,14 @@ class MosaicBwdTuning:
     # tensor pipe 83% busy against the dq kernel's 90%). dP^T's 32 accumulator registers a thread are
     # then live through the exp2.
     dkv_dp_with_s: bool = False
+    # Each kernel's fixed wgmma operands (the fused and dk/dv kernels' K and V rows and the fused one's K
+    # at its dQ columns; the dq kernel's Q and dO rows) taken again in every step, from the warpgroup
+    # index passed through an optimization barrier. Their wgmma descriptors (8 a 128-deep operand) are
+    # loop-invariant, so LLVM hoists them out of the loop, and ptxas then holds the 64-bit values in
+    # vector registers (an R2UR before each use) and spills: the lean fused step 498 instructions and
+    # 164 spill bytes. Formed in the step they are a uniform base plus constants, which ptxas builds in
+    # uniform registers, as FlashAttention-4's loop does (ptxas 13.0, NOTES session 11).
+    operands_in_step: bool = False
 
 
 @dataclasses.dataclass(frozen=True)

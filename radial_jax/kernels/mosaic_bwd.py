@@ -143,7 +143,8 @@ def dq_kernel(q, k, v, d_out, lse2, delta, *, tables: BlockTables, scale: float,
             plgpu.wait_smem_to_gmem(0)
 
         def step(_, k_smem, v_smem, k_consumed, v_consumed, carry):
-            q_smem, do_smem = q_smem2.at[wg], do_smem2.at[wg]
+            w = lax.optimization_barrier(wg) if t.operands_in_step else wg
+            q_smem, do_smem = q_smem2.at[w], do_smem2.at[w]
             dq_acc, lse, delta = carry
 
             def compute_p_dp(s_acc, dp_acc):
@@ -227,7 +228,8 @@ def dkv_kernel(q, k, v, d_out, lse2, delta, *, tables: BlockTables, scale: float
 
         def step(_, q_smem, do_smem, lse_smem, delta_smem, q_consumed, do_consumed, lse_consumed,
                  delta_consumed, carry):
-            k_smem, v_smem = k_smem2.at[wg], v_smem2.at[wg]
+            w = lax.optimization_barrier(wg) if t.operands_in_step else wg
+            k_smem, v_smem = k_smem2.at[w], v_smem2.at[w]
             dk_acc, dv_acc = carry
             arrive = lambda barrier: barrier is not None and plgpu.barrier_arrive(barrier)
 

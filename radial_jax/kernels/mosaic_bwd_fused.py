@@ -73,10 +73,14 @@ def fused_kernel(q, k, v, d_out, lse2, delta, *, tables: BlockTables, scale: flo
             """(compute_thread, step, step_fa4, static_step) of compute warpgroup wg: traced (one code for both
             warpgroups) or, with fused_pipeline="static_wg", a Python int (each its own code, whose
             shared-memory addresses are all constants)."""
-            own = pl.ds(wg * block_kv, block_kv)
-            v_own = v_smem2.at[own] if static_wg else v_smem2.at[wg]  # static_wg: [2 * 64, D], a static slice
-            k_own, dq_smem = k_smem.at[own], dq_smem2.at[wg]
-            k_cols = k_smem.at[:, pl.ds(wg * d_half, d_half)]  # all 128 keys, this warpgroup's dQ columns
+            def fixed_operands(w):
+                """(rows of w, its K rows, its V rows, all 128 keys' K at its dQ columns) in SMEM."""
+                own = pl.ds(w * block_kv, block_kv)
+                v_own = v_smem2.at[own] if static_wg else v_smem2.at[w]  # static_wg: [2 * 64, D], a static slice
+                return own, k_smem.at[own], v_own, k_smem.at[:, pl.ds(w * d_half, d_half)]
+
+            own, k_own, v_own, k_cols = fixed_operands(wg)
+            dq_smem = dq_smem2.at[wg]
 
             def add_dq(dq, i, predicate=None, *, half=None, slot=None, tile=None):
                 """Reduce-adds this warpgroup's dQ partial of step i (head-dim half `half`, by default
@@ -198,6 +202,8 @@ def fused_kernel(q, k, v, d_out, lse2, delta, *, tables: BlockTables, scale: flo
                 # their registers while their wgmma runs (what serialized the overlap forward, NOTES FWDOV2).
                 q_smem, do_smem, lse_smem, delta_smem = bufs
                 q_consumed, do_consumed, lse_consumed, delta_consumed = consumed
+                own, k_own, v_own, k_cols = fixed_operands(
+                    lax.optimization_barrier(wg) if tuning.operands_in_step and not static_wg else wg)
 
                 def compute_p_and_dp_from_stats(refs):
                     # The accumulators start at -lse2 / qk_scale and -delta (per query column), so S^T

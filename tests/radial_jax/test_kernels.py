@@ -324,6 +324,9 @@ class TestMosaicGPU(KernelChecks):
                   "fused_lean_noauto": mosaic_bwd.MosaicBwdTuning(
                       fused=True, fused_order="fa4_late_dv", memory_registers=24, stats_in_acc=True,
                       fused_dq_staging="tiles8x8", fused_dk_from_smem=True, no_auto_barriers=True),
+                  "fused_lean_in_step": mosaic_bwd.MosaicBwdTuning(
+                      fused=True, fused_order="fa4_late_dv", memory_registers=24, stats_in_acc=True,
+                      fused_dq_staging="tiles8x8", fused_dk_from_smem=True, operands_in_step=True),
                   "fused_private_dq": mosaic_bwd.MosaicBwdTuning(fused=True, fused_order="private_dq",
                                                                  memory_registers=24),
                   "fused_private_dq_stats": mosaic_bwd.MosaicBwdTuning(fused=True, fused_order="private_dq",
@@ -396,6 +399,23 @@ class TestMosaicFusedFA4GPU(TestMosaicGPU):
     @pytest.mark.parametrize("variant", ["fused_fa4", "fused_fa4_late_dv", "fused_fa4_stats", "fused_private_dq",
                                          "fused_private_dq_stats", "fused_static", "fused_static_stats",
                                          "fused_static_wg_stats"])
+    def test_backward_variants_match_reference(self, lengths, variant):
+        super().test_backward_variants_match_reference(lengths, variant)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not IS_HOPPER, reason="needs a Hopper GPU (sm90) for the Mosaic kernel")
+class TestMosaicFusedLeanInStepGPU(TestMosaicFusedFA4GPU):
+    """The lean fused design (FA4's order with dV late, the stats in the accumulators, dQ staged in plain
+    tiles, dK's A from SMEM, 24/240 registers) with its fixed operands taken again in every step
+    (MosaicBwdTuning.operands_in_step): the same refs, so the same arithmetic and the suite's bounds."""
+
+    tuning = KernelTuning(mosaic_bwd=MosaicBwdTuning(
+        fused=True, fused_order="fa4_late_dv", memory_registers=24, stats_in_acc=True, fused_dq_staging="tiles8x8",
+        fused_dk_from_smem=True, operands_in_step=True))
+
+    @pytest.mark.parametrize("lengths", [(1560, 1560), (1000, 1560), (1560, 1000)])
+    @pytest.mark.parametrize("variant", ["fused_lean_in_step"])
     def test_backward_variants_match_reference(self, lengths, variant):
         super().test_backward_variants_match_reference(lengths, variant)
 
@@ -605,6 +625,7 @@ class TestMosaicExp2PolyGPU(TestMosaicOverlapGPU):
 
 
 _FUSED = MosaicBwdTuning(fused=True, fused_order="fa4_late_dv", memory_registers=24)
+_LEAN = dataclasses.replace(_FUSED, stats_in_acc=True, fused_dq_staging="tiles8x8", fused_dk_from_smem=True)
 # Designs that reorder the CTAs or re-address the same steps: (forward tuning, backward tuning, the
 # backward they are compared with).
 _SAME_VALUES = {
@@ -618,6 +639,8 @@ _SAME_VALUES = {
     "dkv_dp_with_s": (MosaicTuning(), MosaicBwdTuning(dkv_dp_with_s=True), MosaicBwdTuning()),
     "dkv_dp_with_s_static": (MosaicTuning(), MosaicBwdTuning(dkv_dp_with_s=True, split_pipeline="static"),
                              MosaicBwdTuning()),
+    "operands_in_step": (MosaicTuning(), MosaicBwdTuning(operands_in_step=True), MosaicBwdTuning()),
+    "fused_lean_in_step": (MosaicTuning(), dataclasses.replace(_LEAN, operands_in_step=True), _LEAN),
     "stages3_separate_kv": (MosaicTuning(num_stages=3, separate_kv_waits=True), MosaicBwdTuning(), MosaicBwdTuning()),
     "persistent_separate_kv": (MosaicTuning(persistent=True, persistent_ctas=5, separate_kv_waits=True),
                                MosaicBwdTuning(), MosaicBwdTuning()),
@@ -630,7 +653,8 @@ _SAME_VALUES = {
 def test_reordered_designs_change_no_value(design):
     # grid_heads only reorders the CTAs, split_pipeline="static" runs the same steps in the same order
     # on constant slots, dkv_dp_with_s issues the dk/dv step's wgmmas in another order (each element's
-    # arithmetic unchanged), separate_kv_waits reorders the memory warpgroup's waits and loads (with a
+    # arithmetic unchanged), operands_in_step takes the same operand refs again in every step,
+    # separate_kv_waits reorders the memory warpgroup's waits and loads (with a
     # 3-slot ring too; and the persistent grid walks the same items, here 5 CTAs each several): each
     # CTA's arithmetic is the same, so out, lse and the split backward's gradients are bitwise those of
     # the design they are compared with. The fused dQ is summed by TMA
