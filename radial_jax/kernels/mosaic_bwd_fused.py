@@ -265,9 +265,12 @@ def fused_kernel(q, k, v, d_out, lse2, delta, *, tables: BlockTables, scale: flo
                     add(pl.run_scoped(compute_dq_high, plgpu.ACC((block_q, d_half), jnp.float32)), half=1, slot=1)
                     return
                 plgpu.barrier_arrive(ds_ready.at[slot])
+                plgpu.barrier_wait(ds_ready.at[slot])  # the other warpgroup's half of dS^T stored
+                # (waited for before dQ's scope opens: its zeroed accumulator then meets the wgmma with
+                # no wait between, and ptxas folds the zeros into the first wgmma, as in the forward's
+                # overlap_waits_first; after the wait, 16 CS2R a step)
 
                 def compute_dq_issue_dk(dq_acc):
-                    plgpu.barrier_wait(ds_ready.at[slot])  # the other warpgroup's half of dS^T stored
                     plgpu.wgmma(dq_acc, ds_smem.at[slot].transpose((1, 0)), k_cols)
                     plgpu.wgmma(dk_acc, ds_operand, q_smem)
                     plgpu.wgmma_wait(2)  # dV

@@ -1052,3 +1052,23 @@ def test_operands_in_step_takes_the_warpgroup_index_in_the_key_loop(monkeypatch,
         assert before.count(_OPAQUE_INDEX) == 0 and after.count(_OPAQUE_INDEX) == 1
         loop = _compute_loop(after, anchor=_OPAQUE_INDEX)
         assert loop.count(_OPAQUE_INDEX) == 1 and "wgmma" in loop
+
+
+@pytest.mark.skipif(jax.__version_info__ < (0, 11), reason="the fused backward needs jax >= 0.11")
+@pytest.mark.parametrize("order", ["fa4", "fa4_late_dv"])
+def test_fused_waits_for_ds_before_the_dq_accumulator_is_zeroed(monkeypatch, order):
+    # dQ's accumulator is zeroed and fenced when its scope opens; the wait for the other warpgroup's
+    # half of dS^T comes before that, so no wait separates the zeros from dQ's first wgmma and ptxas
+    # folds them into it (ptxas 13.0: 16 CS2R a step fewer, NOTES session 11). Every wgmma fence of the
+    # step is followed by its wgmma with no barrier wait between.
+    tables, q, kv, rows = _setup(4100, 1000, 2, 128)
+    tuning = mosaic_bwd.MosaicBwdTuning(fused=True, fused_order=order, memory_registers=24)
+    backward = lambda *a: mosaic_bwd.mosaic_backward(*a, tables=tables, scale=0.1, tuning=tuning)
+    (module,) = _mosaic_modules(monkeypatch, backward, q, kv, kv, q, rows, q, rows)
+    kinds = ("try_wait", "wgmma.fence", "wgmma.mma_async")
+    ops = [next(k for k in kinds if k in line) for line in _compute_loop(module).split("\n")
+           if any(k in line for k in kinds)]
+    fences = [i for i, op in enumerate(ops) if op == "wgmma.fence"]
+    assert ops.count("try_wait") >= 2 and fences, ops  # the step's pipeline wait and the dS^T wait
+    for i in fences:
+        assert next(op for op in ops[i + 1:] if op != "wgmma.fence") == "wgmma.mma_async", ops
