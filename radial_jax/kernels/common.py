@@ -178,7 +178,8 @@ class MosaicBwdTuning:
     max_concurrent_steps: int = 2  # 3 ran 5-6% slower on the H100 (benchmarks/NOTES.md)
     # One kernel with dq by TMA reduce-add (head_dim % 128 == 0). Off: on the H100 it ran the
     # backward at ~430 on-block TFLOP/s where the split kernels ran ~505 (benchmarks/NOTES.md); on
-    # the H200 432-439 against 485-505 in the same calls.
+    # the H200 432-439 against 485-505 in the same calls. The lean fa4_late_dv design with
+    # operands_in_step below: 1.06-1.08x the split kernels fwd+bwd (H200, NOTES session 11).
     fused: bool = False
     # The fused kernel's order within a step. "deferred_dq" (the measured one above): dQ of step
     # i - 1 is issued beside S^T of step i, then the exp2, a full wait and dQ's store before dP^T

@@ -9,8 +9,10 @@ design), one kernel per (head, 128-key block, batch) beside mosaic_bwd.py's spli
   "fa4", FlashAttention-4's sm90 order (dQ of the step's own dS^T, issued beside dK and stored
   while dK runs; the warpgroups meet every step), "fa4_late_dv" (the same, dV issued where FA4
   issues it) or "private_dq" (each warpgroup reduces dS_w K_w over its own keys: no meeting), see
-  `fused_kernel`. On the H200 every order runs slower than the split kernels (0.82-0.97x; the
-  fused step spills and issues ~600 instructions per warp beside its 32 wgmmas, NOTES session 6).
+  `fused_kernel`. On the H200 every order ran slower than the split kernels (0.82-0.97x; the
+  fused step spills and issues ~600 instructions per warp beside its 32 wgmmas, NOTES session 6),
+  until MosaicBwdTuning.operands_in_step stopped LLVM hoisting the fixed operands' descriptors (and
+  ptxas spilling them): the lean fa4_late_dv design then ran 1.06-1.08x the split kernels (session 11).
   `MosaicBwdTuning.fused_pipeline="static"` runs the fa4_late_dv fused steps on a hand-written
   pipeline instead (`mosaic_pipeline.static_query_pipeline`: a mask block per iteration, two steps on constant
   slots; "static_wg" also emits each compute warpgroup's code apart), built and lowered on the CPU.
