@@ -276,6 +276,10 @@ class TritonTuning:
     # per-warp skip of the multiply is its speed, not its values. The twin follows the Mosaic default so
     # that the CPU suite runs the algorithm the GPU does. The backward ignores it.
     lazy_rescale_threshold: float | None = None
+    # The backward as one kernel per key tile that also adds its dQ partials (dS K, dS cast to the input
+    # dtype) into an f32 accumulator with atomic adds: MosaicBwdTuning(fused=True)'s algorithm. Off: the
+    # dq kernel and the dk/dv kernel, the split design's. The forward ignores it.
+    fused_backward: bool = False
 
 
 # The Triton twin's forward: the Mosaic default's softmax rule (its lazy rescale), Triton's launch defaults.

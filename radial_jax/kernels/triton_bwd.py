@@ -4,7 +4,9 @@ Two kernels over the index tables, as in FlashAttention-2: dq loops over each qu
 key blocks (the forward's table); dk/dv loop over each key block's query blocks (the
 transposed table). Both recompute p = exp(s - lse) from the forward's logsumexp and use
 delta = rowsum(dO * O) - dlse, so no [L, M] array exists. Runs on any CUDA GPU and, with
-interpret=True, on the CPU.
+interpret=True, on the CPU. With TritonTuning.fused_backward the dk/dv kernel also adds each
+step's dQ partial into an f32 accumulator by atomic adds and the dq kernel is not run: the Mosaic
+fused kernel's algorithm (MosaicBwdTuning(fused=True)).
 
 Padding is harmless by construction: padded keys are zeros, so their ds * k terms vanish in dq,
 and padded query rows have q = dO = delta = 0 (lse padded with 0), so their terms vanish in
@@ -48,9 +50,17 @@ def _dq_kernel(table_ref, q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, dq_re
     dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
 
 
-def _dkv_kernel(table_ref, k_ref, v_ref, q_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, *, scale, block,
-                tile):
-    """One key tile x one head: dk, dv summed over the query blocks that see its key block."""
+def _dkv_kernel(table_ref, k_ref, v_ref, q_ref, do_ref, lse_ref, delta_ref, *refs, scale, block, tile,
+                fused=False):
+    """One key tile x one head: dk, dv summed over the query blocks that see its key block.
+
+    refs: (dk_ref, dv_ref), or with fused (TritonTuning.fused_backward) (dq_acc_in, dk_ref, dv_ref,
+    dq_acc_ref): each step also atomically adds its dQ partial, dS K in f32 from dS's cast to the input
+    dtype, into the f32 accumulator [padded L, D] (the Mosaic fused kernel's TMA reduce-adds).
+    """
+    from jax.experimental.pallas import triton as pltriton
+
+    dk_ref, dv_ref, dq_acc_ref = (refs[1], refs[2], refs[3]) if fused else (*refs, None)
     per_block = block // tile
     count = table_ref[0] if per_block == 1 else table_ref[0] * per_block
     k, v = k_ref[...], v_ref[...]  # [block, D]
@@ -65,8 +75,10 @@ def _dkv_kernel(table_ref, k_ref, v_ref, q_ref, do_ref, lse_ref, delta_ref, dk_r
         delta = delta_ref[pl.ds(start, tile)]
         p_t = jnp.exp2(_dot(k, q, 1, 1, precision) * (scale * LOG2_E) - lse2[None, :])  # [block_kv, block_q]
         dv = dv + _dot(p_t.astype(do.dtype), do, 1, 0, precision)
-        ds_t = p_t * (_dot(v, do, 1, 1, precision) - delta[None, :])
-        return dk + _dot(ds_t.astype(q.dtype), q, 1, 0, precision), dv
+        ds_t = (p_t * (_dot(v, do, 1, 1, precision) - delta[None, :])).astype(q.dtype)
+        if fused:
+            pltriton.atomic_add(dq_acc_ref, (pl.ds(start, tile), slice(None)), _dot(ds_t, k, 0, 0, precision))
+        return dk + _dot(ds_t, q, 1, 0, precision), dv
 
     zeros = jnp.zeros(k.shape, jnp.float32)
     dk, dv = jax.lax.fori_loop(0, count, body, (zeros, zeros))
@@ -106,25 +118,36 @@ def triton_backward(q, k, v, out, lse, d_out, d_lse, *, tables: BlockTables, sca
     row_full = pl.BlockSpec((None, None, qb * block), lambda h, i, b: (b, h, 0))
     table_row = lambda width: pl.BlockSpec((None, width), lambda h, i, b: (block_of_tile(i, per_block), 0))
 
-    kv_table = packed_table(tables.kv_ids, tables.kv_counts)
-    dq = pl.pallas_call(
-        functools.partial(_dq_kernel, scale=scale, block=block, tile=tile),
-        grid=(heads, qb * per_block, batch),
-        in_specs=[table_row(kv_table.shape[1]), seq_tile(), seq_tile(), row_tile, row_tile, full(kb), full(kb)],
-        out_specs=seq_tile(),
-        out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
-        name="radial_block_sparse_dq_triton",
-        **params,
-    )(kv_table, q, d_out, lse, delta, k, v)
+    def dq_kernel():
+        kv_table = packed_table(tables.kv_ids, tables.kv_counts)
+        return pl.pallas_call(
+            functools.partial(_dq_kernel, scale=scale, block=block, tile=tile),
+            grid=(heads, qb * per_block, batch),
+            in_specs=[table_row(kv_table.shape[1]), seq_tile(), seq_tile(), row_tile, row_tile, full(kb), full(kb)],
+            out_specs=seq_tile(),
+            out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+            name="radial_block_sparse_dq_triton",
+            **params,
+        )(kv_table, q, d_out, lse, delta, k, v)
+
 
     q_table = packed_table(tables.q_ids, tables.q_counts)
+    dkv_specs = dict(grid=(heads, kb * per_block, batch),
+                     in_specs=[table_row(q_table.shape[1]), seq_tile(), seq_tile(), full(qb), full(qb), row_full, row_full],
+                     out_specs=[seq_tile(), seq_tile()], out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype)] * 2)
+    if tuning.fused_backward:
+        dkv_specs["in_specs"].append(full(qb))
+        dkv_specs["out_specs"].append(full(qb))
+        dkv_specs["out_shape"].append(jax.ShapeDtypeStruct(q.shape, jnp.float32))
+        dk, dv, dq_acc = pl.pallas_call(
+            functools.partial(_dkv_kernel, scale=scale, block=block, tile=tile, fused=True),
+            input_output_aliases={7: 2}, name="radial_block_sparse_dkv_dq_triton", **dkv_specs, **params,
+        )(q_table, k, v, q, d_out, lse, delta, jnp.zeros(q.shape, jnp.float32))
+        dq = (dq_acc * scale).astype(q.dtype)
+        return dq[:, :q_len], dk[:, :kv_len], dv[:, :kv_len]
+    dq = dq_kernel()
     dk, dv = pl.pallas_call(
         functools.partial(_dkv_kernel, scale=scale, block=block, tile=tile),
-        grid=(heads, kb * per_block, batch),
-        in_specs=[table_row(q_table.shape[1]), seq_tile(), seq_tile(), full(qb), full(qb), row_full, row_full],
-        out_specs=[seq_tile(), seq_tile()],
-        out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype)] * 2,
-        name="radial_block_sparse_dkv_triton",
-        **params,
+        name="radial_block_sparse_dkv_triton", **dkv_specs, **params,
     )(q_table, k, v, q, d_out, lse, delta)
     return dq[:, :q_len], dk[:, :kv_len], dv[:, :kv_len]

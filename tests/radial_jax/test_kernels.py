@@ -284,6 +284,50 @@ def test_interpret_kernel_matches_reference_on_drawn_masks(q_len, kv_len, densit
     checks.check(q_len, kv_len, 2, 64, 1, jnp.float32, mask)
 
 
+# The twin's backward with the Mosaic fused kernel's algorithm: dQ added by atomic adds from the dk/dv kernel.
+_FUSED_TWIN = KernelTuning(triton_bwd=dataclasses.replace(KernelTuning().triton_bwd, fused_backward=True))
+
+
+@pytest.mark.parametrize("mask_name", ["all_on", "random_with_empty_rows", "single_block_per_row", "radial"])
+def test_interpret_fused_backward_matches_reference(mask_name):
+    checks = TestInterpret()
+    checks.tuning = _FUSED_TWIN
+    q_len, kv_len, heads, head_dim, batch = checks.grad_case
+    mask = _masks(q_len, kv_len, checks.block)[mask_name]
+    checks.check_gradients(q_len, kv_len, heads, head_dim, batch, jnp.float32, mask)
+
+
+@pytest.mark.parametrize("lengths", [(1, 7), (260, 189), (318, 200)], ids=lambda n: f"{n[0]}x{n[1]}")
+def test_interpret_fused_backward_any_length(lengths):
+    checks = TestInterpret()
+    checks.tuning = _FUSED_TWIN
+    checks.test_any_length_forward_and_gradients_match_reference(lengths)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+def test_interpret_fused_backward_changes_only_the_dq_sum(dtype):
+    # The fused twin runs the dk/dv kernel's steps unchanged, so dk and dv are bitwise the split
+    # twin's; dq sums the same f32 products dS K (dS cast to the input dtype) over key blocks by atomic
+    # adds instead of over the query tile's loop, so it agrees to the rounding of that order.
+    q_len, kv_len, heads, batch = 300, 389, 2, 2
+    mask = _random_mask(3, 3, 4, 0.6, empty_rows=(1,))
+    q, k, v = _qkv(4, batch, q_len, kv_len, heads, 64, dtype)
+    weights = jax.random.normal(jax.random.key(8), q.shape, jnp.float32)
+
+    def grads(tuning):
+        loss = lambda q, k, v: jnp.sum(block_sparse_attention(q, k, v, mask, block_size=128, backend="interpret",
+                                                              tuning=tuning).astype(jnp.float32) * weights)
+        return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
+
+    (dq, dk, dv), (ref_dq, ref_dk, ref_dv) = grads(_FUSED_TWIN), grads(None)
+    assert bool((dk == ref_dk).all()) and bool((dv == ref_dv).all())
+    f32 = lambda x: x.astype(jnp.float32)
+    bound = (1e-6 if dtype == jnp.float32 else 1e-2) * float(jnp.abs(f32(ref_dq)).max())
+    assert float(jnp.abs(f32(dq) - f32(ref_dq)).max()) <= bound
+    rows = np.repeat(~mask.any(axis=1), 128)[:q_len]
+    assert bool((dq[:, rows] == 0).all())
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU")
 class TestTritonGPU(KernelChecks):
