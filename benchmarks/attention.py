@@ -83,6 +83,11 @@ def _attend(mask, backend, tuning):
 
 def backward_variants() -> dict[str, KernelTuning]:
     """{case name: KernelTuning} of the Mosaic backward designs --variants can time beside the default."""
+    # The lean fused design: FA4's order with dV late, the stats in the accumulators, plain dQ tiles,
+    # dK's A from SMEM, 24/240 registers; lean(**changes) is it with other fields changed too.
+    lean = lambda **changes: KernelTuning(mosaic_bwd=MosaicBwdTuning(
+        fused=True, fused_order="fa4_late_dv", memory_registers=24, stats_in_acc=True, fused_dq_staging="tiles8x8",
+        fused_dk_from_smem=True, **changes))
     return {"fused_bwd": KernelTuning(mosaic_bwd=MosaicBwdTuning(fused=True)),
             "fused_fa4_bwd": KernelTuning(mosaic_bwd=MosaicBwdTuning(fused=True, fused_order="fa4")),
             "fused_fa4_regs240_bwd": KernelTuning(mosaic_bwd=MosaicBwdTuning(fused=True, fused_order="fa4",
@@ -117,30 +122,20 @@ def backward_variants() -> dict[str, KernelTuning]:
                 fused_dq_staging="tiles8x8")),
             # All three register/instruction cuts together: static slots, plain dQ tiles, dK's A from SMEM.
             # fused_fa4_stats_dq8_regs240_bwd with dK's A operand from the dS^T tile in SMEM (Pallas's pipeline).
-            "fused_fa4_lean_regs240_bwd": KernelTuning(mosaic_bwd=MosaicBwdTuning(
-                fused=True, fused_order="fa4_late_dv", memory_registers=24, stats_in_acc=True,
-                fused_dq_staging="tiles8x8", fused_dk_from_smem=True)),
+            "fused_fa4_lean_regs240_bwd": lean(),
             # The split dk/dv kernel with dP^T issued beside S^T (alone, and at 24/240 registers).
             "dkv_dp_with_s_bwd": KernelTuning(mosaic_bwd=MosaicBwdTuning(dkv_dp_with_s=True)),
             "dkv_dp_with_s_regs240_bwd": KernelTuning(mosaic_bwd=MosaicBwdTuning(dkv_dp_with_s=True,
                                                                                memory_registers=24)),
             # ... and without Pallas's automatic warpgroup barriers around its shared-memory stores.
-            "fused_fa4_lean_noauto_bwd": KernelTuning(mosaic_bwd=MosaicBwdTuning(
-                fused=True, fused_order="fa4_late_dv", memory_registers=24, stats_in_acc=True,
-                fused_dq_staging="tiles8x8", fused_dk_from_smem=True, no_auto_barriers=True)),
+            "fused_fa4_lean_noauto_bwd": lean(no_auto_barriers=True),
             # The fixed operands' descriptors formed in each step: the split default, the lean fused design.
             "operands_in_step_bwd": KernelTuning(mosaic_bwd=MosaicBwdTuning(operands_in_step=True)),
             "operands_in_step_regs240_bwd": KernelTuning(mosaic_bwd=MosaicBwdTuning(operands_in_step=True,
                                                                                     memory_registers=24)),
-            "fused_lean_in_step_bwd": KernelTuning(mosaic_bwd=MosaicBwdTuning(
-                fused=True, fused_order="fa4_late_dv", memory_registers=24, stats_in_acc=True,
-                fused_dq_staging="tiles8x8", fused_dk_from_smem=True, operands_in_step=True)),
-            "fused_lean_in_step_noauto_bwd": KernelTuning(mosaic_bwd=MosaicBwdTuning(
-                fused=True, fused_order="fa4_late_dv", memory_registers=24, stats_in_acc=True,
-                fused_dq_staging="tiles8x8", fused_dk_from_smem=True, operands_in_step=True, no_auto_barriers=True)),
-            "fused_static_lean_bwd": KernelTuning(mosaic_bwd=MosaicBwdTuning(
-                fused=True, fused_order="fa4_late_dv", memory_registers=24, stats_in_acc=True, fused_pipeline="static",
-                fused_dq_staging="tiles8x8", fused_dk_from_smem=True)),
+            "fused_lean_in_step_bwd": lean(operands_in_step=True),
+            "fused_lean_in_step_noauto_bwd": lean(operands_in_step=True, no_auto_barriers=True),
+            "fused_static_lean_bwd": lean(fused_pipeline="static"),
             # The split dk/dv kernel on the fused kernel's hand-written static pipeline, also at 24/240 registers.
             "split_static_bwd": KernelTuning(mosaic_bwd=MosaicBwdTuning(split_pipeline="static")),
             "split_static_regs240_bwd": KernelTuning(mosaic_bwd=MosaicBwdTuning(split_pipeline="static",

@@ -58,6 +58,12 @@ RAGGED_LENGTHS = [(1, 1), (7, 7), (61, 130), (4100, 4100), (1000, 7), (8, 1000),
                   (129, 129), (383, 383), (258, 258), (195, 195), (189, 189), (318, 318), (192, 320), (256, 200)]
 
 
+# The lean fused design: FA4's order with dV late, the stats in the accumulators, dQ staged in plain tiles,
+# dK's A from SMEM, 24/240 registers.
+_LEAN = MosaicBwdTuning(fused=True, fused_order="fa4_late_dv", memory_registers=24, stats_in_acc=True,
+                        fused_dq_staging="tiles8x8", fused_dk_from_smem=True)
+
+
 def _ragged_mask(seed, q_len, kv_len, block):
     """A random mask holding the ragged last key block in every other row, row 1 empty where there are 3+ rows."""
     qb, kb = -(-q_len // block), -(-kv_len // block)
@@ -365,12 +371,8 @@ class TestMosaicGPU(KernelChecks):
                                                                   memory_registers=24),
                   "fused_fa4_stats": mosaic_bwd.MosaicBwdTuning(fused=True, fused_order="fa4_late_dv",
                                                                 memory_registers=24, stats_in_acc=True),
-                  "fused_lean_noauto": mosaic_bwd.MosaicBwdTuning(
-                      fused=True, fused_order="fa4_late_dv", memory_registers=24, stats_in_acc=True,
-                      fused_dq_staging="tiles8x8", fused_dk_from_smem=True, no_auto_barriers=True),
-                  "fused_lean_in_step": mosaic_bwd.MosaicBwdTuning(
-                      fused=True, fused_order="fa4_late_dv", memory_registers=24, stats_in_acc=True,
-                      fused_dq_staging="tiles8x8", fused_dk_from_smem=True, operands_in_step=True),
+                  "fused_lean_noauto": dataclasses.replace(_LEAN, no_auto_barriers=True),
+                  "fused_lean_in_step": dataclasses.replace(_LEAN, operands_in_step=True),
                   "fused_private_dq": mosaic_bwd.MosaicBwdTuning(fused=True, fused_order="private_dq",
                                                                  memory_registers=24),
                   "fused_private_dq_stats": mosaic_bwd.MosaicBwdTuning(fused=True, fused_order="private_dq",
@@ -450,13 +452,10 @@ class TestMosaicFusedFA4GPU(TestMosaicGPU):
 @pytest.mark.gpu
 @pytest.mark.skipif(not IS_HOPPER, reason="needs a Hopper GPU (sm90) for the Mosaic kernel")
 class TestMosaicFusedLeanInStepGPU(TestMosaicFusedFA4GPU):
-    """The lean fused design (FA4's order with dV late, the stats in the accumulators, dQ staged in plain
-    tiles, dK's A from SMEM, 24/240 registers) with its fixed operands taken again in every step
+    """The lean fused design (_LEAN) with its fixed operands taken again in every step
     (MosaicBwdTuning.operands_in_step): the same refs, so the same arithmetic and the suite's bounds."""
 
-    tuning = KernelTuning(mosaic_bwd=MosaicBwdTuning(
-        fused=True, fused_order="fa4_late_dv", memory_registers=24, stats_in_acc=True, fused_dq_staging="tiles8x8",
-        fused_dk_from_smem=True, operands_in_step=True))
+    tuning = KernelTuning(mosaic_bwd=dataclasses.replace(_LEAN, operands_in_step=True))
 
     @pytest.mark.parametrize("lengths", [(1560, 1560), (1000, 1560), (1560, 1000)])
     @pytest.mark.parametrize("variant", ["fused_lean_in_step"])
@@ -467,13 +466,10 @@ class TestMosaicFusedLeanInStepGPU(TestMosaicFusedFA4GPU):
 @pytest.mark.gpu
 @pytest.mark.skipif(not IS_HOPPER, reason="needs a Hopper GPU (sm90) for the Mosaic kernel")
 class TestMosaicFusedLeanNoAutoGPU(TestMosaicFusedFA4GPU):
-    """The lean fused design (FA4's order with dV late, the stats in the accumulators, dQ staged in plain
-    tiles, dK's A from SMEM, 24/240 registers) compiled without Pallas's automatic warpgroup barriers
+    """The lean fused design (_LEAN) compiled without Pallas's automatic warpgroup barriers
     (MosaicBwdTuning.no_auto_barriers): the same arithmetic; a missing barrier would show as a race."""
 
-    tuning = KernelTuning(mosaic_bwd=MosaicBwdTuning(
-        fused=True, fused_order="fa4_late_dv", memory_registers=24, stats_in_acc=True, fused_dq_staging="tiles8x8",
-        fused_dk_from_smem=True, no_auto_barriers=True))
+    tuning = KernelTuning(mosaic_bwd=dataclasses.replace(_LEAN, no_auto_barriers=True))
 
     @pytest.mark.parametrize("lengths", [(1560, 1560), (1000, 1560), (1560, 1000)])
     @pytest.mark.parametrize("variant", ["fused_lean_noauto"])
@@ -669,7 +665,6 @@ class TestMosaicExp2PolyGPU(TestMosaicOverlapGPU):
 
 
 _FUSED = MosaicBwdTuning(fused=True, fused_order="fa4_late_dv", memory_registers=24)
-_LEAN = dataclasses.replace(_FUSED, stats_in_acc=True, fused_dq_staging="tiles8x8", fused_dk_from_smem=True)
 # Designs that reorder the CTAs or re-address the same steps: (forward tuning, backward tuning, the
 # backward they are compared with).
 _SAME_VALUES = {
