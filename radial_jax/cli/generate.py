@@ -353,6 +353,7 @@ class Progress:
         self.compiled: set[bool] = set()  # which step programs (dense: True, radial: False) have run
         self.last = time.perf_counter()
         self._exits = contextlib.ExitStack()
+        self._bar_started = False  # a bar may be on stderr's last line until it is closed
 
     def stage(self, name: str, seconds: float) -> None:
         self._write(f"{name}: {seconds:.1f} s")
@@ -363,6 +364,7 @@ class Progress:
         if self.bar is None:
             from tqdm.auto import tqdm
 
+            self._bar_started = True
             self.bar = self._exits.enter_context(tqdm(total=num_steps, unit="step", desc="denoising"))
         note = "" if dense in self.compiled else " (incl. compile)"
         self.compiled.add(dense)
@@ -371,7 +373,7 @@ class Progress:
         self.last = now
         if step + 1 == num_steps:  # before the VAE decode, which is not a step
             self.bar.close()
-            self.bar = None
+            self.bar, self._bar_started = None, False
 
     def _write(self, line: str) -> None:
         if self.bar is None:
@@ -393,8 +395,12 @@ class Progress:
         return self
 
     def __exit__(self, *exc):
-        self.bar = None
-        self._exits.close()
+        bar, self.bar = self.bar, None
+        self._exits.close()  # closes the bar, which ends its line
+        if self._bar_started and bar is None:
+            # Interrupted (Ctrl-C, SIGTERM) while tqdm was drawing its first line, before the bar was
+            # ours to close: end that line, so that what follows (the interruption note) starts its own.
+            print(file=sys.stderr)
 
 
 def _preset_help(text: str, flag: str, default: str | None = None) -> str:

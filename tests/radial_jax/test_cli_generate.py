@@ -341,3 +341,24 @@ def test_bad_mesh_is_refused_before_loading(mesh, message, tmp_path, capsys):
     assert main(["generate", *SMALL, "--mesh", mesh, "--out", str(tmp_path / "v.mp4")]) == 2
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1
+
+
+def test_an_interrupt_while_the_bar_draws_its_first_line_still_ends_that_line(monkeypatch, capsys):
+    # The SIGTERM test above can land while tqdm is still inside its constructor, after it drew the bar's
+    # first line but before the bar is registered to be closed: the interruption note then followed on
+    # the bar's line (seen on a loaded 2-core machine). Here the constructor is interrupted at that point.
+    import tqdm.auto
+
+    from radial_jax.cli.generate import Progress
+
+    class InterruptedBar:
+        def __init__(self, **kwargs):
+            print(f"\r{kwargs['desc']}:   0%|          | 0/{kwargs['total']}", end="", file=sys.stderr)
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", InterruptedBar)
+    with pytest.raises(KeyboardInterrupt), Progress(steps=4) as progress:
+        progress.step(0, 4, dense=True)
+    print("radial-jax generate: interrupted (SIGINT)", file=sys.stderr)
+    lines = capsys.readouterr().err.replace("\r", "\n").splitlines()
+    assert lines[-2:] == ["denoising:   0%|          | 0/4", "radial-jax generate: interrupted (SIGINT)"]
