@@ -334,6 +334,28 @@ def test_interpret_fused_backward_changes_only_the_dq_sum(dtype):
     assert bool((dq[:, rows] == 0).all())
 
 
+@pytest.mark.skipif(jax.__version_info__ >= (0, 11) and not ON_GPU,
+                    reason="jax >= 0.11 lowers a Triton kernel for CUDA only with a GPU to read its compute capability")
+def test_fused_twin_lowers_to_one_triton_kernel_with_atomic_adds():
+    # Lowered for CUDA on any machine: the split twin is two Triton kernels (dq, dk/dv) without atomics;
+    # the fused twin one (dk/dv with dQ), whose Triton IR holds the atomic read-modify-writes.
+    from radial_jax.kernels import triton_bwd
+
+    mask = _random_mask(2, 8, 8, 0.5)
+    tables = block_tables(mask, 128, 1000, 1000)
+    q = jax.ShapeDtypeStruct((2, 1000, 2, 64), jnp.bfloat16)
+    rows = jax.ShapeDtypeStruct((2, 2, 1000), jnp.float32)
+    texts = {}
+    for fused in (False, True):
+        tuning = dataclasses.replace(KernelTuning().triton_bwd, fused_backward=fused)
+        backward = lambda *a, tuning=tuning: triton_bwd.triton_backward(*a, tables=tables, scale=0.1, tuning=tuning)
+        traced = jax.jit(backward).trace(q, q, q, q, rows, q, rows)
+        texts[fused] = traced.lower(lowering_platforms=("cuda",)).as_text()
+    kernels = {fused: text.count("__gpu$xla.gpu.triton") for fused, text in texts.items()}
+    assert kernels == {False: 2, True: 1}
+    assert "atomic_rmw" not in texts[False] and "atomic_rmw" in texts[True]
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU")
 class TestTritonGPU(KernelChecks):
