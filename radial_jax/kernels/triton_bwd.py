@@ -118,9 +118,27 @@ def triton_backward(q, k, v, out, lse, d_out, d_lse, *, tables: BlockTables, sca
     row_full = pl.BlockSpec((None, None, qb * block), lambda h, i, b: (b, h, 0))
     table_row = lambda width: pl.BlockSpec((None, width), lambda h, i, b: (block_of_tile(i, per_block), 0))
 
-    def dq_kernel():
+    q_table = packed_table(tables.q_ids, tables.q_counts)
+    fused = tuning.fused_backward
+    dq_acc = [jnp.zeros(q.shape, jnp.float32)] if fused else []  # in and out, aliased: the atomic adds' target
+    outs = pl.pallas_call(
+        functools.partial(_dkv_kernel, scale=scale, block=block, tile=tile, fused=fused),
+        grid=(heads, kb * per_block, batch),
+        in_specs=[table_row(q_table.shape[1]), seq_tile(), seq_tile(), full(qb), full(qb), row_full, row_full]
+        + [full(qb)] * fused,
+        out_specs=[seq_tile(), seq_tile()] + [full(qb)] * fused,
+        out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype)] * 2 + [jax.ShapeDtypeStruct(q.shape, jnp.float32)] * fused,
+        input_output_aliases={7: 2} if fused else {},
+        name="radial_block_sparse_dkv_dq_triton" if fused else "radial_block_sparse_dkv_triton",
+        **params,
+    )(q_table, k, v, q, d_out, lse, delta, *dq_acc)
+    if fused:
+        dk, dv, dq_sum = outs
+        dq = (dq_sum * scale).astype(q.dtype)
+    else:
+        dk, dv = outs
         kv_table = packed_table(tables.kv_ids, tables.kv_counts)
-        return pl.pallas_call(
+        dq = pl.pallas_call(
             functools.partial(_dq_kernel, scale=scale, block=block, tile=tile),
             grid=(heads, qb * per_block, batch),
             in_specs=[table_row(kv_table.shape[1]), seq_tile(), seq_tile(), row_tile, row_tile, full(kb), full(kb)],
@@ -129,25 +147,4 @@ def triton_backward(q, k, v, out, lse, d_out, d_lse, *, tables: BlockTables, sca
             name="radial_block_sparse_dq_triton",
             **params,
         )(kv_table, q, d_out, lse, delta, k, v)
-
-
-    q_table = packed_table(tables.q_ids, tables.q_counts)
-    dkv_specs = dict(grid=(heads, kb * per_block, batch),
-                     in_specs=[table_row(q_table.shape[1]), seq_tile(), seq_tile(), full(qb), full(qb), row_full, row_full],
-                     out_specs=[seq_tile(), seq_tile()], out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype)] * 2)
-    if tuning.fused_backward:
-        dkv_specs["in_specs"].append(full(qb))
-        dkv_specs["out_specs"].append(full(qb))
-        dkv_specs["out_shape"].append(jax.ShapeDtypeStruct(q.shape, jnp.float32))
-        dk, dv, dq_acc = pl.pallas_call(
-            functools.partial(_dkv_kernel, scale=scale, block=block, tile=tile, fused=True),
-            input_output_aliases={7: 2}, name="radial_block_sparse_dkv_dq_triton", **dkv_specs, **params,
-        )(q_table, k, v, q, d_out, lse, delta, jnp.zeros(q.shape, jnp.float32))
-        dq = (dq_acc * scale).astype(q.dtype)
-        return dq[:, :q_len], dk[:, :kv_len], dv[:, :kv_len]
-    dq = dq_kernel()
-    dk, dv = pl.pallas_call(
-        functools.partial(_dkv_kernel, scale=scale, block=block, tile=tile),
-        name="radial_block_sparse_dkv_triton", **dkv_specs, **params,
-    )(q_table, k, v, q, d_out, lse, delta)
     return dq[:, :q_len], dk[:, :kv_len], dv[:, :kv_len]
