@@ -113,19 +113,22 @@ def assemble(ptx: str, ptxas: str, nvdisasm: str) -> str:
 
 
 def read_ncu_source(path: str) -> list[dict]:
-    """Rows of ncu's source-page CSV: {address, source, executed, samples, stalls: {reason: samples}}."""
+    """Rows of ncu's source-page CSV: {kernel, address, source, executed, samples, stalls: {reason: samples}}.
+    A profile of several kernels (a backward run: the forward's, then the backward's) holds one section
+    each, headed by its "Kernel Name" line; kernel is the section's index, in launch order."""
     raw = gzip.open(path, "rt") if path.endswith(".gz") else open(path)
     lines = raw.read().splitlines()
-    start = next(i for i, line in enumerate(lines) if line.startswith('"Address"'))
-    rows = list(csv.DictReader(io.StringIO("\n".join(lines[start:]))))
+    heads = [i for i, line in enumerate(lines) if line.startswith('"Kernel Name"')] or [0]
     number = lambda value: float(value) if value not in ("", None) else 0.0  # noqa: E731
     out = []
-    for row in rows:
-        stalls = {key[len("stall_"):]: number(value) for key, value in row.items()
-                  if key.startswith("stall_") and "Not Issued" not in key and number(value)}  # fmt: skip
-        out.append({"address": row["Address"], "source": row["Source"].strip(),
-                    "executed": int(number(row.get("Instructions Executed"))),
-                    "samples": number(row.get("Warp Stall Sampling (All Samples)")), "stalls": stalls})
+    for kernel, (begin, end) in enumerate(zip(heads, heads[1:] + [len(lines)])):
+        start = next(i for i in range(begin, end) if lines[i].startswith('"Address"'))
+        for row in csv.DictReader(io.StringIO("\n".join(lines[start:end]))):
+            stalls = {key[len("stall_"):]: number(value) for key, value in row.items()
+                      if key.startswith("stall_") and "Not Issued" not in key and number(value)}  # fmt: skip
+            out.append({"kernel": kernel, "address": row["Address"], "source": row["Source"].strip(),
+                        "executed": int(number(row.get("Instructions Executed"))),
+                        "samples": number(row.get("Warp Stall Sampling (All Samples)")), "stalls": stalls})
     return out
 
 
@@ -150,6 +153,16 @@ def ncu_loops(rows: list[dict], groups: int = 3, top: int = 25) -> list[dict]:
 
 def _percent(part: float, whole: float) -> str:
     return f"{100 * part / whole:.1f}%" if whole else "-"
+
+
+def _print_ncu_loop(loop: dict):
+    total = loop["samples"]
+    shares = lambda counts: ", ".join(f"{k} {_percent(v, total)}" for k, v in list(counts.items())[:9])  # noqa: E731
+    print(f"  {loop['instructions']} instructions executed {loop['executed']} times, {int(total)} samples")
+    print("    stalls: " + shares(loop["reasons"]))
+    print("    opcodes: " + shares(loop["opcodes"]))
+    for address, samples, source in loop["hottest"]:
+        print(f"      {address[-5:]} {int(samples):7d} {source[:80]}")
 
 
 def main():
@@ -177,14 +190,11 @@ def main():
                     print("    wgmma waits (wait_group N after k exp2): "
                           + ", ".join(f"{n} after {k}" for n, k in loop["waits"]))
     for path in args.ncu_source:
-        print(f"== {path}")
-        for loop in ncu_loops(read_ncu_source(path), top=args.top):
-            total = loop["samples"]
-            print(f"  {loop['instructions']} instructions executed {loop['executed']} times, {int(total)} samples")
-            print("    stalls: " + ", ".join(f"{k} {_percent(v, total)}" for k, v in list(loop["reasons"].items())[:9]))
-            print("    opcodes: " + ", ".join(f"{k} {_percent(v, total)}" for k, v in list(loop["opcodes"].items())[:9]))
-            for address, samples, source in loop["hottest"]:
-                print(f"      {address[-5:]} {int(samples):7d} {source[:80]}")
+        rows = read_ncu_source(path)
+        for kernel in sorted({r["kernel"] for r in rows}):
+            print(f"== {path}: kernel {kernel}")
+            for loop in ncu_loops([r for r in rows if r["kernel"] == kernel], top=args.top):
+                _print_ncu_loop(loop)
     return 0
 
 

@@ -84,6 +84,26 @@ def test_ncu_loops_group_instructions_by_execution_count(tmp_path):
     assert memory["executed"] == 250 and memory["reasons"] == {"long_sb": 800}
 
 
+def test_a_profile_of_two_kernels_is_read_as_two(tmp_path):
+    # A backward run profiles the forward kernel, then the backward's: each section has its own
+    # "Kernel Name" and header lines, which must not be read as rows of the one before.
+    report = load_benchmark("sass_report")
+    forward = [(f"0x{0x100 + 16 * i:x}", "HGMMA.64x128x16.F32.BF16 R24, gdesc[UR4], R24", 5, 300, 5, 0, 0, 0)
+               for i in range(16)]
+    backward = [(f"0x{0x100 + 16 * i:x}", "STS.64 [R11], R152", 7, 900, 0, 7, 0, 0) for i in range(20)]
+    path = tmp_path / "two.csv.gz"
+    lines = []
+    for rows in (forward, backward):
+        lines += ['"Kernel Name","kernel_mosaic_gpu_kernel",', NCU_HEADER]
+        lines += [",".join(f'"{v}"' for v in row) for row in rows]
+    with gzip.open(path, "wt") as f:
+        f.write("==PROF== Connected\n" + "\n".join(lines) + "\n")
+    rows = report.read_ncu_source(str(path))
+    assert [sum(r["kernel"] == k for r in rows) for k in (0, 1)] == [16, 20]
+    (loop,) = report.ncu_loops([r for r in rows if r["kernel"] == 1])
+    assert (loop["executed"], loop["instructions"], loop["reasons"]) == (900, 20, {"wait": 140})
+
+
 @pytest.mark.skipif(not (shutil.which("ptxas") and shutil.which("nvdisasm")), reason="needs ptxas and nvdisasm")
 def test_assemble_runs_ptxas_and_nvdisasm():
     report = load_benchmark("sass_report")
