@@ -34,8 +34,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # benchmarks/ is
 import fa4  # noqa: E402
 
 from radial_jax import attention_flops, block_density, computed_token_pairs, radial_block_mask  # noqa: E402
-from radial_jax.kernels import (DEFAULT_MOSAIC_FWD, KernelTuning, MosaicBwdTuning, MosaicTuning,  # noqa: E402
-                                block_sparse_attention)
+from radial_jax.kernels import (DEFAULT_MOSAIC_BWD, DEFAULT_MOSAIC_FWD, KernelTuning,  # noqa: E402
+                                MosaicBwdTuning, MosaicTuning, block_sparse_attention)
 from radial_jax.kernels.tables import block_tables  # noqa: E402
 
 SHAPES = {**fa4.SHAPES, "tiny": (3, 100, 2)}  # tiny: --dry-run only (the Triton twin in interpret mode, CPU)
@@ -82,13 +82,18 @@ def _attend(mask, backend, tuning):
 
 
 def backward_variants() -> dict[str, KernelTuning]:
-    """{case name: KernelTuning} of the Mosaic backward designs --variants can time beside the default."""
+    """{case name: KernelTuning} of the Mosaic backward designs --variants can time beside the default
+    (DEFAULT_MOSAIC_BWD, the lean fused design with its operands taken in each step, session 12). Most
+    are named for what they change in the split design (MosaicBwdTuning(), `split_bwd`), which was the
+    default until session 12 and which the result files before it call ours_radial."""
     # The lean fused design: FA4's order with dV late, the stats in the accumulators, plain dQ tiles,
     # dK's A from SMEM, 24/240 registers; lean(**changes) is it with other fields changed too.
     lean = lambda **changes: KernelTuning(mosaic_bwd=MosaicBwdTuning(
         fused=True, fused_order="fa4_late_dv", memory_registers=24, stats_in_acc=True, fused_dq_staging="tiles8x8",
         fused_dk_from_smem=True, **changes))
-    return {"fused_bwd": KernelTuning(mosaic_bwd=MosaicBwdTuning(fused=True)),
+    default_and = lambda **changes: KernelTuning(mosaic_bwd=dataclasses.replace(DEFAULT_MOSAIC_BWD, **changes))
+    return {"split_bwd": KernelTuning(mosaic_bwd=MosaicBwdTuning()),
+            "fused_bwd": KernelTuning(mosaic_bwd=MosaicBwdTuning(fused=True)),
             "fused_fa4_bwd": KernelTuning(mosaic_bwd=MosaicBwdTuning(fused=True, fused_order="fa4")),
             "fused_fa4_regs240_bwd": KernelTuning(mosaic_bwd=MosaicBwdTuning(fused=True, fused_order="fa4",
                                                                              memory_registers=24)),
@@ -133,8 +138,14 @@ def backward_variants() -> dict[str, KernelTuning]:
             "operands_in_step_bwd": KernelTuning(mosaic_bwd=MosaicBwdTuning(operands_in_step=True)),
             "operands_in_step_regs240_bwd": KernelTuning(mosaic_bwd=MosaicBwdTuning(operands_in_step=True,
                                                                                     memory_registers=24)),
-            "fused_lean_in_step_bwd": lean(operands_in_step=True),
-            "fused_lean_in_step_noauto_bwd": lean(operands_in_step=True, no_auto_barriers=True),
+            # (fused_lean_in_step_bwd in session 11's files is the default.)
+            "fused_lean_in_step_noauto_bwd": default_and(no_auto_barriers=True),
+            # The default with the row statistics in registers (S^T issued before they are loaded, as
+            # FA4 does), and with dQ staged in plain 8x8 tiles (no swizzle selects, but the TMA
+            # reduce-add's boxes 32 bytes wide instead of 128; default_dq_swizzle_bwd in session 12's
+            # files is the default, this its base).
+            "default_stats_in_regs_bwd": default_and(stats_in_acc=False),
+            "default_dq_tiles8x8_bwd": default_and(fused_dq_staging="tiles8x8"),
             "fused_static_lean_bwd": lean(fused_pipeline="static"),
             # The split dk/dv kernel on the fused kernel's hand-written static pipeline, also at 24/240 registers.
             "split_static_bwd": KernelTuning(mosaic_bwd=MosaicBwdTuning(split_pipeline="static")),
@@ -240,8 +251,8 @@ def variants(backward: bool) -> dict[str, KernelTuning]:
 
 
 def backward_breakdown(q, k, v, mask, iters: int, fwd_flops: float, settle_s: float, batch: int = 1) -> dict:
-    """Times the default Mosaic backward's parts alone: the row statistics (XLA), the dq kernel and
-    the dk/dv kernel. Each kernel's TFLOP/s count the matmuls it executes (dq: S, dP, dQ = 1.5x
+    """Times the split Mosaic backward's parts alone (MosaicBwdTuning(), the default until session 12):
+    the row statistics (XLA), the dq kernel and the dk/dv kernel. Each kernel's TFLOP/s count the matmuls it executes (dq: S, dP, dQ = 1.5x
     the forward's FLOPs; dk/dv: S, dP, dV, dK = 2x), i.e. how busy its tensor cores are."""
     import functools
 
@@ -536,10 +547,10 @@ def main(argv=None):
     parser.add_argument("--variants",
                         help="on Hopper: comma list of other Mosaic designs to time beside the default: "
                              f"{', '.join(forward_variants())}; with --backward also {', '.join(backward_variants())} "
-                             "('' for none; default: fused_bwd with --backward, none without)")
+                             "('' for none; default: split_bwd with --backward, none without)")
     parser.add_argument("--breakdown", action="store_true",
-                        help="with --backward on Hopper: also time the backward's row statistics, dq kernel and "
-                             "dk/dv kernel alone")
+                        help="with --backward on Hopper: also time the split backward's row statistics, dq "
+                             "kernel and dk/dv kernel alone")
     parser.add_argument("--no-torch", action="store_true", help="skip the torch baselines")
     parser.add_argument("--torch-runs", default=",".join(TORCH_RUNS),
                         help="comma list of the torch baselines to run (default %(default)s); fa4 alone skips "
@@ -550,7 +561,7 @@ def main(argv=None):
     parser.add_argument("--out", help="JSON path (default benchmarks/results/attention[-backward]-<device>.json)")
     args = parser.parse_args(argv)
     if args.variants is None:
-        args.variants = "fused_bwd" if args.backward else ""
+        args.variants = "split_bwd" if args.backward else ""
     unknown = [v for v in filter(None, args.variants.split(",")) if v not in variants(args.backward)]
     if unknown:
         sys.exit(f"unknown --variants {unknown}{'' if args.backward else ' (backward designs need --backward)'}; "

@@ -1,7 +1,7 @@
 """Hardware counters of the Mosaic kernels of one or more designs, and of FlashAttention-4's, read by
 Nsight Compute on a GPU.
 
-    python benchmarks/ncu_report.py [--variants default_bwd,fused_bwd] [--shape 1.3b-480p-81f]
+    python benchmarks/ncu_report.py [--variants default_bwd,split_bwd] [--shape 1.3b-480p-81f]
                                     [--out DIR] [--dry-run]
 
 Each design (a name ptxas_report.py knows: `default`, `default_bwd`, attention.py's forward and
@@ -130,7 +130,7 @@ def summary_line(kernel: dict) -> str:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--variants", default="default_bwd,fused_bwd",
+    parser.add_argument("--variants", default="default_bwd,split_bwd",
                         help=f"comma list of {designs()} (default %(default)s)")  # fmt: skip
     parser.add_argument("--shape", default="1.3b-480p-81f", help="a shape of benchmarks/attention.py")
     parser.add_argument("--ncu", default="ncu", help="the Nsight Compute command (default %(default)s)")

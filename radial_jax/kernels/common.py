@@ -169,17 +169,20 @@ DEFAULT_MOSAIC_FWD = MosaicTuning(overlap_qk=True, overlap_late_p=True, named_tu
 
 @dataclasses.dataclass(frozen=True)
 class MosaicBwdTuning:
-    """The Mosaic backward (mosaic_bwd.py)."""
+    """The Mosaic backward (mosaic_bwd.py). MosaicBwdTuning() is the split design (a dq kernel and a
+    dk/dv kernel), the default until session 12, which the fused designs are timed against; the library
+    runs DEFAULT_MOSAIC_BWD below (start a variant of it with dataclasses.replace)."""
 
     block_q_dq: int = 64  # query rows per warpgroup in the dq kernel
     block_kv_dq: int = 64  # key tile streamed by the dq pipeline
     block_q_dkv: int = 64  # query tile streamed by the dk/dv pipeline
     block_kv_dkv: int = 64  # key rows per warpgroup in the dk/dv kernel
     max_concurrent_steps: int = 2  # 3 ran 5-6% slower on the H100 (benchmarks/NOTES.md)
-    # One kernel with dq by TMA reduce-add (head_dim % 128 == 0). Off: on the H100 it ran the
-    # backward at ~430 on-block TFLOP/s where the split kernels ran ~505 (benchmarks/NOTES.md); on
-    # the H200 432-439 against 485-505 in the same calls. The lean fa4_late_dv design with
-    # operands_in_step below: 1.06-1.08x the split kernels fwd+bwd (H200, NOTES session 11).
+    # One kernel with dq by TMA reduce-add. It needs head_dim % 128 == 0 and jax >= 0.11 (0.10 cannot
+    # pass the accumulator Ref through plgpu.kernel); elsewhere the split kernels run. Its first
+    # design, deferred_dq, ran the backward at ~430 on-block TFLOP/s on the H100 where the split
+    # kernels ran ~505 (benchmarks/NOTES.md); DEFAULT_MOSAIC_BWD, 1.08-1.10x the split kernels
+    # forward+backward on the H200 (NOTES sessions 11 and 12).
     fused: bool = False
     # The fused kernel's order within a step. "deferred_dq" (the measured one above): dQ of step
     # i - 1 is issued beside S^T of step i, then the exp2, a full wait and dQ's store before dP^T
@@ -229,7 +232,10 @@ class MosaicBwdTuning:
     # "swizzle128", (8, 32) tiles swizzled over 128 bytes, or "tiles8x8", plain (8, 8) tiles. Both
     # store a warp's register pair as 256 contiguous bytes (no bank conflict), but the swizzle's
     # addresses depend on the row, which costs the store 48 selects a step in the lowered module
-    # (ncu: 32 FSEL a warp and step); plain 8x8 tiles have none. The TMA copies the same values.
+    # (ncu: 32 FSEL a warp and step); plain 8x8 tiles have none. The TMA copies the same values, but
+    # from 8x8 tiles in 32-byte rows, from the swizzled ones in 128-byte rows: on the lean fused design
+    # the swizzle ran 1.02-1.04x the plain tiles forward+backward (H200, NOTES session 12), and ncu saw
+    # the plain tiles' kernel at 85% of L2 throughput (FA4's backward: 63%).
     fused_dq_staging: str = "swizzle128"
     # The fused kernel's dK += dS^T Q (fa4 orders): A from dS^T's registers (an RS wgmma, as FA4 does),
     # or, with True, from this warpgroup's rows of the dS^T tile already stored to SMEM for dQ (an SS
@@ -264,6 +270,18 @@ class MosaicBwdTuning:
     operands_in_step: bool = False
 
 
+# The library's backward since session 12: the fused kernel in FlashAttention-4's order with dV issued
+# after dS^T's store, the row statistics in S^T's and dP^T's accumulators, dK's A operand from the dS^T
+# tile in SMEM, FA4's 24/240 register split, the fixed operands taken in each step, and dQ staged in
+# 128-byte swizzled tiles. On the H200, forward+backward (NOTES session 12): with plain 8x8 dQ tiles it ran
+# 1.072x, 1.058x, 1.057x the split kernels at 1.3B 480p-81f, 480p-161f and 14B 720p-81f (0.94-0.96x FA4 in
+# the same calls); the swizzled staging another 1.022x, 1.027x, 1.042x. Its dQ is summed in the order the
+# TMA reduce-adds land, so it is not bitwise reproducible from run to run (dK and dV are). head_dim 64 and
+# jax 0.10 run the split kernels with its other fields.
+DEFAULT_MOSAIC_BWD = MosaicBwdTuning(fused=True, fused_order="fa4_late_dv", memory_registers=24, stats_in_acc=True,
+                                     fused_dk_from_smem=True, operands_in_step=True)
+
+
 @dataclasses.dataclass(frozen=True)
 class TritonTuning:
     """One Triton-lowered kernel (triton_fwd.py, triton_bwd.py): Triton's launch parameters, and for the
@@ -277,8 +295,9 @@ class TritonTuning:
     # that the CPU suite runs the algorithm the GPU does. The backward ignores it.
     lazy_rescale_threshold: float | None = None
     # The backward as one kernel per key tile that also adds its dQ partials (dS K, dS cast to the input
-    # dtype) into an f32 accumulator with atomic adds: MosaicBwdTuning(fused=True)'s algorithm. Off: the
-    # dq kernel and the dk/dv kernel, the split design's. The forward ignores it.
+    # dtype) into an f32 accumulator with atomic adds: MosaicBwdTuning(fused=True)'s algorithm, on in
+    # KernelTuning's default as in the Mosaic one (DEFAULT_MOSAIC_BWD). Off: the dq kernel and the dk/dv
+    # kernel, the split design's. The forward ignores it.
     fused_backward: bool = False
 
 
@@ -294,9 +313,10 @@ class KernelTuning:
     the H100 and, for the Mosaic forward since session 9, on the H200."""
 
     mosaic_fwd: MosaicTuning = DEFAULT_MOSAIC_FWD
-    mosaic_bwd: MosaicBwdTuning = MosaicBwdTuning()
+    mosaic_bwd: MosaicBwdTuning = DEFAULT_MOSAIC_BWD
     triton_fwd: TritonTuning = DEFAULT_TRITON_FWD
-    triton_bwd: TritonTuning = TritonTuning(num_warps=4, num_stages=1)
+    # The twin runs the Mosaic default's backward algorithm (fused), so the CPU suite checks it.
+    triton_bwd: TritonTuning = TritonTuning(num_warps=4, num_stages=1, fused_backward=True)
 
 
 def block_grid(heads: int, blocks: int, batch: int, block_axis: str, grid_heads: int | None):

@@ -3,18 +3,19 @@
 Two designs on the same index tables, both on `emit_pipeline_warp_specialized` (a traced step
 count, index maps that read the tables from GMEM; only the memory warpgroup evaluates them):
 
-- split (the default; jax's attention_mgpu structure, with tokamax's overlaps): a dq kernel
+- split (`MosaicBwdTuning()`; jax's attention_mgpu structure, with tokamax's overlaps): a dq kernel
   per (head, 128-query block, batch) over its key blocks, and a dk/dv kernel per (head,
   128-key block, batch) over its query blocks (the transposed table); two compute warpgroups
   of 64 rows each. It recomputes S and dP in both kernels, seven matmuls per block pair
-  instead of five, but needs no atomics and no cross-warpgroup barrier, and on the H100 it is
-  the faster of the two. `MosaicBwdTuning(split_pipeline="static")` runs its dk/dv kernel on the
-  fused kernel's hand-written pipeline instead (mosaic_pipeline.static_query_pipeline: constant
-  slots, not yet timed on a GPU).
-- fused (`MosaicBwdTuning(fused=True)`, head_dim % 128 == 0; FlashAttention-3's design, in
-  mosaic_bwd_fused.py): the dk/dv kernel also computes dQ_partial = dS K and adds it into an f32
-  accumulator in GMEM with TMA reduce-adds, five matmuls per block pair; slower than the split
-  kernels in every order measured on the H200 (benchmarks/NOTES.md, session 6).
+  instead of five, but needs no atomics and no cross-warpgroup barrier. `MosaicBwdTuning(
+  split_pipeline="static")` runs its dk/dv kernel on the fused kernel's hand-written pipeline
+  instead (mosaic_pipeline.static_query_pipeline: constant slots).
+- fused (`MosaicBwdTuning(fused=True)`, head_dim % 128 == 0 and jax >= 0.11; FlashAttention-3's
+  design, in mosaic_bwd_fused.py): the dk/dv kernel also computes dQ_partial = dS K and adds it
+  into an f32 accumulator in GMEM with TMA reduce-adds, five matmuls per block pair. The default
+  (common.DEFAULT_MOSAIC_BWD) is its lean design in FlashAttention-4's order, 1.08-1.10x the split
+  kernels forward+backward on the H200 (benchmarks/NOTES.md, sessions 11 and 12); where the
+  fused kernel cannot run (head_dim 64, jax 0.10) the same tuning runs the split kernels.
 
 Pipeline tiles are smaller than mask blocks (64 vs 128 tokens) to keep the accumulators in
 registers, so step t of a row visits tile (ids[t // r] * r + t % r), r = 128 / tile.
@@ -29,21 +30,21 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from radial_jax.kernels.common import (COMPUTE_WGS, LOG2_E, MASK_BLOCK, MosaicBwdTuning, block_coords, block_grid,
-                                       seq_multiple, unpad_seq)
+from radial_jax.kernels.common import (COMPUTE_WGS, DEFAULT_MOSAIC_BWD, LOG2_E, MASK_BLOCK, MosaicBwdTuning,
+                                       block_coords, block_grid, seq_multiple, unpad_seq)
 from radial_jax.kernels.mosaic_bwd_fused import FUSED_ORDERS, FUSED_PIPELINES, fused_kernel
 from radial_jax.kernels.mosaic_pipeline import (ds_t_of, dv_and_ds_t, key_block_kernel, load_ref, p_t_and_dp_t,
                                                 query_tile_pipeline, smem_transforms, static_query_pipeline,
                                                 static_ring_scratch, store_dk_dv, tile_of_step)
 from radial_jax.kernels.tables import BlockTables
 
-__all__ = ["FUSED_ORDERS", "FUSED_PIPELINES", "MosaicBwdTuning", "dkv_kernel", "dq_kernel", "fused_kernel",
-           "mosaic_backward", "row_statistics"]
+__all__ = ["DEFAULT_MOSAIC_BWD", "FUSED_ORDERS", "FUSED_PIPELINES", "MosaicBwdTuning", "dkv_kernel", "dq_kernel",
+           "fused_kernel", "mosaic_backward", "row_statistics"]
 
 
 @functools.partial(jax.jit, static_argnames=("tables", "scale", "tuning"))
 def mosaic_backward(q, k, v, out, lse, d_out, d_lse, *, tables: BlockTables, scale: float,
-                    tuning: MosaicBwdTuning = MosaicBwdTuning()):
+                    tuning: MosaicBwdTuning = DEFAULT_MOSAIC_BWD):
     """Returns (dq, dk, dv). q, out, d_out: [B, L, N, D]; k, v: [B, M, N, D]; lse, d_lse: [B, N, L]."""
     assert COMPUTE_WGS * tuning.block_q_dq == MASK_BLOCK == COMPUTE_WGS * tuning.block_kv_dkv == tables.block_size
     q_len, kv_len = q.shape[1], k.shape[1]
@@ -75,9 +76,8 @@ def mosaic_backward(q, k, v, out, lse, d_out, d_lse, *, tables: BlockTables, sca
     if tuning.split_pipeline == "static" and (tuning.block_q_dkv, tuning.max_concurrent_steps) != (64, 2):
         raise ValueError("split_pipeline='static' streams a mask block as two 64-row stages: "
                          "keep block_q_dkv=64 and max_concurrent_steps=2")
-    if tuning.fused and q.shape[-1] % (COMPUTE_WGS * 64) == 0:
-        if jax.__version_info__ < (0, 11):  # 0.10 cannot pass the accumulator Ref through plgpu.kernel
-            raise NotImplementedError(f"the fused Mosaic backward needs jax >= 0.11, not {jax.__version__}")
+    # jax 0.10 cannot pass the fused kernel's accumulator Ref through plgpu.kernel.
+    if tuning.fused and q.shape[-1] % (COMPUTE_WGS * 64) == 0 and jax.__version_info__ >= (0, 11):
         dq, dk, dv = fused_kernel(*args, tables=tables, scale=scale, tuning=tuning)
     else:
         dq = dq_kernel(*args, tables=tables, scale=scale, tuning=tuning)

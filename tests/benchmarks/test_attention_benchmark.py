@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from radial_jax import radial_block_mask
-from radial_jax.kernels import DEFAULT_MOSAIC_FWD, KernelTuning, MosaicBwdTuning
+from radial_jax.kernels import DEFAULT_MOSAIC_BWD, DEFAULT_MOSAIC_FWD, KernelTuning
 
 from benchmark_testing import load_benchmark
 
@@ -42,7 +42,7 @@ def test_variants_refuse_a_backward_design_without_backward():
 
 def test_backward_variants_differ_from_the_default_only_in_the_mosaic_backward():
     for tuning in load_benchmark("attention").backward_variants().values():
-        assert isinstance(tuning, KernelTuning) and tuning.mosaic_bwd != MosaicBwdTuning()
+        assert isinstance(tuning, KernelTuning) and tuning.mosaic_bwd != DEFAULT_MOSAIC_BWD
         assert tuning == KernelTuning(mosaic_bwd=tuning.mosaic_bwd)
 
 

@@ -86,11 +86,11 @@ def test_summary_splits_a_compile_of_several_kernels_per_kernel():
 
 def test_dry_run_plans_backward_designs_with_their_backward_tuning(tmp_path, capsys):
     report = load_benchmark("ptxas_report")
-    report.main(["--dry-run", "--variants", "default_bwd,fused_bwd", "--out", str(tmp_path)])
+    report.main(["--dry-run", "--variants", "default_bwd,split_bwd", "--out", str(tmp_path)])
     plan = capsys.readouterr().out.splitlines()
-    assert [line.split(":")[0] for line in plan] == ["default_bwd", "fused_bwd"]
-    assert plan[0].split(": ")[1].startswith("MosaicBwdTuning(") and "fused=False" in plan[0]
-    assert "fused=True" in plan[1] and report.is_backward("fused_bwd") and not report.is_backward("default")
+    assert [line.split(":")[0] for line in plan] == ["default_bwd", "split_bwd"]
+    assert plan[0].split(": ")[1].startswith("MosaicBwdTuning(") and "fused=True" in plan[0]
+    assert "fused=False" in plan[1] and report.is_backward("split_bwd") and not report.is_backward("default")
 
 
 @pytest.mark.parametrize("name, backward", [("default", False), ("default_bwd", True), ("fused_bwd", True)])

@@ -290,23 +290,28 @@ def test_interpret_kernel_matches_reference_on_drawn_masks(q_len, kv_len, densit
     checks.check(q_len, kv_len, 2, 64, 1, jnp.float32, mask)
 
 
-# The twin's backward with the Mosaic fused kernel's algorithm: dQ added by atomic adds from the dk/dv kernel.
-_FUSED_TWIN = KernelTuning(triton_bwd=dataclasses.replace(KernelTuning().triton_bwd, fused_backward=True))
+# The twin's backward before session 12 (TritonTuning(fused_backward=False)): the dq kernel and the dk/dv
+# kernel, the Mosaic split design's algorithm. The default twin (fused) runs TestInterpret.
+_SPLIT_TWIN = KernelTuning(triton_bwd=dataclasses.replace(KernelTuning().triton_bwd, fused_backward=False))
+
+
+def test_the_default_twin_runs_the_fused_backward():
+    assert KernelTuning().triton_bwd.fused_backward and KernelTuning().mosaic_bwd.fused
 
 
 @pytest.mark.parametrize("mask_name", ["all_on", "random_with_empty_rows", "single_block_per_row", "radial"])
-def test_interpret_fused_backward_matches_reference(mask_name):
+def test_interpret_split_backward_matches_reference(mask_name):
     checks = TestInterpret()
-    checks.tuning = _FUSED_TWIN
+    checks.tuning = _SPLIT_TWIN
     q_len, kv_len, heads, head_dim, batch = checks.grad_case
     mask = _masks(q_len, kv_len, checks.block)[mask_name]
     checks.check_gradients(q_len, kv_len, heads, head_dim, batch, jnp.float32, mask)
 
 
 @pytest.mark.parametrize("lengths", [(1, 7), (260, 189), (318, 200)], ids=lambda n: f"{n[0]}x{n[1]}")
-def test_interpret_fused_backward_any_length(lengths):
+def test_interpret_split_backward_any_length(lengths):
     checks = TestInterpret()
-    checks.tuning = _FUSED_TWIN
+    checks.tuning = _SPLIT_TWIN
     checks.test_any_length_forward_and_gradients_match_reference(lengths)
 
 
@@ -325,7 +330,7 @@ def test_interpret_fused_backward_changes_only_the_dq_sum(dtype):
                                                               tuning=tuning).astype(jnp.float32) * weights)
         return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
 
-    (dq, dk, dv), (ref_dq, ref_dk, ref_dv) = grads(_FUSED_TWIN), grads(None)
+    (dq, dk, dv), (ref_dq, ref_dk, ref_dv) = grads(None), grads(_SPLIT_TWIN)
     assert bool((dk == ref_dk).all()) and bool((dv == ref_dv).all())
     f32 = lambda x: x.astype(jnp.float32)
     bound = (1e-6 if dtype == jnp.float32 else 1e-2) * float(jnp.abs(f32(ref_dq)).max())
@@ -473,16 +478,13 @@ class TestMosaicFusedFA4GPU(TestMosaicGPU):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not IS_HOPPER, reason="needs a Hopper GPU (sm90) for the Mosaic kernel")
-class TestMosaicFusedLeanInStepGPU(TestMosaicFusedFA4GPU):
-    """The lean fused design (_LEAN) with its fixed operands taken again in every step
-    (MosaicBwdTuning.operands_in_step): the same refs, so the same arithmetic and the suite's bounds."""
+class TestMosaicSplitGPU(TestMosaicGPU):
+    """The suite on the split backward (MosaicBwdTuning(): a dq kernel and a dk/dv kernel), the default
+    until session 12 and what head_dim 64 and jax 0.10 still run."""
 
-    tuning = KernelTuning(mosaic_bwd=dataclasses.replace(_LEAN, operands_in_step=True))
-
-    @pytest.mark.parametrize("lengths", [(1560, 1560), (1000, 1560), (1560, 1000)])
-    @pytest.mark.parametrize("variant", ["fused_lean_in_step"])
-    def test_backward_variants_match_reference(self, lengths, variant):
-        super().test_backward_variants_match_reference(lengths, variant)
+    tuning = KernelTuning(mosaic_bwd=MosaicBwdTuning())
+    # The variant check names its own tunings (the split ones among them): it runs in TestMosaicGPU.
+    test_backward_variants_match_reference = None
 
 
 @pytest.mark.gpu

@@ -676,12 +676,31 @@ def test_memory_registers_set_both_split_kernels_register_split(monkeypatch, mem
 
 
 @pytest.mark.skipif(jax.__version_info__ >= (0, 11), reason="jax >= 0.11 runs the fused backward")
-def test_fused_backward_refuses_jax_0_10_with_a_message():
+@pytest.mark.parametrize("tuning", [mosaic_bwd.DEFAULT_MOSAIC_BWD, mosaic_bwd.MosaicBwdTuning(fused=True)],
+                         ids=["default", "fused"])
+def test_fused_backward_runs_the_split_kernels_on_jax_0_10(monkeypatch, tuning):
+    # jax 0.10 cannot pass the fused kernel's accumulator through plgpu.kernel, so the default backward
+    # (fused) must still lower there: as the split design's two kernels, with the tuning's register split.
     tables, q, kv, rows = _setup(*CASES[0])
-    with pytest.raises(NotImplementedError, match="needs jax >= 0.11"):
-        jax.eval_shape(lambda *a: mosaic_bwd.mosaic_backward(*a, tables=tables, scale=0.1,
-                                                             tuning=mosaic_bwd.MosaicBwdTuning(fused=True)),
-                       q, kv, kv, q, rows, q, rows)  # fmt: skip
+    backward = lambda *a: mosaic_bwd.mosaic_backward(*a, tables=tables, scale=0.1, tuning=tuning)
+    modules = _mosaic_modules(monkeypatch, backward, q, kv, kv, q, rows, q, rows)
+    compute = (512 - tuning.memory_registers) // 2 // 8 * 8
+    expected = [("dec", str(tuning.memory_registers)), ("inc", str(compute))]
+    assert len(modules) == 2 and all(sorted(_SETMAXNREG.findall(m)) == expected for m in modules)
+    assert not any("cp.reduce.async.bulk" in m for m in modules)
+
+
+@pytest.mark.skipif(jax.__version_info__ < (0, 11), reason="the fused backward needs jax >= 0.11")
+def test_default_backward_is_one_fused_kernel_and_head_dim_64_the_split_two(monkeypatch):
+    # DEFAULT_MOSAIC_BWD at head_dim 128: one kernel (dQ by TMA reduce-add); at 64 (under the fused
+    # kernel's condition) the same tuning lowers as the dq and dk/dv kernels.
+    counts = {}
+    for case in (CASES[0], CASES[1]):  # head_dim 128, 64
+        tables, q, kv, rows = _setup(*case)
+        backward = lambda *a: mosaic_bwd.mosaic_backward(*a, tables=tables, scale=0.1)
+        modules = _mosaic_modules(monkeypatch, backward, q, kv, kv, q, rows, q, rows)
+        counts[case[3]] = (len(modules), sum("cp.reduce.async.bulk" in m for m in modules))
+    assert counts == {128: (1, 1), 64: (2, 0)}
 
 
 def _sequence_copies(jaxpr) -> int:
@@ -702,11 +721,16 @@ def test_only_lengths_off_the_tma_tiling_are_padded(lengths):
     q_len, kv_len = lengths
     tables, q, kv, rows = _setup(q_len, kv_len, 2, 128)
     fwd = jax.make_jaxpr(lambda q, k, v: mosaic_fwd.mosaic_forward(q, k, v, tables=tables, scale=0.1))(q, kv, kv)
-    bwd = jax.make_jaxpr(lambda *a: mosaic_bwd.mosaic_backward(*a, tables=tables, scale=0.1))(q, kv, kv, q, rows,
-                                                                                              q, rows)  # fmt: skip
+    bwd = lambda tuning: jax.make_jaxpr(lambda *a: mosaic_bwd.mosaic_backward(*a, tables=tables, scale=0.1,
+                                                                              tuning=tuning))(q, kv, kv, q, rows, q, rows)
     q_off, kv_off = q_len % 8 != 0, kv_len % 8 != 0
     assert _sequence_copies(fwd) == 2 * q_off + 2 * kv_off  # q and out; k and v
-    assert _sequence_copies(bwd) == 3 * q_off + 4 * kv_off  # q, dO and dq; k, v, dk and dv
+    split = bwd(mosaic_bwd.MosaicBwdTuning())
+    assert _sequence_copies(split) == 3 * q_off + 4 * kv_off  # q, dO and dq; k, v, dk and dv
+    if jax.__version_info__ >= (0, 11):  # the default runs the fused kernel
+        # dQ's f32 accumulator ([B, N, whole blocks, D]) is sliced to its rows once, in the epilogue
+        # that scales, casts and transposes it (one XLA fusion, with a ragged q's slice after it).
+        assert _sequence_copies(bwd(mosaic_bwd.DEFAULT_MOSAIC_BWD)) == 1 + 3 * q_off + 4 * kv_off
 
 
 @pytest.mark.skipif(jax.__version_info__ < (0, 11), reason="the fused backward needs jax >= 0.11")
