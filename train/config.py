@@ -5,7 +5,9 @@
 A TOML file has one table per section ([model], [lora], [objective], [attention], [data],
 [optim], [run], [sample]); every key is a field of that section's dataclass, and anything missing keeps
 its default. An override is "section.key=value" with a TOML value (`lora.targets=["blocks.*.ffn.0"]`);
-a bare word that is not TOML is taken as a string (`data.cache=/data/cache`). An unknown section
+a bare word that is not TOML is taken as a string (`data.cache=/data/cache`). A field that is itself a
+dataclass (attention.tuning, the kernels' KernelTuning) is a sub-table applied over its current value:
+`attention.tuning.mosaic_bwd.fused=false` keeps every other field of the default. An unknown section
 or key is an error naming the valid ones. The config is stored with every checkpoint
 (to_dict/from_dict) so a resumed run can check it continues the same training.
 """
@@ -184,7 +186,13 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
         section, dot, name = key.strip().partition(".")
         if not sep or not dot or not name:
             raise ValueError(f"--set {override!r} must be section.key=value, e.g. optim.learning_rate=1e-4")
-        sections.setdefault(section, {})[name] = _parse_value(raw.strip())
+        table = sections.setdefault(section, {})
+        *tables, name = name.split(".")  # attention.tuning.mosaic_bwd.fused: a key of a sub-table
+        for sub in tables:
+            table = table.setdefault(sub, {})
+            if not isinstance(table, dict):
+                raise ValueError(f"--set {override!r}: {section}.{sub} is not a table")
+        table[name] = _parse_value(raw.strip())
     return TrainConfig.from_dict(sections)
 
 
@@ -214,7 +222,11 @@ def _parse_value(raw: str) -> Any:
         return raw
 
 
-def _section(name: str, cls: type, values: Mapping[str, Any]) -> Any:
+def _section(name: str, cls: type, values: Mapping[str, Any], base: Any = None) -> Any:
+    """Returns the dataclass cls of a table: its keys over base's fields (None: cls's defaults). A key
+    whose field is itself a dataclass (attention.tuning, a KernelTuning) takes a sub-table, applied over
+    that field's current value, so `[attention.tuning.mosaic_bwd]` with `fused = false` changes only that
+    field of the default backward."""
     if not isinstance(values, Mapping):
         raise ValueError(f"config section [{name}] must be a table of keys")
     fields = {f.name: f for f in dataclasses.fields(cls)}
@@ -223,7 +235,24 @@ def _section(name: str, cls: type, values: Mapping[str, Any]) -> Any:
         raise ValueError(f"unknown key(s) {', '.join(f'{name}.{k}' for k in unknown)}; valid keys of [{name}]: "
                          f"{', '.join(fields)}")  # fmt: skip
     hints = typing.get_type_hints(cls)
-    return cls(**{key: _coerce(f"{name}.{key}", hints[key], value) for key, value in values.items()})
+    base = cls() if base is None else base
+    changes = {}
+    for key, value in values.items():
+        inner = _dataclass_of(hints[key])
+        if inner is not None and isinstance(value, Mapping):
+            current = getattr(base, key)
+            changes[key] = _section(f"{name}.{key}", inner, value, current if isinstance(current, inner) else None)
+        else:
+            changes[key] = _coerce(f"{name}.{key}", hints[key], value)
+    return dataclasses.replace(base, **changes)
+
+
+def _dataclass_of(hint: Any) -> type | None:
+    """The dataclass a field holds (`KernelTuning | None` -> KernelTuning), or None for other fields."""
+    for candidate in (hint, *typing.get_args(hint)):
+        if isinstance(candidate, type) and dataclasses.is_dataclass(candidate):
+            return candidate
+    return None
 
 
 def _coerce(key: str, hint: Any, value: Any) -> Any:

@@ -5,6 +5,7 @@ import dataclasses
 
 import pytest
 
+from radial_jax.kernels import DEFAULT_MOSAIC_BWD, KernelTuning
 from radial_jax.plan import RadialPlan
 from train.config import TrainConfig, load_config, shipped_configs
 from train.lora import SELF_ATTENTION
@@ -71,3 +72,29 @@ def test_unknown_key_in_a_file_is_named(tmp_path):
 def test_dict_round_trip_is_exact():
     config = load_config("wan-14b-720p-161f", ["lora.targets=['blocks.*.ffn.0', 'blocks.*.ffn.2']"])
     assert TrainConfig.from_dict(config.to_dict()) == config
+
+
+def test_the_kernels_tuning_is_a_sub_table_over_the_defaults(tmp_path):
+    # [attention.tuning.mosaic_bwd] changes only the fields it names of KernelTuning's default backward
+    # (fused=false: the split kernels, deterministic dQ), here with the twin's matching switch by --set.
+    path = tmp_path / "split.toml"
+    path.write_text("[attention]\ndecay_factor = 0.5\n[attention.tuning.mosaic_bwd]\nfused = false\n")
+    config = load_config(path, ["attention.tuning.triton_bwd.fused_backward=false"])
+    tuning = config.attention.tuning
+    assert isinstance(tuning, KernelTuning) and config.attention.decay_factor == 0.5
+    assert tuning.mosaic_bwd == dataclasses.replace(DEFAULT_MOSAIC_BWD, fused=False)
+    assert tuning.triton_bwd == dataclasses.replace(KernelTuning().triton_bwd, fused_backward=False)
+    assert tuning.mosaic_fwd == KernelTuning().mosaic_fwd
+    assert TrainConfig.from_dict(config.to_dict()) == config  # a checkpoint's config.json reads back as it was
+    hash(config)  # still a jit static
+
+
+@pytest.mark.parametrize("override, message", [
+    ("attention.tuning.mosaic_bwd.fussed=false", r"attention\.tuning\.mosaic_bwd\.fussed; valid keys of "
+                                                 r"\[attention\.tuning\.mosaic_bwd\]: block_q_dq"),
+    ("attention.tuning.mosaic_bwd.memory_registers=x", r"memory_registers='x' must be a int"),
+    ("attention.decay_factor.x=1", r"attention\.decay_factor is not a table"),
+])
+def test_bad_tuning_settings_name_what_is_valid(override, message):
+    with pytest.raises(ValueError, match=message):
+        load_config("tiny", ["attention.decay_factor=0.5", override])
