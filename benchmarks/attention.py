@@ -146,6 +146,8 @@ def backward_variants() -> dict[str, KernelTuning]:
             # files is the default, this its base).
             "default_stats_in_regs_bwd": default_and(stats_in_acc=False),
             "default_dq_tiles8x8_bwd": default_and(fused_dq_staging="tiles8x8"),
+            # ... and in plain 8x8 tiles with dQ's GMEM accumulator in tile order (256-byte TMA rows, no selects).
+            "default_dq_flat_bwd": default_and(fused_dq_staging="tiles8x8_flat"),
             "fused_static_lean_bwd": lean(fused_pipeline="static"),
             # The split dk/dv kernel on the fused kernel's hand-written static pipeline, also at 24/240 registers.
             "split_static_bwd": KernelTuning(mosaic_bwd=MosaicBwdTuning(split_pipeline="static")),

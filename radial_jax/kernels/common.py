@@ -235,7 +235,10 @@ class MosaicBwdTuning:
     # (ncu: 32 FSEL a warp and step); plain 8x8 tiles have none. The TMA copies the same values, but
     # from 8x8 tiles in 32-byte rows, from the swizzled ones in 128-byte rows: on the lean fused design
     # the swizzle ran 1.02-1.04x the plain tiles forward+backward (H200, NOTES session 12), and ncu saw
-    # the plain tiles' kernel at 85% of L2 throughput (FA4's backward: 63%).
+    # the plain tiles' kernel at 85% of L2 throughput (FA4's backward: 63%). "tiles8x8_flat": plain 8x8
+    # tiles with dQ's GMEM accumulator in the same tile order ([B, N, rows / 8, D / 8, 64]), so the TMA
+    # copies 256-byte rows without the swizzle's selects; the epilogue puts the rows back (lowered, not yet
+    # run on a GPU).
     fused_dq_staging: str = "swizzle128"
     # The fused kernel's dK += dS^T Q (fa4 orders): A from dS^T's registers (an RS wgmma, as FA4 does),
     # or, with True, from this warpgroup's rows of the dS^T tile already stored to SMEM for dQ (an SS

@@ -69,8 +69,9 @@ def mosaic_backward(q, k, v, out, lse, d_out, d_lse, *, tables: BlockTables, sca
     if tuning.fused_dk_from_smem and not (tuning.fused and tuning.fused_order != "deferred_dq"):
         raise ValueError("fused_dk_from_smem reads dK's operand from the fa4 orders' dS^T tile: set fused=True "
                          "and fused_order='fa4', 'fa4_late_dv' or 'private_dq' too")
-    if tuning.fused_dq_staging not in ("swizzle128", "tiles8x8"):
-        raise ValueError(f"fused_dq_staging={tuning.fused_dq_staging!r}: choose 'swizzle128' or 'tiles8x8'")
+    if tuning.fused_dq_staging not in ("swizzle128", "tiles8x8", "tiles8x8_flat"):
+        raise ValueError(f"fused_dq_staging={tuning.fused_dq_staging!r}: choose 'swizzle128', 'tiles8x8' or "
+                         "'tiles8x8_flat'")
     if tuning.split_pipeline not in ("emit", "static"):
         raise ValueError(f"split_pipeline={tuning.split_pipeline!r}: choose 'emit' or 'static'")
     if tuning.split_pipeline == "static" and (tuning.block_q_dkv, tuning.max_concurrent_steps) != (64, 2):

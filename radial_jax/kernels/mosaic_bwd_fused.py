@@ -33,7 +33,7 @@ from radial_jax.kernels.tables import BlockTables
 FUSED_ORDERS = ("deferred_dq", "fa4", "fa4_late_dv", "private_dq")  # MosaicBwdTuning.fused_order's choices
 FUSED_PIPELINES = ("emit", "static", "static_wg")  # MosaicBwdTuning.fused_pipeline's choices
 
-__all__ = ["FUSED_ORDERS", "FUSED_PIPELINES", "fused_kernel"]
+__all__ = ["FUSED_ORDERS", "FUSED_PIPELINES", "fused_kernel", "untile_dq"]
 
 
 def fused_kernel(q, k, v, d_out, lse2, delta, *, tables: BlockTables, scale: float, tuning: MosaicBwdTuning):
@@ -60,7 +60,13 @@ def fused_kernel(q, k, v, d_out, lse2, delta, *, tables: BlockTables, scale: flo
 
     tiling, swizzle = smem_transforms(dtype)
     dq_staging = {"swizzle128": (plgpu.TilingTransform((8, 32)), swizzle),
-                  "tiles8x8": (plgpu.TilingTransform((8, 8)),)}[tuning.fused_dq_staging]  # fmt: skip
+                  "tiles8x8": (plgpu.TilingTransform((8, 8)),),
+                  "tiles8x8_flat": (plgpu.TilingTransform((8, 8)),)}[tuning.fused_dq_staging]  # fmt: skip
+    # "tiles8x8_flat": dQ's accumulator in GMEM in the staging tiles' own order, [B, N, row tiles, column
+    # tiles, 64] (an 8x8 tile's 64 values contiguous), so the TMA copies each warpgroup's staging as it lies:
+    # rows of 256 bytes, where the tiled copy into [B, N, rows, D] reads 32-byte rows. The epilogue's
+    # transpose puts the rows back in order.
+    flat_dq = tuning.fused_dq_staging == "tiles8x8_flat"
     col = plgpu.Layout.WGMMA.reduce(0)
     bcast_col = lambda x, shape: lax.broadcast_in_dim(x, shape, [1])
 
@@ -69,6 +75,8 @@ def fused_kernel(q, k, v, d_out, lse2, delta, *, tables: BlockTables, scale: flo
         b, head, kv_block = block_coords(lax.axis_index, heads, "kv_seq", tuning.grid_heads)
         wg = lax.axis_index("wg")
         k_smem, v_smem2, ds_smem, dq_smem2, *ring = smem  # ring: the static pipeline's q, dO, lse2, delta
+        # tiles8x8_flat: (the staging as 8x8 tiles, the same bytes as [.., row tiles, column tiles, 64])
+        dq_smem2, dq_flat2 = dq_smem2 if flat_dq else (dq_smem2, None)
         k_loaded, v_loaded, ds_ready, done, *ring_barriers = barriers  # its (full, consumed) barriers
 
         def warpgroup(wg):
@@ -95,6 +103,11 @@ def fused_kernel(q, k, v, d_out, lse2, delta, *, tables: BlockTables, scale: flo
                 dq_smem.at[slot][...] = dq
                 plgpu.commit_smem()
                 row = (q_tile(i) if tile is None else tile()) * block_q
+                if flat_dq:  # written through the tiled view, copied through the flat one
+                    tiles = (pl.ds(row // 8, block_q // 8), pl.ds(half * (d_half // 8), d_half // 8))
+                    plgpu.copy_smem_to_gmem(dq_flat2.at[wg, slot], dq_acc_ref.at[b, head, *tiles], predicate,
+                                            reduction_op="add")
+                    return
                 dst = dq_acc_ref.at[b, head, pl.ds(row, block_q), pl.ds(half * d_half, d_half)]
                 plgpu.copy_smem_to_gmem(dq_smem.at[slot], dst, predicate, reduction_op="add")
 
@@ -307,12 +320,15 @@ def fused_kernel(q, k, v, d_out, lse2, delta, *, tables: BlockTables, scale: flo
             query_tile_pipeline(step_fa4 if in_step_dq else step, compute_thread, refs, ids_ref, counts_ref,
                                  (b, head, kv_block), block_q, tuning.max_concurrent_steps, tuning.memory_registers)
 
+    staging = plgpu.SMEM((COMPUTE_WGS, 2, block_q, d_half), jnp.float32, transforms=dq_staging)
+    if flat_dq:  # Mosaic lays a tiled ref out tile by tile: [.., row tiles, column tiles, 8, 8]
+        staging = plgpu.RefUnion(staging, plgpu.SMEM((COMPUTE_WGS, 2, block_q // 8, d_half // 8, 64), jnp.float32))
     smem = (
         plgpu.SMEM((COMPUTE_WGS * block_kv, head_dim), dtype, transforms=(tiling, swizzle)),  # K, both halves
         plgpu.SMEM((COMPUTE_WGS * block_kv, head_dim) if static_wg else (COMPUTE_WGS, block_kv, head_dim), dtype,
                    transforms=(tiling, swizzle)),  # V, per warpgroup (static_wg: by row slices, see warpgroup)
         plgpu.SMEM((2, COMPUTE_WGS * block_kv, block_q), dtype, transforms=(tiling, swizzle)),  # dS^T, 2 slots
-        plgpu.SMEM((COMPUTE_WGS, 2, block_q, d_half), jnp.float32, transforms=dq_staging),  # dQ partials
+        staging,  # dQ partials
     )
     barriers = (
         plgpu.Barrier(num_barriers=COMPUTE_WGS),  # K loaded
@@ -324,10 +340,20 @@ def fused_kernel(q, k, v, d_out, lse2, delta, *, tables: BlockTables, scale: flo
         ring_smem, ring_barriers = static_ring_scratch(head_dim, dtype, block_q)
         smem, barriers = smem + ring_smem, barriers + ring_barriers
     # The accumulator must start at zero and plgpu.kernel has no input/output aliasing: pass a Ref.
-    dq_acc = jax.new_ref(jnp.zeros((batch, heads, padded, head_dim), jnp.float32))
+    acc_shape = (batch, heads, padded // 8, head_dim // 8, 64) if flat_dq else (batch, heads, padded, head_dim)
+    dq_acc = jax.new_ref(jnp.zeros(acc_shape, jnp.float32))
     launch = key_block_kernel(kernel, k, [smem, barriers], heads=heads, batch=batch,
                               num_kv_blocks=tables.num_kv_blocks, grid_heads=tuning.grid_heads,
                               auto_barriers=not tuning.no_auto_barriers)  # fmt: skip
     dk, dv = launch(q, k, v, d_out, lse2, delta, jnp.asarray(tables.q_ids), jnp.asarray(tables.q_counts), dq_acc)
-    dq = (dq_acc[...][:, :, :q_len] * scale).astype(dtype).transpose(0, 2, 1, 3)
+    acc = untile_dq(dq_acc[...]) if flat_dq else dq_acc[...]
+    dq = (acc[:, :, :q_len] * scale).astype(dtype).transpose(0, 2, 1, 3)
     return dq, dk, dv
+
+
+def untile_dq(acc):
+    """[B, N, rows / 8, D / 8, 64] (each 8x8 tile's values contiguous, fused_dq_staging="tiles8x8_flat")
+    -> [B, N, rows, D]."""
+    batch, heads, row_tiles, col_tiles, _ = acc.shape
+    tiles = acc.reshape(batch, heads, row_tiles, col_tiles, 8, 8)
+    return tiles.transpose(0, 1, 2, 4, 3, 5).reshape(batch, heads, row_tiles * 8, col_tiles * 8)

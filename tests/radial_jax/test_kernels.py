@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 from radial_jax import attention_reference, radial_block_mask
-from radial_jax.kernels import (DEFAULT_MOSAIC_FWD, KernelTuning, MosaicBwdTuning, MosaicTuning, TritonTuning,
-                                block_sparse_attention)
+from radial_jax.kernels import (DEFAULT_MOSAIC_BWD, DEFAULT_MOSAIC_FWD, KernelTuning, MosaicBwdTuning, MosaicTuning,
+                                TritonTuning, block_sparse_attention)
 from radial_jax.kernels.tables import block_tables
 
 ON_GPU = jax.default_backend() == "gpu"
@@ -381,7 +381,7 @@ class TestMosaicGPU(KernelChecks):
         return 2e-2
 
     @pytest.mark.parametrize("lengths", [(1560, 1560), (1000, 1560), (1560, 1000)])
-    @pytest.mark.parametrize("variant", ["split", "split_dq_tile_128", "fused"])
+    @pytest.mark.parametrize("variant", ["split", "split_dq_tile_128", "fused", "fused_dq_flat"])
     def test_backward_variants_match_reference(self, lengths, variant):
         # The fused kernel's dQ comes from two warpgroups' TMA reduce-adds across key blocks; the
         # split kernels compute it per query block, in 64- or 128-key tiles. f16 (10 mantissa
@@ -393,6 +393,7 @@ class TestMosaicGPU(KernelChecks):
                   "split_static": mosaic_bwd.MosaicBwdTuning(split_pipeline="static"),
                   "split_static_regs240": mosaic_bwd.MosaicBwdTuning(split_pipeline="static", memory_registers=24),
                   "fused": mosaic_bwd.MosaicBwdTuning(fused=True),
+                  "fused_dq_flat": dataclasses.replace(DEFAULT_MOSAIC_BWD, fused_dq_staging="tiles8x8_flat"),
                   "fused_fa4": mosaic_bwd.MosaicBwdTuning(fused=True, fused_order="fa4"),
                   "fused_fa4_late_dv": mosaic_bwd.MosaicBwdTuning(fused=True, fused_order="fa4_late_dv",
                                                                   memory_registers=24),
@@ -704,6 +705,8 @@ _SAME_VALUES = {
                              MosaicBwdTuning()),
     "operands_in_step": (MosaicTuning(), MosaicBwdTuning(operands_in_step=True), MosaicBwdTuning()),
     "fused_lean_in_step": (MosaicTuning(), dataclasses.replace(_LEAN, operands_in_step=True), _LEAN),
+    "fused_dq_flat": (MosaicTuning(), dataclasses.replace(DEFAULT_MOSAIC_BWD, fused_dq_staging="tiles8x8_flat"),
+                      DEFAULT_MOSAIC_BWD),
     "stages3_separate_kv": (MosaicTuning(num_stages=3, separate_kv_waits=True), MosaicBwdTuning(), MosaicBwdTuning()),
     "persistent_separate_kv": (MosaicTuning(persistent=True, persistent_ctas=5, separate_kv_waits=True),
                                MosaicBwdTuning(), MosaicBwdTuning()),

@@ -620,6 +620,37 @@ def test_fused_backward_lowers_with_a_tma_reduce():
     assert "reduce" in _lowered_text(backward, q, kv, kv, q, rows, q, rows)
 
 
+def test_untile_dq_puts_mosaic_tile_order_back_in_rows():
+    # fused_dq_staging="tiles8x8_flat" copies the staging's bytes as they lie: Mosaic's (8, 8) tiling
+    # stores [rows, D] as [rows / 8, D / 8, 8, 8] (TileTransform: tile indices, then the tile), and
+    # untile_dq must invert exactly that.
+    from radial_jax.kernels.mosaic_bwd_fused import untile_dq
+
+    rows = np.arange(2 * 3 * 16 * 24, dtype=np.float32).reshape(2, 3, 16, 24)
+    tiled = rows.reshape(2, 3, 2, 8, 3, 8).transpose(0, 1, 2, 4, 3, 5).reshape(2, 3, 2, 3, 64)
+    assert tiled[0, 0, 1, 2, 9] == rows[0, 0, 8 + 1, 16 + 1]  # tile (1, 2), its row 1 and column 1
+    np.testing.assert_array_equal(np.asarray(untile_dq(jnp.asarray(tiled))), rows)
+
+
+@pytest.mark.skipif(jax.__version_info__ < (0, 11), reason="the fused backward needs jax >= 0.11")
+def test_flat_dq_staging_reduces_into_a_tile_ordered_accumulator(monkeypatch):
+    # The staging is one SMEM region seen two ways (a RefUnion): written as (8, 8) tiles, copied as
+    # [row tiles, column tiles, 64] into dQ's accumulator [B, N, rows / 8, D / 8, 64]: one TMA reduce-add.
+    tables, q, kv, rows = _setup(*CASES[0])
+    tuning = dataclasses.replace(mosaic_bwd.DEFAULT_MOSAIC_BWD, fused_dq_staging="tiles8x8_flat")
+    backward = lambda *a: mosaic_bwd.mosaic_backward(*a, tables=tables, scale=0.1, tuning=tuning)
+    (module,) = _mosaic_modules(monkeypatch, backward, q, kv, kv, q, rows, q, rows)
+    assert module.count("cp.reduce.async.bulk") == 1
+    jaxpr = lambda fn: str(jax.make_jaxpr(fn)(q, kv, kv, q, rows, q, rows))
+    default = lambda *a: mosaic_bwd.mosaic_backward(*a, tables=tables, scale=0.1)
+    tile_ordered = "f32[2,3,128,16,64]"  # 8 query blocks of 128 rows, head_dim 128
+    assert tile_ordered in jaxpr(backward) and tile_ordered not in jaxpr(default)
+    with pytest.raises(ValueError, match="fused_dq_staging='tiles'"):
+        jax.eval_shape(lambda *a: mosaic_bwd.mosaic_backward(
+            *a, tables=tables, scale=0.1, tuning=dataclasses.replace(tuning, fused_dq_staging="tiles")),
+            q, kv, kv, q, rows, q, rows)
+
+
 _FA4 = mosaic_bwd.MosaicBwdTuning(fused=True, fused_order="fa4")
 
 
