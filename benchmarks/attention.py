@@ -148,6 +148,10 @@ def backward_variants() -> dict[str, KernelTuning]:
             "default_dq_tiles8x8_bwd": default_and(fused_dq_staging="tiles8x8"),
             # ... and in plain 8x8 tiles with dQ's GMEM accumulator in tile order (256-byte TMA rows, no selects).
             "default_dq_flat_bwd": default_and(fused_dq_staging="tiles8x8_flat"),
+            # The default with dV issued before the fence and barrier that publish dS^T (FA4's place), alone and
+            # with the flat dQ staging.
+            "default_dv_early_bwd": default_and(dv_before_commit=True),
+            "default_dv_early_dq_flat_bwd": default_and(dv_before_commit=True, fused_dq_staging="tiles8x8_flat"),
             "fused_static_lean_bwd": lean(fused_pipeline="static"),
             # The split dk/dv kernel on the fused kernel's hand-written static pipeline, also at 24/240 registers.
             "split_static_bwd": KernelTuning(mosaic_bwd=MosaicBwdTuning(split_pipeline="static")),

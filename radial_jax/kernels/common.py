@@ -271,6 +271,11 @@ class MosaicBwdTuning:
     # 164 spill bytes. Formed in the step they are a uniform base plus constants, which ptxas builds in
     # uniform registers, as FlashAttention-4's loop does (ptxas 13.0, NOTES session 11).
     operands_in_step: bool = False
+    # The late-dV fused orders issue dV right after dS^T's store to SMEM, before the fence and warpgroup
+    # barrier (commit_smem) that publish the store to the dQ and dK wgmmas, as FlashAttention-4's loop does:
+    # dV reads P^T's registers and dO, not the stored rows, and is queued on the tensor cores two barriers
+    # earlier (lowered, not yet run on a GPU).
+    dv_before_commit: bool = False
 
 
 # The library's backward since session 12: the fused kernel in FlashAttention-4's order with dV issued

@@ -69,6 +69,9 @@ def mosaic_backward(q, k, v, out, lse, d_out, d_lse, *, tables: BlockTables, sca
     if tuning.fused_dk_from_smem and not (tuning.fused and tuning.fused_order != "deferred_dq"):
         raise ValueError("fused_dk_from_smem reads dK's operand from the fa4 orders' dS^T tile: set fused=True "
                          "and fused_order='fa4', 'fa4_late_dv' or 'private_dq' too")
+    if tuning.dv_before_commit and not (tuning.fused and tuning.fused_order in ("fa4_late_dv", "private_dq")):
+        raise ValueError("dv_before_commit moves the late-dV fused orders' dV issue: set fused=True and "
+                         "fused_order='fa4_late_dv' (or 'private_dq') too")
     if tuning.fused_dq_staging not in ("swizzle128", "tiles8x8", "tiles8x8_flat"):
         raise ValueError(f"fused_dq_staging={tuning.fused_dq_staging!r}: choose 'swizzle128', 'tiles8x8' or "
                          "'tiles8x8_flat'")

@@ -248,12 +248,17 @@ def fused_kernel(q, k, v, d_out, lse2, delta, *, tables: BlockTables, scale: flo
                     ds_t = ds_t_of(p_t, dp_t, delta_smem, delta_consumed)
                 ds_t = ds_t.astype(dtype)
                 ds_smem.at[slot, own][...] = ds_t
+                # dV reads P^T's registers and dO, neither of them the rows just stored, so it may be issued
+                # before the fence and barrier that publish them (dv_before_commit, FA4's place exactly).
+                issue_dv = lambda: plgpu.wgmma(dv_acc, p_t.astype(dtype), do_smem)  # noqa: E731
+                if late_dv and tuning.dv_before_commit:
+                    issue_dv()
                 plgpu.commit_smem()
                 # dK's A operand: dS^T's registers, or the rows just stored (visible to the wgmma's async
                 # proxy since commit_smem; the slot is rewritten two steps on, after dK of this step retired).
                 ds_operand = ds_smem.at[slot, own] if tuning.fused_dk_from_smem else ds_t
-                if late_dv:  # FA4's own place: P^T's bf16 registers are not live through dS^T's arithmetic
-                    plgpu.wgmma(dv_acc, p_t.astype(dtype), do_smem)
+                if late_dv and not tuning.dv_before_commit:  # P^T's registers not live through dS^T's arithmetic
+                    issue_dv()
                 if private_dq:
                     # Each warpgroup adds its own keys' share of dQ, dS_w K_w ([64 q, 128 d] over its
                     # 64 keys), in two head-dim halves: it reads only its own dS^T rows, so there is no

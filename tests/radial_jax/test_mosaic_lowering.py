@@ -785,6 +785,28 @@ def test_fa4_late_dv_issues_dv_after_the_ds_store(monkeypatch, case, stats_in_ac
 
 
 @pytest.mark.skipif(jax.__version_info__ < (0, 11), reason="the fused backward needs jax >= 0.11")
+def test_dv_before_commit_issues_dv_between_the_ds_store_and_its_fence(monkeypatch):
+    # After dP^T's wait 0: dS^T stored, then (dv_before_commit) dV's wgmma, then the fence that publishes
+    # the store; by default the fence comes first. The waits are the same either way.
+    tables, q, kv, rows = _setup(*CASES[0])
+    orders = {}
+    for early in (False, True):
+        tuning = dataclasses.replace(mosaic_bwd.DEFAULT_MOSAIC_BWD, dv_before_commit=early)
+        backward = lambda *a, tuning=tuning: mosaic_bwd.mosaic_backward(*a, tables=tables, scale=0.1, tuning=tuning)
+        (module,) = _mosaic_modules(monkeypatch, backward, q, kv, kv, q, rows, q, rows)
+        syncs = [m for m in _WGMMA_SYNC.finditer(module) if m.group(1) is not None]
+        after_dp = module[syncs[1].end():syncs[2].start()]  # from dP^T's wait to dV's
+        store = _SMEM_STORE.search(after_dp).start()
+        fence, dv = after_dp.find("fence.proxy", store), after_dp.find("wgmma.mma_async", store)
+        orders[early] = (_wgmma_waits(module), 0 <= dv < fence)
+    assert orders[True] == (orders[False][0], True) and orders[False][1] is False
+    with pytest.raises(ValueError, match="dv_before_commit"):
+        jax.eval_shape(lambda *a: mosaic_bwd.mosaic_backward(
+            *a, tables=tables, scale=0.1, tuning=mosaic_bwd.MosaicBwdTuning(dv_before_commit=True)),
+            q, kv, kv, q, rows, q, rows)
+
+
+@pytest.mark.skipif(jax.__version_info__ < (0, 11), reason="the fused backward needs jax >= 0.11")
 @pytest.mark.parametrize("case", [(32760, 32760, 1, 128), *[c for c in CASES if c[3] == 128]])
 def test_private_dq_needs_no_rendezvous(monkeypatch, case):
     # fused_order="private_dq": S^T, dP^T (wait 1, wait 0), then dV, dQ's low half and dK committed:
