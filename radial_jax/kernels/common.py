@@ -196,7 +196,7 @@ class MosaicBwdTuning:
     # "private_dq": as "fa4_late_dv", but each warpgroup reduce-adds dS_w K_w over its own 64 keys
     # (two head-dim halves, twice the TMA reduce-adds) instead of meeting the other warpgroup for
     # dS K over all 128: no rendezvous, so the warpgroups are not held in lockstep.
-    # Measured on the H200, forward+backward vs the split default (benchmarks/NOTES.md session 6):
+    # Measured on the H200, forward+backward vs the split design (benchmarks/NOTES.md session 6):
     # deferred_dq 0.89-0.93x, fa4 0.82-0.84x, fa4_late_dv 0.92-0.97x, private_dq 0.85-0.88x
     # (the last two at memory_registers=24): none is the default.
     fused_order: str = "deferred_dq"
@@ -209,7 +209,7 @@ class MosaicBwdTuning:
     # With fused_order="fa4_late_dv" or "private_dq": S^T's and dP^T's accumulators start at
     # -lse2/scale and -delta (per query column) instead of zero, so the exp2 and dS^T need no
     # registers for the stats (16 a thread each in the transposed S^T layout). The best fused
-    # design with fa4_late_dv and 24 registers: 0.94-0.96x the split default on the H200.
+    # design with fa4_late_dv and 24 registers: 0.94-0.96x the split design on the H200.
     stats_in_acc: bool = False
     # How the fused kernel streams the query tiles. "emit": plgpu.emit_pipeline_warp_specialized, one
     # step a 64-row tile, whose buffers, barriers and dS^T / dQ staging slots are indexed by the
