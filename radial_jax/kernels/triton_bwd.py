@@ -4,9 +4,9 @@ Two kernels over the index tables, as in FlashAttention-2: dq loops over each qu
 key blocks (the forward's table); dk/dv loop over each key block's query blocks (the
 transposed table). Both recompute p = exp(s - lse) from the forward's logsumexp and use
 delta = rowsum(dO * O) - dlse, so no [L, M] array exists. Runs on any CUDA GPU and, with
-interpret=True, on the CPU. With TritonTuning.fused_backward the dk/dv kernel also adds each
-step's dQ partial into an f32 accumulator by atomic adds and the dq kernel is not run: the Mosaic
-fused kernel's algorithm (MosaicBwdTuning(fused=True)).
+interpret=True, on the CPU. With TritonTuning.fused_backward (KernelTuning's default since session 12)
+the dk/dv kernel also adds each step's dQ partial into an f32 accumulator by atomic adds and the dq
+kernel is not run: the Mosaic fused kernel's algorithm (MosaicBwdTuning(fused=True), the default).
 
 Padding is harmless by construction: padded keys are zeros, so their ds * k terms vanish in dq,
 and padded query rows have q = dO = delta = 0 (lse padded with 0), so their terms vanish in
