@@ -66,6 +66,12 @@ class Checkpoints:
     def close(self) -> None:
         self.manager.close()
 
+    def __enter__(self) -> "Checkpoints":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
     def _step(self, step: int | None) -> int:
         step = self.latest_step() if step is None else step
         if step is None:

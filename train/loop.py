@@ -95,8 +95,15 @@ def train(config: TrainConfig, *, resume: bool = False, stop_at: int | None = No
     error. stop_at: stop after this step with a checkpoint (a job's share of a longer run).
     devices: of the mesh (default all devices of all processes).
     """
+    # Closed on every way out: an open orbax manager left to interpreter exit prints a thread's traceback
+    # under the one-line error of a bad cache or config.
+    with Checkpoints(Path(config.run.out) / "checkpoints", keep=config.run.keep) as checkpoints:
+        return _train(config, checkpoints, resume=resume, stop_at=stop_at, progress=progress, devices=devices)
+
+
+def _train(config: TrainConfig, checkpoints: Checkpoints, *, resume: bool, stop_at: int | None, progress: bool,
+           devices) -> TrainResult:  # fmt: skip
     out = Path(config.run.out)
-    checkpoints = Checkpoints(out / "checkpoints", keep=config.run.keep)
     if checkpoints.latest_step() is not None and not resume:
         raise TrainingError(f"{out} already holds checkpoints (newest step {checkpoints.latest_step()}); pass "
                             "--resume to continue it, or set run.out to a new folder")  # fmt: skip
@@ -125,7 +132,6 @@ def train(config: TrainConfig, *, resume: bool = False, stop_at: int | None = No
         if jax.process_index() == 0:
             trained = nnx.merge(graphdef, lora_host, base)
             lora_path = export_lora(trained, out / LORA_FILE, metadata={"step": str(last)})
-    checkpoints.close()
     return TrainResult(step=last, losses=losses, lora_path=lora_path)
 
 

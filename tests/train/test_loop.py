@@ -101,12 +101,18 @@ def test_bad_cache_is_one_error_before_building_anything(tmp_path, monkeypatch, 
         raise AssertionError("the model was built before the cache was checked")
 
     monkeypatch.setattr(loop, "build_model", must_not_build)
+    # ... and the checkpoint manager is closed on the way out: one left open prints an orbax thread's
+    # traceback at interpreter exit, under the CLI's one-line error.
+    closed = []
+    close = Checkpoints.close
+    monkeypatch.setattr(Checkpoints, "close", lambda self: closed.append(close(self)))
     cache = {"latents": lambda: _cache(tmp_path / "c", 2, latent=(3, 8, 12, 16)),
              "empty": lambda: _cache(tmp_path / "c", 0), "missing": lambda: tmp_path / "nothing",
              "unset": lambda: ""}[case]()  # fmt: skip
     config = load_config("tiny", [*SMALL, f"data.cache={cache}", f"run.out={tmp_path / 'run'}"])
     with pytest.raises((CacheError, ValueError), match=message):
         train(config, progress=False)
+    assert len(closed) == 1
 
 
 class _SavedConfigOnly(Checkpoints):
