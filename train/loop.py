@@ -140,15 +140,25 @@ def _restore(checkpoints: Checkpoints, template: dict, config: TrainConfig) -> d
     current, defaults = config.to_dict(), TrainConfig().to_dict()
     # A key the checkpoint lacks was added to the config since it was saved: that run used its default.
     was = lambda section, key: saved.get(section, {}).get(key, defaults[section][key])  # noqa: E731
-    changed = sorted(f"{section}.{key} ({was(section, key)!r} -> {value!r})"
-                     for section, values in current.items() for key, value in values.items()
+    changed = sorted(change for section, values in current.items() for key, value in values.items()
                      if section not in RESUMABLE_SECTIONS and (section, key) not in RESUMABLE_CHANGES
-                     and was(section, key) != value)  # fmt: skip
+                     for change in _differences(f"{section}.{key}", was(section, key), value))  # fmt: skip
     if changed:
         raise TrainingError(f"--resume: the config differs from the checkpoint's in {', '.join(changed)}; "
                             "resume with the original settings or start a new run.out")  # fmt: skip
     restored, _ = checkpoints.restore(template)
     return dict(restored, data={k: np.int64(v) for k, v in restored["data"].items()})
+
+
+def _differences(key: str, was, now):
+    """Yields "key (was -> now)" for each value that changed, naming a nested table's leaves
+    (attention.tuning.mosaic_bwd.fused) rather than printing the tables."""
+    if isinstance(was, dict) and isinstance(now, dict):
+        for name in sorted(set(was) | set(now)):
+            yield from _differences(f"{key}.{name}", was.get(name), now.get(name))
+    elif was != now:
+        short = lambda value: "{...}" if isinstance(value, dict) else repr(value)  # noqa: E731
+        yield f"{key} ({short(was)} -> {short(now)})"
 
 
 def _run(config, step_fn, state, base, dataset, arch, schedule, checkpoints, start, last, progress,

@@ -143,3 +143,17 @@ def test_resume_takes_a_key_the_checkpoint_lacks_as_its_default_and_refuses_a_ch
         _restore(_SavedConfigOnly(other), state, config)
     with pytest.raises(TrainingError, match=r"attention.dense_implementation \('dense' -> 'mosaic'\)"):
         _restore(_SavedConfigOnly(older), state, load_config("tiny", [*SMALL, "attention.dense_implementation=mosaic"]))
+
+
+def test_resume_names_the_changed_leaf_of_the_kernels_tuning():
+    # attention.tuning is a nested table: a resume that changes one field names that field, not the tables.
+    from train.loop import _restore
+
+    split = load_config("tiny", [*SMALL, "attention.tuning.mosaic_bwd.fused=false"])
+    state = {"data": {"epoch": 0, "index": 0}}
+    assert _restore(_SavedConfigOnly(split.to_dict()), state, split)["data"] == {"epoch": 0, "index": 0}
+    fused = load_config("tiny", [*SMALL, "attention.tuning.mosaic_bwd.fused=true"])
+    with pytest.raises(TrainingError, match=r"in attention\.tuning\.mosaic_bwd\.fused \(False -> True\); resume"):
+        _restore(_SavedConfigOnly(split.to_dict()), state, fused)
+    with pytest.raises(TrainingError, match=r"in attention\.tuning \(\{\.\.\.\} -> None\); resume"):
+        _restore(_SavedConfigOnly(split.to_dict()), state, load_config("tiny", SMALL))
