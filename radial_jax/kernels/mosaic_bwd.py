@@ -32,7 +32,8 @@ from jax import lax
 
 from radial_jax.kernels.common import (COMPUTE_WGS, DEFAULT_MOSAIC_BWD, LOG2_E, MASK_BLOCK, MosaicBwdTuning,
                                        block_coords, block_grid, seq_multiple, unpad_seq)
-from radial_jax.kernels.mosaic_bwd_fused import FUSED_ORDERS, FUSED_PIPELINES, fused_kernel
+from radial_jax.kernels.mosaic_bwd_fused import (DQ_STAGINGS, FUSED_ORDERS, FUSED_PIPELINES, LATE_DV_ORDERS,
+                                                 fused_kernel)
 from radial_jax.kernels.mosaic_pipeline import (ds_t_of, dv_and_ds_t, key_block_kernel, load_ref, p_t_and_dp_t,
                                                 query_tile_pipeline, smem_transforms, static_query_pipeline,
                                                 static_ring_scratch, store_dk_dv, tile_of_step)
@@ -58,7 +59,7 @@ def mosaic_backward(q, k, v, out, lse, d_out, d_lse, *, tables: BlockTables, sca
         raise ValueError(f"fused_order={tuning.fused_order!r}: choose one of {FUSED_ORDERS}")
     if tuning.fused_order != "deferred_dq" and not tuning.fused:
         raise ValueError(f"fused_order={tuning.fused_order!r} orders the fused kernel: set fused=True too")
-    if tuning.stats_in_acc and tuning.fused_order not in ("fa4_late_dv", "private_dq"):
+    if tuning.stats_in_acc and tuning.fused_order not in LATE_DV_ORDERS:
         raise ValueError("stats_in_acc starts the late-dV fused steps' accumulators at the row statistics: "
                          "set fused=True, fused_order='fa4_late_dv' (or 'private_dq') too")
     if tuning.fused_pipeline not in FUSED_PIPELINES:
@@ -69,12 +70,11 @@ def mosaic_backward(q, k, v, out, lse, d_out, d_lse, *, tables: BlockTables, sca
     if tuning.fused_dk_from_smem and not (tuning.fused and tuning.fused_order != "deferred_dq"):
         raise ValueError("fused_dk_from_smem reads dK's operand from the fa4 orders' dS^T tile: set fused=True "
                          "and fused_order='fa4', 'fa4_late_dv' or 'private_dq' too")
-    if tuning.dv_before_commit and not (tuning.fused and tuning.fused_order in ("fa4_late_dv", "private_dq")):
+    if tuning.dv_before_commit and not (tuning.fused and tuning.fused_order in LATE_DV_ORDERS):
         raise ValueError("dv_before_commit moves the late-dV fused orders' dV issue: set fused=True and "
                          "fused_order='fa4_late_dv' (or 'private_dq') too")
-    if tuning.fused_dq_staging not in ("swizzle128", "tiles8x8", "tiles8x8_flat"):
-        raise ValueError(f"fused_dq_staging={tuning.fused_dq_staging!r}: choose 'swizzle128', 'tiles8x8' or "
-                         "'tiles8x8_flat'")
+    if tuning.fused_dq_staging not in DQ_STAGINGS:
+        raise ValueError(f"fused_dq_staging={tuning.fused_dq_staging!r}: choose one of {DQ_STAGINGS}")
     if tuning.split_pipeline not in ("emit", "static"):
         raise ValueError(f"split_pipeline={tuning.split_pipeline!r}: choose 'emit' or 'static'")
     if tuning.split_pipeline == "static" and (tuning.block_q_dkv, tuning.max_concurrent_steps) != (64, 2):

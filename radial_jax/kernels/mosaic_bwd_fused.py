@@ -33,8 +33,10 @@ from radial_jax.kernels.tables import BlockTables
 
 FUSED_ORDERS = ("deferred_dq", "fa4", "fa4_late_dv", "private_dq")  # MosaicBwdTuning.fused_order's choices
 FUSED_PIPELINES = ("emit", "static", "static_wg")  # MosaicBwdTuning.fused_pipeline's choices
+LATE_DV_ORDERS = ("fa4_late_dv", "private_dq")  # the orders that issue dV after dS^T's store
+DQ_STAGINGS = ("swizzle128", "tiles8x8", "tiles8x8_flat")  # MosaicBwdTuning.fused_dq_staging's choices
 
-__all__ = ["FUSED_ORDERS", "FUSED_PIPELINES", "fused_kernel", "untile_dq"]
+__all__ = ["DQ_STAGINGS", "FUSED_ORDERS", "FUSED_PIPELINES", "LATE_DV_ORDERS", "fused_kernel", "untile_dq"]
 
 
 def fused_kernel(q, k, v, d_out, lse2, delta, *, tables: BlockTables, scale: float, tuning: MosaicBwdTuning):
@@ -50,7 +52,7 @@ def fused_kernel(q, k, v, d_out, lse2, delta, *, tables: BlockTables, scale: flo
     padded = tables.num_q_blocks * MASK_BLOCK
     qk_scale = scale * LOG2_E
     in_step_dq = tuning.fused_order != "deferred_dq"  # step_fa4: each step reduces its own dQ
-    late_dv = tuning.fused_order in ("fa4_late_dv", "private_dq")
+    late_dv = tuning.fused_order in LATE_DV_ORDERS
     private_dq = tuning.fused_order == "private_dq"
     stats_in_acc = tuning.stats_in_acc
     if stats_in_acc:  # the accumulators' starting values, formed once here rather than in every step
@@ -60,9 +62,9 @@ def fused_kernel(q, k, v, d_out, lse2, delta, *, tables: BlockTables, scale: flo
     assert not static or r == 2, "the static pipeline's two stages are the two query tiles of a mask block"
 
     tiling, swizzle = smem_transforms(dtype)
-    dq_staging = {"swizzle128": (plgpu.TilingTransform((8, 32)), swizzle),
-                  "tiles8x8": (plgpu.TilingTransform((8, 8)),),
-                  "tiles8x8_flat": (plgpu.TilingTransform((8, 8)),)}[tuning.fused_dq_staging]  # fmt: skip
+    plain_tiles = (plgpu.TilingTransform((8, 8)),)
+    dq_staging = {"swizzle128": (plgpu.TilingTransform((8, 32)), swizzle), "tiles8x8": plain_tiles,
+                  "tiles8x8_flat": plain_tiles}[tuning.fused_dq_staging]  # fmt: skip
     # "tiles8x8_flat": dQ's accumulator in GMEM in the staging tiles' own order, [B, N, row tiles, column
     # tiles, 64] (an 8x8 tile's 64 values contiguous), so the TMA copies each warpgroup's staging as it lies:
     # rows of 256 bytes, where the tiled copy into [B, N, rows, D] reads 32-byte rows. The epilogue's
