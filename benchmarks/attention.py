@@ -83,7 +83,8 @@ def _attend(mask, backend, tuning):
 
 def backward_variants() -> dict[str, KernelTuning]:
     """{case name: KernelTuning} of the Mosaic backward designs --variants can time beside the default
-    (DEFAULT_MOSAIC_BWD, the lean fused design with its operands taken in each step, session 12). Most
+    (DEFAULT_MOSAIC_BWD, the lean fused design with its operands taken in each step, sessions 12-13; the
+    default_* names below change one field of it, so in a result file they mean that session's default). Most
     are named for what they change in the split design (MosaicBwdTuning(), `split_bwd`), which was the
     default until session 12 and which the result files before it call ours_radial."""
     # The lean fused design: FA4's order with dV late, the stats in the accumulators, plain dQ tiles,
@@ -146,12 +147,14 @@ def backward_variants() -> dict[str, KernelTuning]:
             # files is the default, this its base).
             "default_stats_in_regs_bwd": default_and(stats_in_acc=False),
             "default_dq_tiles8x8_bwd": default_and(fused_dq_staging="tiles8x8"),
-            # ... and in plain 8x8 tiles with dQ's GMEM accumulator in tile order (256-byte TMA rows, no selects).
-            "default_dq_flat_bwd": default_and(fused_dq_staging="tiles8x8_flat"),
-            # The default with dV issued before the fence and barrier that publish dS^T (FA4's place), alone and
-            # with the flat dQ staging.
-            "default_dv_early_bwd": default_and(dv_before_commit=True),
-            "default_dv_early_dq_flat_bwd": default_and(dv_before_commit=True, fused_dq_staging="tiles8x8_flat"),
+            # Session 13 made the default stage dQ in plain 8x8 tiles with its GMEM accumulator in tile order
+            # (256-byte TMA rows, no selects) and issue dV before the fence and barrier that publish dS^T
+            # (FA4's place); in session 12's and 13's files default_dq_flat_bwd, default_dv_early_bwd and
+            # default_dv_early_dq_flat_bwd are those changes to session 12's default (session12_bwd here).
+            # Each undone alone, and both:
+            "default_dq_swizzle_bwd": default_and(fused_dq_staging="swizzle128"),
+            "default_dv_late_bwd": default_and(dv_before_commit=False),
+            "session12_bwd": default_and(fused_dq_staging="swizzle128", dv_before_commit=False),
             "fused_static_lean_bwd": lean(fused_pipeline="static"),
             # The split dk/dv kernel on the fused kernel's hand-written static pipeline, also at 24/240 registers.
             "split_static_bwd": KernelTuning(mosaic_bwd=MosaicBwdTuning(split_pipeline="static")),

@@ -237,8 +237,8 @@ class MosaicBwdTuning:
     # the swizzle ran 1.02-1.04x the plain tiles forward+backward (H200, NOTES session 12), and ncu saw
     # the plain tiles' kernel at 85% of L2 throughput (FA4's backward: 63%). "tiles8x8_flat": plain 8x8
     # tiles with dQ's GMEM accumulator in the same tile order ([B, N, rows / 8, D / 8, 64]), so the TMA
-    # copies 256-byte rows without the swizzle's selects; the epilogue puts the rows back (lowered, not yet
-    # run on a GPU).
+    # copies 256-byte rows without the swizzle's selects; the epilogue puts the rows back (ptxas 13.0: 441
+    # instructions a step against the swizzle's 475; part of DEFAULT_MOSAIC_BWD since session 13).
     fused_dq_staging: str = "swizzle128"
     # The fused kernel's dK += dS^T Q (fa4 orders): A from dS^T's registers (an RS wgmma, as FA4 does),
     # or, with True, from this warpgroup's rows of the dS^T tile already stored to SMEM for dQ (an SS
@@ -274,20 +274,24 @@ class MosaicBwdTuning:
     # The late-dV fused orders issue dV right after dS^T's store to SMEM, before the fence and warpgroup
     # barrier (commit_smem) that publish the store to the dQ and dK wgmmas, as FlashAttention-4's loop does:
     # dV reads P^T's registers and dO, not the stored rows, and is queued on the tensor cores two barriers
-    # earlier (lowered, not yet run on a GPU).
+    # earlier (H200, NOTES session 13: 1.004-1.008x alone, part of DEFAULT_MOSAIC_BWD).
     dv_before_commit: bool = False
 
 
 # The library's backward since session 12: the fused kernel in FlashAttention-4's order with dV issued
 # after dS^T's store, the row statistics in S^T's and dP^T's accumulators, dK's A operand from the dS^T
-# tile in SMEM, FA4's 24/240 register split, the fixed operands taken in each step, and dQ staged in
-# 128-byte swizzled tiles. On the H200, forward+backward (NOTES session 12): with plain 8x8 dQ tiles it ran
-# 1.072x, 1.058x, 1.057x the split kernels at 1.3B 480p-81f, 480p-161f and 14B 720p-81f (0.94-0.96x FA4 in
-# the same calls); the swizzled staging another 1.022x, 1.027x, 1.042x. Its dQ is summed in the order the
-# TMA reduce-adds land, so it is not bitwise reproducible from run to run (dK and dV are). head_dim 64 and
-# jax 0.10 run the split kernels with its other fields.
+# tile in SMEM, FA4's 24/240 register split and the fixed operands taken in each step. On the H200,
+# forward+backward (NOTES session 12): with plain 8x8 dQ tiles it ran 1.072x, 1.058x, 1.057x the split
+# kernels at 1.3B 480p-81f, 480p-161f and 14B 720p-81f (0.94-0.96x FA4 in the same calls); 128-byte
+# swizzled tiles another 1.022x, 1.027x, 1.042x. Session 13: dV issued before dS^T's fence and barrier
+# (dv_before_commit, FA4's place) and dQ's accumulator kept in tile order (fused_dq_staging="tiles8x8_flat":
+# 256-byte TMA rows, no selects in the stores) another 1.007x, 1.012x, 1.017x, which put it at 0.978x,
+# 0.990x and 1.008x FA4 in the same calls. Its dQ is summed in the order the TMA reduce-adds land, so it is
+# not bitwise reproducible from run to run (dK and dV are). head_dim 64 and jax 0.10 run the split kernels
+# with its other fields.
 DEFAULT_MOSAIC_BWD = MosaicBwdTuning(fused=True, fused_order="fa4_late_dv", memory_registers=24, stats_in_acc=True,
-                                     fused_dk_from_smem=True, operands_in_step=True)
+                                     fused_dk_from_smem=True, operands_in_step=True, dv_before_commit=True,
+                                     fused_dq_staging="tiles8x8_flat")
 
 
 @dataclasses.dataclass(frozen=True)

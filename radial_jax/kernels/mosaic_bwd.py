@@ -14,7 +14,7 @@ count, index maps that read the tables from GMEM; only the memory warpgroup eval
   design, in mosaic_bwd_fused.py): the dk/dv kernel also computes dQ_partial = dS K and adds it
   into an f32 accumulator in GMEM with TMA reduce-adds, five matmuls per block pair. The default
   (common.DEFAULT_MOSAIC_BWD) is its lean design in FlashAttention-4's order, 1.08-1.10x the split
-  kernels forward+backward on the H200 (benchmarks/NOTES.md, sessions 11 and 12); where the
+  kernels forward+backward on the H200 (benchmarks/NOTES.md, sessions 11-13); where the
   fused kernel cannot run (head_dim 64, jax 0.10) the same tuning runs the split kernels.
 
 Pipeline tiles are smaller than mask blocks (64 vs 128 tokens) to keep the accumulators in

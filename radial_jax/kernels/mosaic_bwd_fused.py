@@ -13,7 +13,8 @@ design), one kernel per (head, 128-key block, batch) beside mosaic_bwd.py's spli
   fused step spills and issues ~600 instructions per warp beside its 32 wgmmas, NOTES session 6),
   until MosaicBwdTuning.operands_in_step stopped LLVM hoisting the fixed operands' descriptors (and
   ptxas spilling them): the lean fa4_late_dv design then ran 1.06-1.08x the split kernels (session 11),
-  and with dQ staged in swizzled tiles it is the library's backward (common.DEFAULT_MOSAIC_BWD, session 12).
+  and with dQ staged in swizzled tiles it became the library's backward (common.DEFAULT_MOSAIC_BWD, session 12);
+  since session 13 with dV issued before dS^T's fence and dQ's accumulator kept in tile order.
   `MosaicBwdTuning.fused_pipeline="static"` runs the fa4_late_dv fused steps on a hand-written
   pipeline instead (`mosaic_pipeline.static_query_pipeline`: a mask block per iteration, two steps on constant
   slots; "static_wg" also emits each compute warpgroup's code apart), built and lowered on the CPU.

@@ -621,7 +621,7 @@ def test_fused_backward_lowers_with_a_tma_reduce():
 
 
 def test_untile_dq_puts_mosaic_tile_order_back_in_rows():
-    # fused_dq_staging="tiles8x8_flat" copies the staging's bytes as they lie: Mosaic's (8, 8) tiling
+    # fused_dq_staging="tiles8x8_flat" (the default) copies the staging's bytes as they lie: Mosaic's (8, 8) tiling
     # stores [rows, D] as [rows / 8, D / 8, 8, 8] (TileTransform: tile indices, then the tile), and
     # untile_dq must invert exactly that.
     from radial_jax.kernels.mosaic_bwd_fused import untile_dq
@@ -634,17 +634,20 @@ def test_untile_dq_puts_mosaic_tile_order_back_in_rows():
 
 @pytest.mark.skipif(jax.__version_info__ < (0, 11), reason="the fused backward needs jax >= 0.11")
 def test_flat_dq_staging_reduces_into_a_tile_ordered_accumulator(monkeypatch):
-    # The staging is one SMEM region seen two ways (a RefUnion): written as (8, 8) tiles, copied as
+    # The default staging is one SMEM region seen two ways (a RefUnion): written as (8, 8) tiles, copied as
     # [row tiles, column tiles, 64] into dQ's accumulator [B, N, rows / 8, D / 8, 64]: one TMA reduce-add.
+    # The swizzled staging reduces into a row-ordered [B, N, rows, D] accumulator.
     tables, q, kv, rows = _setup(*CASES[0])
-    tuning = dataclasses.replace(mosaic_bwd.DEFAULT_MOSAIC_BWD, fused_dq_staging="tiles8x8_flat")
+    tuning = mosaic_bwd.DEFAULT_MOSAIC_BWD
+    assert tuning.fused_dq_staging == "tiles8x8_flat"
     backward = lambda *a: mosaic_bwd.mosaic_backward(*a, tables=tables, scale=0.1, tuning=tuning)
     (module,) = _mosaic_modules(monkeypatch, backward, q, kv, kv, q, rows, q, rows)
     assert module.count("cp.reduce.async.bulk") == 1
     jaxpr = lambda fn: str(jax.make_jaxpr(fn)(q, kv, kv, q, rows, q, rows))
-    default = lambda *a: mosaic_bwd.mosaic_backward(*a, tables=tables, scale=0.1)
+    swizzled = dataclasses.replace(tuning, fused_dq_staging="swizzle128")
+    rows_in_order = lambda *a: mosaic_bwd.mosaic_backward(*a, tables=tables, scale=0.1, tuning=swizzled)
     tile_ordered = "f32[2,3,128,16,64]"  # 8 query blocks of 128 rows, head_dim 128
-    assert tile_ordered in jaxpr(backward) and tile_ordered not in jaxpr(default)
+    assert tile_ordered in jaxpr(backward) and tile_ordered not in jaxpr(rows_in_order)
     with pytest.raises(ValueError, match="fused_dq_staging='tiles'"):
         jax.eval_shape(lambda *a: mosaic_bwd.mosaic_backward(
             *a, tables=tables, scale=0.1, tuning=dataclasses.replace(tuning, fused_dq_staging="tiles")),
@@ -786,8 +789,8 @@ def test_fa4_late_dv_issues_dv_after_the_ds_store(monkeypatch, case, stats_in_ac
 
 @pytest.mark.skipif(jax.__version_info__ < (0, 11), reason="the fused backward needs jax >= 0.11")
 def test_dv_before_commit_issues_dv_between_the_ds_store_and_its_fence(monkeypatch):
-    # After dP^T's wait 0: dS^T stored, then (dv_before_commit) dV's wgmma, then the fence that publishes
-    # the store; by default the fence comes first. The waits are the same either way.
+    # After dP^T's wait 0: dS^T stored, then (dv_before_commit, the default) dV's wgmma, then the fence that
+    # publishes the store; with False the fence comes first. The waits are the same either way.
     tables, q, kv, rows = _setup(*CASES[0])
     orders = {}
     for early in (False, True):
