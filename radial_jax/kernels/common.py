@@ -276,6 +276,13 @@ class MosaicBwdTuning:
     # dV reads P^T's registers and dO, not the stored rows, and is queued on the tensor cores two barriers
     # earlier (H200, NOTES session 13: 1.004-1.008x alone, part of DEFAULT_MOSAIC_BWD).
     dv_before_commit: bool = False
+    # How the fa4 orders' two compute warpgroups meet once both halves of a step's dS^T are in SMEM.
+    # "mbarrier": each runs commit_smem (the async-proxy fence and its own 128-thread barrier), then
+    # arrives on the slot's mbarrier and polls it (a try_wait loop; ncu put 3.8% of the compute warps'
+    # samples on that loop, NOTES session 13). "named": the fence, then one bar.sync of both warpgroups'
+    # 256 threads on a hardware barrier, as FA3's and FA4's PdS barrier: one instruction instead of a
+    # warpgroup barrier, an arrive and a polling loop (lowered, not yet run on a GPU).
+    ds_rendezvous: str = "mbarrier"
 
 
 # The library's backward since session 12: the fused kernel in FlashAttention-4's order with dV issued

@@ -73,6 +73,11 @@ def mosaic_backward(q, k, v, out, lse, d_out, d_lse, *, tables: BlockTables, sca
     if tuning.dv_before_commit and not (tuning.fused and tuning.fused_order in LATE_DV_ORDERS):
         raise ValueError("dv_before_commit moves the late-dV fused orders' dV issue: set fused=True and "
                          "fused_order='fa4_late_dv' (or 'private_dq') too")
+    if tuning.ds_rendezvous not in ("mbarrier", "named"):
+        raise ValueError(f"ds_rendezvous={tuning.ds_rendezvous!r}: choose 'mbarrier' or 'named'")
+    if tuning.ds_rendezvous == "named" and not (tuning.fused and tuning.fused_order in ("fa4", "fa4_late_dv")):
+        raise ValueError("ds_rendezvous='named' is where the fa4 orders' warpgroups meet over dS^T: set fused=True "
+                         "and fused_order='fa4' or 'fa4_late_dv' too")
     if tuning.fused_dq_staging not in DQ_STAGINGS:
         raise ValueError(f"fused_dq_staging={tuning.fused_dq_staging!r}: choose one of {DQ_STAGINGS}")
     if tuning.split_pipeline not in ("emit", "static"):

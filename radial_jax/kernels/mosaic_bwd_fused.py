@@ -55,6 +55,7 @@ def fused_kernel(q, k, v, d_out, lse2, delta, *, tables: BlockTables, scale: flo
     in_step_dq = tuning.fused_order != "deferred_dq"  # step_fa4: each step reduces its own dQ
     late_dv = tuning.fused_order in LATE_DV_ORDERS
     private_dq = tuning.fused_order == "private_dq"
+    named_rendezvous = tuning.ds_rendezvous == "named"
     stats_in_acc = tuning.stats_in_acc
     if stats_in_acc:  # the accumulators' starting values, formed once here rather than in every step
         lse2, delta = lse2 * (-1.0 / qk_scale), -delta  # the same f32 product, so the same bits
@@ -257,9 +258,13 @@ def fused_kernel(q, k, v, d_out, lse2, delta, *, tables: BlockTables, scale: flo
                 issue_dv = lambda: plgpu.wgmma(dv_acc, p_t.astype(dtype), do_smem)  # noqa: E731
                 if late_dv and tuning.dv_before_commit:
                     issue_dv()
-                plgpu.commit_smem()
+                if named_rendezvous:  # the fence alone: the 256-thread barrier below also orders this warpgroup
+                    _fence_smem_for_async_proxy()
+                else:
+                    plgpu.commit_smem()
                 # dK's A operand: dS^T's registers, or the rows just stored (visible to the wgmma's async
-                # proxy since commit_smem; the slot is rewritten two steps on, after dK of this step retired).
+                # proxy since the fence and barrier; the slot is rewritten two steps on, after dK of this step
+                # retired).
                 ds_operand = ds_smem.at[slot, own] if tuning.fused_dk_from_smem else ds_t
                 if late_dv and not tuning.dv_before_commit:  # P^T's registers not live through dS^T's arithmetic
                     issue_dv()
@@ -288,8 +293,11 @@ def fused_kernel(q, k, v, d_out, lse2, delta, *, tables: BlockTables, scale: flo
 
                     add(pl.run_scoped(compute_dq_high, plgpu.ACC((block_q, d_half), jnp.float32)), half=1, slot=1)
                     return
-                plgpu.barrier_arrive(ds_ready.at[slot])
-                plgpu.barrier_wait(ds_ready.at[slot])  # the other warpgroup's half of dS^T stored
+                if named_rendezvous:
+                    _sync_compute_warpgroups()  # the other warpgroup's half of dS^T stored
+                else:
+                    plgpu.barrier_arrive(ds_ready.at[slot])
+                    plgpu.barrier_wait(ds_ready.at[slot])  # the other warpgroup's half of dS^T stored
                 # (waited for before dQ's scope opens: its zeroed accumulator then meets the wgmma with
                 # no wait between, and ptxas folds the zeros into the first wgmma, as in the forward's
                 # overlap_waits_first; after the wait, 16 CS2R a step)
@@ -358,6 +366,39 @@ def fused_kernel(q, k, v, d_out, lse2, delta, *, tables: BlockTables, scale: flo
     acc = untile_dq(dq_acc[...]) if flat_dq else dq_acc[...]
     dq = (acc[:, :, :q_len] * scale).astype(dtype).transpose(0, 2, 1, 3)
     return dq, dk, dv
+
+
+# Hardware barrier 0 is gpu.barrier's and 1-3 are Mosaic's per-warpgroup bar.sync (warpgroup index + 1).
+_DS_BARRIER = 4
+
+
+def _fence_smem_for_async_proxy():
+    """This thread's shared-memory writes made visible to the async proxy (wgmma, TMA): commit_smem's
+    fence without its warpgroup barrier (ptxas: MEMBAR.ALL.CTA, FENCE.VIEW.ASYNC.S)."""
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+    from jaxlib.mlir.dialects import nvvm
+
+    @plgpu.inline_mgpu()
+    def fence(_):
+        nvvm.fence_proxy(nvvm.ProxyKind.async_shared, space=nvvm.SharedSpace.shared_cta)
+
+    fence()
+
+
+def _sync_compute_warpgroups():
+    """bar.sync of both compute warpgroups (256 threads) on _DS_BARRIER: each waits until the other has
+    come too, and their earlier fenced SMEM writes are then visible to each other's wgmmas
+    (MosaicBwdTuning.ds_rendezvous="named"; one BAR.SYNC in the SASS)."""
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+    from jaxlib.mlir import ir
+    from jaxlib.mlir.dialects import llvm
+
+    @plgpu.inline_mgpu()
+    def sync(_):
+        llvm.inline_asm(ir.Type.parse("!llvm.void"), [], f"bar.sync {_DS_BARRIER}, {COMPUTE_WGS * 128};", "",
+                        has_side_effects=True)
+
+    sync()
 
 
 def untile_dq(acc):

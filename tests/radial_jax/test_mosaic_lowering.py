@@ -788,6 +788,32 @@ def test_fa4_late_dv_issues_dv_after_the_ds_store(monkeypatch, case, stats_in_ac
 
 
 @pytest.mark.skipif(jax.__version_info__ < (0, 11), reason="the fused backward needs jax >= 0.11")
+def test_named_ds_rendezvous_is_one_256_thread_barrier(monkeypatch):
+    # ds_rendezvous="named": the warpgroups meet over dS^T on one bar.sync of 256 threads instead of an
+    # mbarrier arrive and poll, after the fence alone (commit_smem's 128-thread barrier dropped); the
+    # wgmma waits are the same.
+    tables, q, kv, rows = _setup(*CASES[0])
+    modules = {}
+    for rendezvous in ("mbarrier", "named"):
+        tuning = dataclasses.replace(mosaic_bwd.DEFAULT_MOSAIC_BWD, ds_rendezvous=rendezvous)
+        backward = lambda *a, tuning=tuning: mosaic_bwd.mosaic_backward(*a, tables=tables, scale=0.1, tuning=tuning)
+        (modules[rendezvous],) = _mosaic_modules(monkeypatch, backward, q, kv, kv, q, rows, q, rows)
+    named, polled = modules["named"], modules["mbarrier"]
+    assert named.count("bar.sync 4, 256;") == 1 and polled.count("bar.sync 4, 256;") == 0
+    assert named.count("mbarrier.try_wait") == polled.count("mbarrier.try_wait") - 1
+    assert named.count("fence.proxy.async") == polled.count("fence.proxy.async")
+    assert _wgmma_waits(named) == _wgmma_waits(polled)
+    for refused in (mosaic_bwd.MosaicBwdTuning(ds_rendezvous="named"),
+                    dataclasses.replace(mosaic_bwd.DEFAULT_MOSAIC_BWD, fused_order="private_dq", ds_rendezvous="named")):
+        with pytest.raises(ValueError, match="ds_rendezvous='named'"):
+            jax.eval_shape(lambda *a, t=refused: mosaic_bwd.mosaic_backward(*a, tables=tables, scale=0.1, tuning=t),
+                           q, kv, kv, q, rows, q, rows)
+    with pytest.raises(ValueError, match="ds_rendezvous='polled'"):
+        jax.eval_shape(lambda *a: mosaic_bwd.mosaic_backward(*a, tables=tables, scale=0.1, tuning=dataclasses.replace(
+            mosaic_bwd.DEFAULT_MOSAIC_BWD, ds_rendezvous="polled")), q, kv, kv, q, rows, q, rows)
+
+
+@pytest.mark.skipif(jax.__version_info__ < (0, 11), reason="the fused backward needs jax >= 0.11")
 def test_dv_before_commit_issues_dv_between_the_ds_store_and_its_fence(monkeypatch):
     # After dP^T's wait 0: dS^T stored, then (dv_before_commit, the default) dV's wgmma, then the fence that
     # publishes the store; with False the fence comes first. The waits are the same either way.
