@@ -389,14 +389,12 @@ def _sync_compute_warpgroups():
     """bar.sync of both compute warpgroups (256 threads) on _DS_BARRIER: each waits until the other has
     come too, and their earlier fenced SMEM writes are then visible to each other's wgmmas
     (MosaicBwdTuning.ds_rendezvous="named"; one BAR.SYNC in the SASS)."""
+    import jax.experimental.mosaic.gpu as mgpu
     import jax.experimental.pallas.mosaic_gpu as plgpu
-    from jaxlib.mlir import ir
-    from jaxlib.mlir.dialects import llvm
 
     @plgpu.inline_mgpu()
-    def sync(_):
-        llvm.inline_asm(ir.Type.parse("!llvm.void"), [], f"bar.sync {_DS_BARRIER}, {COMPUTE_WGS * 128};", "",
-                        has_side_effects=True)
+    def sync(_):  # convergent: LLVM must not move it under a branch some threads skip
+        mgpu.utils.inline_ptx(f"bar.sync {_DS_BARRIER}, {COMPUTE_WGS * 128};", has_side_effects=True, convergent=True)
 
     sync()
 
