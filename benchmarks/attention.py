@@ -157,6 +157,10 @@ def backward_variants() -> dict[str, KernelTuning]:
             "session12_bwd": default_and(fused_dq_staging="swizzle128", dv_before_commit=False),
             # The warpgroups meeting over dS^T on one 256-thread bar.sync instead of an mbarrier (FA4's PdS barrier).
             "default_named_ds_bwd": default_and(ds_rendezvous="named"),
+            # dQ's partial published by the next step's dS^T fence and copied then (one fence and barrier fewer),
+            # alone and with the named rendezvous.
+            "default_dq_next_bwd": default_and(dq_copy_next_step=True),
+            "default_dq_next_named_ds_bwd": default_and(dq_copy_next_step=True, ds_rendezvous="named"),
             "fused_static_lean_bwd": lean(fused_pipeline="static"),
             # The split dk/dv kernel on the fused kernel's hand-written static pipeline, also at 24/240 registers.
             "split_static_bwd": KernelTuning(mosaic_bwd=MosaicBwdTuning(split_pipeline="static")),

@@ -283,6 +283,14 @@ class MosaicBwdTuning:
     # 256 threads on a hardware barrier, as FA3's and FA4's PdS barrier: one instruction instead of a
     # warpgroup barrier, an arrive and a polling loop (lowered, not yet run on a GPU).
     ds_rendezvous: str = "mbarrier"
+    # The fa4 orders' dQ partial: staged, published (commit_smem: the async-proxy fence and a warpgroup
+    # barrier) and copied by TMA within its step (False), or staged only, then published by the next
+    # step's fence after its dS^T store (one fence covers all the thread's earlier SMEM writes) and
+    # copied by the next step after its dQ and dK are issued; the last step's after the loop. One fence
+    # (MEMBAR.ALL.CTA + FENCE.VIEW.ASYNC.S) and one warpgroup barrier a step fewer, and the staging
+    # stores drain under the next step's work instead of being waited for (ncu: the fence and barrier
+    # after the dQ stores held 7.6% of the compute warps' samples, NOTES session 13). Emit pipeline only.
+    dq_copy_next_step: bool = False
 
 
 # The library's backward since session 12: the fused kernel in FlashAttention-4's order with dV issued

@@ -78,6 +78,10 @@ def mosaic_backward(q, k, v, out, lse, d_out, d_lse, *, tables: BlockTables, sca
     if tuning.ds_rendezvous == "named" and not (tuning.fused and tuning.fused_order in ("fa4", "fa4_late_dv")):
         raise ValueError("ds_rendezvous='named' is where the fa4 orders' warpgroups meet over dS^T: set fused=True "
                          "and fused_order='fa4' or 'fa4_late_dv' too")
+    if tuning.dq_copy_next_step and not (tuning.fused and tuning.fused_order in ("fa4", "fa4_late_dv")
+                                         and tuning.fused_pipeline == "emit"):
+        raise ValueError("dq_copy_next_step defers the fa4 orders' dQ copy by one step of the emit pipeline: set "
+                         "fused=True, fused_order='fa4' or 'fa4_late_dv' and fused_pipeline='emit' too")
     if tuning.fused_dq_staging not in DQ_STAGINGS:
         raise ValueError(f"fused_dq_staging={tuning.fused_dq_staging!r}: choose one of {DQ_STAGINGS}")
     if tuning.split_pipeline not in ("emit", "static"):

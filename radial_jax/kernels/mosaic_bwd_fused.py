@@ -97,16 +97,18 @@ def fused_kernel(q, k, v, d_out, lse2, delta, *, tables: BlockTables, scale: flo
             own, k_own, v_own, k_cols = fixed_operands(wg)
             dq_smem = dq_smem2.at[wg]
 
-            def add_dq(dq, i, predicate=None, *, half=None, slot=None, tile=None):
-                """Reduce-adds this warpgroup's dQ partial of step i (head-dim half `half`, by default
-                the warpgroup's own) into the f32 accumulator in GMEM, staged in SMEM slot `slot`
-                (by default i % 2; each use of a slot waits for the TMA read of its use before last).
-                tile: () -> the query tile of the step (by default the table's tile of step i)."""
-                slot = lax.rem(i, jnp.int32(2)) if slot is None else slot
-                half = wg if half is None else half
+            def stage_dq(dq, slot):
+                """Stores this warpgroup's dQ partial (registers) into its SMEM staging slot `slot`, once the
+                TMA read of the slot's use before last is done."""
                 plgpu.wait_smem_to_gmem(1, wait_read_only=True)  # this slot's copy of two uses ago
                 dq_smem.at[slot][...] = dq
-                plgpu.commit_smem()
+
+            def copy_dq(i, slot, predicate=None, *, half=None, tile=None):
+                """Reduce-adds staging slot `slot`, step i's dQ partial (head-dim half `half`, by default the
+                warpgroup's own), into the f32 accumulator in GMEM by TMA. The slot's stores must be fenced for
+                the async proxy and the warpgroup past a barrier since. tile: () -> the query tile of the step
+                (by default the table's tile of step i)."""
+                half = wg if half is None else half
                 row = (q_tile(i) if tile is None else tile()) * block_q
                 if flat_dq:  # written through the tiled view, copied through the flat one
                     tiles = (pl.ds(row // 8, block_q // 8), pl.ds(half * (d_half // 8), d_half // 8))
@@ -115,6 +117,14 @@ def fused_kernel(q, k, v, d_out, lse2, delta, *, tables: BlockTables, scale: flo
                     return
                 dst = dq_acc_ref.at[b, head, pl.ds(row, block_q), pl.ds(half * d_half, d_half)]
                 plgpu.copy_smem_to_gmem(dq_smem.at[slot], dst, predicate, reduction_op="add")
+
+            def add_dq(dq, i, predicate=None, *, half=None, slot=None, tile=None):
+                """stage_dq, the fence and barrier that publish it (commit_smem), then copy_dq: step i's dQ
+                partial added to the accumulator now, through slot `slot` (by default i % 2)."""
+                slot = lax.rem(i, jnp.int32(2)) if slot is None else slot
+                stage_dq(dq, slot)
+                plgpu.commit_smem()
+                copy_dq(i, slot, predicate, half=half, tile=tile)
 
             def compute_thread(pipeline):
                 rows = (b, pl.ds(kv_block * MASK_BLOCK + wg * block_kv, block_kv), head)
@@ -142,6 +152,14 @@ def fused_kernel(q, k, v, d_out, lse2, delta, *, tables: BlockTables, scale: flo
                             return acc[...]
 
                         add_dq(pl.run_scoped(compute_dq, plgpu.ACC((block_q, d_half), jnp.float32)), last)
+
+                if tuning.dq_copy_next_step:
+                    steps = counts_ref[kv_block] * r
+
+                    @pl.when(steps > 0)
+                    def _():  # the last step's dQ partial: no next step's fence publishes it
+                        plgpu.commit_smem()
+                        copy_dq(steps - 1, lax.rem(steps - 1, jnp.int32(2)))
 
                 # The other warpgroup may still read this one's K rows for its last dQ.
                 plgpu.barrier_arrive(done)
@@ -199,14 +217,24 @@ def fused_kernel(q, k, v, d_out, lse2, delta, *, tables: BlockTables, scale: flo
                 dk_acc, dv_acc = carry
                 bufs, consumed = (q_smem, do_smem, lse_smem, delta_smem), (q_consumed, do_consumed, lse_consumed,
                                                                             delta_consumed)  # fmt: skip
-                fa4_body(lax.rem(i, jnp.int32(2)), functools.partial(add_dq, i=i), bufs, consumed, dk_acc, dv_acc)
+                if tuning.dq_copy_next_step:
+                    # Step i only stages its dQ partial; the fence after step i + 1's dS^T store publishes
+                    # it (a thread's fence covers all its earlier SMEM writes), and step i + 1 copies it.
+                    add = lambda dq: stage_dq(dq, lax.rem(i, jnp.int32(2)))  # noqa: E731
+                    copy_previous = lambda: copy_dq(jnp.maximum(i - 1, 0), lax.rem(i + 1, jnp.int32(2)),  # noqa: E731
+                                                    i > 0)
+                else:
+                    add, copy_previous = functools.partial(add_dq, i=i), None
+                fa4_body(lax.rem(i, jnp.int32(2)), add, bufs, consumed, dk_acc, dv_acc, copy_previous)
                 return dk_acc, dv_acc
 
-            def fa4_body(slot, add, bufs, consumed, dk_acc, dv_acc):
+            def fa4_body(slot, add, bufs, consumed, dk_acc, dv_acc, copy_previous=None):
                 """One 64-query step of the fa4 orders on slot `slot` of dS^T (an int in the static pipeline).
 
-                add(dq, **add_dq's keywords): reduce-adds a dQ partial of this step; bufs: the step's
-                (q, dO, lse2, delta) tiles in SMEM; consumed: their release barriers (None: not released here).
+                add(dq, **add_dq's keywords): reduce-adds (or with dq_copy_next_step stages) a dQ partial of
+                this step; bufs: the step's (q, dO, lse2, delta) tiles in SMEM; consumed: their release
+                barriers (None: not released here); copy_previous: () -> the previous step's staged dQ partial
+                copied, once this step's fence and barrier have published it (dq_copy_next_step).
                 """
                 # FlashAttention-4's sm90 order: each wait retires one wgmma with another queued behind
                 # it, so the tensor cores have work through the exp2 (dP^T), dS^T's store (dV) and dQ's
@@ -305,6 +333,8 @@ def fused_kernel(q, k, v, d_out, lse2, delta, *, tables: BlockTables, scale: flo
                 def compute_dq_issue_dk(dq_acc):
                     plgpu.wgmma(dq_acc, ds_smem.at[slot].transpose((1, 0)), k_cols)
                     plgpu.wgmma(dk_acc, ds_operand, q_smem)
+                    if copy_previous is not None:  # the tensor cores have dQ and dK queued first
+                        copy_previous()
                     plgpu.wgmma_wait(2)  # dV
                     arrive(do_consumed)
                     return plgpu.wgmma_accumulator_load(dq_acc, wait_n=1)  # dQ; dK may still run

@@ -381,7 +381,8 @@ class TestMosaicGPU(KernelChecks):
         return 2e-2
 
     @pytest.mark.parametrize("lengths", [(1560, 1560), (1000, 1560), (1560, 1000)])
-    @pytest.mark.parametrize("variant", ["split", "split_dq_tile_128", "fused", "fused_dq_swizzle", "fused_dv_late", "fused_named_ds"])
+    @pytest.mark.parametrize("variant", ["split", "split_dq_tile_128", "fused", "fused_dq_swizzle", "fused_dv_late",
+                                         "fused_named_ds", "fused_dq_next", "fused_dq_next_named_ds"])
     def test_backward_variants_match_reference(self, lengths, variant):
         # The fused kernel's dQ comes from two warpgroups' TMA reduce-adds across key blocks; the
         # split kernels compute it per query block, in 64- or 128-key tiles. f16 (10 mantissa
@@ -396,6 +397,9 @@ class TestMosaicGPU(KernelChecks):
                   "fused_dq_swizzle": dataclasses.replace(DEFAULT_MOSAIC_BWD, fused_dq_staging="swizzle128"),
                   "fused_dv_late": dataclasses.replace(DEFAULT_MOSAIC_BWD, dv_before_commit=False),
                   "fused_named_ds": dataclasses.replace(DEFAULT_MOSAIC_BWD, ds_rendezvous="named"),
+                  "fused_dq_next": dataclasses.replace(DEFAULT_MOSAIC_BWD, dq_copy_next_step=True),
+                  "fused_dq_next_named_ds": dataclasses.replace(DEFAULT_MOSAIC_BWD, dq_copy_next_step=True,
+                                                                ds_rendezvous="named"),
                   "fused_fa4": mosaic_bwd.MosaicBwdTuning(fused=True, fused_order="fa4"),
                   "fused_fa4_late_dv": mosaic_bwd.MosaicBwdTuning(fused=True, fused_order="fa4_late_dv",
                                                                   memory_registers=24),
@@ -713,6 +717,8 @@ _SAME_VALUES = {
                         DEFAULT_MOSAIC_BWD),
     "named_ds_rendezvous": (MosaicTuning(), dataclasses.replace(DEFAULT_MOSAIC_BWD, ds_rendezvous="named"),
                             DEFAULT_MOSAIC_BWD),
+    "dq_copy_next_step": (MosaicTuning(), dataclasses.replace(DEFAULT_MOSAIC_BWD, dq_copy_next_step=True),
+                          DEFAULT_MOSAIC_BWD),
     "stages3_separate_kv": (MosaicTuning(num_stages=3, separate_kv_waits=True), MosaicBwdTuning(), MosaicBwdTuning()),
     "persistent_separate_kv": (MosaicTuning(persistent=True, persistent_ctas=5, separate_kv_waits=True),
                                MosaicBwdTuning(), MosaicBwdTuning()),
@@ -727,7 +733,8 @@ def test_reordered_designs_change_no_value(design):
     # on constant slots, dkv_dp_with_s issues the dk/dv step's wgmmas in another order (each element's
     # arithmetic unchanged), operands_in_step takes the same operand refs again in every step,
     # dv_before_commit issues the same dV at another place, the dQ stagings hold the same partials in another order,
-    # ds_rendezvous="named" meets over the same dS^T on another barrier,
+    # ds_rendezvous="named" meets over the same dS^T on another barrier, dq_copy_next_step copies the same dQ
+    # partials one step later,
     # separate_kv_waits reorders the memory warpgroup's waits and loads (with a
     # 3-slot ring too; and the persistent grid walks the same items, here 5 CTAs each several): each
     # CTA's arithmetic is the same, so out, lse and the split backward's gradients are bitwise those of

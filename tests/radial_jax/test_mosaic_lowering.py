@@ -787,6 +787,36 @@ def test_fa4_late_dv_issues_dv_after_the_ds_store(monkeypatch, case, stats_in_ac
     assert "cp.reduce.async.bulk" in module[syncs[3].end():syncs[4].start()]
 
 
+_FENCE = "nvvm.fence.proxy"  # the async-proxy fence in a Mosaic GPU module's text (commit_smem's)
+
+
+@pytest.mark.skipif(jax.__version_info__ < (0, 11), reason="the fused backward needs jax >= 0.11")
+def test_dq_copy_next_step_leaves_the_dq_stores_to_the_next_ds_fence(monkeypatch):
+    # dq_copy_next_step: no fence between dQ's wait (wait 1) and dK's (wait 0), where the default publishes
+    # and copies its staged dQ; the loop's copy (of the step before) comes after dQ and dK are issued, before
+    # dV's wait; a second copy after the loop adds the last step's. Same waits, same fences in the module.
+    tables, q, kv, rows = _setup(*CASES[0])
+    modules = {}
+    for next_step in (False, True):
+        tuning = dataclasses.replace(mosaic_bwd.DEFAULT_MOSAIC_BWD, dq_copy_next_step=next_step)
+        backward = lambda *a, tuning=tuning: mosaic_bwd.mosaic_backward(*a, tables=tables, scale=0.1, tuning=tuning)
+        (module,) = _mosaic_modules(monkeypatch, backward, q, kv, kv, q, rows, q, rows)
+        syncs = [m for m in _WGMMA_SYNC.finditer(module) if m.group(1) is not None]
+        regions = [module[a.end():z.start()] for a, z in zip(syncs, syncs[1:5])]  # after each loop wait
+        modules[next_step] = (module, regions)
+    (default, (_, _, _, default_dq)), (deferred, (_, dp_to_dv, _, deferred_dq)) = modules[False], modules[True]
+    assert _FENCE in default_dq and "cp.reduce.async.bulk" in default_dq
+    assert _FENCE not in deferred_dq and "cp.reduce.async.bulk" not in deferred_dq
+    assert "cp.reduce.async.bulk" in dp_to_dv and dp_to_dv.rfind("wgmma.mma_async") < dp_to_dv.find("cp.reduce.async")
+    assert deferred.count("cp.reduce.async.bulk") == default.count("cp.reduce.async.bulk") + 1
+    assert deferred.count(_FENCE) == default.count(_FENCE) and _wgmma_waits(deferred) == _wgmma_waits(default)
+    for refused in (mosaic_bwd.MosaicBwdTuning(dq_copy_next_step=True),
+                    dataclasses.replace(mosaic_bwd.DEFAULT_MOSAIC_BWD, dq_copy_next_step=True, fused_pipeline="static")):
+        with pytest.raises(ValueError, match="dq_copy_next_step"):
+            jax.eval_shape(lambda *a, t=refused: mosaic_bwd.mosaic_backward(*a, tables=tables, scale=0.1, tuning=t),
+                           q, kv, kv, q, rows, q, rows)
+
+
 @pytest.mark.skipif(jax.__version_info__ < (0, 11), reason="the fused backward needs jax >= 0.11")
 def test_named_ds_rendezvous_is_one_256_thread_barrier(monkeypatch):
     # ds_rendezvous="named": the warpgroups meet over dS^T on one bar.sync of 256 threads instead of an
@@ -801,7 +831,7 @@ def test_named_ds_rendezvous_is_one_256_thread_barrier(monkeypatch):
     named, polled = modules["named"], modules["mbarrier"]
     assert named.count("bar.sync 4, 256;") == 1 and polled.count("bar.sync 4, 256;") == 0
     assert named.count("mbarrier.try_wait") == polled.count("mbarrier.try_wait") - 1
-    assert named.count("fence.proxy.async") == polled.count("fence.proxy.async")
+    assert named.count(_FENCE) == polled.count(_FENCE) > 0
     assert _wgmma_waits(named) == _wgmma_waits(polled)
     for refused in (mosaic_bwd.MosaicBwdTuning(ds_rendezvous="named"),
                     dataclasses.replace(mosaic_bwd.DEFAULT_MOSAIC_BWD, fused_order="private_dq", ds_rendezvous="named")):
