@@ -790,17 +790,31 @@ def test_fa4_late_dv_issues_dv_after_the_ds_store(monkeypatch, case, stats_in_ac
 _FENCE = "nvvm.fence.proxy"  # the async-proxy fence in a Mosaic GPU module's text (commit_smem's)
 
 
+def _default_bwd_module(monkeypatch, setup, **changes) -> str:
+    """The Mosaic module of DEFAULT_MOSAIC_BWD with `changes`, lowered for CUDA; setup: _setup's tuple."""
+    tables, q, kv, rows = setup
+    tuning = dataclasses.replace(mosaic_bwd.DEFAULT_MOSAIC_BWD, **changes)
+    backward = lambda *a: mosaic_bwd.mosaic_backward(*a, tables=tables, scale=0.1, tuning=tuning)
+    (module,) = _mosaic_modules(monkeypatch, backward, q, kv, kv, q, rows, q, rows)
+    return module
+
+
+def _assert_backward_refuses(setup, tuning, match: str):
+    tables, q, kv, rows = setup
+    with pytest.raises(ValueError, match=match):
+        jax.eval_shape(lambda *a: mosaic_bwd.mosaic_backward(*a, tables=tables, scale=0.1, tuning=tuning),
+                       q, kv, kv, q, rows, q, rows)
+
+
 @pytest.mark.skipif(jax.__version_info__ < (0, 11), reason="the fused backward needs jax >= 0.11")
 def test_dq_copy_next_step_leaves_the_dq_stores_to_the_next_ds_fence(monkeypatch):
     # dq_copy_next_step: no fence between dQ's wait (wait 1) and dK's (wait 0), where the default publishes
     # and copies its staged dQ; the loop's copy (of the step before) comes after dQ and dK are issued, before
     # dV's wait; a second copy after the loop adds the last step's. Same waits, same fences in the module.
-    tables, q, kv, rows = _setup(*CASES[0])
+    setup = _setup(*CASES[0])
     modules = {}
     for next_step in (False, True):
-        tuning = dataclasses.replace(mosaic_bwd.DEFAULT_MOSAIC_BWD, dq_copy_next_step=next_step)
-        backward = lambda *a, tuning=tuning: mosaic_bwd.mosaic_backward(*a, tables=tables, scale=0.1, tuning=tuning)
-        (module,) = _mosaic_modules(monkeypatch, backward, q, kv, kv, q, rows, q, rows)
+        module = _default_bwd_module(monkeypatch, setup, dq_copy_next_step=next_step)
         syncs = [m for m in _WGMMA_SYNC.finditer(module) if m.group(1) is not None]
         regions = [module[a.end():z.start()] for a, z in zip(syncs, syncs[1:5])]  # after each loop wait
         modules[next_step] = (module, regions)
@@ -812,9 +826,7 @@ def test_dq_copy_next_step_leaves_the_dq_stores_to_the_next_ds_fence(monkeypatch
     assert deferred.count(_FENCE) == default.count(_FENCE) and _wgmma_waits(deferred) == _wgmma_waits(default)
     for refused in (mosaic_bwd.MosaicBwdTuning(dq_copy_next_step=True),
                     dataclasses.replace(mosaic_bwd.DEFAULT_MOSAIC_BWD, dq_copy_next_step=True, fused_pipeline="static")):
-        with pytest.raises(ValueError, match="dq_copy_next_step"):
-            jax.eval_shape(lambda *a, t=refused: mosaic_bwd.mosaic_backward(*a, tables=tables, scale=0.1, tuning=t),
-                           q, kv, kv, q, rows, q, rows)
+        _assert_backward_refuses(setup, refused, "dq_copy_next_step")
 
 
 @pytest.mark.skipif(jax.__version_info__ < (0, 11), reason="the fused backward needs jax >= 0.11")
@@ -822,47 +834,34 @@ def test_named_ds_rendezvous_is_one_256_thread_barrier(monkeypatch):
     # ds_rendezvous="named": the warpgroups meet over dS^T on one bar.sync of 256 threads instead of an
     # mbarrier arrive and poll, after the fence alone (commit_smem's 128-thread barrier dropped); the
     # wgmma waits are the same.
-    tables, q, kv, rows = _setup(*CASES[0])
-    modules = {}
-    for rendezvous in ("mbarrier", "named"):
-        tuning = dataclasses.replace(mosaic_bwd.DEFAULT_MOSAIC_BWD, ds_rendezvous=rendezvous)
-        backward = lambda *a, tuning=tuning: mosaic_bwd.mosaic_backward(*a, tables=tables, scale=0.1, tuning=tuning)
-        (modules[rendezvous],) = _mosaic_modules(monkeypatch, backward, q, kv, kv, q, rows, q, rows)
-    named, polled = modules["named"], modules["mbarrier"]
+    setup = _setup(*CASES[0])
+    named, polled = (_default_bwd_module(monkeypatch, setup, ds_rendezvous=r) for r in ("named", "mbarrier"))
     assert named.count("bar.sync 4, 256;") == 1 and polled.count("bar.sync 4, 256;") == 0
     assert named.count("mbarrier.try_wait") == polled.count("mbarrier.try_wait") - 1
     assert named.count(_FENCE) == polled.count(_FENCE) > 0
     assert _wgmma_waits(named) == _wgmma_waits(polled)
     for refused in (mosaic_bwd.MosaicBwdTuning(ds_rendezvous="named"),
                     dataclasses.replace(mosaic_bwd.DEFAULT_MOSAIC_BWD, fused_order="private_dq", ds_rendezvous="named")):
-        with pytest.raises(ValueError, match="ds_rendezvous='named'"):
-            jax.eval_shape(lambda *a, t=refused: mosaic_bwd.mosaic_backward(*a, tables=tables, scale=0.1, tuning=t),
-                           q, kv, kv, q, rows, q, rows)
-    with pytest.raises(ValueError, match="ds_rendezvous='polled'"):
-        jax.eval_shape(lambda *a: mosaic_bwd.mosaic_backward(*a, tables=tables, scale=0.1, tuning=dataclasses.replace(
-            mosaic_bwd.DEFAULT_MOSAIC_BWD, ds_rendezvous="polled")), q, kv, kv, q, rows, q, rows)
+        _assert_backward_refuses(setup, refused, "ds_rendezvous='named'")
+    _assert_backward_refuses(setup, dataclasses.replace(mosaic_bwd.DEFAULT_MOSAIC_BWD, ds_rendezvous="polled"),
+                             "ds_rendezvous='polled'")
 
 
 @pytest.mark.skipif(jax.__version_info__ < (0, 11), reason="the fused backward needs jax >= 0.11")
 def test_dv_before_commit_issues_dv_between_the_ds_store_and_its_fence(monkeypatch):
     # After dP^T's wait 0: dS^T stored, then (dv_before_commit, the default) dV's wgmma, then the fence that
     # publishes the store; with False the fence comes first. The waits are the same either way.
-    tables, q, kv, rows = _setup(*CASES[0])
+    setup = _setup(*CASES[0])
     orders = {}
     for early in (False, True):
-        tuning = dataclasses.replace(mosaic_bwd.DEFAULT_MOSAIC_BWD, dv_before_commit=early)
-        backward = lambda *a, tuning=tuning: mosaic_bwd.mosaic_backward(*a, tables=tables, scale=0.1, tuning=tuning)
-        (module,) = _mosaic_modules(monkeypatch, backward, q, kv, kv, q, rows, q, rows)
+        module = _default_bwd_module(monkeypatch, setup, dv_before_commit=early)
         syncs = [m for m in _WGMMA_SYNC.finditer(module) if m.group(1) is not None]
         after_dp = module[syncs[1].end():syncs[2].start()]  # from dP^T's wait to dV's
         store = _SMEM_STORE.search(after_dp).start()
         fence, dv = after_dp.find("fence.proxy", store), after_dp.find("wgmma.mma_async", store)
         orders[early] = (_wgmma_waits(module), 0 <= dv < fence)
     assert orders[True] == (orders[False][0], True) and orders[False][1] is False
-    with pytest.raises(ValueError, match="dv_before_commit"):
-        jax.eval_shape(lambda *a: mosaic_bwd.mosaic_backward(
-            *a, tables=tables, scale=0.1, tuning=mosaic_bwd.MosaicBwdTuning(dv_before_commit=True)),
-            q, kv, kv, q, rows, q, rows)
+    _assert_backward_refuses(setup, mosaic_bwd.MosaicBwdTuning(dv_before_commit=True), "dv_before_commit")
 
 
 @pytest.mark.skipif(jax.__version_info__ < (0, 11), reason="the fused backward needs jax >= 0.11")
