@@ -33,7 +33,7 @@ from jax import lax
 from radial_jax.kernels.common import (COMPUTE_WGS, DEFAULT_MOSAIC_BWD, LOG2_E, MASK_BLOCK, MosaicBwdTuning,
                                        block_coords, block_grid, seq_multiple, unpad_seq)
 from radial_jax.kernels.mosaic_bwd_fused import (DQ_STAGINGS, FUSED_ORDERS, FUSED_PIPELINES, LATE_DV_ORDERS,
-                                                 fused_kernel)
+                                                 MEETING_ORDERS, fused_kernel)
 from radial_jax.kernels.mosaic_pipeline import (ds_t_of, dv_and_ds_t, key_block_kernel, load_ref, p_t_and_dp_t,
                                                 query_tile_pipeline, smem_transforms, static_query_pipeline,
                                                 static_ring_scratch, store_dk_dv, tile_of_step)
@@ -75,10 +75,10 @@ def mosaic_backward(q, k, v, out, lse, d_out, d_lse, *, tables: BlockTables, sca
                          "fused_order='fa4_late_dv' (or 'private_dq') too")
     if tuning.ds_rendezvous not in ("mbarrier", "named"):
         raise ValueError(f"ds_rendezvous={tuning.ds_rendezvous!r}: choose 'mbarrier' or 'named'")
-    if tuning.ds_rendezvous == "named" and not (tuning.fused and tuning.fused_order in ("fa4", "fa4_late_dv")):
+    if tuning.ds_rendezvous == "named" and not (tuning.fused and tuning.fused_order in MEETING_ORDERS):
         raise ValueError("ds_rendezvous='named' is where the fa4 orders' warpgroups meet over dS^T: set fused=True "
                          "and fused_order='fa4' or 'fa4_late_dv' too")
-    if tuning.dq_copy_next_step and not (tuning.fused and tuning.fused_order in ("fa4", "fa4_late_dv")
+    if tuning.dq_copy_next_step and not (tuning.fused and tuning.fused_order in MEETING_ORDERS
                                          and tuning.fused_pipeline == "emit"):
         raise ValueError("dq_copy_next_step defers the fa4 orders' dQ copy by one step of the emit pipeline: set "
                          "fused=True, fused_order='fa4' or 'fa4_late_dv' and fused_pipeline='emit' too")

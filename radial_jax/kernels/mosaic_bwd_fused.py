@@ -35,9 +35,11 @@ from radial_jax.kernels.tables import BlockTables
 FUSED_ORDERS = ("deferred_dq", "fa4", "fa4_late_dv", "private_dq")  # MosaicBwdTuning.fused_order's choices
 FUSED_PIPELINES = ("emit", "static", "static_wg")  # MosaicBwdTuning.fused_pipeline's choices
 LATE_DV_ORDERS = ("fa4_late_dv", "private_dq")  # the orders that issue dV after dS^T's store
+MEETING_ORDERS = ("fa4", "fa4_late_dv")  # the in-step dQ orders whose warpgroups meet over each step's dS^T
 DQ_STAGINGS = ("swizzle128", "tiles8x8", "tiles8x8_flat")  # MosaicBwdTuning.fused_dq_staging's choices
 
-__all__ = ["DQ_STAGINGS", "FUSED_ORDERS", "FUSED_PIPELINES", "LATE_DV_ORDERS", "fused_kernel", "untile_dq"]
+__all__ = ["DQ_STAGINGS", "FUSED_ORDERS", "FUSED_PIPELINES", "LATE_DV_ORDERS", "MEETING_ORDERS", "fused_kernel",
+           "untile_dq"]
 
 
 def fused_kernel(q, k, v, d_out, lse2, delta, *, tables: BlockTables, scale: float, tuning: MosaicBwdTuning):
