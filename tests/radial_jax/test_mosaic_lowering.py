@@ -115,6 +115,11 @@ def _mosaic_modules(monkeypatch, fn, *shapes) -> list[str]:
     return modules
 
 
+def _wait_matches(module: str) -> list[re.Match]:
+    """The _WGMMA_SYNC matches of the module's wgmma wait_group N, in text order (slice the text between them)."""
+    return [m for m in _WGMMA_SYNC.finditer(module) if m.group(1) is not None]
+
+
 def _wgmma_waits(module: str) -> list[tuple[int, int]]:
     """Returns (N, wgmma groups committed since the previous wait) for each wgmma wait_group N, in text order."""
     waits, committed = [], 0
@@ -669,7 +674,7 @@ def test_fa4_order_keeps_a_wgmma_queued_behind_each_wait(monkeypatch, case):
     backward = lambda *a: mosaic_bwd.mosaic_backward(*a, tables=tables, scale=0.1, tuning=_FA4)
     (module,) = _mosaic_modules(monkeypatch, backward, q, kv, kv, q, rows, q, rows)
     assert _wgmma_waits(module) == [(1, 2), (1, 1), (2, 2), (1, 0), (0, 0), (0, 0), (0, 0)]
-    syncs = [m for m in _WGMMA_SYNC.finditer(module) if m.group(1) is not None]
+    syncs = _wait_matches(module)
     under_dp, dq_issue, under_dk = (module[a.end():b.start()] for a, b in [syncs[0:2], syncs[1:3], syncs[3:5]])
     assert under_dp.count("ex2.approx") == 32 and "ex2.approx" not in module[syncs[1].end():]
     assert _SMEM_STORE.search(dq_issue) and "mbarrier.try_wait" in dq_issue  # dS^T stored, then the rendezvous
@@ -780,7 +785,7 @@ def test_fa4_late_dv_issues_dv_after_the_ds_store(monkeypatch, case, stats_in_ac
     backward = lambda *a: mosaic_bwd.mosaic_backward(*a, tables=tables, scale=0.1, tuning=tuning)
     (module,) = _mosaic_modules(monkeypatch, backward, q, kv, kv, q, rows, q, rows)
     assert _wgmma_waits(module) == [(1, 2), (0, 0), (2, 3), (1, 0), (0, 0), (0, 0), (0, 0)]
-    syncs = [m for m in _WGMMA_SYNC.finditer(module) if m.group(1) is not None]
+    syncs = _wait_matches(module)
     after_dp = module[syncs[1].end():syncs[2].start()]
     store, rendezvous = _SMEM_STORE.search(after_dp), after_dp.find("mbarrier.try_wait")
     assert store and 0 <= store.start() < rendezvous  # dS^T stored before the rendezvous
@@ -815,7 +820,7 @@ def test_dq_copy_next_step_leaves_the_dq_stores_to_the_next_ds_fence(monkeypatch
     modules = {}
     for next_step in (False, True):
         module = _default_bwd_module(monkeypatch, setup, dq_copy_next_step=next_step)
-        syncs = [m for m in _WGMMA_SYNC.finditer(module) if m.group(1) is not None]
+        syncs = _wait_matches(module)
         regions = [module[a.end():z.start()] for a, z in zip(syncs, syncs[1:5])]  # after each loop wait
         modules[next_step] = (module, regions)
     (default, (_, _, _, default_dq)), (deferred, (_, dp_to_dv, _, deferred_dq)) = modules[False], modules[True]
@@ -855,7 +860,7 @@ def test_dv_before_commit_issues_dv_between_the_ds_store_and_its_fence(monkeypat
     orders = {}
     for early in (False, True):
         module = _default_bwd_module(monkeypatch, setup, dv_before_commit=early)
-        syncs = [m for m in _WGMMA_SYNC.finditer(module) if m.group(1) is not None]
+        syncs = _wait_matches(module)
         after_dp = module[syncs[1].end():syncs[2].start()]  # from dP^T's wait to dV's
         store = _SMEM_STORE.search(after_dp).start()
         fence, dv = after_dp.find("fence.proxy", store), after_dp.find("wgmma.mma_async", store)
