@@ -151,16 +151,19 @@ def backward_variants() -> dict[str, KernelTuning]:
             # (256-byte TMA rows, no selects) and issue dV before the fence and barrier that publish dS^T
             # (FA4's place); in session 12's and 13's files default_dq_flat_bwd, default_dv_early_bwd and
             # default_dv_early_dq_flat_bwd are those changes to session 12's default (session12_bwd here).
-            # Each undone alone, and both:
+            # Each undone alone:
             "default_dq_swizzle_bwd": default_and(fused_dq_staging="swizzle128"),
             "default_dv_late_bwd": default_and(dv_before_commit=False),
-            "session12_bwd": default_and(fused_dq_staging="swizzle128", dv_before_commit=False),
-            # The warpgroups meeting over dS^T on one 256-thread bar.sync instead of an mbarrier (FA4's PdS barrier).
-            "default_named_ds_bwd": default_and(ds_rendezvous="named"),
-            # dQ's partial published by the next step's dS^T fence and copied then (one fence and barrier fewer),
-            # alone and with the named rendezvous.
-            "default_dq_next_bwd": default_and(dq_copy_next_step=True),
-            "default_dq_next_named_ds_bwd": default_and(dq_copy_next_step=True, ds_rendezvous="named"),
+            # Session 14 made the warpgroups meet over dS^T on one 256-thread bar.sync instead of an mbarrier
+            # (FA4's PdS barrier) and each step's dQ partial published by the next step's dS^T fence and
+            # copied then (one fence and barrier a step fewer); in session 13's and 14's files
+            # default_named_ds_bwd, default_dq_next_bwd and default_dq_next_named_ds_bwd are those changes to
+            # session 13's default (session13_bwd here). Each undone alone:
+            "default_mbarrier_ds_bwd": default_and(ds_rendezvous="mbarrier"),
+            "default_dq_in_step_bwd": default_and(dq_copy_next_step=False),
+            "session13_bwd": default_and(ds_rendezvous="mbarrier", dq_copy_next_step=False),
+            "session12_bwd": default_and(ds_rendezvous="mbarrier", dq_copy_next_step=False,
+                                         fused_dq_staging="swizzle128", dv_before_commit=False),
             "fused_static_lean_bwd": lean(fused_pipeline="static"),
             # The split dk/dv kernel on the fused kernel's hand-written static pipeline, also at 24/240 registers.
             "split_static_bwd": KernelTuning(mosaic_bwd=MosaicBwdTuning(split_pipeline="static")),

@@ -301,12 +301,16 @@ class MosaicBwdTuning:
 # swizzled tiles another 1.022x, 1.027x, 1.042x. Session 13: dV issued before dS^T's fence and barrier
 # (dv_before_commit, FA4's place) and dQ's accumulator kept in tile order (fused_dq_staging="tiles8x8_flat":
 # 256-byte TMA rows, no selects in the stores) another 1.007x, 1.012x, 1.017x, which put it at 0.978x,
-# 0.990x and 1.008x FA4 in the same calls. Its dQ is summed in the order the TMA reduce-adds land, so it is
+# 0.990x and 1.008x FA4 in the same calls. Session 14: the warpgroups meet over dS^T on one named barrier
+# (ds_rendezvous="named") and each step's dQ partial is copied by the next step (dq_copy_next_step), one
+# fence and one warpgroup barrier a step fewer: another 1.047x, 1.034x, 1.036x, which put it at 1.030x,
+# 1.024x and 1.038x FA4 in the same calls (NOTES session 14). Its dQ is summed in the order the TMA reduce-adds land, so it is
 # not bitwise reproducible from run to run (dK and dV are). head_dim 64 and jax 0.10 run the split kernels
 # with its other fields.
 DEFAULT_MOSAIC_BWD = MosaicBwdTuning(fused=True, fused_order="fa4_late_dv", memory_registers=24, stats_in_acc=True,
                                      fused_dk_from_smem=True, operands_in_step=True, dv_before_commit=True,
-                                     fused_dq_staging="tiles8x8_flat")
+                                     fused_dq_staging="tiles8x8_flat", ds_rendezvous="named",
+                                     dq_copy_next_step=True)
 
 
 @dataclasses.dataclass(frozen=True)

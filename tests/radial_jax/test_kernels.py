@@ -382,7 +382,7 @@ class TestMosaicGPU(KernelChecks):
 
     @pytest.mark.parametrize("lengths", [(1560, 1560), (1000, 1560), (1560, 1000)])
     @pytest.mark.parametrize("variant", ["split", "split_dq_tile_128", "fused", "fused_dq_swizzle", "fused_dv_late",
-                                         "fused_named_ds", "fused_dq_next", "fused_dq_next_named_ds"])
+                                         "fused_mbarrier_ds", "fused_dq_in_step", "fused_session13"])
     def test_backward_variants_match_reference(self, lengths, variant):
         # The fused kernel's dQ comes from two warpgroups' TMA reduce-adds across key blocks; the
         # split kernels compute it per query block, in 64- or 128-key tiles. f16 (10 mantissa
@@ -396,10 +396,10 @@ class TestMosaicGPU(KernelChecks):
                   "fused": mosaic_bwd.MosaicBwdTuning(fused=True),
                   "fused_dq_swizzle": dataclasses.replace(DEFAULT_MOSAIC_BWD, fused_dq_staging="swizzle128"),
                   "fused_dv_late": dataclasses.replace(DEFAULT_MOSAIC_BWD, dv_before_commit=False),
-                  "fused_named_ds": dataclasses.replace(DEFAULT_MOSAIC_BWD, ds_rendezvous="named"),
-                  "fused_dq_next": dataclasses.replace(DEFAULT_MOSAIC_BWD, dq_copy_next_step=True),
-                  "fused_dq_next_named_ds": dataclasses.replace(DEFAULT_MOSAIC_BWD, dq_copy_next_step=True,
-                                                                ds_rendezvous="named"),
+                  "fused_mbarrier_ds": dataclasses.replace(DEFAULT_MOSAIC_BWD, ds_rendezvous="mbarrier"),
+                  "fused_dq_in_step": dataclasses.replace(DEFAULT_MOSAIC_BWD, dq_copy_next_step=False),
+                  "fused_session13": dataclasses.replace(DEFAULT_MOSAIC_BWD, dq_copy_next_step=False,
+                                                         ds_rendezvous="mbarrier"),
                   "fused_fa4": mosaic_bwd.MosaicBwdTuning(fused=True, fused_order="fa4"),
                   "fused_fa4_late_dv": mosaic_bwd.MosaicBwdTuning(fused=True, fused_order="fa4_late_dv",
                                                                   memory_registers=24),
@@ -715,10 +715,10 @@ _SAME_VALUES = {
                          DEFAULT_MOSAIC_BWD),
     "dv_after_commit": (MosaicTuning(), dataclasses.replace(DEFAULT_MOSAIC_BWD, dv_before_commit=False),
                         DEFAULT_MOSAIC_BWD),
-    "named_ds_rendezvous": (MosaicTuning(), dataclasses.replace(DEFAULT_MOSAIC_BWD, ds_rendezvous="named"),
-                            DEFAULT_MOSAIC_BWD),
-    "dq_copy_next_step": (MosaicTuning(), dataclasses.replace(DEFAULT_MOSAIC_BWD, dq_copy_next_step=True),
-                          DEFAULT_MOSAIC_BWD),
+    "mbarrier_ds_rendezvous": (MosaicTuning(), dataclasses.replace(DEFAULT_MOSAIC_BWD, ds_rendezvous="mbarrier"),
+                               DEFAULT_MOSAIC_BWD),
+    "dq_copy_in_step": (MosaicTuning(), dataclasses.replace(DEFAULT_MOSAIC_BWD, dq_copy_next_step=False),
+                        DEFAULT_MOSAIC_BWD),
     "stages3_separate_kv": (MosaicTuning(num_stages=3, separate_kv_waits=True), MosaicBwdTuning(), MosaicBwdTuning()),
     "persistent_separate_kv": (MosaicTuning(persistent=True, persistent_ctas=5, separate_kv_waits=True),
                                MosaicBwdTuning(), MosaicBwdTuning()),

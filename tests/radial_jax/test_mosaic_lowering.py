@@ -641,13 +641,15 @@ def test_untile_dq_puts_mosaic_tile_order_back_in_rows():
 def test_flat_dq_staging_reduces_into_a_tile_ordered_accumulator(monkeypatch):
     # The default staging is one SMEM region seen two ways (a RefUnion): written as (8, 8) tiles, copied as
     # [row tiles, column tiles, 64] into dQ's accumulator [B, N, rows / 8, D / 8, 64]: one TMA reduce-add.
-    # The swizzled staging reduces into a row-ordered [B, N, rows, D] accumulator.
+    # The swizzled staging reduces into a row-ordered [B, N, rows, D] accumulator. With the default's
+    # dq_copy_next_step the reduce-add is issued at two places: in a step (the previous step's partial)
+    # and after the loop (the last one's).
     tables, q, kv, rows = _setup(*CASES[0])
     tuning = mosaic_bwd.DEFAULT_MOSAIC_BWD
-    assert tuning.fused_dq_staging == "tiles8x8_flat"
+    assert tuning.fused_dq_staging == "tiles8x8_flat" and tuning.dq_copy_next_step
     backward = lambda *a: mosaic_bwd.mosaic_backward(*a, tables=tables, scale=0.1, tuning=tuning)
     (module,) = _mosaic_modules(monkeypatch, backward, q, kv, kv, q, rows, q, rows)
-    assert module.count("cp.reduce.async.bulk") == 1
+    assert module.count("cp.reduce.async.bulk") == 2
     jaxpr = lambda fn: str(jax.make_jaxpr(fn)(q, kv, kv, q, rows, q, rows))
     swizzled = dataclasses.replace(tuning, fused_dq_staging="swizzle128")
     rows_in_order = lambda *a: mosaic_bwd.mosaic_backward(*a, tables=tables, scale=0.1, tuning=swizzled)
