@@ -260,6 +260,9 @@ def forward_variants() -> dict[str, KernelTuning]:
             "producer_warp_fwd": default_and(producer_warp=True),
             "producer_warp_after8_fwd": default_and(producer_warp=True, lazy_rescale_threshold=None,
                                                     pv_wait_after_cols=8),
+            # The row sum kept as each thread's partial sums, its shuffles once after the loop (FA4's).
+            "row_sum_in_thread_fwd": default_and(row_sum_in_thread=True),
+            "row_sum_in_thread_producer_warp_fwd": default_and(row_sum_in_thread=True, producer_warp=True),
             "overlap_late_p_sep_s3_fwd": fwd(**session9, num_stages=3)}
 
 

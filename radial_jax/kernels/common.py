@@ -76,6 +76,16 @@ class MosaicTuning:
     # the sum rounds in another order. Off: 1.000-1.005x the default on the H200 (the chains' latency
     # is not on the critical path).
     tree_reduce: bool = False
+    # The row sum l kept as each thread's partial sums, [block_q, 8] in the WGMMA layout (a thread's
+    # 2 columns of every 8-column tile, the tiles added in the thread), and added across the row's 4
+    # threads once, after the loop: no shuffles in a step, as FA4's sm90 loop (its SASS: 4 SHFL a step,
+    # the max's; ours 8). In the default loop the sum's 4 shuffles and the adds that wait for them sit
+    # between the last exp2 and the wait for P V (ncu's source view, NOTES session 14), and a warp
+    # issues in order. 4 multiplies by alpha a step instead of 2. The sum rounds in another order. With
+    # late_pv_wait a second never-taken branch before the wait for P V keeps it below the exp2 (else
+    # ptxas hoists it to the max's shuffles). Off: 0.954x the default at 1.3B 480p-81f on the H200 (NOTES
+    # session 14; ptxas then issues 60 of the 66 exp2 back to back and the sum's adds after that wait).
+    row_sum_in_thread: bool = False
     # None: every exp2 of the softmax on the multi-function unit (ex2.approx, 8 cycles a warp). k >= 1:
     # every k-th 8-key tile of each unmasked key block by a degree-3 polynomial on the FMA pipe instead
     # (FlashAttention-4's split on Blackwell; relative error <= 7.5e-5, below bf16's rounding of P).

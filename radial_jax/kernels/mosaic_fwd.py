@@ -134,6 +134,24 @@ def _tree_row_reduce(x, op: str):
     return reduce(x)
 
 
+def _fold_columns(x, width: int = 8):
+    """Returns x [rows, cols] f32 (WGMMA layout, cols a power-of-two multiple of width) with its column
+    halves added until `width` columns are left: [rows, width], each thread's own columns summed in
+    the thread (no shuffles). Summed over its columns it is x's row sum, rounded in another order."""
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+
+    @plgpu.inline_mgpu(arg_types=(plgpu.Layout.WGMMA,),
+                       return_type=plgpu.ShapeDtypeStruct((x.shape[0], width), jnp.float32,
+                                                          layout=plgpu.Layout.WGMMA))
+    def fold(_, x):
+        while x.shape[1] > width:
+            half = x.shape[1] // 2
+            x = x[:, :half] + x[:, half:]
+        return x
+
+    return fold(x)
+
+
 # Named barriers 0 (gpu.barrier) and 1-3 (Mosaic's per-warpgroup bar.sync) are taken; the turn uses 4 + wg.
 _TURN_BARRIER = 4
 
@@ -370,14 +388,24 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
 
         row = plgpu.Layout.WGMMA.reduce(1)
         m_i = plgpu.layout_cast(jnp.full((block_q,), -jnp.inf, jnp.float32), row)
-        l_i = plgpu.layout_cast(jnp.full((block_q,), 0.0, jnp.float32), row)
+        # l: [block_q] in the row layout, or (row_sum_in_thread) each thread's partial sums [block_q, 8]
+        if tuning.row_sum_in_thread:
+            l_i = plgpu.layout_cast(jnp.full((block_q, 8), 0.0, jnp.float32), plgpu.Layout.WGMMA)
+        else:
+            l_i = plgpu.layout_cast(jnp.full((block_q,), 0.0, jnp.float32), row)
         acc = plgpu.layout_cast(jnp.full((block_q, head_dim), 0.0, jnp.float32), plgpu.Layout.WGMMA)
 
         def row_max(s):  # [block_q, block_kv] f32 -> [block_q]
             return _tree_row_reduce(s, "max") if tuning.tree_reduce else s.max(axis=1)
 
-        def row_sum(p):
-            return _tree_row_reduce(p, "add") if tuning.tree_reduce else p.sum(axis=1)
+        def add_row_sum(l_i, alpha, p):
+            """Returns l_i * alpha + p's row sum: l_i and the result as l above, alpha [block_q]."""
+            if tuning.row_sum_in_thread:
+                return l_i * lax.broadcast_in_dim(alpha, l_i.shape, [0]) + _fold_columns(p)
+            return l_i * alpha + (_tree_row_reduce(p, "add") if tuning.tree_reduce else p.sum(axis=1))
+
+        def total_row_sum(l_i):  # l as above -> [block_q], the row layout
+            return l_i.sum(axis=1) if tuning.row_sum_in_thread else l_i
 
         def shifted_scores(s, m_i, step, *, mask_tail):
             """Returns (x, m_new, alpha) of one key block's scores s [block_q, block_kv] f32: p = 2^x."""
@@ -424,7 +452,7 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
             plgpu.barrier_arrive(k_consumed.at[slot])
             p, m_new, alpha = softmax_scores(s, m_i, step, mask_tail=mask_tail)
             acc = rescale(acc, alpha, m_i, m_new)
-            l_i = l_i * alpha + row_sum(p)
+            l_i = add_row_sum(l_i, alpha, p)
             p16 = p.astype(dtype)
             # Ordering found by the jax example to matter for speed on H100.
             acc, l_i, m_new, p16 = lax.optimization_barrier((acc, l_i, m_new, p16))
@@ -510,7 +538,7 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
                 s = pl.run_scoped(qk, plgpu.ACC((block_q, block_kv), jnp.float32))  # [block_q, block_kv]
                 plgpu.barrier_arrive(k_consumed.at[0])
                 p, m_new, alpha = softmax_scores(s, m_i, 0, mask_tail=mask_tail)
-                out = (m_new, l_i * alpha + row_sum(p), keep_p(p))  # O is zero: no rescale
+                out = (m_new, add_row_sum(l_i, alpha, p), keep_p(p))  # O is zero: no rescale
                 if early_rescale:  # alpha_0 = 1 and no max moved: step 0's rescale is a no-op
                     out += (plgpu.layout_cast(jnp.full((block_q,), 1.0, jnp.float32), row), m_new)
                 return out
@@ -544,12 +572,12 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
                     in_flight = plgpu.wgmma_accumulator_load(o_ref, wait_n=None)  # read after the wait
                     p, acc = _exp2_around_pv_wait(x, in_flight, lax.broadcast_in_dim(alpha, in_flight.shape, [0]),
                                                   head_cols)  # fmt: skip
-                    l_i = l_i * alpha + row_sum(p)
+                    l_i = add_row_sum(l_i, alpha, p)
                     plgpu.barrier_arrive(v_consumed.at[ring_slot(j)])
                     o_ref[...] = acc
                     return m_new, l_i, keep_p(lax.optimization_barrier(p))
                 p, m_new, alpha = softmax_scores(s, m_i, j + 1, mask_tail=mask_tail)
-                l_i = l_i * alpha + row_sum(p)
+                l_i = add_row_sum(l_i, alpha, p)
                 # The softmax must be done before the wait below, or LLVM may sink it past the
                 # wait (its results are used only after it) and the overlap is gone.
                 if late_p:
@@ -557,6 +585,10 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
                 else:
                     p16_next = p.astype(dtype)
                     l_i, m_new, alpha, p16_next = lax.optimization_barrier((l_i, m_new, alpha, p16_next))
+                if tuning.late_pv_wait and tuning.row_sum_in_thread:
+                    # The sum's shuffles (a warp-synchronous point after the last exp2) held the wait
+                    # below the softmax; without them ptxas hoists it to after the max's.
+                    _convergence_point()
                 acc = plgpu.wgmma_accumulator_load(o_ref, wait_n=0)  # P_j V_j done
                 if overlap_softmax:
                     plgpu.barrier_arrive(v_consumed.at[ring_slot(j)])
@@ -616,7 +648,8 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
                 carry = lax.fori_loop(full_count, count, functools.partial(kv_step, mask_tail=True), carry)
             if pingpong:
                 pl.when(wg == 0)(schedule)
-        return carry
+        acc, m_i, l_i = carry
+        return acc, m_i, total_row_sum(l_i)
 
     def stage_tile(o_smem, lse_smem, acc, m_i, l_i):
         """Writes a warpgroup's normalised O (dtype) and lse (natural log) to its staging tiles, fenced

@@ -687,6 +687,14 @@ class TestMosaicProducerWarpGPU(TestMosaicOverlapGPU):
 
     tuning = KernelTuning(mosaic_fwd=dataclasses.replace(DEFAULT_MOSAIC_FWD, producer_warp=True))
 
+class TestMosaicRowSumInThreadGPU(TestMosaicOverlapGPU):
+    """The default forward with its row sum kept as each thread's partial sums and added across the
+    row's threads after the loop (MosaicTuning.row_sum_in_thread): the sum rounded in another order, so
+    the same cases and bounds, and the default kernel's out to f16 rounding and lse to f32 rounding."""
+
+    tuning = KernelTuning(mosaic_fwd=dataclasses.replace(DEFAULT_MOSAIC_FWD, row_sum_in_thread=True))
+
+
 class TestMosaicExp2PolyGPU(TestMosaicOverlapGPU):
     """The tree reductions with every 4th 8-key tile's exp2 by the FMA pipe's polynomial
     (MosaicTuning.exp2_poly_every=4; relative error <= 7.5e-5 a term, under f16's 2^-11): the same cases

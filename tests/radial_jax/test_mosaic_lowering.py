@@ -399,6 +399,28 @@ def test_pv_wait_after_cols_waits_for_p_v_after_that_many_columns_exp2(monkeypat
         assert order(cols).count("1N" + "e" * head + "0" + "e" * (66 - head) + "0") == middles, cols
 
 @pytest.mark.parametrize("case", [CASES[0], CASES[3]])
+def test_row_sum_in_thread_shuffles_the_sum_once_after_the_loop(monkeypatch, case):
+    # MosaicTuning.row_sum_in_thread: no step shuffles its row sum (each softmax loses the sum's shuffles,
+    # the max keeps its own) and one reduction across the threads follows the loop; the same exp2 and
+    # wgmma waits. In each middle-step loop a second never-taken branch (N) comes after all 66 exp2 and
+    # before the wait for P V (0), which ptxas would otherwise hoist to the max's shuffles.
+    tables, q, kv, _ = _setup(*case)
+    default, in_thread = (_forward_module(monkeypatch, tables, q, kv, dataclasses.replace(
+        mosaic_fwd.DEFAULT_MOSAIC_FWD, row_sum_in_thread=flag)) for flag in (False, True))
+    shuffles = lambda module: len(re.findall(r"shfl_kind[< ]bfly>", module))  # jax 0.11 / 0.10 spellings
+    softmaxes = 2 * (1 + tables.kv_ragged)  # first and middle steps, unmasked (and masked)
+    per_reduction = shuffles(default) // (2 * softmaxes)  # each softmax: the max's and the sum's
+    assert per_reduction > 0 and shuffles(default) == 2 * softmaxes * per_reduction
+    assert shuffles(in_thread) == (softmaxes + 1) * per_reduction
+    assert default.count("ex2.approx") == in_thread.count("ex2.approx")
+    assert _wgmma_waits(default) == _wgmma_waits(in_thread)
+    events = re.findall(r"wgmma\.wait[._]group\.sync\.aligned(?:\"\(\) \{group = | )(\d)|(nanosleep)|(ex2\.approx)",
+                        in_thread)
+    order = "".join(n or ("N" if sleep else "e") for n, sleep, _ in events)
+    assert order.count("1N" + "e" * 66 + "N0") == 1 + tables.kv_ragged, order
+
+
+@pytest.mark.parametrize("case", [CASES[0], CASES[3]])
 def test_producer_warp_loads_k_and_v_without_a_warpgroup_barrier(monkeypatch, case):
     # MosaicTuning.producer_warp: the memory warpgroup's K/V loads (TMA, global to shared) run on one
     # warp in single-warp semantics, so no warpgroup barrier (bar.sync) precedes each of them, as one
