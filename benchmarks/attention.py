@@ -262,6 +262,8 @@ def forward_variants() -> dict[str, KernelTuning]:
                                                     pv_wait_after_cols=8),
             # The row sum kept as each thread's partial sums, its shuffles once after the loop (FA4's).
             "row_sum_in_thread_fwd": default_and(row_sum_in_thread=True),
+            # The default's overlapped loop on the persistent grid (one CTA an SM walking the work items).
+            "persistent_overlap_fwd": default_and(persistent=True),
             "row_sum_in_thread_producer_warp_fwd": default_and(row_sum_in_thread=True, producer_warp=True),
             "overlap_late_p_sep_s3_fwd": fwd(**session9, num_stages=3)}
 

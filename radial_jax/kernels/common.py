@@ -150,8 +150,13 @@ class MosaicTuning:
     # K/V blocks (and each compute warpgroup the next Q) while the current item's last steps, O and lse
     # run: a CTA's start (Q and first K/V latency) and end (last P V, O store) no longer idle the SM.
     # What that can win (a list-scheduling model: the tail of the last wave is 1.8% at 1.3B 480p-81f,
-    # less elsewhere) is mostly the overlap of one item's end with the next one's start. Not with
-    # overlap_qk (its turn token would have to carry across items).
+    # less elsewhere) is mostly the overlap of one item's end with the next one's start. With overlap_qk
+    # the turn token carries across items: warpgroup 1 hands the first turn over once per CTA, and each
+    # item's phases take and pass it alike in both warpgroups. Not with overlap_p_smem or producer_warp.
+    # On the H200 with the serial loop (NOTES session 8): 0.957-0.984x the grid. A model of the launch
+    # (NOTES session 14; a CTA's fixed cost 4.6 key steps, session 7's fit): with a CTA's start and end
+    # wholly hidden, this static walk would run 0.3% / 1.7% / 1.7% faster than the grid at 480p-81f /
+    # 161f / 720p-81f, and a walk handing items out as CTAs free up 4.0% / 3.0% / 1.9%.
     persistent: bool = False
     # With persistent: CTAs launched. None: the GPU's SM count at trace time (jax.devices()[0].core_count),
     # or HOPPER_SMS when tracing off a GPU (cross-lowering), so a lowered module does not depend on the host.

@@ -334,9 +334,9 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
 
     grid, grid_names = block_grid(heads, num_q_tiles, batch, "q_seq", tuning.grid_heads)
     persistent, total = tuning.persistent, heads * num_q_tiles * batch
-    if persistent and tuning.overlap_qk:
-        raise ValueError("persistent=True runs the default key loop; overlap_qk's turn token would have to "
-                         "carry across work items: set one of them")  # fmt: skip
+    if persistent and p_smem:
+        raise ValueError("persistent=True has no SMEM tile for P (its SMEM holds two Q slots and O's staging): "
+                         "set overlap_p_smem=False")
     if tuning.persistent_ctas is not None and not (persistent and tuning.persistent_ctas >= 1):
         raise ValueError(f"persistent_ctas={tuning.persistent_ctas} needs persistent=True and at least 1 CTA")
     if tuning.overlap_waits_first and not tuning.overlap_qk:
@@ -365,6 +365,16 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
         grid, grid_names = (num_ctas,), ("cta",)
     kv_ids = jnp.asarray(tables.kv_ids)
     counts = jnp.stack([jnp.asarray(tables.kv_counts), jnp.asarray(tables.kv_full_counts)], axis=1)
+
+    def hand_over_first_turn(wg, schedule_barrier):
+        """The overlapped loop's ping-pong: warpgroup 1 passes the turn once, so that warpgroup 0 takes
+        the first. Every phase after it takes the turn and passes it back, the same number in both
+        warpgroups (they walk the same key blocks), so one pass at the start of a CTA serves all the
+        work items the persistent kernel walks; the last pass of the last item is left unclaimed."""
+        if tuning.pingpong and tuning.named_turn:
+            pl.when(wg == 1)(lambda: _named_turn("pass", other=True))
+        elif tuning.pingpong:
+            pl.when(wg == 1)(lambda: plgpu.barrier_arrive(schedule_barrier.at[0]))
 
     def attend(refs, qo_smem, wg, q_tile, count, full_count, base=None):
         """Returns (acc [block_q, head_dim] f32, unnormalised; m_i, l_i [block_q] f32, m_i in log2 units)
@@ -490,6 +500,7 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
             and 1 need no branch.
             """
             waits_first = tuning.overlap_waits_first  # S's scope opens after the waits (MosaicTuning)
+            first_slot = 0 if base is None else ring_slot(0)  # the persistent kernel's ring runs on
 
             def take_turn():
                 if pingpong and tuning.named_turn:
@@ -524,19 +535,19 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
             def first(_, carry, *, mask_tail):
                 m_i, l_i = carry[:2]
                 if waits_first:
-                    plgpu.barrier_wait(k_barriers.at[0])
+                    plgpu.barrier_wait(k_barriers.at[first_slot])
                     take_turn()
 
                 def qk(s_ref):
                     if not waits_first:
-                        plgpu.barrier_wait(k_barriers.at[0])
+                        plgpu.barrier_wait(k_barriers.at[first_slot])
                         take_turn()
                     issue_qk(s_ref, 0)
                     pass_turn()
                     return plgpu.wgmma_accumulator_load(s_ref, wait_n=0)
 
                 s = pl.run_scoped(qk, plgpu.ACC((block_q, block_kv), jnp.float32))  # [block_q, block_kv]
-                plgpu.barrier_arrive(k_consumed.at[0])
+                plgpu.barrier_arrive(k_consumed.at[first_slot])
                 p, m_new, alpha = softmax_scores(s, m_i, 0, mask_tail=mask_tail)
                 out = (m_new, add_row_sum(l_i, alpha, p), keep_p(p))  # O is zero: no rescale
                 if early_rescale:  # alpha_0 = 1 and no max moved: step 0's rescale is a no-op
@@ -629,11 +640,8 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
             return o_ref[...], m_last, l_last
 
         if tuning.overlap_qk:
-            assert base is None, "the persistent kernel refuses overlap_qk"
-            if pingpong and tuning.named_turn:  # warpgroup 0 takes the first turn
-                pl.when(wg == 1)(lambda: _named_turn("pass", other=True))
-            elif pingpong:
-                pl.when(wg == 1)(lambda: plgpu.barrier_arrive(schedule_barrier.at[0]))
+            if base is None:  # the persistent kernel hands the first turn over once, before its first item
+                hand_over_first_turn(wg, schedule_barrier)
             carry = pl.run_scoped(overlapped_loop, plgpu.ACC((block_q, head_dim), jnp.float32))
         else:
 
@@ -758,6 +766,8 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
             plgpu.set_max_registers(232, action="increase")
             o_smem, lse_smem = o_smem2.at[wg], lse_smem2.at[wg]
             refs = (ids_ref, k_smem, v_smem, k_barriers, v_barriers, k_consumed, v_consumed, schedule_barrier, ())
+            if tuning.overlap_qk:
+                hand_over_first_turn(wg, schedule_barrier)
 
             def load_q(i, q_slot):
                 b, head, q_tile = coords(i)

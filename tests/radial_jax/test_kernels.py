@@ -847,6 +847,33 @@ class TestMosaicPersistentGPU:
         assert bool((out[:, empty] == 0).all()) and bool((lse[..., empty] == -jnp.inf).all())
         assert empty.any() == (name not in ("wan_480p_81f_radial", "tiny_7x129", "tiny_61x130"))
 
+    @pytest.mark.parametrize("name, ctas, fields", [
+        ("wan_480p_81f_radial", None, {}), ("wan_480p_81f_radial", 3, {}), ("ragged_cross_empty_row", 3, {}),
+        ("ragged_cross_empty_row", 5, {}), ("random_hd64_empty_rows", 3, {}), ("tiny_7x129", 1, {}),
+        ("tiny_61x130", 3, {}), ("ragged_cross_empty_row", 3, {"named_turn": False}),
+        ("ragged_cross_empty_row", 3, {"separate_kv_waits": False, "overlap_waits_first": False})])  # fmt: skip
+    def test_overlapped_forward_is_bitwise_the_grid_one(self, name, ctas, fields):
+        # The default forward's overlapped loop on the persistent grid: the turn token is handed over once a
+        # CTA and carries across the items (empty ones take no turn), so each item's arithmetic is the
+        # grid kernel's; a turn lost or taken twice would hang (run under `timeout`) or let the two
+        # warpgroups' wgmmas overlap out of order, which moves no value but the time.
+        from radial_jax.kernels import mosaic_fwd
+
+        (q, k, v), mask = _persistent_case(name)
+        q_len, kv_len = q.shape[1], k.shape[1]
+        tables = block_tables(mask, 128, q_len, kv_len)
+        run = lambda tuning: mosaic_fwd.mosaic_forward(q, k, v, tables=tables, scale=q.shape[-1] ** -0.5,
+                                                       tuning=tuning)  # fmt: skip
+        grid = dataclasses.replace(DEFAULT_MOSAIC_FWD, **fields)  # fields: the turn on mbarriers, K/V together
+        ref_out, ref_lse = jax.block_until_ready(run(grid))
+        padded_q = -(-q_len // 8) * 8
+        _poison_free_memory(((q.shape[0], padded_q, *q.shape[2:]), q.dtype),
+                            ((q.shape[0], q.shape[2], tables.num_q_blocks * 128), jnp.float32))  # fmt: skip
+        out, lse = run(dataclasses.replace(grid, persistent=True, persistent_ctas=ctas))
+        assert not jnp.isnan(ref_out).any() and not jnp.isnan(ref_lse).any()
+        assert bool((out == ref_out).all()), float(jnp.abs(out.astype(jnp.float32) - ref_out.astype(jnp.float32)).max())
+        assert bool(jnp.array_equal(lse, ref_lse)), float(jnp.nanmax(jnp.abs(lse - ref_lse)))
+
     def test_backward_on_the_persistent_forward_is_the_serial_one(self):
         # The backward reads the forward's out and lse; fed the persistent forward's, its gradients
         # (the loss weighs out and the finite lse) are bitwise those on the serial forward's.

@@ -589,9 +589,28 @@ def test_three_stage_ring_fits_a_hopper_cta(monkeypatch, overlap):
     assert _loop_depths(three, _TMA_LOAD) == [0] + [0] * 6 + [1] * 2  # Q; 3 stages of K, V; the loop's K, V
 
 
-def test_persistent_forward_refuses_overlap_and_a_bad_cta_count():
+@pytest.mark.parametrize("case", [CASES[0], CASES[3]])
+def test_persistent_overlap_hands_the_first_turn_over_once_a_cta(monkeypatch, case):
+    # The default forward (the overlapped loop, its turn on named barriers) on the persistent grid: every
+    # take (bar.sync) and pass (bar.arrive) of the turn and every wgmma of the grid kernel's key loops
+    # sits one loop deeper (inside the item loop), except warpgroup 1's first pass, which stays before
+    # it: once a CTA, where the grid kernel hands it over once an item (once a CTA there too).
+    tables, q, kv, _ = _setup(*case)
+    grid, persistent = (_forward_module(monkeypatch, tables, q, kv, dataclasses.replace(
+        mosaic_fwd.DEFAULT_MOSAIC_FWD, persistent=p)) for p in (False, True))
+    for pattern in (r"bar\.sync \$0, 256", r"wgmma\.commit[._]group"):
+        depths = _loop_depths(grid, pattern)
+        assert depths and _loop_depths(persistent, pattern) == [d + 1 for d in depths], pattern
+    passes = _loop_depths(grid, r"bar\.arrive \$0, 256")
+    assert passes[0] == 0 and 0 not in passes[1:]  # the first hand-over, then the phases' passes
+    assert _loop_depths(persistent, r"bar\.arrive \$0, 256") == [0] + [d + 1 for d in passes[1:]]
+    assert _launch(persistent)[:3] == (min(HOPPER_SMS, case[2] * tables.num_q_blocks * q.shape[0]), 1, 1)
+
+
+def test_persistent_forward_refuses_smem_p_and_a_bad_cta_count():
     tables, q, kv, _ = _setup(*CASES[0])
-    refused = [({"persistent": True, "overlap_qk": True}, "overlap_qk's turn token"),
+    refused = [({"persistent": True, "overlap_qk": True, "overlap_late_p": True, "overlap_p_smem": True},
+                "persistent=True has no SMEM tile for P"),
                ({"persistent_ctas": 4}, "persistent_ctas=4 needs persistent=True"),
                ({"persistent": True, "persistent_ctas": 0}, "persistent_ctas=0 needs persistent=True and at least 1")]
     for fields, message in refused:
