@@ -806,6 +806,28 @@ def _poison_free_memory(*shapes_and_dtypes):
     del poison
 
 
+def _assert_persistent_forward_bitwise(name, reference, persistent):
+    """Runs the Mosaic forward of _PERSISTENT_CASES[name] with tuning `reference`, then (over freed
+    NaN-filled memory) with `persistent`, asserts out and lse bitwise equal and the reference free of
+    NaN, and returns (out, lse, mask)."""
+    from radial_jax.kernels import mosaic_fwd
+
+    (q, k, v), mask = _persistent_case(name)
+    q_len, kv_len = q.shape[1], k.shape[1]
+    tables = block_tables(mask, 128, q_len, kv_len)
+    run = lambda tuning: mosaic_fwd.mosaic_forward(q, k, v, tables=tables, scale=q.shape[-1] ** -0.5,
+                                                   tuning=tuning)  # fmt: skip
+    ref_out, ref_lse = jax.block_until_ready(run(reference))  # kept alive
+    padded_q = -(-q_len // 8) * 8
+    _poison_free_memory(((q.shape[0], padded_q, *q.shape[2:]), q.dtype),
+                        ((q.shape[0], q.shape[2], tables.num_q_blocks * 128), jnp.float32))  # fmt: skip
+    out, lse = run(persistent)
+    assert not jnp.isnan(ref_out).any() and not jnp.isnan(ref_lse).any()
+    assert bool((out == ref_out).all()), float(jnp.abs(out.astype(jnp.float32) - ref_out.astype(jnp.float32)).max())
+    assert bool(jnp.array_equal(lse, ref_lse)), float(jnp.nanmax(jnp.abs(lse - ref_lse)))
+    return out, lse, mask
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not IS_HOPPER, reason="needs a Hopper GPU (sm90) for the Mosaic kernel")
 class TestMosaicPersistentGPU:
@@ -826,23 +848,10 @@ class TestMosaicPersistentGPU:
         ("random_hd64_empty_rows", 2, None, None), ("tiny_7x129", None, None, None), ("tiny_7x129", None, 1, None),
         ("tiny_61x130", 1, 3, None)])  # fmt: skip
     def test_forward_is_bitwise_the_serial_kernel(self, name, grid_heads, ctas, lazy):
-        from radial_jax.kernels import mosaic_fwd
-
-        (q, k, v), mask = _persistent_case(name)
-        q_len, kv_len = q.shape[1], k.shape[1]
-        tables = block_tables(mask, 128, q_len, kv_len)
-        run = lambda tuning: mosaic_fwd.mosaic_forward(q, k, v, tables=tables, scale=q.shape[-1] ** -0.5,
-                                                       tuning=tuning)  # fmt: skip
-        ref_out, ref_lse = jax.block_until_ready(run(MosaicTuning(lazy_rescale_threshold=lazy)))  # kept alive
-        padded_q = -(-q_len // 8) * 8
-        _poison_free_memory(((q.shape[0], padded_q, *q.shape[2:]), q.dtype),
-                            ((q.shape[0], q.shape[2], tables.num_q_blocks * 128), jnp.float32))  # fmt: skip
         persistent = MosaicTuning(persistent=True, persistent_ctas=ctas, grid_heads=grid_heads,
                                   lazy_rescale_threshold=lazy)  # fmt: skip
-        out, lse = run(persistent)
-        assert not jnp.isnan(ref_out).any() and not jnp.isnan(ref_lse).any()
-        assert bool((out == ref_out).all()), float(jnp.abs(out.astype(jnp.float32) - ref_out.astype(jnp.float32)).max())
-        assert bool(jnp.array_equal(lse, ref_lse)), float(jnp.nanmax(jnp.abs(lse - ref_lse)))
+        out, lse, mask = _assert_persistent_forward_bitwise(name, MosaicTuning(lazy_rescale_threshold=lazy), persistent)
+        q_len = out.shape[1]
         empty = np.repeat(~mask.any(axis=1), 128)[:q_len]  # zeros and lse = -inf, as the default writes
         assert bool((out[:, empty] == 0).all()) and bool((lse[..., empty] == -jnp.inf).all())
         assert empty.any() == (name not in ("wan_480p_81f_radial", "tiny_7x129", "tiny_61x130"))
@@ -857,22 +866,8 @@ class TestMosaicPersistentGPU:
         # CTA and carries across the items (empty ones take no turn), so each item's arithmetic is the
         # grid kernel's; a turn lost or taken twice would hang (run under `timeout`) or let the two
         # warpgroups' wgmmas overlap out of order, which moves no value but the time.
-        from radial_jax.kernels import mosaic_fwd
-
-        (q, k, v), mask = _persistent_case(name)
-        q_len, kv_len = q.shape[1], k.shape[1]
-        tables = block_tables(mask, 128, q_len, kv_len)
-        run = lambda tuning: mosaic_fwd.mosaic_forward(q, k, v, tables=tables, scale=q.shape[-1] ** -0.5,
-                                                       tuning=tuning)  # fmt: skip
         grid = dataclasses.replace(DEFAULT_MOSAIC_FWD, **fields)  # fields: the turn on mbarriers, K/V together
-        ref_out, ref_lse = jax.block_until_ready(run(grid))
-        padded_q = -(-q_len // 8) * 8
-        _poison_free_memory(((q.shape[0], padded_q, *q.shape[2:]), q.dtype),
-                            ((q.shape[0], q.shape[2], tables.num_q_blocks * 128), jnp.float32))  # fmt: skip
-        out, lse = run(dataclasses.replace(grid, persistent=True, persistent_ctas=ctas))
-        assert not jnp.isnan(ref_out).any() and not jnp.isnan(ref_lse).any()
-        assert bool((out == ref_out).all()), float(jnp.abs(out.astype(jnp.float32) - ref_out.astype(jnp.float32)).max())
-        assert bool(jnp.array_equal(lse, ref_lse)), float(jnp.nanmax(jnp.abs(lse - ref_lse)))
+        _assert_persistent_forward_bitwise(name, grid, dataclasses.replace(grid, persistent=True, persistent_ctas=ctas))
 
     def test_backward_on_the_persistent_forward_is_the_serial_one(self):
         # The backward reads the forward's out and lse; fed the persistent forward's, its gradients
