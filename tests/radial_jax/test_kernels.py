@@ -870,8 +870,10 @@ class TestMosaicPersistentGPU:
         _assert_persistent_forward_bitwise(name, grid, dataclasses.replace(grid, persistent=True, persistent_ctas=ctas))
 
     def test_backward_on_the_persistent_forward_is_the_serial_one(self):
-        # The backward reads the forward's out and lse; fed the persistent forward's, its gradients
-        # (the loss weighs out and the finite lse) are bitwise those on the serial forward's.
+        # The backward reads the forward's out and lse; fed the persistent forward's, its dK and dV
+        # (the loss weighs out and the finite lse) are bitwise those on the serial forward's. dQ is
+        # summed in f32 by TMA reduce-adds from every key block's CTA in whatever order they land,
+        # so it may differ between any two runs by the last bit of its f16 cast, and no more.
         (q, k, v), mask = _persistent_case("ragged_cross_empty_row")
         weights = jax.random.normal(jax.random.key(6), q.shape, jnp.float32)
         lse_weights = jax.random.normal(jax.random.key(7), (q.shape[0], q.shape[2], q.shape[1]), jnp.float32)
@@ -889,7 +891,11 @@ class TestMosaicPersistentGPU:
         assert bool((out == ref_out).all()) and bool(jnp.array_equal(lse, ref_lse)) and float(value) == float(ref_loss)
         for name, g, r in zip("qkv", grads, ref_grads):
             assert bool(jnp.isfinite(r.astype(jnp.float32)).all()) and float(jnp.abs(r).max()) > 0, name
-            assert bool((g == r).all()), name
+            if name == "q":
+                g, r = np.asarray(g), np.asarray(r)
+                assert (np.abs(g.astype(np.float32) - r) <= np.spacing(np.abs(r))).all(), name
+            else:
+                assert bool((g == r).all()), name
 
 
 def test_launch_order_visits_every_head_block_and_batch_once():
