@@ -51,7 +51,7 @@ def median_seconds(fn, iters: int, settle_s: float, warmup: int = 2, batch: int 
     batch 1: each sample is one call, blocked on (its dispatch and the wait for the result count, as
     they do where a caller waits on each attention call). batch N: a sample is N calls dispatched back
     to back and blocked on once, divided by N: the GPU never idles between them, as in a DiT step,
-    and the host's share vanishes (fa4.median_ms times FA4 the same way)."""
+    and the host's share vanishes (fa4.median_ms times the torch baselines on the same host clock)."""
     start = time.perf_counter()
     for i in range(10**6):
         jax.block_until_ready(fn())
@@ -380,11 +380,19 @@ def torch_cases(q_len, heads, mask, backward, iters, settle_s, batch=1, only=TOR
     }
     step = (lambda fn: lambda: torch.autograd.grad(fn(), (q, k, v), d_out)) if backward else _without_grad
     results = {}
+
+    def time_into(name, fn):
+        # The host's clock, as ours is timed; at batch 1 also the GPU's (CUDA events), which leaves out
+        # the wait for the result (at batch N the two agree: the host's share is spread over N calls).
+        results[name] = fa4.median_ms(fn, iters, settle_s, batch=batch)
+        if batch == 1:
+            results[f"{name}_gpu_events"] = fa4.median_ms(fn, iters, 0.0, batch=1, clock="events")
+
     for name, fn in runs.items():
         if name not in only:
             continue
         try:
-            results[name] = fa4.median_ms(step(fn), iters, settle_s, batch=batch)
+            time_into(name, step(fn))
         except Exception as e:  # a baseline failing must not lose ours
             print(f"torch {name} failed: {type(e).__name__}: {e}")
     if "fa4" not in only:
@@ -394,8 +402,7 @@ def torch_cases(q_len, heads, mask, backward, iters, settle_s, batch=1, only=TOR
     else:  # FA4 takes [B, L, N, D], as ours
         q4, k4, v4 = (x.detach().transpose(1, 2).contiguous().requires_grad_(backward) for x in (q, k, v))
         try:
-            results["fa4"] = fa4.median_ms(fa4.fa4_case(q4, k4, v4, mask, backward, d_out.transpose(1, 2).contiguous()),
-                                           iters, settle_s, batch=batch)  # fmt: skip
+            time_into("fa4", fa4.fa4_case(q4, k4, v4, mask, backward, d_out.transpose(1, 2).contiguous()))
             if not backward:
                 results["fa4_max_rel_err_sampled_blocks"] = fa4.sampled_error(q4, k4, v4, mask,
                                                                                fa4.fa4_case(q4, k4, v4, mask, False)())
@@ -523,7 +530,7 @@ def run_shape(name, args, torch_ms):
         row[f"torch_{case}" if case.endswith("_sampled_blocks") else f"torch_{case}_ms"] = value
     whole = [k for k in row if k.endswith("_ms") and not k.startswith("bwd_")]  # a full attention call each
     for key in whole:
-        on_blocks = flops if key.startswith("ours_radial") or key in ("torch_flex_ms", "torch_fa4_ms") else dense_flops
+        on_blocks = flops if key.startswith(("ours_radial", "torch_flex_", "torch_fa4_")) else dense_flops
         row[key.replace("_ms", "_tflops")] = on_blocks / (row[key] * 1e-3) / 1e12
     if "cudnn_dense_ms" in row:
         for key in [k for k in whole if k != "cudnn_dense_ms"]:
@@ -546,6 +553,11 @@ def print_table(rows, backward):
         speed, vs_fa4 = r.get("ours_radial_speedup_vs_cudnn"), r.get("ours_radial_speed_vs_fa4")
         print(f"{r['shape']:16} {r['density']:5.3f} " + " ".join(f"{c:>22}" for c in cells)
               + (f"  {speed:11.2f}x" if speed else f"  {'-':>12}") + (f"  {vs_fa4:9.2f}x" if vs_fa4 else ""))
+    for r in rows:  # batch 1: the GPU's own time of the torch baselines, without the wait for the result
+        events = {c: r[f"torch_{c}_gpu_events_ms"] for c in ("fa4", "flex", "sdpa") if f"torch_{c}_gpu_events_ms" in r}
+        if events:
+            print(f"  {r['shape']:16} torch baselines on CUDA events (GPU time only): "
+                  + ", ".join(f"{c} {ms:.2f} ms" for c, ms in events.items()))
     for r in rows:  # the variants beside the default, and the default timed again after them
         for key in [k for k in r if k.startswith("ours_radial_") and k.endswith("_speed_vs_default")]:
             case = key[: -len("_speed_vs_default")]

@@ -116,12 +116,19 @@ def _no_grad(fn):
         return fn()
 
 
-def median_ms(fn, iters: int, settle_s: float = SETTLE_S, warmup: int = 2, batch: int = 1) -> float:
-    """Returns the median over `iters` CUDA-event timings of one call of fn() in ms, after at least
-    `warmup` calls and settle_s seconds of back-to-back calls (SETTLE_S says why). The events enclose
-    `batch` calls issued back to back, and the time is divided by `batch` (attention.median_seconds)."""
+def median_ms(fn, iters: int, settle_s: float = SETTLE_S, warmup: int = 2, batch: int = 1, clock: str = "wall") -> float:
+    """Returns the median time of one call of fn() in ms over `iters` samples, after at least `warmup`
+    calls and settle_s seconds of back-to-back calls (SETTLE_S says why). A sample is `batch` calls
+    issued back to back, its time divided by `batch`.
+
+    clock "wall": the host's clock from before the first call to the return of torch.cuda.synchronize()
+    after the last, as attention.median_seconds times ours, so the two are comparable at batch 1 (the
+    caller's dispatch and the wait for the result count). clock "events": CUDA events recorded before
+    the first call and after the last, the GPU's time only (the wait for the result does not count)."""
     import torch
 
+    if clock not in ("wall", "events"):
+        raise ValueError(f"clock={clock!r}: 'wall' or 'events'")
     start = time.perf_counter()
     for i in range(10**6):
         fn()
@@ -130,6 +137,13 @@ def median_ms(fn, iters: int, settle_s: float = SETTLE_S, warmup: int = 2, batch
             break
     times = []
     for _ in range(iters):
+        if clock == "wall":
+            start = time.perf_counter()
+            for _ in range(batch):
+                fn()
+            torch.cuda.synchronize()
+            times.append((time.perf_counter() - start) * 1e3 / batch)
+            continue
         begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         begin.record()
         for _ in range(batch):
