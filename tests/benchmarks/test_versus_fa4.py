@@ -46,3 +46,21 @@ def test_dry_run_times_the_triton_twin_against_the_reference_on_the_cpu(tmp_path
     (row,) = rows
     assert row["shape"] == "tiny" and len(row["rounds_ms"]["ours"]) == len(row["rounds_ms"]["fa4"]) == 2
     assert row["ratio_min"] <= row["ours_speed_vs_fa4"] <= row["ratio_max"] and row["ours_tflops"] > 0
+
+
+def test_a_variant_is_reported_against_ours_round_by_round():
+    versus = load_benchmark("versus_fa4")
+    result = versus.summary({"ours": [2.0, 4.0], "ours_lazy": [1.0, 5.0]})
+    assert "ours_speed_vs_fa4" not in result and result["ours_lazy_ms"] == 3.0
+    assert result["ours_lazy_speed_vs_ours"] == pytest.approx((2.0 + 0.8) / 2)  # rounds 2.0x and 0.8x
+    assert result["ours_lazy_ratio_min"] == pytest.approx(0.8) and result["ours_lazy_ratio_max"] == pytest.approx(2.0)
+
+
+def test_dry_run_with_a_variant_and_without_the_peer(tmp_path):
+    versus = load_benchmark("versus_fa4")
+    (row,) = versus.main(["--dry-run", "--no-fa4", "--variants", "lazy_rescale_fwd", "--rounds", "2", "--calls", "1",
+                          "--settle", "0"])
+    assert set(row["rounds_ms"]) == {"ours", "ours_lazy_rescale_fwd"} and "fa4_ms" not in row
+    assert row["ours_lazy_rescale_fwd_ratio_min"] <= row["ours_lazy_rescale_fwd_speed_vs_ours"]
+    with pytest.raises(SystemExit):
+        versus.main(["--dry-run", "--variants", "no_such_design"])
