@@ -37,14 +37,6 @@ from radial_jax.kernels import block_sparse_attention  # noqa: E402
 BLOCK = 128
 
 
-def band_mask(blocks: int, steps: int) -> np.ndarray:
-    """[blocks, blocks] bool: query block i sees key blocks i, i + 1, ..., i + steps - 1 (mod blocks)."""
-    rows = np.arange(blocks)[:, None]
-    mask = np.zeros((blocks, blocks), bool)
-    mask[rows, (rows + np.arange(steps)[None, :]) % blocks] = True
-    return mask
-
-
 def fit_line(xs, ys) -> tuple[float, float]:
     """Least-squares (intercept, slope) of ys against xs."""
     slope, intercept = np.polyfit(np.asarray(xs, float), np.asarray(ys, float), 1)
@@ -61,7 +53,7 @@ def masks(shape: str, steps: list[int]) -> dict[str, np.ndarray]:
     """{"band k": the band mask of k blocks a row, for each k that fits, and "radial": the radial mask}."""
     frames, tokens, _ = attention.SHAPES[shape]
     blocks = -(-frames * tokens // BLOCK)
-    named = {f"band {n}": band_mask(blocks, n) for n in steps if n <= blocks}
+    named = {f"band {n}": attention.fa4.band_mask(blocks, n) for n in steps if n <= blocks}
     return {**named, "radial": radial_block_mask(frames, tokens, decay_factor=1.0)}
 
 

@@ -203,14 +203,30 @@ def run_shape(name: str, decay: float, backward: bool, iters: int) -> dict:
     return row
 
 
-def run_once(name: str, decay: float, backward: bool) -> None:
-    """Runs FA4 once at shape `name` (forward, or forward and backward), zeros in bf16 as
-    ptxas_report.compile_one runs ours: the program ncu_report.py profiles FA4's kernels in."""
+def band_mask(blocks: int, steps: int) -> np.ndarray:
+    """[blocks, blocks] bool: query block i sees key blocks i, i + 1, ..., i + steps - 1 (mod blocks)."""
+    rows = np.arange(blocks)[:, None]
+    mask = np.zeros((blocks, blocks), bool)
+    mask[rows, (rows + np.arange(steps)[None, :]) % blocks] = True
+    return mask
+
+
+def profiled_mask(frames: int, tokens: int, decay: float = 1.0, band: int | None = None) -> np.ndarray:
+    """The block mask a profiled run uses for `frames` latent frames of `tokens` tokens: the radial mask,
+    or with `band` the band mask of that many key blocks a query block (benchmarks/cta_cost.py's masks)."""
+    if band is None:
+        return radial_block_mask(frames, tokens, decay_factor=decay)
+    return band_mask(-(-frames * tokens // BLOCK), band)
+
+
+def run_once(name: str, decay: float, backward: bool, band: int | None = None) -> None:
+    """Runs FA4 once at shape `name` (forward, or forward and backward) on profiled_mask's mask, zeros in
+    bf16 as ptxas_report.compile_one runs ours: the program ncu_report.py profiles FA4's kernels in."""
     import torch
 
     frames, tokens, _ = SHAPES[name]
     q, k, v = inputs(name, zeros=True, requires_grad=backward)
-    fa4_case(q, k, v, radial_block_mask(frames, tokens, decay_factor=decay), backward=backward)()
+    fa4_case(q, k, v, profiled_mask(frames, tokens, decay, band), backward=backward)()
     torch.cuda.synchronize()
 
 
@@ -244,6 +260,7 @@ def main(argv=None):
     parser.add_argument("--out", help="JSON path")
     parser.add_argument("--once", action="store_true",
                         help="run the first shape once, untimed, zeros (for a profiler: ncu_report.py)")
+    parser.add_argument("--band", type=int, help="with --once: the band mask of this many key blocks a row")
     parser.add_argument("--calls-for", type=float, metavar="SECONDS",
                         help="call the first shape's forward back to back, print each call's time as JSON "
                              "(for benchmarks/steadiness.py)")  # fmt: skip
@@ -254,7 +271,7 @@ def main(argv=None):
     if reason := unavailable():
         sys.exit(f"benchmarks/fa4.py: {reason} (install: see this file's docstring)")
     if args.once:
-        return run_once(names[0], args.decay, args.backward)
+        return run_once(names[0], args.decay, args.backward, args.band)
     if args.calls_for:
         return print(json.dumps(calls_for(names[0], args.decay, args.calls_for)))
     import torch

@@ -1,7 +1,7 @@
 """Hardware counters of the Mosaic kernels of one or more designs, and of FlashAttention-4's, read by
 Nsight Compute on a GPU.
 
-    python benchmarks/ncu_report.py [--variants default_bwd,split_bwd] [--shape 1.3b-480p-81f]
+    python benchmarks/ncu_report.py [--variants default_bwd,split_bwd] [--shape 1.3b-480p-81f] [--band K]
                                     [--out DIR] [--dry-run]
 
 Each design (a name ptxas_report.py knows: `default`, `default_bwd`, attention.py's forward and
@@ -96,15 +96,16 @@ def designs() -> list[str]:
     return [*ptxas_report.designs(), *FA4_DESIGNS]
 
 
-def ncu_command(ncu: str, metrics: list[str], name: str, shape: str) -> list[str]:
-    """The ncu command line that profiles design `name`'s kernels at `shape`: ours' Mosaic kernels
-    only, or every kernel of FA4's run."""
+def ncu_command(ncu: str, metrics: list[str], name: str, shape: str, band: int | None = None) -> list[str]:
+    """The ncu command line that profiles design `name`'s kernels at `shape` (on the radial mask, or on
+    the band mask of `band` key blocks a row): ours' Mosaic kernels only, or every kernel of FA4's run."""
     if name in FA4_DESIGNS:
         fa4 = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fa4.py")
         child, only = [sys.executable, fa4, "--once", "--shapes", shape, *FA4_DESIGNS[name]], []
     else:
         child = [sys.executable, os.path.abspath(ptxas_report.__file__), "--compile", name, "--shape", shape]
         only = ["--kernel-name", "regex:mosaic"]
+    child += [] if band is None else ["--band", str(band)]
     return [ncu, "--clock-control", "none", *only, "--csv", "--metrics", ",".join(metrics), *child]
 
 
@@ -133,6 +134,8 @@ def main(argv=None):
     parser.add_argument("--variants", default="default_bwd,split_bwd",
                         help=f"comma list of {designs()} (default %(default)s)")  # fmt: skip
     parser.add_argument("--shape", default="1.3b-480p-81f", help="a shape of benchmarks/attention.py")
+    parser.add_argument("--band", type=int, help="profile on the band mask of this many key blocks a query block "
+                        "(benchmarks/cta_cost.py's masks) instead of the radial mask")
     parser.add_argument("--ncu", default="ncu", help="the Nsight Compute command (default %(default)s)")
     parser.add_argument("--out", default="ncu-report", help="directory for report.json and <name>.csv")
     parser.add_argument("--dry-run", action="store_true", help="print the plan, run nothing")
@@ -145,7 +148,7 @@ def main(argv=None):
         parser.error(f"--shape {args.shape} is not one of {list(ptxas_report.attention.SHAPES)}")
     if args.dry_run:
         for name in names:
-            print(f"{name}: {' '.join(ncu_command(args.ncu, list(WISHED), name, args.shape))}")
+            print(f"{name}: {' '.join(ncu_command(args.ncu, list(WISHED), name, args.shape, args.band))}")
         return None
     try:  # the H100 and the H200 are both GH100
         query = subprocess.run([args.ncu, "--query-metrics", "--chip", "gh100"], capture_output=True, text=True,
@@ -160,7 +163,7 @@ def main(argv=None):
     report, failed = {}, []
     for name in names:
         try:
-            run = subprocess.run(ncu_command(args.ncu, metrics, name, args.shape), env=env, stdout=subprocess.PIPE,
+            run = subprocess.run(ncu_command(args.ncu, metrics, name, args.shape, args.band), env=env, stdout=subprocess.PIPE,
                                  stderr=subprocess.STDOUT, text=True, timeout=RUN_TIMEOUT_S)  # fmt: skip
             text, status = run.stdout, run.returncode
         except subprocess.TimeoutExpired as timeout:
@@ -177,7 +180,7 @@ def main(argv=None):
             print("    output tail:", text[-1500:], flush=True)
     with open(os.path.join(args.out, "report.json"), "w") as f:
         json.dump({"command": " ".join(sys.argv), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-                   "shape": args.shape, "ncu": version.strip().splitlines()[-1:], "missing_metrics": missing,
+                   "shape": args.shape, "band": args.band, "ncu": version.strip().splitlines()[-1:], "missing_metrics": missing,
                    "designs": report}, f, indent=1)  # fmt: skip
     if failed:
         raise SystemExit(f"ncu_report: {failed} gave no counters of their own kernels; see their CSV in {args.out}")

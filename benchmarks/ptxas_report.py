@@ -98,14 +98,15 @@ def _text(output) -> str:
     return output.decode(errors="replace") if isinstance(output, bytes) else output or ""
 
 
-def compile_one(name: str, shape: str, deviceless: bool = False) -> None:
+def compile_one(name: str, shape: str, deviceless: bool = False, band: int | None = None) -> None:
     """Compiles (and runs once) the Mosaic forward, or forward and backward (value_and_grad), of
-    design `name` at `shape`, zeros in bf16; deviceless: compiles only, for DEVICELESS_TARGET."""
+    design `name` at `shape`, zeros in bf16, on the radial mask or (band) fa4.profiled_mask's band mask;
+    deviceless: compiles only, for DEVICELESS_TARGET."""
     import jax
     import jax.numpy as jnp
 
     frames, tokens, heads = attention.SHAPES[shape]
-    mask = attention.radial_block_mask(frames, tokens, block_size=128)
+    mask = attention.fa4.profiled_mask(frames, tokens, band=band)
     x_shape = (1, frames * tokens, heads, attention.HEAD_DIM)
     if deviceless:
         import numpy as np
@@ -132,11 +133,12 @@ def main(argv=None):
     parser.add_argument("--deviceless", action="store_true",
                         help="compile ahead of time for an H200 without one (needs jax's CUDA plugin)")
     parser.add_argument("--compile", help=argparse.SUPPRESS)  # the child process: one design
+    parser.add_argument("--band", type=int, help=argparse.SUPPRESS)  # its band mask (ncu_report.py --band)
     args = parser.parse_args(argv)
     if args.shape not in attention.fa4.SHAPES:
         parser.error(f"--shape {args.shape} is not one of {list(attention.fa4.SHAPES)}")
     if args.compile:
-        return compile_one(args.compile, args.shape, args.deviceless)
+        return compile_one(args.compile, args.shape, args.deviceless, args.band)
     names = [n for n in args.variants.split(",") if n]
     unknown = [n for n in names if n not in designs()]
     if unknown:

@@ -11,7 +11,7 @@ from benchmark_testing import load_benchmark
 
 @pytest.mark.parametrize("steps", [1, 3, 7])
 def test_band_masks_give_every_query_block_exactly_k_key_blocks(steps):
-    mask = load_benchmark("cta_cost").band_mask(7, steps)
+    mask = load_benchmark("fa4").band_mask(7, steps)
     assert mask.shape == (7, 7) and (mask.sum(axis=1) == steps).all()
     assert all(mask[i, i] and mask[i, (i + steps - 1) % 7] for i in range(7))  # its own block onward, wrapping
     assert (mask.sum(axis=0) == steps).all()  # a band: every key block is seen as often

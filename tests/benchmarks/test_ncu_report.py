@@ -71,6 +71,18 @@ def test_fa4_designs_profile_fa4s_run_unfiltered_and_count_only_its_kernels(caps
     assert ncu.designs_kernels("default", kernels) == kernels  # ours: ncu already kept only Mosaic's
 
 
+def test_band_profiles_ours_and_fa4_on_the_same_band_mask(capsys):
+    load_benchmark("ncu_report").main(["--dry-run", "--variants", "default,fa4", "--band", "32"])
+    plan = capsys.readouterr().out.splitlines()
+    assert plan[0].endswith("--compile default --shape 1.3b-480p-81f --band 32")
+    assert plan[1].endswith("fa4.py --once --shapes 1.3b-480p-81f --band 32")
+    fa4 = load_benchmark("fa4")
+    mask = fa4.profiled_mask(21, 1560, band=32)
+    assert mask.shape == (256, 256) and (mask.sum(1) == 32).all()  # 32,760 tokens: 256 blocks
+    radial = fa4.profiled_mask(21, 1560)
+    assert radial.shape == (256, 256) and not (radial.sum(1) == 32).all()
+
+
 def test_unknown_design_is_refused_with_the_choices(capsys):
     with pytest.raises(SystemExit):
         load_benchmark("ncu_report").main(["--dry-run", "--variants", "fused_typo"])
