@@ -4,7 +4,6 @@ on 8 devices. Both processes write and restore the orbax checkpoints; process 0 
 logs and the exported LoRA and prints."""
 
 import os
-import re
 import socket
 import subprocess
 import sys
