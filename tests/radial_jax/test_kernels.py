@@ -695,6 +695,15 @@ class TestMosaicRowSumInThreadGPU(TestMosaicOverlapGPU):
     tuning = KernelTuning(mosaic_fwd=dataclasses.replace(DEFAULT_MOSAIC_FWD, row_sum_in_thread=True))
 
 
+
+class TestMosaicRowSumInThreadAfterGPU(TestMosaicOverlapGPU):
+    """The exact late-wait loop with both of FA4's orders: the row sum kept in each thread
+    (row_sum_in_thread) and the wait for P V after S's first 8 columns' exp2 (pv_wait_after_cols=8).
+    The sum is rounded in another order, so the same cases and bounds as TestMosaicRowSumInThreadGPU."""
+
+    tuning = KernelTuning(mosaic_fwd=dataclasses.replace(DEFAULT_MOSAIC_FWD, lazy_rescale_threshold=None,
+                                                         row_sum_in_thread=True, pv_wait_after_cols=8))
+
 class TestMosaicExp2PolyGPU(TestMosaicOverlapGPU):
     """The tree reductions with every 4th 8-key tile's exp2 by the FMA pipe's polynomial
     (MosaicTuning.exp2_poly_every=4; relative error <= 7.5e-5 a term, under f16's 2^-11): the same cases

@@ -421,6 +421,26 @@ def test_row_sum_in_thread_shuffles_the_sum_once_after_the_loop(monkeypatch, cas
 
 
 @pytest.mark.parametrize("case", [CASES[0], CASES[3]])
+def test_row_sum_in_thread_with_the_wait_after_8_columns_keeps_both_orders(monkeypatch, case):
+    # row_sum_in_thread with pv_wait_after_cols=8 (FA4's loop: 4 shuffles a step, the wait for P V
+    # after a few exp2): the sum's shuffles leave every step as with row_sum_in_thread alone, and each
+    # middle step waits for P V after the 2 exp2 of O's factors and S's first 4, as with
+    # pv_wait_after_cols alone (no second never-taken branch: the wait sits in the exp2's own code).
+    tables, q, kv, _ = _setup(*case)
+    exact = dataclasses.replace(mosaic_fwd.DEFAULT_MOSAIC_FWD, lazy_rescale_threshold=None)
+    default, both = (_forward_module(monkeypatch, tables, q, kv, dataclasses.replace(exact, **fields))
+                     for fields in ({}, dict(row_sum_in_thread=True, pv_wait_after_cols=8)))
+    shuffles = lambda module: len(re.findall(r"shfl_kind[< ]bfly>", module))
+    softmaxes = 2 * (1 + tables.kv_ragged)
+    per_reduction = shuffles(default) // (2 * softmaxes)
+    assert per_reduction > 0 and shuffles(both) == (softmaxes + 1) * per_reduction
+    assert default.count("ex2.approx") == both.count("ex2.approx")
+    events = re.findall(r"wgmma\.wait[._]group\.sync\.aligned(?:\"\(\) \{group = | )(\d)|(nanosleep)|(ex2\.approx)", both)
+    order = "".join(n or ("N" if sleep else "e") for n, sleep, _ in events)
+    assert order.count("1N" + "e" * 6 + "0" + "e" * 60 + "0") == 1 + tables.kv_ragged, order
+
+
+@pytest.mark.parametrize("case", [CASES[0], CASES[3]])
 def test_producer_warp_loads_k_and_v_without_a_warpgroup_barrier(monkeypatch, case):
     # MosaicTuning.producer_warp: the memory warpgroup's K/V loads (TMA, global to shared) run on one
     # warp in single-warp semantics, so no warpgroup barrier (bar.sync) precedes each of them, as one
