@@ -8,7 +8,7 @@ H200's clock moves with its power and temperature between those moments, and the
 then differ by more than the kernels do (FA4's 480p-81f forward ran 4.03 ms in one such child and
 4.50 ms in the next process). Here both run in one process on the same inputs (FA4 reads JAX's
 arrays through DLPack, no copy), in rounds: each round times `--calls` calls of one back to back and
-blocked on once, then the other, the order swapped every round, so a drift in the clock falls on
+blocked on once, then the other, the order rotated every round, so a drift in the clock falls on
 both alike. The result is each round's ratio FA4 ms / ours ms (above 1: ours faster), their median
 and spread, and each side's median ms. --variants adds ours with other designs as further sides,
 each reported as its speed against ours round by round (--no-fa4: those alone, no torch needed).
@@ -29,7 +29,6 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # leave memory 
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # benchmarks/ is no package
 import attention  # noqa: E402
