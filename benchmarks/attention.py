@@ -265,6 +265,8 @@ def forward_variants() -> dict[str, KernelTuning]:
             # ... with the wait for P V after the first 8 columns' exp2 (FA4's order and its 4 shuffles a step).
             "row_sum_in_thread_after8_fwd": default_and(row_sum_in_thread=True, lazy_rescale_threshold=None,
                                                         pv_wait_after_cols=8),
+            "row_sum_in_thread_after16_fwd": default_and(row_sum_in_thread=True, lazy_rescale_threshold=None,
+                                                         pv_wait_after_cols=16),
             # The default's overlapped loop on the persistent grid (one CTA an SM walking the work items).
             "persistent_overlap_fwd": default_and(persistent=True),
             "row_sum_in_thread_producer_warp_fwd": default_and(row_sum_in_thread=True, producer_warp=True),

@@ -698,11 +698,12 @@ class TestMosaicRowSumInThreadGPU(TestMosaicOverlapGPU):
 
 class TestMosaicRowSumInThreadAfterGPU(TestMosaicOverlapGPU):
     """The exact late-wait loop with both of FA4's orders: the row sum kept in each thread
-    (row_sum_in_thread) and the wait for P V after S's first 8 columns' exp2 (pv_wait_after_cols=8).
-    The sum is rounded in another order, so the same cases and bounds as TestMosaicRowSumInThreadGPU."""
+    (row_sum_in_thread) and the wait for P V after S's first 16 columns' exp2 (pv_wait_after_cols=16,
+    where FA4's SASS waits). The sum is rounded in another order, so the same cases and bounds as
+    TestMosaicRowSumInThreadGPU."""
 
     tuning = KernelTuning(mosaic_fwd=dataclasses.replace(DEFAULT_MOSAIC_FWD, lazy_rescale_threshold=None,
-                                                         row_sum_in_thread=True, pv_wait_after_cols=8))
+                                                         row_sum_in_thread=True, pv_wait_after_cols=16))
 
 class TestMosaicExp2PolyGPU(TestMosaicOverlapGPU):
     """The tree reductions with every 4th 8-key tile's exp2 by the FMA pipe's polynomial

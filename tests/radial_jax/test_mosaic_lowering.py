@@ -420,16 +420,18 @@ def test_row_sum_in_thread_shuffles_the_sum_once_after_the_loop(monkeypatch, cas
     assert order.count("1N" + "e" * 66 + "N0") == 1 + tables.kv_ragged, order
 
 
+@pytest.mark.parametrize("cols", [8, 16])
 @pytest.mark.parametrize("case", [CASES[0], CASES[3]])
-def test_row_sum_in_thread_with_the_wait_after_8_columns_keeps_both_orders(monkeypatch, case):
-    # row_sum_in_thread with pv_wait_after_cols=8 (FA4's loop: 4 shuffles a step, the wait for P V
-    # after a few exp2): the sum's shuffles leave every step as with row_sum_in_thread alone, and each
-    # middle step waits for P V after the 2 exp2 of O's factors and S's first 4, as with
-    # pv_wait_after_cols alone (no second never-taken branch: the wait sits in the exp2's own code).
+def test_row_sum_in_thread_with_the_wait_after_some_columns_keeps_both_orders(monkeypatch, case, cols):
+    # row_sum_in_thread with pv_wait_after_cols (FA4's loop: 4 shuffles a step, the wait for P V after
+    # a few exp2): the sum's shuffles leave every step as with row_sum_in_thread alone, and each middle
+    # step waits for P V after the 2 exp2 of O's factors and S's first cols / 2 (a thread's share of
+    # those columns), as with pv_wait_after_cols alone (no second never-taken branch: the wait sits in
+    # the exp2's own code).
     tables, q, kv, _ = _setup(*case)
     exact = dataclasses.replace(mosaic_fwd.DEFAULT_MOSAIC_FWD, lazy_rescale_threshold=None)
     default, both = (_forward_module(monkeypatch, tables, q, kv, dataclasses.replace(exact, **fields))
-                     for fields in ({}, dict(row_sum_in_thread=True, pv_wait_after_cols=8)))
+                     for fields in ({}, dict(row_sum_in_thread=True, pv_wait_after_cols=cols)))
     shuffles = lambda module: len(re.findall(r"shfl_kind[< ]bfly>", module))
     softmaxes = 2 * (1 + tables.kv_ragged)
     per_reduction = shuffles(default) // (2 * softmaxes)
@@ -437,7 +439,8 @@ def test_row_sum_in_thread_with_the_wait_after_8_columns_keeps_both_orders(monke
     assert default.count("ex2.approx") == both.count("ex2.approx")
     events = re.findall(r"wgmma\.wait[._]group\.sync\.aligned(?:\"\(\) \{group = | )(\d)|(nanosleep)|(ex2\.approx)", both)
     order = "".join(n or ("N" if sleep else "e") for n, sleep, _ in events)
-    assert order.count("1N" + "e" * 6 + "0" + "e" * 60 + "0") == 1 + tables.kv_ragged, order
+    head = 2 + cols // 2
+    assert order.count("1N" + "e" * head + "0" + "e" * (66 - head) + "0") == 1 + tables.kv_ragged, order
 
 
 @pytest.mark.parametrize("case", [CASES[0], CASES[3]])
