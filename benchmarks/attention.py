@@ -34,7 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # benchmarks/ is
 import fa4  # noqa: E402
 
 from radial_jax import attention_flops, block_density, computed_token_pairs, radial_block_mask  # noqa: E402
-from radial_jax.kernels import (DEFAULT_MOSAIC_BWD, DEFAULT_MOSAIC_FWD, KernelTuning,  # noqa: E402
+from radial_jax.kernels import (DEFAULT_MOSAIC_BWD, DEFAULT_MOSAIC_FWD, LAZY_MOSAIC_FWD, KernelTuning,  # noqa: E402
                                 MosaicBwdTuning, MosaicTuning, block_sparse_attention)
 from radial_jax.kernels.tables import block_tables  # noqa: E402
 
@@ -191,11 +191,14 @@ def forward_variants() -> dict[str, KernelTuning]:
     P V kept below the softmax without the lazy rescale (the default's exact form), and in FA3's order;
     that wait and O's rescale placed after the exp2 of S's first 8, 16 or 24 columns."""
     fwd = lambda **fields: KernelTuning(mosaic_fwd=MosaicTuning(**fields))
-    default_and = lambda **fields: KernelTuning(mosaic_fwd=dataclasses.replace(DEFAULT_MOSAIC_FWD, **fields))
+    # The variants below were built on the lazy default (LAZY_MOSAIC_FWD, the default until session 16)
+    # and keep their names' meaning; "lazy_default_fwd" is that forward itself.
+    default_and = lambda **fields: KernelTuning(mosaic_fwd=dataclasses.replace(LAZY_MOSAIC_FWD, **fields))
     # Session 9's default: the exact overlapped loop, P V waited for before the softmax's exp2.
     session9 = dict(overlap_qk=True, overlap_late_p=True, named_turn=True, overlap_waits_first=True,
                     separate_kv_waits=True)
-    return {"serial_fwd": fwd(),  # MosaicTuning(): the serial key loop, the default until session 9
+    return {"lazy_default_fwd": default_and(),  # the default until session 16
+            "serial_fwd": fwd(),  # MosaicTuning(): the serial key loop, the default until session 9
             "session9_fwd": fwd(**session9),  # overlap_late_p_sep_fwd in session 9's result files
             "lazy_rescale_fwd": fwd(lazy_rescale_threshold=8.0),
             "lazy_rescale_0_fwd": fwd(lazy_rescale_threshold=0.0),
@@ -262,9 +265,8 @@ def forward_variants() -> dict[str, KernelTuning]:
                                                     pv_wait_after_cols=8),
             # The row sum kept as each thread's partial sums, its shuffles once after the loop (FA4's).
             "row_sum_in_thread_fwd": default_and(row_sum_in_thread=True),
-            # ... with the wait for P V after the first 8 columns' exp2 (FA4's order and its 4 shuffles a step).
-            "row_sum_in_thread_after8_fwd": default_and(row_sum_in_thread=True, lazy_rescale_threshold=None,
-                                                        pv_wait_after_cols=8),
+            # ... with the wait for P V after the first 16 columns' exp2 (FA4's order and its 4 shuffles a
+            # step); after 8 columns (row_sum_in_thread_after8_fwd in session 16's files) it is the default.
             "row_sum_in_thread_after16_fwd": default_and(row_sum_in_thread=True, lazy_rescale_threshold=None,
                                                          pv_wait_after_cols=16),
             # The default's overlapped loop on the persistent grid (one CTA an SM walking the work items).

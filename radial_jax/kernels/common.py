@@ -40,7 +40,7 @@ class MosaicTuning:
     # 2026-11-30 FWDOV): ptxas serializes its wgmmas (C7513, "non wgmma instructions defining input
     # registers"). The three reorders below remove the serialization but still run 0.90-0.94x the
     # serial loop at 1.3B 480p-81f (NOTES, 2026-11-30 session 5); with overlap_late_p, named_turn,
-    # overlap_waits_first and separate_kv_waits it is DEFAULT_MOSAIC_FWD.
+    # overlap_waits_first and separate_kv_waits it is LAZY_MOSAIC_FWD's and DEFAULT_MOSAIC_FWD's loop.
     overlap_qk: bool = False
     # With overlap_qk: the softmax of S_{j+1} stays f32 until P_j V_j is waited for and is cast to
     # P_{j+1} (bf16, the next P V's register operand) only after wait_group 0, as FA3 does. Cast
@@ -83,8 +83,9 @@ class MosaicTuning:
     # between the last exp2 and the wait for P V (ncu's source view, NOTES session 14), and a warp
     # issues in order. 4 multiplies by alpha a step instead of 2. The sum rounds in another order. With
     # late_pv_wait a second never-taken branch before the wait for P V keeps it below the exp2 (else
-    # ptxas hoists it to the max's shuffles). Off: 0.954x the default at 1.3B 480p-81f on the H200 (NOTES
-    # session 14; ptxas then issues 60 of the 66 exp2 back to back and the sum's adds after that wait).
+    # ptxas hoists it to the max's shuffles). With the lazy rescale: 0.954x it at 1.3B 480p-81f on the H200
+    # (NOTES session 14; ptxas then issues 60 of the 66 exp2 back to back and the sum's adds after that
+    # wait). With the exact rescale and pv_wait_after_cols (8 or 16), FA4's loop: DEFAULT_MOSAIC_FWD.
     row_sum_in_thread: bool = False
     # None: every exp2 of the softmax on the multi-function unit (ex2.approx, 8 cycles a warp). k >= 1:
     # every k-th 8-key tile of each unmasked key block by a degree-3 polynomial on the FMA pipe instead
@@ -120,7 +121,7 @@ class MosaicTuning:
     # for 10 of its exp2). Found on FA4's PTX and ours compiled without a GPU; ~10 more instructions a
     # step. On the H200 (NOTES session 10): alone 0.98-0.99x, as O's 64 multiplies and P's 32 casts
     # then run after the wait with no exp2 left to hide them; with the lazy rescale, which skips the
-    # multiplies of most warps, 1.015-1.031x the exact default: in DEFAULT_MOSAIC_FWD.
+    # multiplies of most warps, 1.015-1.031x the exact default: in LAZY_MOSAIC_FWD and DEFAULT_MOSAIC_FWD.
     late_pv_wait: bool = False
     # With late_pv_wait, overlap_late_p and the exact rescale: the wait for P_j V_j and O's rescale go
     # after the exp2 of S_{j+1}'s first pv_wait_after_cols columns (a multiple of 8: 4 exp2 a thread
@@ -131,7 +132,9 @@ class MosaicTuning:
     # exact late_pv_wait loop's out and lse. Compiled (ptxas 13.0): the wait after 4 + cols/2 exp2 and
     # the multiplies 6-7 to an exp2, FA4's schedule, 477 instructions a step, no spills. On the H200 at
     # 1.3B 480p-81f (NOTES session 10): 8 / 16 / 24 columns 1.004x / 0.995x / 0.984x the default (lazy),
-    # the exact late wait without it 0.964x: exact and as fast as the lazy default, not yet faster.
+    # the exact late wait without it 0.964x: exact and as fast as the lazy default, not yet faster. With
+    # row_sum_in_thread (no sum shuffles left between the exp2) 8 columns ran 1.014-1.054x the lazy loop:
+    # DEFAULT_MOSAIC_FWD since session 16.
     pv_wait_after_cols: int | None = None
     # The memory warpgroup's K/V loop on its first warp only (plgpu.warp_map), as FA4's sm90 producer is
     # one warp: in warpgroup semantics all 4 warps run the loop, each thread arrives with a 128th of the
@@ -170,16 +173,24 @@ def check_lazy_rescale_threshold(threshold: float | None) -> None:
         raise ValueError(f"lazy_rescale_threshold={threshold} is outside [0, 15] (log2 units; FA4 uses 8): "
                          "p reaches 2^threshold and f16 ends at 2^16")
 
-# The forward the library runs (KernelTuning's default): FA3's intra-warpgroup overlap with P cast after
-# its P V, the turn on named barriers, K's and the turn's waits before S's accumulator opens, K and V
-# each loaded as soon as its own ring slot is free, the wait for P V kept below the softmax, and the lazy
-# rescale at FA4's threshold. On the H200 (benchmarks/NOTES.md, sessions 9 and 10): the exact loop
+# The library's forward until session 16 (LAZY_MOSAIC_FWD): FA3's intra-warpgroup overlap with P cast
+# after its P V, the turn on named barriers, K's and the turn's waits before S's accumulator opens, K and
+# V each loaded as soon as its own ring slot is free, the wait for P V kept below the softmax, and the
+# lazy rescale at FA4's threshold. On the H200 (benchmarks/NOTES.md, sessions 9 and 10): the exact loop
 # (lazy_rescale_threshold=None, late_pv_wait=False) 1.033-1.041x the serial one at 1.3B 480p-81f and
 # 480p-161f and 14B 720p-81f (decay 1.0 and 0.2); the late wait with the lazy rescale another
 # 1.015-1.031x. Without separate_kv_waits the loop ran 0.89-0.91x the serial one: V_j is released late
 # in the overlapped order, and K_{j+2} waited for it.
-DEFAULT_MOSAIC_FWD = MosaicTuning(overlap_qk=True, overlap_late_p=True, named_turn=True, overlap_waits_first=True,
-                                  separate_kv_waits=True, late_pv_wait=True, lazy_rescale_threshold=8.0)
+LAZY_MOSAIC_FWD = MosaicTuning(overlap_qk=True, overlap_late_p=True, named_turn=True, overlap_waits_first=True,
+                               separate_kv_waits=True, late_pv_wait=True, lazy_rescale_threshold=8.0)
+# The forward the library runs (KernelTuning's default): that loop with FA4's softmax order instead of
+# the lazy rescale: the exact online softmax, the row sum kept in each thread (its shuffles once after
+# the loop), and the wait for P V with O's rescale after the exp2 of S's first 8 columns. Timed against
+# LAZY_MOSAIC_FWD in one process, alternating rounds, on the H200 (NOTES session 16): 1.054x / 1.039x /
+# 1.014x / 1.026x at 1.3B 480p-81f / 480p-161f / 14B 720p-81f / 720p-161f and 1.017x at decay 0.2;
+# after 16 columns (FA4's place) 1.034x / 1.019x / 1.005x / 1.017x.
+DEFAULT_MOSAIC_FWD = dataclasses.replace(LAZY_MOSAIC_FWD, lazy_rescale_threshold=None, row_sum_in_thread=True,
+                                         pv_wait_after_cols=8)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -347,7 +358,7 @@ class TritonTuning:
     fused_backward: bool = False
 
 
-# The Triton twin's forward: the Mosaic default's softmax rule (its lazy rescale), Triton's launch defaults.
+# The Triton twin's forward: the Mosaic default's softmax rule (exact since session 16), Triton's launch defaults.
 DEFAULT_TRITON_FWD = TritonTuning(num_warps=4, num_stages=2,
                                   lazy_rescale_threshold=DEFAULT_MOSAIC_FWD.lazy_rescale_threshold)
 

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 from radial_jax import attention_reference, radial_block_mask
-from radial_jax.kernels import (DEFAULT_MOSAIC_BWD, DEFAULT_MOSAIC_FWD, KernelTuning, MosaicBwdTuning, MosaicTuning,
-                                TritonTuning, block_sparse_attention)
+from radial_jax.kernels import (DEFAULT_MOSAIC_BWD, DEFAULT_MOSAIC_FWD, LAZY_MOSAIC_FWD, KernelTuning, MosaicBwdTuning,
+                                MosaicTuning, TritonTuning, block_sparse_attention)
 from radial_jax.kernels.tables import block_tables
 
 ON_GPU = jax.default_backend() == "gpu"
@@ -667,18 +667,19 @@ class TestMosaicOverlapSeparateKVGPU(TestMosaicOverlapGPU):
 
 
 class TestMosaicLatePVWaitGPU(TestMosaicOverlapGPU):
-    """The default forward's exact form (no lazy rescale): its wait for P V kept below the softmax by a
-    never-taken branch (MosaicTuning.late_pv_wait), the same arithmetic in the same order as the serial
-    loop. The default itself (lazy) is TestMosaicGPU's, and against this one test_mosaic_lazy_rescale.py's."""
+    """The lazy default's exact form (LAZY_MOSAIC_FWD, the default until session 16, less its lazy
+    rescale): the wait for P V kept below the softmax by a never-taken branch (MosaicTuning.late_pv_wait),
+    the same arithmetic in the same order as the serial loop. LAZY_MOSAIC_FWD against this one is
+    test_mosaic_lazy_rescale.py's."""
 
-    tuning = KernelTuning(mosaic_fwd=dataclasses.replace(DEFAULT_MOSAIC_FWD, lazy_rescale_threshold=None))
+    tuning = KernelTuning(mosaic_fwd=dataclasses.replace(LAZY_MOSAIC_FWD, lazy_rescale_threshold=None))
 
 
 class TestMosaicPVWaitAfterGPU(TestMosaicOverlapGPU):
     """The exact late-wait loop with the wait for P V and O's rescale after the exp2 of S's first 16
     columns (MosaicTuning.pv_wait_after_cols, FA4's place): the same arithmetic in the same order."""
 
-    tuning = KernelTuning(mosaic_fwd=dataclasses.replace(DEFAULT_MOSAIC_FWD, lazy_rescale_threshold=None,
+    tuning = KernelTuning(mosaic_fwd=dataclasses.replace(LAZY_MOSAIC_FWD, lazy_rescale_threshold=None,
                                                          pv_wait_after_cols=16))
 
 class TestMosaicProducerWarpGPU(TestMosaicOverlapGPU):
@@ -688,22 +689,28 @@ class TestMosaicProducerWarpGPU(TestMosaicOverlapGPU):
     tuning = KernelTuning(mosaic_fwd=dataclasses.replace(DEFAULT_MOSAIC_FWD, producer_warp=True))
 
 class TestMosaicRowSumInThreadGPU(TestMosaicOverlapGPU):
-    """The default forward with its row sum kept as each thread's partial sums and added across the
-    row's threads after the loop (MosaicTuning.row_sum_in_thread): the sum rounded in another order, so
-    the same cases and bounds, and the default kernel's out to f16 rounding and lse to f32 rounding."""
+    """The lazy default (LAZY_MOSAIC_FWD) with its row sum kept as each thread's partial sums and added
+    across the row's threads after the loop (MosaicTuning.row_sum_in_thread): the sum rounded in another
+    order, so the same cases and bounds."""
 
-    tuning = KernelTuning(mosaic_fwd=dataclasses.replace(DEFAULT_MOSAIC_FWD, row_sum_in_thread=True))
+    tuning = KernelTuning(mosaic_fwd=dataclasses.replace(LAZY_MOSAIC_FWD, row_sum_in_thread=True))
 
 
 
 class TestMosaicRowSumInThreadAfterGPU(TestMosaicOverlapGPU):
-    """The exact late-wait loop with both of FA4's orders: the row sum kept in each thread
-    (row_sum_in_thread) and the wait for P V after S's first 16 columns' exp2 (pv_wait_after_cols=16,
-    where FA4's SASS waits). The sum is rounded in another order, so the same cases and bounds as
-    TestMosaicRowSumInThreadGPU."""
+    """The default forward (FA4's loop: the exact late-wait loop, the row sum kept in each thread, the
+    wait for P V after S's first 8 columns' exp2) through the overlap suite: its agreement with the
+    serial loop (out to f16 rounding, lse to f32 rounding) besides TestMosaicGPU's cases and bounds."""
 
-    tuning = KernelTuning(mosaic_fwd=dataclasses.replace(DEFAULT_MOSAIC_FWD, lazy_rescale_threshold=None,
-                                                         row_sum_in_thread=True, pv_wait_after_cols=16))
+    tuning = KernelTuning()
+
+
+class TestMosaicRowSumInThreadAfter16GPU(TestMosaicOverlapGPU):
+    """The default forward with the wait for P V after S's first 16 columns' exp2 (pv_wait_after_cols=16,
+    where FA4's SASS waits): the same arithmetic in the same order as the default."""
+
+    tuning = KernelTuning(mosaic_fwd=dataclasses.replace(DEFAULT_MOSAIC_FWD, pv_wait_after_cols=16))
+
 
 class TestMosaicExp2PolyGPU(TestMosaicOverlapGPU):
     """The tree reductions with every 4th 8-key tile's exp2 by the FMA pipe's polynomial

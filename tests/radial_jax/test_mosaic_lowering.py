@@ -17,7 +17,7 @@ from jax.experimental.mosaic.gpu import core as mosaic_gpu_core
 from jax.extend.core import jaxprs_in_params
 
 from radial_jax.kernels import mosaic_bwd, mosaic_fwd
-from radial_jax.kernels.common import HOPPER_SMS, block_grid
+from radial_jax.kernels.common import HOPPER_SMS, LAZY_MOSAIC_FWD, block_grid
 from radial_jax.kernels.tables import block_tables
 
 # (q_len, kv_len, heads, head_dim); the last two are not multiples of 8 (the TMA's row tiling).
@@ -43,12 +43,12 @@ def test_forward_lowers_to_one_mosaic_kernel(case):
     tables, q, kv, _ = _setup(*case)
     text = _lowered_text(lambda q, k, v: mosaic_fwd.mosaic_forward(q, k, v, tables=tables, scale=0.1), q, kv, kv)
     assert text.count("mosaic_gpu") >= 1 and "wgmma" in text
-    # The default's lazy rescale: a warp votes before it multiplies its accumulator rows.
-    assert "vote.sync" in text and "nanosleep" in text  # and late_pv_wait's never-taken branch
-    exact = dataclasses.replace(mosaic_fwd.DEFAULT_MOSAIC_FWD, lazy_rescale_threshold=None)
-    text = _lowered_text(lambda q, k, v: mosaic_fwd.mosaic_forward(q, k, v, tables=tables, scale=0.1, tuning=exact),
-                         q, kv, kv)  # fmt: skip
-    assert "vote.sync" not in text  # the exact online softmax rescales every step, no branch
+    # The default's exact online softmax rescales every step (no warp vote); late_pv_wait's never-taken
+    # branch keeps the wait for P V down.
+    assert "vote.sync" not in text and "nanosleep" in text
+    text = _lowered_text(lambda q, k, v: mosaic_fwd.mosaic_forward(q, k, v, tables=tables, scale=0.1,
+                                                                   tuning=LAZY_MOSAIC_FWD), q, kv, kv)
+    assert "vote.sync" in text  # the lazy rescale: a warp votes before it multiplies its accumulator rows
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -367,7 +367,7 @@ def test_late_pv_wait_puts_one_never_taken_branch_after_each_middle_steps_wait_f
     # index (tid.x >= 4096, read by an asm so that LLVM cannot fold it) around a nanosleep; nothing else
     # changes (the same wgmma waits as without it).
     tables, q, kv, _ = _setup(*case)
-    early = dataclasses.replace(mosaic_fwd.DEFAULT_MOSAIC_FWD, late_pv_wait=False)
+    early = dataclasses.replace(LAZY_MOSAIC_FWD, late_pv_wait=False)
     default = _forward_module(monkeypatch, tables, q, kv, early)
     late = _forward_module(monkeypatch, tables, q, kv, dataclasses.replace(early, late_pv_wait=True))
     middles = 1 + tables.kv_ragged
@@ -388,7 +388,7 @@ def test_pv_wait_after_cols_waits_for_p_v_after_that_many_columns_exp2(monkeypat
     middles = 1 + tables.kv_ragged
 
     def order(cols):
-        tuning = dataclasses.replace(mosaic_fwd.DEFAULT_MOSAIC_FWD, lazy_rescale_threshold=None, pv_wait_after_cols=cols)
+        tuning = dataclasses.replace(LAZY_MOSAIC_FWD, lazy_rescale_threshold=None, pv_wait_after_cols=cols)
         events = re.findall(r"wgmma\.wait[._]group\.sync\.aligned(?:\"\(\) \{group = | )(\d)|(nanosleep)|(ex2\.approx)",
                             _forward_module(monkeypatch, tables, q, kv, tuning))
         return "".join(n or ("N" if sleep else "e") for n, sleep, _ in events)
@@ -406,7 +406,7 @@ def test_row_sum_in_thread_shuffles_the_sum_once_after_the_loop(monkeypatch, cas
     # before the wait for P V (0), which ptxas would otherwise hoist to the max's shuffles.
     tables, q, kv, _ = _setup(*case)
     default, in_thread = (_forward_module(monkeypatch, tables, q, kv, dataclasses.replace(
-        mosaic_fwd.DEFAULT_MOSAIC_FWD, row_sum_in_thread=flag)) for flag in (False, True))
+        LAZY_MOSAIC_FWD, row_sum_in_thread=flag)) for flag in (False, True))
     shuffles = lambda module: len(re.findall(r"shfl_kind[< ]bfly>", module))  # jax 0.11 / 0.10 spellings
     softmaxes = 2 * (1 + tables.kv_ragged)  # first and middle steps, unmasked (and masked)
     per_reduction = shuffles(default) // (2 * softmaxes)  # each softmax: the max's and the sum's
@@ -429,7 +429,7 @@ def test_row_sum_in_thread_with_the_wait_after_some_columns_keeps_both_orders(mo
     # those columns), as with pv_wait_after_cols alone (no second never-taken branch: the wait sits in
     # the exp2's own code).
     tables, q, kv, _ = _setup(*case)
-    exact = dataclasses.replace(mosaic_fwd.DEFAULT_MOSAIC_FWD, lazy_rescale_threshold=None)
+    exact = dataclasses.replace(LAZY_MOSAIC_FWD, lazy_rescale_threshold=None)
     default, both = (_forward_module(monkeypatch, tables, q, kv, dataclasses.replace(exact, **fields))
                      for fields in ({}, dict(row_sum_in_thread=True, pv_wait_after_cols=cols)))
     shuffles = lambda module: len(re.findall(r"shfl_kind[< ]bfly>", module))
