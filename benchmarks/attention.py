@@ -271,6 +271,9 @@ def forward_variants() -> dict[str, KernelTuning]:
                                                          pv_wait_after_cols=16),
             # The default's overlapped loop on the persistent grid (one CTA an SM walking the work items).
             "persistent_overlap_fwd": default_and(persistent=True),
+            # The default (FA4's softmax order) with its K/V loads issued by one warp (FA4's producer).
+            "fa4_order_producer_warp_fwd": KernelTuning(mosaic_fwd=dataclasses.replace(DEFAULT_MOSAIC_FWD,
+                                                                                       producer_warp=True)),
             "row_sum_in_thread_producer_warp_fwd": default_and(row_sum_in_thread=True, producer_warp=True),
             "overlap_late_p_sep_s3_fwd": fwd(**session9, num_stages=3)}
 
