@@ -349,7 +349,10 @@ class TritonTuning:
     # The forward's lazy rescale, MosaicTuning.lazy_rescale_threshold's rule row by row (a row's max is
     # raised only past the threshold, and its factor is exactly 1 where it is not); the Mosaic kernel's
     # per-warp skip of the multiply is its speed, not its values. The twin follows the Mosaic default so
-    # that the CPU suite runs the algorithm the GPU does. The backward ignores it.
+    # that the CPU suite runs the algorithm the GPU does (exact since session 16). The Mosaic default's
+    # other orders (the row sum added in each thread and across threads after the loop, the wait for
+    # P V placed among the exp2) move only the sum's rounding and the schedule, so the twin keeps
+    # Triton's per-step row sum. The backward ignores it.
     lazy_rescale_threshold: float | None = None
     # The backward as one kernel per key tile that also adds its dQ partials (dS K, dS cast to the input
     # dtype) into an f32 accumulator with atomic adds: MosaicBwdTuning(fused=True)'s algorithm, on in
