@@ -274,6 +274,10 @@ def forward_variants() -> dict[str, KernelTuning]:
             # The default (FA4's softmax order) with its K/V loads issued by one warp (FA4's producer).
             "fa4_order_producer_warp_fwd": KernelTuning(mosaic_fwd=dataclasses.replace(DEFAULT_MOSAIC_FWD,
                                                                                        producer_warp=True)),
+            # ... and with the lazy rescale (threshold 8): the warp votes before the wait for P V and skips
+            # O's multiplies after it where no row's max moved.
+            "fa4_order_lazy_fwd": KernelTuning(mosaic_fwd=dataclasses.replace(DEFAULT_MOSAIC_FWD,
+                                                                              lazy_rescale_threshold=8.0)),
             "row_sum_in_thread_producer_warp_fwd": default_and(row_sum_in_thread=True, producer_warp=True),
             "overlap_late_p_sep_s3_fwd": fwd(**session9, num_stages=3)}
 

@@ -123,7 +123,7 @@ class MosaicTuning:
     # then run after the wait with no exp2 left to hide them; with the lazy rescale, which skips the
     # multiplies of most warps, 1.015-1.031x the exact default: in LAZY_MOSAIC_FWD and DEFAULT_MOSAIC_FWD.
     late_pv_wait: bool = False
-    # With late_pv_wait, overlap_late_p and the exact rescale: the wait for P_j V_j and O's rescale go
+    # With late_pv_wait and overlap_late_p: the wait for P_j V_j and O's rescale go
     # after the exp2 of S_{j+1}'s first pv_wait_after_cols columns (a multiple of 8: 4 exp2 a thread
     # per 8), the other exp2 after them (mosaic_fwd._exp2_around_pv_wait). In FA4's loop the wait comes
     # after 10 of its 64 exp2 and ptxas puts O's multiplies and P's casts between the rest (6 to an
@@ -134,7 +134,10 @@ class MosaicTuning:
     # 1.3B 480p-81f (NOTES session 10): 8 / 16 / 24 columns 1.004x / 0.995x / 0.984x the default (lazy),
     # the exact late wait without it 0.964x: exact and as fast as the lazy default, not yet faster. With
     # row_sum_in_thread (no sum shuffles left between the exp2) 8 columns ran 1.014-1.054x the lazy loop:
-    # DEFAULT_MOSAIC_FWD since session 16.
+    # DEFAULT_MOSAIC_FWD since session 16. With the lazy rescale the warp votes after the wait and O's
+    # multiplies sit in a branch before the other exp2 (ptxas then cannot interleave them; a warp whose
+    # rows' max stayed skips them): 490 instructions a step with the multiplies, 426 without, the wait
+    # after 6 exp2 (compiled without a GPU, NOTES session 16; fa4_order_lazy_fwd, not yet timed).
     pv_wait_after_cols: int | None = None
     # The memory warpgroup's K/V loop on its first warp only (plgpu.warp_map), as FA4's sm90 producer is
     # one warp: in warpgroup semantics all 4 warps run the loop, each thread arrives with a 128th of the

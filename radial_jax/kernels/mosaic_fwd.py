@@ -62,47 +62,63 @@ def _sm_count() -> int:
     return device.core_count if device.platform == "gpu" else HOPPER_SMS
 
 
+def _warp_any_row_moved(m_old, m_new):
+    """Inside inline_mgpu: an i1, true in every lane of a warp where any of the warp's 16 rows has
+    m_new > m_old. m_old, m_new: [block_q] f32 FragmentedArrays in the WGMMA row layout (a thread holds
+    2 of the 64 rows); each thread compares its own rows and the warp votes (vote.sync.any), so a
+    branch on the result is warp-uniform: no divergence before the next wgmma."""
+    import jax.experimental.mosaic.gpu as mgpu
+    from jaxlib.mlir import ir
+    from jaxlib.mlir.dialects import arith, nvvm, vector
+
+    moved = None
+    for old, new in zip(m_old.registers.flat, m_new.registers.flat):
+        above = arith.cmpf(arith.CmpFPredicate.OGT, new, old)  # vector<1xi1>: this thread's row
+        for i in range(ir.VectorType(above.type).shape[0]):
+            bit = vector.extract(above, [], [i])
+            moved = bit if moved is None else arith.ori(moved, bit)
+    i32 = ir.IntegerType.get_signless(32)
+    return nvvm.vote_sync(mgpu.utils.c(0xFFFFFFFF, i32), moved, nvvm.VoteSyncKind.any)
+
+
+def _scaled_where_moved(moved, acc, alpha):
+    """Inside inline_mgpu: acc * alpha in the warps where `moved` (_warp_any_row_moved) holds, acc
+    untouched in the others, as one branch (scf.if) around the multiplies. acc, alpha: [block_q,
+    head_dim] f32 FragmentedArrays in the WGMMA layout; alpha is exactly 1 on rows whose max stayed."""
+    import jax.experimental.mosaic.gpu as mgpu
+    import numpy as np
+    from jaxlib.mlir import ir
+    from jaxlib.mlir.dialects import scf
+
+    registers = list(acc.registers.flat)
+    branch = scf.IfOp(moved, [r.type for r in registers], has_else=True)
+    with ir.InsertionPoint(branch.then_block):
+        scf.yield_(list((acc * alpha).registers.flat))
+    with ir.InsertionPoint(branch.else_block):
+        scf.yield_(registers)
+    results = np.empty(acc.registers.shape, dtype=object)
+    for i, result in enumerate(branch.results):
+        results.flat[i] = result
+    return mgpu.FragmentedArray(_registers=results, _layout=acc.layout, _is_signed=None)
+
+
 def _rescale_raised_warps(acc, alpha, m_old, m_new):
     """Returns acc * alpha, computed only by the warps holding a row whose max moved.
 
     acc, alpha: [block_q, head_dim] f32 in the WGMMA layout (alpha: the row factor broadcast along
     head_dim, exactly 1 on rows where m_new == m_old, broadcast by Pallas as in the exact path);
-    m_old, m_new: [block_q] f32 in its row layout. A thread holds 2 of the 64 rows (a warp 16);
-    it compares its own rows, the warp votes (vote.sync.any: the branch is warp-uniform, so no
-    divergence before the next wgmma) and a warp whose 16 rows all kept their max skips its 64
-    multiplies per thread. Pallas has no per-thread scalar (lax.cond needs a warpgroup-wide reduction
-    through shared memory and a barrier), hence the few lines of Mosaic GPU below.
+    m_old, m_new: [block_q] f32 in its row layout. A warp whose 16 rows all kept their max skips its
+    64 multiplies per thread. Pallas has no per-thread scalar (lax.cond needs a warpgroup-wide
+    reduction through shared memory and a barrier), hence inline Mosaic GPU.
     """
-    import jax.experimental.mosaic.gpu as mgpu
     import jax.experimental.pallas.mosaic_gpu as plgpu
-    import numpy as np
-    from jaxlib.mlir import ir
-    from jaxlib.mlir.dialects import arith, nvvm, scf, vector
 
     row = plgpu.Layout.WGMMA.reduce(1)
 
     @plgpu.inline_mgpu(arg_types=(plgpu.Layout.WGMMA, plgpu.Layout.WGMMA, row, row),
                        return_type=plgpu.ShapeDtypeStruct(acc.shape, jnp.float32, layout=plgpu.Layout.WGMMA))
     def rescale(_, acc, alpha, m_old, m_new):
-        moved = None
-        for old, new in zip(m_old.registers.flat, m_new.registers.flat):
-            above = arith.cmpf(arith.CmpFPredicate.OGT, new, old)  # vector<1xi1>: this thread's row
-            for i in range(ir.VectorType(above.type).shape[0]):
-                bit = vector.extract(above, [], [i])
-                moved = bit if moved is None else arith.ori(moved, bit)
-        i32 = ir.IntegerType.get_signless(32)
-        moved = nvvm.vote_sync(mgpu.utils.c(0xFFFFFFFF, i32), moved, nvvm.VoteSyncKind.any)
-        registers = list(acc.registers.flat)
-        branch = scf.IfOp(moved, [r.type for r in registers], has_else=True)
-        with ir.InsertionPoint(branch.then_block):
-            scaled = acc * alpha
-            scf.yield_(list(scaled.registers.flat))
-        with ir.InsertionPoint(branch.else_block):
-            scf.yield_(registers)
-        results = np.empty(acc.registers.shape, dtype=object)
-        for i, result in enumerate(branch.results):
-            results.flat[i] = result
-        return mgpu.FragmentedArray(_registers=results, _layout=acc.layout, _is_signed=None)
+        return _scaled_where_moved(_warp_any_row_moved(m_old, m_new), acc, alpha)
 
     return rescale(acc, alpha, m_old, m_new)
 
@@ -182,28 +198,46 @@ def _named_turn(op: str, other: bool):
     turn()
 
 
-def _convergence_point():
-    """A branch on the thread index that is never taken (tid.x >= 4096) around a nanosleep, neither of
-    which LLVM or ptxas can remove (the index comes from an asm, the sleep has side effects). After a
-    branch that may diverge, ptxas keeps a later wgmma wait down at the first use of what it waits for
-    instead of hoisting it to the first write of the softmax (MosaicTuning.late_pv_wait; its row sums'
-    shuffles removed from the PTX, the wait stays as low: benchmarks/NOTES.md, session 10)."""
+def _never_taken_branch(pinned=None):
+    """Inside inline_mgpu: a branch on the thread index that is never taken (tid.x >= 4096) around a
+    nanosleep, neither of which LLVM or ptxas can remove (the index comes from an asm, the sleep has
+    side effects). pinned: None, or a FragmentedArray of f32 that the branch's condition also reads
+    (its minimum below -1, never true for exp2's results), so ptxas computes it before the branch."""
     import jax.experimental.mosaic.gpu as mgpu
-    import jax.experimental.pallas.mosaic_gpu as plgpu
     from jaxlib.mlir import ir
-    from jaxlib.mlir.dialects import arith, llvm
+    from jaxlib.mlir.dialects import arith, llvm, vector
+
+    i32 = ir.IntegerType.get_signless(32)
+    tid = llvm.inline_asm(i32, [], "mov.u32 $0, %tid.x;", "=r", has_side_effects=True)
+    taken = arith.cmpi(arith.CmpIPredicate.uge, tid, mgpu.utils.c(4096, i32))
+    if pinned is not None:
+        low = None
+        for register in pinned.registers.flat:
+            for i in range(ir.VectorType(register.type).shape[0]):
+                value = vector.extract(register, [], [i])
+                low = value if low is None else arith.minimumf(low, value)
+        f32 = ir.F32Type.get()
+        below = arith.cmpf(arith.CmpFPredicate.OLT, low, arith.constant(f32, ir.FloatAttr.get(f32, -1.0)))
+        taken = arith.andi(taken, below)
+    with mgpu.utils.when(taken):
+        llvm.inline_asm(ir.Type.parse("!llvm.void"), [], "nanosleep.u32 0;", "", has_side_effects=True)
+
+
+def _convergence_point():
+    """_never_taken_branch as a Pallas statement. After a branch that may diverge, ptxas keeps a later
+    wgmma wait down at the first use of what it waits for instead of hoisting it to the first write of
+    the softmax (MosaicTuning.late_pv_wait; its row sums' shuffles removed from the PTX, the wait stays
+    as low: benchmarks/NOTES.md, session 10)."""
+    import jax.experimental.pallas.mosaic_gpu as plgpu
 
     @plgpu.inline_mgpu()
     def point(_):
-        i32 = ir.IntegerType.get_signless(32)
-        tid = llvm.inline_asm(i32, [], "mov.u32 $0, %tid.x;", "=r", has_side_effects=True)
-        with mgpu.utils.when(arith.cmpi(arith.CmpIPredicate.uge, tid, mgpu.utils.c(4096, i32))):
-            llvm.inline_asm(ir.Type.parse("!llvm.void"), [], "nanosleep.u32 0;", "", has_side_effects=True)
+        _never_taken_branch()
 
     point()
 
 
-def _exp2_around_pv_wait(x, acc, alpha, head_cols: int):
+def _exp2_around_pv_wait(x, acc, alpha, head_cols: int, maxima=None):
     """Returns (2^x, acc * alpha) with the warpgroup's wait for its last wgmma (P_j V_j) between the
     exp2 of x's first head_cols columns and the rest, the multiplies after it (MosaicTuning.pv_wait_after_cols).
 
@@ -213,7 +247,9 @@ def _exp2_around_pv_wait(x, acc, alpha, head_cols: int):
     after it (both side-effecting asm, so LLVM keeps them in that order around the wait and reads O
     only after it); the rest follows in program order, where ptxas 13.0 (after late_pv_wait's branch)
     keeps it and interleaves the multiplies with the remaining exp2. Same operations as jnp.exp2 (ex2.approx)
-    and acc * alpha.
+    and acc * alpha. maxima: None, or the lazy rescale's (m_old, m_new) [rows] in the row layout: the
+    warp votes before the wait and multiplies after it only where one of its rows' max moved
+    (_rescale_raised_warps's rule), the remaining exp2 after that branch.
     """
     import jax.experimental.mosaic.gpu as mgpu
     import jax.experimental.pallas.mosaic_gpu as plgpu
@@ -224,13 +260,18 @@ def _exp2_around_pv_wait(x, acc, alpha, head_cols: int):
     wgmma = plgpu.Layout.WGMMA
     types = (plgpu.ShapeDtypeStruct(x.shape, jnp.float32, layout=wgmma),
              plgpu.ShapeDtypeStruct(acc.shape, jnp.float32, layout=wgmma))
+    rows = () if maxima is None else (wgmma.reduce(1),) * 2
 
-    @plgpu.inline_mgpu(arg_types=(wgmma, wgmma, wgmma), return_type=types)
-    def around(_, x, acc, alpha):
+    @plgpu.inline_mgpu(arg_types=(wgmma, wgmma, wgmma) + rows, return_type=types)
+    def around(_, x, acc, alpha, *maxima):
         head, tail = x[:, :head_cols], x[:, head_cols:]  # views: the same register objects as x's
         head_p = fa.optimization_barrier(head.exp2(approx=True))  # computed before the wait below
+        if maxima:  # O's first use sits in the lazy branch: without this, ptxas waits before the exp2
+            _never_taken_branch(head_p)
         nvvm.wgmma_wait_group_sync_aligned(0)
-        scaled = fa.optimization_barrier(acc) * alpha  # O read after the wait
+        moved = _warp_any_row_moved(*maxima) if maxima else None
+        acc = fa.optimization_barrier(acc)  # O read after the wait
+        scaled = acc * alpha if moved is None else _scaled_where_moved(moved, acc, alpha)
         tail_p = tail.exp2(approx=True)
         computed = {}  # id(register of x) -> its 2^x
         for part, values in ((head, head_p), (tail, tail_p)):
@@ -240,7 +281,7 @@ def _exp2_around_pv_wait(x, acc, alpha, head_cols: int):
             registers[index] = computed[id(r)]
         return mgpu.FragmentedArray(_registers=registers, _layout=x.layout, _is_signed=None), scaled
 
-    return around(x, acc, alpha)
+    return around(x, acc, alpha, *(() if maxima is None else maxima))
 
 
 # 2^f on [-1/2, 1/2], degree 3, fitted for relative error (Lawson-weighted least squares on Chebyshev
@@ -348,11 +389,11 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
         raise ValueError("late_pv_wait keeps the overlapped loop's wait for P V after its softmax: set overlap_qk "
                          "(with overlap_softmax)")
     head_cols = tuning.pv_wait_after_cols
-    if head_cols is not None and not (tuning.late_pv_wait and late_p and lazy_threshold is None and not early_rescale
+    if head_cols is not None and not (tuning.late_pv_wait and late_p and not early_rescale
                                       and tuning.exp2_poly_every is None):
-        raise ValueError("pv_wait_after_cols places late_pv_wait's wait for P V and O's exact rescale between the "
-                         "exp2: set late_pv_wait and overlap_late_p, without the lazy rescale, overlap_early_rescale "
-                         "or exp2_poly_every")  # fmt: skip
+        raise ValueError("pv_wait_after_cols places late_pv_wait's wait for P V and O's rescale between the "
+                         "exp2: set late_pv_wait and overlap_late_p, without overlap_early_rescale or "
+                         "exp2_poly_every")  # fmt: skip
     if head_cols is not None and not (head_cols % 8 == 0 and 0 < head_cols < block_kv):
         raise ValueError(f"pv_wait_after_cols={head_cols}: a multiple of 8 between 0 and block_kv={block_kv}")
     if tuning.producer_warp and persistent:
@@ -585,7 +626,7 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
                     x, m_new, alpha = shifted_scores(s, m_i, j + 1, mask_tail=mask_tail)
                     in_flight = plgpu.wgmma_accumulator_load(o_ref, wait_n=None)  # read after the wait
                     p, acc = _exp2_around_pv_wait(x, in_flight, lax.broadcast_in_dim(alpha, in_flight.shape, [0]),
-                                                  head_cols)  # fmt: skip
+                                                  head_cols, None if lazy_threshold is None else (m_i, m_new))
                     l_i = add_row_sum(l_i, alpha, p)
                     plgpu.barrier_arrive(v_consumed.at[ring_slot(j)])
                     o_ref[...] = acc

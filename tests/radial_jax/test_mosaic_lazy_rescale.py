@@ -118,6 +118,15 @@ class TestLazyRescaleLatePVWaitGPU(TestLazyRescaleGPU):
 
 
 
+class TestLazyRescaleFA4OrderGPU(TestLazyRescaleGPU):
+    """The lazy rescale in the default's FA4 order (row_sum_in_thread, pv_wait_after_cols=8): the warp
+    votes after the wait for P V, which comes after S's first 8 columns' exp2, and skips O's multiplies
+    where no row's max moved; the exact kernel it is compared with is the default."""
+
+    overlap = {"overlap_qk": True, "overlap_late_p": True, "named_turn": True, "overlap_waits_first": True,
+               "separate_kv_waits": True, "late_pv_wait": True, "row_sum_in_thread": True, "pv_wait_after_cols": 8}
+
+
 class TestLazyRescaleInterpret:
     """The lazy rule in the Triton twin under interpret mode (any machine): the rows of one warp's band
     jump late past the threshold (their max must move), others rise by less (it stays stale and p grows
@@ -190,3 +199,7 @@ def _lazy_max_events(q, k, tables, scale, threshold):
             stale_high[rows] |= (rise > 2.0) & (rise <= threshold)
             running = np.where(rise > threshold, block_max, running)
     return moved_late, stale_high
+
+
+def test_the_fa4_order_class_runs_the_default_with_the_lazy_rescale():
+    assert MosaicTuning(**TestLazyRescaleFA4OrderGPU.overlap) == DEFAULT_MOSAIC_FWD

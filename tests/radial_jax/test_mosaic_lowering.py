@@ -71,13 +71,11 @@ def test_lazy_rescale_forward_lowers_with_a_warp_vote(case):
     ({"late_pv_wait": True, "overlap_qk": True, "overlap_softmax": False}, "late_pv_wait"),
     # without late_pv_wait ptxas hoists the wait anyway; the lazy rescale's multiplies sit in a branch
     ({"pv_wait_after_cols": 16, "overlap_qk": True, "overlap_late_p": True}, "pv_wait_after_cols"),
-    ({"pv_wait_after_cols": 16, "overlap_qk": True, "overlap_late_p": True, "late_pv_wait": True,
-      "lazy_rescale_threshold": 8.0}, "pv_wait_after_cols"),
     ({"pv_wait_after_cols": 12, "overlap_qk": True, "overlap_late_p": True, "late_pv_wait": True},
      "pv_wait_after_cols=12"),
     ({"producer_warp": True, "persistent": True}, "producer_warp"),
 ], ids=["lazy_overflow", "exp2_poly_0", "waits_first_alone", "named_turn_alone", "late_pv_wait_alone",
-        "late_pv_wait_paired", "pv_wait_after_without_late_wait", "pv_wait_after_lazy", "pv_wait_after_12",
+        "late_pv_wait_paired", "pv_wait_after_without_late_wait", "pv_wait_after_12",
         "producer_warp_persistent"])
 def test_forward_refuses_a_tuning_it_cannot_run(fields, message):
     tables, q, kv, _ = _setup(*CASES[0])
@@ -441,6 +439,27 @@ def test_row_sum_in_thread_with_the_wait_after_some_columns_keeps_both_orders(mo
     order = "".join(n or ("N" if sleep else "e") for n, sleep, _ in events)
     head = 2 + cols // 2
     assert order.count("1N" + "e" * head + "0" + "e" * (66 - head) + "0") == 1 + tables.kv_ragged, order
+
+
+@pytest.mark.parametrize("case", [CASES[0], CASES[3]])
+def test_lazy_rescale_in_fa4_order_votes_before_the_wait_and_branches_after_it(monkeypatch, case):
+    # The default (FA4's order: the wait for P V after S's first 8 columns' exp2) with the lazy rescale:
+    # in each middle step, after the head's exp2, a second never-taken branch (N) whose condition reads
+    # them (else ptxas sinks them below the wait, which it puts before the branch holding O's first
+    # use), the wait for P V (0), the warp's vote (V), O's multiplies in a branch, the other exp2; the
+    # same exp2 and wgmma waits as the exact default.
+    tables, q, kv, _ = _setup(*case)
+    middles = 1 + tables.kv_ragged
+    exact = _forward_module(monkeypatch, tables, q, kv, mosaic_fwd.DEFAULT_MOSAIC_FWD)
+    lazy = _forward_module(monkeypatch, tables, q, kv, dataclasses.replace(mosaic_fwd.DEFAULT_MOSAIC_FWD,
+                                                                           lazy_rescale_threshold=8.0))
+    assert "vote.sync" not in exact and lazy.count("ex2.approx") == exact.count("ex2.approx")
+    assert _wgmma_waits(lazy) == _wgmma_waits(exact)
+    events = re.findall(r"wgmma\.wait[._]group\.sync\.aligned(?:\"\(\) \{group = | )(\d)|(nanosleep)|(ex2\.approx)"
+                        r"|(vote\.sync)", lazy)
+    order = "".join(n or ("N" if sleep else "e" if exp2 else "V") for n, sleep, exp2, _ in events)
+    head = 2 + mosaic_fwd.DEFAULT_MOSAIC_FWD.pv_wait_after_cols // 2
+    assert order.count("1N" + "e" * head + "N0V" + "e" * (66 - head)) == middles, order
 
 
 @pytest.mark.parametrize("case", [CASES[0], CASES[3]])
