@@ -278,6 +278,8 @@ def forward_variants() -> dict[str, KernelTuning]:
             # O's multiplies after it where no row's max moved.
             "fa4_order_lazy_fwd": KernelTuning(mosaic_fwd=dataclasses.replace(DEFAULT_MOSAIC_FWD,
                                                                               lazy_rescale_threshold=8.0)),
+            # ... and with a K/V ring of 3 slots (224 KiB of tiles at head_dim 128).
+            "fa4_order_s3_fwd": KernelTuning(mosaic_fwd=dataclasses.replace(DEFAULT_MOSAIC_FWD, num_stages=3)),
             "row_sum_in_thread_producer_warp_fwd": default_and(row_sum_in_thread=True, producer_warp=True),
             "overlap_late_p_sep_s3_fwd": fwd(**session9, num_stages=3)}
 
