@@ -230,10 +230,11 @@ def run_once(name: str, decay: float, backward: bool, band: int | None = None) -
     torch.cuda.synchronize()
 
 
-def calls_for(name: str, decay: float, seconds: float) -> list[dict]:
-    """FA4's forward at shape `name` called back to back for `seconds` (random bf16), each call timed
-    alone by wall clock around a synchronized call, as benchmarks/steadiness.py times ours: [{t, ms}],
-    t the call's start in time.time() (the clock nvidia-smi's samples are matched against)."""
+def calls_for(name: str, decay: float, seconds: float, batch: int = 1) -> list[dict]:
+    """FA4's forward at shape `name` called back to back for `seconds` (random bf16), `batch` calls to a
+    timing by wall clock around them and one synchronize, as benchmarks/steadiness.py times ours:
+    [{t, ms, batch}], ms the batch's mean, t its start in time.time() (the clock nvidia-smi's samples
+    are matched against)."""
     import torch
 
     frames, tokens, _ = SHAPES[name]
@@ -244,9 +245,10 @@ def calls_for(name: str, decay: float, seconds: float) -> list[dict]:
     calls, end = [], time.perf_counter() + seconds
     while time.perf_counter() < end:
         wall, start = time.time(), time.perf_counter()
-        fn()
+        for _ in range(batch):
+            fn()
         torch.cuda.synchronize()
-        calls.append(dict(t=wall, ms=(time.perf_counter() - start) * 1e3))
+        calls.append(dict(t=wall, ms=(time.perf_counter() - start) * 1e3 / batch, batch=batch))
     return calls
 
 
@@ -264,6 +266,7 @@ def main(argv=None):
     parser.add_argument("--calls-for", type=float, metavar="SECONDS",
                         help="call the first shape's forward back to back, print each call's time as JSON "
                              "(for benchmarks/steadiness.py)")  # fmt: skip
+    parser.add_argument("--calls-batch", type=int, default=1, help="with --calls-for: calls to a timing")
     args = parser.parse_args(argv)
     names = args.shapes.split(",")
     if unknown := [n for n in names if n not in SHAPES]:
@@ -273,7 +276,7 @@ def main(argv=None):
     if args.once:
         return run_once(names[0], args.decay, args.backward, args.band)
     if args.calls_for:
-        return print(json.dumps(calls_for(names[0], args.decay, args.calls_for)))
+        return print(json.dumps(calls_for(names[0], args.decay, args.calls_for, args.calls_batch)))
     import torch
 
     rows = []

@@ -1,6 +1,6 @@
 """Why a kernel's time moves between runs: every call timed alone, beside the chip's clocks and power.
 
-    python benchmarks/steadiness.py [--shape 1.3b-480p-161f] [--seconds 10] [--out FILE]
+    python benchmarks/steadiness.py [--shape 1.3b-480p-161f] [--seconds 10] [--batch 1] [--fa4] [--out FILE]
 
 Runs ours (radial mask, decay 1.0) back to back for --seconds, idles 5 s, runs it again, then
 cuDNN dense (the control: a kernel that is not ours) and ours once more, timing each call alone
@@ -11,7 +11,9 @@ block-sparse forward on the same mask runs as one more phase (benchmarks/fa4.py 
 child process: FA4 is torch's), so its clock and power at the cap stand beside ours: at the 700 W
 cap the kernel that spends fewer joules per call runs at the higher clock. Writes JSON: every call
 (phase, start time, ms), every sample, and per-phase medians and quantiles, energy per call and
-on-block GFLOP per joule.
+on-block GFLOP per joule. With --batch N each timing covers N calls issued back to back and blocked
+on once (recorded as their mean): the GPU then runs without gaps, and the host's cost of a blocking call
+(59 us in JAX against 22 us in torch, benchmarks/call_latency.py) is spread over N calls.
 """
 
 import argparse
@@ -60,21 +62,24 @@ def read_samples(path: str) -> list[dict]:
     return samples
 
 
-def timed_calls(fn, seconds: float, phase: str) -> list[dict]:
+def timed_calls(fn, seconds: float, phase: str, batch: int = 1) -> list[dict]:
+    """fn called for `seconds`, `batch` calls to a timing blocked on once: [{phase, t, ms, batch}], ms the
+    mean of the batch's calls, t its start in time.time() (the clock nvidia-smi's samples are read on)."""
     calls, end = [], time.perf_counter() + seconds
     while time.perf_counter() < end:
         wall, start = time.time(), time.perf_counter()
-        jax.block_until_ready(fn())
-        calls.append(dict(phase=phase, t=wall, ms=(time.perf_counter() - start) * 1e3))
+        outs = [fn() for _ in range(batch)]
+        jax.block_until_ready(outs)
+        calls.append(dict(phase=phase, t=wall, ms=(time.perf_counter() - start) * 1e3 / batch, batch=batch))
     return calls
 
 
-def fa4_calls(shape: str, seconds: float) -> list[dict]:
+def fa4_calls(shape: str, seconds: float, batch: int = 1) -> list[dict]:
     """FA4's forward calls in a child process (benchmarks/fa4.py --calls-for), as phase "fa4"; the
     child's compile runs while the GPU idles, as before ours_2_after_idle."""
     fa4 = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fa4.py")
-    run = subprocess.run([sys.executable, fa4, "--shapes", shape, "--calls-for", str(seconds)], capture_output=True,
-                         text=True, timeout=seconds + 600)  # fmt: skip
+    run = subprocess.run([sys.executable, fa4, "--shapes", shape, "--calls-for", str(seconds), "--calls-batch",
+                          str(batch)], capture_output=True, text=True, timeout=seconds + 600)  # fmt: skip
     if run.returncode != 0:
         sys.exit(f"benchmarks/steadiness.py: the FA4 phase failed:\n{run.stdout[-2000:]}{run.stderr[-3000:]}")
     return [dict(phase="fa4", **call) for call in json.loads(run.stdout.strip().splitlines()[-1])]
@@ -110,7 +115,10 @@ def main(argv=None):
     parser.add_argument("--seconds", type=float, default=10.0, help="length of each timed phase")
     parser.add_argument("--out", default="steadiness.json")
     parser.add_argument("--fa4", action="store_true", help="add a phase of FA4's forward (needs FA4 installed)")
+    parser.add_argument("--batch", type=int, default=1, help="calls to a timing, blocked on once (their mean)")
     args = parser.parse_args(argv)
+    if args.batch < 1:
+        parser.error("--batch must be at least 1")
     if jax.default_backend() != "gpu":
         sys.exit("benchmarks/steadiness.py needs a GPU")
     frames, tokens, heads = SHAPES[args.shape]
@@ -124,13 +132,13 @@ def main(argv=None):
         jax.block_until_ready(fn(q, k, v))
     smi_path = args.out + ".smi.csv"
     sampler = start_sampler(smi_path)
-    calls = timed_calls(lambda: ours(q, k, v), args.seconds, "ours_1")
+    calls = timed_calls(lambda: ours(q, k, v), args.seconds, "ours_1", args.batch)
     time.sleep(5.0)  # idle: does the first call after a pause run faster?
-    calls += timed_calls(lambda: ours(q, k, v), args.seconds, "ours_2_after_idle")
-    calls += timed_calls(lambda: cudnn(q, k, v), args.seconds, "cudnn_dense")
+    calls += timed_calls(lambda: ours(q, k, v), args.seconds, "ours_2_after_idle", args.batch)
+    calls += timed_calls(lambda: cudnn(q, k, v), args.seconds, "cudnn_dense", args.batch)
     if args.fa4:
-        calls += fa4_calls(args.shape, args.seconds)
-    calls += timed_calls(lambda: ours(q, k, v), args.seconds, "ours_3")
+        calls += fa4_calls(args.shape, args.seconds, args.batch)
+    calls += timed_calls(lambda: ours(q, k, v), args.seconds, "ours_3", args.batch)
     time.sleep(0.3)
     if sampler:
         sampler.terminate()
@@ -138,7 +146,7 @@ def main(argv=None):
     samples = read_samples(smi_path) if sampler else []
     flops = attention_flops(computed_token_pairs(mask, 128, L, L), heads=heads, head_dim=HEAD_DIM)
     result = dict(device=jax.devices()[0].device_kind, command="python " + " ".join(sys.argv),
-                  date=datetime.date.today().isoformat(), shape=args.shape, on_block_flops=flops,
+                  date=datetime.date.today().isoformat(), shape=args.shape, batch=args.batch, on_block_flops=flops,
                   summary=summary(calls, samples, flops), calls=calls, samples=samples)
     with open(args.out, "w") as f:
         json.dump(result, f)

@@ -26,3 +26,19 @@ def test_summary_pairs_each_phase_with_the_samples_taken_while_it_ran(tmp_path):
     # energy of a median call at the median power: 689 W x 13.5 ms; 2 TFLOP of on-block work a call
     assert abs(capped["joules_per_call"] - 689.0 * 13.5e-3) < 1e-9
     assert abs(capped["gflop_per_joule"] - 2e12 / (689.0 * 13.5e-3) / 1e9) < 1e-6
+
+
+def test_timed_calls_block_once_a_batch_and_record_the_mean():
+    import jax.numpy as jnp
+
+    steadiness = load_benchmark("steadiness")
+    made = []
+
+    def fn():
+        made.append(1)
+        return jnp.full((4,), len(made))
+
+    calls = steadiness.timed_calls(fn, 0.05, "p", batch=3)
+    assert calls and len(made) == 3 * len(calls)
+    assert all(c["phase"] == "p" and c["batch"] == 3 and c["ms"] > 0 for c in calls)
+    assert [c["t"] for c in calls] == sorted(c["t"] for c in calls)
