@@ -2,7 +2,7 @@
 Nsight Compute on a GPU.
 
     python benchmarks/ncu_report.py [--variants default_bwd,split_bwd] [--shape 1.3b-480p-81f] [--band K]
-                                    [--out DIR] [--dry-run]
+                                    [--source] [--out DIR] [--dry-run]
 
 Each design (a name ptxas_report.py knows: `default`, `default_bwd`, attention.py's forward and
 backward variants; or `fa4` / `fa4_bwd`, FA4's block-sparse kernels on the same mask through
@@ -18,12 +18,17 @@ the run. Writes DIR/report.json: {command, date, shape, ncu (its version), missi
 designs: {name: {status, kernels: [{name, grid, block, metrics}]}}} and the raw CSV per design. `kernels` are
 in launch order (a backward design's forward kernel first); metric values are in ncu's base units (ns, Hz,
 %, counts), which is what --csv prints. A design whose run fails or shows none of its own kernels fails
-the command, after the report is written.
+the command, after the report is written. With --source each design is profiled a second time for ncu's
+source page (per-instruction executions and warp stall samples, SourceCounters and WarpStateStats, SASS),
+its own kernels only (FA4's by the name of its forward or backward), gzipped to DIR/<name>-source.csv.gz;
+`python benchmarks/sass_report.py --ncu-source FILE` reads it loop by loop (the compute warpgroups' key loop
+and the memory warpgroup's are separate bodies there).
 """
 
 import argparse
 import csv
 import datetime
+import gzip
 import io
 import json
 import os
@@ -38,6 +43,8 @@ import ptxas_report  # noqa: E402
 # so torch's small fill and random kernels show up beside them.
 FA4_DESIGNS = {"fa4": [], "fa4_bwd": ["--backward"]}
 TORCH_KERNELS = ("elementwise", "fill", "distribution", "randn")  # not FA4's: torch.zeros, randn_like
+# Which kernels the source page keeps: ours (Mosaic GPU's) and FA4's forward or backward (CuTe DSL names).
+SOURCE_KERNELS = {"fa4": "regex:flash_fwd", "fa4_bwd": "regex:flash_bwd"}
 
 RUN_TIMEOUT_S = 400  # compile, then each kernel replayed once per metric pass
 STALLS = ("barrier", "long_scoreboard", "short_scoreboard", "mio_throttle", "math_pipe_throttle", "wait",
@@ -109,6 +116,15 @@ def ncu_command(ncu: str, metrics: list[str], name: str, shape: str, band: int |
     return [ncu, "--clock-control", "none", *only, "--csv", "--metrics", ",".join(metrics), *child]
 
 
+def source_command(ncu: str, name: str, shape: str, band: int | None = None) -> list[str]:
+    """ncu_command's run for the source page instead of the metrics: the design's own kernels only."""
+    command = ncu_command(ncu, [], name, shape, band)
+    child = command[command.index("--metrics") + 2:]
+    return [ncu, "--clock-control", "none", "--kernel-name", SOURCE_KERNELS.get(name, "regex:mosaic"), "--section",
+            "SourceCounters", "--section", "WarpStateStats", "--page", "source", "--csv", "--print-source", "sass",
+            *child]  # fmt: skip
+
+
 def designs_kernels(name: str, kernels: list[dict]) -> list[dict]:
     """The kernels of `kernels` that are design `name`'s own (FA4's run also launches torch's)."""
     if name not in FA4_DESIGNS:
@@ -129,6 +145,21 @@ def summary_line(kernel: dict) -> str:
             f"stalls {', '.join(f'{name} {v:.1f}%' for v, name in stalls)}")
 
 
+def profile_source(args, name: str, env: dict) -> dict:
+    """Runs source_command for design `name`; writes its CSV gzipped to args.out; returns {status, file, bytes}."""
+    path = os.path.join(args.out, f"{name}-source.csv.gz")
+    try:
+        run = subprocess.run(source_command(args.ncu, name, args.shape, args.band), env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True, timeout=RUN_TIMEOUT_S)  # fmt: skip
+        text, status = run.stdout, run.returncode
+    except subprocess.TimeoutExpired as timeout:
+        text, status = ptxas_report._text(timeout.stdout), "timeout"
+    with gzip.open(path, "wt") as f:
+        f.write(text)
+    print(f"    source page: status {status}, {len(text)} characters -> {path}", flush=True)
+    return {"status": status, "file": os.path.basename(path), "characters": len(text)}
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--variants", default="default_bwd,split_bwd",
@@ -136,6 +167,8 @@ def main(argv=None):
     parser.add_argument("--shape", default="1.3b-480p-81f", help="a shape of benchmarks/attention.py")
     parser.add_argument("--band", type=int, help="profile on the band mask of this many key blocks a query block "
                         "(benchmarks/cta_cost.py's masks) instead of the radial mask")
+    parser.add_argument("--source", action="store_true", help="also profile each design's source page "
+                        "(per-instruction stall samples) into DIR/<name>-source.csv.gz")
     parser.add_argument("--ncu", default="ncu", help="the Nsight Compute command (default %(default)s)")
     parser.add_argument("--out", default="ncu-report", help="directory for report.json and <name>.csv")
     parser.add_argument("--dry-run", action="store_true", help="print the plan, run nothing")
@@ -149,6 +182,8 @@ def main(argv=None):
     if args.dry_run:
         for name in names:
             print(f"{name}: {' '.join(ncu_command(args.ncu, list(WISHED), name, args.shape, args.band))}")
+            if args.source:
+                print(f"{name} source: {' '.join(source_command(args.ncu, name, args.shape, args.band))}")
         return None
     try:  # the H100 and the H200 are both GH100
         query = subprocess.run([args.ncu, "--query-metrics", "--chip", "gh100"], capture_output=True, text=True,
@@ -178,6 +213,8 @@ def main(argv=None):
         if status != 0 or not designs_kernels(name, kernels):
             failed.append(name)
             print("    output tail:", text[-1500:], flush=True)
+        elif args.source:
+            report[name]["source"] = profile_source(args, name, env)
     with open(os.path.join(args.out, "report.json"), "w") as f:
         json.dump({"command": " ".join(sys.argv), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
                    "shape": args.shape, "band": args.band, "ncu": version.strip().splitlines()[-1:], "missing_metrics": missing,

@@ -133,3 +133,14 @@ def test_a_design_without_kernels_fails_the_run_after_the_report(tmp_path):
         ncu_report.main(["--ncu", _stand_in_ncu(tmp_path, 1), "--variants", "fused_bwd", "--out", str(out)])
     report = json.loads((out / "report.json").read_text())
     assert report["designs"]["fused_bwd"] == {"status": 1, "kernels": []}
+
+
+def test_source_plans_a_second_run_for_each_designs_own_kernels(capsys):
+    load_benchmark("ncu_report").main(["--dry-run", "--source", "--variants", "default,fa4", "--band", "32"])
+    plan = capsys.readouterr().out.splitlines()
+    assert [line.split(":")[0] for line in plan] == ["default", "default source", "fa4", "fa4 source"]
+    for line, kernels in ((plan[1], "regex:mosaic"), (plan[3], "regex:flash_fwd")):
+        assert f"--kernel-name {kernels} --section SourceCounters --section WarpStateStats --page source" in line
+        assert "--clock-control none" in line and "--print-source sass" in line and "--metrics" not in line
+    assert plan[1].endswith("--compile default --shape 1.3b-480p-81f --band 32")
+    assert plan[3].endswith("fa4.py --once --shapes 1.3b-480p-81f --band 32")
