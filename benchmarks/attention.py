@@ -278,6 +278,10 @@ def forward_variants() -> dict[str, KernelTuning]:
             # O's multiplies after it where no row's max moved.
             "fa4_order_lazy_fwd": KernelTuning(mosaic_fwd=dataclasses.replace(DEFAULT_MOSAIC_FWD,
                                                                               lazy_rescale_threshold=8.0)),
+            # ... and waiting for P V right after O's row factors' exp2, before any of S's (8 columns won
+            # over 16 and 24).
+            "fa4_order_after0_fwd": KernelTuning(mosaic_fwd=dataclasses.replace(DEFAULT_MOSAIC_FWD,
+                                                                                pv_wait_after_cols=0)),
             # ... and with a K/V ring of 3 slots (224 KiB of tiles at head_dim 128).
             "fa4_order_s3_fwd": KernelTuning(mosaic_fwd=dataclasses.replace(DEFAULT_MOSAIC_FWD, num_stages=3)),
             "row_sum_in_thread_producer_warp_fwd": default_and(row_sum_in_thread=True, producer_warp=True),

@@ -138,6 +138,8 @@ class MosaicTuning:
     # multiplies sit in a branch before the other exp2 (ptxas then cannot interleave them; a warp whose
     # rows' max stayed skips them): 490 instructions a step with the multiplies, 426 without, the wait
     # after 6 exp2 (compiled without a GPU, NOTES session 16; fa4_order_lazy_fwd, not yet timed).
+    # 0: the wait right after O's row factors' exp2, before any of S's (fa4_order_after0_fwd: the wait
+    # after 3 exp2 in the SASS, 467 instructions a step; not yet timed).
     pv_wait_after_cols: int | None = None
     # The memory warpgroup's K/V loop on its first warp only (plgpu.warp_map), as FA4's sm90 producer is
     # one warp: in warpgroup semantics all 4 warps run the loop, each thread arrives with a 128th of the

@@ -264,17 +264,20 @@ def _exp2_around_pv_wait(x, acc, alpha, head_cols: int, maxima=None):
 
     @plgpu.inline_mgpu(arg_types=(wgmma, wgmma, wgmma) + rows, return_type=types)
     def around(_, x, acc, alpha, *maxima):
-        head, tail = x[:, :head_cols], x[:, head_cols:]  # views: the same register objects as x's
-        head_p = fa.optimization_barrier(head.exp2(approx=True))  # computed before the wait below
-        if maxima:  # O's first use sits in the lazy branch: without this, ptxas waits before the exp2
-            _never_taken_branch(head_p)
+        tail = x[:, head_cols:]  # views: the same register objects as x's
+        parts = []  # (part of x, its 2^x)
+        if head_cols:
+            head = x[:, :head_cols]
+            parts.append((head, fa.optimization_barrier(head.exp2(approx=True))))  # computed before the wait
+            if maxima:  # O's first use sits in the lazy branch: without this, ptxas waits before the exp2
+                _never_taken_branch(parts[0][1])
         nvvm.wgmma_wait_group_sync_aligned(0)
         moved = _warp_any_row_moved(*maxima) if maxima else None
         acc = fa.optimization_barrier(acc)  # O read after the wait
         scaled = acc * alpha if moved is None else _scaled_where_moved(moved, acc, alpha)
-        tail_p = tail.exp2(approx=True)
+        parts.append((tail, tail.exp2(approx=True)))
         computed = {}  # id(register of x) -> its 2^x
-        for part, values in ((head, head_p), (tail, tail_p)):
+        for part, values in parts:
             computed.update(zip(map(id, part.registers.flat), values.registers.flat))
         registers = np.empty(x.registers.shape, dtype=object)
         for index, r in np.ndenumerate(x.registers):
@@ -394,8 +397,8 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
         raise ValueError("pv_wait_after_cols places late_pv_wait's wait for P V and O's rescale between the "
                          "exp2: set late_pv_wait and overlap_late_p, without overlap_early_rescale or "
                          "exp2_poly_every")  # fmt: skip
-    if head_cols is not None and not (head_cols % 8 == 0 and 0 < head_cols < block_kv):
-        raise ValueError(f"pv_wait_after_cols={head_cols}: a multiple of 8 between 0 and block_kv={block_kv}")
+    if head_cols is not None and not (head_cols % 8 == 0 and 0 <= head_cols < block_kv):
+        raise ValueError(f"pv_wait_after_cols={head_cols}: a multiple of 8 from 0 to below block_kv={block_kv}")
     if tuning.producer_warp and persistent:
         raise ValueError("producer_warp runs the K/V loads of one work item on one warp; the persistent kernel's "
                          "memory warpgroup also loads the next items' Q: set one of them")  # fmt: skip

@@ -792,6 +792,24 @@ def test_reordered_designs_change_no_value(design):
             assert bool((g == r).all()), name
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not IS_HOPPER, reason="needs a Hopper GPU (sm90) for the Mosaic kernel")
+@pytest.mark.parametrize("cols", [0, 16])
+def test_the_default_forward_waits_for_p_v_elsewhere_with_the_same_values(cols):
+    # pv_wait_after_cols moves only the wait for P V and O's rescale among the exp2 (the default waits
+    # after 8 columns): the same operations on the same values, so out and lse are bitwise the default's,
+    # on ragged cross lengths with an empty row and at head_dim 128 and 64.
+    for head_dim, dtype in ((128, jnp.float16), (64, jnp.bfloat16)):
+        q_len, kv_len, heads, batch, block = 1000, 1560, 3, 2, 128
+        mask = _random_mask(8, -(-q_len // block), -(-kv_len // block), 0.6, empty_rows=(2,))
+        q, k, v = _qkv(9, batch, q_len, kv_len, heads, head_dim, dtype)
+        attend = lambda fwd: jax.jit(lambda q, k, v: block_sparse_attention(
+            q, k, v, mask, block_size=block, return_lse=True, backend="mosaic", tuning=KernelTuning(mosaic_fwd=fwd)))
+        out, lse = attend(dataclasses.replace(DEFAULT_MOSAIC_FWD, pv_wait_after_cols=cols))(q, k, v)
+        ref_out, ref_lse = attend(DEFAULT_MOSAIC_FWD)(q, k, v)
+        assert bool((out == ref_out).all()) and bool(jnp.array_equal(lse, ref_lse, equal_nan=True)), head_dim
+
+
 # (q_len, kv_len, heads, batch, head_dim, dtype) of TestMosaicPersistentGPU's cases.
 _PERSISTENT_CASES = {
     "wan_480p_81f_radial": (32760, 32760, 2, 1, 128, jnp.bfloat16),  # 512 items, 1.3B-like rows

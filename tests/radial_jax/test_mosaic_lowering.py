@@ -392,7 +392,7 @@ def test_pv_wait_after_cols_waits_for_p_v_after_that_many_columns_exp2(monkeypat
         return "".join(n or ("N" if sleep else "e") for n, sleep, _ in events)
 
     assert order(None).count("1N" + "e" * 66 + "0") == middles
-    for cols in (8, 16, 24):
+    for cols in (0, 8, 16, 24):  # 0: the wait right after O's row factors' exp2
         head = 2 + cols // 2
         assert order(cols).count("1N" + "e" * head + "0" + "e" * (66 - head) + "0") == middles, cols
 
