@@ -188,8 +188,10 @@ def forward_variants() -> dict[str, KernelTuning]:
     softmax's row reductions as trees, alone and with the lazy rescale; part of the exp2 on the FMA pipe;
     the overlaps' turn on named barriers, and their waits before S's accumulator opens; the memory
     warpgroup's K and V slot waits apart, in the serial, lazy, persistent and overlapped loops; the wait for
-    P V kept below the softmax without the lazy rescale (the default's exact form), and in FA3's order;
-    that wait and O's rescale placed after the exp2 of S's first 8, 16 or 24 columns."""
+    P V kept below the softmax without the lazy rescale (the lazy loop's exact form), and in FA3's order;
+    that wait and O's rescale placed after the exp2 of S's first 8, 16 or 24 columns; the row sum in each
+    thread; and on today's default (FA4's order): one producer warp, the lazy rescale, the wait after 0
+    columns, a 3-slot ring."""
     fwd = lambda **fields: KernelTuning(mosaic_fwd=MosaicTuning(**fields))
     # The variants below were built on the lazy default (LAZY_MOSAIC_FWD, the default until session 16)
     # and keep their names' meaning; "lazy_default_fwd" is that forward itself.
@@ -269,13 +271,13 @@ def forward_variants() -> dict[str, KernelTuning]:
             # step); after 8 columns (row_sum_in_thread_after8_fwd in session 16's files) it is the default.
             "row_sum_in_thread_after16_fwd": default_and(row_sum_in_thread=True, lazy_rescale_threshold=None,
                                                          pv_wait_after_cols=16),
-            # The default's overlapped loop on the persistent grid (one CTA an SM walking the work items).
+            # The lazy loop on the persistent grid (one CTA an SM walking the work items).
             "persistent_overlap_fwd": default_and(persistent=True),
             # The default (FA4's softmax order) with its K/V loads issued by one warp (FA4's producer).
             "fa4_order_producer_warp_fwd": KernelTuning(mosaic_fwd=dataclasses.replace(DEFAULT_MOSAIC_FWD,
                                                                                        producer_warp=True)),
-            # ... and with the lazy rescale (threshold 8): the warp votes before the wait for P V and skips
-            # O's multiplies after it where no row's max moved.
+            # ... and with the lazy rescale (threshold 8): after the wait for P V the warp votes and skips
+            # O's multiplies where no row's max moved.
             "fa4_order_lazy_fwd": KernelTuning(mosaic_fwd=dataclasses.replace(DEFAULT_MOSAIC_FWD,
                                                                               lazy_rescale_threshold=8.0)),
             # ... and waiting for P V right after O's row factors' exp2, before any of S's (8 columns won

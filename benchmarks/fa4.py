@@ -268,6 +268,8 @@ def main(argv=None):
                              "(for benchmarks/steadiness.py)")  # fmt: skip
     parser.add_argument("--calls-batch", type=int, default=1, help="with --calls-for: calls to a timing")
     args = parser.parse_args(argv)
+    if args.calls_batch < 1:
+        parser.error("--calls-batch must be at least 1")
     names = args.shapes.split(",")
     if unknown := [n for n in names if n not in SHAPES]:
         sys.exit(f"unknown --shapes {unknown}; choose from {list(SHAPES)}")

@@ -146,7 +146,8 @@ def summary_line(kernel: dict) -> str:
 
 
 def profile_source(args, name: str, env: dict) -> dict:
-    """Runs source_command for design `name`; writes its CSV gzipped to args.out; returns {status, file, bytes}."""
+    """Runs source_command for design `name`; writes its CSV gzipped to args.out; returns {status, file,
+    characters}."""
     path = os.path.join(args.out, f"{name}-source.csv.gz")
     try:
         run = subprocess.run(source_command(args.ncu, name, args.shape, args.band), env=env, stdout=subprocess.PIPE,
@@ -215,6 +216,8 @@ def main(argv=None):
             print("    output tail:", text[-1500:], flush=True)
         elif args.source:
             report[name]["source"] = profile_source(args, name, env)
+            if report[name]["source"]["status"] != 0:
+                failed.append(f"{name} (source page)")
     with open(os.path.join(args.out, "report.json"), "w") as f:
         json.dump({"command": " ".join(sys.argv), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
                    "shape": args.shape, "band": args.band, "ncu": version.strip().splitlines()[-1:], "missing_metrics": missing,

@@ -86,16 +86,19 @@ def fa4_calls(shape: str, seconds: float, batch: int = 1) -> list[dict]:
 
 
 def summary(calls: list[dict], samples: list[dict], flops: float | None = None) -> dict:
-    """Per phase: call count, median/p10/p90/min/max ms, the median SM clock and power while it ran,
-    and from those the energy of a median call and (given the on-block `flops` of one call) GFLOP/J."""
+    """Per phase: call and timing counts, median/p10/p90/min/max ms of a call (a timing's mean with
+    --batch), the median SM clock and power while it ran (from its first timing's start to its last's
+    end), and from those the energy of a median call and (given the on-block `flops` of one call) GFLOP/J."""
     out = {}
     for phase in dict.fromkeys(c["phase"] for c in calls):
-        ms = sorted(c["ms"] for c in calls if c["phase"] == phase)
-        t0, t1 = min(c["t"] for c in calls if c["phase"] == phase), max(c["t"] for c in calls if c["phase"] == phase)
+        timings = [c for c in calls if c["phase"] == phase]
+        ms = sorted(c["ms"] for c in timings)
+        t0 = min(c["t"] for c in timings)
+        t1 = max(c["t"] + c.get("batch", 1) * c["ms"] / 1e3 for c in timings)
         inside = [s for s in samples if t0 <= s["t"] <= t1]
         q = lambda f: ms[min(len(ms) - 1, int(f * len(ms)))]
-        row = dict(calls=len(ms), median_ms=statistics.median(ms), p10_ms=q(0.1), p90_ms=q(0.9), min_ms=ms[0],
-                   max_ms=ms[-1])
+        row = dict(calls=sum(c.get("batch", 1) for c in timings), timings=len(ms), median_ms=statistics.median(ms),
+                   p10_ms=q(0.1), p90_ms=q(0.9), min_ms=ms[0], max_ms=ms[-1])
         if inside:
             row.update(sm_mhz_median=statistics.median(s["sm_mhz"] for s in inside),
                        sm_mhz_min=min(s["sm_mhz"] for s in inside), sm_mhz_max=max(s["sm_mhz"] for s in inside),

@@ -20,9 +20,12 @@ P_j's registers while P_j V_j was in flight. overlap_late_p casts after the wait
 no longer serialized, but 0.89-0.94x the serial loop, until ncu showed the compute warpgroups
 waiting for K: the memory warpgroup waited for both of a ring slot's K and V before loading either,
 and the overlap releases V_j late. With K and V loaded apart (separate_kv_waits) the overlap runs
-1.03-1.04x the serial loop. The default (common.DEFAULT_MOSAIC_FWD) adds late_pv_wait (a never-taken
-branch that keeps ptxas's wait for P V below the softmax) and the lazy rescale (which skips most
-warps' O multiplies after that wait): another 1.015-1.03x. MosaicTuning() keeps the serial loop.
+1.03-1.04x the serial loop. common.LAZY_MOSAIC_FWD (the default in sessions 10-15) adds late_pv_wait
+(a never-taken branch that keeps ptxas's wait for P V below the softmax) and the lazy rescale (which
+skips most warps' O multiplies after that wait): another 1.015-1.03x. The default since session 16
+(common.DEFAULT_MOSAIC_FWD) runs FA4's softmax order instead: the exact rescale, the row sum kept in
+each thread (row_sum_in_thread) and the wait for P V after S's first 8 columns' exp2
+(pv_wait_after_cols), 1.014-1.054x the lazy loop on the H200. MosaicTuning() keeps the serial loop.
 
 MosaicTuning.persistent launches one CTA per SM instead, each walking work items (head, query block,
 batch) in the normal launch's order: its memory warpgroup streams the next item's K/V into the same
@@ -247,9 +250,9 @@ def _exp2_around_pv_wait(x, acc, alpha, head_cols: int, maxima=None):
     after it (both side-effecting asm, so LLVM keeps them in that order around the wait and reads O
     only after it); the rest follows in program order, where ptxas 13.0 (after late_pv_wait's branch)
     keeps it and interleaves the multiplies with the remaining exp2. Same operations as jnp.exp2 (ex2.approx)
-    and acc * alpha. maxima: None, or the lazy rescale's (m_old, m_new) [rows] in the row layout: the
-    warp votes before the wait and multiplies after it only where one of its rows' max moved
-    (_rescale_raised_warps's rule), the remaining exp2 after that branch.
+    and acc * alpha. maxima: None, or the lazy rescale's (m_old, m_new) [rows] in the row layout: after
+    the wait the warp votes and multiplies only where one of its rows' max moved (_rescale_raised_warps's
+    rule), the remaining exp2 after that branch. head_cols may be 0: the wait before any of x's exp2.
     """
     import jax.experimental.mosaic.gpu as mgpu
     import jax.experimental.pallas.mosaic_gpu as plgpu

@@ -42,3 +42,17 @@ def test_timed_calls_block_once_a_batch_and_record_the_mean():
     assert calls and len(made) == 3 * len(calls)
     assert all(c["phase"] == "p" and c["batch"] == 3 and c["ms"] > 0 for c in calls)
     assert [c["t"] for c in calls] == sorted(c["t"] for c in calls)
+
+
+def test_summary_counts_the_calls_of_batched_timings_and_waits_for_the_last_one(tmp_path):
+    steadiness = load_benchmark("steadiness")
+    smi = tmp_path / "smi.csv"
+    smi.write_text("2026/11/29 21:00:00.000, 1700, 690.0, 60, 0x0000000000000004\n"
+                   "2026/11/29 21:00:00.040, 1600, 695.0, 61, 0x0000000000000004\n")
+    samples = steadiness.read_samples(str(smi))
+    t0 = samples[0]["t"]
+    # two timings of 10 calls of 5 ms: the second starts at t0 + 0.01 and ends at t0 + 0.06
+    calls = [dict(phase="p", t=t0 - 0.04, ms=5.0, batch=10), dict(phase="p", t=t0 + 0.01, ms=5.0, batch=10)]
+    row = steadiness.summary(calls, samples)["p"]
+    assert row["calls"] == 20 and row["timings"] == 2 and row["median_ms"] == 5.0
+    assert row["sm_mhz_min"] == 1600 and row["sm_mhz_max"] == 1700  # the sample at t0 + 0.04 counts

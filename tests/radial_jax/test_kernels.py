@@ -697,7 +697,7 @@ class TestMosaicRowSumInThreadGPU(TestMosaicOverlapGPU):
 
 
 
-class TestMosaicRowSumInThreadAfterGPU(TestMosaicOverlapGPU):
+class TestMosaicDefaultOverlapGPU(TestMosaicOverlapGPU):
     """The default forward (FA4's loop: the exact late-wait loop, the row sum kept in each thread, the
     wait for P V after S's first 8 columns' exp2) through the overlap suite: its agreement with the
     serial loop (out to f16 rounding, lse to f32 rounding) besides TestMosaicGPU's cases and bounds."""
@@ -705,7 +705,7 @@ class TestMosaicRowSumInThreadAfterGPU(TestMosaicOverlapGPU):
     tuning = KernelTuning()
 
 
-class TestMosaicRowSumInThreadAfter16GPU(TestMosaicOverlapGPU):
+class TestMosaicWaitAfter16GPU(TestMosaicOverlapGPU):
     """The default forward with the wait for P V after S's first 16 columns' exp2 (pv_wait_after_cols=16,
     where FA4's SASS waits): the same arithmetic in the same order as the default."""
 

@@ -442,7 +442,7 @@ def test_row_sum_in_thread_with_the_wait_after_some_columns_keeps_both_orders(mo
 
 
 @pytest.mark.parametrize("case", [CASES[0], CASES[3]])
-def test_lazy_rescale_in_fa4_order_votes_before_the_wait_and_branches_after_it(monkeypatch, case):
+def test_lazy_rescale_in_fa4_order_waits_then_votes_and_branches(monkeypatch, case):
     # The default (FA4's order: the wait for P V after S's first 8 columns' exp2) with the lazy rescale:
     # in each middle step, after the head's exp2, a second never-taken branch (N) whose condition reads
     # them (else ptxas sinks them below the wait, which it puts before the branch holding O's first
