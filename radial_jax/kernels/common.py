@@ -137,9 +137,9 @@ class MosaicTuning:
     # DEFAULT_MOSAIC_FWD since session 16. With the lazy rescale the warp votes after the wait and O's
     # multiplies sit in a branch before the other exp2 (ptxas then cannot interleave them; a warp whose
     # rows' max stayed skips them): 490 instructions a step with the multiplies, 426 without, the wait
-    # after 6 exp2 (compiled without a GPU, NOTES session 16; fa4_order_lazy_fwd, not yet timed).
-    # 0: the wait right after O's row factors' exp2, before any of S's (fa4_order_after0_fwd: the wait
-    # after 3 exp2 in the SASS, 467 instructions a step; not yet timed).
+    # after 6 exp2 (compiled without a GPU; fa4_order_lazy_fwd: 0.994-1.009x the default on the H200,
+    # within the spread, NOTES session 16). 0: the wait right after O's row factors' exp2, before any of
+    # S's (fa4_order_after0_fwd: the wait after 3 exp2 in the SASS; 0.973-0.990x).
     pv_wait_after_cols: int | None = None
     # The memory warpgroup's K/V loop on its first warp only (plgpu.warp_map), as FA4's sm90 producer is
     # one warp: in warpgroup semantics all 4 warps run the loop, each thread arrives with a 128th of the
