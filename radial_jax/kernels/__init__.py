@@ -18,8 +18,8 @@ from radial_jax.kernels.common import (DEFAULT_MOSAIC_BWD, DEFAULT_MOSAIC_FWD, L
                                        MosaicBwdTuning, MosaicTuning, TritonTuning)
 from radial_jax.kernels.tables import BlockTables, block_tables
 
-__all__ = ["BACKENDS", "DEFAULT_MOSAIC_BWD", "DEFAULT_MOSAIC_FWD", "LAZY_MOSAIC_FWD", "KernelTuning", "MosaicBwdTuning", "MosaicTuning",
-           "TritonTuning", "block_sparse_attention", "default_backend", "is_hopper"]
+__all__ = ["BACKENDS", "DEFAULT_MOSAIC_BWD", "DEFAULT_MOSAIC_FWD", "LAZY_MOSAIC_FWD", "KernelTuning", "MosaicBwdTuning",
+           "MosaicTuning", "TritonTuning", "block_sparse_attention", "default_backend", "is_hopper"]
 
 BACKENDS = ("mosaic", "triton", "interpret")
 

@@ -90,6 +90,18 @@ def test_forward_refuses_a_tuning_it_cannot_run(fields, message):
 _WGMMA_SYNC = re.compile(r'wgmma\.commit[._]group|wgmma\.wait[._]group\.sync\.aligned(?:"\(\) \{group = | )(\d+)')
 
 
+# In a forward module's text: a wgmma wait_group (its N), late_pv_wait's never-taken branch (its
+# nanosleep), an exp2, a warp vote (the lazy rescale), in both jax versions' spellings.
+_STEP_EVENTS = re.compile(r'wgmma\.wait[._]group\.sync\.aligned(?:"\(\) \{group = | )(\d)|(nanosleep)|(ex2\.approx)'
+                          r"|(vote\.sync)")
+
+
+def _step_events(module: str) -> str:
+    """The module's _STEP_EVENTS in text order as one string: N of each wait, "N" a never-taken branch,
+    "e" an exp2, "V" a vote (count a middle step's pattern in it)."""
+    return "".join(n or ("N" if sleep else "e" if exp2 else "V") for n, sleep, exp2, _ in _STEP_EVENTS.findall(module))
+
+
 def _forward_module(monkeypatch, tables, q, kv, tuning) -> str:
     """Lowers the forward for CUDA and returns its Mosaic GPU module's text (see _mosaic_modules)."""
     forward = lambda q, k, v: mosaic_fwd.mosaic_forward(q, k, v, tables=tables, scale=0.1, tuning=tuning)
@@ -371,8 +383,7 @@ def test_late_pv_wait_puts_one_never_taken_branch_after_each_middle_steps_wait_f
     middles = 1 + tables.kv_ragged
     assert "nanosleep" not in default and late.count("nanosleep.u32 0;") == middles
     assert late.count("mov.u32 $0, %tid.x;") == middles and _wgmma_waits(late) == _wgmma_waits(default)
-    events = re.findall(r"wgmma\.wait[._]group\.sync\.aligned(?:\"\(\) \{group = | )(\d)|(nanosleep)", late)
-    order = "".join(n or "N" for n, _ in [(e[0], e[1]) for e in events])
+    order = re.sub("[eV]", "", _step_events(late))  # the waits and the branch only
     assert order.count("1N0") == middles, order
 
 
@@ -387,9 +398,7 @@ def test_pv_wait_after_cols_waits_for_p_v_after_that_many_columns_exp2(monkeypat
 
     def order(cols):
         tuning = dataclasses.replace(LAZY_MOSAIC_FWD, lazy_rescale_threshold=None, pv_wait_after_cols=cols)
-        events = re.findall(r"wgmma\.wait[._]group\.sync\.aligned(?:\"\(\) \{group = | )(\d)|(nanosleep)|(ex2\.approx)",
-                            _forward_module(monkeypatch, tables, q, kv, tuning))
-        return "".join(n or ("N" if sleep else "e") for n, sleep, _ in events)
+        return _step_events(_forward_module(monkeypatch, tables, q, kv, tuning))
 
     assert order(None).count("1N" + "e" * 66 + "0") == middles
     for cols in (0, 8, 16, 24):  # 0: the wait right after O's row factors' exp2
@@ -412,9 +421,7 @@ def test_row_sum_in_thread_shuffles_the_sum_once_after_the_loop(monkeypatch, cas
     assert shuffles(in_thread) == (softmaxes + 1) * per_reduction
     assert default.count("ex2.approx") == in_thread.count("ex2.approx")
     assert _wgmma_waits(default) == _wgmma_waits(in_thread)
-    events = re.findall(r"wgmma\.wait[._]group\.sync\.aligned(?:\"\(\) \{group = | )(\d)|(nanosleep)|(ex2\.approx)",
-                        in_thread)
-    order = "".join(n or ("N" if sleep else "e") for n, sleep, _ in events)
+    order = _step_events(in_thread)
     assert order.count("1N" + "e" * 66 + "N0") == 1 + tables.kv_ragged, order
 
 
@@ -435,8 +442,7 @@ def test_row_sum_in_thread_with_the_wait_after_some_columns_keeps_both_orders(mo
     per_reduction = shuffles(default) // (2 * softmaxes)
     assert per_reduction > 0 and shuffles(both) == (softmaxes + 1) * per_reduction
     assert default.count("ex2.approx") == both.count("ex2.approx")
-    events = re.findall(r"wgmma\.wait[._]group\.sync\.aligned(?:\"\(\) \{group = | )(\d)|(nanosleep)|(ex2\.approx)", both)
-    order = "".join(n or ("N" if sleep else "e") for n, sleep, _ in events)
+    order = _step_events(both)
     head = 2 + cols // 2
     assert order.count("1N" + "e" * head + "0" + "e" * (66 - head) + "0") == 1 + tables.kv_ragged, order
 
@@ -455,9 +461,7 @@ def test_lazy_rescale_in_fa4_order_waits_then_votes_and_branches(monkeypatch, ca
                                                                            lazy_rescale_threshold=8.0))
     assert "vote.sync" not in exact and lazy.count("ex2.approx") == exact.count("ex2.approx")
     assert _wgmma_waits(lazy) == _wgmma_waits(exact)
-    events = re.findall(r"wgmma\.wait[._]group\.sync\.aligned(?:\"\(\) \{group = | )(\d)|(nanosleep)|(ex2\.approx)"
-                        r"|(vote\.sync)", lazy)
-    order = "".join(n or ("N" if sleep else "e" if exp2 else "V") for n, sleep, exp2, _ in events)
+    order = _step_events(lazy)
     head = 2 + mosaic_fwd.DEFAULT_MOSAIC_FWD.pv_wait_after_cols // 2
     assert order.count("1N" + "e" * head + "N0V" + "e" * (66 - head)) == middles, order
 
