@@ -11,20 +11,18 @@ fixed cost per blocking call can be read off and subtracted from a batch-1 compa
 
 import argparse
 import json
+import os
 import statistics
+import sys
 import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # benchmarks/ is no package
+from workers import timed  # noqa: E402
 
 
 def median_us(call, wait, iters: int, warmup: int = 20) -> float:
     """Median host time, in microseconds, of call() followed by wait() on its result."""
-    for _ in range(warmup):
-        wait(call())
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        wait(call())
-        times.append((time.perf_counter() - start) * 1e6)
-    return statistics.median(times)
+    return statistics.median(timed(call, wait, iters, warmup)) * 1e6
 
 
 def jax_latency(iters: int) -> dict:

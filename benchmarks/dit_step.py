@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from workers import WEIGHT_STD, cell, matrix_main, matrix_parser, random_state
+from workers import WEIGHT_STD, cell, matrix_main, matrix_parser, random_state, timed
 
 GIB = 1 << 30
 # Literal sizes so the torch worker needs neither flax nor our package; the JAX worker checks
@@ -38,18 +38,6 @@ MODELS = {  # preset: dim, ffn_dim, heads, layers, in/out channels, text_dim, te
 }
 IMPLS = ("ours-dense", "ours-radial", "diffusers")
 TIMESTEP = 500.0
-
-
-def timed(fn, sync, iters: int, warmup: int) -> list[float]:
-    """Returns per-call seconds of fn() after `warmup` untimed calls; sync() waits for the device."""
-    for _ in range(warmup):
-        sync(fn())
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        sync(fn())
-        times.append(time.perf_counter() - start)
-    return times
 
 
 # ---------------------------------------------------------------- ours (JAX)

@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 
@@ -203,3 +204,15 @@ def write_rows(rows: list[dict], out: Path, *, case: Callable[[dict], tuple], **
     partial.write_text(json.dumps(record, indent=1) + "\n")
     partial.replace(out)
     print(f"wrote {out}")
+
+
+def timed(fn, sync, iters: int, warmup: int) -> list[float]:
+    """Returns per-call seconds of fn() after `warmup` untimed calls; sync() waits for the device."""
+    for _ in range(warmup):
+        sync(fn())
+    times = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        sync(fn())
+        times.append(time.perf_counter() - start)
+    return times
