@@ -286,6 +286,12 @@ def forward_variants() -> dict[str, KernelTuning]:
                                                                                 pv_wait_after_cols=0)),
             # ... and with a K/V ring of 3 slots (224 KiB of tiles at head_dim 128).
             "fa4_order_s3_fwd": KernelTuning(mosaic_fwd=dataclasses.replace(DEFAULT_MOSAIC_FWD, num_stages=3)),
+            # The default on the persistent grid (one CTA an SM), each item's pipeline alone, and with
+            # the pipeline carried across items (an item's first S issued with the previous one's last P V).
+            "fa4_order_persistent_fwd": KernelTuning(mosaic_fwd=dataclasses.replace(DEFAULT_MOSAIC_FWD,
+                                                                                    persistent=True)),
+            "persistent_carry_fwd": KernelTuning(mosaic_fwd=dataclasses.replace(DEFAULT_MOSAIC_FWD, persistent=True,
+                                                                                carry_items=True)),
             "row_sum_in_thread_producer_warp_fwd": default_and(row_sum_in_thread=True, producer_warp=True),
             "overlap_late_p_sep_s3_fwd": fwd(**session9, num_stages=3)}
 

@@ -169,6 +169,14 @@ class MosaicTuning:
     # With persistent: CTAs launched. None: the GPU's SM count at trace time (jax.devices()[0].core_count),
     # or HOPPER_SMS when tracing off a GPU (cross-lowering), so a lowered module does not depend on the host.
     persistent_ctas: int | None = None
+    # With persistent and DEFAULT_MOSAIC_FWD's loop: the compute pipeline runs on across items. Item i's
+    # last P V is issued together with item i + 1's first Q K^T (its Q double-buffered), the softmax of that
+    # S runs while the P V is on the tensor cores, and item i's O is normalised and stored after the wait,
+    # as a middle step rescales it. Without it each item fills and drains the pipeline alone: its first
+    # S and softmax with no P V under them, its last P V with no S (session 15: the persistent grid then
+    # hid none of a CTA's ~2.5-5 key steps of fixed cost; a model put a 1-step cost at up to 2.8% at 1.3B
+    # 480p-81f, NOTES). The arithmetic of every item is the grid kernel's: out and lse bitwise its own.
+    carry_items: bool = False
 
 
 def check_lazy_rescale_threshold(threshold: float | None) -> None:

@@ -253,6 +253,8 @@ def _exp2_around_pv_wait(x, acc, alpha, head_cols: int, maxima=None):
     and acc * alpha. maxima: None, or the lazy rescale's (m_old, m_new) [rows] in the row layout: after
     the wait the warp votes and multiplies only where one of its rows' max moved (_rescale_raised_warps's
     rule), the remaining exp2 after that branch. head_cols may be 0: the wait before any of x's exp2.
+    alpha None: acc is returned as it is after the wait, unscaled (MosaicTuning.carry_items: a finished
+    item's O, to be normalised).
     """
     import jax.experimental.mosaic.gpu as mgpu
     import jax.experimental.pallas.mosaic_gpu as plgpu
@@ -264,9 +266,11 @@ def _exp2_around_pv_wait(x, acc, alpha, head_cols: int, maxima=None):
     types = (plgpu.ShapeDtypeStruct(x.shape, jnp.float32, layout=wgmma),
              plgpu.ShapeDtypeStruct(acc.shape, jnp.float32, layout=wgmma))
     rows = () if maxima is None else (wgmma.reduce(1),) * 2
+    factor = () if alpha is None else (wgmma,)
 
-    @plgpu.inline_mgpu(arg_types=(wgmma, wgmma, wgmma) + rows, return_type=types)
-    def around(_, x, acc, alpha, *maxima):
+    @plgpu.inline_mgpu(arg_types=(wgmma, wgmma) + factor + rows, return_type=types)
+    def around(_, x, acc, *factor_and_maxima):
+        alpha, maxima = (None, ()) if not factor else (factor_and_maxima[0], factor_and_maxima[1:])
         tail = x[:, head_cols:]  # views: the same register objects as x's
         parts = []  # (part of x, its 2^x)
         if head_cols:
@@ -277,7 +281,10 @@ def _exp2_around_pv_wait(x, acc, alpha, head_cols: int, maxima=None):
         nvvm.wgmma_wait_group_sync_aligned(0)
         moved = _warp_any_row_moved(*maxima) if maxima else None
         acc = fa.optimization_barrier(acc)  # O read after the wait
-        scaled = acc * alpha if moved is None else _scaled_where_moved(moved, acc, alpha)
+        if alpha is None:
+            scaled = acc
+        else:
+            scaled = acc * alpha if moved is None else _scaled_where_moved(moved, acc, alpha)
         parts.append((tail, tail.exp2(approx=True)))
         computed = {}  # id(register of x) -> its 2^x
         for part, values in parts:
@@ -287,7 +294,8 @@ def _exp2_around_pv_wait(x, acc, alpha, head_cols: int, maxima=None):
             registers[index] = computed[id(r)]
         return mgpu.FragmentedArray(_registers=registers, _layout=x.layout, _is_signed=None), scaled
 
-    return around(x, acc, alpha, *(() if maxima is None else maxima))
+    assert alpha is not None or maxima is None, "the lazy rule's vote needs O's factor"
+    return around(x, acc, *(() if alpha is None else (alpha,)), *(() if maxima is None else maxima))
 
 
 # 2^f on [-1/2, 1/2], degree 3, fitted for relative error (Lawson-weighted least squares on Chebyshev
@@ -410,11 +418,73 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
                          "(arrive, then wait for the other's arrival) has no named-barrier form: set overlap_qk")
     if tuning.exp2_poly_every is not None and not tuning.exp2_poly_every >= 1:
         raise ValueError(f"exp2_poly_every={tuning.exp2_poly_every}: None, or k >= 1 (every k-th 8-key tile)")
+    if tuning.carry_items and not (persistent and tuning.overlap_qk and overlap_softmax and late_p
+                                   and tuning.late_pv_wait and tuning.overlap_waits_first and head_cols is not None
+                                   and lazy_threshold is None and not early_rescale):
+        raise ValueError("carry_items runs DEFAULT_MOSAIC_FWD's loop across the persistent kernel's items: set "
+                         "persistent=True on DEFAULT_MOSAIC_FWD (the exact rescale, pv_wait_after_cols)")
     num_ctas = min(tuning.persistent_ctas or _sm_count(), total) if persistent else None
     if persistent:
         grid, grid_names = (num_ctas,), ("cta",)
     kv_ids = jnp.asarray(tables.kv_ids)
     counts = jnp.stack([jnp.asarray(tables.kv_counts), jnp.asarray(tables.kv_full_counts)], axis=1)
+
+    row = plgpu.Layout.WGMMA.reduce(1)
+
+    def fresh_row_state():
+        """Returns (m, l) before a row's first key block: m = -inf [block_q] (row layout, log2 units) and
+        l = 0, [block_q] in the row layout or (row_sum_in_thread) each thread's partial sums [block_q, 8]."""
+        m_i = plgpu.layout_cast(jnp.full((block_q,), -jnp.inf, jnp.float32), row)
+        if tuning.row_sum_in_thread:
+            return m_i, plgpu.layout_cast(jnp.full((block_q, 8), 0.0, jnp.float32), plgpu.Layout.WGMMA)
+        return m_i, plgpu.layout_cast(jnp.full((block_q,), 0.0, jnp.float32), row)
+
+    def row_max(s):  # [block_q, block_kv] f32 -> [block_q]
+        return _tree_row_reduce(s, "max") if tuning.tree_reduce else s.max(axis=1)
+
+    def add_row_sum(l_i, alpha, p):
+        """Returns l_i * alpha + p's row sum: l_i and the result as fresh_row_state's l, alpha [block_q]."""
+        if tuning.row_sum_in_thread:
+            return l_i * lax.broadcast_in_dim(alpha, l_i.shape, [0]) + _fold_columns(p)
+        return l_i * alpha + (_tree_row_reduce(p, "add") if tuning.tree_reduce else p.sum(axis=1))
+
+    def total_row_sum(l_i):  # l as above -> [block_q], the row layout
+        return l_i.sum(axis=1) if tuning.row_sum_in_thread else l_i
+
+    def shifted_block_scores(s, m_i, ids_ref, q_tile, step, *, mask_tail):
+        """Returns (x, m_new, alpha) of the scores s [block_q, block_kv] f32 of key block `step` of query
+        tile q_tile's list (ids_ref: the kernel's index table): p = 2^x."""
+        if mask_tail:
+            kv_start = ids_ref[q_tile, step] * block_kv
+            cols = plgpu.broadcasted_iota(jnp.int32, (block_q, block_kv), 1, layout=plgpu.Layout.WGMMA)
+            s = jnp.where(kv_start + cols < kv_len, s, -jnp.inf)
+        # m_i is kept in log2 units (scaled logits) so that p is one FMA + exp2.
+        if lazy_threshold is None:
+            m_new = jnp.maximum(m_i, row_max(s) * qk_scale)
+            alpha = jnp.exp2(m_i - m_new)
+        else:  # the max moves only past the threshold; alpha is exactly 1 where it stays
+            raw_max = row_max(s) * qk_scale
+            raised = raw_max > m_i + lazy_threshold
+            m_new = jnp.where(raised, raw_max, m_i)
+            alpha = jnp.where(raised, jnp.exp2(m_i - m_new), 1.0)
+        return s * qk_scale - lax.broadcast_in_dim(m_new, s.shape, [0]), m_new, alpha
+
+    def rescale(acc, alpha, m_i, m_new):
+        if lazy_threshold is None:
+            return acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+        return _rescale_raised_warps(acc, lax.broadcast_in_dim(alpha, acc.shape, [0]), m_i, m_new)
+
+    def take_turn(wg, schedule_barrier):  # the overlapped loops' ping-pong: wait for this warpgroup's turn
+        if tuning.pingpong and tuning.named_turn:
+            _named_turn("take", other=False)
+        elif tuning.pingpong:
+            plgpu.barrier_wait(schedule_barrier.at[wg])
+
+    def pass_turn(wg, schedule_barrier):  # ... and hand it to the other compute warpgroup
+        if tuning.pingpong and tuning.named_turn:
+            _named_turn("pass", other=True)
+        elif tuning.pingpong:
+            plgpu.barrier_arrive(schedule_barrier.at[COMPUTE_WGS - 1 - wg])
 
     def hand_over_first_turn(wg, schedule_barrier):
         """The overlapped loop's ping-pong: warpgroup 1 passes the turn once, so that warpgroup 0 takes
@@ -446,43 +516,11 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
             plgpu.barrier_arrive(schedule_barrier)
             plgpu.barrier_wait(schedule_barrier)
 
-        row = plgpu.Layout.WGMMA.reduce(1)
-        m_i = plgpu.layout_cast(jnp.full((block_q,), -jnp.inf, jnp.float32), row)
-        # l: [block_q] in the row layout, or (row_sum_in_thread) each thread's partial sums [block_q, 8]
-        if tuning.row_sum_in_thread:
-            l_i = plgpu.layout_cast(jnp.full((block_q, 8), 0.0, jnp.float32), plgpu.Layout.WGMMA)
-        else:
-            l_i = plgpu.layout_cast(jnp.full((block_q,), 0.0, jnp.float32), row)
+        m_i, l_i = fresh_row_state()
         acc = plgpu.layout_cast(jnp.full((block_q, head_dim), 0.0, jnp.float32), plgpu.Layout.WGMMA)
 
-        def row_max(s):  # [block_q, block_kv] f32 -> [block_q]
-            return _tree_row_reduce(s, "max") if tuning.tree_reduce else s.max(axis=1)
-
-        def add_row_sum(l_i, alpha, p):
-            """Returns l_i * alpha + p's row sum: l_i and the result as l above, alpha [block_q]."""
-            if tuning.row_sum_in_thread:
-                return l_i * lax.broadcast_in_dim(alpha, l_i.shape, [0]) + _fold_columns(p)
-            return l_i * alpha + (_tree_row_reduce(p, "add") if tuning.tree_reduce else p.sum(axis=1))
-
-        def total_row_sum(l_i):  # l as above -> [block_q], the row layout
-            return l_i.sum(axis=1) if tuning.row_sum_in_thread else l_i
-
         def shifted_scores(s, m_i, step, *, mask_tail):
-            """Returns (x, m_new, alpha) of one key block's scores s [block_q, block_kv] f32: p = 2^x."""
-            if mask_tail:
-                kv_start = ids_ref[q_tile, step] * block_kv
-                cols = plgpu.broadcasted_iota(jnp.int32, (block_q, block_kv), 1, layout=plgpu.Layout.WGMMA)
-                s = jnp.where(kv_start + cols < kv_len, s, -jnp.inf)
-            # m_i is kept in log2 units (scaled logits) so that p is one FMA + exp2.
-            if lazy_threshold is None:
-                m_new = jnp.maximum(m_i, row_max(s) * qk_scale)
-                alpha = jnp.exp2(m_i - m_new)
-            else:  # the max moves only past the threshold; alpha is exactly 1 where it stays
-                raw_max = row_max(s) * qk_scale
-                raised = raw_max > m_i + lazy_threshold
-                m_new = jnp.where(raised, raw_max, m_i)
-                alpha = jnp.where(raised, jnp.exp2(m_i - m_new), 1.0)
-            return s * qk_scale - lax.broadcast_in_dim(m_new, s.shape, [0]), m_new, alpha
+            return shifted_block_scores(s, m_i, ids_ref, q_tile, step, mask_tail=mask_tail)
 
         def softmax_scores(s, m_i, step, *, mask_tail):
             """Returns (p, m_new, alpha) of one key block's scores s [block_q, block_kv] f32."""
@@ -492,11 +530,6 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
             else:
                 p = _exp2_with_polynomial_tiles(x, tuning.exp2_poly_every)
             return p, m_new, alpha
-
-        def rescale(acc, alpha, m_i, m_new):
-            if lazy_threshold is None:
-                return acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
-            return _rescale_raised_warps(acc, lax.broadcast_in_dim(alpha, acc.shape, [0]), m_i, m_new)
 
         def kv_step(step, carry, *, mask_tail):
             acc, m_i, l_i = carry
@@ -552,17 +585,6 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
             waits_first = tuning.overlap_waits_first  # S's scope opens after the waits (MosaicTuning)
             first_slot = 0 if base is None else ring_slot(0)  # the persistent kernel's ring runs on
 
-            def take_turn():
-                if pingpong and tuning.named_turn:
-                    _named_turn("take", other=False)
-                elif pingpong:
-                    plgpu.barrier_wait(schedule_barrier.at[wg])
-
-            def pass_turn():
-                if pingpong and tuning.named_turn:
-                    _named_turn("pass", other=True)
-                elif pingpong:
-                    plgpu.barrier_arrive(schedule_barrier.at[COMPUTE_WGS - 1 - wg])
 
             def issue_qk(s_ref, step):  # after K_step's barrier: FA3 waits for data before its turn
                 plgpu.wgmma(s_ref, qo_smem, k_smem.at[ring_slot(step)].transpose((1, 0)))
@@ -586,14 +608,14 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
                 m_i, l_i = carry[:2]
                 if waits_first:
                     plgpu.barrier_wait(k_barriers.at[first_slot])
-                    take_turn()
+                    take_turn(wg, schedule_barrier)
 
                 def qk(s_ref):
                     if not waits_first:
                         plgpu.barrier_wait(k_barriers.at[first_slot])
-                        take_turn()
+                        take_turn(wg, schedule_barrier)
                     issue_qk(s_ref, 0)
-                    pass_turn()
+                    pass_turn(wg, schedule_barrier)
                     return plgpu.wgmma_accumulator_load(s_ref, wait_n=0)
 
                 s = pl.run_scoped(qk, plgpu.ACC((block_q, block_kv), jnp.float32))  # [block_q, block_kv]
@@ -608,17 +630,17 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
                 m_i, l_i, p16 = carry[:3]
                 if waits_first:
                     plgpu.barrier_wait(k_barriers.at[ring_slot(j + 1)])
-                    take_turn()
+                    take_turn(wg, schedule_barrier)
 
                 def qk_and_pv(s_ref):
                     if not waits_first:
                         plgpu.barrier_wait(k_barriers.at[ring_slot(j + 1)])
-                        take_turn()
+                        take_turn(wg, schedule_barrier)
                     issue_qk(s_ref, j + 1)
                     if early_rescale:  # O *= alpha_j under S_{j+1}'s wgmma; the store fences O
                         rescale_o(*carry[3:], m_i)
                     issue_pv(p16, j)
-                    pass_turn()
+                    pass_turn(wg, schedule_barrier)
                     # S_{j+1} done and P_j V_j still running, or (overlap_softmax=False) both done
                     return plgpu.wgmma_accumulator_load(s_ref, wait_n=1 if overlap_softmax else 0)
 
@@ -663,9 +685,9 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
             def last(_, carry):
                 if early_rescale:  # nothing to overlap with: before the turn, not while holding it
                     rescale_o(*carry[3:], carry[0])
-                take_turn()
+                take_turn(wg, schedule_barrier)
                 issue_pv(carry[2], count - 1)
-                pass_turn()
+                pass_turn(wg, schedule_barrier)
                 plgpu.wgmma_wait(0)
                 plgpu.barrier_arrive(v_consumed.at[ring_slot(count - 1)])
                 return carry
@@ -719,6 +741,176 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
         o_smem[...] = acc.astype(dtype)
         lse_smem[...] = jnp.where(nonempty, (m_i + jnp.log2(jnp.where(nonempty, l_i, 1.0))) * LN_2, -jnp.inf)
         plgpu.commit_smem()
+
+    def carried_walk(refs, q_barriers, out_refs, smem, wg, items, coords, counts_of, load_q):
+        """The compute warpgroup's walk of the persistent kernel with carry_items: DEFAULT_MOSAIC_FWD's loop
+        (waits first, P cast late, the wait for P V amid the exp2), one pipeline across its items.
+
+        An item with count key blocks runs count - 1 middle steps (S_{j+1} and P_j V_j issued together);
+        what the grid kernel does alone at an item's ends is paired across the boundary: the bridge issues
+        item i + 1's S_0 (its Q landed, K_0 from the ring) with item i's last P V, computes S_0's softmax
+        under it, waits, and normalises and stores item i's O. An item is opened alone (its S_0 with no
+        P V under it) only after an empty item or at the CTA's start, and drained alone (its last P V with
+        no S) only before an empty item or at the CTA's end. Every phase takes and passes the turn once,
+        as in the grid kernel's loop, so both warpgroups keep taking it in turn.
+
+        refs: attend's; q_barriers: the kernel's (one a warpgroup); out_refs: (out_ref, lse_ref); smem: (q_smem3, o_smem, lse_smem) of this warpgroup
+        (q_smem3 [2, COMPUTE_WGS, block_q, head_dim]); coords(i), counts_of(i): item i's (batch, head,
+        query tile) and (count, full_count); load_q(i, slot): issues item i's Q load into Q slot `slot`.
+        Item i's Q is in slot i % 2 and its first K/V block at ring position base_i, the sum of the
+        earlier items' counts.
+        """
+        ids_ref, k_smem, v_smem, k_barriers, v_barriers, k_consumed, v_consumed, schedule_barrier, _ = refs
+        (out_ref, lse_ref), (q_smem3, o_smem, lse_smem) = out_refs, smem
+        q_barrier = q_barriers.at[wg]
+        zero_o = lambda: plgpu.layout_cast(jnp.full((block_q, head_dim), 0.0, jnp.float32), plgpu.Layout.WGMMA)
+
+        def slot(position):  # ring slot of the K/V block at this ring position
+            return lax.rem(position, jnp.int32(stages))
+
+        def issue_qk(s_ref, q_slot, position):
+            plgpu.wgmma(s_ref, q_smem3.at[q_slot, wg], k_smem.at[slot(position)].transpose((1, 0)))
+
+        def issue_pv(o_ref, p16, position):
+            plgpu.barrier_wait(v_barriers.at[slot(position)])
+            plgpu.wgmma(o_ref, p16, v_smem.at[slot(position)])
+
+        def turn_and(issue, wait_n):
+            """Takes the turn, issues, passes it on and returns S after wait_group(wait_n). S's scope opens
+            after the waits (MosaicTuning.overlap_waits_first), so its zero init folds into the wgmma."""
+            take_turn(wg, schedule_barrier)
+
+            def scoped(s_ref):
+                issue(s_ref)
+                pass_turn(wg, schedule_barrier)
+                return plgpu.wgmma_accumulator_load(s_ref, wait_n=wait_n)
+
+            return pl.run_scoped(scoped, plgpu.ACC((block_q, block_kv), jnp.float32))
+
+        def finish(item, acc, m_i, l_i):
+            """Writes item `item`'s O (acc [block_q, head_dim], unnormalised) and lse through the staging
+            tiles, once the previous item's TMA stores have read them."""
+            b, head, q_tile = coords(item)
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+            stage_tile(o_smem, lse_smem, acc, m_i, l_i)
+            q_base = q_tile * MASK_BLOCK + wg * block_q
+            plgpu.copy_smem_to_gmem(o_smem, out_ref.at[b, pl.ds(q_base, block_q), head])
+            plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[b, head, pl.ds(q_base, block_q)])
+
+        def open_item(_, carry, *, item, base, mask_tail):
+            """Item `item`'s S_0 and softmax alone: returns its (m, l, P_0 in dtype)."""
+            plgpu.barrier_wait(k_barriers.at[slot(base)])
+            s = turn_and(lambda s_ref: issue_qk(s_ref, lax.rem(item, 2), base), wait_n=0)
+            plgpu.barrier_arrive(k_consumed.at[slot(base)])
+            m_i, l_i = fresh_row_state()
+            x, m_new, alpha = shifted_block_scores(s, m_i, ids_ref, coords(item)[2], 0, mask_tail=mask_tail)
+            p = jnp.exp2(x)
+            return m_new, add_row_sum(l_i, alpha, p), p.astype(dtype)
+
+        def middle(j, carry, *, o_ref, item, base, mask_tail):
+            """S_{j+1} with P_j V_j of one item, as the grid kernel's middle step."""
+            m_i, l_i, p16 = carry
+            plgpu.barrier_wait(k_barriers.at[slot(base + j + 1)])
+
+            def issue(s_ref):
+                issue_qk(s_ref, lax.rem(item, 2), base + j + 1)
+                issue_pv(o_ref, p16, base + j)
+
+            s = turn_and(issue, wait_n=1)
+            plgpu.barrier_arrive(k_consumed.at[slot(base + j + 1)])
+            _convergence_point()
+            x, m_new, alpha = shifted_block_scores(s, m_i, ids_ref, coords(item)[2], j + 1, mask_tail=mask_tail)
+            in_flight = plgpu.wgmma_accumulator_load(o_ref, wait_n=None)  # read after the wait
+            p, acc = _exp2_around_pv_wait(x, in_flight, lax.broadcast_in_dim(alpha, in_flight.shape, [0]), head_cols)
+            l_i = add_row_sum(l_i, alpha, p)
+            plgpu.barrier_arrive(v_consumed.at[slot(base + j)])
+            o_ref[...] = acc
+            return m_new, l_i, lax.optimization_barrier(p).astype(dtype)
+
+        def bridge(_, carry, *, o_ref, item, base, count, mask_tail):
+            """Item + 1's S_0 with item's last P V: returns item + 1's (m, l, P_0); item's O is stored."""
+            m_i, l_i, p16 = carry
+            last, next_base = base + count - 1, base + count
+            plgpu.barrier_wait(k_barriers.at[slot(next_base)])
+
+            def issue(s_ref):
+                issue_qk(s_ref, lax.rem(item + 1, 2), next_base)
+                issue_pv(o_ref, p16, last)
+
+            s = turn_and(issue, wait_n=1)
+            plgpu.barrier_arrive(k_consumed.at[slot(next_base)])
+            _convergence_point()
+            m_0, l_0 = fresh_row_state()
+            x, m_new, alpha = shifted_block_scores(s, m_0, ids_ref, coords(item + 1)[2], 0, mask_tail=mask_tail)
+            p, acc = _exp2_around_pv_wait(x, plgpu.wgmma_accumulator_load(o_ref, wait_n=None), None, head_cols)
+            l_new = add_row_sum(l_0, alpha, p)
+            plgpu.barrier_arrive(v_consumed.at[slot(last)])
+            finish(item, acc, m_i, total_row_sum(l_i))
+            o_ref[...] = zero_o()  # item + 1's first P V accumulates from zero
+            return m_new, l_new, lax.optimization_barrier(p).astype(dtype)
+
+        def drain(_, carry, *, o_ref, item, base, count):
+            """Item's last P V alone (no item follows it with key blocks); its O is stored."""
+            m_i, l_i, p16 = carry
+            take_turn(wg, schedule_barrier)
+            issue_pv(o_ref, p16, base + count - 1)
+            pass_turn(wg, schedule_barrier)
+            acc = plgpu.wgmma_accumulator_load(o_ref, wait_n=0)
+            plgpu.barrier_arrive(v_consumed.at[slot(base + count - 1)])
+            finish(item, acc, m_i, total_row_sum(l_i))
+            o_ref[...] = zero_o()
+            return carry
+
+        def masked_or_not(carry, trips, full, body):
+            """Runs body (a fori_loop body with a mask_tail keyword) `trips` (0 or 1) times: unmasked if
+            the step's key block is full (full: traced bool), else masked (only if the tables have a
+            ragged block)."""
+            carry = lax.fori_loop(0, trips * full, functools.partial(body, mask_tail=False), carry)
+            if tables.kv_ragged:
+                carry = lax.fori_loop(0, trips * (1 - full), functools.partial(body, mask_tail=True), carry)
+            return carry
+
+        def walk(o_ref):
+            def item_step(i, state):
+                base, count, full_count, carry = state
+                has_next = (i + 1 < items).astype(jnp.int32)
+                next_count, next_full = counts_of(i + 1)
+                kw = dict(o_ref=o_ref, item=i, base=base)
+                full_middles = jnp.maximum(full_count - 1, 0)
+                carry = lax.fori_loop(0, full_middles, functools.partial(middle, mask_tail=False, **kw), carry)
+                if tables.kv_ragged:
+                    carry = lax.fori_loop(full_middles, count - 1, functools.partial(middle, mask_tail=True, **kw),
+                                          carry)  # fmt: skip
+
+                # Item i + 1's Q (issued an item ago) must have landed; item i's QKs are done, so its
+                # slot takes item i + 2's Q. One Q load in flight a warpgroup: one barrier, phases in turn.
+                @pl.when(i + 1 < items)
+                def _():
+                    plgpu.barrier_wait(q_barrier)
+                    pl.when(i + 2 < items)(lambda: load_q(i + 2, lax.rem(i, 2)))
+
+                busy, next_busy = (count > 0).astype(jnp.int32), has_next * (next_count > 0).astype(jnp.int32)
+                paired = busy * next_busy
+                carry = masked_or_not(carry, paired, (next_full > 0).astype(jnp.int32),
+                                      functools.partial(bridge, count=count, **kw))
+                carry = lax.fori_loop(0, busy * (1 - paired), functools.partial(drain, count=count, **kw), carry)
+                m_empty, l_empty = fresh_row_state()
+                pl.when(count == 0)(lambda: finish(i, zero_o(), m_empty, total_row_sum(l_empty)))
+                carry = masked_or_not(carry, next_busy * (1 - paired), (next_full > 0).astype(jnp.int32),
+                                      functools.partial(open_item, item=i + 1, base=base + count))
+                return base + count, next_count, next_full, carry
+
+            count, full_count = counts_of(0)
+            plgpu.barrier_wait(q_barrier)
+            pl.when(1 < items)(lambda: load_q(1, 1))
+            m_i, l_i = fresh_row_state()
+            carry = (m_i, l_i, plgpu.layout_cast(jnp.full((block_q, block_kv), 0.0, dtype), plgpu.Layout.WGMMA))
+            carry = masked_or_not(carry, (count > 0).astype(jnp.int32), (full_count > 0).astype(jnp.int32),
+                                  functools.partial(open_item, item=0, base=jnp.int32(0)))
+            lax.fori_loop(0, items, item_step, (jnp.int32(0), count, full_count, carry))
+
+        load_q(0, 0)
+        pl.run_scoped(walk, plgpu.ACC((block_q, head_dim), jnp.float32))
 
     def load_kv(refs, b, head, q_tile, step, slot, reused=None):
         """Issues the TMA loads of K and V block `step` of query tile q_tile's list into ring slot `slot`.
@@ -824,11 +1016,17 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
                 q_rows = pl.ds(q_tile * MASK_BLOCK + wg * block_q, block_q)
                 plgpu.copy_gmem_to_smem(q_ref.at[b, q_rows, head], q_smem3.at[q_slot, wg], q_barriers.at[wg])
 
-            load_q(0, 0)
-
             def counts_of(i):  # (count, full_count) of item i (the last one's past the end)
                 q_tile = coords(jnp.minimum(i, items - 1))[2]
                 return counts_ref[q_tile, 0], counts_ref[q_tile, 1]
+
+            if tuning.carry_items:
+                carried_walk(refs, q_barriers, (out_ref, lse_ref), (q_smem3, o_smem, lse_smem), wg, items, coords,
+                             counts_of, load_q)  # fmt: skip
+                plgpu.wait_smem_to_gmem(0)
+                return
+
+            load_q(0, 0)
 
             def item(i, carry):
                 base, count, full_count = carry

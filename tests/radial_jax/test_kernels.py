@@ -904,6 +904,23 @@ class TestMosaicPersistentGPU:
         grid = dataclasses.replace(DEFAULT_MOSAIC_FWD, **fields)  # fields: the turn on mbarriers, K/V together
         _assert_persistent_forward_bitwise(name, grid, dataclasses.replace(grid, persistent=True, persistent_ctas=ctas))
 
+    @pytest.mark.parametrize("name, ctas, fields", [
+        ("wan_480p_81f_radial", None, {}), ("wan_480p_81f_radial", 3, {}), ("ragged_cross_empty_row", 1, {}),
+        ("ragged_cross_empty_row", 3, {}), ("ragged_cross_empty_row", 5, {}), ("random_hd64_empty_rows", 1, {}),
+        ("random_hd64_empty_rows", 3, {}), ("tiny_7x129", 1, {}), ("tiny_61x130", 3, {}),
+        ("ragged_cross_empty_row", 3, {"named_turn": False}), ("random_hd64_empty_rows", 2, {"grid_heads": 1})])  # fmt: skip
+    def test_carried_forward_is_bitwise_the_grid_one(self, name, ctas, fields):
+        # carry_items: an item's first S is issued with the previous item's last P V, and that item's O is
+        # normalised and stored after the wait. Every item's arithmetic is still the grid kernel's. With one
+        # CTA, random_hd64_empty_rows walks two empty items in a row (row 7 of a head, then row 0 of the
+        # next), so a drain before an empty item and an opening after one both run; a bridge that stored
+        # the wrong item's O, zeroed O late, or read the next item's Q from the wrong slot moves values.
+        grid = dataclasses.replace(DEFAULT_MOSAIC_FWD, **fields)
+        carried = dataclasses.replace(grid, persistent=True, persistent_ctas=ctas, carry_items=True)
+        out, lse, mask = _assert_persistent_forward_bitwise(name, grid, carried)
+        empty = np.repeat(~mask.any(axis=1), 128)[:out.shape[1]]
+        assert bool((out[:, empty] == 0).all()) and bool((lse[..., empty] == -jnp.inf).all())
+
     def test_backward_on_the_persistent_forward_is_the_serial_one(self):
         # The backward reads the forward's out and lse; fed the persistent forward's, its dK and dV
         # (the loss weighs out and the finite lse) are bitwise those on the serial forward's. dQ is

@@ -653,6 +653,37 @@ def test_persistent_overlap_hands_the_first_turn_over_once_a_cta(monkeypatch, ca
     assert _launch(persistent)[:3] == (min(HOPPER_SMS, case[2] * tables.num_q_blocks * q.shape[0]), 1, 1)
 
 
+@pytest.mark.parametrize("case", [CASES[0], CASES[1], CASES[4]])
+def test_carried_forward_pairs_an_items_first_s_with_the_last_p_v(monkeypatch, case):
+    # carry_items: inside the item loop each phase takes the turn once (bar.sync) and passes it once
+    # (bar.arrive): the middle step (S and P V), the bridge (the next item's S with this item's last P V),
+    # the drain (the last P V alone, before an empty item or at the CTA's end) and the opening (an item's
+    # S alone, after an empty item), each masked and unmasked where a key block is ragged. Before the loop:
+    # the hand-over (a pass) and the CTA's first opening. O and lse are stored by the bridge and the drain
+    # (after the previous item's stores have read their tiles) and, zeros, by an empty item.
+    tables, q, kv, _ = _setup(*case)
+    module = _forward_module(monkeypatch, tables, q, kv, dataclasses.replace(
+        mosaic_fwd.DEFAULT_MOSAIC_FWD, persistent=True, carry_items=True))
+    forms = 1 + tables.kv_ragged  # masked and unmasked, or unmasked only
+    in_loop = {"middle": 2 * forms, "bridge": 2 * forms, "drain": 1, "opening": forms}  # wgmma groups
+    assert _loop_depths(module, r"wgmma\.commit[._]group") == [1] * forms + [2] * sum(in_loop.values())
+    assert _loop_depths(module, r"bar\.sync \$0, 256") == [1] * forms + [2] * (3 * forms + 1)
+    assert _loop_depths(module, r"bar\.arrive \$0, 256") == [0] + [1] * forms + [2] * (3 * forms + 1)
+    assert _loop_depths(module, _TMA_STORE) == [2] * (2 * forms + 2) + [1, 1]
+    assert _loop_depths(module, _WAIT_STORE) == [2] * (forms + 1) + [1, 0]
+
+
+def test_carried_forward_refuses_other_loops():
+    tables, q, kv, _ = _setup(*CASES[0])
+    carried = dataclasses.replace(mosaic_fwd.DEFAULT_MOSAIC_FWD, persistent=True, carry_items=True)
+    for fields in ({"persistent": False}, {"lazy_rescale_threshold": 8.0}, {"pv_wait_after_cols": None},
+                   {"overlap_waits_first": False}):  # fmt: skip
+        tuning = dataclasses.replace(carried, **fields)
+        with pytest.raises(ValueError, match="carry_items runs DEFAULT_MOSAIC_FWD's loop"):
+            jax.eval_shape(lambda q, k, v: mosaic_fwd.mosaic_forward(q, k, v, tables=tables, scale=0.1, tuning=tuning),
+                           q, kv, kv)  # fmt: skip
+
+
 def test_persistent_forward_refuses_smem_p_and_a_bad_cta_count():
     tables, q, kv, _ = _setup(*CASES[0])
     refused = [({"persistent": True, "overlap_qk": True, "overlap_late_p": True, "overlap_p_smem": True},
