@@ -797,13 +797,18 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
             plgpu.copy_smem_to_gmem(o_smem, out_ref.at[b, pl.ds(q_base, block_q), head])
             plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[b, head, pl.ds(q_base, block_q)])
 
-        def open_item(_, carry, *, item, base, mask_tail):
+        # An item's first key block may be its ragged one (full_count == 0); the opening and the bridge
+        # mask it whenever the tables have a ragged block, a no-op on a full block (every key is below
+        # kv_len), so that each is compiled once rather than masked and unmasked.
+        first_masked = tables.kv_ragged
+
+        def open_item(_, carry, *, item, base):
             """Item `item`'s S_0 and softmax alone: returns its (m, l, P_0 in dtype)."""
             plgpu.barrier_wait(k_barriers.at[slot(base)])
             s = turn_and(lambda s_ref: issue_qk(s_ref, lax.rem(item, 2), base), wait_n=0)
             plgpu.barrier_arrive(k_consumed.at[slot(base)])
             m_i, l_i = fresh_row_state()
-            x, m_new, alpha = shifted_block_scores(s, m_i, ids_ref, coords(item)[2], 0, mask_tail=mask_tail)
+            x, m_new, alpha = shifted_block_scores(s, m_i, ids_ref, coords(item)[2], 0, mask_tail=first_masked)
             p = jnp.exp2(x)
             return m_new, add_row_sum(l_i, alpha, p), p.astype(dtype)
 
@@ -827,7 +832,7 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
             o_ref[...] = acc
             return m_new, l_i, lax.optimization_barrier(p).astype(dtype)
 
-        def bridge(_, carry, *, o_ref, item, base, count, mask_tail):
+        def bridge(_, carry, *, o_ref, item, base, count):
             """Item + 1's S_0 with item's last P V: returns item + 1's (m, l, P_0); item's O is stored."""
             m_i, l_i, p16 = carry
             last, next_base = base + count - 1, base + count
@@ -841,7 +846,7 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
             plgpu.barrier_arrive(k_consumed.at[slot(next_base)])
             _convergence_point()
             m_0, l_0 = fresh_row_state()
-            x, m_new, alpha = shifted_block_scores(s, m_0, ids_ref, coords(item + 1)[2], 0, mask_tail=mask_tail)
+            x, m_new, alpha = shifted_block_scores(s, m_0, ids_ref, coords(item + 1)[2], 0, mask_tail=first_masked)
             p, acc = _exp2_around_pv_wait(x, plgpu.wgmma_accumulator_load(o_ref, wait_n=None), None, head_cols)
             l_new = add_row_sum(l_0, alpha, p)
             plgpu.barrier_arrive(v_consumed.at[slot(last)])
@@ -850,7 +855,7 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
             return m_new, l_new, lax.optimization_barrier(p).astype(dtype)
 
         def drain(_, carry, *, o_ref, item, base, count):
-            """Item's last P V alone (no item follows it with key blocks); its O is stored."""
+            """Item's last P V alone (no item with key blocks follows it); its O is stored."""
             m_i, l_i, p16 = carry
             take_turn(wg, schedule_barrier)
             issue_pv(o_ref, p16, base + count - 1)
@@ -861,20 +866,15 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
             o_ref[...] = zero_o()
             return carry
 
-        def masked_or_not(carry, trips, full, body):
-            """Runs body (a fori_loop body with a mask_tail keyword) `trips` (0 or 1) times: unmasked if
-            the step's key block is full (full: traced bool), else masked (only if the tables have a
-            ragged block)."""
-            carry = lax.fori_loop(0, trips * full, functools.partial(body, mask_tail=False), carry)
-            if tables.kv_ragged:
-                carry = lax.fori_loop(0, trips * (1 - full), functools.partial(body, mask_tail=True), carry)
-            return carry
-
         def walk(o_ref):
             def item_step(i, state):
-                base, count, full_count, carry = state
-                has_next = (i + 1 < items).astype(jnp.int32)
+                """Item i: opened unless the previous bridge did, its middle steps, then the bridge to
+                item i + 1, or the drain, or (an empty item) its zeros. State: (ring position of its first
+                block, count, full_count, opened: 1 if the bridge ran S_0, (m, l, P) after S_0)."""
+                base, count, full_count, opened, carry = state
                 next_count, next_full = counts_of(i + 1)
+                busy = (count > 0).astype(jnp.int32)
+                carry = lax.fori_loop(0, busy * (1 - opened), functools.partial(open_item, item=i, base=base), carry)
                 kw = dict(o_ref=o_ref, item=i, base=base)
                 full_middles = jnp.maximum(full_count - 1, 0)
                 carry = lax.fori_loop(0, full_middles, functools.partial(middle, mask_tail=False, **kw), carry)
@@ -889,25 +889,19 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
                     plgpu.barrier_wait(q_barrier)
                     pl.when(i + 2 < items)(lambda: load_q(i + 2, lax.rem(i, 2)))
 
-                busy, next_busy = (count > 0).astype(jnp.int32), has_next * (next_count > 0).astype(jnp.int32)
-                paired = busy * next_busy
-                carry = masked_or_not(carry, paired, (next_full > 0).astype(jnp.int32),
-                                      functools.partial(bridge, count=count, **kw))
+                paired = busy * (i + 1 < items).astype(jnp.int32) * (next_count > 0).astype(jnp.int32)
+                carry = lax.fori_loop(0, paired, functools.partial(bridge, count=count, **kw), carry)
                 carry = lax.fori_loop(0, busy * (1 - paired), functools.partial(drain, count=count, **kw), carry)
                 m_empty, l_empty = fresh_row_state()
                 pl.when(count == 0)(lambda: finish(i, zero_o(), m_empty, total_row_sum(l_empty)))
-                carry = masked_or_not(carry, next_busy * (1 - paired), (next_full > 0).astype(jnp.int32),
-                                      functools.partial(open_item, item=i + 1, base=base + count))
-                return base + count, next_count, next_full, carry
+                return base + count, next_count, next_full, paired, carry
 
             count, full_count = counts_of(0)
             plgpu.barrier_wait(q_barrier)
             pl.when(1 < items)(lambda: load_q(1, 1))
             m_i, l_i = fresh_row_state()
             carry = (m_i, l_i, plgpu.layout_cast(jnp.full((block_q, block_kv), 0.0, dtype), plgpu.Layout.WGMMA))
-            carry = masked_or_not(carry, (count > 0).astype(jnp.int32), (full_count > 0).astype(jnp.int32),
-                                  functools.partial(open_item, item=0, base=jnp.int32(0)))
-            lax.fori_loop(0, items, item_step, (jnp.int32(0), count, full_count, carry))
+            lax.fori_loop(0, items, item_step, (jnp.int32(0), count, full_count, jnp.int32(0), carry))
 
         load_q(0, 0)
         pl.run_scoped(walk, plgpu.ACC((block_q, head_dim), jnp.float32))

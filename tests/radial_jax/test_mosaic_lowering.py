@@ -656,21 +656,22 @@ def test_persistent_overlap_hands_the_first_turn_over_once_a_cta(monkeypatch, ca
 @pytest.mark.parametrize("case", [CASES[0], CASES[1], CASES[4]])
 def test_carried_forward_pairs_an_items_first_s_with_the_last_p_v(monkeypatch, case):
     # carry_items: inside the item loop each phase takes the turn once (bar.sync) and passes it once
-    # (bar.arrive): the middle step (S and P V), the bridge (the next item's S with this item's last P V),
-    # the drain (the last P V alone, before an empty item or at the CTA's end) and the opening (an item's
-    # S alone, after an empty item), each masked and unmasked where a key block is ragged. Before the loop:
-    # the hand-over (a pass) and the CTA's first opening. O and lse are stored by the bridge and the drain
-    # (after the previous item's stores have read their tiles) and, zeros, by an empty item.
+    # (bar.arrive): the opening (an item's S alone, at the CTA's start and after an empty item), the middle
+    # step (S and P V; masked and unmasked where a key block is ragged), the bridge (the next item's S with
+    # this item's last P V) and the drain (the last P V alone, before an empty item or at the CTA's end).
+    # The opening and the bridge are compiled once each. Before the loop: only the hand-over (a pass). O
+    # and lse are stored by the bridge and the drain (after the previous item's stores have read their
+    # tiles) and, zeros, by an empty item.
     tables, q, kv, _ = _setup(*case)
     module = _forward_module(monkeypatch, tables, q, kv, dataclasses.replace(
         mosaic_fwd.DEFAULT_MOSAIC_FWD, persistent=True, carry_items=True))
-    forms = 1 + tables.kv_ragged  # masked and unmasked, or unmasked only
-    in_loop = {"middle": 2 * forms, "bridge": 2 * forms, "drain": 1, "opening": forms}  # wgmma groups
-    assert _loop_depths(module, r"wgmma\.commit[._]group") == [1] * forms + [2] * sum(in_loop.values())
-    assert _loop_depths(module, r"bar\.sync \$0, 256") == [1] * forms + [2] * (3 * forms + 1)
-    assert _loop_depths(module, r"bar\.arrive \$0, 256") == [0] + [1] * forms + [2] * (3 * forms + 1)
-    assert _loop_depths(module, _TMA_STORE) == [2] * (2 * forms + 2) + [1, 1]
-    assert _loop_depths(module, _WAIT_STORE) == [2] * (forms + 1) + [1, 0]
+    middles = 1 + tables.kv_ragged  # masked and unmasked, or unmasked only
+    wgmma_groups = {"opening": 1, "middle": 2 * middles, "bridge": 2, "drain": 1}
+    assert _loop_depths(module, r"wgmma\.commit[._]group") == [2] * sum(wgmma_groups.values())
+    assert _loop_depths(module, r"bar\.sync \$0, 256") == [2] * (middles + 3)
+    assert _loop_depths(module, r"bar\.arrive \$0, 256") == [0] + [2] * (middles + 3)
+    assert _loop_depths(module, _TMA_STORE) == [2] * 4 + [1, 1]
+    assert _loop_depths(module, _WAIT_STORE) == [2, 2, 1, 0]
 
 
 def test_carried_forward_refuses_other_loops():
