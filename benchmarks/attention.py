@@ -292,6 +292,14 @@ def forward_variants() -> dict[str, KernelTuning]:
                                                                                     persistent=True)),
             "persistent_carry_fwd": KernelTuning(mosaic_fwd=dataclasses.replace(DEFAULT_MOSAIC_FWD, persistent=True,
                                                                                 carry_items=True)),
+            # ... with the items dealt by list scheduling at trace time (walk_item_cost: an item's key blocks
+            # plus F steps), as a launch hands CTAs to free SMs, instead of round robin.
+            "persistent_carry_list1_fwd": KernelTuning(mosaic_fwd=dataclasses.replace(
+                DEFAULT_MOSAIC_FWD, persistent=True, carry_items=True, walk_item_cost=1.0)),
+            "persistent_carry_list3_fwd": KernelTuning(mosaic_fwd=dataclasses.replace(
+                DEFAULT_MOSAIC_FWD, persistent=True, carry_items=True, walk_item_cost=3.0)),
+            "fa4_order_persistent_list3_fwd": KernelTuning(mosaic_fwd=dataclasses.replace(
+                DEFAULT_MOSAIC_FWD, persistent=True, walk_item_cost=3.0)),
             "row_sum_in_thread_producer_warp_fwd": default_and(row_sum_in_thread=True, producer_warp=True),
             "overlap_late_p_sep_s3_fwd": fwd(**session9, num_stages=3)}
 

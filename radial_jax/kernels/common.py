@@ -4,9 +4,11 @@ lengths the TMA cannot take, and the one tuning argument (`KernelTuning`) that
 """
 
 import dataclasses
+import heapq
 import math
 
 import jax.numpy as jnp
+import numpy as np
 
 LOG2_E = math.log2(math.e)  # exp(x) = exp2(x * LOG2_E): the kernels keep logits in log2 units
 LN_2 = math.log(2.0)
@@ -177,6 +179,14 @@ class MosaicTuning:
     # hid none of a CTA's ~2.5-5 key steps of fixed cost; a model put a 1-step cost at up to 2.8% at 1.3B
     # 480p-81f, NOTES). The arithmetic of every item is the grid kernel's: out and lse bitwise its own.
     carry_items: bool = False
+    # With persistent: how the work items are dealt to the CTAs. None: CTA c walks items c, c + CTAs, ...
+    # (round robin). A float F: list scheduling at trace time (the mask is static, so each item's cost is
+    # known): in launch order, each item goes to the CTA that would be free first, an item costing its
+    # key blocks plus F steps (common.list_scheduled_walk). This is what the hardware does with a grid's
+    # CTAs as SMs free up; the round robin instead lets CTAs drift apart (session 15: the static walk's
+    # imbalance cost the persistent kernel 3.5% at 1.3B 480p-81f), and items far apart in launch order then
+    # run at once (less of their K/V shared in L2).
+    walk_item_cost: float | None = None
 
 
 def check_lazy_rescale_threshold(threshold: float | None) -> None:
@@ -439,6 +449,26 @@ def persistent_items(cta, num_ctas: int, total: int):
     """Returns how many work items CTA `cta` (0 <= cta < min(num_ctas, total)) walks, items cta,
     cta + num_ctas, ... below total: ceil((total - cta) / num_ctas), at least 1."""
     return (total - 1 - cta) // num_ctas + 1
+
+
+def list_scheduled_walk(item_costs, num_ctas: int):
+    """Returns walk [num_ctas, 1 + most items] int32, row c = (how many items CTA c walks, its items in launch
+    order, -1 padding): items 0, 1, ... (launch order) dealt in turn to the CTA whose items so far cost the
+    least (ties: the lowest CTA), as a launch hands CTAs to SMs as they free up. item_costs: [items] floats,
+    > 0. Equal costs deal the items round robin (CTA c: c, c + num_ctas, ...)."""
+    costs = np.asarray(item_costs, np.float64)
+    ctas = min(num_ctas, len(costs))
+    free = [(0.0, cta) for cta in range(ctas)]  # (time the CTA is free, CTA), a heap
+    walks = [[] for _ in range(ctas)]
+    for item, cost in enumerate(costs):
+        time, cta = heapq.heappop(free)
+        walks[cta].append(item)
+        heapq.heappush(free, (time + cost, cta))
+    walk = np.full((ctas, 1 + max(map(len, walks))), -1, np.int32)
+    for cta, items in enumerate(walks):
+        walk[cta, 0] = len(items)
+        walk[cta, 1:1 + len(items)] = items
+    return walk
 
 
 def seq_multiple(x, multiple: int = TMA_SEQ_MULTIPLE):

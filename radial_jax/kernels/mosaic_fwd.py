@@ -38,11 +38,13 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from radial_jax.kernels.common import (COMPUTE_WGS, DEFAULT_MOSAIC_FWD, HOPPER_SMS, LN_2, LOG2_E, MASK_BLOCK,
                                        MosaicTuning, block_coords, block_grid, check_lazy_rescale_threshold,
-                                       persistent_items, seq_multiple, unpad_seq, work_coords)
+                                       list_scheduled_walk, persistent_items, seq_multiple, unpad_seq,
+                                       work_coords)
 from radial_jax.kernels.tables import BlockTables
 
 __all__ = ["MosaicTuning", "mosaic_forward", "supported"]
@@ -423,11 +425,19 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
                                    and lazy_threshold is None and not early_rescale):
         raise ValueError("carry_items runs DEFAULT_MOSAIC_FWD's loop across the persistent kernel's items: set "
                          "persistent=True on DEFAULT_MOSAIC_FWD (the exact rescale, pv_wait_after_cols)")
+    if tuning.walk_item_cost is not None and not (persistent and tuning.walk_item_cost >= 0):
+        raise ValueError(f"walk_item_cost={tuning.walk_item_cost} deals the persistent kernel's items: set "
+                         "persistent=True and a cost >= 0 (key steps an item adds to its blocks)")
     num_ctas = min(tuning.persistent_ctas or _sm_count(), total) if persistent else None
     if persistent:
         grid, grid_names = (num_ctas,), ("cta",)
     kv_ids = jnp.asarray(tables.kv_ids)
     counts = jnp.stack([jnp.asarray(tables.kv_counts), jnp.asarray(tables.kv_full_counts)], axis=1)
+    inputs = (q, k, v, kv_ids, counts)
+    if persistent and tuning.walk_item_cost is not None:  # the items' costs in launch order, off the tables
+        q_tiles = work_coords(np.arange(total), heads, num_q_tiles, batch, tuning.grid_heads)[2]
+        walk = list_scheduled_walk(tables.kv_counts[q_tiles] + tuning.walk_item_cost, num_ctas)
+        inputs += (jnp.asarray(walk),)
 
     row = plgpu.Layout.WGMMA.reduce(1)
 
@@ -742,7 +752,7 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
         lse_smem[...] = jnp.where(nonempty, (m_i + jnp.log2(jnp.where(nonempty, l_i, 1.0))) * LN_2, -jnp.inf)
         plgpu.commit_smem()
 
-    def carried_walk(refs, q_barriers, out_refs, smem, wg, items, coords, counts_of, load_q):
+    def carried_walk(refs, q_barriers, out_refs, smem, wg, items, coords, counts_ref, load_q):
         """The compute warpgroup's walk of the persistent kernel with carry_items: DEFAULT_MOSAIC_FWD's loop
         (waits first, P cast late, the wait for P V amid the exp2), one pipeline across its items.
 
@@ -755,8 +765,12 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
         as in the grid kernel's loop, so both warpgroups keep taking it in turn.
 
         refs: attend's; q_barriers: the kernel's (one a warpgroup); out_refs: (out_ref, lse_ref); smem: (q_smem3, o_smem, lse_smem) of this warpgroup
-        (q_smem3 [2, COMPUTE_WGS, block_q, head_dim]); coords(i), counts_of(i): item i's (batch, head,
-        query tile) and (count, full_count); load_q(i, slot): issues item i's Q load into Q slot `slot`.
+        (q_smem3 [2, COMPUTE_WGS, block_q, head_dim]); coords(i): item i's (batch, head, query tile);
+        counts_ref: the kernel's [query tiles, 2] (count, full_count); load_q(i, slot): issues item i's Q load
+        into Q slot `slot`. The next item's counts are read before the key loop (their latency passes under
+        it); the items' coordinates are read again where they are used, so that no more than those two
+        values stay live across the key loop (more, and ptxas moved the loop's own slot and address
+        arithmetic off the uniform datapath: +15 instructions a step, 7% slower on the H200).
         Item i's Q is in slot i % 2 and its first K/V block at ring position base_i, the sum of the
         earlier items' counts.
         """
@@ -787,10 +801,10 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
 
             return pl.run_scoped(scoped, plgpu.ACC((block_q, block_kv), jnp.float32))
 
-        def finish(item, acc, m_i, l_i):
-            """Writes item `item`'s O (acc [block_q, head_dim], unnormalised) and lse through the staging
-            tiles, once the previous item's TMA stores have read them."""
-            b, head, q_tile = coords(item)
+        def finish(where, acc, m_i, l_i):
+            """Writes an item's O (acc [block_q, head_dim], unnormalised) and lse through the staging tiles,
+            once the previous item's TMA stores have read them. where: its (batch, head, query tile)."""
+            b, head, q_tile = where
             plgpu.wait_smem_to_gmem(0, wait_read_only=True)
             stage_tile(o_smem, lse_smem, acc, m_i, l_i)
             q_base = q_tile * MASK_BLOCK + wg * block_q
@@ -850,7 +864,7 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
             p, acc = _exp2_around_pv_wait(x, plgpu.wgmma_accumulator_load(o_ref, wait_n=None), None, head_cols)
             l_new = add_row_sum(l_0, alpha, p)
             plgpu.barrier_arrive(v_consumed.at[slot(last)])
-            finish(item, acc, m_i, total_row_sum(l_i))
+            finish(coords(item), acc, m_i, total_row_sum(l_i))
             o_ref[...] = zero_o()  # item + 1's first P V accumulates from zero
             return m_new, l_new, lax.optimization_barrier(p).astype(dtype)
 
@@ -862,7 +876,7 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
             pass_turn(wg, schedule_barrier)
             acc = plgpu.wgmma_accumulator_load(o_ref, wait_n=0)
             plgpu.barrier_arrive(v_consumed.at[slot(base + count - 1)])
-            finish(item, acc, m_i, total_row_sum(l_i))
+            finish(coords(item), acc, m_i, total_row_sum(l_i))
             o_ref[...] = zero_o()
             return carry
 
@@ -872,7 +886,8 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
                 item i + 1, or the drain, or (an empty item) its zeros. State: (ring position of its first
                 block, count, full_count, opened: 1 if the bridge ran S_0, (m, l, P) after S_0)."""
                 base, count, full_count, opened, carry = state
-                next_count, next_full = counts_of(i + 1)
+                next_tile = coords(jnp.minimum(i + 1, items - 1))[2]
+                next_count, next_full = counts_ref[next_tile, 0], counts_ref[next_tile, 1]
                 busy = (count > 0).astype(jnp.int32)
                 carry = lax.fori_loop(0, busy * (1 - opened), functools.partial(open_item, item=i, base=base), carry)
                 kw = dict(o_ref=o_ref, item=i, base=base)
@@ -893,10 +908,11 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
                 carry = lax.fori_loop(0, paired, functools.partial(bridge, count=count, **kw), carry)
                 carry = lax.fori_loop(0, busy * (1 - paired), functools.partial(drain, count=count, **kw), carry)
                 m_empty, l_empty = fresh_row_state()
-                pl.when(count == 0)(lambda: finish(i, zero_o(), m_empty, total_row_sum(l_empty)))
+                pl.when(count == 0)(lambda: finish(coords(i), zero_o(), m_empty, total_row_sum(l_empty)))
                 return base + count, next_count, next_full, paired, carry
 
-            count, full_count = counts_of(0)
+            first_tile = coords(0)[2]
+            count, full_count = counts_ref[first_tile, 0], counts_ref[first_tile, 1]
             plgpu.barrier_wait(q_barrier)
             pl.when(1 < items)(lambda: load_q(1, 1))
             m_i, l_i = fresh_row_state()
@@ -976,10 +992,9 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
             else:
                 produce()
 
-    def persistent_kernel(q_ref, k_ref, v_ref, ids_ref, counts_ref, out_ref, lse_ref,
-                          q_smem3, k_smem, v_smem, lse_smem2,
-                          k_barriers, v_barriers, q_barriers, k_consumed, v_consumed, schedule_barrier, o_smem2):
-        """One CTA walks work items cta, cta + num_ctas, ... (block_grid's launch order, work_coords).
+    def persistent_kernel(q_ref, k_ref, v_ref, ids_ref, counts_ref, *refs):
+        """One CTA walks work items cta, cta + num_ctas, ... (block_grid's launch order, work_coords), or with
+        walk_item_cost the items of its row of the list-scheduled walk (walk_ref, list_scheduled_walk).
 
         Each warpgroup keeps a running ring position (`base`, the K/V blocks of its earlier items), so
         the memory warpgroup's loads and the compute warpgroups' waits agree on every slot and barrier
@@ -990,12 +1005,16 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
         previous TMA store (with the lse's) is waited for only, and only for its reads, right before
         the next item's O overwrites it.
         """
+        walk_ref, refs = (refs[0], refs[1:]) if tuning.walk_item_cost is not None else (None, refs)
+        (out_ref, lse_ref, q_smem3, k_smem, v_smem, lse_smem2,
+         k_barriers, v_barriers, q_barriers, k_consumed, v_consumed, schedule_barrier, o_smem2) = refs
         cta = lax.axis_index("cta")
         wg = lax.axis_index("wg")
-        items = persistent_items(cta, num_ctas, total)
+        items = persistent_items(cta, num_ctas, total) if walk_ref is None else walk_ref[cta, 0]
 
         def coords(i):  # (batch, head, query tile) of this CTA's i-th item
-            return work_coords(cta + i * num_ctas, heads, num_q_tiles, batch, tuning.grid_heads)
+            item = cta + i * num_ctas if walk_ref is None else walk_ref[cta, 1 + i]
+            return work_coords(item, heads, num_q_tiles, batch, tuning.grid_heads)
 
         @pl.when(wg < COMPUTE_WGS)
         def _compute_wg():
@@ -1016,7 +1035,7 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
 
             if tuning.carry_items:
                 carried_walk(refs, q_barriers, (out_ref, lse_ref), (q_smem3, o_smem, lse_smem), wg, items, coords,
-                             counts_of, load_q)  # fmt: skip
+                             counts_ref, load_q)  # fmt: skip
                 plgpu.wait_smem_to_gmem(0)
                 return
 
@@ -1108,5 +1127,5 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
         num_threads=COMPUTE_WGS + 1,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True, **params),
-    )(q, k, v, kv_ids, counts)
+    )(*inputs)
     return unpad_seq(out, q_len), lse[..., :q_len]

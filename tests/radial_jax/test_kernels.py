@@ -904,22 +904,35 @@ class TestMosaicPersistentGPU:
         grid = dataclasses.replace(DEFAULT_MOSAIC_FWD, **fields)  # fields: the turn on mbarriers, K/V together
         _assert_persistent_forward_bitwise(name, grid, dataclasses.replace(grid, persistent=True, persistent_ctas=ctas))
 
-    @pytest.mark.parametrize("name, ctas, fields", [
-        ("wan_480p_81f_radial", None, {}), ("wan_480p_81f_radial", 3, {}), ("ragged_cross_empty_row", 1, {}),
-        ("ragged_cross_empty_row", 3, {}), ("ragged_cross_empty_row", 5, {}), ("random_hd64_empty_rows", 1, {}),
-        ("random_hd64_empty_rows", 3, {}), ("tiny_7x129", 1, {}), ("tiny_61x130", 3, {}),
-        ("ragged_cross_empty_row", 3, {"named_turn": False}), ("random_hd64_empty_rows", 2, {"grid_heads": 1})])  # fmt: skip
-    def test_carried_forward_is_bitwise_the_grid_one(self, name, ctas, fields):
+    @pytest.mark.parametrize("name, ctas, fields, walk_cost", [
+        ("wan_480p_81f_radial", None, {}, None), ("wan_480p_81f_radial", 3, {}, None),
+        ("ragged_cross_empty_row", 1, {}, None), ("ragged_cross_empty_row", 3, {}, None),
+        ("ragged_cross_empty_row", 5, {}, None), ("random_hd64_empty_rows", 1, {}, None),
+        ("random_hd64_empty_rows", 3, {}, None), ("tiny_7x129", 1, {}, None), ("tiny_61x130", 3, {}, None),
+        ("ragged_cross_empty_row", 3, {"named_turn": False}, None), ("random_hd64_empty_rows", 2, {"grid_heads": 1}, None),
+        ("wan_480p_81f_radial", None, {}, 1.0), ("ragged_cross_empty_row", 5, {}, 1.0),
+        ("random_hd64_empty_rows", 3, {}, 3.0), ("tiny_61x130", 3, {}, 0.0)])  # fmt: skip
+    def test_carried_forward_is_bitwise_the_grid_one(self, name, ctas, fields, walk_cost):
         # carry_items: an item's first S is issued with the previous item's last P V, and that item's O is
         # normalised and stored after the wait. Every item's arithmetic is still the grid kernel's. With one
         # CTA, random_hd64_empty_rows walks two empty items in a row (row 7 of a head, then row 0 of the
         # next), so a drain before an empty item and an opening after one both run; a bridge that stored
         # the wrong item's O, zeroed O late, or read the next item's Q from the wrong slot moves values.
+        # walk_cost: the items dealt by list scheduling (each CTA's list read from a table) rather than
+        # round robin; with empty items (cost walk_cost alone) the CTAs' lists are uneven.
         grid = dataclasses.replace(DEFAULT_MOSAIC_FWD, **fields)
-        carried = dataclasses.replace(grid, persistent=True, persistent_ctas=ctas, carry_items=True)
+        carried = dataclasses.replace(grid, persistent=True, persistent_ctas=ctas, carry_items=True,
+                                      walk_item_cost=walk_cost)  # fmt: skip
         out, lse, mask = _assert_persistent_forward_bitwise(name, grid, carried)
         empty = np.repeat(~mask.any(axis=1), 128)[:out.shape[1]]
         assert bool((out[:, empty] == 0).all()) and bool((lse[..., empty] == -jnp.inf).all())
+
+    @pytest.mark.parametrize("name, ctas", [("wan_480p_81f_radial", None), ("ragged_cross_empty_row", 5),
+                                            ("random_hd64_empty_rows", 3)])  # fmt: skip
+    def test_list_scheduled_forward_is_bitwise_the_grid_one(self, name, ctas):
+        # walk_item_cost without carry_items: each item's own pipeline, the items dealt from the table.
+        persistent = dataclasses.replace(DEFAULT_MOSAIC_FWD, persistent=True, persistent_ctas=ctas, walk_item_cost=3.0)
+        _assert_persistent_forward_bitwise(name, DEFAULT_MOSAIC_FWD, persistent)
 
     def test_backward_on_the_persistent_forward_is_the_serial_one(self):
         # The backward reads the forward's out and lse; fed the persistent forward's, its dK and dV
@@ -948,6 +961,32 @@ class TestMosaicPersistentGPU:
                 assert (np.abs(g.astype(np.float32) - r) <= np.spacing(np.abs(r))).all(), name
             else:
                 assert bool((g == r).all()), name
+
+
+def test_list_scheduled_walk_deals_every_item_once_to_the_first_free_cta():
+    from radial_jax.kernels.common import list_scheduled_walk, persistent_items
+
+    rng = np.random.default_rng(3)
+    for total, ctas in [(1, 4), (7, 3), (100, 7), (3072, 132)]:
+        equal = list_scheduled_walk(np.ones(total), ctas)  # equal costs: round robin
+        for cta in range(min(ctas, total)):
+            n = int(equal[cta, 0])
+            assert n == persistent_items(cta, ctas, total)
+            assert equal[cta, 1:1 + n].tolist() == list(range(cta, total, ctas)) and (equal[cta, 1 + n:] == -1).all()
+        costs = rng.integers(0, 40, total) + 0.5  # empty rows cost only the item's own 0.5
+        walk = list_scheduled_walk(costs, ctas)
+        dealt = [walk[c, 1:1 + walk[c, 0]] for c in range(walk.shape[0])]
+        assert sorted(np.concatenate(dealt).tolist()) == list(range(total))
+        assert all((np.diff(items) > 0).all() for items in dealt)  # each CTA's items in launch order
+        loads = np.array([costs[items].sum() for items in dealt])
+        # List scheduling: no CTA ends more than one item after the least loaded one could have taken it.
+        assert loads.max() <= loads.min() + costs.max() + 1e-9
+        # Replaying the deal: each item went to a CTA that was free first when it was dealt.
+        finish = np.zeros(walk.shape[0])
+        owner = {int(item): c for c, items in enumerate(dealt) for item in items}
+        for item in range(total):
+            assert finish[owner[item]] == finish.min()
+            finish[owner[item]] += costs[item]
 
 
 def test_launch_order_visits_every_head_block_and_batch_once():

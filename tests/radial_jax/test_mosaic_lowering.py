@@ -674,6 +674,22 @@ def test_carried_forward_pairs_an_items_first_s_with_the_last_p_v(monkeypatch, c
     assert _loop_depths(module, _WAIT_STORE) == [2, 2, 1, 0]
 
 
+@pytest.mark.parametrize("carry", [False, True])
+def test_list_scheduled_walk_reads_each_ctas_items_from_one_table(monkeypatch, carry):
+    # walk_item_cost: the persistent kernel reads its items from a [CTAs, 1 + most items] int32 table
+    # (list_scheduled_walk: 48 items on 5 CTAs, at most 10 a CTA) instead of computing c, c + CTAs, ...;
+    # the launch and the key loops are the round robin's.
+    tables, q, kv, _ = _setup(*CASES[0])
+    persistent = dataclasses.replace(mosaic_fwd.DEFAULT_MOSAIC_FWD, persistent=True, persistent_ctas=5, carry_items=carry)
+    listed, round_robin = (_forward_module(monkeypatch, tables, q, kv, dataclasses.replace(persistent, walk_item_cost=c))
+                           for c in (2.0, None))  # fmt: skip
+    assert _launch(listed) == _launch(round_robin) and _launch(listed)[:3] == (5, 1, 1)
+    assert set(re.findall(r"memref<5x\d+xi32", listed)) == {"memref<5x11xi32"}
+    assert not re.findall(r"memref<5x\d+xi32", round_robin)
+    for pattern in (r"wgmma\.commit[._]group", _TMA_LOAD, _TMA_STORE):
+        assert _loop_depths(listed, pattern) == _loop_depths(round_robin, pattern), pattern
+
+
 def test_carried_forward_refuses_other_loops():
     tables, q, kv, _ = _setup(*CASES[0])
     carried = dataclasses.replace(mosaic_fwd.DEFAULT_MOSAIC_FWD, persistent=True, carry_items=True)
@@ -690,7 +706,9 @@ def test_persistent_forward_refuses_smem_p_and_a_bad_cta_count():
     refused = [({"persistent": True, "overlap_qk": True, "overlap_late_p": True, "overlap_p_smem": True},
                 "persistent=True has no SMEM tile for P"),
                ({"persistent_ctas": 4}, "persistent_ctas=4 needs persistent=True"),
-               ({"persistent": True, "persistent_ctas": 0}, "persistent_ctas=0 needs persistent=True and at least 1")]
+               ({"persistent": True, "persistent_ctas": 0}, "persistent_ctas=0 needs persistent=True and at least 1"),
+               ({"walk_item_cost": 1.0}, "walk_item_cost=1.0 deals the persistent kernel's items"),
+               ({"persistent": True, "walk_item_cost": -1.0}, "walk_item_cost=-1.0 deals")]
     for fields, message in refused:
         tuning = mosaic_fwd.MosaicTuning(**fields)
         with pytest.raises(ValueError, match=message):
