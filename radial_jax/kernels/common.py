@@ -178,6 +178,9 @@ class MosaicTuning:
     # S and softmax with no P V under them, its last P V with no S (session 15: the persistent grid then
     # hid none of a CTA's ~2.5-5 key steps of fixed cost; a model put a 1-step cost at up to 2.8% at 1.3B
     # 480p-81f, NOTES). The arithmetic of every item is the grid kernel's: out and lse bitwise its own.
+    # On the H200 (NOTES session 17), against the grid default: 0.967x / 0.997x / 0.984x at 1.3B 480p-81f /
+    # 480p-161f / 14B 720p-81f with the round robin (the persistent grid without it: 0.946x / 1.000x / 0.980x),
+    # and with walk_item_cost=1.0 1.003x / 0.993x / 0.978x. Not the default.
     carry_items: bool = False
     # With persistent: how the work items are dealt to the CTAs. None: CTA c walks items c, c + CTAs, ...
     # (round robin). A float F: list scheduling at trace time (the mask is static, so each item's cost is
@@ -185,7 +188,9 @@ class MosaicTuning:
     # key blocks plus F steps (common.list_scheduled_walk). This is what the hardware does with a grid's
     # CTAs as SMs free up; the round robin instead lets CTAs drift apart (session 15: the static walk's
     # imbalance cost the persistent kernel 3.5% at 1.3B 480p-81f), and items far apart in launch order then
-    # run at once (less of their K/V shared in L2).
+    # run at once (less of their K/V shared in L2). On the H200 (NOTES session 17) it lifted the persistent
+    # grid at 1.3B 480p-81f from 0.946x to 0.988x the grid kernel (F = 3), with carry_items from 0.966x to
+    # 1.003x (F = 1); at 480p-161f and 14B 720p-81f every persistent form stays 0.98-0.995x.
     walk_item_cost: float | None = None
 
 
