@@ -457,11 +457,14 @@ def persistent_items(cta, num_ctas: int, total: int):
 
 
 def list_scheduled_walk(item_costs, num_ctas: int):
-    """Returns walk [num_ctas, 1 + most items] int32, row c = (how many items CTA c walks, its items in launch
-    order, -1 padding): items 0, 1, ... (launch order) dealt in turn to the CTA whose items so far cost the
-    least (ties: the lowest CTA), as a launch hands CTAs to SMs as they free up. item_costs: [items] floats,
-    > 0. Equal costs deal the items round robin (CTA c: c, c + num_ctas, ...)."""
+    """Returns walk [min(num_ctas, items), 1 + most items] int32, row c = (how many items CTA c walks, its items
+    in launch order, -1 padding): items 0, 1, ... (launch order) dealt in turn to the CTA whose items so far
+    cost the least (ties: the lowest CTA), as a launch hands CTAs to SMs as they free up. item_costs: [items]
+    floats, > 0, so that every CTA gets at least one item (the first ones, one each). Equal costs deal the
+    items round robin (CTA c: c, c + num_ctas, ...)."""
     costs = np.asarray(item_costs, np.float64)
+    if not (costs > 0).all():
+        raise ValueError("list_scheduled_walk needs every item's cost > 0 (else a CTA may get no item)")
     ctas = min(num_ctas, len(costs))
     free = [(0.0, cta) for cta in range(ctas)]  # (time the CTA is free, CTA), a heap
     walks = [[] for _ in range(ctas)]

@@ -91,7 +91,6 @@ def _scaled_where_moved(moved, acc, alpha):
     untouched in the others, as one branch (scf.if) around the multiplies. acc, alpha: [block_q,
     head_dim] f32 FragmentedArrays in the WGMMA layout; alpha is exactly 1 on rows whose max stayed."""
     import jax.experimental.mosaic.gpu as mgpu
-    import numpy as np
     from jaxlib.mlir import ir
     from jaxlib.mlir.dialects import scf
 
@@ -260,7 +259,6 @@ def _exp2_around_pv_wait(x, acc, alpha, head_cols: int, maxima=None):
     """
     import jax.experimental.mosaic.gpu as mgpu
     import jax.experimental.pallas.mosaic_gpu as plgpu
-    import numpy as np
     from jax.experimental.mosaic.gpu import fragmented_array as fa
     from jaxlib.mlir.dialects import nvvm
 
@@ -321,7 +319,6 @@ def _exp2_with_polynomial_tiles(x, every: int):
     """
     import jax.experimental.mosaic.gpu as mgpu
     import jax.experimental.pallas.mosaic_gpu as plgpu
-    import numpy as np
     from jaxlib.mlir import ir
     from jaxlib.mlir.dialects import arith
     from jaxlib.mlir.dialects import math as mlir_math
@@ -420,14 +417,17 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
                          "(arrive, then wait for the other's arrival) has no named-barrier form: set overlap_qk")
     if tuning.exp2_poly_every is not None and not tuning.exp2_poly_every >= 1:
         raise ValueError(f"exp2_poly_every={tuning.exp2_poly_every}: None, or k >= 1 (every k-th 8-key tile)")
-    if tuning.carry_items and not (persistent and tuning.overlap_qk and overlap_softmax and late_p
-                                   and tuning.late_pv_wait and tuning.overlap_waits_first and head_cols is not None
-                                   and lazy_threshold is None and not early_rescale):
+    # pv_wait_after_cols (checked above) implies the overlapped loop with late_pv_wait, the late P cast and
+    # no early rescale.
+    if tuning.carry_items and not (persistent and head_cols is not None and tuning.overlap_waits_first
+                                   and lazy_threshold is None):
         raise ValueError("carry_items runs DEFAULT_MOSAIC_FWD's loop across the persistent kernel's items: set "
                          "persistent=True on DEFAULT_MOSAIC_FWD (the exact rescale, pv_wait_after_cols)")
-    if tuning.walk_item_cost is not None and not (persistent and tuning.walk_item_cost >= 0):
+    if tuning.walk_item_cost is not None and not (persistent and tuning.walk_item_cost > 0):
+        # F > 0 makes every item's cost positive, so the first CTAs' worth of items go one to each CTA and no
+        # CTA is left without an item (the kernels load their first item's Q unconditionally).
         raise ValueError(f"walk_item_cost={tuning.walk_item_cost} deals the persistent kernel's items: set "
-                         "persistent=True and a cost >= 0 (key steps an item adds to its blocks)")
+                         "persistent=True and a cost > 0 (key steps an item adds to its blocks)")
     num_ctas = min(tuning.persistent_ctas or _sm_count(), total) if persistent else None
     if persistent:
         grid, grid_names = (num_ctas,), ("cta",)
@@ -594,7 +594,6 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
             """
             waits_first = tuning.overlap_waits_first  # S's scope opens after the waits (MosaicTuning)
             first_slot = 0 if base is None else ring_slot(0)  # the persistent kernel's ring runs on
-
 
             def issue_qk(s_ref, step):  # after K_step's barrier: FA3 waits for data before its turn
                 plgpu.wgmma(s_ref, qo_smem, k_smem.at[ring_slot(step)].transpose((1, 0)))
@@ -764,8 +763,9 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
         no S) only before an empty item or at the CTA's end. Every phase takes and passes the turn once,
         as in the grid kernel's loop, so both warpgroups keep taking it in turn.
 
-        refs: attend's; q_barriers: the kernel's (one a warpgroup); out_refs: (out_ref, lse_ref); smem: (q_smem3, o_smem, lse_smem) of this warpgroup
-        (q_smem3 [2, COMPUTE_WGS, block_q, head_dim]); coords(i): item i's (batch, head, query tile);
+        refs: attend's; q_barriers: the kernel's (one a warpgroup); out_refs: (out_ref, lse_ref); smem:
+        (q_smem3, o_smem, lse_smem): the kernel's Q slots [2, COMPUTE_WGS, block_q, head_dim] and this
+        warpgroup's staging tiles; coords(i): item i's (batch, head, query tile);
         counts_ref: the kernel's [query tiles, 2] (count, full_count); load_q(i, slot): issues item i's Q load
         into Q slot `slot`. The next item's counts are read before the key loop (their latency passes under
         it); the items' coordinates are read again where they are used, so that no more than those two
@@ -817,7 +817,8 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
         first_masked = tables.kv_ragged
 
         def open_item(_, carry, *, item, base):
-            """Item `item`'s S_0 and softmax alone: returns its (m, l, P_0 in dtype)."""
+            """Item `item`'s S_0 and softmax alone: returns its (m, l, P_0 in dtype). carry: the previous
+            item's (finished), a fori_loop body's argument only."""
             plgpu.barrier_wait(k_barriers.at[slot(base)])
             s = turn_and(lambda s_ref: issue_qk(s_ref, lax.rem(item, 2), base), wait_n=0)
             plgpu.barrier_arrive(k_consumed.at[slot(base)])
@@ -907,8 +908,12 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
                 paired = busy * (i + 1 < items).astype(jnp.int32) * (next_count > 0).astype(jnp.int32)
                 carry = lax.fori_loop(0, paired, functools.partial(bridge, count=count, **kw), carry)
                 carry = lax.fori_loop(0, busy * (1 - paired), functools.partial(drain, count=count, **kw), carry)
-                m_empty, l_empty = fresh_row_state()
-                pl.when(count == 0)(lambda: finish(coords(i), zero_o(), m_empty, total_row_sum(l_empty)))
+
+                @pl.when(count == 0)
+                def _():
+                    m_empty, l_empty = fresh_row_state()
+                    finish(coords(i), zero_o(), m_empty, total_row_sum(l_empty))
+
                 return base + count, next_count, next_full, paired, carry
 
             first_tile = coords(0)[2]
@@ -1001,7 +1006,8 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
         phase across items, and the memory warpgroup runs ahead into the next item as far as the ring
         lets it. Q is double-buffered (q_smem3 [2, COMPUTE_WGS, block_q, head_dim], slot i % 2): item
         i + 1's Q is loaded as soon as item i's has landed, into the slot item i - 1's QKs have
-        finished with, so it lands under item i's key loop. O has its own staging tile (o_smem2), whose
+        finished with, so it lands under item i's key loop (with carry_items, after item i's key loop,
+        item i + 2's: carried_walk). O has its own staging tile (o_smem2), whose
         previous TMA store (with the lse's) is waited for only, and only for its reads, right before
         the next item's O overwrites it.
         """
@@ -1029,15 +1035,15 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
                 q_rows = pl.ds(q_tile * MASK_BLOCK + wg * block_q, block_q)
                 plgpu.copy_gmem_to_smem(q_ref.at[b, q_rows, head], q_smem3.at[q_slot, wg], q_barriers.at[wg])
 
-            def counts_of(i):  # (count, full_count) of item i (the last one's past the end)
-                q_tile = coords(jnp.minimum(i, items - 1))[2]
-                return counts_ref[q_tile, 0], counts_ref[q_tile, 1]
-
             if tuning.carry_items:
                 carried_walk(refs, q_barriers, (out_ref, lse_ref), (q_smem3, o_smem, lse_smem), wg, items, coords,
                              counts_ref, load_q)  # fmt: skip
                 plgpu.wait_smem_to_gmem(0)
                 return
+
+            def counts_of(i):  # (count, full_count) of item i (the last one's past the end)
+                q_tile = coords(jnp.minimum(i, items - 1))[2]
+                return counts_ref[q_tile, 0], counts_ref[q_tile, 1]
 
             load_q(0, 0)
 

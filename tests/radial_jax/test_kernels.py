@@ -911,12 +911,14 @@ class TestMosaicPersistentGPU:
         ("random_hd64_empty_rows", 3, {}, None), ("tiny_7x129", 1, {}, None), ("tiny_61x130", 3, {}, None),
         ("ragged_cross_empty_row", 3, {"named_turn": False}, None), ("random_hd64_empty_rows", 2, {"grid_heads": 1}, None),
         ("wan_480p_81f_radial", None, {}, 1.0), ("ragged_cross_empty_row", 5, {}, 1.0),
-        ("random_hd64_empty_rows", 3, {}, 3.0), ("tiny_61x130", 3, {}, 0.0)])  # fmt: skip
+        ("random_hd64_empty_rows", 3, {}, 3.0), ("tiny_61x130", 3, {}, 0.5),
+        ("random_hd64_empty_rows", None, {}, 0.5)])  # fmt: skip
     def test_carried_forward_is_bitwise_the_grid_one(self, name, ctas, fields, walk_cost):
         # carry_items: an item's first S is issued with the previous item's last P V, and that item's O is
         # normalised and stored after the wait. Every item's arithmetic is still the grid kernel's. With one
-        # CTA, random_hd64_empty_rows walks two empty items in a row (row 7 of a head, then row 0 of the
-        # next), so a drain before an empty item and an opening after one both run; a bridge that stored
+        # CTA, random_hd64_empty_rows walks four empty items in a row (row 7 of a head in both batches, then
+        # row 0 of the next head), its first and last items among them, so a drain before an empty item and
+        # an opening after one both run; a bridge that stored
         # the wrong item's O, zeroed O late, or read the next item's Q from the wrong slot moves values.
         # walk_cost: the items dealt by list scheduling (each CTA's list read from a table) rather than
         # round robin; with empty items (cost walk_cost alone) the CTAs' lists are uneven.
@@ -974,6 +976,8 @@ def test_list_scheduled_walk_deals_every_item_once_to_the_first_free_cta():
             assert n == persistent_items(cta, ctas, total)
             assert equal[cta, 1:1 + n].tolist() == list(range(cta, total, ctas)) and (equal[cta, 1 + n:] == -1).all()
         costs = rng.integers(0, 40, total) + 0.5  # empty rows cost only the item's own 0.5
+        # Positive costs: every CTA gets an item, the first min(ctas, total) items one each.
+        assert (list_scheduled_walk(costs, ctas)[:, 1] == np.arange(min(ctas, total))).all()
         walk = list_scheduled_walk(costs, ctas)
         dealt = [walk[c, 1:1 + walk[c, 0]] for c in range(walk.shape[0])]
         assert sorted(np.concatenate(dealt).tolist()) == list(range(total))
@@ -987,6 +991,8 @@ def test_list_scheduled_walk_deals_every_item_once_to_the_first_free_cta():
         for item in range(total):
             assert finish[owner[item]] == finish.min()
             finish[owner[item]] += costs[item]
+    with pytest.raises(ValueError, match="cost > 0"):
+        list_scheduled_walk(np.array([1.0, 0.0, 2.0]), 2)
 
 
 def test_launch_order_visits_every_head_block_and_batch_once():

@@ -708,7 +708,7 @@ def test_persistent_forward_refuses_smem_p_and_a_bad_cta_count():
                ({"persistent_ctas": 4}, "persistent_ctas=4 needs persistent=True"),
                ({"persistent": True, "persistent_ctas": 0}, "persistent_ctas=0 needs persistent=True and at least 1"),
                ({"walk_item_cost": 1.0}, "walk_item_cost=1.0 deals the persistent kernel's items"),
-               ({"persistent": True, "walk_item_cost": -1.0}, "walk_item_cost=-1.0 deals")]
+               ({"persistent": True, "walk_item_cost": 0.0}, "walk_item_cost=0.0 deals")]
     for fields, message in refused:
         tuning = mosaic_fwd.MosaicTuning(**fields)
         with pytest.raises(ValueError, match=message):
