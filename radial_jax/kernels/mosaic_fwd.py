@@ -751,6 +751,18 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
         lse_smem[...] = jnp.where(nonempty, (m_i + jnp.log2(jnp.where(nonempty, l_i, 1.0))) * LN_2, -jnp.inf)
         plgpu.commit_smem()
 
+    def store_item(out_refs, staging, wg, where, acc, m_i, l_i):
+        """The persistent kernel's end of an item: once the previous item's TMA stores have read the staging
+        tiles, writes this warpgroup's O and lse there (stage_tile) and stores them. out_refs: (out_ref,
+        lse_ref); staging: (o_smem, lse_smem), this warpgroup's; where: the item's (batch, head, query tile)."""
+        (out_ref, lse_ref), (o_smem, lse_smem) = out_refs, staging
+        b, head, q_tile = where
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+        stage_tile(o_smem, lse_smem, acc, m_i, l_i)
+        q_base = q_tile * MASK_BLOCK + wg * block_q
+        plgpu.copy_smem_to_gmem(o_smem, out_ref.at[b, pl.ds(q_base, block_q), head])
+        plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[b, head, pl.ds(q_base, block_q)])
+
     def carried_walk(refs, q_barriers, out_refs, smem, wg, items, coords, counts_ref, load_q):
         """The compute warpgroup's walk of the persistent kernel with carry_items: DEFAULT_MOSAIC_FWD's loop
         (waits first, P cast late, the wait for P V amid the exp2), one pipeline across its items.
@@ -775,7 +787,7 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
         earlier items' counts.
         """
         ids_ref, k_smem, v_smem, k_barriers, v_barriers, k_consumed, v_consumed, schedule_barrier, _ = refs
-        (out_ref, lse_ref), (q_smem3, o_smem, lse_smem) = out_refs, smem
+        q_smem3, staging = smem[0], smem[1:]
         q_barrier = q_barriers.at[wg]
         zero_o = lambda: plgpu.layout_cast(jnp.full((block_q, head_dim), 0.0, jnp.float32), plgpu.Layout.WGMMA)
 
@@ -801,15 +813,7 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
 
             return pl.run_scoped(scoped, plgpu.ACC((block_q, block_kv), jnp.float32))
 
-        def finish(where, acc, m_i, l_i):
-            """Writes an item's O (acc [block_q, head_dim], unnormalised) and lse through the staging tiles,
-            once the previous item's TMA stores have read them. where: its (batch, head, query tile)."""
-            b, head, q_tile = where
-            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-            stage_tile(o_smem, lse_smem, acc, m_i, l_i)
-            q_base = q_tile * MASK_BLOCK + wg * block_q
-            plgpu.copy_smem_to_gmem(o_smem, out_ref.at[b, pl.ds(q_base, block_q), head])
-            plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[b, head, pl.ds(q_base, block_q)])
+        finish = functools.partial(store_item, out_refs, staging, wg)  # (where, acc, m_i, l_i)
 
         # An item's first key block may be its ragged one (full_count == 0); the opening and the bridge
         # mask it whenever the tables have a ragged block, a no-op on a full block (every key is below
@@ -1059,11 +1063,7 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
                 plgpu.barrier_wait(q_barriers.at[wg])
                 pl.when(i + 1 < items)(lambda: load_q(i + 1, 1 - q_slot))
                 acc, m_i, l_i = attend(refs, q_smem3.at[q_slot, wg], wg, q_tile, count, full_count, base)
-                plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # item i - 1's O and lse stores have read
-                stage_tile(o_smem, lse_smem, acc, m_i, l_i)
-                q_base = q_tile * MASK_BLOCK + wg * block_q
-                plgpu.copy_smem_to_gmem(o_smem, out_ref.at[b, pl.ds(q_base, block_q), head])
-                plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[b, head, pl.ds(q_base, block_q)])
+                store_item((out_ref, lse_ref), (o_smem, lse_smem), wg, (b, head, q_tile), acc, m_i, l_i)
                 return base + count, *next_counts
 
             lax.fori_loop(0, items, item, (jnp.int32(0), *counts_of(0)))
