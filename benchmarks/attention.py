@@ -301,6 +301,10 @@ def forward_variants() -> dict[str, KernelTuning]:
             "fa4_order_persistent_list3_fwd": KernelTuning(mosaic_fwd=dataclasses.replace(
                 DEFAULT_MOSAIC_FWD, persistent=True, walk_item_cost=3.0)),
             "row_sum_in_thread_producer_warp_fwd": default_and(row_sum_in_thread=True, producer_warp=True),
+            # Timing only (wrong output): the default minus one stage of its middle steps, to price that
+            # stage at the power cap: the whole softmax (P = bf16(S)), the exp2 (p = x), O's rescale.
+            **{f"ablate_{stage}_fwd": KernelTuning(mosaic_fwd=dataclasses.replace(DEFAULT_MOSAIC_FWD, ablate=stage))
+               for stage in ("softmax", "exp2", "rescale")},
             "overlap_late_p_sep_s3_fwd": fwd(**session9, num_stages=3)}
 
 

@@ -1,6 +1,7 @@
 """Why a kernel's time moves between runs: every call timed alone, beside the chip's clocks and power.
 
-    python benchmarks/steadiness.py [--shape 1.3b-480p-161f] [--seconds 10] [--batch 1] [--fa4] [--out FILE]
+    python benchmarks/steadiness.py [--shape 1.3b-480p-161f] [--seconds 10] [--batch 1] [--fa4]
+                                    [--variants V,...] [--out FILE]
 
 Runs ours (radial mask, decay 1.0) back to back for --seconds, idles 5 s, runs it again, then
 cuDNN dense (the control: a kernel that is not ours) and ours once more, timing each call alone
@@ -13,7 +14,9 @@ cap the kernel that spends fewer joules per call runs at the higher clock. Write
 (phase, start time, ms), every sample, and per-phase medians and quantiles, energy per call and
 on-block GFLOP per joule. With --batch N each timing covers N calls issued back to back and blocked
 on once (recorded as their mean): the GPU then runs without gaps, and the host's cost of a blocking call
-(59 us in JAX against 22 us in torch, benchmarks/call_latency.py) is spread over N calls.
+(59 us in JAX against 22 us in torch, benchmarks/call_latency.py) is spread over N calls. --variants
+adds a phase for each of ours with another design (attention.py's --variants), last: the ablations
+(ablate_*_fwd) price a stage of the forward in joules.
 """
 
 import argparse
@@ -31,6 +34,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # benchmarks/ is no package
+from attention import forward_variants  # noqa: E402
 from fa4 import HEAD_DIM, SHAPES  # noqa: E402
 
 from radial_jax import attention_flops, computed_token_pairs, radial_block_mask  # noqa: E402
@@ -119,9 +123,14 @@ def main(argv=None):
     parser.add_argument("--out", default="steadiness.json")
     parser.add_argument("--fa4", action="store_true", help="add a phase of FA4's forward (needs FA4 installed)")
     parser.add_argument("--batch", type=int, default=1, help="calls to a timing, blocked on once (their mean)")
+    parser.add_argument("--variants", default="", help="a phase of ours with each of these forward designs, last")
     args = parser.parse_args(argv)
     if args.batch < 1:
         parser.error("--batch must be at least 1")
+    designs = forward_variants()
+    names = [n for n in args.variants.split(",") if n]
+    if unknown := [n for n in names if n not in designs]:
+        parser.error(f"unknown --variants {', '.join(unknown)}; choose from {', '.join(designs)}")
     if jax.default_backend() != "gpu":
         sys.exit("benchmarks/steadiness.py needs a GPU")
     frames, tokens, heads = SHAPES[args.shape]
@@ -142,6 +151,11 @@ def main(argv=None):
     if args.fa4:
         calls += fa4_calls(args.shape, args.seconds, args.batch)
     calls += timed_calls(lambda: ours(q, k, v), args.seconds, "ours_3", args.batch)
+    for name in names:
+        design = jax.jit(lambda q, k, v, t=designs[name]: block_sparse_attention(q, k, v, mask, block_size=128,
+                                                                                 tuning=t))
+        jax.block_until_ready(design(q, k, v))  # compiled while the GPU idles, as before ours_2_after_idle
+        calls += timed_calls(lambda: design(q, k, v), args.seconds, name, args.batch)
     time.sleep(0.3)
     if sampler:
         sampler.terminate()

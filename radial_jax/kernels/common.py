@@ -192,6 +192,12 @@ class MosaicTuning:
     # grid at 1.3B 480p-81f from 0.946x to 0.988x the grid kernel (F = 3), with carry_items from 0.966x to
     # 1.003x (F = 1); at 480p-161f and 14B 720p-81f every persistent form stays 0.98-0.995x.
     walk_item_cost: float | None = None
+    # Timing only, the output is wrong: the grid kernel with DEFAULT_MOSAIC_FWD's loop minus one stage of
+    # its middle steps, to measure what that stage costs at the 700 W cap (issue 16: "timing variants that
+    # drop one stage"). "softmax": P = bf16(S), no row max, exp2, sum or rescale (what the matmuls, loads
+    # and turns cost alone); "exp2": p = x, the max, shift, sum and rescale kept (what the multi-function
+    # unit's exp2 costs); "rescale": O is not multiplied by its row factor. None: the kernel.
+    ablate: str | None = None
 
 
 def check_lazy_rescale_threshold(threshold: float | None) -> None:

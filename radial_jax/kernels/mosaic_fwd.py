@@ -241,7 +241,7 @@ def _convergence_point():
     point()
 
 
-def _exp2_around_pv_wait(x, acc, alpha, head_cols: int, maxima=None):
+def _exp2_around_pv_wait(x, acc, alpha, head_cols: int, maxima=None, exp2: bool = True):
     """Returns (2^x, acc * alpha) with the warpgroup's wait for its last wgmma (P_j V_j) between the
     exp2 of x's first head_cols columns and the rest, the multiplies after it (MosaicTuning.pv_wait_after_cols).
 
@@ -255,7 +255,7 @@ def _exp2_around_pv_wait(x, acc, alpha, head_cols: int, maxima=None):
     the wait the warp votes and multiplies only where one of its rows' max moved (_rescale_raised_warps's
     rule), the remaining exp2 after that branch. head_cols may be 0: the wait before any of x's exp2.
     alpha None: acc is returned as it is after the wait, unscaled (MosaicTuning.carry_items: a finished
-    item's O, to be normalised).
+    item's O, to be normalised). exp2=False returns x itself for 2^x (MosaicTuning.ablate="exp2", timing only).
     """
     import jax.experimental.mosaic.gpu as mgpu
     import jax.experimental.pallas.mosaic_gpu as plgpu
@@ -268,6 +268,8 @@ def _exp2_around_pv_wait(x, acc, alpha, head_cols: int, maxima=None):
     rows = () if maxima is None else (wgmma.reduce(1),) * 2
     factor = () if alpha is None else (wgmma,)
 
+    power = (lambda t: t.exp2(approx=True)) if exp2 else (lambda t: t)
+
     @plgpu.inline_mgpu(arg_types=(wgmma, wgmma) + factor + rows, return_type=types)
     def around(_, x, acc, *factor_and_maxima):
         alpha, maxima = (None, ()) if not factor else (factor_and_maxima[0], factor_and_maxima[1:])
@@ -275,7 +277,7 @@ def _exp2_around_pv_wait(x, acc, alpha, head_cols: int, maxima=None):
         parts = []  # (part of x, its 2^x)
         if head_cols:
             head = x[:, :head_cols]
-            parts.append((head, fa.optimization_barrier(head.exp2(approx=True))))  # computed before the wait
+            parts.append((head, fa.optimization_barrier(power(head))))  # computed before the wait
             if maxima:  # O's first use sits in the lazy branch: without this, ptxas waits before the exp2
                 _never_taken_branch(parts[0][1])
         nvvm.wgmma_wait_group_sync_aligned(0)
@@ -285,7 +287,7 @@ def _exp2_around_pv_wait(x, acc, alpha, head_cols: int, maxima=None):
             scaled = acc
         else:
             scaled = acc * alpha if moved is None else _scaled_where_moved(moved, acc, alpha)
-        parts.append((tail, tail.exp2(approx=True)))
+        parts.append((tail, power(tail)))
         computed = {}  # id(register of x) -> its 2^x
         for part, values in parts:
             computed.update(zip(map(id, part.registers.flat), values.registers.flat))
@@ -428,6 +430,10 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
         # CTA is left without an item (the kernels load their first item's Q unconditionally).
         raise ValueError(f"walk_item_cost={tuning.walk_item_cost} deals the persistent kernel's items: set "
                          "persistent=True and a cost > 0 (key steps an item adds to its blocks)")
+    if tuning.ablate is not None and not (tuning.ablate in ("softmax", "exp2", "rescale") and head_cols is not None
+                                          and lazy_threshold is None and not persistent):
+        raise ValueError(f"ablate={tuning.ablate!r} (timing only) drops 'softmax', 'exp2' or 'rescale' from the grid "
+                         "kernel's DEFAULT_MOSAIC_FWD loop: set it on DEFAULT_MOSAIC_FWD, not persistent")
     num_ctas = min(tuning.persistent_ctas or _sm_count(), total) if persistent else None
     if persistent:
         grid, grid_names = (num_ctas,), ("cta",)
@@ -659,11 +665,17 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
                     _convergence_point()
                 if not overlap_softmax:  # P_j V_j has retired: V_j is free before the softmax
                     plgpu.barrier_arrive(v_consumed.at[ring_slot(j)])
+                if tuning.ablate == "softmax":  # timing only: P = bf16(S), cast after P_j V_j's wait
+                    plgpu.wgmma_accumulator_load(o_ref, wait_n=0)
+                    plgpu.barrier_arrive(v_consumed.at[ring_slot(j)])
+                    return m_i, l_i, keep_p(lax.optimization_barrier(s))
                 if head_cols is not None:  # the wait and O's rescale amid the exp2, as in FA4's loop
                     x, m_new, alpha = shifted_scores(s, m_i, j + 1, mask_tail=mask_tail)
                     in_flight = plgpu.wgmma_accumulator_load(o_ref, wait_n=None)  # read after the wait
-                    p, acc = _exp2_around_pv_wait(x, in_flight, lax.broadcast_in_dim(alpha, in_flight.shape, [0]),
-                                                  head_cols, None if lazy_threshold is None else (m_i, m_new))
+                    factor = None if tuning.ablate == "rescale" else lax.broadcast_in_dim(alpha, in_flight.shape, [0])
+                    p, acc = _exp2_around_pv_wait(x, in_flight, factor, head_cols,
+                                                  None if lazy_threshold is None else (m_i, m_new),
+                                                  exp2=tuning.ablate != "exp2")
                     l_i = add_row_sum(l_i, alpha, p)
                     plgpu.barrier_arrive(v_consumed.at[ring_slot(j)])
                     o_ref[...] = acc

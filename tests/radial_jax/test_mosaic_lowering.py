@@ -701,6 +701,39 @@ def test_carried_forward_refuses_other_loops():
                            q, kv, kv)  # fmt: skip
 
 
+@pytest.mark.parametrize("case", [CASES[0], CASES[3]])
+def test_ablations_drop_only_their_stage_from_the_middle_steps(monkeypatch, case):
+    # MosaicTuning.ablate (timing only): each middle-step loop (unmasked, and masked with a ragged key
+    # block) loses its stage and keeps the default's wgmma waits and barriers. "exp2": S's 64 exp2 a thread
+    # (O's 2 row factors' stay); "softmax": all 66 and the max's shuffles; "rescale": O's 32 two-lane
+    # multiplies. The first and last steps run the default's softmax.
+    tables, q, kv, _ = _setup(*case)
+    middles = 1 + tables.kv_ragged
+    module = lambda stage: _forward_module(monkeypatch, tables, q, kv,
+                                           dataclasses.replace(mosaic_fwd.DEFAULT_MOSAIC_FWD, ablate=stage))
+    modules = {stage: module(stage) for stage in (None, "softmax", "exp2", "rescale")}
+    exp2s = {stage: text.count("ex2.approx") for stage, text in modules.items()}
+    assert exp2s[None] - exp2s["exp2"] == 64 * middles and exp2s[None] - exp2s["softmax"] == 66 * middles
+    assert exp2s["rescale"] == exp2s[None]
+    multiplies = {stage: text.count("arith.mulf") for stage, text in modules.items()}
+    assert multiplies[None] - multiplies["rescale"] == 32 * middles and multiplies["exp2"] == multiplies[None]
+    shuffles = {stage: len(re.findall(r"shfl_kind[< ]bfly>", text)) for stage, text in modules.items()}
+    assert shuffles["softmax"] < shuffles[None] == shuffles["exp2"] == shuffles["rescale"]
+    for stage, text in modules.items():
+        assert _wgmma_waits(text) == _wgmma_waits(modules[None]), stage
+        assert text.count("mbarrier") == modules[None].count("mbarrier"), stage
+
+
+def test_ablate_refuses_other_loops_and_stages():
+    tables, q, kv, _ = _setup(*CASES[0])
+    for fields in ({"ablate": "mask"}, {"ablate": "exp2", "persistent": True},
+                   {"ablate": "exp2", "lazy_rescale_threshold": 8.0}, {"ablate": "softmax", "pv_wait_after_cols": None}):
+        tuning = dataclasses.replace(mosaic_fwd.DEFAULT_MOSAIC_FWD, **fields)
+        with pytest.raises(ValueError, match="ablate="):
+            jax.eval_shape(lambda q, k, v: mosaic_fwd.mosaic_forward(q, k, v, tables=tables, scale=0.1, tuning=tuning),
+                           q, kv, kv)  # fmt: skip
+
+
 def test_persistent_forward_refuses_smem_p_and_a_bad_cta_count():
     tables, q, kv, _ = _setup(*CASES[0])
     refused = [({"persistent": True, "overlap_qk": True, "overlap_late_p": True, "overlap_p_smem": True},
