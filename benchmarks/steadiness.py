@@ -1,7 +1,7 @@
 """Why a kernel's time moves between runs: every call timed alone, beside the chip's clocks and power.
 
     python benchmarks/steadiness.py [--shape 1.3b-480p-161f] [--seconds 10] [--batch 1] [--fa4]
-                                    [--variants V,...] [--out FILE]
+                                    [--variants V,...] [--matmul] [--out FILE]
 
 Runs ours (radial mask, decay 1.0) back to back for --seconds, idles 5 s, runs it again, then
 cuDNN dense (the control: a kernel that is not ours) and ours once more, timing each call alone
@@ -16,7 +16,9 @@ on-block GFLOP per joule. With --batch N each timing covers N calls issued back 
 on once (recorded as their mean): the GPU then runs without gaps, and the host's cost of a blocking call
 (59 us in JAX against 22 us in torch, benchmarks/call_latency.py) is spread over N calls. --variants
 adds a phase for each of ours with another design (attention.py's --variants), last: the ablations
-(ablate_*_fwd) price a stage of the forward in joules.
+(ablate_*_fwd) price a stage of the forward in joules. --matmul adds a phase of a plain bf16 matmul
+(8192^3, XLA's cuBLAS): what the tensor cores do at the cap with nothing else to run (its TFLOP/s
+is in the summary as matmul_tflops).
 """
 
 import argparse
@@ -40,6 +42,7 @@ from fa4 import HEAD_DIM, SHAPES  # noqa: E402
 from radial_jax import attention_flops, computed_token_pairs, radial_block_mask  # noqa: E402
 from radial_jax.kernels import block_sparse_attention  # noqa: E402
 SMI_FIELDS = "timestamp,clocks.sm,power.draw,temperature.gpu,clocks_event_reasons.active"
+MATMUL_N = 8192  # --matmul: [N, N] @ [N, N] bf16, 1.1 TFLOP a call
 
 
 def start_sampler(path: str):
@@ -124,6 +127,7 @@ def main(argv=None):
     parser.add_argument("--fa4", action="store_true", help="add a phase of FA4's forward (needs FA4 installed)")
     parser.add_argument("--batch", type=int, default=1, help="calls to a timing, blocked on once (their mean)")
     parser.add_argument("--variants", default="", help="a phase of ours with each of these forward designs, last")
+    parser.add_argument("--matmul", action="store_true", help="a phase of a plain bf16 matmul (8192^3), last")
     args = parser.parse_args(argv)
     if args.batch < 1:
         parser.error("--batch must be at least 1")
@@ -156,6 +160,12 @@ def main(argv=None):
                                                                                  tuning=t))
         jax.block_until_ready(design(q, k, v))  # compiled while the GPU idles, as before ours_2_after_idle
         calls += timed_calls(lambda: design(q, k, v), args.seconds, name, args.batch)
+    if args.matmul:
+        keys = jax.random.split(jax.random.key(1))
+        a, b = (jax.random.normal(key, (MATMUL_N, MATMUL_N), jnp.bfloat16) for key in keys)
+        matmul = jax.jit(jnp.matmul)
+        jax.block_until_ready(matmul(a, b))
+        calls += timed_calls(lambda: matmul(a, b), args.seconds, "matmul_dense", args.batch)
     time.sleep(0.3)
     if sampler:
         sampler.terminate()
@@ -167,6 +177,9 @@ def main(argv=None):
                   summary=summary(calls, samples, flops), calls=calls, samples=samples)
     with open(args.out, "w") as f:
         json.dump(result, f)
+    if args.matmul:
+        result["summary"]["matmul_dense"]["matmul_tflops"] = 2 * MATMUL_N**3 / result["summary"]["matmul_dense"][
+            "median_ms"] / 1e9
     for phase, row in result["summary"].items():
         print(phase, json.dumps(row))
 
