@@ -36,6 +36,7 @@ import fa4  # noqa: E402
 from radial_jax import attention_flops, block_density, computed_token_pairs, radial_block_mask  # noqa: E402
 from radial_jax.kernels import (DEFAULT_MOSAIC_BWD, DEFAULT_MOSAIC_FWD, LAZY_MOSAIC_FWD, KernelTuning,  # noqa: E402
                                 MosaicBwdTuning, MosaicTuning, block_sparse_attention)
+from radial_jax.kernels.mosaic_fwd import ABLATIONS  # noqa: E402
 from radial_jax.kernels.tables import block_tables  # noqa: E402
 
 SHAPES = {**fa4.SHAPES, "tiny": (3, 100, 2)}  # tiny: --dry-run only (the Triton twin in interpret mode, CPU)
@@ -302,9 +303,10 @@ def forward_variants() -> dict[str, KernelTuning]:
                 DEFAULT_MOSAIC_FWD, persistent=True, walk_item_cost=3.0)),
             "row_sum_in_thread_producer_warp_fwd": default_and(row_sum_in_thread=True, producer_warp=True),
             # Timing only (wrong output): the default minus one stage of its middle steps, to price that
-            # stage at the power cap: the whole softmax (P = bf16(S)), the exp2 (p = x), O's rescale.
+            # stage at the power cap: the whole softmax (P = bf16(S)), the exp2 (p = x), O's rescale, 15/16
+            # of the K/V loads.
             **{f"ablate_{stage}_fwd": KernelTuning(mosaic_fwd=dataclasses.replace(DEFAULT_MOSAIC_FWD, ablate=stage))
-               for stage in ("softmax", "exp2", "rescale")},
+               for stage in ABLATIONS},
             "overlap_late_p_sep_s3_fwd": fwd(**session9, num_stages=3)}
 
 

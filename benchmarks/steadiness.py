@@ -172,14 +172,17 @@ def main(argv=None):
         sampler.wait()
     samples = read_samples(smi_path) if sampler else []
     flops = attention_flops(computed_token_pairs(mask, 128, L, L), heads=heads, head_dim=HEAD_DIM)
+    phases = summary(calls, samples, flops)
+    if args.matmul:  # its own FLOPs, not the attention's
+        row, matmul_flops = phases["matmul_dense"], 2 * MATMUL_N**3
+        row["matmul_tflops"] = matmul_flops / row["median_ms"] / 1e9
+        if "joules_per_call" in row:
+            row["gflop_per_joule"] = matmul_flops / row["joules_per_call"] / 1e9
     result = dict(device=jax.devices()[0].device_kind, command="python " + " ".join(sys.argv),
                   date=datetime.date.today().isoformat(), shape=args.shape, batch=args.batch, on_block_flops=flops,
-                  summary=summary(calls, samples, flops), calls=calls, samples=samples)
+                  summary=phases, calls=calls, samples=samples)
     with open(args.out, "w") as f:
         json.dump(result, f)
-    if args.matmul:
-        result["summary"]["matmul_dense"]["matmul_tflops"] = 2 * MATMUL_N**3 / result["summary"]["matmul_dense"][
-            "median_ms"] / 1e9
     for phase, row in result["summary"].items():
         print(phase, json.dumps(row))
 

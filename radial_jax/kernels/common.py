@@ -196,7 +196,10 @@ class MosaicTuning:
     # its middle steps, to measure what that stage costs at the 700 W cap (issue 16: "timing variants that
     # drop one stage"). "softmax": P = bf16(S), no row max, exp2, sum or rescale (what the matmuls, loads
     # and turns cost alone); "exp2": p = x, the max, shift, sum and rescale kept (what the multi-function
-    # unit's exp2 costs); "rescale": O is not multiplied by its row factor. None: the kernel.
+    # unit's exp2 costs); "rescale": O is not multiplied by its row factor; "loads": the TMA brings only
+    # the first 8 of each K and V block's 128 rows (what moving K and V from L2 costs; the other rows are
+    # those the SM's previous CTA left, real K/V values, so the tensor cores' power is a real step's).
+    # None: the kernel.
     ablate: str | None = None
 
 

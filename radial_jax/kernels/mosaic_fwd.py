@@ -50,6 +50,9 @@ from radial_jax.kernels.tables import BlockTables
 __all__ = ["MosaicTuning", "mosaic_forward", "supported"]
 
 
+ABLATIONS = ("softmax", "exp2", "rescale", "loads")  # MosaicTuning.ablate's stages (timing only)
+
+
 def supported(q_dtype, head_dim: int, block_size: int) -> str | None:
     """Returns None if the Mosaic kernel can run this case, else the reason it cannot."""
     if block_size != MASK_BLOCK:
@@ -430,9 +433,9 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
         # CTA is left without an item (the kernels load their first item's Q unconditionally).
         raise ValueError(f"walk_item_cost={tuning.walk_item_cost} deals the persistent kernel's items: set "
                          "persistent=True and a cost > 0 (key steps an item adds to its blocks)")
-    if tuning.ablate is not None and not (tuning.ablate in ("softmax", "exp2", "rescale") and head_cols is not None
+    if tuning.ablate is not None and not (tuning.ablate in ABLATIONS and head_cols is not None
                                           and lazy_threshold is None and not persistent):
-        raise ValueError(f"ablate={tuning.ablate!r} (timing only) drops 'softmax', 'exp2' or 'rescale' from the grid "
+        raise ValueError(f"ablate={tuning.ablate!r} (timing only) drops one of {', '.join(ABLATIONS)} from the grid "
                          "kernel's DEFAULT_MOSAIC_FWD loop: set it on DEFAULT_MOSAIC_FWD, not persistent")
     num_ctas = min(tuning.persistent_ctas or _sm_count(), total) if persistent else None
     if persistent:
@@ -963,13 +966,15 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
         apart = reused is not None and tuning.separate_kv_waits
         if reused is not None and not apart:
             wait(k_consumed, v_consumed)
-        kv = (b, pl.ds(ids_ref[q_tile, step] * block_kv, block_kv), head)
+        # ablate="loads" (timing only): the first 8 rows of each block, the rest of the slot as the CTA before left it
+        rows = 8 if tuning.ablate == "loads" else block_kv
+        kv = (b, pl.ds(ids_ref[q_tile, step] * block_kv, rows), head)
         if apart:
             wait(k_consumed)
-        plgpu.copy_gmem_to_smem(k_ref.at[kv], k_smem.at[slot], k_barriers.at[slot])
+        plgpu.copy_gmem_to_smem(k_ref.at[kv], k_smem.at[slot, pl.ds(0, rows)], k_barriers.at[slot])
         if apart:
             wait(v_consumed)
-        plgpu.copy_gmem_to_smem(v_ref.at[kv], v_smem.at[slot], v_barriers.at[slot])
+        plgpu.copy_gmem_to_smem(v_ref.at[kv], v_smem.at[slot, pl.ds(0, rows)], v_barriers.at[slot])
 
     def kernel(q_ref, k_ref, v_ref, ids_ref, counts_ref, out_ref, lse_ref,
                qo_smem2, k_smem, v_smem, lse_smem2,

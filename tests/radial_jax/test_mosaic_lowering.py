@@ -722,11 +722,17 @@ def test_ablations_drop_only_their_stage_from_the_middle_steps(monkeypatch, case
     for stage, text in modules.items():
         assert _wgmma_waits(text) == _wgmma_waits(modules[None]), stage
         assert text.count("mbarrier") == modules[None].count("mbarrier"), stage
+    # "loads": the same steps, each K and V copy 8 rows (2 KiB at head_dim 128) instead of the block's 128 (32 KiB)
+    loads, default = module("loads"), modules[None]
+    constant = lambda count: f"value = {2 * count * case[3]} : i32"  # bytes of `count` rows of K or V
+    assert constant(128) in default and constant(128) not in loads
+    assert loads.count(constant(8)) > default.count(constant(8))
+    assert loads.count("ex2.approx") == exp2s[None] and _wgmma_waits(loads) == _wgmma_waits(default)
 
 
 def test_ablate_refuses_other_loops_and_stages():
     tables, q, kv, _ = _setup(*CASES[0])
-    for fields in ({"ablate": "mask"}, {"ablate": "exp2", "persistent": True},
+    for fields in ({"ablate": "mask"}, {"ablate": "loads", "persistent": True}, {"ablate": "exp2", "persistent": True},
                    {"ablate": "exp2", "lazy_rescale_threshold": 8.0}, {"ablate": "softmax", "pv_wait_after_cols": None}):
         tuning = dataclasses.replace(mosaic_fwd.DEFAULT_MOSAIC_FWD, **fields)
         with pytest.raises(ValueError, match="ablate="):
