@@ -302,6 +302,8 @@ def forward_variants() -> dict[str, KernelTuning]:
             "fa4_order_persistent_list3_fwd": KernelTuning(mosaic_fwd=dataclasses.replace(
                 DEFAULT_MOSAIC_FWD, persistent=True, walk_item_cost=3.0)),
             "row_sum_in_thread_producer_warp_fwd": default_and(row_sum_in_thread=True, producer_warp=True),
+            # The default with K/V multicast across a cluster of two CTAs (pairs of query tiles).
+            "kv_multicast_fwd": KernelTuning(mosaic_fwd=dataclasses.replace(DEFAULT_MOSAIC_FWD, kv_multicast=True)),
             # Timing only (wrong output): the default minus one stage of its middle steps, to price that
             # stage at the power cap: the whole softmax (P = bf16(S)), the exp2 (p = x), O's rescale, 15/16
             # of the K/V loads.

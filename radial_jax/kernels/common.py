@@ -192,6 +192,16 @@ class MosaicTuning:
     # grid at 1.3B 480p-81f from 0.946x to 0.988x the grid kernel (F = 3), with carry_items from 0.966x to
     # 1.003x (F = 1); at 480p-161f and 14B 720p-81f every persistent form stays 0.98-0.995x.
     walk_item_cost: float | None = None
+    # K/V multicast across a cluster of two CTAs (FlashAttention-3's cluster mode, which FA4's sm90 forward
+    # does not run). The grid runs pairs of query tiles (2p, 2p + 1), one CTA each, launched as one cluster;
+    # the pair walks the union of its two key-block lists (pair_walk) and a block both tiles have (80-92% of
+    # them on the radial masks) is one multicast TMA copy, each CTA issuing half and both receiving all, so
+    # the pair reads it from L2 once. Ring slots are dealt per block so that both CTAs take a shared block
+    # into the same slot; each CTA's compute loop is the grid kernel's, reading its slots from a table.
+    # The arithmetic is unchanged: out and lse bitwise the grid kernel's. Why: at the 700 W cap, the K/V
+    # traffic from L2 is 8-14% of a call's energy (ablate="loads", NOTES session 18), and a pair moves
+    # 54-60% of the bytes of two lone CTAs at 1.3B 480p / 14B 720p.
+    kv_multicast: bool = False
     # Timing only, the output is wrong: the grid kernel with DEFAULT_MOSAIC_FWD's loop minus one stage of
     # its middle steps, to measure what that stage costs at the 700 W cap (issue 16: "timing variants that
     # drop one stage"). "softmax": P = bf16(S), no row max, exp2, sum or rescale (what the matmuls, loads
@@ -486,6 +496,57 @@ def list_scheduled_walk(item_costs, num_ctas: int):
         walk[cta, 0] = len(items)
         walk[cta, 1:1 + len(items)] = items
     return walk
+
+
+# pair_walk's packing of a union step: the key block in the low bits, then the ring slot, then for each CTA
+# of the pair whether the step is its own and whether its slot held one of its earlier blocks.
+PAIR_BLOCK_BITS = 20
+PAIR_SLOT_BIT, PAIR_OWN_BIT, PAIR_REUSED_BIT = 20, 21, 23  # + member (0, 1) for the last two
+
+
+def pair_walk(kv_ids, kv_counts):
+    """The K/V walk of query tiles 2p and 2p + 1 run by one CTA pair (MosaicTuning.kv_multicast).
+
+    kv_ids: [tiles, width] each tile's key blocks, ascending; kv_counts: [tiles]. Returns (walk, slots):
+    walk [pairs, 1 + most union steps] int32, row p = (the pair's union step count, then each key block
+    either tile has, ascending, packed as block | slot << 20 | own_m << (21 + m) | reused_m << (23 + m) for
+    members m = 0, 1); slots [2 * pairs, width] int32, the ring slot (of 2) of each tile's own step j.
+    A block both tiles have is a shared step: both CTAs take it into the same slot (one multicast copy).
+    Slots are dealt greedily so that each CTA's consecutive own steps alternate slots, which fails only at
+    a shared step whose two CTAs last used different slots (one of them then repeats its slot). An odd
+    last tile is paired with an empty one.
+    """
+    kv_ids, kv_counts = np.asarray(kv_ids), np.asarray(kv_counts)
+    tiles, width = kv_ids.shape
+    pairs = -(-tiles // 2)
+    rows = [set(kv_ids[t, :kv_counts[t]].tolist()) if t < tiles else set() for t in range(2 * pairs)]
+    if kv_ids.size and kv_ids.max() >= 1 << PAIR_BLOCK_BITS:
+        raise ValueError(f"pair_walk packs key blocks in {PAIR_BLOCK_BITS} bits; got block {kv_ids.max()}")
+    unions, slots = [], np.zeros((2 * pairs, max(1, width)), np.int32)
+    for p in range(pairs):
+        last = [None, None]  # the slot of each member's previous own step
+        taken = [0, 0]  # own steps so far
+        used = [set(), set()]  # slots each member has used
+        steps = []
+        for block in sorted(rows[2 * p] | rows[2 * p + 1]):
+            own = [block in rows[2 * p + m] for m in (0, 1)]
+            previous = {last[m] for m in (0, 1) if own[m] and last[m] is not None}
+            slot = 1 - min(previous) if previous else 0  # the other slot than its owner(s) used last
+            word = block | slot << PAIR_SLOT_BIT
+            for m in (0, 1):
+                if own[m]:
+                    word |= 1 << (PAIR_OWN_BIT + m) | (slot in used[m]) << (PAIR_REUSED_BIT + m)
+                    slots[2 * p + m, taken[m]] = slot
+                    taken[m] += 1
+                    last[m] = slot
+                    used[m].add(slot)
+            steps.append(word)
+        unions.append(steps)
+    walk = np.zeros((pairs, 1 + max(map(len, unions), default=0)), np.int32)
+    for p, steps in enumerate(unions):
+        walk[p, 0] = len(steps)
+        walk[p, 1:1 + len(steps)] = steps
+    return walk, slots
 
 
 def seq_multiple(x, multiple: int = TMA_SEQ_MULTIPLE):

@@ -42,9 +42,9 @@ import numpy as np
 from jax import lax
 
 from radial_jax.kernels.common import (COMPUTE_WGS, DEFAULT_MOSAIC_FWD, HOPPER_SMS, LN_2, LOG2_E, MASK_BLOCK,
-                                       MosaicTuning, block_coords, block_grid, check_lazy_rescale_threshold,
-                                       list_scheduled_walk, persistent_items, seq_multiple, unpad_seq,
-                                       work_coords)
+                                       PAIR_BLOCK_BITS, PAIR_OWN_BIT, PAIR_REUSED_BIT, PAIR_SLOT_BIT, MosaicTuning,
+                                       block_coords, block_grid, check_lazy_rescale_threshold, list_scheduled_walk,
+                                       pair_walk, persistent_items, seq_multiple, unpad_seq, work_coords)
 from radial_jax.kernels.tables import BlockTables
 
 __all__ = ["MosaicTuning", "mosaic_forward", "supported"]
@@ -437,12 +437,23 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
                                           and lazy_threshold is None and not persistent):
         raise ValueError(f"ablate={tuning.ablate!r} (timing only) drops one of {', '.join(ABLATIONS)} from the grid "
                          "kernel's DEFAULT_MOSAIC_FWD loop: set it on DEFAULT_MOSAIC_FWD, not persistent")
+    multicast = tuning.kv_multicast
+    if multicast and not (tuning.overlap_qk and tuning.separate_kv_waits and stages == 2 and not persistent
+                          and not tuning.producer_warp and tuning.grid_heads is None and not p_smem):
+        raise ValueError("kv_multicast runs pairs of query tiles on the grid kernel's overlapped loop with its K and V "
+                         "waits apart: set it on DEFAULT_MOSAIC_FWD (num_stages=2, not persistent, producer_warp, "
+                         "grid_heads or overlap_p_smem)")
     num_ctas = min(tuning.persistent_ctas or _sm_count(), total) if persistent else None
     if persistent:
         grid, grid_names = (num_ctas,), ("cta",)
     kv_ids = jnp.asarray(tables.kv_ids)
     counts = jnp.stack([jnp.asarray(tables.kv_counts), jnp.asarray(tables.kv_full_counts)], axis=1)
     inputs = (q, k, v, kv_ids, counts)
+    if multicast:  # the grid runs pairs of query tiles (an odd last tile with an empty one: count 0)
+        walk, slots = pair_walk(tables.kv_ids, tables.kv_counts)
+        grid = (heads, walk.shape[0], batch)
+        counts = jnp.pad(counts, ((0, 2 * walk.shape[0] - num_q_tiles), (0, 0)))
+        inputs = (q, k, v, kv_ids, counts, jnp.asarray(walk), jnp.asarray(slots))
     if persistent and tuning.walk_item_cost is not None:  # the items' costs in launch order, off the tables
         q_tiles = work_coords(np.arange(total), heads, num_q_tiles, batch, tuning.grid_heads)[2]
         walk = list_scheduled_walk(tables.kv_counts[q_tiles] + tuning.walk_item_cost, num_ctas)
@@ -515,7 +526,7 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
         elif tuning.pingpong:
             pl.when(wg == 1)(lambda: plgpu.barrier_arrive(schedule_barrier.at[0]))
 
-    def attend(refs, qo_smem, wg, q_tile, count, full_count, base=None):
+    def attend(refs, qo_smem, wg, q_tile, count, full_count, base=None, slots_ref=None):
         """Returns (acc [block_q, head_dim] f32, unnormalised; m_i, l_i [block_q] f32, m_i in log2 units)
         of this compute warpgroup's rows (Q in qo_smem, landed) against query tile q_tile's `count` key
         blocks, the last `count - full_count` masked, as the memory warpgroup streams them into the ring.
@@ -523,13 +534,22 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
         refs: (ids_ref, k_smem, v_smem, k_barriers, v_barriers, k_consumed, v_consumed, schedule_barrier,
         p_smem2), the kernel's. base: None, or (persistent kernel) the ring position of the tile's first
         block, int32: the blocks of earlier items went through the ring before it, so step s's slot is
-        (base + s) % stages and every barrier phase carries on from the previous item.
+        (base + s) % stages and every barrier phase carries on from the previous item. slots_ref: None, or
+        (kv_multicast) pair_walk's slots [tiles, width]: step s's slot is slots_ref[q_tile, s].
         """
         ids_ref, k_smem, v_smem, k_barriers, v_barriers, k_consumed, v_consumed, schedule_barrier, p_smem2 = refs
         pingpong = tuning.pingpong
 
         def ring_slot(step):
+            if slots_ref is not None:
+                return slots_ref[q_tile, step]
             return lax.rem(step if base is None else base + step, jnp.int32(stages))
+
+        def slots_of(*steps):
+            """Functions returning ring_slot of each step where it is used: a table's entry is read once."""
+            if slots_ref is None:
+                return tuple(functools.partial(ring_slot, step) for step in steps)
+            return tuple((lambda slot: lambda: slot)(ring_slot(step)) for step in steps)
 
         def schedule():
             plgpu.barrier_arrive(schedule_barrier)
@@ -602,13 +622,14 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
             and 1 need no branch.
             """
             waits_first = tuning.overlap_waits_first  # S's scope opens after the waits (MosaicTuning)
-            first_slot = 0 if base is None else ring_slot(0)  # the persistent kernel's ring runs on
+            # the persistent kernel's ring runs on; kv_multicast's first block may take slot 1
+            first_slot = 0 if base is None and slots_ref is None else ring_slot(0)
 
-            def issue_qk(s_ref, step):  # after K_step's barrier: FA3 waits for data before its turn
-                plgpu.wgmma(s_ref, qo_smem, k_smem.at[ring_slot(step)].transpose((1, 0)))
+            def issue_qk(s_ref, slot):  # after K's barrier: FA3 waits for data before its turn
+                plgpu.wgmma(s_ref, qo_smem, k_smem.at[slot()].transpose((1, 0)))
 
-            def issue_pv(p16, step):  # p16: P in registers, or None: P in this warpgroup's SMEM tile
-                slot = ring_slot(step)
+            def issue_pv(p16, slot):  # p16: P in registers, or None: P in this warpgroup's SMEM tile
+                slot = slot()
                 plgpu.barrier_wait(v_barriers.at[slot])
                 plgpu.wgmma(o_ref, p_smem2[0].at[wg] if p_smem else p16, v_smem.at[slot])
 
@@ -632,7 +653,7 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
                     if not waits_first:
                         plgpu.barrier_wait(k_barriers.at[first_slot])
                         take_turn(wg, schedule_barrier)
-                    issue_qk(s_ref, 0)
+                    issue_qk(s_ref, *slots_of(0) if slots_ref is None else (lambda: first_slot,))
                     pass_turn(wg, schedule_barrier)
                     return plgpu.wgmma_accumulator_load(s_ref, wait_n=0)
 
@@ -646,31 +667,32 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
 
             def middle(j, carry, *, mask_tail):
                 m_i, l_i, p16 = carry[:3]
+                slot, next_slot = slots_of(j, j + 1)  # of P_j V_j's V and S_{j+1}'s K
                 if waits_first:
-                    plgpu.barrier_wait(k_barriers.at[ring_slot(j + 1)])
+                    plgpu.barrier_wait(k_barriers.at[next_slot()])
                     take_turn(wg, schedule_barrier)
 
                 def qk_and_pv(s_ref):
                     if not waits_first:
-                        plgpu.barrier_wait(k_barriers.at[ring_slot(j + 1)])
+                        plgpu.barrier_wait(k_barriers.at[next_slot()])
                         take_turn(wg, schedule_barrier)
-                    issue_qk(s_ref, j + 1)
+                    issue_qk(s_ref, next_slot)
                     if early_rescale:  # O *= alpha_j under S_{j+1}'s wgmma; the store fences O
                         rescale_o(*carry[3:], m_i)
-                    issue_pv(p16, j)
+                    issue_pv(p16, slot)
                     pass_turn(wg, schedule_barrier)
                     # S_{j+1} done and P_j V_j still running, or (overlap_softmax=False) both done
                     return plgpu.wgmma_accumulator_load(s_ref, wait_n=1 if overlap_softmax else 0)
 
                 s = pl.run_scoped(qk_and_pv, plgpu.ACC((block_q, block_kv), jnp.float32))
-                plgpu.barrier_arrive(k_consumed.at[ring_slot(j + 1)])
+                plgpu.barrier_arrive(k_consumed.at[next_slot()])
                 if tuning.late_pv_wait:
                     _convergence_point()
                 if not overlap_softmax:  # P_j V_j has retired: V_j is free before the softmax
-                    plgpu.barrier_arrive(v_consumed.at[ring_slot(j)])
+                    plgpu.barrier_arrive(v_consumed.at[slot()])
                 if tuning.ablate == "softmax":  # timing only: P = bf16(S), cast after P_j V_j's wait
                     plgpu.wgmma_accumulator_load(o_ref, wait_n=0)
-                    plgpu.barrier_arrive(v_consumed.at[ring_slot(j)])
+                    plgpu.barrier_arrive(v_consumed.at[slot()])
                     return m_i, l_i, keep_p(lax.optimization_barrier(s))
                 if head_cols is not None:  # the wait and O's rescale amid the exp2, as in FA4's loop
                     x, m_new, alpha = shifted_scores(s, m_i, j + 1, mask_tail=mask_tail)
@@ -680,7 +702,7 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
                                                   None if lazy_threshold is None else (m_i, m_new),
                                                   exp2=tuning.ablate != "exp2")
                     l_i = add_row_sum(l_i, alpha, p)
-                    plgpu.barrier_arrive(v_consumed.at[ring_slot(j)])
+                    plgpu.barrier_arrive(v_consumed.at[slot()])
                     o_ref[...] = acc
                     return m_new, l_i, keep_p(lax.optimization_barrier(p))
                 p, m_new, alpha = softmax_scores(s, m_i, j + 1, mask_tail=mask_tail)
@@ -698,7 +720,7 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
                     _convergence_point()
                 acc = plgpu.wgmma_accumulator_load(o_ref, wait_n=0)  # P_j V_j done
                 if overlap_softmax:
-                    plgpu.barrier_arrive(v_consumed.at[ring_slot(j)])
+                    plgpu.barrier_arrive(v_consumed.at[slot()])
                 if late_p:  # p passes a barrier after the wait, so LLVM cannot hoist the cast above it
                     p16_next = keep_p(lax.optimization_barrier(p))  # into P_j's registers, now free
                 if early_rescale:
@@ -710,10 +732,11 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
                 if early_rescale:  # nothing to overlap with: before the turn, not while holding it
                     rescale_o(*carry[3:], carry[0])
                 take_turn(wg, schedule_barrier)
-                issue_pv(carry[2], count - 1)
+                (slot,) = slots_of(count - 1)
+                issue_pv(carry[2], slot)
                 pass_turn(wg, schedule_barrier)
                 plgpu.wgmma_wait(0)
-                plgpu.barrier_arrive(v_consumed.at[ring_slot(count - 1)])
+                plgpu.barrier_arrive(v_consumed.at[slot()])
                 return carry
 
             p16 = None  # P_0 comes from the first step; in SMEM mode it is never carried
@@ -976,10 +999,18 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
             wait(v_consumed)
         plgpu.copy_gmem_to_smem(v_ref.at[kv], v_smem.at[slot, pl.ds(0, rows)], v_barriers.at[slot])
 
-    def kernel(q_ref, k_ref, v_ref, ids_ref, counts_ref, out_ref, lse_ref,
-               qo_smem2, k_smem, v_smem, lse_smem2,
-               k_barriers, v_barriers, q_barriers, k_consumed, v_consumed, schedule_barrier, *p_smem2):
+    def kernel(q_ref, k_ref, v_ref, ids_ref, counts_ref, *refs):
+        """One CTA a (batch, head, query tile), or with kv_multicast one CTA of a pair (a cluster of two) that
+        runs query tiles 2p and 2p + 1 and takes the key blocks both have by one multicast copy
+        (pair_producer)."""
+        walk_ref, slots_ref, refs = (refs[0], refs[1], refs[2:]) if multicast else (None, None, refs)
+        (out_ref, lse_ref, qo_smem2, k_smem, v_smem, lse_smem2, k_barriers, v_barriers, q_barriers, k_consumed,
+         v_consumed, schedule_barrier, *extra) = refs
+        ready, p_smem2 = (extra, ()) if multicast else ((), tuple(extra))
         b, head, q_tile = block_coords(lax.axis_index, heads, "q_seq", tuning.grid_heads)
+        pair = q_tile  # with kv_multicast the grid runs pairs of query tiles
+        if multicast:
+            q_tile = 2 * pair + lax.axis_index("pair")
         wg = lax.axis_index("wg")
         count = counts_ref[q_tile, 0]
         full_count = counts_ref[q_tile, 1]
@@ -993,11 +1024,18 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
             plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(q_base, block_q), head], qo_smem, q_barriers.at[wg])
             plgpu.barrier_wait(q_barriers.at[wg])
             refs = (ids_ref, k_smem, v_smem, k_barriers, v_barriers, k_consumed, v_consumed, schedule_barrier, p_smem2)
-            acc, m_i, l_i = attend(refs, qo_smem, wg, q_tile, count, full_count)
+            acc, m_i, l_i = attend(refs, qo_smem, wg, q_tile, count, full_count, slots_ref=slots_ref)
             stage_tile(qo_smem, lse_smem, acc, m_i, l_i)
-            plgpu.copy_smem_to_gmem(qo_smem, out_ref.at[b, pl.ds(q_base, block_q), head])
-            plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[b, head, pl.ds(q_base, block_q)])
-            plgpu.wait_smem_to_gmem(0)
+
+            def store():
+                plgpu.copy_smem_to_gmem(qo_smem, out_ref.at[b, pl.ds(q_base, block_q), head])
+                plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[b, head, pl.ds(q_base, block_q)])
+                plgpu.wait_smem_to_gmem(0)
+
+            if multicast and num_q_tiles % 2:  # the last pair's second tile is past the end: no rows
+                pl.when(q_tile < num_q_tiles)(store)
+            else:
+                store()
 
         @pl.when(wg == COMPUTE_WGS)
         def _memory_wg():
@@ -1013,10 +1051,50 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
                 def _(step):
                     load(step + stages, lax.rem(step, jnp.int32(stages)), True)
 
-            if tuning.producer_warp:  # warp 0 alone, in single-warp semantics; warps 1-3 have nothing to do
+            if multicast:
+                pair_producer(walk_ref, ring, ready, b, head, pair)
+            elif tuning.producer_warp:  # warp 0 alone, in single-warp semantics; warps 1-3 have nothing to do
                 plgpu.warp_map(lambda warp: pl.when(warp == 0)(produce))
             else:
                 produce()
+
+    def pair_producer(walk_ref, ring, ready, b, head, pair):
+        """The memory warpgroup of one CTA of a kv_multicast pair: walks the pair's key blocks (pair_walk's
+        row), and for each block of its own tile waits until its ring slot is free (its own compute
+        warpgroups released the slot's previous block), then loads K, then the same for V. A block both
+        tiles have is one multicast copy (each CTA issues half, both receive all) after a rendezvous of
+        the two memory warpgroups on the slot's cluster barrier (each arrives on both CTAs' copies once
+        its own slot is free), so neither CTA's slot is written while its previous block is in use."""
+        k_ref, v_ref, _, k_smem, v_smem, k_barriers, v_barriers, k_consumed, v_consumed = ring
+        member = lax.axis_index("pair")
+
+        @pl.loop(0, walk_ref[pair, 0])
+        def _(u):
+            word = walk_ref[pair, 1 + u]
+            bit = lambda position: lax.shift_right_logical(word, position) & 1 == 1
+            block = word & ((1 << PAIR_BLOCK_BITS) - 1)
+            slot = lax.shift_right_logical(word, PAIR_SLOT_BIT) & 1
+            mine, theirs = bit(PAIR_OWN_BIT + member), bit(PAIR_OWN_BIT + 1 - member)
+            reused = bit(PAIR_REUSED_BIT + member)
+            kv = (b, pl.ds(block * block_kv, block_kv), head)
+
+            def load(src, smem, full, consumed, rendezvous):
+                pl.when(reused)(lambda: plgpu.barrier_wait(consumed.at[slot]))
+
+                @pl.when(theirs)
+                def _():
+                    plgpu.barrier_arrive(rendezvous.at[slot])
+                    plgpu.barrier_wait(rendezvous.at[slot])
+                    plgpu.copy_gmem_to_smem(src.at[kv], smem.at[slot], full.at[slot], collective_axes="pair")
+
+                @pl.when(jnp.logical_not(theirs))
+                def _():
+                    plgpu.copy_gmem_to_smem(src.at[kv], smem.at[slot], full.at[slot])
+
+            @pl.when(mine)
+            def _():
+                load(k_ref, k_smem, k_barriers, k_consumed, ready[0])
+                load(v_ref, v_smem, v_barriers, v_consumed, ready[1])
 
     def persistent_kernel(q_ref, k_ref, v_ref, ids_ref, counts_ref, *refs):
         """One CTA walks work items cta, cta + num_ctas, ... (block_grid's launch order, work_coords), or with
@@ -1125,6 +1203,8 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
         # turn barrier per warpgroup, which the other arrives on when it has issued its wgmmas.
         plgpu.Barrier(num_barriers=COMPUTE_WGS) if tuning.overlap_qk else plgpu.Barrier(num_arrivals=COMPUTE_WGS),
     ]
+    if multicast:  # the two memory warpgroups' rendezvous before a multicast K, and V, into a slot
+        scratch += [plgpu.ClusterBarrier(collective_axes=("pair",), num_barriers=stages)] * 2
     if p_smem:  # each compute warpgroup's P tile, as its Q tile: the lhs of an SS wgmma
         scratch.append(plgpu.SMEM((COMPUTE_WGS, block_q, block_kv), dtype, transforms=(tiling, swizzle)))
     params = {}
@@ -1149,6 +1229,7 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
         grid_names=grid_names,
         num_threads=COMPUTE_WGS + 1,
         thread_name="wg",
+        **(dict(cluster=(2,), cluster_names=("pair",)) if multicast else {}),
         compiler_params=plgpu.CompilerParams(approx_math=True, **params),
     )(*inputs)
     return unpad_seq(out, q_len), lse[..., :q_len]

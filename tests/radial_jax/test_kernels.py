@@ -965,6 +965,62 @@ class TestMosaicPersistentGPU:
                 assert bool((g == r).all()), name
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not IS_HOPPER, reason="needs a Hopper GPU (sm90) for the Mosaic kernel")
+class TestMosaicMulticastGPU:
+    """MosaicTuning.kv_multicast against the grid kernel (DEFAULT_MOSAIC_FWD): a CTA pair walks the union of
+    its two tiles' key blocks, a shared block one multicast copy into the same slot of both CTAs, each CTA's
+    compute loop reading its slots from pair_walk's table. Every tile's arithmetic is the grid kernel's,
+    so out and lse must be bitwise equal. A block landed in the wrong slot or read before its other half
+    arrived, a slot overwritten while the partner still reads it, or a phase out of step moves values or
+    hangs (run under `timeout`). ragged_cross_empty_row (33 tiles) and the tiny cases (1 tile) have an odd
+    tile count, so the last tile's partner is past the end and loads nothing; the radial case's pairs
+    share 85% of their blocks, the random masks' far fewer."""
+
+    @pytest.mark.parametrize("name", list(_PERSISTENT_CASES))
+    def test_forward_is_bitwise_the_grid_one(self, name):
+        out, lse, mask = _assert_persistent_forward_bitwise(
+            name, DEFAULT_MOSAIC_FWD, dataclasses.replace(DEFAULT_MOSAIC_FWD, kv_multicast=True))
+        empty = np.repeat(~mask.any(axis=1), 128)[:out.shape[1]]
+        assert bool((out[:, empty] == 0).all()) and bool((lse[..., empty] == -jnp.inf).all())
+
+
+def test_pair_walk_gives_each_tile_its_blocks_and_a_shared_block_one_slot():
+    from radial_jax.kernels.common import (PAIR_BLOCK_BITS, PAIR_OWN_BIT, PAIR_REUSED_BIT, PAIR_SLOT_BIT,
+                                           pair_walk)
+    from radial_jax.kernels.tables import block_tables
+
+    masks = [radial_block_mask(21, 1560, block_size=128, decay_factor=1.0),  # 256 tiles
+             _random_mask(5, 33, 9, 0.5, empty_rows=(0, 32)),  # odd: the last tile pairs with none
+             np.ones((1, 2), bool)]
+    for mask in masks:
+        tables = block_tables(mask, 128, mask.shape[0] * 128, mask.shape[1] * 128)
+        walk, slots = pair_walk(tables.kv_ids, tables.kv_counts)
+        tiles = mask.shape[0]
+        assert walk.shape[0] == -(-tiles // 2) and slots.shape[0] == 2 * walk.shape[0]
+        repeats = own_steps = 0
+        for p in range(walk.shape[0]):
+            words = walk[p, 1:1 + walk[p, 0]]
+            blocks = words & ((1 << PAIR_BLOCK_BITS) - 1)
+            slot = (words >> PAIR_SLOT_BIT) & 1
+            assert (np.diff(blocks) > 0).all()
+            for m in (0, 1):
+                tile = 2 * p + m
+                own = ((words >> (PAIR_OWN_BIT + m)) & 1).astype(bool)
+                expected = np.nonzero(mask[tile])[0] if tile < tiles else np.zeros(0, int)
+                assert blocks[own].tolist() == expected.tolist()  # its own blocks, once each, in order
+                assert slots[tile, :own.sum()].tolist() == slot[own].tolist()  # the table its compute reads
+                reused = ((words >> (PAIR_REUSED_BIT + m)) & 1).astype(bool)[own]
+                mine = slot[own]
+                # reused: an earlier own block took this slot (its release is what the load waits for)
+                assert reused.tolist() == [bool((mine[:j] == mine[j]).any()) for j in range(len(mine))]
+                repeats += int((mine[1:] == mine[:-1]).sum())
+                own_steps += len(mine)
+            assert ((words >> PAIR_OWN_BIT) & 3).min(initial=1) >= 1  # every union block is somebody's
+        if mask.shape[0] == 256:  # the radial pairs: a CTA's consecutive blocks rarely share a slot
+            assert repeats <= 0.03 * own_steps, repeats / own_steps
+
+
 def test_list_scheduled_walk_deals_every_item_once_to_the_first_free_cta():
     from radial_jax.kernels.common import list_scheduled_walk, persistent_items
 

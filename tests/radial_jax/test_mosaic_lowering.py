@@ -740,6 +740,43 @@ def test_ablate_refuses_other_loops_and_stages():
                            q, kv, kv)  # fmt: skip
 
 
+# A TMA load in a Mosaic GPU module as printed (both jax versions): its operand segment sizes, the sixth of
+# which is 1 when the copy is multicast to a cluster mask.
+_TMA_LOADS = re.compile(r'cp\.async\.bulk\.tensor\.shared\.cluster\.global"[^\n]*operandSegmentSizes = array<i32: ([\d, ]*)>')
+
+
+@pytest.mark.parametrize("case", [CASES[0], CASES[3], CASES[4]])
+def test_kv_multicast_launches_pairs_and_multicasts_shared_blocks(monkeypatch, case):
+    # MosaicTuning.kv_multicast: a cluster of 2 CTAs (its arrive/wait at the start); the memory warpgroup
+    # loads a shared block's K and V by multicast copies, its own blocks by plain ones; the compute loop is
+    # the grid kernel's (the same exp2 and wgmma waits).
+    tables, q, kv, _ = _setup(*case)
+    default = _forward_module(monkeypatch, tables, q, kv, mosaic_fwd.DEFAULT_MOSAIC_FWD)
+    pairs = _forward_module(monkeypatch, tables, q, kv,
+                            dataclasses.replace(mosaic_fwd.DEFAULT_MOSAIC_FWD, kv_multicast=True))
+    segments = [tuple(map(int, m.split(","))) for m in _TMA_LOADS.findall(pairs)]
+    multicast = [s for s in segments if len(s) > 5 and s[5] == 1]
+    assert len(multicast) == 2 and len(segments) == 5  # Q; K and V multicast; K and V alone
+    assert not [s for s in map(lambda m: tuple(map(int, m.split(","))), _TMA_LOADS.findall(default))
+                if len(s) > 5 and s[5] == 1]
+    assert "cluster.arrive" in pairs and "cluster.arrive" not in default
+    assert "mapa.shared::cluster" in pairs  # the rendezvous arrives on the partner's barrier too
+    assert pairs.count("ex2.approx") == default.count("ex2.approx")
+    assert _wgmma_waits(pairs) == _wgmma_waits(default)
+
+
+def test_kv_multicast_refuses_other_loops():
+    tables, q, kv, _ = _setup(*CASES[0])
+    for fields in ({"persistent": True}, {"num_stages": 3}, {"separate_kv_waits": False}, {"producer_warp": True},
+                   {"grid_heads": 1}, {"overlap_qk": False, "overlap_late_p": False, "named_turn": False,
+                                       "overlap_waits_first": False, "late_pv_wait": False,
+                                       "pv_wait_after_cols": None}):  # fmt: skip
+        tuning = dataclasses.replace(mosaic_fwd.DEFAULT_MOSAIC_FWD, kv_multicast=True, **fields)
+        with pytest.raises(ValueError, match="kv_multicast runs pairs"):
+            jax.eval_shape(lambda q, k, v: mosaic_fwd.mosaic_forward(q, k, v, tables=tables, scale=0.1, tuning=tuning),
+                           q, kv, kv)  # fmt: skip
+
+
 def test_persistent_forward_refuses_smem_p_and_a_bad_cta_count():
     tables, q, kv, _ = _setup(*CASES[0])
     refused = [({"persistent": True, "overlap_qk": True, "overlap_late_p": True, "overlap_p_smem": True},
