@@ -304,11 +304,15 @@ def forward_variants() -> dict[str, KernelTuning]:
             "row_sum_in_thread_producer_warp_fwd": default_and(row_sum_in_thread=True, producer_warp=True),
             # The default with K/V multicast across a cluster of two CTAs (pairs of query tiles).
             "kv_multicast_fwd": KernelTuning(mosaic_fwd=dataclasses.replace(DEFAULT_MOSAIC_FWD, kv_multicast=True)),
+            "kv_multicast_s3_fwd": KernelTuning(mosaic_fwd=dataclasses.replace(DEFAULT_MOSAIC_FWD, kv_multicast=True,
+                                                                               num_stages=3)),
             # Timing only (wrong output): the default minus one stage of its middle steps, to price that
             # stage at the power cap: the whole softmax (P = bf16(S)), the exp2 (p = x), O's rescale, 15/16
             # of the K/V loads.
             **{f"ablate_{stage}_fwd": KernelTuning(mosaic_fwd=dataclasses.replace(DEFAULT_MOSAIC_FWD, ablate=stage))
-               for stage in ABLATIONS},
+               for stage in ABLATIONS if stage != "multicast"},
+            "kv_multicast_ablate_multicast_fwd": KernelTuning(mosaic_fwd=dataclasses.replace(
+                DEFAULT_MOSAIC_FWD, kv_multicast=True, ablate="multicast")),
             "overlap_late_p_sep_s3_fwd": fwd(**session9, num_stages=3)}
 
 

@@ -208,8 +208,9 @@ class MosaicTuning:
     # and turns cost alone); "exp2": p = x, the max, shift, sum and rescale kept (what the multi-function
     # unit's exp2 costs); "rescale": O is not multiplied by its row factor; "loads": the TMA brings only
     # the first 8 of each K and V block's 128 rows (what moving K and V from L2 costs; the other rows are
-    # those the SM's previous CTA left, real K/V values, so the tensor cores' power is a real step's).
-    # None: the kernel.
+    # those the SM's previous CTA left, real K/V values, so the tensor cores' power is a real step's);
+    # "multicast" (with kv_multicast; the output is right): each CTA of a pair loads every block alone, to
+    # price the pairing (cluster launch, slot table) apart from the multicast. None: the kernel.
     ablate: str | None = None
 
 
@@ -501,21 +502,24 @@ def list_scheduled_walk(item_costs, num_ctas: int):
 # pair_walk's packing of a union step: the key block in the low bits, then the ring slot, then for each CTA
 # of the pair whether the step is its own and whether its slot held one of its earlier blocks.
 PAIR_BLOCK_BITS = 20
-PAIR_SLOT_BIT, PAIR_OWN_BIT, PAIR_REUSED_BIT = 20, 21, 23  # + member (0, 1) for the last two
+PAIR_SLOT_BIT, PAIR_OWN_BIT, PAIR_REUSED_BIT = 20, 22, 24  # + member (0, 1) for the last two; 2 slot bits
 
 
-def pair_walk(kv_ids, kv_counts):
+def pair_walk(kv_ids, kv_counts, stages: int = 2):
     """The K/V walk of query tiles 2p and 2p + 1 run by one CTA pair (MosaicTuning.kv_multicast).
 
     kv_ids: [tiles, width] each tile's key blocks, ascending; kv_counts: [tiles]. Returns (walk, slots):
     walk [pairs, 1 + most union steps] int32, row p = (the pair's union step count, then each key block
     either tile has, ascending, packed as block | slot << 20 | own_m << (21 + m) | reused_m << (23 + m) for
-    members m = 0, 1); slots [2 * pairs, width] int32, the ring slot (of 2) of each tile's own step j.
-    A block both tiles have is a shared step: both CTAs take it into the same slot (one multicast copy).
-    Slots are dealt greedily so that each CTA's consecutive own steps alternate slots, which fails only at
-    a shared step whose two CTAs last used different slots (one of them then repeats its slot). An odd
-    last tile is paired with an empty one.
+    members m = 0, 1); slots [2 * pairs, width] int32, the ring slot (of `stages`, 2 to 4) of each tile's own
+    step j. A block both tiles have is a shared step: both CTAs take it into the same slot (one multicast
+    copy). Each step takes the slot its owner(s) used least recently, so that a CTA's consecutive own steps
+    cycle through the slots as in the grid kernel's ring; with 2 slots that fails only at a shared step whose
+    two CTAs last used different slots (one of them then reuses its last slot at once). An odd last tile is
+    paired with an empty one.
     """
+    if not 2 <= stages <= 4:
+        raise ValueError(f"pair_walk deals 2 to 4 ring slots, not {stages}")
     kv_ids, kv_counts = np.asarray(kv_ids), np.asarray(kv_counts)
     tiles, width = kv_ids.shape
     pairs = -(-tiles // 2)
@@ -524,22 +528,21 @@ def pair_walk(kv_ids, kv_counts):
         raise ValueError(f"pair_walk packs key blocks in {PAIR_BLOCK_BITS} bits; got block {kv_ids.max()}")
     unions, slots = [], np.zeros((2 * pairs, max(1, width)), np.int32)
     for p in range(pairs):
-        last = [None, None]  # the slot of each member's previous own step
+        last_use = [[-1] * stages, [-1] * stages]  # each member's own step that last took each slot
         taken = [0, 0]  # own steps so far
-        used = [set(), set()]  # slots each member has used
         steps = []
         for block in sorted(rows[2 * p] | rows[2 * p + 1]):
             own = [block in rows[2 * p + m] for m in (0, 1)]
-            previous = {last[m] for m in (0, 1) if own[m] and last[m] is not None}
-            slot = 1 - min(previous) if previous else 0  # the other slot than its owner(s) used last
+            owners = [m for m in (0, 1) if own[m]]
+            # least recently used by its owners: the latest use of each slot by either, ties to the lowest
+            recency = lambda m, s: last_use[m][s] - taken[m] if last_use[m][s] >= 0 else -np.inf  # -1: just used
+            slot = min(range(stages), key=lambda s: (max(recency(m, s) for m in owners), s))
             word = block | slot << PAIR_SLOT_BIT
-            for m in (0, 1):
-                if own[m]:
-                    word |= 1 << (PAIR_OWN_BIT + m) | (slot in used[m]) << (PAIR_REUSED_BIT + m)
-                    slots[2 * p + m, taken[m]] = slot
-                    taken[m] += 1
-                    last[m] = slot
-                    used[m].add(slot)
+            for m in owners:
+                word |= 1 << (PAIR_OWN_BIT + m) | (last_use[m][slot] >= 0) << (PAIR_REUSED_BIT + m)
+                slots[2 * p + m, taken[m]] = slot
+                last_use[m][slot] = taken[m]
+                taken[m] += 1
             steps.append(word)
         unions.append(steps)
     walk = np.zeros((pairs, 1 + max(map(len, unions), default=0)), np.int32)

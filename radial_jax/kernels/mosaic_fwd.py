@@ -50,7 +50,7 @@ from radial_jax.kernels.tables import BlockTables
 __all__ = ["MosaicTuning", "mosaic_forward", "supported"]
 
 
-ABLATIONS = ("softmax", "exp2", "rescale", "loads")  # MosaicTuning.ablate's stages (timing only)
+ABLATIONS = ("softmax", "exp2", "rescale", "loads", "multicast")  # MosaicTuning.ablate's stages (timing only)
 
 
 def supported(q_dtype, head_dim: int, block_size: int) -> str | None:
@@ -433,15 +433,17 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
         # CTA is left without an item (the kernels load their first item's Q unconditionally).
         raise ValueError(f"walk_item_cost={tuning.walk_item_cost} deals the persistent kernel's items: set "
                          "persistent=True and a cost > 0 (key steps an item adds to its blocks)")
+    if tuning.ablate == "multicast" and not tuning.kv_multicast:
+        raise ValueError("ablate='multicast' (timing only) loads kv_multicast's shared blocks alone: set kv_multicast")
     if tuning.ablate is not None and not (tuning.ablate in ABLATIONS and head_cols is not None
                                           and lazy_threshold is None and not persistent):
         raise ValueError(f"ablate={tuning.ablate!r} (timing only) drops one of {', '.join(ABLATIONS)} from the grid "
                          "kernel's DEFAULT_MOSAIC_FWD loop: set it on DEFAULT_MOSAIC_FWD, not persistent")
     multicast = tuning.kv_multicast
-    if multicast and not (tuning.overlap_qk and tuning.separate_kv_waits and stages == 2 and not persistent
+    if multicast and not (tuning.overlap_qk and tuning.separate_kv_waits and stages in (2, 3) and not persistent
                           and not tuning.producer_warp and tuning.grid_heads is None and not p_smem):
         raise ValueError("kv_multicast runs pairs of query tiles on the grid kernel's overlapped loop with its K and V "
-                         "waits apart: set it on DEFAULT_MOSAIC_FWD (num_stages=2, not persistent, producer_warp, "
+                         "waits apart: set it on DEFAULT_MOSAIC_FWD (num_stages 2 or 3, not persistent, producer_warp, "
                          "grid_heads or overlap_p_smem)")
     num_ctas = min(tuning.persistent_ctas or _sm_count(), total) if persistent else None
     if persistent:
@@ -450,7 +452,7 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
     counts = jnp.stack([jnp.asarray(tables.kv_counts), jnp.asarray(tables.kv_full_counts)], axis=1)
     inputs = (q, k, v, kv_ids, counts)
     if multicast:  # the grid runs pairs of query tiles (an odd last tile with an empty one: count 0)
-        walk, slots = pair_walk(tables.kv_ids, tables.kv_counts)
+        walk, slots = pair_walk(tables.kv_ids, tables.kv_counts, stages)
         grid = (heads, walk.shape[0], batch)
         counts = jnp.pad(counts, ((0, 2 * walk.shape[0] - num_q_tiles), (0, 0)))
         inputs = (q, k, v, kv_ids, counts, jnp.asarray(walk), jnp.asarray(slots))
@@ -1073,8 +1075,10 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
             word = walk_ref[pair, 1 + u]
             bit = lambda position: lax.shift_right_logical(word, position) & 1 == 1
             block = word & ((1 << PAIR_BLOCK_BITS) - 1)
-            slot = lax.shift_right_logical(word, PAIR_SLOT_BIT) & 1
+            slot = lax.shift_right_logical(word, PAIR_SLOT_BIT) & 3
             mine, theirs = bit(PAIR_OWN_BIT + member), bit(PAIR_OWN_BIT + 1 - member)
+            if tuning.ablate == "multicast":  # timing only: every block loaded alone, no rendezvous
+                theirs = jnp.bool_(False)
             reused = bit(PAIR_REUSED_BIT + member)
             kv = (b, pl.ds(block * block_kv, block_kv), head)
 

@@ -767,7 +767,7 @@ def test_kv_multicast_launches_pairs_and_multicasts_shared_blocks(monkeypatch, c
 
 def test_kv_multicast_refuses_other_loops():
     tables, q, kv, _ = _setup(*CASES[0])
-    for fields in ({"persistent": True}, {"num_stages": 3}, {"separate_kv_waits": False}, {"producer_warp": True},
+    for fields in ({"persistent": True}, {"num_stages": 4}, {"separate_kv_waits": False}, {"producer_warp": True},
                    {"grid_heads": 1}, {"overlap_qk": False, "overlap_late_p": False, "named_turn": False,
                                        "overlap_waits_first": False, "late_pv_wait": False,
                                        "pv_wait_after_cols": None}):  # fmt: skip
