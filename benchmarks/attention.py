@@ -310,9 +310,9 @@ def forward_variants() -> dict[str, KernelTuning]:
             # stage at the power cap: the whole softmax (P = bf16(S)), the exp2 (p = x), O's rescale, 15/16
             # of the K/V loads.
             **{f"ablate_{stage}_fwd": KernelTuning(mosaic_fwd=dataclasses.replace(DEFAULT_MOSAIC_FWD, ablate=stage))
-               for stage in ABLATIONS if stage != "multicast"},
-            "kv_multicast_ablate_multicast_fwd": KernelTuning(mosaic_fwd=dataclasses.replace(
-                DEFAULT_MOSAIC_FWD, kv_multicast=True, ablate="multicast")),
+               for stage in ABLATIONS if stage not in ("multicast", "cluster")},
+            **{f"kv_multicast_ablate_{stage}_fwd": KernelTuning(mosaic_fwd=dataclasses.replace(
+                DEFAULT_MOSAIC_FWD, kv_multicast=True, ablate=stage)) for stage in ("multicast", "cluster")},
             "overlap_late_p_sep_s3_fwd": fwd(**session9, num_stages=3)}
 
 

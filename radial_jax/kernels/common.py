@@ -210,7 +210,9 @@ class MosaicTuning:
     # the first 8 of each K and V block's 128 rows (what moving K and V from L2 costs; the other rows are
     # those the SM's previous CTA left, real K/V values, so the tensor cores' power is a real step's);
     # "multicast" (with kv_multicast; the output is right): each CTA of a pair loads every block alone, to
-    # price the pairing (cluster launch, slot table) apart from the multicast. None: the kernel.
+    # price the pairing (cluster launch, slot table) apart from the multicast; "cluster" (with kv_multicast,
+    # right output): the pairs' cluster launch with each CTA running the grid kernel's own loads and slots,
+    # to price the cluster launch alone. None: the kernel.
     ablate: str | None = None
 
 

@@ -50,7 +50,7 @@ from radial_jax.kernels.tables import BlockTables
 __all__ = ["MosaicTuning", "mosaic_forward", "supported"]
 
 
-ABLATIONS = ("softmax", "exp2", "rescale", "loads", "multicast")  # MosaicTuning.ablate's stages (timing only)
+ABLATIONS = ("softmax", "exp2", "rescale", "loads", "multicast", "cluster")  # MosaicTuning.ablate's stages (timing only)
 
 
 def supported(q_dtype, head_dim: int, block_size: int) -> str | None:
@@ -433,8 +433,8 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
         # CTA is left without an item (the kernels load their first item's Q unconditionally).
         raise ValueError(f"walk_item_cost={tuning.walk_item_cost} deals the persistent kernel's items: set "
                          "persistent=True and a cost > 0 (key steps an item adds to its blocks)")
-    if tuning.ablate == "multicast" and not tuning.kv_multicast:
-        raise ValueError("ablate='multicast' (timing only) loads kv_multicast's shared blocks alone: set kv_multicast")
+    if tuning.ablate in ("multicast", "cluster") and not tuning.kv_multicast:
+        raise ValueError(f"ablate={tuning.ablate!r} (timing only) takes kv_multicast's pairs apart: set kv_multicast")
     if tuning.ablate is not None and not (tuning.ablate in ABLATIONS and head_cols is not None
                                           and lazy_threshold is None and not persistent):
         raise ValueError(f"ablate={tuning.ablate!r} (timing only) drops one of {', '.join(ABLATIONS)} from the grid "
@@ -1026,7 +1026,8 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
             plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(q_base, block_q), head], qo_smem, q_barriers.at[wg])
             plgpu.barrier_wait(q_barriers.at[wg])
             refs = (ids_ref, k_smem, v_smem, k_barriers, v_barriers, k_consumed, v_consumed, schedule_barrier, p_smem2)
-            acc, m_i, l_i = attend(refs, qo_smem, wg, q_tile, count, full_count, slots_ref=slots_ref)
+            acc, m_i, l_i = attend(refs, qo_smem, wg, q_tile, count, full_count,
+                                   slots_ref=None if tuning.ablate == "cluster" else slots_ref)
             stage_tile(qo_smem, lse_smem, acc, m_i, l_i)
 
             def store():
@@ -1053,7 +1054,7 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
                 def _(step):
                     load(step + stages, lax.rem(step, jnp.int32(stages)), True)
 
-            if multicast:
+            if multicast and tuning.ablate != "cluster":
                 pair_producer(walk_ref, ring, ready, b, head, pair)
             elif tuning.producer_warp:  # warp 0 alone, in single-warp semantics; warps 1-3 have nothing to do
                 plgpu.warp_map(lambda warp: pl.when(warp == 0)(produce))

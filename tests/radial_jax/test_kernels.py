@@ -979,7 +979,8 @@ class TestMosaicMulticastGPU:
 
     @pytest.mark.parametrize("name, fields", [(name, fields) for name in _PERSISTENT_CASES for fields in (
         {}, {"num_stages": 3})] + [("wan_480p_81f_radial", {"ablate": "multicast"}),
-                                   ("ragged_cross_empty_row", {"ablate": "multicast"})])  # fmt: skip
+                                   ("ragged_cross_empty_row", {"ablate": "multicast"}),
+                                   ("ragged_cross_empty_row", {"ablate": "cluster"})])  # fmt: skip
     def test_forward_is_bitwise_the_grid_one(self, name, fields):
         # fields: a 3-slot ring (pair_walk then never makes a CTA reuse its last slot at once), or every
         # block loaded alone (ablate="multicast": the pairs' walk and slot tables without the multicast)
