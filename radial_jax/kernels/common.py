@@ -512,9 +512,9 @@ def pair_walk(kv_ids, kv_counts, stages: int = 2):
 
     kv_ids: [tiles, width] each tile's key blocks, ascending; kv_counts: [tiles]. Returns (walk, slots):
     walk [pairs, 1 + most union steps] int32, row p = (the pair's union step count, then each key block
-    either tile has, ascending, packed as block | slot << 20 | own_m << (21 + m) | reused_m << (23 + m) for
-    members m = 0, 1); slots [2 * pairs, width] int32, the ring slot (of `stages`, 2 to 4) of each tile's own
-    step j. A block both tiles have is a shared step: both CTAs take it into the same slot (one multicast
+    either tile has, ascending, packed as block | slot << 20 | own_m << (22 + m) | reused_m << (24 + m) for
+    members m = 0, 1); slots [2 * pairs, width + 2] int32, the ring slot (of `stages`, 2 to 4) of each tile's
+    own step j (zeros past its last). A block both tiles have is a shared step: both CTAs take it into the same slot (one multicast
     copy). Each step takes the slot its owner(s) used least recently, so that a CTA's consecutive own steps
     cycle through the slots as in the grid kernel's ring; with 2 slots that fails only at a shared step whose
     two CTAs last used different slots (one of them then reuses its last slot at once). An odd last tile is
@@ -528,7 +528,7 @@ def pair_walk(kv_ids, kv_counts, stages: int = 2):
     rows = [set(kv_ids[t, :kv_counts[t]].tolist()) if t < tiles else set() for t in range(2 * pairs)]
     if kv_ids.size and kv_ids.max() >= 1 << PAIR_BLOCK_BITS:
         raise ValueError(f"pair_walk packs key blocks in {PAIR_BLOCK_BITS} bits; got block {kv_ids.max()}")
-    unions, slots = [], np.zeros((2 * pairs, max(1, width)), np.int32)
+    unions, slots = [], np.zeros((2 * pairs, max(1, width) + 2), np.int32)  # + 2: the kernel reads 2 ahead
     for p in range(pairs):
         last_use = [[-1] * stages, [-1] * stages]  # each member's own step that last took each slot
         taken = [0, 0]  # own steps so far

@@ -441,10 +441,11 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
                          "kernel's DEFAULT_MOSAIC_FWD loop: set it on DEFAULT_MOSAIC_FWD, not persistent")
     multicast = tuning.kv_multicast
     if multicast and not (tuning.overlap_qk and tuning.separate_kv_waits and stages in (2, 3) and not persistent
+                          and not early_rescale
                           and not tuning.producer_warp and tuning.grid_heads is None and not p_smem):
         raise ValueError("kv_multicast runs pairs of query tiles on the grid kernel's overlapped loop with its K and V "
                          "waits apart: set it on DEFAULT_MOSAIC_FWD (num_stages 2 or 3, not persistent, producer_warp, "
-                         "grid_heads or overlap_p_smem)")
+                         "grid_heads, overlap_p_smem or overlap_early_rescale)")
     num_ctas = min(tuning.persistent_ctas or _sm_count(), total) if persistent else None
     if persistent:
         grid, grid_names = (num_ctas,), ("cta",)
@@ -626,6 +627,7 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
             waits_first = tuning.overlap_waits_first  # S's scope opens after the waits (MosaicTuning)
             # the persistent kernel's ring runs on; kv_multicast's first block may take slot 1
             first_slot = 0 if base is None and slots_ref is None else ring_slot(0)
+            prefetch = slots_ref is not None  # the carry ends with the slots of steps j and j + 1
 
             def issue_qk(s_ref, slot):  # after K's barrier: FA3 waits for data before its turn
                 plgpu.wgmma(s_ref, qo_smem, k_smem.at[slot()].transpose((1, 0)))
@@ -665,11 +667,18 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
                 out = (m_new, add_row_sum(l_i, alpha, p), keep_p(p))  # O is zero: no rescale
                 if early_rescale:  # alpha_0 = 1 and no max moved: step 0's rescale is a no-op
                     out += (plgpu.layout_cast(jnp.full((block_q,), 1.0, jnp.float32), row), m_new)
+                if prefetch:
+                    out += (first_slot, ring_slot(1))
                 return out
 
             def middle(j, carry, *, mask_tail):
                 m_i, l_i, p16 = carry[:3]
-                slot, next_slot = slots_of(j, j + 1)  # of P_j V_j's V and S_{j+1}'s K
+                if prefetch:  # read a step ahead, so that the table's latency is off the wait for K
+                    slot, next_slot = (lambda: carry[-2]), (lambda: carry[-1])
+                    after_next = ring_slot(j + 2)
+                else:
+                    slot, next_slot = slots_of(j, j + 1)  # of P_j V_j's V and S_{j+1}'s K
+                done = lambda *out: out + ((next_slot(), after_next) if prefetch else ())  # noqa: E731
                 if waits_first:
                     plgpu.barrier_wait(k_barriers.at[next_slot()])
                     take_turn(wg, schedule_barrier)
@@ -695,7 +704,7 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
                 if tuning.ablate == "softmax":  # timing only: P = bf16(S), cast after P_j V_j's wait
                     plgpu.wgmma_accumulator_load(o_ref, wait_n=0)
                     plgpu.barrier_arrive(v_consumed.at[slot()])
-                    return m_i, l_i, keep_p(lax.optimization_barrier(s))
+                    return done(m_i, l_i, keep_p(lax.optimization_barrier(s)))
                 if head_cols is not None:  # the wait and O's rescale amid the exp2, as in FA4's loop
                     x, m_new, alpha = shifted_scores(s, m_i, j + 1, mask_tail=mask_tail)
                     in_flight = plgpu.wgmma_accumulator_load(o_ref, wait_n=None)  # read after the wait
@@ -706,7 +715,7 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
                     l_i = add_row_sum(l_i, alpha, p)
                     plgpu.barrier_arrive(v_consumed.at[slot()])
                     o_ref[...] = acc
-                    return m_new, l_i, keep_p(lax.optimization_barrier(p))
+                    return done(m_new, l_i, keep_p(lax.optimization_barrier(p)))
                 p, m_new, alpha = softmax_scores(s, m_i, j + 1, mask_tail=mask_tail)
                 l_i = add_row_sum(l_i, alpha, p)
                 # The softmax must be done before the wait below, or LLVM may sink it past the
@@ -726,15 +735,15 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
                 if late_p:  # p passes a barrier after the wait, so LLVM cannot hoist the cast above it
                     p16_next = keep_p(lax.optimization_barrier(p))  # into P_j's registers, now free
                 if early_rescale:
-                    return m_new, l_i, p16_next, alpha, m_i
+                    return done(m_new, l_i, p16_next, alpha, m_i)
                 o_ref[...] = rescale(acc, alpha, m_i, m_new)
-                return m_new, l_i, p16_next
+                return done(m_new, l_i, p16_next)
 
             def last(_, carry):
                 if early_rescale:  # nothing to overlap with: before the turn, not while holding it
                     rescale_o(*carry[3:], carry[0])
                 take_turn(wg, schedule_barrier)
-                (slot,) = slots_of(count - 1)
+                (slot,) = ((lambda: carry[-2]),) if prefetch else slots_of(count - 1)
                 issue_pv(carry[2], slot)
                 pass_turn(wg, schedule_barrier)
                 plgpu.wgmma_wait(0)
@@ -747,6 +756,8 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
             carry = (m_i, l_i, p16)
             if early_rescale:  # + (alpha_j, m_{j-1}): O's factor for step j, applied before P_j V_j
                 carry += (plgpu.layout_cast(jnp.full((block_q,), 1.0, jnp.float32), row), m_i)
+            if prefetch:  # + the slots of steps j and j + 1, from first on
+                carry += (jnp.int32(0), jnp.int32(0))
             # Step s is masked iff s >= full_count (the ragged block is the last, tables.py):
             # the first step when full_count == 0, middle j (step j + 1) when j >= full_count - 1.
             has_first, full_first = jnp.minimum(count, 1), jnp.minimum(full_count, 1)
