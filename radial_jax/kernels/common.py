@@ -514,11 +514,13 @@ def pair_walk(kv_ids, kv_counts, stages: int = 2):
     walk [pairs, 1 + most union steps] int32, row p = (the pair's union step count, then each key block
     either tile has, ascending, packed as block | slot << 20 | own_m << (22 + m) | reused_m << (24 + m) for
     members m = 0, 1); slots [2 * pairs, width + 2] int32, the ring slot (of `stages`, 2 to 4) of each tile's
-    own step j (zeros past its last). A block both tiles have is a shared step: both CTAs take it into the same slot (one multicast
-    copy). Each step takes the slot its owner(s) used least recently, so that a CTA's consecutive own steps
-    cycle through the slots as in the grid kernel's ring; with 2 slots that fails only at a shared step whose
-    two CTAs last used different slots (one of them then reuses its last slot at once). An odd last tile is
-    paired with an empty one.
+    own step j (zeros past its last).
+
+    A block both tiles have is a shared step: both CTAs take it into the same slot (one multicast copy). Each
+    step takes the slot its owner(s) used least recently, so that a CTA's consecutive own steps cycle through
+    the slots as in the grid kernel's ring; with 2 slots that fails only at a shared step whose two CTAs last
+    used different slots (one of them then reuses its last slot at once). An odd last tile is paired with an
+    empty one.
     """
     if not 2 <= stages <= 4:
         raise ValueError(f"pair_walk deals 2 to 4 ring slots, not {stages}")
@@ -536,8 +538,9 @@ def pair_walk(kv_ids, kv_counts, stages: int = 2):
         for block in sorted(rows[2 * p] | rows[2 * p + 1]):
             own = [block in rows[2 * p + m] for m in (0, 1)]
             owners = [m for m in (0, 1) if own[m]]
-            # least recently used by its owners: the latest use of each slot by either, ties to the lowest
-            recency = lambda m, s: last_use[m][s] - taken[m] if last_use[m][s] >= 0 else -np.inf  # -1: just used
+            # least recently used by its owners: a slot's latest use by either (-1: its last own step), ties
+            # to the lowest slot
+            recency = lambda m, s: last_use[m][s] - taken[m] if last_use[m][s] >= 0 else -np.inf  # noqa: E731
             slot = min(range(stages), key=lambda s: (max(recency(m, s) for m in owners), s))
             word = block | slot << PAIR_SLOT_BIT
             for m in owners:

@@ -50,7 +50,8 @@ from radial_jax.kernels.tables import BlockTables
 __all__ = ["MosaicTuning", "mosaic_forward", "supported"]
 
 
-ABLATIONS = ("softmax", "exp2", "rescale", "loads", "multicast", "cluster")  # MosaicTuning.ablate's stages (timing only)
+# MosaicTuning.ablate's stages (timing only)
+ABLATIONS = ("softmax", "exp2", "rescale", "loads", "multicast", "cluster")
 
 
 def supported(q_dtype, head_dim: int, block_size: int) -> str | None:

@@ -733,7 +733,8 @@ def test_ablations_drop_only_their_stage_from_the_middle_steps(monkeypatch, case
 def test_ablate_refuses_other_loops_and_stages():
     tables, q, kv, _ = _setup(*CASES[0])
     for fields in ({"ablate": "mask"}, {"ablate": "loads", "persistent": True}, {"ablate": "exp2", "persistent": True},
-                   {"ablate": "exp2", "lazy_rescale_threshold": 8.0}, {"ablate": "softmax", "pv_wait_after_cols": None}):
+                   {"ablate": "exp2", "lazy_rescale_threshold": 8.0},
+                   {"ablate": "softmax", "pv_wait_after_cols": None}, {"ablate": "cluster"}):
         tuning = dataclasses.replace(mosaic_fwd.DEFAULT_MOSAIC_FWD, **fields)
         with pytest.raises(ValueError, match="ablate="):
             jax.eval_shape(lambda q, k, v: mosaic_fwd.mosaic_forward(q, k, v, tables=tables, scale=0.1, tuning=tuning),
@@ -742,7 +743,8 @@ def test_ablate_refuses_other_loops_and_stages():
 
 # A TMA load in a Mosaic GPU module as printed (both jax versions): its operand segment sizes, the sixth of
 # which is 1 when the copy is multicast to a cluster mask.
-_TMA_LOADS = re.compile(r'cp\.async\.bulk\.tensor\.shared\.cluster\.global"[^\n]*operandSegmentSizes = array<i32: ([\d, ]*)>')
+_TMA_LOADS = re.compile(r'cp\.async\.bulk\.tensor\.shared\.cluster\.global"[^\n]*'
+                        r'operandSegmentSizes = array<i32: ([\d, ]*)>')
 
 
 @pytest.mark.parametrize("case", [CASES[0], CASES[3], CASES[4]])
