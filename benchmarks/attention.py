@@ -313,6 +313,8 @@ def forward_variants() -> dict[str, KernelTuning]:
                for stage in ABLATIONS if stage not in ("multicast", "cluster")},
             **{f"kv_multicast_ablate_{stage}_fwd": KernelTuning(mosaic_fwd=dataclasses.replace(
                 DEFAULT_MOSAIC_FWD, kv_multicast=True, ablate=stage)) for stage in ("multicast", "cluster")},
+            "kv_multicast_s3_ablate_multicast_fwd": KernelTuning(mosaic_fwd=dataclasses.replace(
+                DEFAULT_MOSAIC_FWD, kv_multicast=True, num_stages=3, ablate="multicast")),
             "overlap_late_p_sep_s3_fwd": fwd(**session9, num_stages=3)}
 
 
