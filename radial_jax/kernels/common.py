@@ -200,7 +200,10 @@ class MosaicTuning:
     # into the same slot; each CTA's compute loop is the grid kernel's, reading its slots from a table.
     # The arithmetic is unchanged: out and lse bitwise the grid kernel's. Why: at the 700 W cap, the K/V
     # traffic from L2 is 8-14% of a call's energy (ablate="loads", NOTES session 18), and a pair moves
-    # 54-60% of the bytes of two lone CTAs at 1.3B 480p / 14B 720p.
+    # 54-60% of the bytes of two lone CTAs at 1.3B 480p / 14B 720p. On the H200 (NOTES session 18, 3 slots):
+    # at the cap its clock is 6-8% above the default's at the same power, but it takes 6-7% more cycles
+    # (the cluster launch, the slot table, the coupling of the two CTAs), so it runs 1.005-1.013x the default
+    # at 480p-161f and 1.008x at 720p-81f at the cap, 0.934x at 480p-81f in alternating rounds. Not the default.
     kv_multicast: bool = False
     # Timing only, the output is wrong: the grid kernel with DEFAULT_MOSAIC_FWD's loop minus one stage of
     # its middle steps, to measure what that stage costs at the 700 W cap (issue 16: "timing variants that
