@@ -119,6 +119,16 @@ def summary(calls: list[dict], samples: list[dict], flops: float | None = None) 
     return out
 
 
+def rate_matmul(row: dict, n: int = MATMUL_N) -> dict:
+    """Rewrites the summary row of the --matmul phase ([n, n] @ [n, n]) with its own FLOPs, not the
+    attention's: adds matmul_tflops and, where the row has an energy, recomputes gflop_per_joule. Returns row."""
+    flops = 2 * n**3
+    row["matmul_tflops"] = flops / row["median_ms"] / 1e9
+    if "joules_per_call" in row:
+        row["gflop_per_joule"] = flops / row["joules_per_call"] / 1e9
+    return row
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", default="1.3b-480p-161f", choices=list(SHAPES))
@@ -173,11 +183,8 @@ def main(argv=None):
     samples = read_samples(smi_path) if sampler else []
     flops = attention_flops(computed_token_pairs(mask, 128, L, L), heads=heads, head_dim=HEAD_DIM)
     phases = summary(calls, samples, flops)
-    if args.matmul:  # its own FLOPs, not the attention's
-        row, matmul_flops = phases["matmul_dense"], 2 * MATMUL_N**3
-        row["matmul_tflops"] = matmul_flops / row["median_ms"] / 1e9
-        if "joules_per_call" in row:
-            row["gflop_per_joule"] = matmul_flops / row["joules_per_call"] / 1e9
+    if args.matmul:
+        rate_matmul(phases["matmul_dense"])
     result = dict(device=jax.devices()[0].device_kind, command="python " + " ".join(sys.argv),
                   date=datetime.date.today().isoformat(), shape=args.shape, batch=args.batch, on_block_flops=flops,
                   summary=phases, calls=calls, samples=samples)

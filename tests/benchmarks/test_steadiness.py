@@ -56,3 +56,23 @@ def test_summary_counts_the_calls_of_batched_timings_and_waits_for_the_last_one(
     row = steadiness.summary(calls, samples)["p"]
     assert row["calls"] == 20 and row["timings"] == 2 and row["median_ms"] == 5.0
     assert row["sm_mhz_min"] == 1600 and row["sm_mhz_max"] == 1700  # the sample at t0 + 0.04 counts
+
+
+def test_matmul_phase_is_rated_on_its_own_flops():
+    steadiness = load_benchmark("steadiness")
+    row = {"median_ms": 2.0, "joules_per_call": 1.5, "gflop_per_joule": 1.0}  # the attention's figure, replaced
+    steadiness.rate_matmul(row, n=1024)
+    assert abs(row["matmul_tflops"] - 2 * 1024**3 / 2.0e-3 / 1e12) < 1e-9
+    assert abs(row["gflop_per_joule"] - 2 * 1024**3 / 1.5 / 1e9) < 1e-9
+    bare = steadiness.rate_matmul({"median_ms": 1.0}, n=8)  # no power samples: no energy figure
+    assert "gflop_per_joule" not in bare and bare["matmul_tflops"] == 2 * 8**3 / 1e-3 / 1e12
+
+
+def test_variants_are_checked_before_any_gpu_work(capsys):
+    import pytest
+
+    steadiness = load_benchmark("steadiness")
+    with pytest.raises(SystemExit) as exit_info:
+        steadiness.main(["--variants", "default_fwd_typo"])
+    assert exit_info.value.code == 2
+    assert "unknown --variants default_fwd_typo" in capsys.readouterr().err
