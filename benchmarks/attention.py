@@ -36,7 +36,7 @@ import fa4  # noqa: E402
 from radial_jax import attention_flops, block_density, computed_token_pairs, radial_block_mask  # noqa: E402
 from radial_jax.kernels import (DEFAULT_MOSAIC_BWD, DEFAULT_MOSAIC_FWD, LAZY_MOSAIC_FWD, KernelTuning,  # noqa: E402
                                 MosaicBwdTuning, MosaicTuning, block_sparse_attention)
-from radial_jax.kernels.mosaic_fwd import ABLATIONS  # noqa: E402
+from radial_jax.kernels.mosaic_fwd import PAIR_ABLATIONS, STAGE_ABLATIONS  # noqa: E402
 from radial_jax.kernels.tables import block_tables  # noqa: E402
 
 SHAPES = {**fa4.SHAPES, "tiny": (3, 100, 2)}  # tiny: --dry-run only (the Triton twin in interpret mode, CPU)
@@ -310,9 +310,9 @@ def forward_variants() -> dict[str, KernelTuning]:
             # stage at the power cap: the whole softmax (P = bf16(S)), the exp2 (p = x), O's rescale, 15/16
             # of the K/V loads.
             **{f"ablate_{stage}_fwd": KernelTuning(mosaic_fwd=dataclasses.replace(DEFAULT_MOSAIC_FWD, ablate=stage))
-               for stage in ABLATIONS if stage not in ("multicast", "cluster")},
+               for stage in STAGE_ABLATIONS},
             **{f"kv_multicast_ablate_{stage}_fwd": KernelTuning(mosaic_fwd=dataclasses.replace(
-                DEFAULT_MOSAIC_FWD, kv_multicast=True, ablate=stage)) for stage in ("multicast", "cluster")},
+                DEFAULT_MOSAIC_FWD, kv_multicast=True, ablate=stage)) for stage in PAIR_ABLATIONS},
             "kv_multicast_s3_ablate_multicast_fwd": KernelTuning(mosaic_fwd=dataclasses.replace(
                 DEFAULT_MOSAIC_FWD, kv_multicast=True, num_stages=3, ablate="multicast")),
             "overlap_late_p_sep_s3_fwd": fwd(**session9, num_stages=3)}

@@ -50,8 +50,10 @@ from radial_jax.kernels.tables import BlockTables
 __all__ = ["MosaicTuning", "mosaic_forward", "supported"]
 
 
-# MosaicTuning.ablate's stages (timing only)
-ABLATIONS = ("softmax", "exp2", "rescale", "loads", "multicast", "cluster")
+# MosaicTuning.ablate's stages (timing only): of the default's loop, and of kv_multicast's pairs
+STAGE_ABLATIONS = ("softmax", "exp2", "rescale", "loads")
+PAIR_ABLATIONS = ("multicast", "cluster")
+ABLATIONS = STAGE_ABLATIONS + PAIR_ABLATIONS
 
 
 def supported(q_dtype, head_dim: int, block_size: int) -> str | None:
@@ -434,7 +436,7 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
         # CTA is left without an item (the kernels load their first item's Q unconditionally).
         raise ValueError(f"walk_item_cost={tuning.walk_item_cost} deals the persistent kernel's items: set "
                          "persistent=True and a cost > 0 (key steps an item adds to its blocks)")
-    if tuning.ablate in ("multicast", "cluster") and not tuning.kv_multicast:
+    if tuning.ablate in PAIR_ABLATIONS and not tuning.kv_multicast:
         raise ValueError(f"ablate={tuning.ablate!r} (timing only) takes kv_multicast's pairs apart: set kv_multicast")
     if tuning.ablate is not None and not (tuning.ablate in ABLATIONS and head_cols is not None
                                           and lazy_threshold is None and not persistent):
