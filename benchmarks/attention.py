@@ -315,6 +315,12 @@ def forward_variants() -> dict[str, KernelTuning]:
                 DEFAULT_MOSAIC_FWD, kv_multicast=True, ablate=stage)) for stage in PAIR_ABLATIONS},
             "kv_multicast_s3_ablate_multicast_fwd": KernelTuning(mosaic_fwd=dataclasses.replace(
                 DEFAULT_MOSAIC_FWD, kv_multicast=True, num_stages=3, ablate="multicast")),
+            # The pairs with each tile's shared blocks first (pair_shared_first): the grid kernel's loop and
+            # ring (no slot table), the shared steps multicast; and the same with every block loaded alone.
+            "kv_multicast_shared_first_fwd": KernelTuning(mosaic_fwd=dataclasses.replace(
+                DEFAULT_MOSAIC_FWD, kv_multicast=True, pair_shared_first=True)),
+            "kv_multicast_shared_first_ablate_multicast_fwd": KernelTuning(mosaic_fwd=dataclasses.replace(
+                DEFAULT_MOSAIC_FWD, kv_multicast=True, pair_shared_first=True, ablate="multicast")),
             "overlap_late_p_sep_s3_fwd": fwd(**session9, num_stages=3)}
 
 

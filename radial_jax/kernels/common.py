@@ -205,6 +205,12 @@ class MosaicTuning:
     # (the cluster launch, the slot table, the coupling of the two CTAs), so it runs 1.005-1.013x the default
     # at 480p-161f and 1.008x at 720p-81f at the cap, 0.934x at 480p-81f in alternating rounds. Not the default.
     kv_multicast: bool = False
+    # With kv_multicast: each tile walks the key blocks it shares with its pair's other tile first, both in
+    # the same order, then its own (shared_first_pairs), so a CTA's step j takes ring slot j % stages as in
+    # the grid kernel (no slot table, no third slot needed) and a shared block lands in the same slot of
+    # both CTAs. The loads of the shared steps are multicast; after them the two CTAs run apart. Each
+    # tile sums its blocks in that order: out and lse are the grid kernel's on the reordered tables.
+    pair_shared_first: bool = False
     # Timing only, the output is wrong: the grid kernel with DEFAULT_MOSAIC_FWD's loop minus one stage of
     # its middle steps, to measure what that stage costs at the 700 W cap (issue 16: "timing variants that
     # drop one stage"). "softmax": P = bf16(S), no row max, exp2, sum or rescale (what the matmuls, loads
@@ -558,6 +564,34 @@ def pair_walk(kv_ids, kv_counts, stages: int = 2):
         walk[p, 0] = len(steps)
         walk[p, 1:1 + len(steps)] = steps
     return walk, slots
+
+
+def shared_first_pairs(kv_ids, kv_counts, kv_full_counts):
+    """Orders each tile's key blocks for MosaicTuning.pair_shared_first: the blocks both tiles of its pair
+    (2p, 2p + 1) have first, then its own, then its masked ragged block, so that a CTA's own step j takes
+    ring slot j % stages as in the grid kernel and a shared block lands in the same slot of both CTAs.
+
+    kv_ids: [tiles, width], kv_counts, kv_full_counts: [tiles] (BlockTables'). Returns (ids [2 * pairs,
+    width] int32, each row a permutation of the tile's blocks, padding repeating its last; shared [pairs]
+    int32, how many leading steps the pair's two rows have in common). Only full blocks are shared: the
+    ragged block stays each row's last step (the only masked one), loaded by each CTA alone. An odd last
+    tile is paired with an empty one (no shared steps).
+    """
+    kv_ids, kv_counts, kv_full_counts = map(np.asarray, (kv_ids, kv_counts, kv_full_counts))
+    tiles, width = kv_ids.shape
+    pairs = -(-tiles // 2)
+    ids, shared = np.zeros((2 * pairs, width), np.int32), np.zeros(pairs, np.int32)
+    for p in range(pairs):
+        full = [kv_ids[t, :kv_full_counts[t]].tolist() if t < tiles else [] for t in (2 * p, 2 * p + 1)]
+        both = sorted(set(full[0]) & set(full[1]))
+        shared[p] = len(both)
+        for m, tile in enumerate((2 * p, 2 * p + 1)):
+            if tile >= tiles or not kv_counts[tile]:
+                continue
+            row = both + [b for b in full[m] if b not in set(both)]
+            row += kv_ids[tile, kv_full_counts[tile]:kv_counts[tile]].tolist()
+            ids[tile] = row + [row[-1]] * (width - len(row))
+    return ids, shared
 
 
 def seq_multiple(x, multiple: int = TMA_SEQ_MULTIPLE):

@@ -44,7 +44,8 @@ from jax import lax
 from radial_jax.kernels.common import (COMPUTE_WGS, DEFAULT_MOSAIC_FWD, HOPPER_SMS, LN_2, LOG2_E, MASK_BLOCK,
                                        PAIR_BLOCK_BITS, PAIR_OWN_BIT, PAIR_REUSED_BIT, PAIR_SLOT_BIT, MosaicTuning,
                                        block_coords, block_grid, check_lazy_rescale_threshold, list_scheduled_walk,
-                                       pair_walk, persistent_items, seq_multiple, unpad_seq, work_coords)
+                                       pair_walk, persistent_items, seq_multiple, shared_first_pairs, unpad_seq,
+                                       work_coords)
 from radial_jax.kernels.tables import BlockTables
 
 __all__ = ["MosaicTuning", "mosaic_forward", "supported"]
@@ -449,6 +450,9 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
         raise ValueError("kv_multicast runs pairs of query tiles on the grid kernel's overlapped loop with its K and V "
                          "waits apart: set it on DEFAULT_MOSAIC_FWD (num_stages 2 or 3, not persistent, producer_warp, "
                          "grid_heads, overlap_p_smem or overlap_early_rescale)")
+    shared_first = tuning.pair_shared_first
+    if shared_first and not multicast:
+        raise ValueError("pair_shared_first orders kv_multicast's pairs' key blocks: set kv_multicast")
     num_ctas = min(tuning.persistent_ctas or _sm_count(), total) if persistent else None
     if persistent:
         grid, grid_names = (num_ctas,), ("cta",)
@@ -456,10 +460,16 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
     counts = jnp.stack([jnp.asarray(tables.kv_counts), jnp.asarray(tables.kv_full_counts)], axis=1)
     inputs = (q, k, v, kv_ids, counts)
     if multicast:  # the grid runs pairs of query tiles (an odd last tile with an empty one: count 0)
-        walk, slots = pair_walk(tables.kv_ids, tables.kv_counts, stages)
-        grid = (heads, walk.shape[0], batch)
-        counts = jnp.pad(counts, ((0, 2 * walk.shape[0] - num_q_tiles), (0, 0)))
-        inputs = (q, k, v, kv_ids, counts, jnp.asarray(walk), jnp.asarray(slots))
+        if shared_first:  # each tile's blocks reordered; the pair's shared steps counted
+            ids, shared = shared_first_pairs(tables.kv_ids, tables.kv_counts, tables.kv_full_counts)
+            pair_inputs = (jnp.asarray(shared),)
+            kv_ids = jnp.asarray(ids)
+        else:
+            pair_inputs = tuple(map(jnp.asarray, pair_walk(tables.kv_ids, tables.kv_counts, stages)))
+        pairs = -(-num_q_tiles // 2)
+        grid = (heads, pairs, batch)
+        counts = jnp.pad(counts, ((0, 2 * pairs - num_q_tiles), (0, 0)))
+        inputs = (q, k, v, kv_ids, counts) + pair_inputs
     if persistent and tuning.walk_item_cost is not None:  # the items' costs in launch order, off the tables
         q_tiles = work_coords(np.arange(total), heads, num_q_tiles, batch, tuning.grid_heads)[2]
         walk = list_scheduled_walk(tables.kv_counts[q_tiles] + tuning.walk_item_cost, num_ctas)
@@ -985,13 +995,36 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
         load_q(0, 0)
         pl.run_scoped(walk, plgpu.ACC((block_q, head_dim), jnp.float32))
 
-    def load_kv(refs, b, head, q_tile, step, slot, reused=None):
+    def copy_block(src, dst, full, rendezvous=None, together=None):
+        """Issues the TMA copy of one K or V block src (GMEM) into its ring slot dst, arriving on full.
+
+        together: None, or (kv_multicast) a traced bool: the block is the pair's other CTA's too. The two
+        memory warpgroups then meet on the slot's rendezvous cluster barrier (each arrives on both CTAs'
+        once its own slot is free) and each issues half of one multicast copy that both receive.
+        """
+        def alone():
+            plgpu.copy_gmem_to_smem(src, dst, full)
+
+        if together is None:
+            return alone()
+
+        @pl.when(together)
+        def _():
+            plgpu.barrier_arrive(rendezvous)
+            plgpu.barrier_wait(rendezvous)
+            plgpu.copy_gmem_to_smem(src, dst, full, collective_axes="pair")
+
+        pl.when(jnp.logical_not(together))(alone)
+
+    def load_kv(refs, b, head, q_tile, step, slot, reused=None, ready=None, together=None):
         """Issues the TMA loads of K and V block `step` of query tile q_tile's list into ring slot `slot`.
 
         reused: None for a fresh slot; True, or a traced bool (the persistent kernel's ring runs across
         items), when the slot held earlier blocks: the loads then wait for their K and V to be consumed.
         By default both waits come first; with separate_kv_waits the block's index is read first (its
         global load's latency passes under the waits) and K waits only for K, V only for V.
+        ready, together: None, or (pair_shared_first) the K and V rendezvous barriers and whether the
+        block is the pair's other CTA's too (copy_block).
         """
         k_ref, v_ref, ids_ref, k_smem, v_smem, k_barriers, v_barriers, k_consumed, v_consumed = refs
 
@@ -1008,18 +1041,22 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
         # ablate="loads" (timing only): the first 8 rows of each block, the rest of the slot as the CTA before left it
         rows = 8 if tuning.ablate == "loads" else block_kv
         kv = (b, pl.ds(ids_ref[q_tile, step] * block_kv, rows), head)
+        rendezvous = (None, None) if ready is None else (ready[0].at[slot], ready[1].at[slot])
         if apart:
             wait(k_consumed)
-        plgpu.copy_gmem_to_smem(k_ref.at[kv], k_smem.at[slot, pl.ds(0, rows)], k_barriers.at[slot])
+        copy_block(k_ref.at[kv], k_smem.at[slot, pl.ds(0, rows)], k_barriers.at[slot], rendezvous[0], together)
         if apart:
             wait(v_consumed)
-        plgpu.copy_gmem_to_smem(v_ref.at[kv], v_smem.at[slot, pl.ds(0, rows)], v_barriers.at[slot])
+        copy_block(v_ref.at[kv], v_smem.at[slot, pl.ds(0, rows)], v_barriers.at[slot], rendezvous[1], together)
 
     def kernel(q_ref, k_ref, v_ref, ids_ref, counts_ref, *refs):
         """One CTA a (batch, head, query tile), or with kv_multicast one CTA of a pair (a cluster of two) that
         runs query tiles 2p and 2p + 1 and takes the key blocks both have by one multicast copy
         (pair_producer)."""
-        walk_ref, slots_ref, refs = (refs[0], refs[1], refs[2:]) if multicast else (None, None, refs)
+        pair_refs = (0 if not multicast else 1 if shared_first else 2)
+        pair_refs, refs = refs[:pair_refs], refs[pair_refs:]
+        # kv_multicast: pair_walk's walk and slots, or with pair_shared_first the pairs' shared step counts
+        walk_ref, slots_ref = pair_refs if len(pair_refs) == 2 else (None, None)
         (out_ref, lse_ref, qo_smem2, k_smem, v_smem, lse_smem2, k_barriers, v_barriers, q_barriers, k_consumed,
          v_consumed, schedule_barrier, *extra) = refs
         ready, p_smem2 = (extra, ()) if multicast else ((), tuple(extra))
@@ -1060,15 +1097,21 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
             ring = (k_ref, v_ref, ids_ref, k_smem, v_smem, k_barriers, v_barriers, k_consumed, v_consumed)
             load = functools.partial(load_kv, ring, b, head, q_tile)
 
-            def produce():
+            def produce(shared=None):  # shared: pair_shared_first's shared steps (multicast), traced
+                def together(step):
+                    return None if shared is None else step < shared
+
                 for i in range(stages):
-                    pl.when(i < count)(functools.partial(load, i, i))
+                    pl.when(i < count)(functools.partial(load, i, i, ready=ready or None, together=together(i)))
 
                 @pl.loop(0, jnp.maximum(count - stages, 0))
                 def _(step):
-                    load(step + stages, lax.rem(step, jnp.int32(stages)), True)
+                    ahead = step + stages
+                    load(ahead, lax.rem(step, jnp.int32(stages)), True, ready=ready or None, together=together(ahead))
 
-            if multicast and tuning.ablate != "cluster":
+            if shared_first:  # ablate="multicast" (timing only): every block loaded alone
+                produce(None if tuning.ablate == "multicast" else pair_refs[0][pair])
+            elif multicast and tuning.ablate != "cluster":
                 pair_producer(walk_ref, ring, ready, b, head, pair)
             elif tuning.producer_warp:  # warp 0 alone, in single-warp semantics; warps 1-3 have nothing to do
                 plgpu.warp_map(lambda warp: pl.when(warp == 0)(produce))
@@ -1099,16 +1142,7 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
 
             def load(src, smem, full, consumed, rendezvous):
                 pl.when(reused)(lambda: plgpu.barrier_wait(consumed.at[slot]))
-
-                @pl.when(theirs)
-                def _():
-                    plgpu.barrier_arrive(rendezvous.at[slot])
-                    plgpu.barrier_wait(rendezvous.at[slot])
-                    plgpu.copy_gmem_to_smem(src.at[kv], smem.at[slot], full.at[slot], collective_axes="pair")
-
-                @pl.when(jnp.logical_not(theirs))
-                def _():
-                    plgpu.copy_gmem_to_smem(src.at[kv], smem.at[slot], full.at[slot])
+                copy_block(src.at[kv], smem.at[slot], full.at[slot], rendezvous.at[slot], theirs)
 
             @pl.when(mine)
             def _():

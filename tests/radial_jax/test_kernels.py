@@ -841,18 +841,18 @@ def _poison_free_memory(*shapes_and_dtypes):
     del poison
 
 
-def _assert_persistent_forward_bitwise(name, reference, persistent):
-    """Runs the Mosaic forward of _PERSISTENT_CASES[name] with tuning `reference`, then (over freed
-    NaN-filled memory) with `persistent`, asserts out and lse bitwise equal and the reference free of
-    NaN, and returns (out, lse, mask)."""
+def _assert_persistent_forward_bitwise(name, reference, persistent, reference_tables=lambda tables: tables):
+    """Runs the Mosaic forward of _PERSISTENT_CASES[name] with tuning `reference` (on the case's tables
+    passed through reference_tables), then (over freed NaN-filled memory) with `persistent`, asserts out
+    and lse bitwise equal and the reference free of NaN, and returns (out, lse, mask)."""
     from radial_jax.kernels import mosaic_fwd
 
     (q, k, v), mask = _persistent_case(name)
     q_len, kv_len = q.shape[1], k.shape[1]
     tables = block_tables(mask, 128, q_len, kv_len)
-    run = lambda tuning: mosaic_fwd.mosaic_forward(q, k, v, tables=tables, scale=q.shape[-1] ** -0.5,
-                                                   tuning=tuning)  # fmt: skip
-    ref_out, ref_lse = jax.block_until_ready(run(reference))  # kept alive
+    run = lambda tuning, tables=tables: mosaic_fwd.mosaic_forward(q, k, v, tables=tables, scale=q.shape[-1] ** -0.5,
+                                                                  tuning=tuning)  # fmt: skip
+    ref_out, ref_lse = jax.block_until_ready(run(reference, reference_tables(tables)))  # kept alive
     padded_q = -(-q_len // 8) * 8
     _poison_free_memory(((q.shape[0], padded_q, *q.shape[2:]), q.dtype),
                         ((q.shape[0], q.shape[2], tables.num_q_blocks * 128), jnp.float32))  # fmt: skip
@@ -989,6 +989,23 @@ class TestMosaicMulticastGPU:
         empty = np.repeat(~mask.any(axis=1), 128)[:out.shape[1]]
         assert bool((out[:, empty] == 0).all()) and bool((lse[..., empty] == -jnp.inf).all())
 
+    @pytest.mark.parametrize("name, fields", [(name, fields) for name in _PERSISTENT_CASES for fields in (
+        {}, {"num_stages": 3})] + [("wan_480p_81f_radial", {"ablate": "multicast"})])  # fmt: skip
+    def test_shared_first_is_bitwise_the_grid_one_on_its_order(self, name, fields):
+        # pair_shared_first: each tile's shared blocks first, then its own, the ragged one last
+        # (shared_first_pairs), the shared ones multicast into slot j % stages of both CTAs. Its sums run
+        # in that order, so the grid kernel run on the reordered tables must give the same bits.
+        from radial_jax.kernels.common import shared_first_pairs
+
+        def reordered(tables):
+            ids = shared_first_pairs(tables.kv_ids, tables.kv_counts, tables.kv_full_counts)[0]
+            return dataclasses.replace(tables, kv_ids=ids[:tables.num_q_blocks])
+
+        tuning = dataclasses.replace(DEFAULT_MOSAIC_FWD, kv_multicast=True, pair_shared_first=True, **fields)
+        out, lse, mask = _assert_persistent_forward_bitwise(name, DEFAULT_MOSAIC_FWD, tuning, reordered)
+        empty = np.repeat(~mask.any(axis=1), 128)[:out.shape[1]]
+        assert bool((out[:, empty] == 0).all()) and bool((lse[..., empty] == -jnp.inf).all())
+
 
 def test_pair_walk_gives_each_tile_its_blocks_and_a_shared_block_one_slot():
     from radial_jax.kernels.common import (PAIR_BLOCK_BITS, PAIR_OWN_BIT, PAIR_REUSED_BIT, PAIR_SLOT_BIT,
@@ -1029,6 +1046,34 @@ def test_pair_walk_gives_each_tile_its_blocks_and_a_shared_block_one_slot():
                            else own_steps), (stages, repeats / own_steps)
     with pytest.raises(ValueError, match="2 to 4 ring slots"):
         pair_walk(np.zeros((1, 1), np.int32), np.ones(1, np.int32), 5)
+
+
+def test_shared_first_pairs_put_a_pairs_common_full_blocks_first_in_both_rows():
+    from radial_jax.kernels.common import shared_first_pairs
+    from radial_jax.kernels.tables import block_tables
+
+    masks = [(radial_block_mask(21, 1560, block_size=128, decay_factor=1.0), 32760),  # 256 tiles, ragged
+             (_random_mask(5, 33, 9, 0.5, empty_rows=(0, 32)), 9 * 128 - 70),  # odd tile count, empty rows
+             (np.ones((1, 2), bool), 200)]
+    for mask, kv_len in masks:
+        tables = block_tables(mask, 128, mask.shape[0] * 128, kv_len)
+        ids, shared = shared_first_pairs(tables.kv_ids, tables.kv_counts, tables.kv_full_counts)
+        tiles = mask.shape[0]
+        assert ids.shape == (2 * len(shared), tables.kv_ids.shape[1]) and len(shared) == -(-tiles // 2)
+        ragged = mask[:, -1] & (kv_len % 128 != 0)
+        for p, n in enumerate(shared):
+            rows = [ids[t, :tables.kv_counts[t]] if t < tiles else ids[t, :0] for t in (2 * p, 2 * p + 1)]
+            full = [set(np.nonzero(mask[t, :-1] if ragged[t] else mask[t])[0]) if t < tiles else set()
+                    for t in (2 * p, 2 * p + 1)]
+            assert n == len(full[0] & full[1])
+            assert rows[0][:n].tolist() == rows[1][:n].tolist() == sorted(full[0] & full[1])
+            for m, t in enumerate((2 * p, 2 * p + 1)):
+                if t >= tiles:
+                    continue
+                assert sorted(rows[m].tolist()) == np.nonzero(mask[t])[0].tolist()  # each block once
+                assert (not ragged[t]) or rows[m][-1] == mask.shape[1] - 1  # the masked block stays last
+                assert tables.kv_counts[t] == 0 or (ids[t, tables.kv_counts[t]:] == rows[m][-1]).all()
+        assert shared.sum() > 0.8 * tables.kv_counts.sum() / 2 or tiles < 256  # radial pairs share 85%
 
 
 def test_list_scheduled_walk_deals_every_item_once_to_the_first_free_cta():
