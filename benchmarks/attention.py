@@ -36,7 +36,7 @@ import fa4  # noqa: E402
 from radial_jax import attention_flops, block_density, computed_token_pairs, radial_block_mask  # noqa: E402
 from radial_jax.kernels import (DEFAULT_MOSAIC_BWD, DEFAULT_MOSAIC_FWD, LAZY_MOSAIC_FWD, KernelTuning,  # noqa: E402
                                 MosaicBwdTuning, MosaicTuning, block_sparse_attention)
-from radial_jax.kernels.mosaic_fwd import PAIR_ABLATIONS, STAGE_ABLATIONS  # noqa: E402
+from radial_jax.kernels.mosaic_fwd import STAGE_ABLATIONS  # noqa: E402
 from radial_jax.kernels.tables import block_tables  # noqa: E402
 
 SHAPES = {**fa4.SHAPES, "tiny": (3, 100, 2)}  # tiny: --dry-run only (the Triton twin in interpret mode, CPU)
@@ -302,25 +302,21 @@ def forward_variants() -> dict[str, KernelTuning]:
             "fa4_order_persistent_list3_fwd": KernelTuning(mosaic_fwd=dataclasses.replace(
                 DEFAULT_MOSAIC_FWD, persistent=True, walk_item_cost=3.0)),
             "row_sum_in_thread_producer_warp_fwd": default_and(row_sum_in_thread=True, producer_warp=True),
-            # The default with K/V multicast across a cluster of two CTAs (pairs of query tiles).
-            "kv_multicast_fwd": KernelTuning(mosaic_fwd=dataclasses.replace(DEFAULT_MOSAIC_FWD, kv_multicast=True)),
-            "kv_multicast_s3_fwd": KernelTuning(mosaic_fwd=dataclasses.replace(DEFAULT_MOSAIC_FWD, kv_multicast=True,
-                                                                               num_stages=3)),
             # Timing only (wrong output): the default minus one stage of its middle steps, to price that
             # stage at the power cap: the whole softmax (P = bf16(S)), the exp2 (p = x), O's rescale, 15/16
             # of the K/V loads.
             **{f"ablate_{stage}_fwd": KernelTuning(mosaic_fwd=dataclasses.replace(DEFAULT_MOSAIC_FWD, ablate=stage))
                for stage in STAGE_ABLATIONS},
-            **{f"kv_multicast_ablate_{stage}_fwd": KernelTuning(mosaic_fwd=dataclasses.replace(
-                DEFAULT_MOSAIC_FWD, kv_multicast=True, ablate=stage)) for stage in PAIR_ABLATIONS},
-            "kv_multicast_s3_ablate_multicast_fwd": KernelTuning(mosaic_fwd=dataclasses.replace(
-                DEFAULT_MOSAIC_FWD, kv_multicast=True, num_stages=3, ablate="multicast")),
-            # The pairs with each tile's shared blocks first (pair_shared_first): the grid kernel's loop and
-            # ring (no slot table), the shared steps multicast; and the same with every block loaded alone.
+            # The default with K/V multicast across a cluster of two CTAs (pairs of query tiles, each tile's
+            # shared blocks first: named apart from session 18's kv_multicast_fwd, which walked the pair's
+            # union); the same with every block loaded alone (the pairing's cost), and the cluster launch
+            # alone (the grid kernel's order and loads).
             "kv_multicast_shared_first_fwd": KernelTuning(mosaic_fwd=dataclasses.replace(
-                DEFAULT_MOSAIC_FWD, kv_multicast=True, pair_shared_first=True)),
+                DEFAULT_MOSAIC_FWD, kv_multicast=True)),
             "kv_multicast_shared_first_ablate_multicast_fwd": KernelTuning(mosaic_fwd=dataclasses.replace(
-                DEFAULT_MOSAIC_FWD, kv_multicast=True, pair_shared_first=True, ablate="multicast")),
+                DEFAULT_MOSAIC_FWD, kv_multicast=True, ablate="multicast")),
+            "kv_multicast_ablate_cluster_fwd": KernelTuning(mosaic_fwd=dataclasses.replace(
+                DEFAULT_MOSAIC_FWD, kv_multicast=True, ablate="cluster")),
             "overlap_late_p_sep_s3_fwd": fwd(**session9, num_stages=3)}
 
 

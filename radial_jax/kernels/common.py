@@ -193,24 +193,22 @@ class MosaicTuning:
     # 1.003x (F = 1); at 480p-161f and 14B 720p-81f every persistent form stays 0.98-0.995x.
     walk_item_cost: float | None = None
     # K/V multicast across a cluster of two CTAs (FlashAttention-3's cluster mode, which FA4's sm90 forward
-    # does not run). The grid runs pairs of query tiles (2p, 2p + 1), one CTA each, launched as one cluster;
-    # the pair walks the union of its two key-block lists (pair_walk) and a block both tiles have (80-92% of
-    # them on the radial masks) is one multicast TMA copy, each CTA issuing half and both receiving all, so
-    # the pair reads it from L2 once. Ring slots are dealt per block so that both CTAs take a shared block
-    # into the same slot; each CTA's compute loop is the grid kernel's, reading its slots from a table.
-    # The arithmetic is unchanged: out and lse bitwise the grid kernel's. Why: at the 700 W cap, the K/V
-    # traffic from L2 is 8-14% of a call's energy (ablate="loads", NOTES session 18), and a pair moves
-    # 54-60% of the bytes of two lone CTAs at 1.3B 480p / 14B 720p. On the H200 (NOTES session 18, 3 slots):
-    # at the cap its clock is 6-8% above the default's at the same power, but it takes 6-7% more cycles
-    # (the cluster launch, the slot table, the coupling of the two CTAs), so it runs 1.005-1.013x the default
-    # at 480p-161f and 1.008x at 720p-81f at the cap, 0.934x at 480p-81f in alternating rounds. Not the default.
+    # does not run). The grid runs pairs of query tiles (2p, 2p + 1), one CTA each, launched as one cluster.
+    # Each tile walks the key blocks both tiles have first, in the same order, then its own, then its
+    # masked ragged block (shared_first_pairs; 80-92% of a tile's blocks are shared on the radial masks), so
+    # a CTA's step j takes ring slot j % stages exactly as in the grid kernel, and a shared block lands in
+    # the same slot of both CTAs: it is one multicast TMA copy, each CTA issuing half and both receiving
+    # all, after the two memory warpgroups meet on the slot's cluster barrier. After the shared steps the
+    # two CTAs run apart. Each CTA's compute loop is the grid kernel's; its sums run in that order, so out
+    # and lse are the grid kernel's run on the reordered tables. Why: at the 700 W cap, the K/V traffic
+    # from L2 is 8-14% of a call's energy (ablate="loads", NOTES session 18), and a pair moves 54-60% of the
+    # bytes of two lone CTAs at 1.3B 480p / 14B 720p. On the H200 (NOTES session 19) its clock at the cap is
+    # 4-6% above the default's at the same power, but it takes 3-4% more cycles (the cluster launch; the
+    # coupling of the two CTAs), so it runs 1.00-1.02x the default at the cap and 0.96x / 0.98x / 1.01x
+    # at 480p-81f / 480p-161f / 720p-81f in alternating rounds. Not the default. (Session 18's design
+    # walked the union of the two tiles' blocks in ascending order, the ring slots dealt into a table; it
+    # ran 0.94x / 0.98x / 1.01x: replaced.)
     kv_multicast: bool = False
-    # With kv_multicast: each tile walks the key blocks it shares with its pair's other tile first, both in
-    # the same order, then its own (shared_first_pairs), so a CTA's step j takes ring slot j % stages as in
-    # the grid kernel (no slot table, no third slot needed) and a shared block lands in the same slot of
-    # both CTAs. The loads of the shared steps are multicast; after them the two CTAs run apart. Each
-    # tile sums its blocks in that order: out and lse are the grid kernel's on the reordered tables.
-    pair_shared_first: bool = False
     # Timing only, the output is wrong: the grid kernel with DEFAULT_MOSAIC_FWD's loop minus one stage of
     # its middle steps, to measure what that stage costs at the 700 W cap (issue 16: "timing variants that
     # drop one stage"). "softmax": P = bf16(S), no row max, exp2, sum or rescale (what the matmuls, loads
@@ -219,9 +217,9 @@ class MosaicTuning:
     # the first 8 of each K and V block's 128 rows (what moving K and V from L2 costs; the other rows are
     # those the SM's previous CTA left, real K/V values, so the tensor cores' power is a real step's);
     # "multicast" (with kv_multicast; the output is right): each CTA of a pair loads every block alone, to
-    # price the pairing (cluster launch, slot table) apart from the multicast; "cluster" (with kv_multicast,
-    # right output): the pairs' cluster launch with each CTA running the grid kernel's own loads and slots,
-    # to price the cluster launch alone. None: the kernel.
+    # price the pairing (cluster launch, reordered walk) apart from the multicast; "cluster" (with
+    # kv_multicast, right output): the pairs' cluster launch with each CTA walking its blocks in the grid
+    # kernel's order, loaded alone, to price the cluster launch alone. None: the kernel.
     ablate: str | None = None
 
 
@@ -510,64 +508,8 @@ def list_scheduled_walk(item_costs, num_ctas: int):
     return walk
 
 
-# pair_walk's packing of a union step: the key block in the low bits, then the ring slot, then for each CTA
-# of the pair whether the step is its own and whether its slot held one of its earlier blocks.
-PAIR_BLOCK_BITS = 20
-PAIR_SLOT_BIT, PAIR_OWN_BIT, PAIR_REUSED_BIT = 20, 22, 24  # + member (0, 1) for the last two; 2 slot bits
-
-
-def pair_walk(kv_ids, kv_counts, stages: int = 2):
-    """The K/V walk of query tiles 2p and 2p + 1 run by one CTA pair (MosaicTuning.kv_multicast).
-
-    kv_ids: [tiles, width] each tile's key blocks, ascending; kv_counts: [tiles]. Returns (walk, slots):
-    walk [pairs, 1 + most union steps] int32, row p = (the pair's union step count, then each key block
-    either tile has, ascending, packed as block | slot << 20 | own_m << (22 + m) | reused_m << (24 + m) for
-    members m = 0, 1); slots [2 * pairs, width + 2] int32, the ring slot (of `stages`, 2 to 4) of each tile's
-    own step j (zeros past its last).
-
-    A block both tiles have is a shared step: both CTAs take it into the same slot (one multicast copy). Each
-    step takes the slot its owner(s) used least recently, so that a CTA's consecutive own steps cycle through
-    the slots as in the grid kernel's ring; with 2 slots that fails only at a shared step whose two CTAs last
-    used different slots (one of them then reuses its last slot at once). An odd last tile is paired with an
-    empty one.
-    """
-    if not 2 <= stages <= 4:
-        raise ValueError(f"pair_walk deals 2 to 4 ring slots, not {stages}")
-    kv_ids, kv_counts = np.asarray(kv_ids), np.asarray(kv_counts)
-    tiles, width = kv_ids.shape
-    pairs = -(-tiles // 2)
-    rows = [set(kv_ids[t, :kv_counts[t]].tolist()) if t < tiles else set() for t in range(2 * pairs)]
-    if kv_ids.size and kv_ids.max() >= 1 << PAIR_BLOCK_BITS:
-        raise ValueError(f"pair_walk packs key blocks in {PAIR_BLOCK_BITS} bits; got block {kv_ids.max()}")
-    unions, slots = [], np.zeros((2 * pairs, max(1, width) + 2), np.int32)  # + 2: the kernel reads 2 ahead
-    for p in range(pairs):
-        last_use = [[-1] * stages, [-1] * stages]  # each member's own step that last took each slot
-        taken = [0, 0]  # own steps so far
-        steps = []
-        for block in sorted(rows[2 * p] | rows[2 * p + 1]):
-            own = [block in rows[2 * p + m] for m in (0, 1)]
-            owners = [m for m in (0, 1) if own[m]]
-            # least recently used by its owners: a slot's latest use by either (-1: its last own step), ties
-            # to the lowest slot
-            recency = lambda m, s: last_use[m][s] - taken[m] if last_use[m][s] >= 0 else -np.inf  # noqa: E731
-            slot = min(range(stages), key=lambda s: (max(recency(m, s) for m in owners), s))
-            word = block | slot << PAIR_SLOT_BIT
-            for m in owners:
-                word |= 1 << (PAIR_OWN_BIT + m) | (last_use[m][slot] >= 0) << (PAIR_REUSED_BIT + m)
-                slots[2 * p + m, taken[m]] = slot
-                last_use[m][slot] = taken[m]
-                taken[m] += 1
-            steps.append(word)
-        unions.append(steps)
-    walk = np.zeros((pairs, 1 + max(map(len, unions), default=0)), np.int32)
-    for p, steps in enumerate(unions):
-        walk[p, 0] = len(steps)
-        walk[p, 1:1 + len(steps)] = steps
-    return walk, slots
-
-
 def shared_first_pairs(kv_ids, kv_counts, kv_full_counts):
-    """Orders each tile's key blocks for MosaicTuning.pair_shared_first: the blocks both tiles of its pair
+    """Orders each tile's key blocks for MosaicTuning.kv_multicast: the blocks both tiles of its pair
     (2p, 2p + 1) have first, then its own, then its masked ragged block, so that a CTA's own step j takes
     ring slot j % stages as in the grid kernel and a shared block lands in the same slot of both CTAs.
 

@@ -42,10 +42,9 @@ import numpy as np
 from jax import lax
 
 from radial_jax.kernels.common import (COMPUTE_WGS, DEFAULT_MOSAIC_FWD, HOPPER_SMS, LN_2, LOG2_E, MASK_BLOCK,
-                                       PAIR_BLOCK_BITS, PAIR_OWN_BIT, PAIR_REUSED_BIT, PAIR_SLOT_BIT, MosaicTuning,
-                                       block_coords, block_grid, check_lazy_rescale_threshold, list_scheduled_walk,
-                                       pair_walk, persistent_items, seq_multiple, shared_first_pairs, unpad_seq,
-                                       work_coords)
+                                       MosaicTuning, block_coords, block_grid, check_lazy_rescale_threshold,
+                                       list_scheduled_walk, persistent_items, seq_multiple, shared_first_pairs,
+                                       unpad_seq, work_coords)
 from radial_jax.kernels.tables import BlockTables
 
 __all__ = ["MosaicTuning", "mosaic_forward", "supported"]
@@ -450,9 +449,6 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
         raise ValueError("kv_multicast runs pairs of query tiles on the grid kernel's overlapped loop with its K and V "
                          "waits apart: set it on DEFAULT_MOSAIC_FWD (num_stages 2 or 3, not persistent, producer_warp, "
                          "grid_heads, overlap_p_smem or overlap_early_rescale)")
-    shared_first = tuning.pair_shared_first
-    if shared_first and not multicast:
-        raise ValueError("pair_shared_first orders kv_multicast's pairs' key blocks: set kv_multicast")
     num_ctas = min(tuning.persistent_ctas or _sm_count(), total) if persistent else None
     if persistent:
         grid, grid_names = (num_ctas,), ("cta",)
@@ -460,16 +456,12 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
     counts = jnp.stack([jnp.asarray(tables.kv_counts), jnp.asarray(tables.kv_full_counts)], axis=1)
     inputs = (q, k, v, kv_ids, counts)
     if multicast:  # the grid runs pairs of query tiles (an odd last tile with an empty one: count 0)
-        if shared_first:  # each tile's blocks reordered; the pair's shared steps counted
-            ids, shared = shared_first_pairs(tables.kv_ids, tables.kv_counts, tables.kv_full_counts)
-            pair_inputs = (jnp.asarray(shared),)
-            kv_ids = jnp.asarray(ids)
-        else:
-            pair_inputs = tuple(map(jnp.asarray, pair_walk(tables.kv_ids, tables.kv_counts, stages)))
-        pairs = -(-num_q_tiles // 2)
-        grid = (heads, pairs, batch)
-        counts = jnp.pad(counts, ((0, 2 * pairs - num_q_tiles), (0, 0)))
-        inputs = (q, k, v, kv_ids, counts) + pair_inputs
+        ids, shared = shared_first_pairs(tables.kv_ids, tables.kv_counts, tables.kv_full_counts)
+        if tuning.ablate == "cluster":  # the grid kernel's order
+            ids = np.pad(tables.kv_ids, ((0, len(ids) - num_q_tiles), (0, 0)))
+        grid = (heads, len(shared), batch)
+        counts = jnp.pad(counts, ((0, len(ids) - num_q_tiles), (0, 0)))
+        inputs = (q, k, v, jnp.asarray(ids), counts, jnp.asarray(shared))
     if persistent and tuning.walk_item_cost is not None:  # the items' costs in launch order, off the tables
         q_tiles = work_coords(np.arange(total), heads, num_q_tiles, batch, tuning.grid_heads)[2]
         walk = list_scheduled_walk(tables.kv_counts[q_tiles] + tuning.walk_item_cost, num_ctas)
@@ -542,7 +534,7 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
         elif tuning.pingpong:
             pl.when(wg == 1)(lambda: plgpu.barrier_arrive(schedule_barrier.at[0]))
 
-    def attend(refs, qo_smem, wg, q_tile, count, full_count, base=None, slots_ref=None):
+    def attend(refs, qo_smem, wg, q_tile, count, full_count, base=None):
         """Returns (acc [block_q, head_dim] f32, unnormalised; m_i, l_i [block_q] f32, m_i in log2 units)
         of this compute warpgroup's rows (Q in qo_smem, landed) against query tile q_tile's `count` key
         blocks, the last `count - full_count` masked, as the memory warpgroup streams them into the ring.
@@ -550,22 +542,13 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
         refs: (ids_ref, k_smem, v_smem, k_barriers, v_barriers, k_consumed, v_consumed, schedule_barrier,
         p_smem2), the kernel's. base: None, or (persistent kernel) the ring position of the tile's first
         block, int32: the blocks of earlier items went through the ring before it, so step s's slot is
-        (base + s) % stages and every barrier phase carries on from the previous item. slots_ref: None, or
-        (kv_multicast) pair_walk's slots [tiles, width]: step s's slot is slots_ref[q_tile, s].
+        (base + s) % stages and every barrier phase carries on from the previous item.
         """
         ids_ref, k_smem, v_smem, k_barriers, v_barriers, k_consumed, v_consumed, schedule_barrier, p_smem2 = refs
         pingpong = tuning.pingpong
 
         def ring_slot(step):
-            if slots_ref is not None:
-                return slots_ref[q_tile, step]
             return lax.rem(step if base is None else base + step, jnp.int32(stages))
-
-        def slots_of(*steps):
-            """Functions returning ring_slot of each step where it is used: a table's entry is read once."""
-            if slots_ref is None:
-                return tuple(functools.partial(ring_slot, step) for step in steps)
-            return tuple((lambda slot: lambda: slot)(ring_slot(step)) for step in steps)
 
         def schedule():
             plgpu.barrier_arrive(schedule_barrier)
@@ -638,15 +621,13 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
             and 1 need no branch.
             """
             waits_first = tuning.overlap_waits_first  # S's scope opens after the waits (MosaicTuning)
-            # the persistent kernel's ring runs on; kv_multicast's first block may take slot 1
-            first_slot = 0 if base is None and slots_ref is None else ring_slot(0)
-            prefetch = slots_ref is not None  # the carry ends with the slots of steps j and j + 1
+            first_slot = 0 if base is None else ring_slot(0)  # the persistent kernel's ring runs on
 
-            def issue_qk(s_ref, slot):  # after K's barrier: FA3 waits for data before its turn
-                plgpu.wgmma(s_ref, qo_smem, k_smem.at[slot()].transpose((1, 0)))
+            def issue_qk(s_ref, step):  # after K_step's barrier: FA3 waits for data before its turn
+                plgpu.wgmma(s_ref, qo_smem, k_smem.at[ring_slot(step)].transpose((1, 0)))
 
-            def issue_pv(p16, slot):  # p16: P in registers, or None: P in this warpgroup's SMEM tile
-                slot = slot()
+            def issue_pv(p16, step):  # p16: P in registers, or None: P in this warpgroup's SMEM tile
+                slot = ring_slot(step)
                 plgpu.barrier_wait(v_barriers.at[slot])
                 plgpu.wgmma(o_ref, p_smem2[0].at[wg] if p_smem else p16, v_smem.at[slot])
 
@@ -670,7 +651,7 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
                     if not waits_first:
                         plgpu.barrier_wait(k_barriers.at[first_slot])
                         take_turn(wg, schedule_barrier)
-                    issue_qk(s_ref, *slots_of(0) if slots_ref is None else (lambda: first_slot,))
+                    issue_qk(s_ref, 0)
                     pass_turn(wg, schedule_barrier)
                     return plgpu.wgmma_accumulator_load(s_ref, wait_n=0)
 
@@ -680,44 +661,36 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
                 out = (m_new, add_row_sum(l_i, alpha, p), keep_p(p))  # O is zero: no rescale
                 if early_rescale:  # alpha_0 = 1 and no max moved: step 0's rescale is a no-op
                     out += (plgpu.layout_cast(jnp.full((block_q,), 1.0, jnp.float32), row), m_new)
-                if prefetch:
-                    out += (first_slot, ring_slot(1))
                 return out
 
             def middle(j, carry, *, mask_tail):
                 m_i, l_i, p16 = carry[:3]
-                if prefetch:  # read a step ahead, so that the table's latency is off the wait for K
-                    slot, next_slot = (lambda: carry[-2]), (lambda: carry[-1])
-                    after_next = ring_slot(j + 2)
-                else:
-                    slot, next_slot = slots_of(j, j + 1)  # of P_j V_j's V and S_{j+1}'s K
-                done = lambda *out: out + ((next_slot(), after_next) if prefetch else ())  # noqa: E731
                 if waits_first:
-                    plgpu.barrier_wait(k_barriers.at[next_slot()])
+                    plgpu.barrier_wait(k_barriers.at[ring_slot(j + 1)])
                     take_turn(wg, schedule_barrier)
 
                 def qk_and_pv(s_ref):
                     if not waits_first:
-                        plgpu.barrier_wait(k_barriers.at[next_slot()])
+                        plgpu.barrier_wait(k_barriers.at[ring_slot(j + 1)])
                         take_turn(wg, schedule_barrier)
-                    issue_qk(s_ref, next_slot)
+                    issue_qk(s_ref, j + 1)
                     if early_rescale:  # O *= alpha_j under S_{j+1}'s wgmma; the store fences O
                         rescale_o(*carry[3:], m_i)
-                    issue_pv(p16, slot)
+                    issue_pv(p16, j)
                     pass_turn(wg, schedule_barrier)
                     # S_{j+1} done and P_j V_j still running, or (overlap_softmax=False) both done
                     return plgpu.wgmma_accumulator_load(s_ref, wait_n=1 if overlap_softmax else 0)
 
                 s = pl.run_scoped(qk_and_pv, plgpu.ACC((block_q, block_kv), jnp.float32))
-                plgpu.barrier_arrive(k_consumed.at[next_slot()])
+                plgpu.barrier_arrive(k_consumed.at[ring_slot(j + 1)])
                 if tuning.late_pv_wait:
                     _convergence_point()
                 if not overlap_softmax:  # P_j V_j has retired: V_j is free before the softmax
-                    plgpu.barrier_arrive(v_consumed.at[slot()])
+                    plgpu.barrier_arrive(v_consumed.at[ring_slot(j)])
                 if tuning.ablate == "softmax":  # timing only: P = bf16(S), cast after P_j V_j's wait
                     plgpu.wgmma_accumulator_load(o_ref, wait_n=0)
-                    plgpu.barrier_arrive(v_consumed.at[slot()])
-                    return done(m_i, l_i, keep_p(lax.optimization_barrier(s)))
+                    plgpu.barrier_arrive(v_consumed.at[ring_slot(j)])
+                    return m_i, l_i, keep_p(lax.optimization_barrier(s))
                 if head_cols is not None:  # the wait and O's rescale amid the exp2, as in FA4's loop
                     x, m_new, alpha = shifted_scores(s, m_i, j + 1, mask_tail=mask_tail)
                     in_flight = plgpu.wgmma_accumulator_load(o_ref, wait_n=None)  # read after the wait
@@ -726,9 +699,9 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
                                                   None if lazy_threshold is None else (m_i, m_new),
                                                   exp2=tuning.ablate != "exp2")
                     l_i = add_row_sum(l_i, alpha, p)
-                    plgpu.barrier_arrive(v_consumed.at[slot()])
+                    plgpu.barrier_arrive(v_consumed.at[ring_slot(j)])
                     o_ref[...] = acc
-                    return done(m_new, l_i, keep_p(lax.optimization_barrier(p)))
+                    return m_new, l_i, keep_p(lax.optimization_barrier(p))
                 p, m_new, alpha = softmax_scores(s, m_i, j + 1, mask_tail=mask_tail)
                 l_i = add_row_sum(l_i, alpha, p)
                 # The softmax must be done before the wait below, or LLVM may sink it past the
@@ -744,23 +717,22 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
                     _convergence_point()
                 acc = plgpu.wgmma_accumulator_load(o_ref, wait_n=0)  # P_j V_j done
                 if overlap_softmax:
-                    plgpu.barrier_arrive(v_consumed.at[slot()])
+                    plgpu.barrier_arrive(v_consumed.at[ring_slot(j)])
                 if late_p:  # p passes a barrier after the wait, so LLVM cannot hoist the cast above it
                     p16_next = keep_p(lax.optimization_barrier(p))  # into P_j's registers, now free
                 if early_rescale:
-                    return done(m_new, l_i, p16_next, alpha, m_i)
+                    return m_new, l_i, p16_next, alpha, m_i
                 o_ref[...] = rescale(acc, alpha, m_i, m_new)
-                return done(m_new, l_i, p16_next)
+                return m_new, l_i, p16_next
 
             def last(_, carry):
                 if early_rescale:  # nothing to overlap with: before the turn, not while holding it
                     rescale_o(*carry[3:], carry[0])
                 take_turn(wg, schedule_barrier)
-                (slot,) = ((lambda: carry[-2]),) if prefetch else slots_of(count - 1)
-                issue_pv(carry[2], slot)
+                issue_pv(carry[2], count - 1)
                 pass_turn(wg, schedule_barrier)
                 plgpu.wgmma_wait(0)
-                plgpu.barrier_arrive(v_consumed.at[slot()])
+                plgpu.barrier_arrive(v_consumed.at[ring_slot(count - 1)])
                 return carry
 
             p16 = None  # P_0 comes from the first step; in SMEM mode it is never carried
@@ -769,8 +741,6 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
             carry = (m_i, l_i, p16)
             if early_rescale:  # + (alpha_j, m_{j-1}): O's factor for step j, applied before P_j V_j
                 carry += (plgpu.layout_cast(jnp.full((block_q,), 1.0, jnp.float32), row), m_i)
-            if prefetch:  # + the slots of steps j and j + 1, from first on
-                carry += (jnp.int32(0), jnp.int32(0))
             # Step s is masked iff s >= full_count (the ragged block is the last, tables.py):
             # the first step when full_count == 0, middle j (step j + 1) when j >= full_count - 1.
             has_first, full_first = jnp.minimum(count, 1), jnp.minimum(full_count, 1)
@@ -1023,8 +993,8 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
         items), when the slot held earlier blocks: the loads then wait for their K and V to be consumed.
         By default both waits come first; with separate_kv_waits the block's index is read first (its
         global load's latency passes under the waits) and K waits only for K, V only for V.
-        ready, together: None, or (pair_shared_first) the K and V rendezvous barriers and whether the
-        block is the pair's other CTA's too (copy_block).
+        ready, together: None, or (kv_multicast) the K and V rendezvous barriers and whether the block is
+        the pair's other CTA's too (copy_block).
         """
         k_ref, v_ref, ids_ref, k_smem, v_smem, k_barriers, v_barriers, k_consumed, v_consumed = refs
 
@@ -1051,12 +1021,9 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
 
     def kernel(q_ref, k_ref, v_ref, ids_ref, counts_ref, *refs):
         """One CTA a (batch, head, query tile), or with kv_multicast one CTA of a pair (a cluster of two) that
-        runs query tiles 2p and 2p + 1 and takes the key blocks both have by one multicast copy
-        (pair_producer)."""
-        pair_refs = (0 if not multicast else 1 if shared_first else 2)
-        pair_refs, refs = refs[:pair_refs], refs[pair_refs:]
-        # kv_multicast: pair_walk's walk and slots, or with pair_shared_first the pairs' shared step counts
-        walk_ref, slots_ref = pair_refs if len(pair_refs) == 2 else (None, None)
+        runs query tiles 2p and 2p + 1, each walking the blocks both have first (shared_first_pairs), and
+        takes those by multicast copies."""
+        shared_ref, refs = (refs[0], refs[1:]) if multicast else (None, refs)  # the pairs' shared step counts
         (out_ref, lse_ref, qo_smem2, k_smem, v_smem, lse_smem2, k_barriers, v_barriers, q_barriers, k_consumed,
          v_consumed, schedule_barrier, *extra) = refs
         ready, p_smem2 = (extra, ()) if multicast else ((), tuple(extra))
@@ -1077,8 +1044,7 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
             plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(q_base, block_q), head], qo_smem, q_barriers.at[wg])
             plgpu.barrier_wait(q_barriers.at[wg])
             refs = (ids_ref, k_smem, v_smem, k_barriers, v_barriers, k_consumed, v_consumed, schedule_barrier, p_smem2)
-            acc, m_i, l_i = attend(refs, qo_smem, wg, q_tile, count, full_count,
-                                   slots_ref=None if tuning.ablate == "cluster" else slots_ref)
+            acc, m_i, l_i = attend(refs, qo_smem, wg, q_tile, count, full_count)
             stage_tile(qo_smem, lse_smem, acc, m_i, l_i)
 
             def store():
@@ -1095,59 +1061,26 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
         def _memory_wg():
             plgpu.set_max_registers(40, action="decrease")
             ring = (k_ref, v_ref, ids_ref, k_smem, v_smem, k_barriers, v_barriers, k_consumed, v_consumed)
-            load = functools.partial(load_kv, ring, b, head, q_tile)
+            load = functools.partial(load_kv, ring, b, head, q_tile, ready=ready or None)
 
-            def produce(shared=None):  # shared: pair_shared_first's shared steps (multicast), traced
+            def produce(shared=None):  # shared: kv_multicast's shared steps (multicast copies), traced
                 def together(step):
                     return None if shared is None else step < shared
 
                 for i in range(stages):
-                    pl.when(i < count)(functools.partial(load, i, i, ready=ready or None, together=together(i)))
+                    pl.when(i < count)(functools.partial(load, i, i, together=together(i)))
 
                 @pl.loop(0, jnp.maximum(count - stages, 0))
                 def _(step):
                     ahead = step + stages
-                    load(ahead, lax.rem(step, jnp.int32(stages)), True, ready=ready or None, together=together(ahead))
+                    load(ahead, lax.rem(step, jnp.int32(stages)), True, together=together(ahead))
 
-            if shared_first:  # ablate="multicast" (timing only): every block loaded alone
-                produce(None if tuning.ablate == "multicast" else pair_refs[0][pair])
-            elif multicast and tuning.ablate != "cluster":
-                pair_producer(walk_ref, ring, ready, b, head, pair)
+            if multicast and tuning.ablate is None:  # ablate: the pairs' blocks each loaded alone
+                produce(shared_ref[pair])
             elif tuning.producer_warp:  # warp 0 alone, in single-warp semantics; warps 1-3 have nothing to do
                 plgpu.warp_map(lambda warp: pl.when(warp == 0)(produce))
             else:
                 produce()
-
-    def pair_producer(walk_ref, ring, ready, b, head, pair):
-        """The memory warpgroup of one CTA of a kv_multicast pair: walks the pair's key blocks (pair_walk's
-        row), and for each block of its own tile waits until its ring slot is free (its own compute
-        warpgroups released the slot's previous block), then loads K, then the same for V. A block both
-        tiles have is one multicast copy (each CTA issues half, both receive all) after a rendezvous of
-        the two memory warpgroups on the slot's cluster barrier (each arrives on both CTAs' copies once
-        its own slot is free), so neither CTA's slot is written while its previous block is in use."""
-        k_ref, v_ref, _, k_smem, v_smem, k_barriers, v_barriers, k_consumed, v_consumed = ring
-        member = lax.axis_index("pair")
-
-        @pl.loop(0, walk_ref[pair, 0])
-        def _(u):
-            word = walk_ref[pair, 1 + u]
-            bit = lambda position: lax.shift_right_logical(word, position) & 1 == 1
-            block = word & ((1 << PAIR_BLOCK_BITS) - 1)
-            slot = lax.shift_right_logical(word, PAIR_SLOT_BIT) & 3
-            mine, theirs = bit(PAIR_OWN_BIT + member), bit(PAIR_OWN_BIT + 1 - member)
-            if tuning.ablate == "multicast":  # timing only: every block loaded alone, no rendezvous
-                theirs = jnp.bool_(False)
-            reused = bit(PAIR_REUSED_BIT + member)
-            kv = (b, pl.ds(block * block_kv, block_kv), head)
-
-            def load(src, smem, full, consumed, rendezvous):
-                pl.when(reused)(lambda: plgpu.barrier_wait(consumed.at[slot]))
-                copy_block(src.at[kv], smem.at[slot], full.at[slot], rendezvous.at[slot], theirs)
-
-            @pl.when(mine)
-            def _():
-                load(k_ref, k_smem, k_barriers, k_consumed, ready[0])
-                load(v_ref, v_smem, v_barriers, v_consumed, ready[1])
 
     def persistent_kernel(q_ref, k_ref, v_ref, ids_ref, counts_ref, *refs):
         """One CTA walks work items cta, cta + num_ctas, ... (block_grid's launch order, work_coords), or with

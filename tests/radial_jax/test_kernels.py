@@ -968,84 +968,37 @@ class TestMosaicPersistentGPU:
 @pytest.mark.gpu
 @pytest.mark.skipif(not IS_HOPPER, reason="needs a Hopper GPU (sm90) for the Mosaic kernel")
 class TestMosaicMulticastGPU:
-    """MosaicTuning.kv_multicast against the grid kernel (DEFAULT_MOSAIC_FWD): a CTA pair walks the union of
-    its two tiles' key blocks, a shared block one multicast copy into the same slot of both CTAs, each CTA's
-    compute loop reading its slots from pair_walk's table. Every tile's arithmetic is the grid kernel's,
-    so out and lse must be bitwise equal. A block landed in the wrong slot or read before its other half
-    arrived, a slot overwritten while the partner still reads it, or a phase out of step moves values or
-    hangs (run under `timeout`). ragged_cross_empty_row (33 tiles) and the tiny cases (1 tile) have an odd
-    tile count, so the last tile's partner is past the end and loads nothing; the radial case's pairs
-    share 85% of their blocks, the random masks' far fewer."""
+    """MosaicTuning.kv_multicast against the grid kernel (DEFAULT_MOSAIC_FWD): a CTA pair runs two query
+    tiles, each walking the key blocks both have first (shared_first_pairs), a shared block one multicast
+    copy into the same ring slot of both CTAs. Each tile's loop is the grid kernel's on its reordered row,
+    so out and lse must be bitwise those of the grid kernel run on the reordered tables. A block landed in
+    the wrong slot or read before its other half arrived, a slot overwritten while the partner still reads
+    it, or a phase out of step moves values or hangs (run under `timeout`). ragged_cross_empty_row (33
+    tiles) and the tiny cases (1 tile) have an odd tile count, so the last tile's partner is past the end
+    and loads nothing; the ragged cases keep their masked block last; the radial case's pairs share 85% of
+    their blocks, the random masks' far fewer."""
+
+    @staticmethod
+    def reordered(tables):
+        from radial_jax.kernels.common import shared_first_pairs
+
+        ids = shared_first_pairs(tables.kv_ids, tables.kv_counts, tables.kv_full_counts)[0]
+        return dataclasses.replace(tables, kv_ids=ids[:tables.num_q_blocks])
 
     @pytest.mark.parametrize("name, fields", [(name, fields) for name in _PERSISTENT_CASES for fields in (
         {}, {"num_stages": 3})] + [("wan_480p_81f_radial", {"ablate": "multicast"}),
-                                   ("ragged_cross_empty_row", {"ablate": "multicast"}),
-                                   ("ragged_cross_empty_row", {"ablate": "cluster"})])  # fmt: skip
-    def test_forward_is_bitwise_the_grid_one(self, name, fields):
-        # fields: a 3-slot ring (pair_walk then never makes a CTA reuse its last slot at once), or every
-        # block loaded alone (ablate="multicast": the pairs' walk and slot tables without the multicast)
-        out, lse, mask = _assert_persistent_forward_bitwise(
-            name, DEFAULT_MOSAIC_FWD, dataclasses.replace(DEFAULT_MOSAIC_FWD, kv_multicast=True, **fields))
+                                   ("ragged_cross_empty_row", {"ablate": "multicast"})])  # fmt: skip
+    def test_forward_is_bitwise_the_grid_one_on_its_order(self, name, fields):
+        # fields: a 3-slot ring, or every block loaded alone (ablate="multicast": the pairs without it)
+        tuning = dataclasses.replace(DEFAULT_MOSAIC_FWD, kv_multicast=True, **fields)
+        out, lse, mask = _assert_persistent_forward_bitwise(name, DEFAULT_MOSAIC_FWD, tuning, self.reordered)
         empty = np.repeat(~mask.any(axis=1), 128)[:out.shape[1]]
         assert bool((out[:, empty] == 0).all()) and bool((lse[..., empty] == -jnp.inf).all())
 
-    @pytest.mark.parametrize("name, fields", [(name, fields) for name in _PERSISTENT_CASES for fields in (
-        {}, {"num_stages": 3})] + [("wan_480p_81f_radial", {"ablate": "multicast"})])  # fmt: skip
-    def test_shared_first_is_bitwise_the_grid_one_on_its_order(self, name, fields):
-        # pair_shared_first: each tile's shared blocks first, then its own, the ragged one last
-        # (shared_first_pairs), the shared ones multicast into slot j % stages of both CTAs. Its sums run
-        # in that order, so the grid kernel run on the reordered tables must give the same bits.
-        from radial_jax.kernels.common import shared_first_pairs
-
-        def reordered(tables):
-            ids = shared_first_pairs(tables.kv_ids, tables.kv_counts, tables.kv_full_counts)[0]
-            return dataclasses.replace(tables, kv_ids=ids[:tables.num_q_blocks])
-
-        tuning = dataclasses.replace(DEFAULT_MOSAIC_FWD, kv_multicast=True, pair_shared_first=True, **fields)
-        out, lse, mask = _assert_persistent_forward_bitwise(name, DEFAULT_MOSAIC_FWD, tuning, reordered)
-        empty = np.repeat(~mask.any(axis=1), 128)[:out.shape[1]]
-        assert bool((out[:, empty] == 0).all()) and bool((lse[..., empty] == -jnp.inf).all())
-
-
-def test_pair_walk_gives_each_tile_its_blocks_and_a_shared_block_one_slot():
-    from radial_jax.kernels.common import (PAIR_BLOCK_BITS, PAIR_OWN_BIT, PAIR_REUSED_BIT, PAIR_SLOT_BIT,
-                                           pair_walk)
-    from radial_jax.kernels.tables import block_tables
-
-    masks = [radial_block_mask(21, 1560, block_size=128, decay_factor=1.0),  # 256 tiles
-             _random_mask(5, 33, 9, 0.5, empty_rows=(0, 32)),  # odd: the last tile pairs with none
-             np.ones((1, 2), bool)]
-    for mask, stages in [(mask, stages) for mask in masks for stages in (2, 3)]:
-        tables = block_tables(mask, 128, mask.shape[0] * 128, mask.shape[1] * 128)
-        walk, slots = pair_walk(tables.kv_ids, tables.kv_counts, stages)
-        tiles = mask.shape[0]
-        assert walk.shape[0] == -(-tiles // 2) and slots.shape[0] == 2 * walk.shape[0]
-        repeats = own_steps = 0
-        for p in range(walk.shape[0]):
-            words = walk[p, 1:1 + walk[p, 0]]
-            blocks = words & ((1 << PAIR_BLOCK_BITS) - 1)
-            slot = (words >> PAIR_SLOT_BIT) & 3
-            assert (slot < stages).all()
-            assert (np.diff(blocks) > 0).all()
-            for m in (0, 1):
-                tile = 2 * p + m
-                own = ((words >> (PAIR_OWN_BIT + m)) & 1).astype(bool)
-                expected = np.nonzero(mask[tile])[0] if tile < tiles else np.zeros(0, int)
-                assert blocks[own].tolist() == expected.tolist()  # its own blocks, once each, in order
-                assert slots[tile, :own.sum()].tolist() == slot[own].tolist()  # the table its compute reads
-                reused = ((words >> (PAIR_REUSED_BIT + m)) & 1).astype(bool)[own]
-                mine = slot[own]
-                # reused: an earlier own block took this slot (its release is what the load waits for)
-                assert reused.tolist() == [bool((mine[:j] == mine[j]).any()) for j in range(len(mine))]
-                repeats += int((mine[1:] == mine[:-1]).sum())
-                own_steps += len(mine)
-            assert ((words >> PAIR_OWN_BIT) & 3).min(initial=1) >= 1  # every union block is somebody's
-        # A CTA's consecutive blocks share a slot only where 2 slots cannot serve both CTAs of a shared block
-        # (rarely, on the radial pairs); with 3 there is always a slot neither used last.
-        assert repeats <= (0.03 * own_steps if stages == 2 and mask.shape[0] == 256 else 0 if stages == 3
-                           else own_steps), (stages, repeats / own_steps)
-    with pytest.raises(ValueError, match="2 to 4 ring slots"):
-        pair_walk(np.zeros((1, 1), np.int32), np.ones(1, np.int32), 5)
+    def test_cluster_launch_alone_is_bitwise_the_grid_one(self):
+        # ablate="cluster": the pairs' launch with each tile's blocks in the grid kernel's order, loaded alone
+        _assert_persistent_forward_bitwise("ragged_cross_empty_row", DEFAULT_MOSAIC_FWD,
+                                           dataclasses.replace(DEFAULT_MOSAIC_FWD, kv_multicast=True, ablate="cluster"))
 
 
 def test_shared_first_pairs_put_a_pairs_common_full_blocks_first_in_both_rows():

@@ -747,22 +747,19 @@ _TMA_LOADS = re.compile(r'cp\.async\.bulk\.tensor\.shared\.cluster\.global"[^\n]
                         r'operandSegmentSizes = array<i32: ([\d, ]*)>')
 
 
-@pytest.mark.parametrize("case, order", [(case, order) for case in (CASES[0], CASES[3], CASES[4])
-                                         for order in ({}, {"pair_shared_first": True},
-                                                       {"pair_shared_first": True, "num_stages": 3})])
-def test_kv_multicast_launches_pairs_and_multicasts_shared_blocks(monkeypatch, case, order):
+@pytest.mark.parametrize("case, stages", [(case, stages) for case in (CASES[0], CASES[3], CASES[4]) for stages in (2, 3)])
+def test_kv_multicast_launches_pairs_and_multicasts_shared_blocks(monkeypatch, case, stages):
     # MosaicTuning.kv_multicast: a cluster of 2 CTAs (its arrive/wait at the start); the memory warpgroup
     # loads a shared block's K and V by multicast copies, its own blocks by plain ones; the compute loop is
-    # the grid kernel's (the same exp2 and wgmma waits). The pair walk has one load site of each kind;
-    # pair_shared_first's producer is the grid kernel's (each of its `stages` first loads unrolled, then
-    # the loop), every site with both kinds.
+    # the grid kernel's (the same exp2 and wgmma waits). The producer is the grid kernel's (its `stages`
+    # first loads unrolled, then the loop), every load site with both kinds.
     tables, q, kv, _ = _setup(*case)
     default = _forward_module(monkeypatch, tables, q, kv, mosaic_fwd.DEFAULT_MOSAIC_FWD)
     pairs = _forward_module(monkeypatch, tables, q, kv,
-                            dataclasses.replace(mosaic_fwd.DEFAULT_MOSAIC_FWD, kv_multicast=True, **order))
+                            dataclasses.replace(mosaic_fwd.DEFAULT_MOSAIC_FWD, kv_multicast=True, num_stages=stages))
     segments = [tuple(map(int, m.split(","))) for m in _TMA_LOADS.findall(pairs)]
     multicast = [s for s in segments if len(s) > 5 and s[5] == 1]
-    sites = 1 if not order else order.get("num_stages", 2) + 1
+    sites = stages + 1
     assert len(multicast) == 2 * sites and len(segments) == 1 + 4 * sites  # Q; K and V multicast; alone
     assert not [s for s in map(lambda m: tuple(map(int, m.split(","))), _TMA_LOADS.findall(default))
                 if len(s) > 5 and s[5] == 1]
@@ -774,10 +771,6 @@ def test_kv_multicast_launches_pairs_and_multicasts_shared_blocks(monkeypatch, c
 
 def test_kv_multicast_refuses_other_loops():
     tables, q, kv, _ = _setup(*CASES[0])
-    with pytest.raises(ValueError, match="pair_shared_first orders kv_multicast's pairs"):
-        tuning = dataclasses.replace(mosaic_fwd.DEFAULT_MOSAIC_FWD, pair_shared_first=True)
-        jax.eval_shape(lambda q, k, v: mosaic_fwd.mosaic_forward(q, k, v, tables=tables, scale=0.1, tuning=tuning),
-                       q, kv, kv)  # fmt: skip
     for fields in ({"persistent": True}, {"num_stages": 4}, {"separate_kv_waits": False}, {"producer_warp": True},
                    {"grid_heads": 1}, {"overlap_qk": False, "overlap_late_p": False, "named_turn": False,
                                        "overlap_waits_first": False, "late_pv_wait": False,
