@@ -209,6 +209,11 @@ class MosaicTuning:
     # walked the union of the two tiles' blocks in ascending order, the ring slots dealt into a table; it
     # ran 0.94x / 0.98x / 1.01x: replaced.)
     kv_multicast: bool = False
+    # With kv_multicast: the compute warpgroups release a shared step's K and V slots on cluster barriers in
+    # both CTAs of the pair (4 arrivals), so the memory warpgroup that waits on them knows both CTAs' slots
+    # free and issues its half of the multicast copy without the two memory warpgroups' rendezvous (one
+    # cross-SM hop less on each shared load). Same arithmetic and order as kv_multicast.
+    pair_release: bool = False
     # Timing only, the output is wrong: the grid kernel with DEFAULT_MOSAIC_FWD's loop minus one stage of
     # its middle steps, to measure what that stage costs at the 700 W cap (issue 16: "timing variants that
     # drop one stage"). "softmax": P = bf16(S), no row max, exp2, sum or rescale (what the matmuls, loads

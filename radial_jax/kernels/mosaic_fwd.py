@@ -449,6 +449,8 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
         raise ValueError("kv_multicast runs pairs of query tiles on the grid kernel's overlapped loop with its K and V "
                          "waits apart: set it on DEFAULT_MOSAIC_FWD (num_stages 2 or 3, not persistent, producer_warp, "
                          "grid_heads, overlap_p_smem or overlap_early_rescale)")
+    if tuning.pair_release and not multicast:
+        raise ValueError("pair_release changes how kv_multicast's pairs release their shared slots: set kv_multicast")
     num_ctas = min(tuning.persistent_ctas or _sm_count(), total) if persistent else None
     if persistent:
         grid, grid_names = (num_ctas,), ("cta",)
@@ -534,7 +536,7 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
         elif tuning.pingpong:
             pl.when(wg == 1)(lambda: plgpu.barrier_arrive(schedule_barrier.at[0]))
 
-    def attend(refs, qo_smem, wg, q_tile, count, full_count, base=None):
+    def attend(refs, qo_smem, wg, q_tile, count, full_count, base=None, pair_release=None):
         """Returns (acc [block_q, head_dim] f32, unnormalised; m_i, l_i [block_q] f32, m_i in log2 units)
         of this compute warpgroup's rows (Q in qo_smem, landed) against query tile q_tile's `count` key
         blocks, the last `count - full_count` masked, as the memory warpgroup streams them into the ring.
@@ -542,13 +544,26 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
         refs: (ids_ref, k_smem, v_smem, k_barriers, v_barriers, k_consumed, v_consumed, schedule_barrier,
         p_smem2), the kernel's. base: None, or (persistent kernel) the ring position of the tile's first
         block, int32: the blocks of earlier items went through the ring before it, so step s's slot is
-        (base + s) % stages and every barrier phase carries on from the previous item.
+        (base + s) % stages and every barrier phase carries on from the previous item. pair_release:
+        None, or (kv_multicast with pair_release) (shared, k_free, v_free): a step before `shared` releases
+        its K and V slots on those cluster barriers, in both CTAs of the pair.
         """
         ids_ref, k_smem, v_smem, k_barriers, v_barriers, k_consumed, v_consumed, schedule_barrier, p_smem2 = refs
         pingpong = tuning.pingpong
 
         def ring_slot(step):
             return lax.rem(step if base is None else base + step, jnp.int32(stages))
+
+        def release(consumed, slot, step):
+            """This warpgroup is done with the K or V block (consumed: k_consumed or v_consumed) in ring
+            slot `slot`, of step step() (a function: traced only with pair_release)."""
+            if pair_release is None:
+                return plgpu.barrier_arrive(consumed.at[slot])
+            shared, k_free, v_free = pair_release
+            together = step() < shared
+            free = k_free if consumed is k_consumed else v_free
+            pl.when(together)(lambda: plgpu.barrier_arrive(free.at[slot]))
+            pl.when(jnp.logical_not(together))(lambda: plgpu.barrier_arrive(consumed.at[slot]))
 
         def schedule():
             plgpu.barrier_arrive(schedule_barrier)
@@ -656,7 +671,7 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
                     return plgpu.wgmma_accumulator_load(s_ref, wait_n=0)
 
                 s = pl.run_scoped(qk, plgpu.ACC((block_q, block_kv), jnp.float32))  # [block_q, block_kv]
-                plgpu.barrier_arrive(k_consumed.at[first_slot])
+                release(k_consumed, first_slot, lambda: 0)
                 p, m_new, alpha = softmax_scores(s, m_i, 0, mask_tail=mask_tail)
                 out = (m_new, add_row_sum(l_i, alpha, p), keep_p(p))  # O is zero: no rescale
                 if early_rescale:  # alpha_0 = 1 and no max moved: step 0's rescale is a no-op
@@ -682,14 +697,14 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
                     return plgpu.wgmma_accumulator_load(s_ref, wait_n=1 if overlap_softmax else 0)
 
                 s = pl.run_scoped(qk_and_pv, plgpu.ACC((block_q, block_kv), jnp.float32))
-                plgpu.barrier_arrive(k_consumed.at[ring_slot(j + 1)])
+                release(k_consumed, ring_slot(j + 1), lambda: j + 1)
                 if tuning.late_pv_wait:
                     _convergence_point()
                 if not overlap_softmax:  # P_j V_j has retired: V_j is free before the softmax
-                    plgpu.barrier_arrive(v_consumed.at[ring_slot(j)])
+                    release(v_consumed, ring_slot(j), lambda: j)
                 if tuning.ablate == "softmax":  # timing only: P = bf16(S), cast after P_j V_j's wait
                     plgpu.wgmma_accumulator_load(o_ref, wait_n=0)
-                    plgpu.barrier_arrive(v_consumed.at[ring_slot(j)])
+                    release(v_consumed, ring_slot(j), lambda: j)
                     return m_i, l_i, keep_p(lax.optimization_barrier(s))
                 if head_cols is not None:  # the wait and O's rescale amid the exp2, as in FA4's loop
                     x, m_new, alpha = shifted_scores(s, m_i, j + 1, mask_tail=mask_tail)
@@ -699,7 +714,7 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
                                                   None if lazy_threshold is None else (m_i, m_new),
                                                   exp2=tuning.ablate != "exp2")
                     l_i = add_row_sum(l_i, alpha, p)
-                    plgpu.barrier_arrive(v_consumed.at[ring_slot(j)])
+                    release(v_consumed, ring_slot(j), lambda: j)
                     o_ref[...] = acc
                     return m_new, l_i, keep_p(lax.optimization_barrier(p))
                 p, m_new, alpha = softmax_scores(s, m_i, j + 1, mask_tail=mask_tail)
@@ -717,7 +732,7 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
                     _convergence_point()
                 acc = plgpu.wgmma_accumulator_load(o_ref, wait_n=0)  # P_j V_j done
                 if overlap_softmax:
-                    plgpu.barrier_arrive(v_consumed.at[ring_slot(j)])
+                    release(v_consumed, ring_slot(j), lambda: j)
                 if late_p:  # p passes a barrier after the wait, so LLVM cannot hoist the cast above it
                     p16_next = keep_p(lax.optimization_barrier(p))  # into P_j's registers, now free
                 if early_rescale:
@@ -732,7 +747,7 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
                 issue_pv(carry[2], count - 1)
                 pass_turn(wg, schedule_barrier)
                 plgpu.wgmma_wait(0)
-                plgpu.barrier_arrive(v_consumed.at[ring_slot(count - 1)])
+                release(v_consumed, ring_slot(count - 1), lambda: count - 1)
                 return carry
 
             p16 = None  # P_0 comes from the first step; in SMEM mode it is never carried
@@ -970,7 +985,8 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
 
         together: None, or (kv_multicast) a traced bool: the block is the pair's other CTA's too. The two
         memory warpgroups then meet on the slot's rendezvous cluster barrier (each arrives on both CTAs'
-        once its own slot is free) and each issues half of one multicast copy that both receive.
+        once its own slot is free; none with pair_release, whose waits cover the other CTA's slot) and
+        each issues half of one multicast copy that both receive.
         """
         def alone():
             plgpu.copy_gmem_to_smem(src, dst, full)
@@ -980,13 +996,14 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
 
         @pl.when(together)
         def _():
-            plgpu.barrier_arrive(rendezvous)
-            plgpu.barrier_wait(rendezvous)
+            if rendezvous is not None:
+                plgpu.barrier_arrive(rendezvous)
+                plgpu.barrier_wait(rendezvous)
             plgpu.copy_gmem_to_smem(src, dst, full, collective_axes="pair")
 
         pl.when(jnp.logical_not(together))(alone)
 
-    def load_kv(refs, b, head, q_tile, step, slot, reused=None, ready=None, together=None):
+    def load_kv(refs, b, head, q_tile, step, slot, reused=None, ready=None, together=None, freed_together=None):
         """Issues the TMA loads of K and V block `step` of query tile q_tile's list into ring slot `slot`.
 
         reused: None for a fresh slot; True, or a traced bool (the persistent kernel's ring runs across
@@ -994,7 +1011,9 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
         By default both waits come first; with separate_kv_waits the block's index is read first (its
         global load's latency passes under the waits) and K waits only for K, V only for V.
         ready, together: None, or (kv_multicast) the K and V rendezvous barriers and whether the block is
-        the pair's other CTA's too (copy_block).
+        the pair's other CTA's too (copy_block). With pair_release, ready holds the K and V cluster
+        barriers on which both CTAs release a shared step's slot, and freed_together (a traced bool, with
+        reused) says whether the slot's previous block was shared: the loads then wait on those.
         """
         k_ref, v_ref, ids_ref, k_smem, v_smem, k_barriers, v_barriers, k_consumed, v_consumed = refs
 
@@ -1011,12 +1030,19 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
         # ablate="loads" (timing only): the first 8 rows of each block, the rest of the slot as the CTA before left it
         rows = 8 if tuning.ablate == "loads" else block_kv
         kv = (b, pl.ds(ids_ref[q_tile, step] * block_kv, rows), head)
-        rendezvous = (None, None) if ready is None else (ready[0].at[slot], ready[1].at[slot])
+        rendezvous = (None, None) if ready is None or tuning.pair_release else (ready[0].at[slot], ready[1].at[slot])
+
+        def wait_apart(consumed, free):
+            if freed_together is None:
+                return wait(consumed)
+            pl.when(freed_together)(lambda: plgpu.barrier_wait(free.at[slot]))
+            pl.when(jnp.logical_not(freed_together))(lambda: plgpu.barrier_wait(consumed.at[slot]))
+
         if apart:
-            wait(k_consumed)
+            wait_apart(k_consumed, ready and ready[0])
         copy_block(k_ref.at[kv], k_smem.at[slot, pl.ds(0, rows)], k_barriers.at[slot], rendezvous[0], together)
         if apart:
-            wait(v_consumed)
+            wait_apart(v_consumed, ready and ready[1])
         copy_block(v_ref.at[kv], v_smem.at[slot, pl.ds(0, rows)], v_barriers.at[slot], rendezvous[1], together)
 
     def kernel(q_ref, k_ref, v_ref, ids_ref, counts_ref, *refs):
@@ -1044,7 +1070,8 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
             plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(q_base, block_q), head], qo_smem, q_barriers.at[wg])
             plgpu.barrier_wait(q_barriers.at[wg])
             refs = (ids_ref, k_smem, v_smem, k_barriers, v_barriers, k_consumed, v_consumed, schedule_barrier, p_smem2)
-            acc, m_i, l_i = attend(refs, qo_smem, wg, q_tile, count, full_count)
+            released = (shared_ref[pair], *ready) if tuning.pair_release and tuning.ablate is None else None
+            acc, m_i, l_i = attend(refs, qo_smem, wg, q_tile, count, full_count, pair_release=released)
             stage_tile(qo_smem, lse_smem, acc, m_i, l_i)
 
             def store():
@@ -1073,7 +1100,8 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
                 @pl.loop(0, jnp.maximum(count - stages, 0))
                 def _(step):
                     ahead = step + stages
-                    load(ahead, lax.rem(step, jnp.int32(stages)), True, together=together(ahead))
+                    load(ahead, lax.rem(step, jnp.int32(stages)), True, together=together(ahead),
+                         freed_together=together(step) if tuning.pair_release else None)
 
             if multicast and tuning.ablate is None:  # ablate: the pairs' blocks each loaded alone
                 produce(shared_ref[pair])
@@ -1189,8 +1217,10 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
         # turn barrier per warpgroup, which the other arrives on when it has issued its wgmmas.
         plgpu.Barrier(num_barriers=COMPUTE_WGS) if tuning.overlap_qk else plgpu.Barrier(num_arrivals=COMPUTE_WGS),
     ]
-    if multicast:  # the two memory warpgroups' rendezvous before a multicast K, and V, into a slot
-        scratch += [plgpu.ClusterBarrier(collective_axes=("pair",), num_barriers=stages)] * 2
+    if multicast:  # the two memory warpgroups' rendezvous before a multicast K, and V, into a slot; with
+        # pair_release, the two CTAs' compute warpgroups' release of a shared K, and V, slot
+        arrivals = COMPUTE_WGS if tuning.pair_release else 1
+        scratch += [plgpu.ClusterBarrier(collective_axes=("pair",), num_arrivals=arrivals, num_barriers=stages)] * 2
     if p_smem:  # each compute warpgroup's P tile, as its Q tile: the lhs of an SS wgmma
         scratch.append(plgpu.SMEM((COMPUTE_WGS, block_q, block_kv), dtype, transforms=(tiling, swizzle)))
     params = {}

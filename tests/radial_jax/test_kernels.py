@@ -986,10 +986,14 @@ class TestMosaicMulticastGPU:
         return dataclasses.replace(tables, kv_ids=ids[:tables.num_q_blocks])
 
     @pytest.mark.parametrize("name, fields", [(name, fields) for name in _PERSISTENT_CASES for fields in (
-        {}, {"num_stages": 3})] + [("wan_480p_81f_radial", {"ablate": "multicast"}),
-                                   ("ragged_cross_empty_row", {"ablate": "multicast"})])  # fmt: skip
+        {}, {"num_stages": 3}, {"pair_release": True})] + [("wan_480p_81f_radial", {"ablate": "multicast"}),
+                                                          ("ragged_cross_empty_row", {"ablate": "multicast"}),
+                                                          ("ragged_cross_empty_row",
+                                                           {"pair_release": True, "num_stages": 3})])  # fmt: skip
     def test_forward_is_bitwise_the_grid_one_on_its_order(self, name, fields):
-        # fields: a 3-slot ring, or every block loaded alone (ablate="multicast": the pairs without it)
+        # fields: a 3-slot ring; every block loaded alone (ablate="multicast": the pairs without it); the
+        # compute warpgroups releasing a shared slot in both CTAs (pair_release: a release on the wrong
+        # barrier hangs, or lets a copy overwrite a slot still read)
         tuning = dataclasses.replace(DEFAULT_MOSAIC_FWD, kv_multicast=True, **fields)
         out, lse, mask = _assert_persistent_forward_bitwise(name, DEFAULT_MOSAIC_FWD, tuning, self.reordered)
         empty = np.repeat(~mask.any(axis=1), 128)[:out.shape[1]]

@@ -769,8 +769,30 @@ def test_kv_multicast_launches_pairs_and_multicasts_shared_blocks(monkeypatch, c
     assert _wgmma_waits(pairs) == _wgmma_waits(default)
 
 
+@pytest.mark.parametrize("case", [CASES[0], CASES[3]])
+def test_pair_release_arrives_on_the_partner_from_the_compute_loop(monkeypatch, case):
+    # pair_release: the compute warpgroups' releases of a shared slot arrive on both CTAs' cluster barrier
+    # instead of the memory warpgroups' rendezvous (two arrive sites, K and V, at each of the 3 load sites);
+    # the copies stay multicast. Release sites: the first step's K (its masked and unmasked forms), the
+    # middle step's K and V (the loop's and the masked tail step's), the last step's V: 7.
+    tables, q, kv, _ = _setup(*case)
+    pairs = _forward_module(monkeypatch, tables, q, kv,
+                            dataclasses.replace(mosaic_fwd.DEFAULT_MOSAIC_FWD, kv_multicast=True))
+    released = _forward_module(monkeypatch, tables, q, kv, dataclasses.replace(
+        mosaic_fwd.DEFAULT_MOSAIC_FWD, kv_multicast=True, pair_release=True))
+    remote = "mbarrier.arrive.shared::cluster"
+    assert pairs.count(remote) == 2 * 3 and released.count(remote) == 2 + 2 * 2 + 1
+    segments = [tuple(map(int, m.split(","))) for m in _TMA_LOADS.findall(released)]
+    assert len([s for s in segments if len(s) > 5 and s[5] == 1]) == 6
+    assert released.count("ex2.approx") == pairs.count("ex2.approx")
+
+
 def test_kv_multicast_refuses_other_loops():
     tables, q, kv, _ = _setup(*CASES[0])
+    with pytest.raises(ValueError, match="pair_release changes how kv_multicast's pairs release"):
+        tuning = dataclasses.replace(mosaic_fwd.DEFAULT_MOSAIC_FWD, pair_release=True)
+        jax.eval_shape(lambda q, k, v: mosaic_fwd.mosaic_forward(q, k, v, tables=tables, scale=0.1, tuning=tuning),
+                       q, kv, kv)  # fmt: skip
     for fields in ({"persistent": True}, {"num_stages": 4}, {"separate_kv_waits": False}, {"producer_warp": True},
                    {"grid_heads": 1}, {"overlap_qk": False, "overlap_late_p": False, "named_turn": False,
                                        "overlap_waits_first": False, "late_pv_wait": False,
