@@ -1083,6 +1083,9 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
                 pl.when(q_tile < num_q_tiles)(store)
             else:
                 store()
+            if tuning.pair_release:  # the other CTA may still release a shared slot here: exit together
+                plgpu.barrier_arrive(ready[2])
+                plgpu.barrier_wait(ready[2])
 
         @pl.when(wg == COMPUTE_WGS)
         def _memory_wg():
@@ -1221,6 +1224,8 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
         # pair_release, the two CTAs' compute warpgroups' release of a shared K, and V, slot
         arrivals = COMPUTE_WGS if tuning.pair_release else 1
         scratch += [plgpu.ClusterBarrier(collective_axes=("pair",), num_arrivals=arrivals, num_barriers=stages)] * 2
+        if tuning.pair_release:  # ... and the compute warpgroups' meeting before the CTAs exit
+            scratch.append(plgpu.ClusterBarrier(collective_axes=("pair",), num_arrivals=COMPUTE_WGS))
     if p_smem:  # each compute warpgroup's P tile, as its Q tile: the lhs of an SS wgmma
         scratch.append(plgpu.SMEM((COMPUTE_WGS, block_q, block_kv), dtype, transforms=(tiling, swizzle)))
     params = {}

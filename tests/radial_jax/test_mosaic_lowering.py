@@ -774,14 +774,15 @@ def test_pair_release_arrives_on_the_partner_from_the_compute_loop(monkeypatch, 
     # pair_release: the compute warpgroups' releases of a shared slot arrive on both CTAs' cluster barrier
     # instead of the memory warpgroups' rendezvous (two arrive sites, K and V, at each of the 3 load sites);
     # the copies stay multicast. Release sites: the first step's K (its masked and unmasked forms), the
-    # middle step's K and V (the loop's and the masked tail step's), the last step's V: 7.
+    # middle step's K and V (the loop's and the masked tail step's), the last step's V: 7; and the two CTAs'
+    # meeting before they exit (a CTA must not exit while the other may still arrive on its barriers).
     tables, q, kv, _ = _setup(*case)
     pairs = _forward_module(monkeypatch, tables, q, kv,
                             dataclasses.replace(mosaic_fwd.DEFAULT_MOSAIC_FWD, kv_multicast=True))
     released = _forward_module(monkeypatch, tables, q, kv, dataclasses.replace(
         mosaic_fwd.DEFAULT_MOSAIC_FWD, kv_multicast=True, pair_release=True))
     remote = "mbarrier.arrive.shared::cluster"
-    assert pairs.count(remote) == 2 * 3 and released.count(remote) == 2 + 2 * 2 + 1
+    assert pairs.count(remote) == 2 * 3 and released.count(remote) == 2 + 2 * 2 + 1 + 1
     segments = [tuple(map(int, m.split(","))) for m in _TMA_LOADS.findall(released)]
     assert len([s for s in segments if len(s) > 5 and s[5] == 1]) == 6
     assert released.count("ex2.approx") == pairs.count("ex2.approx")
