@@ -1070,7 +1070,7 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
             plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(q_base, block_q), head], qo_smem, q_barriers.at[wg])
             plgpu.barrier_wait(q_barriers.at[wg])
             refs = (ids_ref, k_smem, v_smem, k_barriers, v_barriers, k_consumed, v_consumed, schedule_barrier, p_smem2)
-            released = (shared_ref[pair], *ready) if tuning.pair_release and tuning.ablate is None else None
+            released = (shared_ref[pair], *ready[:2]) if tuning.pair_release and tuning.ablate is None else None
             acc, m_i, l_i = attend(refs, qo_smem, wg, q_tile, count, full_count, pair_release=released)
             stage_tile(qo_smem, lse_smem, acc, m_i, l_i)
 
