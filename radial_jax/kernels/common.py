@@ -212,7 +212,10 @@ class MosaicTuning:
     # With kv_multicast: the compute warpgroups release a shared step's K and V slots on cluster barriers in
     # both CTAs of the pair (4 arrivals), so the memory warpgroup that waits on them knows both CTAs' slots
     # free and issues its half of the multicast copy without the two memory warpgroups' rendezvous (one
-    # cross-SM hop less on each shared load). Same arithmetic and order as kv_multicast.
+    # cross-SM hop less on each shared load). Same arithmetic and order as kv_multicast. The two CTAs meet
+    # before they exit, since one may still release a shared slot in the other. Status (NOTES session 19):
+    # its first build, without that meeting, hit a launch failure on the H200 at 1.3B 480p-81f (a release
+    # arriving in an exited CTA); the build with it is lowered and unrun (the session's GPU time ran out).
     pair_release: bool = False
     # Timing only, the output is wrong: the grid kernel with DEFAULT_MOSAIC_FWD's loop minus one stage of
     # its middle steps, to measure what that stage costs at the 700 W cap (issue 16: "timing variants that
