@@ -536,6 +536,12 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
         elif tuning.pingpong:
             pl.when(wg == 1)(lambda: plgpu.barrier_arrive(schedule_barrier.at[0]))
 
+    def either(cond, then, otherwise):
+        """Runs then() where the traced bool cond holds and otherwise() where it does not (kv_multicast's
+        shared and own steps)."""
+        pl.when(cond)(then)
+        pl.when(jnp.logical_not(cond))(otherwise)
+
     def attend(refs, qo_smem, wg, q_tile, count, full_count, base=None, pair_release=None):
         """Returns (acc [block_q, head_dim] f32, unnormalised; m_i, l_i [block_q] f32, m_i in log2 units)
         of this compute warpgroup's rows (Q in qo_smem, landed) against query tile q_tile's `count` key
@@ -560,10 +566,9 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
             if pair_release is None:
                 return plgpu.barrier_arrive(consumed.at[slot])
             shared, k_free, v_free = pair_release
-            together = step() < shared
             free = k_free if consumed is k_consumed else v_free
-            pl.when(together)(lambda: plgpu.barrier_arrive(free.at[slot]))
-            pl.when(jnp.logical_not(together))(lambda: plgpu.barrier_arrive(consumed.at[slot]))
+            either(step() < shared, lambda: plgpu.barrier_arrive(free.at[slot]),
+                   lambda: plgpu.barrier_arrive(consumed.at[slot]))
 
         def schedule():
             plgpu.barrier_arrive(schedule_barrier)
@@ -994,14 +999,13 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
         if together is None:
             return alone()
 
-        @pl.when(together)
-        def _():
+        def multicast():
             if rendezvous is not None:
                 plgpu.barrier_arrive(rendezvous)
                 plgpu.barrier_wait(rendezvous)
             plgpu.copy_gmem_to_smem(src, dst, full, collective_axes="pair")
 
-        pl.when(jnp.logical_not(together))(alone)
+        either(together, multicast, alone)
 
     def load_kv(refs, b, head, q_tile, step, slot, reused=None, ready=None, together=None, freed_together=None):
         """Issues the TMA loads of K and V block `step` of query tile q_tile's list into ring slot `slot`.
@@ -1035,14 +1039,14 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
         def wait_apart(consumed, free):
             if freed_together is None:
                 return wait(consumed)
-            pl.when(freed_together)(lambda: plgpu.barrier_wait(free.at[slot]))
-            pl.when(jnp.logical_not(freed_together))(lambda: plgpu.barrier_wait(consumed.at[slot]))
+            either(freed_together, lambda: plgpu.barrier_wait(free.at[slot]),
+                   lambda: plgpu.barrier_wait(consumed.at[slot]))
 
         if apart:
-            wait_apart(k_consumed, ready and ready[0])
+            wait_apart(k_consumed, None if ready is None else ready[0])
         copy_block(k_ref.at[kv], k_smem.at[slot, pl.ds(0, rows)], k_barriers.at[slot], rendezvous[0], together)
         if apart:
-            wait_apart(v_consumed, ready and ready[1])
+            wait_apart(v_consumed, None if ready is None else ready[1])
         copy_block(v_ref.at[kv], v_smem.at[slot, pl.ds(0, rows)], v_barriers.at[slot], rendezvous[1], together)
 
     def kernel(q_ref, k_ref, v_ref, ids_ref, counts_ref, *refs):
