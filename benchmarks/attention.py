@@ -315,6 +315,10 @@ def forward_variants() -> dict[str, KernelTuning]:
                 DEFAULT_MOSAIC_FWD, kv_multicast=True)),
             "kv_multicast_release_fwd": KernelTuning(mosaic_fwd=dataclasses.replace(
                 DEFAULT_MOSAIC_FWD, kv_multicast=True, pair_release=True)),
+            "kv_multicast_matched_fwd": KernelTuning(mosaic_fwd=dataclasses.replace(
+                DEFAULT_MOSAIC_FWD, kv_multicast=True, pair_matching=True)),
+            "kv_multicast_matched_release_fwd": KernelTuning(mosaic_fwd=dataclasses.replace(
+                DEFAULT_MOSAIC_FWD, kv_multicast=True, pair_matching=True, pair_release=True)),
             "kv_multicast_shared_first_s3_fwd": KernelTuning(mosaic_fwd=dataclasses.replace(
                 DEFAULT_MOSAIC_FWD, kv_multicast=True, num_stages=3)),
             "kv_multicast_shared_first_ablate_multicast_fwd": KernelTuning(mosaic_fwd=dataclasses.replace(

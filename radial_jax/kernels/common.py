@@ -217,6 +217,10 @@ class MosaicTuning:
     # its first build, without that meeting, hit a launch failure on the H200 at 1.3B 480p-81f (a release
     # arriving in an exited CTA); the build with it is lowered and unrun (the session's GPU time ran out).
     pair_release: bool = False
+    # With kv_multicast: the CTA pairs are matched_pairs' (tiles that share many blocks and have about as
+    # many, read from a table) instead of tiles 2p and 2p + 1, so that a pair's SMs wait less for its longer
+    # tile. Status (NOTES session 19): lowered, unrun.
+    pair_matching: bool = False
     # Timing only, the output is wrong: the grid kernel with DEFAULT_MOSAIC_FWD's loop minus one stage of
     # its middle steps, to measure what that stage costs at the 700 W cap (issue 16: "timing variants that
     # drop one stage"). "softmax": P = bf16(S), no row max, exp2, sum or rescale (what the matmuls, loads
@@ -516,26 +520,53 @@ def list_scheduled_walk(item_costs, num_ctas: int):
     return walk
 
 
-def shared_first_pairs(kv_ids, kv_counts, kv_full_counts):
-    """Orders each tile's key blocks for MosaicTuning.kv_multicast: the blocks both tiles of its pair
-    (2p, 2p + 1) have first, then its own, then its masked ragged block, so that a CTA's own step j takes
-    ring slot j % stages as in the grid kernel and a shared block lands in the same slot of both CTAs.
+def matched_pairs(kv_ids, kv_counts, window: int = 40):
+    """Returns pairs [ceil(tiles / 2), 2] int32 of query tiles for MosaicTuning.kv_multicast's CTA pairs,
+    matched so that a pair shares many key blocks and its two tiles have about as many: candidates are tiles
+    at most `window` apart, taken greedily by (shared blocks - 2 x the difference of their counts), the
+    best first (ties: the lower tiles); the tiles left over pair in order, an odd last one with the
+    phantom tile `tiles` (no blocks). Rows are sorted by their lower tile, the launch order.
 
-    kv_ids: [tiles, width], kv_counts, kv_full_counts: [tiles] (BlockTables'). Returns (ids [2 * pairs,
-    width] int32, each row a permutation of the tile's blocks, padding repeating its last; shared [pairs]
-    int32, how many leading steps the pair's two rows have in common). Only full blocks are shared: the
-    ragged block stays each row's last step (the only masked one), loaded by each CTA alone. An odd last
-    tile is paired with an empty one (no shared steps).
+    Why: a pair's SMs wait for its longer tile. Pairing tiles 2p and 2p + 1 leaves 1.1-1.8% of SM time idle
+    at 1.3B 480p / 14B 720p by the tables; these pairs leave 0.5-0.7%, at the same shared bytes.
+    """
+    kv_ids, kv_counts = np.asarray(kv_ids), np.asarray(kv_counts)
+    tiles = len(kv_counts)
+    rows = [set(kv_ids[t, :kv_counts[t]].tolist()) for t in range(tiles)]
+    scored = sorted((-(len(rows[a] & rows[b]) - 2 * abs(len(rows[a]) - len(rows[b]))), a, b)
+                    for a in range(tiles) for b in range(a + 1, min(tiles, a + 1 + window)))
+    taken, pairs = np.zeros(tiles + 1, bool), []
+    for _, a, b in scored:
+        if not (taken[a] or taken[b]):
+            taken[[a, b]] = True
+            pairs.append((a, b))
+    left = [t for t in range(tiles) if not taken[t]] + ([tiles] if tiles % 2 else [])
+    pairs += list(zip(left[0::2], left[1::2]))
+    return np.array(sorted(pairs), np.int32).reshape(-1, 2)
+
+
+def shared_first_pairs(kv_ids, kv_counts, kv_full_counts, pairs=None):
+    """Orders each tile's key blocks for MosaicTuning.kv_multicast: the blocks both tiles of its pair have
+    first, then its own, then its masked ragged block, so that a CTA's own step j takes ring slot
+    j % stages as in the grid kernel and a shared block lands in the same slot of both CTAs.
+
+    kv_ids: [tiles, width], kv_counts, kv_full_counts: [tiles] (BlockTables'); pairs: None (tiles 2p and
+    2p + 1), or [P, 2] tiles (matched_pairs; tile `tiles` is an empty phantom). Returns (ids [2 * P,
+    width] int32, row t tile t's blocks reordered, padding repeating its last; shared [P] int32, how many
+    leading steps pair p's two rows have in common). Only full blocks are shared: the ragged block stays
+    each row's last step (the only masked one), loaded by each CTA alone. An odd tile count pairs the
+    last (or leftover) tile with the phantom (no shared steps).
     """
     kv_ids, kv_counts, kv_full_counts = map(np.asarray, (kv_ids, kv_counts, kv_full_counts))
     tiles, width = kv_ids.shape
-    pairs = -(-tiles // 2)
-    ids, shared = np.zeros((2 * pairs, width), np.int32), np.zeros(pairs, np.int32)
-    for p in range(pairs):
-        full = [kv_ids[t, :kv_full_counts[t]].tolist() if t < tiles else [] for t in (2 * p, 2 * p + 1)]
+    if pairs is None:
+        pairs = np.arange(2 * -(-tiles // 2)).reshape(-1, 2)
+    ids, shared = np.zeros((2 * len(pairs), width), np.int32), np.zeros(len(pairs), np.int32)
+    for p, pair in enumerate(pairs):
+        full = [kv_ids[t, :kv_full_counts[t]].tolist() if t < tiles else [] for t in pair]
         both = sorted(set(full[0]) & set(full[1]))
         shared[p] = len(both)
-        for m, tile in enumerate((2 * p, 2 * p + 1)):
+        for m, tile in enumerate(pair):
             if tile >= tiles or not kv_counts[tile]:
                 continue
             row = both + [b for b in full[m] if b not in set(both)]

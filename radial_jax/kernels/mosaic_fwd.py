@@ -43,8 +43,8 @@ from jax import lax
 
 from radial_jax.kernels.common import (COMPUTE_WGS, DEFAULT_MOSAIC_FWD, HOPPER_SMS, LN_2, LOG2_E, MASK_BLOCK,
                                        MosaicTuning, block_coords, block_grid, check_lazy_rescale_threshold,
-                                       list_scheduled_walk, persistent_items, seq_multiple, shared_first_pairs,
-                                       unpad_seq, work_coords)
+                                       list_scheduled_walk, matched_pairs, persistent_items, seq_multiple,
+                                       shared_first_pairs, unpad_seq, work_coords)
 from radial_jax.kernels.tables import BlockTables
 
 __all__ = ["MosaicTuning", "mosaic_forward", "supported"]
@@ -451,6 +451,8 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
                          "grid_heads, overlap_p_smem or overlap_early_rescale)")
     if tuning.pair_release and not multicast:
         raise ValueError("pair_release changes how kv_multicast's pairs release their shared slots: set kv_multicast")
+    if tuning.pair_matching and not (multicast and tuning.ablate != "cluster"):
+        raise ValueError("pair_matching chooses kv_multicast's pairs: set kv_multicast (not ablate='cluster')")
     num_ctas = min(tuning.persistent_ctas or _sm_count(), total) if persistent else None
     if persistent:
         grid, grid_names = (num_ctas,), ("cta",)
@@ -458,12 +460,15 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
     counts = jnp.stack([jnp.asarray(tables.kv_counts), jnp.asarray(tables.kv_full_counts)], axis=1)
     inputs = (q, k, v, kv_ids, counts)
     if multicast:  # the grid runs pairs of query tiles (an odd last tile with an empty one: count 0)
-        ids, shared = shared_first_pairs(tables.kv_ids, tables.kv_counts, tables.kv_full_counts)
+        pairs = matched_pairs(tables.kv_ids, tables.kv_counts) if tuning.pair_matching else None
+        ids, shared = shared_first_pairs(tables.kv_ids, tables.kv_counts, tables.kv_full_counts, pairs)
         if tuning.ablate == "cluster":  # the grid kernel's order
             ids = np.pad(tables.kv_ids, ((0, len(ids) - num_q_tiles), (0, 0)))
         grid = (heads, len(shared), batch)
         counts = jnp.pad(counts, ((0, len(ids) - num_q_tiles), (0, 0)))
         inputs = (q, k, v, jnp.asarray(ids), counts, jnp.asarray(shared))
+        if pairs is not None:  # the pairs' tiles, a table the kernel reads its tile from
+            inputs += (jnp.asarray(pairs),)
     if persistent and tuning.walk_item_cost is not None:  # the items' costs in launch order, off the tables
         q_tiles = work_coords(np.arange(total), heads, num_q_tiles, batch, tuning.grid_heads)[2]
         walk = list_scheduled_walk(tables.kv_counts[q_tiles] + tuning.walk_item_cost, num_ctas)
@@ -1053,14 +1058,18 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
         """One CTA a (batch, head, query tile), or with kv_multicast one CTA of a pair (a cluster of two) that
         runs query tiles 2p and 2p + 1, each walking the blocks both have first (shared_first_pairs), and
         takes those by multicast copies."""
-        shared_ref, refs = (refs[0], refs[1:]) if multicast else (None, refs)  # the pairs' shared step counts
+        # kv_multicast: the pairs' shared step counts, and with pair_matching their tiles
+        pair_refs = (1 + tuning.pair_matching) if multicast else 0
+        (shared_ref, tiles_ref), refs = (refs[:pair_refs] + (None, None))[:2], refs[pair_refs:]
         (out_ref, lse_ref, qo_smem2, k_smem, v_smem, lse_smem2, k_barriers, v_barriers, q_barriers, k_consumed,
          v_consumed, schedule_barrier, *extra) = refs
         ready, p_smem2 = (extra, ()) if multicast else ((), tuple(extra))
         b, head, q_tile = block_coords(lax.axis_index, heads, "q_seq", tuning.grid_heads)
         pair = q_tile  # with kv_multicast the grid runs pairs of query tiles
-        if multicast:
+        if multicast and tiles_ref is None:
             q_tile = 2 * pair + lax.axis_index("pair")
+        elif multicast:
+            q_tile = tiles_ref[pair, lax.axis_index("pair")]
         wg = lax.axis_index("wg")
         count = counts_ref[q_tile, 0]
         full_count = counts_ref[q_tile, 1]

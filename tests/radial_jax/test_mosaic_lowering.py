@@ -788,8 +788,29 @@ def test_pair_release_arrives_on_the_partner_from_the_compute_loop(monkeypatch, 
     assert released.count("ex2.approx") == pairs.count("ex2.approx")
 
 
+@pytest.mark.parametrize("case", [CASES[0], CASES[3], CASES[4]])
+def test_pair_matching_reads_its_tiles_from_a_table_and_keeps_the_loop(monkeypatch, case):
+    # pair_matching: the CTA's query tile comes from the pairs' table (one more kernel input), everything
+    # else is kv_multicast's: the same multicast copies, exp2 and wgmma waits.
+    tables, q, kv, _ = _setup(*case)
+    pairs = _forward_module(monkeypatch, tables, q, kv,
+                            dataclasses.replace(mosaic_fwd.DEFAULT_MOSAIC_FWD, kv_multicast=True))
+    matched = _forward_module(monkeypatch, tables, q, kv, dataclasses.replace(
+        mosaic_fwd.DEFAULT_MOSAIC_FWD, kv_multicast=True, pair_matching=True))
+    table = f"memref<{-(-tables.num_q_blocks // 2)}x2xi32"  # the pairs' tiles [pairs, 2]
+    assert table in matched and table not in pairs
+    assert _TMA_LOADS.findall(matched) == _TMA_LOADS.findall(pairs)
+    assert matched.count("ex2.approx") == pairs.count("ex2.approx")
+    assert _wgmma_waits(matched) == _wgmma_waits(pairs)
+
+
 def test_kv_multicast_refuses_other_loops():
     tables, q, kv, _ = _setup(*CASES[0])
+    for fields in ({"pair_matching": True}, {"kv_multicast": True, "pair_matching": True, "ablate": "cluster"}):
+        tuning = dataclasses.replace(mosaic_fwd.DEFAULT_MOSAIC_FWD, **fields)
+        with pytest.raises(ValueError, match="pair_matching chooses kv_multicast's pairs"):
+            jax.eval_shape(lambda q, k, v: mosaic_fwd.mosaic_forward(q, k, v, tables=tables, scale=0.1,
+                                                                     tuning=tuning), q, kv, kv)  # fmt: skip
     with pytest.raises(ValueError, match="pair_release changes how kv_multicast's pairs release"):
         tuning = dataclasses.replace(mosaic_fwd.DEFAULT_MOSAIC_FWD, pair_release=True)
         jax.eval_shape(lambda q, k, v: mosaic_fwd.mosaic_forward(q, k, v, tables=tables, scale=0.1, tuning=tuning),
