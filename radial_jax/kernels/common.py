@@ -564,12 +564,13 @@ def shared_first_pairs(kv_ids, kv_counts, kv_full_counts, pairs=None):
     ids, shared = np.zeros((2 * len(pairs), width), np.int32), np.zeros(len(pairs), np.int32)
     for p, pair in enumerate(pairs):
         full = [kv_ids[t, :kv_full_counts[t]].tolist() if t < tiles else [] for t in pair]
-        both = sorted(set(full[0]) & set(full[1]))
+        common = set(full[0]) & set(full[1])
+        both = sorted(common)
         shared[p] = len(both)
         for m, tile in enumerate(pair):
             if tile >= tiles or not kv_counts[tile]:
                 continue
-            row = both + [b for b in full[m] if b not in set(both)]
+            row = both + [b for b in full[m] if b not in common]
             row += kv_ids[tile, kv_full_counts[tile]:kv_counts[tile]].tolist()
             ids[tile] = row + [row[-1]] * (width - len(row))
     return ids, shared
