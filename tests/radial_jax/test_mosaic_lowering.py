@@ -747,6 +747,20 @@ _TMA_LOADS = re.compile(r'cp\.async\.bulk\.tensor\.shared\.cluster\.global"[^\n]
                         r'operandSegmentSizes = array<i32: ([\d, ]*)>')
 
 
+def _tma_loads(module: str) -> tuple[int, int]:
+    """(TMA loads, those multicast) in a Mosaic GPU module's text."""
+    segments = [tuple(map(int, m.split(","))) for m in _TMA_LOADS.findall(module)]
+    return len(segments), sum(len(s) > 5 and s[5] == 1 for s in segments)
+
+
+def _pair_modules(monkeypatch, case, **fields) -> tuple[str, str]:
+    """The Mosaic modules of kv_multicast's forward, and of it with `fields`, on CASES' `case`."""
+    tables, q, kv, _ = _setup(*case)
+    pairs = dataclasses.replace(mosaic_fwd.DEFAULT_MOSAIC_FWD, kv_multicast=True)
+    return tuple(_forward_module(monkeypatch, tables, q, kv, tuning)
+                 for tuning in (pairs, dataclasses.replace(pairs, **fields)))
+
+
 @pytest.mark.parametrize("case, stages", [(case, stages) for case in (CASES[0], CASES[3], CASES[4]) for stages in (2, 3)])
 def test_kv_multicast_launches_pairs_and_multicasts_shared_blocks(monkeypatch, case, stages):
     # MosaicTuning.kv_multicast: a cluster of 2 CTAs (its arrive/wait at the start); the memory warpgroup
@@ -757,12 +771,9 @@ def test_kv_multicast_launches_pairs_and_multicasts_shared_blocks(monkeypatch, c
     default = _forward_module(monkeypatch, tables, q, kv, mosaic_fwd.DEFAULT_MOSAIC_FWD)
     pairs = _forward_module(monkeypatch, tables, q, kv,
                             dataclasses.replace(mosaic_fwd.DEFAULT_MOSAIC_FWD, kv_multicast=True, num_stages=stages))
-    segments = [tuple(map(int, m.split(","))) for m in _TMA_LOADS.findall(pairs)]
-    multicast = [s for s in segments if len(s) > 5 and s[5] == 1]
     sites = stages + 1
-    assert len(multicast) == 2 * sites and len(segments) == 1 + 4 * sites  # Q; K and V multicast; alone
-    assert not [s for s in map(lambda m: tuple(map(int, m.split(","))), _TMA_LOADS.findall(default))
-                if len(s) > 5 and s[5] == 1]
+    assert _tma_loads(pairs) == (1 + 4 * sites, 2 * sites)  # Q; K and V multicast; K and V alone
+    assert _tma_loads(default)[1] == 0
     assert "cluster.arrive" in pairs and "cluster.arrive" not in default
     assert "mapa.shared::cluster" in pairs  # the rendezvous arrives on the partner's barrier too
     assert pairs.count("ex2.approx") == default.count("ex2.approx")
@@ -776,15 +787,10 @@ def test_pair_release_arrives_on_the_partner_from_the_compute_loop(monkeypatch, 
     # the copies stay multicast. Release sites: the first step's K (its masked and unmasked forms), the
     # middle step's K and V (the loop's and the masked tail step's), the last step's V: 7; and the two CTAs'
     # meeting before they exit (a CTA must not exit while the other may still arrive on its barriers).
-    tables, q, kv, _ = _setup(*case)
-    pairs = _forward_module(monkeypatch, tables, q, kv,
-                            dataclasses.replace(mosaic_fwd.DEFAULT_MOSAIC_FWD, kv_multicast=True))
-    released = _forward_module(monkeypatch, tables, q, kv, dataclasses.replace(
-        mosaic_fwd.DEFAULT_MOSAIC_FWD, kv_multicast=True, pair_release=True))
+    pairs, released = _pair_modules(monkeypatch, case, pair_release=True)
     remote = "mbarrier.arrive.shared::cluster"
     assert pairs.count(remote) == 2 * 3 and released.count(remote) == 2 + 2 * 2 + 1 + 1
-    segments = [tuple(map(int, m.split(","))) for m in _TMA_LOADS.findall(released)]
-    assert len([s for s in segments if len(s) > 5 and s[5] == 1]) == 6
+    assert _tma_loads(released) == _tma_loads(pairs)
     assert released.count("ex2.approx") == pairs.count("ex2.approx")
 
 
@@ -792,12 +798,8 @@ def test_pair_release_arrives_on_the_partner_from_the_compute_loop(monkeypatch, 
 def test_pair_matching_reads_its_tiles_from_a_table_and_keeps_the_loop(monkeypatch, case):
     # pair_matching: the CTA's query tile comes from the pairs' table (one more kernel input), everything
     # else is kv_multicast's: the same multicast copies, exp2 and wgmma waits.
-    tables, q, kv, _ = _setup(*case)
-    pairs = _forward_module(monkeypatch, tables, q, kv,
-                            dataclasses.replace(mosaic_fwd.DEFAULT_MOSAIC_FWD, kv_multicast=True))
-    matched = _forward_module(monkeypatch, tables, q, kv, dataclasses.replace(
-        mosaic_fwd.DEFAULT_MOSAIC_FWD, kv_multicast=True, pair_matching=True))
-    table = f"memref<{-(-tables.num_q_blocks // 2)}x2xi32"  # the pairs' tiles [pairs, 2]
+    pairs, matched = _pair_modules(monkeypatch, case, pair_matching=True)
+    table = f"memref<{-(-_setup(*case)[0].num_q_blocks // 2)}x2xi32"  # the pairs' tiles [pairs, 2]
     assert table in matched and table not in pairs
     assert _TMA_LOADS.findall(matched) == _TMA_LOADS.findall(pairs)
     assert matched.count("ex2.approx") == pairs.count("ex2.approx")
