@@ -34,7 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # benchmarks/ is
 import fa4  # noqa: E402
 
 from radial_jax import attention_flops, block_density, computed_token_pairs, radial_block_mask  # noqa: E402
-from radial_jax.kernels import (DEFAULT_MOSAIC_BWD, DEFAULT_MOSAIC_FWD, LAZY_MOSAIC_FWD, KernelTuning,  # noqa: E402
+from radial_jax.kernels import (DEFAULT_MOSAIC_BWD, GRID_MOSAIC_FWD, LAZY_MOSAIC_FWD, KernelTuning,  # noqa: E402
                                 MosaicBwdTuning, MosaicTuning, block_sparse_attention)
 from radial_jax.kernels.mosaic_fwd import STAGE_ABLATIONS  # noqa: E402
 from radial_jax.kernels.tables import block_tables  # noqa: E402
@@ -179,7 +179,8 @@ def backward_variants() -> dict[str, KernelTuning]:
 
 def forward_variants() -> dict[str, KernelTuning]:
     """{case name: KernelTuning} of the Mosaic forward designs --variants can time beside the default
-    (DEFAULT_MOSAIC_FWD): the serial key loop (MosaicTuning(), on which the others below build); session
+    (DEFAULT_MOSAIC_FWD: the grid kernel GRID_MOSAIC_FWD, from 384 query tiles its K/V multicast pairs):
+    the grid kernel at every length (grid_fwd, the default until session 20); the serial key loop (MosaicTuning(), on which the others below build); session
     9's default (the exact overlapped loop, its wait for P V before the softmax); the lazy rescale at FA4's threshold (8 log2 units) and at 0 (skip
     only where no row max moved); FA3's intra-warpgroup overlap, alone, with the lazy rescale, and without the warpgroups' ping-pong;
     the overlap with P cast after its P V's wait (late_p), also with P V reading P from shared memory
@@ -275,56 +276,54 @@ def forward_variants() -> dict[str, KernelTuning]:
             # The lazy loop on the persistent grid (one CTA an SM walking the work items).
             "persistent_overlap_fwd": default_and(persistent=True),
             # The default (FA4's softmax order) with its K/V loads issued by one warp (FA4's producer).
-            "fa4_order_producer_warp_fwd": KernelTuning(mosaic_fwd=dataclasses.replace(DEFAULT_MOSAIC_FWD,
+            "fa4_order_producer_warp_fwd": KernelTuning(mosaic_fwd=dataclasses.replace(GRID_MOSAIC_FWD,
                                                                                        producer_warp=True)),
             # ... and with the lazy rescale (threshold 8): after the wait for P V the warp votes and skips
             # O's multiplies where no row's max moved.
-            "fa4_order_lazy_fwd": KernelTuning(mosaic_fwd=dataclasses.replace(DEFAULT_MOSAIC_FWD,
+            "fa4_order_lazy_fwd": KernelTuning(mosaic_fwd=dataclasses.replace(GRID_MOSAIC_FWD,
                                                                               lazy_rescale_threshold=8.0)),
             # ... and waiting for P V right after O's row factors' exp2, before any of S's (8 columns won
             # over 16 and 24).
-            "fa4_order_after0_fwd": KernelTuning(mosaic_fwd=dataclasses.replace(DEFAULT_MOSAIC_FWD,
+            "fa4_order_after0_fwd": KernelTuning(mosaic_fwd=dataclasses.replace(GRID_MOSAIC_FWD,
                                                                                 pv_wait_after_cols=0)),
             # ... and with a K/V ring of 3 slots (224 KiB of tiles at head_dim 128).
-            "fa4_order_s3_fwd": KernelTuning(mosaic_fwd=dataclasses.replace(DEFAULT_MOSAIC_FWD, num_stages=3)),
+            "fa4_order_s3_fwd": KernelTuning(mosaic_fwd=dataclasses.replace(GRID_MOSAIC_FWD, num_stages=3)),
             # The default on the persistent grid (one CTA an SM), each item's pipeline alone, and with
             # the pipeline carried across items (an item's first S issued with the previous one's last P V).
-            "fa4_order_persistent_fwd": KernelTuning(mosaic_fwd=dataclasses.replace(DEFAULT_MOSAIC_FWD,
+            "fa4_order_persistent_fwd": KernelTuning(mosaic_fwd=dataclasses.replace(GRID_MOSAIC_FWD,
                                                                                     persistent=True)),
-            "persistent_carry_fwd": KernelTuning(mosaic_fwd=dataclasses.replace(DEFAULT_MOSAIC_FWD, persistent=True,
+            "persistent_carry_fwd": KernelTuning(mosaic_fwd=dataclasses.replace(GRID_MOSAIC_FWD, persistent=True,
                                                                                 carry_items=True)),
             # ... with the items dealt by list scheduling at trace time (walk_item_cost: an item's key blocks
             # plus F steps), as a launch hands CTAs to free SMs, instead of round robin.
             "persistent_carry_list1_fwd": KernelTuning(mosaic_fwd=dataclasses.replace(
-                DEFAULT_MOSAIC_FWD, persistent=True, carry_items=True, walk_item_cost=1.0)),
+                GRID_MOSAIC_FWD, persistent=True, carry_items=True, walk_item_cost=1.0)),
             "persistent_carry_list3_fwd": KernelTuning(mosaic_fwd=dataclasses.replace(
-                DEFAULT_MOSAIC_FWD, persistent=True, carry_items=True, walk_item_cost=3.0)),
+                GRID_MOSAIC_FWD, persistent=True, carry_items=True, walk_item_cost=3.0)),
             "fa4_order_persistent_list3_fwd": KernelTuning(mosaic_fwd=dataclasses.replace(
-                DEFAULT_MOSAIC_FWD, persistent=True, walk_item_cost=3.0)),
+                GRID_MOSAIC_FWD, persistent=True, walk_item_cost=3.0)),
             "row_sum_in_thread_producer_warp_fwd": default_and(row_sum_in_thread=True, producer_warp=True),
             # Timing only (wrong output): the default minus one stage of its middle steps, to price that
             # stage at the power cap: the whole softmax (P = bf16(S)), the exp2 (p = x), O's rescale, 15/16
             # of the K/V loads.
-            **{f"ablate_{stage}_fwd": KernelTuning(mosaic_fwd=dataclasses.replace(DEFAULT_MOSAIC_FWD, ablate=stage))
+            **{f"ablate_{stage}_fwd": KernelTuning(mosaic_fwd=dataclasses.replace(GRID_MOSAIC_FWD, ablate=stage))
                for stage in STAGE_ABLATIONS},
-            # The default with K/V multicast across a cluster of two CTAs (pairs of query tiles, each tile's
+            # The grid kernel at every length: the default until session 20 (the pairs from 384 query tiles).
+            "grid_fwd": KernelTuning(mosaic_fwd=GRID_MOSAIC_FWD),
+            # The grid kernel with K/V multicast across a cluster of two CTAs (pairs of query tiles, each tile's
             # shared blocks first: named apart from session 18's kv_multicast_fwd, which walked the pair's
             # union); the same with every block loaded alone (the pairing's cost), and the cluster launch
             # alone (the grid kernel's order and loads).
             "kv_multicast_shared_first_fwd": KernelTuning(mosaic_fwd=dataclasses.replace(
-                DEFAULT_MOSAIC_FWD, kv_multicast=True)),
-            "kv_multicast_release_fwd": KernelTuning(mosaic_fwd=dataclasses.replace(
-                DEFAULT_MOSAIC_FWD, kv_multicast=True, pair_release=True)),
+                GRID_MOSAIC_FWD, kv_multicast=True)),
             "kv_multicast_matched_fwd": KernelTuning(mosaic_fwd=dataclasses.replace(
-                DEFAULT_MOSAIC_FWD, kv_multicast=True, pair_matching=True)),
-            "kv_multicast_matched_release_fwd": KernelTuning(mosaic_fwd=dataclasses.replace(
-                DEFAULT_MOSAIC_FWD, kv_multicast=True, pair_matching=True, pair_release=True)),
+                GRID_MOSAIC_FWD, kv_multicast=True, pair_matching=True)),
             "kv_multicast_shared_first_s3_fwd": KernelTuning(mosaic_fwd=dataclasses.replace(
-                DEFAULT_MOSAIC_FWD, kv_multicast=True, num_stages=3)),
+                GRID_MOSAIC_FWD, kv_multicast=True, num_stages=3)),
             "kv_multicast_shared_first_ablate_multicast_fwd": KernelTuning(mosaic_fwd=dataclasses.replace(
-                DEFAULT_MOSAIC_FWD, kv_multicast=True, ablate="multicast")),
+                GRID_MOSAIC_FWD, kv_multicast=True, ablate="multicast")),
             "kv_multicast_ablate_cluster_fwd": KernelTuning(mosaic_fwd=dataclasses.replace(
-                DEFAULT_MOSAIC_FWD, kv_multicast=True, ablate="cluster")),
+                GRID_MOSAIC_FWD, kv_multicast=True, ablate="cluster")),
             "overlap_late_p_sep_s3_fwd": fwd(**session9, num_stages=3)}
 
 

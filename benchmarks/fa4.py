@@ -48,6 +48,7 @@ SETTLE_S = 1.0
 # name: (latent frames, tokens per frame, heads); benchmarks/attention.py and steadiness.py time these too
 SHAPES = {
     "1.3b-480p-81f": (21, 1560, 12),
+    "1.3b-480p-121f": (31, 1560, 12),  # 378 query tiles: just below the default's pairs (384 on)
     "1.3b-480p-161f": (41, 1560, 12),
     "14b-480p-81f": (21, 1560, 40),
     "14b-720p-81f": (21, 3600, 40),

@@ -14,12 +14,12 @@ import jax
 import numpy as np
 
 from radial_jax.kernels import mosaic_bwd, mosaic_fwd, triton_bwd, triton_fwd
-from radial_jax.kernels.common import (DEFAULT_MOSAIC_BWD, DEFAULT_MOSAIC_FWD, LAZY_MOSAIC_FWD, KernelTuning,
-                                       MosaicBwdTuning, MosaicTuning, TritonTuning)
+from radial_jax.kernels.common import (DEFAULT_MOSAIC_BWD, DEFAULT_MOSAIC_FWD, GRID_MOSAIC_FWD, LAZY_MOSAIC_FWD,
+                                       KernelTuning, MosaicBwdTuning, MosaicTuning, TritonTuning)
 from radial_jax.kernels.tables import BlockTables, block_tables
 
-__all__ = ["BACKENDS", "DEFAULT_MOSAIC_BWD", "DEFAULT_MOSAIC_FWD", "LAZY_MOSAIC_FWD", "KernelTuning", "MosaicBwdTuning",
-           "MosaicTuning", "TritonTuning", "block_sparse_attention", "default_backend", "is_hopper"]
+__all__ = ["BACKENDS", "DEFAULT_MOSAIC_BWD", "DEFAULT_MOSAIC_FWD", "GRID_MOSAIC_FWD", "LAZY_MOSAIC_FWD", "KernelTuning",
+           "MosaicBwdTuning", "MosaicTuning", "TritonTuning", "block_sparse_attention", "default_backend", "is_hopper"]
 
 BACKENDS = ("mosaic", "triton", "interpret")
 

@@ -24,7 +24,8 @@ TMA_SEQ_MULTIPLE = 8
 class MosaicTuning:
     """The Mosaic forward (mosaic_fwd.py). MosaicTuning() is the serial key loop (issue Q K^T, wait,
     softmax, issue P V, wait), the reference design the others are timed against; the library runs
-    DEFAULT_MOSAIC_FWD below (start a variant of it with dataclasses.replace)."""
+    DEFAULT_MOSAIC_FWD below: the grid kernel GRID_MOSAIC_FWD, and from 384 query tiles its K/V multicast
+    pairs (start a variant of either with dataclasses.replace)."""
 
     block_q: int = 64  # query rows per compute warpgroup (wgmma M)
     block_kv: int = 128  # keys per pipeline step; equals the mask block
@@ -42,7 +43,7 @@ class MosaicTuning:
     # 2026-11-30 FWDOV): ptxas serializes its wgmmas (C7513, "non wgmma instructions defining input
     # registers"). The three reorders below remove the serialization but still run 0.90-0.94x the
     # serial loop at 1.3B 480p-81f (NOTES, 2026-11-30 session 5); with overlap_late_p, named_turn,
-    # overlap_waits_first and separate_kv_waits it is LAZY_MOSAIC_FWD's and DEFAULT_MOSAIC_FWD's loop.
+    # overlap_waits_first and separate_kv_waits it is LAZY_MOSAIC_FWD's and GRID_MOSAIC_FWD's loop.
     overlap_qk: bool = False
     # With overlap_qk: the softmax of S_{j+1} stays f32 until P_j V_j is waited for and is cast to
     # P_{j+1} (bf16, the next P V's register operand) only after wait_group 0, as FA3 does. Cast
@@ -87,7 +88,7 @@ class MosaicTuning:
     # late_pv_wait a second never-taken branch before the wait for P V keeps it below the exp2 (else
     # ptxas hoists it to the max's shuffles). With the lazy rescale: 0.954x it at 1.3B 480p-81f on the H200
     # (NOTES session 14; ptxas then issues 60 of the 66 exp2 back to back and the sum's adds after that
-    # wait). With the exact rescale and pv_wait_after_cols (8 or 16), FA4's loop: DEFAULT_MOSAIC_FWD.
+    # wait). With the exact rescale and pv_wait_after_cols (8 or 16), FA4's loop: GRID_MOSAIC_FWD.
     row_sum_in_thread: bool = False
     # None: every exp2 of the softmax on the multi-function unit (ex2.approx, 8 cycles a warp). k >= 1:
     # every k-th 8-key tile of each unmasked key block by a degree-3 polynomial on the FMA pipe instead
@@ -123,7 +124,7 @@ class MosaicTuning:
     # for 10 of its exp2). Found on FA4's PTX and ours compiled without a GPU; ~10 more instructions a
     # step. On the H200 (NOTES session 10): alone 0.98-0.99x, as O's 64 multiplies and P's 32 casts
     # then run after the wait with no exp2 left to hide them; with the lazy rescale, which skips the
-    # multiplies of most warps, 1.015-1.031x the exact default: in LAZY_MOSAIC_FWD and DEFAULT_MOSAIC_FWD.
+    # multiplies of most warps, 1.015-1.031x the exact default: in LAZY_MOSAIC_FWD and GRID_MOSAIC_FWD.
     late_pv_wait: bool = False
     # With late_pv_wait and overlap_late_p: the wait for P_j V_j and O's rescale go
     # after the exp2 of S_{j+1}'s first pv_wait_after_cols columns (a multiple of 8: 4 exp2 a thread
@@ -136,7 +137,7 @@ class MosaicTuning:
     # 1.3B 480p-81f (NOTES session 10): 8 / 16 / 24 columns 1.004x / 0.995x / 0.984x the default (lazy),
     # the exact late wait without it 0.964x: exact and as fast as the lazy default, not yet faster. With
     # row_sum_in_thread (no sum shuffles left between the exp2) 8 columns ran 1.014-1.054x the lazy loop:
-    # DEFAULT_MOSAIC_FWD since session 16. With the lazy rescale the warp votes after the wait and O's
+    # GRID_MOSAIC_FWD since session 16. With the lazy rescale the warp votes after the wait and O's
     # multiplies sit in a branch before the other exp2 (ptxas then cannot interleave them; a warp whose
     # rows' max stayed skips them): 490 instructions a step with the multiplies, 426 without, the wait
     # after 6 exp2 (compiled without a GPU; fa4_order_lazy_fwd: 0.994-1.009x the default on the H200,
@@ -171,7 +172,7 @@ class MosaicTuning:
     # With persistent: CTAs launched. None: the GPU's SM count at trace time (jax.devices()[0].core_count),
     # or HOPPER_SMS when tracing off a GPU (cross-lowering), so a lowered module does not depend on the host.
     persistent_ctas: int | None = None
-    # With persistent and DEFAULT_MOSAIC_FWD's loop: the compute pipeline runs on across items. Item i's
+    # With persistent and GRID_MOSAIC_FWD's loop: the compute pipeline runs on across items. Item i's
     # last P V is issued together with item i + 1's first Q K^T (its Q double-buffered), the softmax of that
     # S runs while the P V is on the tensor cores, and item i's O is normalised and stored after the wait,
     # as a middle step rescales it. Without it each item fills and drains the pipeline alone: its first
@@ -203,25 +204,27 @@ class MosaicTuning:
     # and lse are the grid kernel's run on the reordered tables. Why: at the 700 W cap, the K/V traffic
     # from L2 is 8-14% of a call's energy (ablate="loads", NOTES session 18), and a pair moves 54-60% of the
     # bytes of two lone CTAs at 1.3B 480p / 14B 720p. On the H200 (NOTES session 19) its clock at the cap is
-    # 4-6% above the default's at the same power, but it takes 3-4% more cycles (the cluster launch; the
-    # coupling of the two CTAs), so it runs 1.00-1.02x the default at the cap and 0.96x / 0.98x / 1.01x
-    # at 480p-81f / 480p-161f / 720p-81f in alternating rounds. Not the default. (Session 18's design
-    # walked the union of the two tiles' blocks in ascending order, the ring slots dealt into a table; it
-    # ran 0.94x / 0.98x / 1.01x: replaced.)
+    # 4-6% above the grid kernel's at the same power, but it takes 3-4% more cycles (the cluster launch;
+    # the coupling of the two CTAs), so it runs 1.00-1.02x the grid kernel at the cap and 0.96x / 0.98x /
+    # 1.01x at 480p-81f / 480p-161f / 720p-81f in alternating rounds. With pair_matching it is
+    # DEFAULT_MOSAIC_FWD's from pairs_from_q_tiles on. (Session 18's design walked the union of the two
+    # tiles' blocks in ascending order, the ring slots dealt into a table; it ran 0.94x / 0.98x / 1.01x:
+    # replaced. Session 19's pair_release, the compute warpgroups releasing a shared slot in both CTAs
+    # instead of the memory warpgroups' rendezvous, took 8% more cycles than the rendezvous (NOTES
+    # session 20): removed.)
     kv_multicast: bool = False
-    # With kv_multicast: the compute warpgroups release a shared step's K and V slots on cluster barriers in
-    # both CTAs of the pair (4 arrivals), so the memory warpgroup that waits on them knows both CTAs' slots
-    # free and issues its half of the multicast copy without the two memory warpgroups' rendezvous (one
-    # cross-SM hop less on each shared load). Same arithmetic and order as kv_multicast. The two CTAs meet
-    # before they exit, since one may still release a shared slot in the other. Status (NOTES session 19):
-    # its first build, without that meeting, hit a launch failure on the H200 at 1.3B 480p-81f (a release
-    # arriving in an exited CTA); the build with it is lowered and unrun (the session's GPU time ran out).
-    pair_release: bool = False
     # With kv_multicast: the CTA pairs are matched_pairs' (tiles that share many blocks and have about as
     # many, read from a table) instead of tiles 2p and 2p + 1, so that a pair's SMs wait less for its longer
-    # tile. Status (NOTES session 19): lowered, unrun.
+    # tile (idle SM time by the tables 0.5-0.7% against 1.1-1.8%). At one clock (ncu, 1.3B 480p-81f, NOTES
+    # session 20) 0.3% fewer cycles than 2p and 2p + 1.
     pair_matching: bool = False
-    # Timing only, the output is wrong: the grid kernel with DEFAULT_MOSAIC_FWD's loop minus one stage of
+    # With kv_multicast: the pairs run only when the query has at least this many tiles (of 128 rows);
+    # shorter queries run the grid kernel (this tuning with kv_multicast and pair_matching off). The pairs'
+    # gain is at the power cap, where fewer bytes from L2 buy a higher clock, and they cost cycles: at
+    # 1.3B 480p-81f (256 tiles) they ran 0.93-0.985x the grid kernel in alternating rounds and level with
+    # it at the cap; from 480p-161f (500 tiles) on they ran ahead (NOTES session 20).
+    pairs_from_q_tiles: int = 0
+    # Timing only, the output is wrong: the grid kernel with GRID_MOSAIC_FWD's loop minus one stage of
     # its middle steps, to measure what that stage costs at the 700 W cap (issue 16: "timing variants that
     # drop one stage"). "softmax": P = bf16(S), no row max, exp2, sum or rescale (what the matmuls, loads
     # and turns cost alone); "exp2": p = x, the max, shift, sum and rescale kept (what the multi-function
@@ -252,14 +255,21 @@ def check_lazy_rescale_threshold(threshold: float | None) -> None:
 # in the overlapped order, and K_{j+2} waited for it.
 LAZY_MOSAIC_FWD = MosaicTuning(overlap_qk=True, overlap_late_p=True, named_turn=True, overlap_waits_first=True,
                                separate_kv_waits=True, late_pv_wait=True, lazy_rescale_threshold=8.0)
-# The forward the library runs (KernelTuning's default): that loop with FA4's softmax order instead of
-# the lazy rescale: the exact online softmax, the row sum kept in each thread (its shuffles once after
-# the loop), and the wait for P V with O's rescale after the exp2 of S's first 8 columns. Timed against
-# LAZY_MOSAIC_FWD in one process, alternating rounds, on the H200 (NOTES session 16): 1.054x / 1.039x /
-# 1.014x / 1.026x at 1.3B 480p-81f / 480p-161f / 14B 720p-81f / 720p-161f and 1.017x at decay 0.2;
-# after 16 columns (FA4's place) 1.034x / 1.019x / 1.005x / 1.017x.
-DEFAULT_MOSAIC_FWD = dataclasses.replace(LAZY_MOSAIC_FWD, lazy_rescale_threshold=None, row_sum_in_thread=True,
-                                         pv_wait_after_cols=8)
+# The grid kernel (the library's forward since session 16; below 384 query tiles still): that loop with
+# FA4's softmax order instead of the lazy rescale: the exact online softmax, the row sum kept in each
+# thread (its shuffles once after the loop), and the wait for P V with O's rescale after the exp2 of S's
+# first 8 columns. Timed against LAZY_MOSAIC_FWD in one process, alternating rounds, on the H200 (NOTES
+# session 16): 1.054x / 1.039x / 1.014x / 1.026x at 1.3B 480p-81f / 480p-161f / 14B 720p-81f / 720p-161f
+# and 1.017x at decay 0.2; after 16 columns (FA4's place) 1.034x / 1.019x / 1.005x / 1.017x.
+GRID_MOSAIC_FWD = dataclasses.replace(LAZY_MOSAIC_FWD, lazy_rescale_threshold=None, row_sum_in_thread=True,
+                                      pv_wait_after_cols=8)
+# The forward the library runs (KernelTuning's default) since session 20: GRID_MOSAIC_FWD, and from 384
+# query tiles (49,152 query tokens: Wan 1.3B 480p-161f, 14B 720p-81f and longer) its loop on pairs
+# of matched query tiles sharing K/V by multicast. Against the grid kernel on the H200 (NOTES session
+# 20): at the cap 1.014-1.023x at 1.3B 480p-161f and 1.031-1.036x at 14B 720p-81f; in alternating rounds
+# 0.980-1.025x / 1.016-1.023x / 1.014x at 480p-161f / 720p-81f / 720p-161f.
+DEFAULT_MOSAIC_FWD = dataclasses.replace(GRID_MOSAIC_FWD, kv_multicast=True, pair_matching=True,
+                                         pairs_from_q_tiles=384)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -432,7 +442,7 @@ class TritonTuning:
 
 # The Triton twin's forward: the Mosaic default's softmax rule (exact since session 16), Triton's launch defaults.
 DEFAULT_TRITON_FWD = TritonTuning(num_warps=4, num_stages=2,
-                                  lazy_rescale_threshold=DEFAULT_MOSAIC_FWD.lazy_rescale_threshold)
+                                  lazy_rescale_threshold=GRID_MOSAIC_FWD.lazy_rescale_threshold)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -23,9 +23,12 @@ and the overlap releases V_j late. With K and V loaded apart (separate_kv_waits)
 1.03-1.04x the serial loop. common.LAZY_MOSAIC_FWD (the default in sessions 10-15) adds late_pv_wait
 (a never-taken branch that keeps ptxas's wait for P V below the softmax) and the lazy rescale (which
 skips most warps' O multiplies after that wait): another 1.015-1.03x. The default since session 16
-(common.DEFAULT_MOSAIC_FWD) runs FA4's softmax order instead: the exact rescale, the row sum kept in
+(common.GRID_MOSAIC_FWD) runs FA4's softmax order instead: the exact rescale, the row sum kept in
 each thread (row_sum_in_thread) and the wait for P V after S's first 8 columns' exp2
 (pv_wait_after_cols), 1.014-1.054x the lazy loop on the H200. MosaicTuning() keeps the serial loop.
+The library's default since session 20 (common.DEFAULT_MOSAIC_FWD) runs that loop from 384 query
+tiles on pairs of query tiles, a cluster of two CTAs that take their shared K/V blocks by multicast
+(kv_multicast): at the 700 W cap the bytes saved buy a higher clock (1.01-1.04x the grid kernel).
 
 MosaicTuning.persistent launches one CTA per SM instead, each walking work items (head, query block,
 batch) in the normal launch's order: its memory warpgroup streams the next item's K/V into the same
@@ -34,6 +37,7 @@ warpgroup loads the next item's Q into a second Q slot while it works on the cur
 staged apart from Q, so one item's end overlaps the next one's start.
 """
 
+import dataclasses
 import functools
 
 import jax
@@ -41,8 +45,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from radial_jax.kernels.common import (COMPUTE_WGS, DEFAULT_MOSAIC_FWD, HOPPER_SMS, LN_2, LOG2_E, MASK_BLOCK,
-                                       MosaicTuning, block_coords, block_grid, check_lazy_rescale_threshold,
+from radial_jax.kernels.common import (COMPUTE_WGS, DEFAULT_MOSAIC_FWD, GRID_MOSAIC_FWD, HOPPER_SMS, LN_2, LOG2_E,
+                                       MASK_BLOCK, MosaicTuning, block_coords, block_grid, check_lazy_rescale_threshold,
                                        list_scheduled_walk, matched_pairs, persistent_items, seq_multiple,
                                        shared_first_pairs, unpad_seq, work_coords)
 from radial_jax.kernels.tables import BlockTables
@@ -382,6 +386,11 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
     block_q, block_kv, stages = tuning.block_q, tuning.block_kv, tuning.num_stages
     assert COMPUTE_WGS * block_q == MASK_BLOCK == block_kv == tables.block_size
     num_q_tiles = tables.num_q_blocks
+    if tuning.pairs_from_q_tiles and not (tuning.kv_multicast and tuning.pairs_from_q_tiles > 0):
+        raise ValueError(f"pairs_from_q_tiles={tuning.pairs_from_q_tiles} is where kv_multicast's pairs start: set "
+                         "kv_multicast and a tile count > 0")
+    if tuning.kv_multicast and num_q_tiles < tuning.pairs_from_q_tiles:  # too few tiles for pairs: the grid kernel
+        tuning = dataclasses.replace(tuning, kv_multicast=False, pair_matching=False, pairs_from_q_tiles=0)
     qk_scale = scale * LOG2_E
     lazy_threshold = tuning.lazy_rescale_threshold
     late_p, early_rescale, p_smem = tuning.overlap_late_p, tuning.overlap_early_rescale, tuning.overlap_p_smem
@@ -429,8 +438,8 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
     # no early rescale.
     if tuning.carry_items and not (persistent and head_cols is not None and tuning.overlap_waits_first
                                    and lazy_threshold is None):
-        raise ValueError("carry_items runs DEFAULT_MOSAIC_FWD's loop across the persistent kernel's items: set "
-                         "persistent=True on DEFAULT_MOSAIC_FWD (the exact rescale, pv_wait_after_cols)")
+        raise ValueError("carry_items runs GRID_MOSAIC_FWD's loop across the persistent kernel's items: set "
+                         "persistent=True on GRID_MOSAIC_FWD (the exact rescale, pv_wait_after_cols)")
     if tuning.walk_item_cost is not None and not (persistent and tuning.walk_item_cost > 0):
         # F > 0 makes every item's cost positive, so the first CTAs' worth of items go one to each CTA and no
         # CTA is left without an item (the kernels load their first item's Q unconditionally).
@@ -441,16 +450,14 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
     if tuning.ablate is not None and not (tuning.ablate in ABLATIONS and head_cols is not None
                                           and lazy_threshold is None and not persistent):
         raise ValueError(f"ablate={tuning.ablate!r} (timing only) drops one of {', '.join(ABLATIONS)} from the grid "
-                         "kernel's DEFAULT_MOSAIC_FWD loop: set it on DEFAULT_MOSAIC_FWD, not persistent")
+                         "kernel's GRID_MOSAIC_FWD loop: set it on GRID_MOSAIC_FWD, not persistent")
     multicast = tuning.kv_multicast
     if multicast and not (tuning.overlap_qk and tuning.separate_kv_waits and stages in (2, 3) and not persistent
                           and not early_rescale
                           and not tuning.producer_warp and tuning.grid_heads is None and not p_smem):
         raise ValueError("kv_multicast runs pairs of query tiles on the grid kernel's overlapped loop with its K and V "
-                         "waits apart: set it on DEFAULT_MOSAIC_FWD (num_stages 2 or 3, not persistent, producer_warp, "
+                         "waits apart: set it on GRID_MOSAIC_FWD (num_stages 2 or 3, not persistent, producer_warp, "
                          "grid_heads, overlap_p_smem or overlap_early_rescale)")
-    if tuning.pair_release and not multicast:
-        raise ValueError("pair_release changes how kv_multicast's pairs release their shared slots: set kv_multicast")
     if tuning.pair_matching and not (multicast and tuning.ablate != "cluster"):
         raise ValueError("pair_matching chooses kv_multicast's pairs: set kv_multicast (not ablate='cluster')")
     num_ctas = min(tuning.persistent_ctas or _sm_count(), total) if persistent else None
@@ -547,7 +554,7 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
         pl.when(cond)(then)
         pl.when(jnp.logical_not(cond))(otherwise)
 
-    def attend(refs, qo_smem, wg, q_tile, count, full_count, base=None, pair_release=None):
+    def attend(refs, qo_smem, wg, q_tile, count, full_count, base=None):
         """Returns (acc [block_q, head_dim] f32, unnormalised; m_i, l_i [block_q] f32, m_i in log2 units)
         of this compute warpgroup's rows (Q in qo_smem, landed) against query tile q_tile's `count` key
         blocks, the last `count - full_count` masked, as the memory warpgroup streams them into the ring.
@@ -555,25 +562,13 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
         refs: (ids_ref, k_smem, v_smem, k_barriers, v_barriers, k_consumed, v_consumed, schedule_barrier,
         p_smem2), the kernel's. base: None, or (persistent kernel) the ring position of the tile's first
         block, int32: the blocks of earlier items went through the ring before it, so step s's slot is
-        (base + s) % stages and every barrier phase carries on from the previous item. pair_release:
-        None, or (kv_multicast with pair_release) (shared, k_free, v_free): a step before `shared` releases
-        its K and V slots on those cluster barriers, in both CTAs of the pair.
+        (base + s) % stages and every barrier phase carries on from the previous item.
         """
         ids_ref, k_smem, v_smem, k_barriers, v_barriers, k_consumed, v_consumed, schedule_barrier, p_smem2 = refs
         pingpong = tuning.pingpong
 
         def ring_slot(step):
             return lax.rem(step if base is None else base + step, jnp.int32(stages))
-
-        def release(consumed, slot, step):
-            """This warpgroup is done with the K or V block (consumed: k_consumed or v_consumed) in ring
-            slot `slot`, of step step() (a function: traced only with pair_release)."""
-            if pair_release is None:
-                return plgpu.barrier_arrive(consumed.at[slot])
-            shared, k_free, v_free = pair_release
-            free = k_free if consumed is k_consumed else v_free
-            either(step() < shared, lambda: plgpu.barrier_arrive(free.at[slot]),
-                   lambda: plgpu.barrier_arrive(consumed.at[slot]))
 
         def schedule():
             plgpu.barrier_arrive(schedule_barrier)
@@ -681,7 +676,7 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
                     return plgpu.wgmma_accumulator_load(s_ref, wait_n=0)
 
                 s = pl.run_scoped(qk, plgpu.ACC((block_q, block_kv), jnp.float32))  # [block_q, block_kv]
-                release(k_consumed, first_slot, lambda: 0)
+                plgpu.barrier_arrive(k_consumed.at[first_slot])
                 p, m_new, alpha = softmax_scores(s, m_i, 0, mask_tail=mask_tail)
                 out = (m_new, add_row_sum(l_i, alpha, p), keep_p(p))  # O is zero: no rescale
                 if early_rescale:  # alpha_0 = 1 and no max moved: step 0's rescale is a no-op
@@ -707,14 +702,14 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
                     return plgpu.wgmma_accumulator_load(s_ref, wait_n=1 if overlap_softmax else 0)
 
                 s = pl.run_scoped(qk_and_pv, plgpu.ACC((block_q, block_kv), jnp.float32))
-                release(k_consumed, ring_slot(j + 1), lambda: j + 1)
+                plgpu.barrier_arrive(k_consumed.at[ring_slot(j + 1)])
                 if tuning.late_pv_wait:
                     _convergence_point()
                 if not overlap_softmax:  # P_j V_j has retired: V_j is free before the softmax
-                    release(v_consumed, ring_slot(j), lambda: j)
+                    plgpu.barrier_arrive(v_consumed.at[ring_slot(j)])
                 if tuning.ablate == "softmax":  # timing only: P = bf16(S), cast after P_j V_j's wait
                     plgpu.wgmma_accumulator_load(o_ref, wait_n=0)
-                    release(v_consumed, ring_slot(j), lambda: j)
+                    plgpu.barrier_arrive(v_consumed.at[ring_slot(j)])
                     return m_i, l_i, keep_p(lax.optimization_barrier(s))
                 if head_cols is not None:  # the wait and O's rescale amid the exp2, as in FA4's loop
                     x, m_new, alpha = shifted_scores(s, m_i, j + 1, mask_tail=mask_tail)
@@ -724,7 +719,7 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
                                                   None if lazy_threshold is None else (m_i, m_new),
                                                   exp2=tuning.ablate != "exp2")
                     l_i = add_row_sum(l_i, alpha, p)
-                    release(v_consumed, ring_slot(j), lambda: j)
+                    plgpu.barrier_arrive(v_consumed.at[ring_slot(j)])
                     o_ref[...] = acc
                     return m_new, l_i, keep_p(lax.optimization_barrier(p))
                 p, m_new, alpha = softmax_scores(s, m_i, j + 1, mask_tail=mask_tail)
@@ -742,7 +737,7 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
                     _convergence_point()
                 acc = plgpu.wgmma_accumulator_load(o_ref, wait_n=0)  # P_j V_j done
                 if overlap_softmax:
-                    release(v_consumed, ring_slot(j), lambda: j)
+                    plgpu.barrier_arrive(v_consumed.at[ring_slot(j)])
                 if late_p:  # p passes a barrier after the wait, so LLVM cannot hoist the cast above it
                     p16_next = keep_p(lax.optimization_barrier(p))  # into P_j's registers, now free
                 if early_rescale:
@@ -757,7 +752,7 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
                 issue_pv(carry[2], count - 1)
                 pass_turn(wg, schedule_barrier)
                 plgpu.wgmma_wait(0)
-                release(v_consumed, ring_slot(count - 1), lambda: count - 1)
+                plgpu.barrier_arrive(v_consumed.at[ring_slot(count - 1)])
                 return carry
 
             p16 = None  # P_0 comes from the first step; in SMEM mode it is never carried
@@ -823,7 +818,7 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
         plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[b, head, pl.ds(q_base, block_q)])
 
     def carried_walk(refs, q_barriers, out_refs, smem, wg, items, coords, counts_ref, load_q):
-        """The compute warpgroup's walk of the persistent kernel with carry_items: DEFAULT_MOSAIC_FWD's loop
+        """The compute warpgroup's walk of the persistent kernel with carry_items: GRID_MOSAIC_FWD's loop
         (waits first, P cast late, the wait for P V amid the exp2), one pipeline across its items.
 
         An item with count key blocks runs count - 1 middle steps (S_{j+1} and P_j V_j issued together);
@@ -995,8 +990,7 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
 
         together: None, or (kv_multicast) a traced bool: the block is the pair's other CTA's too. The two
         memory warpgroups then meet on the slot's rendezvous cluster barrier (each arrives on both CTAs'
-        once its own slot is free; none with pair_release, whose waits cover the other CTA's slot) and
-        each issues half of one multicast copy that both receive.
+        once its own slot is free) and each issues half of one multicast copy that both receive.
         """
         def alone():
             plgpu.copy_gmem_to_smem(src, dst, full)
@@ -1005,14 +999,13 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
             return alone()
 
         def multicast():
-            if rendezvous is not None:
-                plgpu.barrier_arrive(rendezvous)
-                plgpu.barrier_wait(rendezvous)
+            plgpu.barrier_arrive(rendezvous)
+            plgpu.barrier_wait(rendezvous)
             plgpu.copy_gmem_to_smem(src, dst, full, collective_axes="pair")
 
         either(together, multicast, alone)
 
-    def load_kv(refs, b, head, q_tile, step, slot, reused=None, ready=None, together=None, freed_together=None):
+    def load_kv(refs, b, head, q_tile, step, slot, reused=None, ready=None, together=None):
         """Issues the TMA loads of K and V block `step` of query tile q_tile's list into ring slot `slot`.
 
         reused: None for a fresh slot; True, or a traced bool (the persistent kernel's ring runs across
@@ -1020,9 +1013,7 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
         By default both waits come first; with separate_kv_waits the block's index is read first (its
         global load's latency passes under the waits) and K waits only for K, V only for V.
         ready, together: None, or (kv_multicast) the K and V rendezvous barriers and whether the block is
-        the pair's other CTA's too (copy_block). With pair_release, ready holds the K and V cluster
-        barriers on which both CTAs release a shared step's slot, and freed_together (a traced bool, with
-        reused) says whether the slot's previous block was shared: the loads then wait on those.
+        the pair's other CTA's too (copy_block).
         """
         k_ref, v_ref, ids_ref, k_smem, v_smem, k_barriers, v_barriers, k_consumed, v_consumed = refs
 
@@ -1039,19 +1030,12 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
         # ablate="loads" (timing only): the first 8 rows of each block, the rest of the slot as the CTA before left it
         rows = 8 if tuning.ablate == "loads" else block_kv
         kv = (b, pl.ds(ids_ref[q_tile, step] * block_kv, rows), head)
-        rendezvous = (None, None) if ready is None or tuning.pair_release else (ready[0].at[slot], ready[1].at[slot])
-
-        def wait_apart(consumed, free):
-            if freed_together is None:
-                return wait(consumed)
-            either(freed_together, lambda: plgpu.barrier_wait(free.at[slot]),
-                   lambda: plgpu.barrier_wait(consumed.at[slot]))
-
+        rendezvous = (None, None) if ready is None else (ready[0].at[slot], ready[1].at[slot])
         if apart:
-            wait_apart(k_consumed, None if ready is None else ready[0])
+            wait(k_consumed)
         copy_block(k_ref.at[kv], k_smem.at[slot, pl.ds(0, rows)], k_barriers.at[slot], rendezvous[0], together)
         if apart:
-            wait_apart(v_consumed, None if ready is None else ready[1])
+            wait(v_consumed)
         copy_block(v_ref.at[kv], v_smem.at[slot, pl.ds(0, rows)], v_barriers.at[slot], rendezvous[1], together)
 
     def kernel(q_ref, k_ref, v_ref, ids_ref, counts_ref, *refs):
@@ -1083,8 +1067,7 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
             plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(q_base, block_q), head], qo_smem, q_barriers.at[wg])
             plgpu.barrier_wait(q_barriers.at[wg])
             refs = (ids_ref, k_smem, v_smem, k_barriers, v_barriers, k_consumed, v_consumed, schedule_barrier, p_smem2)
-            released = (shared_ref[pair], *ready[:2]) if tuning.pair_release and tuning.ablate is None else None
-            acc, m_i, l_i = attend(refs, qo_smem, wg, q_tile, count, full_count, pair_release=released)
+            acc, m_i, l_i = attend(refs, qo_smem, wg, q_tile, count, full_count)
             stage_tile(qo_smem, lse_smem, acc, m_i, l_i)
 
             def store():
@@ -1096,9 +1079,6 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
                 pl.when(q_tile < num_q_tiles)(store)
             else:
                 store()
-            if tuning.pair_release:  # the other CTA may still release a shared slot here: exit together
-                plgpu.barrier_arrive(ready[2])
-                plgpu.barrier_wait(ready[2])
 
         @pl.when(wg == COMPUTE_WGS)
         def _memory_wg():
@@ -1116,8 +1096,7 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
                 @pl.loop(0, jnp.maximum(count - stages, 0))
                 def _(step):
                     ahead = step + stages
-                    load(ahead, lax.rem(step, jnp.int32(stages)), True, together=together(ahead),
-                         freed_together=together(step) if tuning.pair_release else None)
+                    load(ahead, lax.rem(step, jnp.int32(stages)), True, together=together(ahead))
 
             if multicast and tuning.ablate is None:  # ablate: the pairs' blocks each loaded alone
                 produce(shared_ref[pair])
@@ -1233,12 +1212,8 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
         # turn barrier per warpgroup, which the other arrives on when it has issued its wgmmas.
         plgpu.Barrier(num_barriers=COMPUTE_WGS) if tuning.overlap_qk else plgpu.Barrier(num_arrivals=COMPUTE_WGS),
     ]
-    if multicast:  # the two memory warpgroups' rendezvous before a multicast K, and V, into a slot; with
-        # pair_release, the two CTAs' compute warpgroups' release of a shared K, and V, slot
-        arrivals = COMPUTE_WGS if tuning.pair_release else 1
-        scratch += [plgpu.ClusterBarrier(collective_axes=("pair",), num_arrivals=arrivals, num_barriers=stages)] * 2
-        if tuning.pair_release:  # ... and the compute warpgroups' meeting before the CTAs exit
-            scratch.append(plgpu.ClusterBarrier(collective_axes=("pair",), num_arrivals=COMPUTE_WGS))
+    if multicast:  # the two memory warpgroups' rendezvous before a multicast K, and V, into a slot
+        scratch += [plgpu.ClusterBarrier(collective_axes=("pair",), num_barriers=stages)] * 2
     if p_smem:  # each compute warpgroup's P tile, as its Q tile: the lhs of an SS wgmma
         scratch.append(plgpu.SMEM((COMPUTE_WGS, block_q, block_kv), dtype, transforms=(tiling, swizzle)))
     params = {}

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from radial_jax import attention_reference, radial_block_mask
-from radial_jax.kernels import (DEFAULT_MOSAIC_BWD, DEFAULT_MOSAIC_FWD, LAZY_MOSAIC_FWD, KernelTuning, MosaicBwdTuning,
+from radial_jax.kernels import (DEFAULT_MOSAIC_BWD, GRID_MOSAIC_FWD, LAZY_MOSAIC_FWD, KernelTuning, MosaicBwdTuning,
                                 MosaicTuning, TritonTuning, block_sparse_attention)
 from radial_jax.kernels.tables import block_tables
 
@@ -600,7 +600,7 @@ class TestMosaicOverlapGPU(TestMosaicGPU):
 
 class TestMosaicSerialGPU(TestMosaicOverlapGPU):
     """The Mosaic suite on the serial key loop (MosaicTuning(): issue Q K^T, wait, softmax, issue P V,
-    wait), the default forward until DEFAULT_MOSAIC_FWD overlapped it; the persistent grid and the
+    wait), the default forward until GRID_MOSAIC_FWD overlapped it; the persistent grid and the
     other designs build on it."""
 
     tuning = KernelTuning(mosaic_fwd=MosaicTuning())
@@ -687,7 +687,7 @@ class TestMosaicProducerWarpGPU(TestMosaicOverlapGPU):
     """The default forward with its K/V loads issued by one warp of the memory warpgroup
     (MosaicTuning.producer_warp): the same arithmetic; the same cases and bounds."""
 
-    tuning = KernelTuning(mosaic_fwd=dataclasses.replace(DEFAULT_MOSAIC_FWD, producer_warp=True))
+    tuning = KernelTuning(mosaic_fwd=dataclasses.replace(GRID_MOSAIC_FWD, producer_warp=True))
 
 class TestMosaicRowSumInThreadGPU(TestMosaicOverlapGPU):
     """The lazy default (LAZY_MOSAIC_FWD) with its row sum kept as each thread's partial sums and added
@@ -710,7 +710,7 @@ class TestMosaicWaitAfter16GPU(TestMosaicOverlapGPU):
     """The default forward with the wait for P V after S's first 16 columns' exp2 (pv_wait_after_cols=16,
     where FA4's SASS waits): the same arithmetic in the same order as the default."""
 
-    tuning = KernelTuning(mosaic_fwd=dataclasses.replace(DEFAULT_MOSAIC_FWD, pv_wait_after_cols=16))
+    tuning = KernelTuning(mosaic_fwd=dataclasses.replace(GRID_MOSAIC_FWD, pv_wait_after_cols=16))
 
 
 class TestMosaicExp2PolyGPU(TestMosaicOverlapGPU):
@@ -806,8 +806,8 @@ def test_the_default_forward_waits_for_p_v_elsewhere_with_the_same_values(cols):
         q, k, v = _qkv(9, batch, q_len, kv_len, heads, head_dim, dtype)
         attend = lambda fwd: jax.jit(lambda q, k, v: block_sparse_attention(
             q, k, v, mask, block_size=block, return_lse=True, backend="mosaic", tuning=KernelTuning(mosaic_fwd=fwd)))
-        out, lse = attend(dataclasses.replace(DEFAULT_MOSAIC_FWD, pv_wait_after_cols=cols))(q, k, v)
-        ref_out, ref_lse = attend(DEFAULT_MOSAIC_FWD)(q, k, v)
+        out, lse = attend(dataclasses.replace(GRID_MOSAIC_FWD, pv_wait_after_cols=cols))(q, k, v)
+        ref_out, ref_lse = attend(GRID_MOSAIC_FWD)(q, k, v)
         assert bool((out == ref_out).all()) and bool(jnp.array_equal(lse, ref_lse, equal_nan=True)), head_dim
 
 
@@ -902,7 +902,7 @@ class TestMosaicPersistentGPU:
         # CTA and carries across the items (empty ones take no turn), so each item's arithmetic is the
         # grid kernel's; a turn lost or taken twice would hang (run under `timeout`) or let the two
         # warpgroups' wgmmas overlap out of order, which moves no value but the time.
-        grid = dataclasses.replace(DEFAULT_MOSAIC_FWD, **fields)  # fields: the turn on mbarriers, K/V together
+        grid = dataclasses.replace(GRID_MOSAIC_FWD, **fields)  # fields: the turn on mbarriers, K/V together
         _assert_persistent_forward_bitwise(name, grid, dataclasses.replace(grid, persistent=True, persistent_ctas=ctas))
 
     @pytest.mark.parametrize("name, ctas, fields, walk_cost", [
@@ -923,7 +923,7 @@ class TestMosaicPersistentGPU:
         # the wrong item's O, zeroed O late, or read the next item's Q from the wrong slot moves values.
         # walk_cost: the items dealt by list scheduling (each CTA's list read from a table) rather than
         # round robin; with empty items (cost walk_cost alone) the CTAs' lists are uneven.
-        grid = dataclasses.replace(DEFAULT_MOSAIC_FWD, **fields)
+        grid = dataclasses.replace(GRID_MOSAIC_FWD, **fields)
         carried = dataclasses.replace(grid, persistent=True, persistent_ctas=ctas, carry_items=True,
                                       walk_item_cost=walk_cost)  # fmt: skip
         out, lse, mask = _assert_persistent_forward_bitwise(name, grid, carried)
@@ -934,8 +934,8 @@ class TestMosaicPersistentGPU:
                                             ("random_hd64_empty_rows", 3)])  # fmt: skip
     def test_list_scheduled_forward_is_bitwise_the_grid_one(self, name, ctas):
         # walk_item_cost without carry_items: each item's own pipeline, the items dealt from the table.
-        persistent = dataclasses.replace(DEFAULT_MOSAIC_FWD, persistent=True, persistent_ctas=ctas, walk_item_cost=3.0)
-        _assert_persistent_forward_bitwise(name, DEFAULT_MOSAIC_FWD, persistent)
+        persistent = dataclasses.replace(GRID_MOSAIC_FWD, persistent=True, persistent_ctas=ctas, walk_item_cost=3.0)
+        _assert_persistent_forward_bitwise(name, GRID_MOSAIC_FWD, persistent)
 
     def test_backward_on_the_persistent_forward_is_the_serial_one(self):
         # The backward reads the forward's out and lse; fed the persistent forward's, its dK and dV
@@ -969,7 +969,7 @@ class TestMosaicPersistentGPU:
 @pytest.mark.gpu
 @pytest.mark.skipif(not IS_HOPPER, reason="needs a Hopper GPU (sm90) for the Mosaic kernel")
 class TestMosaicMulticastGPU:
-    """MosaicTuning.kv_multicast against the grid kernel (DEFAULT_MOSAIC_FWD): a CTA pair runs two query
+    """MosaicTuning.kv_multicast against the grid kernel (GRID_MOSAIC_FWD): a CTA pair runs two query
     tiles, each walking the key blocks both have first (shared_first_pairs), a shared block one multicast
     copy into the same ring slot of both CTAs. Each tile's loop is the grid kernel's on its reordered row,
     so out and lse must be bitwise those of the grid kernel run on the reordered tables. A block landed in
@@ -988,25 +988,56 @@ class TestMosaicMulticastGPU:
         return dataclasses.replace(tables, kv_ids=ids[:tables.num_q_blocks])
 
     @pytest.mark.parametrize("name, fields", [(name, fields) for name in _PERSISTENT_CASES for fields in (
-        {}, {"num_stages": 3}, {"pair_release": True}, {"pair_matching": True},
-        {"pair_matching": True, "pair_release": True})] + [
-            ("wan_480p_81f_radial", {"ablate": "multicast"}), ("ragged_cross_empty_row", {"ablate": "multicast"}),
-            ("ragged_cross_empty_row", {"pair_release": True, "num_stages": 3})])  # fmt: skip
+        {}, {"num_stages": 3}, {"pair_matching": True}, {"pair_matching": True, "num_stages": 3})] + [
+            ("wan_480p_81f_radial", {"ablate": "multicast"}), ("ragged_cross_empty_row", {"ablate": "multicast"})])  # fmt: skip
     def test_forward_is_bitwise_the_grid_one_on_its_order(self, name, fields):
-        # fields: a 3-slot ring; every block loaded alone (ablate="multicast": the pairs without it); the
-        # compute warpgroups releasing a shared slot in both CTAs (pair_release: a release on the wrong
-        # barrier hangs, or lets a copy overwrite a slot still read); matched pairs (pair_matching: a tile
-        # read from the wrong row of the pairs' table, or written twice, moves values)
-        tuning = dataclasses.replace(DEFAULT_MOSAIC_FWD, kv_multicast=True, **fields)
+        # fields: a 3-slot ring; every block loaded alone (ablate="multicast": the pairs without it); matched
+        # pairs (pair_matching: a tile read from the wrong row of the pairs' table, or written twice, moves values)
+        tuning = dataclasses.replace(GRID_MOSAIC_FWD, kv_multicast=True, **fields)
         reordered = functools.partial(self.reordered, matching=tuning.pair_matching)
-        out, lse, mask = _assert_persistent_forward_bitwise(name, DEFAULT_MOSAIC_FWD, tuning, reordered)
+        out, lse, mask = _assert_persistent_forward_bitwise(name, GRID_MOSAIC_FWD, tuning, reordered)
         empty = np.repeat(~mask.any(axis=1), 128)[:out.shape[1]]
         assert bool((out[:, empty] == 0).all()) and bool((lse[..., empty] == -jnp.inf).all())
 
+    @staticmethod
+    def long_case():
+        """((q, k, v), mask) with 385 query tiles (the last ragged) on 1.3B 480p-81f's radial rows, 2 heads:
+        past DEFAULT_MOSAIC_FWD's 384, where the library runs matched pairs."""
+        q_len, kv_len = 384 * 128 + 77, 32760
+        rows = radial_block_mask(21, 1560, block_size=128, decay_factor=1.0)
+        mask = np.tile(rows, (2, 1))[:-(-q_len // 128)]
+        return _qkv(11, 1, q_len, kv_len, 2, 128, jnp.bfloat16), mask
+
+    def test_default_runs_matched_pairs_from_384_query_tiles(self):
+        # The library's default forward at 385 tiles: out and lse bitwise the grid kernel's on the matched
+        # pairs' order (at 256 tiles, wan_480p_81f_radial, it is the grid kernel: TestMosaicPersistentGPU)
+        from radial_jax.kernels import mosaic_fwd
+
+        (q, k, v), mask = self.long_case()
+        tables = block_tables(mask, 128, q.shape[1], k.shape[1])
+        run = functools.partial(mosaic_fwd.mosaic_forward, q, k, v, scale=128**-0.5)
+        ref_out, ref_lse = jax.block_until_ready(run(tables=self.reordered(tables, matching=True),
+                                                     tuning=GRID_MOSAIC_FWD))  # fmt: skip
+        _poison_free_memory((q.shape, q.dtype), ((1, 2, tables.num_q_blocks * 128), jnp.float32))
+        out, lse = run(tables=tables)
+        assert not jnp.isnan(ref_out).any()
+        assert bool((out == ref_out).all()) and bool(jnp.array_equal(lse, ref_lse))
+
+    def test_default_gradients_from_384_query_tiles_match_the_grid_kernels(self):
+        # The backward reads the pairs' out and lse: its gradients must be the grid forward's up to the
+        # rounding of the reordered sums (bf16 inputs; a wrong lse row moves a gradient row by O(1))
+        (q, k, v), mask = self.long_case()
+        loss = lambda tuning: jax.jit(jax.grad(lambda q, k, v: jnp.sum(block_sparse_attention(
+            q, k, v, mask, block_size=128, backend="mosaic", tuning=tuning).astype(jnp.float32) * q[..., :1]),
+            argnums=(0, 1, 2)))(q, k, v)  # fmt: skip
+        for got, want in zip(loss(None), loss(KernelTuning(mosaic_fwd=GRID_MOSAIC_FWD))):
+            got, want = got.astype(jnp.float32), want.astype(jnp.float32)
+            assert float(jnp.abs(got - want).max()) <= 2e-2 * float(jnp.abs(want).max())
+
     def test_cluster_launch_alone_is_bitwise_the_grid_one(self):
         # ablate="cluster": the pairs' launch with each tile's blocks in the grid kernel's order, loaded alone
-        _assert_persistent_forward_bitwise("ragged_cross_empty_row", DEFAULT_MOSAIC_FWD,
-                                           dataclasses.replace(DEFAULT_MOSAIC_FWD, kv_multicast=True, ablate="cluster"))
+        _assert_persistent_forward_bitwise("ragged_cross_empty_row", GRID_MOSAIC_FWD,
+                                           dataclasses.replace(GRID_MOSAIC_FWD, kv_multicast=True, ablate="cluster"))
 
 
 @pytest.mark.parametrize("matching", [False, True])

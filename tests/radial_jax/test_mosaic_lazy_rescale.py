@@ -14,7 +14,7 @@ import pytest
 
 import tests.radial_jax.test_kernels as kernel_tests
 from radial_jax import attention_reference, radial_block_mask
-from radial_jax.kernels import DEFAULT_MOSAIC_FWD, KernelTuning, MosaicTuning, TritonTuning, block_sparse_attention
+from radial_jax.kernels import GRID_MOSAIC_FWD, KernelTuning, MosaicTuning, TritonTuning, block_sparse_attention
 from radial_jax.kernels.tables import block_tables
 
 
@@ -134,7 +134,7 @@ class TestLazyRescaleInterpret:
 
     def test_the_twin_follows_the_mosaic_default(self):
         # Both exact since session 16 (the Mosaic default's speed came from FA4's softmax order instead).
-        assert KernelTuning().triton_fwd.lazy_rescale_threshold is DEFAULT_MOSAIC_FWD.lazy_rescale_threshold is None
+        assert KernelTuning().triton_fwd.lazy_rescale_threshold is GRID_MOSAIC_FWD.lazy_rescale_threshold is None
 
     @pytest.mark.parametrize("threshold", [8.0, 0.0])
     def test_lazy_twin_matches_reference_and_exact_twin(self, threshold):
@@ -202,4 +202,4 @@ def _lazy_max_events(q, k, tables, scale, threshold):
 
 
 def test_the_fa4_order_class_runs_the_default_with_the_lazy_rescale():
-    assert MosaicTuning(**TestLazyRescaleFA4OrderGPU.overlap) == DEFAULT_MOSAIC_FWD
+    assert MosaicTuning(**TestLazyRescaleFA4OrderGPU.overlap) == GRID_MOSAIC_FWD

@@ -16,7 +16,8 @@ import pytest
 from jax.experimental.mosaic.gpu import core as mosaic_gpu_core
 from jax.extend.core import jaxprs_in_params
 
-from radial_jax.kernels import mosaic_bwd, mosaic_fwd
+from radial_jax import radial_block_mask
+from radial_jax.kernels import KernelTuning, mosaic_bwd, mosaic_fwd
 from radial_jax.kernels.common import HOPPER_SMS, LAZY_MOSAIC_FWD, block_grid
 from radial_jax.kernels.tables import block_tables
 
@@ -117,7 +118,9 @@ def _mosaic_modules(monkeypatch, fn, *shapes) -> list[str]:
 
     def capture(module, **kwargs):
         module = serialize(module, **kwargs)
-        modules.append(module.operation.get_asm(enable_debug_info=False))
+        # jax 0.11 numbers each kernel it lowers in the module's dump name: not part of the kernel
+        text = module.operation.get_asm(enable_debug_info=False)
+        modules.append(re.sub(r'mosaic_gpu\.dump_basename = "\w+"', "", text))
         return module
 
     monkeypatch.setattr(mosaic_gpu_core, "_run_serde_pass", capture)
@@ -456,13 +459,13 @@ def test_lazy_rescale_in_fa4_order_waits_then_votes_and_branches(monkeypatch, ca
     # same exp2 and wgmma waits as the exact default.
     tables, q, kv, _ = _setup(*case)
     middles = 1 + tables.kv_ragged
-    exact = _forward_module(monkeypatch, tables, q, kv, mosaic_fwd.DEFAULT_MOSAIC_FWD)
-    lazy = _forward_module(monkeypatch, tables, q, kv, dataclasses.replace(mosaic_fwd.DEFAULT_MOSAIC_FWD,
+    exact = _forward_module(monkeypatch, tables, q, kv, mosaic_fwd.GRID_MOSAIC_FWD)
+    lazy = _forward_module(monkeypatch, tables, q, kv, dataclasses.replace(mosaic_fwd.GRID_MOSAIC_FWD,
                                                                            lazy_rescale_threshold=8.0))
     assert "vote.sync" not in exact and lazy.count("ex2.approx") == exact.count("ex2.approx")
     assert _wgmma_waits(lazy) == _wgmma_waits(exact)
     order = _step_events(lazy)
-    head = 2 + mosaic_fwd.DEFAULT_MOSAIC_FWD.pv_wait_after_cols // 2
+    head = 2 + mosaic_fwd.GRID_MOSAIC_FWD.pv_wait_after_cols // 2
     assert order.count("1N" + "e" * head + "N0V" + "e" * (66 - head)) == middles, order
 
 
@@ -475,7 +478,7 @@ def test_producer_warp_loads_k_and_v_without_a_warpgroup_barrier(monkeypatch, ca
     tables, q, kv, _ = _setup(*case)
 
     def order(producer_warp):
-        tuning = dataclasses.replace(mosaic_fwd.DEFAULT_MOSAIC_FWD, producer_warp=producer_warp)
+        tuning = dataclasses.replace(mosaic_fwd.GRID_MOSAIC_FWD, producer_warp=producer_warp)
         events = re.findall(r"(bar\.sync)|cp\.async\.bulk\.tensor\.shared\.cluster\.global",
                             _forward_module(monkeypatch, tables, q, kv, tuning))
         return "".join("B" if sync else "L" for sync in events)
@@ -643,7 +646,7 @@ def test_persistent_overlap_hands_the_first_turn_over_once_a_cta(monkeypatch, ca
     # it: once a CTA, where the grid kernel hands it over once an item (once a CTA there too).
     tables, q, kv, _ = _setup(*case)
     grid, persistent = (_forward_module(monkeypatch, tables, q, kv, dataclasses.replace(
-        mosaic_fwd.DEFAULT_MOSAIC_FWD, persistent=p)) for p in (False, True))
+        mosaic_fwd.GRID_MOSAIC_FWD, persistent=p)) for p in (False, True))
     for pattern in (r"bar\.sync \$0, 256", r"wgmma\.commit[._]group"):
         depths = _loop_depths(grid, pattern)
         assert depths and _loop_depths(persistent, pattern) == [d + 1 for d in depths], pattern
@@ -664,7 +667,7 @@ def test_carried_forward_pairs_an_items_first_s_with_the_last_p_v(monkeypatch, c
     # tiles) and, zeros, by an empty item.
     tables, q, kv, _ = _setup(*case)
     module = _forward_module(monkeypatch, tables, q, kv, dataclasses.replace(
-        mosaic_fwd.DEFAULT_MOSAIC_FWD, persistent=True, carry_items=True))
+        mosaic_fwd.GRID_MOSAIC_FWD, persistent=True, carry_items=True))
     middles = 1 + tables.kv_ragged  # masked and unmasked, or unmasked only
     wgmma_groups = {"opening": 1, "middle": 2 * middles, "bridge": 2, "drain": 1}
     assert _loop_depths(module, r"wgmma\.commit[._]group") == [2] * sum(wgmma_groups.values())
@@ -680,7 +683,7 @@ def test_list_scheduled_walk_reads_each_ctas_items_from_one_table(monkeypatch, c
     # (list_scheduled_walk: 48 items on 5 CTAs, at most 10 a CTA) instead of computing c, c + CTAs, ...;
     # the launch and the key loops are the round robin's.
     tables, q, kv, _ = _setup(*CASES[0])
-    persistent = dataclasses.replace(mosaic_fwd.DEFAULT_MOSAIC_FWD, persistent=True, persistent_ctas=5, carry_items=carry)
+    persistent = dataclasses.replace(mosaic_fwd.GRID_MOSAIC_FWD, persistent=True, persistent_ctas=5, carry_items=carry)
     listed, round_robin = (_forward_module(monkeypatch, tables, q, kv, dataclasses.replace(persistent, walk_item_cost=c))
                            for c in (2.0, None))  # fmt: skip
     assert _launch(listed) == _launch(round_robin) and _launch(listed)[:3] == (5, 1, 1)
@@ -692,11 +695,11 @@ def test_list_scheduled_walk_reads_each_ctas_items_from_one_table(monkeypatch, c
 
 def test_carried_forward_refuses_other_loops():
     tables, q, kv, _ = _setup(*CASES[0])
-    carried = dataclasses.replace(mosaic_fwd.DEFAULT_MOSAIC_FWD, persistent=True, carry_items=True)
+    carried = dataclasses.replace(mosaic_fwd.GRID_MOSAIC_FWD, persistent=True, carry_items=True)
     for fields in ({"persistent": False}, {"lazy_rescale_threshold": 8.0}, {"pv_wait_after_cols": None},
                    {"overlap_waits_first": False}):  # fmt: skip
         tuning = dataclasses.replace(carried, **fields)
-        with pytest.raises(ValueError, match="carry_items runs DEFAULT_MOSAIC_FWD's loop"):
+        with pytest.raises(ValueError, match="carry_items runs GRID_MOSAIC_FWD's loop"):
             jax.eval_shape(lambda q, k, v: mosaic_fwd.mosaic_forward(q, k, v, tables=tables, scale=0.1, tuning=tuning),
                            q, kv, kv)  # fmt: skip
 
@@ -710,7 +713,7 @@ def test_ablations_drop_only_their_stage_from_the_middle_steps(monkeypatch, case
     tables, q, kv, _ = _setup(*case)
     middles = 1 + tables.kv_ragged
     module = lambda stage: _forward_module(monkeypatch, tables, q, kv,
-                                           dataclasses.replace(mosaic_fwd.DEFAULT_MOSAIC_FWD, ablate=stage))
+                                           dataclasses.replace(mosaic_fwd.GRID_MOSAIC_FWD, ablate=stage))
     modules = {stage: module(stage) for stage in (None, "softmax", "exp2", "rescale")}
     exp2s = {stage: text.count("ex2.approx") for stage, text in modules.items()}
     assert exp2s[None] - exp2s["exp2"] == 64 * middles and exp2s[None] - exp2s["softmax"] == 66 * middles
@@ -735,7 +738,7 @@ def test_ablate_refuses_other_loops_and_stages():
     for fields in ({"ablate": "mask"}, {"ablate": "loads", "persistent": True}, {"ablate": "exp2", "persistent": True},
                    {"ablate": "exp2", "lazy_rescale_threshold": 8.0},
                    {"ablate": "softmax", "pv_wait_after_cols": None}, {"ablate": "cluster"}):
-        tuning = dataclasses.replace(mosaic_fwd.DEFAULT_MOSAIC_FWD, **fields)
+        tuning = dataclasses.replace(mosaic_fwd.GRID_MOSAIC_FWD, **fields)
         with pytest.raises(ValueError, match="ablate="):
             jax.eval_shape(lambda q, k, v: mosaic_fwd.mosaic_forward(q, k, v, tables=tables, scale=0.1, tuning=tuning),
                            q, kv, kv)  # fmt: skip
@@ -756,7 +759,7 @@ def _tma_loads(module: str) -> tuple[int, int]:
 def _pair_modules(monkeypatch, case, **fields) -> tuple[str, str]:
     """The Mosaic modules of kv_multicast's forward, and of it with `fields`, on CASES' `case`."""
     tables, q, kv, _ = _setup(*case)
-    pairs = dataclasses.replace(mosaic_fwd.DEFAULT_MOSAIC_FWD, kv_multicast=True)
+    pairs = dataclasses.replace(mosaic_fwd.GRID_MOSAIC_FWD, kv_multicast=True)
     return tuple(_forward_module(monkeypatch, tables, q, kv, tuning)
                  for tuning in (pairs, dataclasses.replace(pairs, **fields)))
 
@@ -768,9 +771,9 @@ def test_kv_multicast_launches_pairs_and_multicasts_shared_blocks(monkeypatch, c
     # the grid kernel's (the same exp2 and wgmma waits). The producer is the grid kernel's (its `stages`
     # first loads unrolled, then the loop), every load site with both kinds.
     tables, q, kv, _ = _setup(*case)
-    default = _forward_module(monkeypatch, tables, q, kv, mosaic_fwd.DEFAULT_MOSAIC_FWD)
+    default = _forward_module(monkeypatch, tables, q, kv, mosaic_fwd.GRID_MOSAIC_FWD)
     pairs = _forward_module(monkeypatch, tables, q, kv,
-                            dataclasses.replace(mosaic_fwd.DEFAULT_MOSAIC_FWD, kv_multicast=True, num_stages=stages))
+                            dataclasses.replace(mosaic_fwd.GRID_MOSAIC_FWD, kv_multicast=True, num_stages=stages))
     sites = stages + 1
     assert _tma_loads(pairs) == (1 + 4 * sites, 2 * sites)  # Q; K and V multicast; K and V alone
     assert _tma_loads(default)[1] == 0
@@ -778,20 +781,6 @@ def test_kv_multicast_launches_pairs_and_multicasts_shared_blocks(monkeypatch, c
     assert "mapa.shared::cluster" in pairs  # the rendezvous arrives on the partner's barrier too
     assert pairs.count("ex2.approx") == default.count("ex2.approx")
     assert _wgmma_waits(pairs) == _wgmma_waits(default)
-
-
-@pytest.mark.parametrize("case", [CASES[0], CASES[3]])
-def test_pair_release_arrives_on_the_partner_from_the_compute_loop(monkeypatch, case):
-    # pair_release: the compute warpgroups' releases of a shared slot arrive on both CTAs' cluster barrier
-    # instead of the memory warpgroups' rendezvous (two arrive sites, K and V, at each of the 3 load sites);
-    # the copies stay multicast. Release sites: the first step's K (its masked and unmasked forms), the
-    # middle step's K and V (the loop's and the masked tail step's), the last step's V: 7; and the two CTAs'
-    # meeting before they exit (a CTA must not exit while the other may still arrive on its barriers).
-    pairs, released = _pair_modules(monkeypatch, case, pair_release=True)
-    remote = "mbarrier.arrive.shared::cluster"
-    assert pairs.count(remote) == 2 * 3 and released.count(remote) == 2 + 2 * 2 + 1 + 1
-    assert _tma_loads(released) == _tma_loads(pairs)
-    assert released.count("ex2.approx") == pairs.count("ex2.approx")
 
 
 @pytest.mark.parametrize("case", [CASES[0], CASES[3], CASES[4]])
@@ -806,22 +795,41 @@ def test_pair_matching_reads_its_tiles_from_a_table_and_keeps_the_loop(monkeypat
     assert _wgmma_waits(matched) == _wgmma_waits(pairs)
 
 
+@pytest.mark.parametrize("q_len", [383 * 128, 383 * 128 + 1, 384 * 128 + 77])
+def test_default_forward_runs_pairs_from_384_query_tiles(monkeypatch, q_len):
+    # DEFAULT_MOSAIC_FWD: below 384 query tiles the grid kernel's module, byte for byte; from 384 tiles on
+    # (a ragged last tile counts) matched pairs, the module kv_multicast with pair_matching lowers to.
+    mask = radial_block_mask(21, 1560, block_size=128, decay_factor=1.0)
+    tiles = -(-q_len // 128)
+    mask = np.tile(mask, (-(-tiles // len(mask)), 1))[:tiles]
+    tables = block_tables(mask, 128, q_len, 32760)
+    q = jax.ShapeDtypeStruct((1, q_len, 2, 128), jnp.bfloat16)
+    kv = jax.ShapeDtypeStruct((1, 32760, 2, 128), jnp.bfloat16)
+    default, grid, pairs = (_forward_module(monkeypatch, tables, q, kv, tuning) for tuning in (
+        mosaic_fwd.DEFAULT_MOSAIC_FWD, mosaic_fwd.GRID_MOSAIC_FWD,
+        dataclasses.replace(mosaic_fwd.GRID_MOSAIC_FWD, kv_multicast=True, pair_matching=True)))  # fmt: skip
+    assert default == (pairs if tiles >= 384 else grid)
+    assert ("cluster.arrive" in default) == (tiles >= 384)
+    assert KernelTuning().mosaic_fwd == mosaic_fwd.DEFAULT_MOSAIC_FWD
+
+
 def test_kv_multicast_refuses_other_loops():
     tables, q, kv, _ = _setup(*CASES[0])
     for fields in ({"pair_matching": True}, {"kv_multicast": True, "pair_matching": True, "ablate": "cluster"}):
-        tuning = dataclasses.replace(mosaic_fwd.DEFAULT_MOSAIC_FWD, **fields)
+        tuning = dataclasses.replace(mosaic_fwd.GRID_MOSAIC_FWD, **fields)
         with pytest.raises(ValueError, match="pair_matching chooses kv_multicast's pairs"):
             jax.eval_shape(lambda q, k, v: mosaic_fwd.mosaic_forward(q, k, v, tables=tables, scale=0.1,
                                                                      tuning=tuning), q, kv, kv)  # fmt: skip
-    with pytest.raises(ValueError, match="pair_release changes how kv_multicast's pairs release"):
-        tuning = dataclasses.replace(mosaic_fwd.DEFAULT_MOSAIC_FWD, pair_release=True)
-        jax.eval_shape(lambda q, k, v: mosaic_fwd.mosaic_forward(q, k, v, tables=tables, scale=0.1, tuning=tuning),
-                       q, kv, kv)  # fmt: skip
+    for fields in ({"pairs_from_q_tiles": 2}, {"kv_multicast": True, "pairs_from_q_tiles": -1}):
+        tuning = dataclasses.replace(mosaic_fwd.GRID_MOSAIC_FWD, **fields)
+        with pytest.raises(ValueError, match="is where kv_multicast's pairs start"):
+            jax.eval_shape(lambda q, k, v: mosaic_fwd.mosaic_forward(q, k, v, tables=tables, scale=0.1,
+                                                                     tuning=tuning), q, kv, kv)  # fmt: skip
     for fields in ({"persistent": True}, {"num_stages": 4}, {"separate_kv_waits": False}, {"producer_warp": True},
                    {"grid_heads": 1}, {"overlap_qk": False, "overlap_late_p": False, "named_turn": False,
                                        "overlap_waits_first": False, "late_pv_wait": False,
                                        "pv_wait_after_cols": None}):  # fmt: skip
-        tuning = dataclasses.replace(mosaic_fwd.DEFAULT_MOSAIC_FWD, kv_multicast=True, **fields)
+        tuning = dataclasses.replace(mosaic_fwd.GRID_MOSAIC_FWD, kv_multicast=True, **fields)
         with pytest.raises(ValueError, match="kv_multicast runs pairs"):
             jax.eval_shape(lambda q, k, v: mosaic_fwd.mosaic_forward(q, k, v, tables=tables, scale=0.1, tuning=tuning),
                            q, kv, kv)  # fmt: skip
