@@ -1027,8 +1027,8 @@ class TestMosaicMulticastGPU:
         # The backward reads the pairs' out and lse: its gradients must be the grid forward's up to the
         # rounding of the reordered sums (bf16 inputs; a wrong lse row moves a gradient row by O(1))
         (q, k, v), mask = self.long_case()
-        loss = lambda tuning: jax.jit(jax.grad(lambda q, k, v: jnp.sum(block_sparse_attention(
-            q, k, v, mask, block_size=128, backend="mosaic", tuning=tuning).astype(jnp.float32) * q[..., :1]),
+        loss = lambda tuning: jax.jit(jax.grad(lambda q, k, v: jnp.sum((block_sparse_attention(
+            q, k, v, mask, block_size=128, backend="mosaic", tuning=tuning) * q[..., :1]).astype(jnp.float32)),
             argnums=(0, 1, 2)))(q, k, v)  # fmt: skip
         for got, want in zip(loss(None), loss(KernelTuning(mosaic_fwd=GRID_MOSAIC_FWD))):
             got, want = got.astype(jnp.float32), want.astype(jnp.float32)
