@@ -71,6 +71,18 @@ def supported(q_dtype, head_dim: int, block_size: int) -> str | None:
     return None
 
 
+@functools.lru_cache(maxsize=16)
+def _pair_lists(tables: BlockTables, matching: bool):
+    """kv_multicast's (ids [2P, width], shared [P], pairs [P, 2] or None) for `tables` (see shared_first_pairs),
+    read-only. Cached: a model's layers share one tables object (block_tables caches it), and the pairing
+    takes 0.1-0.3 s at Wan's long shapes, once a layer in an unrolled model's trace otherwise."""
+    pairs = matched_pairs(tables.kv_ids, tables.kv_counts) if matching else None
+    ids, shared = shared_first_pairs(tables.kv_ids, tables.kv_counts, tables.kv_full_counts, pairs)
+    for a in (ids, shared) if pairs is None else (ids, shared, pairs):
+        a.setflags(write=False)
+    return ids, shared, pairs
+
+
 def _sm_count() -> int:
     """The SM count of the GPU jax runs on, or HOPPER_SMS when tracing elsewhere (cross-lowering on a CPU)."""
     device = jax.devices()[0]
@@ -467,8 +479,7 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
     counts = jnp.stack([jnp.asarray(tables.kv_counts), jnp.asarray(tables.kv_full_counts)], axis=1)
     inputs = (q, k, v, kv_ids, counts)
     if multicast:  # the grid runs pairs of query tiles (an odd last tile with an empty one: count 0)
-        pairs = matched_pairs(tables.kv_ids, tables.kv_counts) if tuning.pair_matching else None
-        ids, shared = shared_first_pairs(tables.kv_ids, tables.kv_counts, tables.kv_full_counts, pairs)
+        ids, shared, pairs = _pair_lists(tables, tuning.pair_matching)
         if tuning.ablate == "cluster":  # the grid kernel's order
             ids = np.pad(tables.kv_ids, ((0, len(ids) - num_q_tiles), (0, 0)))
         grid = (heads, len(shared), batch)
