@@ -434,7 +434,10 @@ class TritonTuning:
     # that the CPU suite runs the algorithm the GPU does (exact since session 16). The Mosaic default's
     # other orders (the row sum added in each thread and across threads after the loop, the wait for
     # P V placed among the exp2) move only the sum's rounding and the schedule, so the twin keeps
-    # Triton's per-step row sum. The backward ignores it.
+    # Triton's per-step row sum. So does the pairs' order (from 384 query tiles the Mosaic default walks a
+    # tile's key blocks shared with its pair first, a permutation of the row): the twin walks each row in
+    # ascending order, and the GPU suite checks the pairs bitwise against the grid kernel on that
+    # permutation. The backward ignores it.
     lazy_rescale_threshold: float | None = None
     # The backward as one kernel per key tile that also adds its dQ partials (dS K, dS cast to the input
     # dtype) into an f32 accumulator with atomic adds: MosaicBwdTuning(fused=True)'s algorithm, on in
