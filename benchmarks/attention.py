@@ -179,20 +179,21 @@ def backward_variants() -> dict[str, KernelTuning]:
 
 def forward_variants() -> dict[str, KernelTuning]:
     """{case name: KernelTuning} of the Mosaic forward designs --variants can time beside the default
-    (DEFAULT_MOSAIC_FWD: the grid kernel GRID_MOSAIC_FWD, from 384 query tiles its K/V multicast pairs):
-    the grid kernel at every length (grid_fwd, the default until session 20); the serial key loop (MosaicTuning(), on which the others below build); session
-    9's default (the exact overlapped loop, its wait for P V before the softmax); the lazy rescale at FA4's threshold (8 log2 units) and at 0 (skip
-    only where no row max moved); FA3's intra-warpgroup overlap, alone, with the lazy rescale, and without the warpgroups' ping-pong;
-    the overlap with P cast after its P V's wait (late_p), also with P V reading P from shared memory
-    (p_smem), and in FA3's full order (late_p and O rescaled between the issues: fa3), alone, lazy and
-    without the ping-pong; the serial loop without the ping-pong; 4 heads launched together
-    (grid_heads); the persistent grid (one CTA per SM walks the work items) in either order; the
-    softmax's row reductions as trees, alone and with the lazy rescale; part of the exp2 on the FMA pipe;
-    the overlaps' turn on named barriers, and their waits before S's accumulator opens; the memory
-    warpgroup's K and V slot waits apart, in the serial, lazy, persistent and overlapped loops; the wait for
-    P V kept below the softmax without the lazy rescale (the lazy loop's exact form), and in FA3's order;
-    that wait and O's rescale placed after the exp2 of S's first 8, 16 or 24 columns; the row sum in each
-    thread; and on today's default (FA4's order): one producer warp, the lazy rescale, the wait after 0
+    (DEFAULT_MOSAIC_FWD: the grid kernel GRID_MOSAIC_FWD, from 384 query tiles its K/V multicast pairs; the
+    designs built on the grid kernel are best timed beside grid_fwd at long shapes): the grid kernel at every
+    length (grid_fwd, the default until session 20); the serial key loop (MosaicTuning(), on which the others
+    below build); session 9's default (the exact overlapped loop, its wait for P V before the softmax); the lazy
+    rescale at FA4's threshold (8 log2 units) and at 0 (skip only where no row max moved); FA3's intra-warpgroup
+    overlap, alone, with the lazy rescale, and without the warpgroups' ping-pong; the overlap with P cast after
+    its P V's wait (late_p), also with P V reading P from shared memory (p_smem), and in FA3's full order
+    (late_p and O rescaled between the issues: fa3), alone, lazy and without the ping-pong; the serial loop
+    without the ping-pong; 4 heads launched together (grid_heads); the persistent grid (one CTA per SM walks the
+    work items) in either order; the softmax's row reductions as trees, alone and with the lazy rescale; part of
+    the exp2 on the FMA pipe; the overlaps' turn on named barriers, and their waits before S's accumulator
+    opens; the memory warpgroup's K and V slot waits apart, in the serial, lazy, persistent and overlapped
+    loops; the wait for P V kept below the softmax without the lazy rescale (the lazy loop's exact form), and in
+    FA3's order; that wait and O's rescale placed after the exp2 of S's first 8, 16 or 24 columns; the row sum
+    in each thread; and on the grid kernel (FA4's order): one producer warp, the lazy rescale, the wait after 0
     columns, a 3-slot ring."""
     fwd = lambda **fields: KernelTuning(mosaic_fwd=MosaicTuning(**fields))
     # The variants below were built on the lazy default (LAZY_MOSAIC_FWD, the default until session 16)
@@ -275,7 +276,8 @@ def forward_variants() -> dict[str, KernelTuning]:
                                                          pv_wait_after_cols=16),
             # The lazy loop on the persistent grid (one CTA an SM walking the work items).
             "persistent_overlap_fwd": default_and(persistent=True),
-            # The default (FA4's softmax order) with its K/V loads issued by one warp (FA4's producer).
+            # The grid kernel (FA4's softmax order; from 384 query tiles the default runs pairs of it, so
+            # time these beside grid_fwd at long shapes) with its K/V loads issued by one warp (FA4's producer).
             "fa4_order_producer_warp_fwd": KernelTuning(mosaic_fwd=dataclasses.replace(GRID_MOSAIC_FWD,
                                                                                        producer_warp=True)),
             # ... and with the lazy rescale (threshold 8): after the wait for P V the warp votes and skips
@@ -288,7 +290,7 @@ def forward_variants() -> dict[str, KernelTuning]:
                                                                                 pv_wait_after_cols=0)),
             # ... and with a K/V ring of 3 slots (224 KiB of tiles at head_dim 128).
             "fa4_order_s3_fwd": KernelTuning(mosaic_fwd=dataclasses.replace(GRID_MOSAIC_FWD, num_stages=3)),
-            # The default on the persistent grid (one CTA an SM), each item's pipeline alone, and with
+            # The grid kernel on the persistent grid (one CTA an SM), each item's pipeline alone, and with
             # the pipeline carried across items (an item's first S issued with the previous one's last P V).
             "fa4_order_persistent_fwd": KernelTuning(mosaic_fwd=dataclasses.replace(GRID_MOSAIC_FWD,
                                                                                     persistent=True)),
@@ -303,7 +305,7 @@ def forward_variants() -> dict[str, KernelTuning]:
             "fa4_order_persistent_list3_fwd": KernelTuning(mosaic_fwd=dataclasses.replace(
                 GRID_MOSAIC_FWD, persistent=True, walk_item_cost=3.0)),
             "row_sum_in_thread_producer_warp_fwd": default_and(row_sum_in_thread=True, producer_warp=True),
-            # Timing only (wrong output): the default minus one stage of its middle steps, to price that
+            # Timing only (wrong output): the grid kernel minus one stage of its middle steps, to price that
             # stage at the power cap: the whole softmax (P = bf16(S)), the exp2 (p = x), O's rescale, 15/16
             # of the K/V loads.
             **{f"ablate_{stage}_fwd": KernelTuning(mosaic_fwd=dataclasses.replace(GRID_MOSAIC_FWD, ablate=stage))

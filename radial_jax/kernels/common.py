@@ -222,8 +222,9 @@ class MosaicTuning:
     # shorter queries run the grid kernel (this tuning with kv_multicast and pair_matching off). The pairs'
     # gain is at the power cap, where fewer bytes from L2 buy a higher clock, and they cost cycles: at
     # 1.3B 480p-81f (256 tiles) they ran 0.93-0.985x the grid kernel in alternating rounds and level with
-    # it at the cap, at 480p-121f (378 tiles) 0.976x and level; at 480p-161f (500 tiles) 1.014-1.023x at
-    # the cap and 0.975-1.025x alternating; at 14B 720p (591 and 1154 tiles) ahead in both (NOTES
+    # it at the cap (session 19's pairs of tiles 2p and 2p + 1), at 480p-121f (378 tiles) 0.976x and
+    # level; at 480p-161f (500 tiles) 1.014-1.023x at the cap and 0.975-1.025x alternating; at 14B 720p
+    # (591 and 1154 tiles) 1.014-1.023x alternating and, at 720p-81f, 1.031-1.036x at the cap (NOTES
     # session 20).
     pairs_from_q_tiles: int = 0
     # Timing only, the output is wrong: the grid kernel with GRID_MOSAIC_FWD's loop minus one stage of
@@ -269,7 +270,7 @@ GRID_MOSAIC_FWD = dataclasses.replace(LAZY_MOSAIC_FWD, lazy_rescale_threshold=No
 # query tiles (49,152 query tokens: Wan 1.3B 480p-161f, 14B 720p-81f and longer) its loop on pairs
 # of matched query tiles sharing K/V by multicast. Against the grid kernel on the H200 (NOTES session
 # 20): at the cap 1.014-1.023x at 1.3B 480p-161f and 1.031-1.036x at 14B 720p-81f; in alternating rounds
-# 0.975-1.025x (median 0.99x) / 1.015-1.023x / 1.014-1.020x at 480p-161f / 720p-81f / 720p-161f. Beside
+# 0.975-1.025x (median 0.99x) / 1.015-1.023x / 1.014-1.021x at 480p-161f / 720p-81f / 720p-161f. Beside
 # FA4 at the cap 1.029x / 1.040x at 480p-161f / 720p-81f.
 DEFAULT_MOSAIC_FWD = dataclasses.replace(GRID_MOSAIC_FWD, kv_multicast=True, pair_matching=True,
                                          pairs_from_q_tiles=384)
@@ -448,7 +449,7 @@ class TritonTuning:
 
 # The Triton twin's forward: the Mosaic default's softmax rule (exact since session 16), Triton's launch defaults.
 DEFAULT_TRITON_FWD = TritonTuning(num_warps=4, num_stages=2,
-                                  lazy_rescale_threshold=GRID_MOSAIC_FWD.lazy_rescale_threshold)
+                                  lazy_rescale_threshold=DEFAULT_MOSAIC_FWD.lazy_rescale_threshold)
 
 
 @dataclasses.dataclass(frozen=True)

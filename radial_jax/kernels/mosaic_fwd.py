@@ -74,8 +74,8 @@ def supported(q_dtype, head_dim: int, block_size: int) -> str | None:
 @functools.lru_cache(maxsize=16)
 def _pair_lists(tables: BlockTables, matching: bool):
     """kv_multicast's (ids [2P, width], shared [P], pairs [P, 2] or None) for `tables` (see shared_first_pairs),
-    read-only. Cached: a model's layers share one tables object (block_tables caches it), and the pairing
-    takes 0.1-0.3 s at Wan's long shapes, once a layer in an unrolled model's trace otherwise."""
+    read-only. Cached on the tables object (block_tables caches those): the pairing takes 0.1-0.3 s at Wan's
+    long shapes, and every new trace of the forward (a jit, then its grad, ...) would redo it."""
     pairs = matched_pairs(tables.kv_ids, tables.kv_counts) if matching else None
     ids, shared = shared_first_pairs(tables.kv_ids, tables.kv_counts, tables.kv_full_counts, pairs)
     for a in (ids, shared) if pairs is None else (ids, shared, pairs):
@@ -400,9 +400,7 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
     num_q_tiles = tables.num_q_blocks
     if tuning.pairs_from_q_tiles and not (tuning.kv_multicast and tuning.pairs_from_q_tiles > 0):
         raise ValueError(f"pairs_from_q_tiles={tuning.pairs_from_q_tiles} is where kv_multicast's pairs start: set "
-                         "kv_multicast and a tile count > 0")
-    if tuning.kv_multicast and num_q_tiles < tuning.pairs_from_q_tiles:  # too few tiles for pairs: the grid kernel
-        tuning = dataclasses.replace(tuning, kv_multicast=False, pair_matching=False, pairs_from_q_tiles=0)
+                         "kv_multicast and a tile count > 0, or start from GRID_MOSAIC_FWD (the grid kernel)")
     qk_scale = scale * LOG2_E
     lazy_threshold = tuning.lazy_rescale_threshold
     late_p, early_rescale, p_smem = tuning.overlap_late_p, tuning.overlap_early_rescale, tuning.overlap_p_smem
@@ -457,8 +455,12 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
         # CTA is left without an item (the kernels load their first item's Q unconditionally).
         raise ValueError(f"walk_item_cost={tuning.walk_item_cost} deals the persistent kernel's items: set "
                          "persistent=True and a cost > 0 (key steps an item adds to its blocks)")
-    if tuning.ablate in PAIR_ABLATIONS and not tuning.kv_multicast:
-        raise ValueError(f"ablate={tuning.ablate!r} (timing only) takes kv_multicast's pairs apart: set kv_multicast")
+    if tuning.ablate in PAIR_ABLATIONS and not (tuning.kv_multicast and not tuning.pairs_from_q_tiles):
+        raise ValueError(f"ablate={tuning.ablate!r} (timing only) takes kv_multicast's pairs apart: set kv_multicast, "
+                         "with pairs_from_q_tiles=0 (pairs at every length)")
+    if tuning.ablate in STAGE_ABLATIONS and tuning.kv_multicast:
+        raise ValueError(f"ablate={tuning.ablate!r} (timing only) drops a stage of the grid kernel's loop: set it on "
+                         "GRID_MOSAIC_FWD (DEFAULT_MOSAIC_FWD runs kv_multicast's pairs from 384 query tiles)")
     if tuning.ablate is not None and not (tuning.ablate in ABLATIONS and head_cols is not None
                                           and lazy_threshold is None and not persistent):
         raise ValueError(f"ablate={tuning.ablate!r} (timing only) drops one of {', '.join(ABLATIONS)} from the grid "
@@ -469,9 +471,14 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
                           and not tuning.producer_warp and tuning.grid_heads is None and not p_smem):
         raise ValueError("kv_multicast runs pairs of query tiles on the grid kernel's overlapped loop with its K and V "
                          "waits apart: set it on GRID_MOSAIC_FWD (num_stages 2 or 3, not persistent, producer_warp, "
-                         "grid_heads, overlap_p_smem or overlap_early_rescale)")
+                         "grid_heads, overlap_p_smem or overlap_early_rescale); DEFAULT_MOSAIC_FWD sets it, so start "
+                         "other designs from GRID_MOSAIC_FWD")
     if tuning.pair_matching and not (multicast and tuning.ablate != "cluster"):
         raise ValueError("pair_matching chooses kv_multicast's pairs: set kv_multicast (not ablate='cluster')")
+    # Checked above on the tuning as given, so that a design is refused at every length or at none.
+    if multicast and num_q_tiles < tuning.pairs_from_q_tiles:  # too few tiles for pairs: the grid kernel
+        tuning = dataclasses.replace(tuning, kv_multicast=False, pair_matching=False, pairs_from_q_tiles=0)
+        multicast = False
     num_ctas = min(tuning.persistent_ctas or _sm_count(), total) if persistent else None
     if persistent:
         grid, grid_names = (num_ctas,), ("cta",)

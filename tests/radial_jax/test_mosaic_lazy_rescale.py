@@ -134,7 +134,7 @@ class TestLazyRescaleInterpret:
 
     def test_the_twin_follows_the_mosaic_default(self):
         # Both exact since session 16 (the Mosaic default's speed came from FA4's softmax order instead).
-        assert KernelTuning().triton_fwd.lazy_rescale_threshold is GRID_MOSAIC_FWD.lazy_rescale_threshold is None
+        assert KernelTuning().triton_fwd.lazy_rescale_threshold is KernelTuning().mosaic_fwd.lazy_rescale_threshold is None
 
     @pytest.mark.parametrize("threshold", [8.0, 0.0])
     def test_lazy_twin_matches_reference_and_exact_twin(self, threshold):

@@ -814,25 +814,28 @@ def test_default_forward_runs_pairs_from_384_query_tiles(monkeypatch, q_len):
 
 
 def test_kv_multicast_refuses_other_loops():
-    tables, q, kv, _ = _setup(*CASES[0])
+    tables, q, kv, _ = _setup(*CASES[0])  # 8 query tiles: below DEFAULT_MOSAIC_FWD's 384
+
+    def refused(tuning, match):
+        with pytest.raises(ValueError, match=match):
+            jax.eval_shape(lambda q, k, v: mosaic_fwd.mosaic_forward(q, k, v, tables=tables, scale=0.1, tuning=tuning),
+                           q, kv, kv)  # fmt: skip
+
+    grid, default = mosaic_fwd.GRID_MOSAIC_FWD, mosaic_fwd.DEFAULT_MOSAIC_FWD
     for fields in ({"pair_matching": True}, {"kv_multicast": True, "pair_matching": True, "ablate": "cluster"}):
-        tuning = dataclasses.replace(mosaic_fwd.GRID_MOSAIC_FWD, **fields)
-        with pytest.raises(ValueError, match="pair_matching chooses kv_multicast's pairs"):
-            jax.eval_shape(lambda q, k, v: mosaic_fwd.mosaic_forward(q, k, v, tables=tables, scale=0.1,
-                                                                     tuning=tuning), q, kv, kv)  # fmt: skip
+        refused(dataclasses.replace(grid, **fields), "pair_matching chooses kv_multicast's pairs")
     for fields in ({"pairs_from_q_tiles": 2}, {"kv_multicast": True, "pairs_from_q_tiles": -1}):
-        tuning = dataclasses.replace(mosaic_fwd.GRID_MOSAIC_FWD, **fields)
-        with pytest.raises(ValueError, match="is where kv_multicast's pairs start"):
-            jax.eval_shape(lambda q, k, v: mosaic_fwd.mosaic_forward(q, k, v, tables=tables, scale=0.1,
-                                                                     tuning=tuning), q, kv, kv)  # fmt: skip
+        refused(dataclasses.replace(grid, **fields), "is where kv_multicast's pairs start")
     for fields in ({"persistent": True}, {"num_stages": 4}, {"separate_kv_waits": False}, {"producer_warp": True},
                    {"grid_heads": 1}, {"overlap_qk": False, "overlap_late_p": False, "named_turn": False,
                                        "overlap_waits_first": False, "late_pv_wait": False,
                                        "pv_wait_after_cols": None}):  # fmt: skip
-        tuning = dataclasses.replace(mosaic_fwd.GRID_MOSAIC_FWD, kv_multicast=True, **fields)
-        with pytest.raises(ValueError, match="kv_multicast runs pairs"):
-            jax.eval_shape(lambda q, k, v: mosaic_fwd.mosaic_forward(q, k, v, tables=tables, scale=0.1, tuning=tuning),
-                           q, kv, kv)  # fmt: skip
+        refused(dataclasses.replace(grid, kv_multicast=True, **fields), "kv_multicast runs pairs")
+    # The default's variants are checked as given, before the tile count turns the pairs off: a design is
+    # refused at every length, not only from 384 tiles (or, for the pairs' ablations, only below)
+    refused(dataclasses.replace(default, persistent=True), "kv_multicast runs pairs")
+    refused(dataclasses.replace(default, ablate="exp2"), "drops a stage of the grid kernel's loop")
+    refused(dataclasses.replace(default, ablate="multicast"), "with pairs_from_q_tiles=0")
 
 
 def test_persistent_forward_refuses_smem_p_and_a_bad_cta_count():
