@@ -25,7 +25,7 @@ class MosaicTuning:
     """The Mosaic forward (mosaic_fwd.py). MosaicTuning() is the serial key loop (issue Q K^T, wait,
     softmax, issue P V, wait), the reference design the others are timed against; the library runs
     DEFAULT_MOSAIC_FWD below: the grid kernel GRID_MOSAIC_FWD, and from 384 query tiles its K/V multicast
-    pairs (start a variant of either with dataclasses.replace)."""
+    pairs (start a variant with dataclasses.replace(GRID_MOSAIC_FWD, ...): most fields exclude the pairs)."""
 
     block_q: int = 64  # query rows per compute warpgroup (wgmma M)
     block_kv: int = 128  # keys per pipeline step; equals the mask block
