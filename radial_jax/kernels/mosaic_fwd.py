@@ -472,7 +472,8 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
         raise ValueError("kv_multicast runs pairs of query tiles on the grid kernel's overlapped loop with its K and V "
                          "waits apart: set it on GRID_MOSAIC_FWD (num_stages 2 or 3, not persistent, producer_warp, "
                          "grid_heads, overlap_p_smem or overlap_early_rescale); DEFAULT_MOSAIC_FWD sets it, so start "
-                         "other designs from GRID_MOSAIC_FWD")
+                         "other designs from GRID_MOSAIC_FWD (or set kv_multicast, pair_matching and "
+                         "pairs_from_q_tiles off)")
     if tuning.pair_matching and not (multicast and tuning.ablate != "cluster"):
         raise ValueError("pair_matching chooses kv_multicast's pairs: set kv_multicast (not ablate='cluster')")
     # Checked above on the tuning as given, so that a design is refused at every length or at none.
