@@ -567,12 +567,6 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
         elif tuning.pingpong:
             pl.when(wg == 1)(lambda: plgpu.barrier_arrive(schedule_barrier.at[0]))
 
-    def either(cond, then, otherwise):
-        """Runs then() where the traced bool cond holds and otherwise() where it does not (kv_multicast's
-        shared and own steps)."""
-        pl.when(cond)(then)
-        pl.when(jnp.logical_not(cond))(otherwise)
-
     def attend(refs, qo_smem, wg, q_tile, count, full_count, base=None):
         """Returns (acc [block_q, head_dim] f32, unnormalised; m_i, l_i [block_q] f32, m_i in log2 units)
         of this compute warpgroup's rows (Q in qo_smem, landed) against query tile q_tile's `count` key
@@ -1022,7 +1016,8 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
             plgpu.barrier_wait(rendezvous)
             plgpu.copy_gmem_to_smem(src, dst, full, collective_axes="pair")
 
-        either(together, multicast, alone)
+        pl.when(together)(multicast)
+        pl.when(jnp.logical_not(together))(alone)
 
     def load_kv(refs, b, head, q_tile, step, slot, reused=None, ready=None, together=None):
         """Issues the TMA loads of K and V block `step` of query tile q_tile's list into ring slot `slot`.
