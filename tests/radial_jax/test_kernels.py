@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 from radial_jax import attention_reference, radial_block_mask
-from radial_jax.kernels import (DEFAULT_MOSAIC_BWD, GRID_MOSAIC_FWD, LAZY_MOSAIC_FWD, KernelTuning, MosaicBwdTuning,
-                                MosaicTuning, TritonTuning, block_sparse_attention)
+from radial_jax.kernels import (DEFAULT_MOSAIC_BWD, DEFAULT_MOSAIC_FWD, GRID_MOSAIC_FWD, LAZY_MOSAIC_FWD, KernelTuning,
+                                MosaicBwdTuning, MosaicTuning, TritonTuning, block_sparse_attention)
 from radial_jax.kernels.tables import block_tables
 
 ON_GPU = jax.default_backend() == "gpu"
@@ -843,12 +843,17 @@ def _poison_free_memory(*shapes_and_dtypes):
 
 
 def _assert_persistent_forward_bitwise(name, reference, persistent, reference_tables=lambda tables: tables):
-    """Runs the Mosaic forward of _PERSISTENT_CASES[name] with tuning `reference` (on the case's tables
-    passed through reference_tables), then (over freed NaN-filled memory) with `persistent`, asserts out
+    """_assert_forward_bitwise on the case _PERSISTENT_CASES[name]."""
+    return _assert_forward_bitwise(*_persistent_case(name), reference, persistent, reference_tables)
+
+
+def _assert_forward_bitwise(qkv, mask, reference, tuning, reference_tables=lambda tables: tables):
+    """Runs the Mosaic forward of qkv (q, k, v) on the block mask with tuning `reference` (on the mask's
+    tables passed through reference_tables), then (over freed NaN-filled memory) with `tuning`, asserts out
     and lse bitwise equal and the reference free of NaN, and returns (out, lse, mask)."""
     from radial_jax.kernels import mosaic_fwd
 
-    (q, k, v), mask = _persistent_case(name)
+    q, k, v = qkv
     q_len, kv_len = q.shape[1], k.shape[1]
     tables = block_tables(mask, 128, q_len, kv_len)
     run = lambda tuning, tables=tables: mosaic_fwd.mosaic_forward(q, k, v, tables=tables, scale=q.shape[-1] ** -0.5,
@@ -857,7 +862,7 @@ def _assert_persistent_forward_bitwise(name, reference, persistent, reference_ta
     padded_q = -(-q_len // 8) * 8
     _poison_free_memory(((q.shape[0], padded_q, *q.shape[2:]), q.dtype),
                         ((q.shape[0], q.shape[2], tables.num_q_blocks * 128), jnp.float32))  # fmt: skip
-    out, lse = run(persistent)
+    out, lse = run(tuning)
     assert not jnp.isnan(ref_out).any() and not jnp.isnan(ref_lse).any()
     assert bool((out == ref_out).all()), float(jnp.abs(out.astype(jnp.float32) - ref_out.astype(jnp.float32)).max())
     assert bool(jnp.array_equal(lse, ref_lse)), float(jnp.nanmax(jnp.abs(lse - ref_lse)))
@@ -989,7 +994,7 @@ class TestMosaicMulticastGPU:
 
     @pytest.mark.parametrize("name, fields", [(name, fields) for name in _PERSISTENT_CASES for fields in (
         {}, {"num_stages": 3}, {"pair_matching": True}, {"pair_matching": True, "num_stages": 3})] + [
-            ("wan_480p_81f_radial", {"ablate": "multicast"}), ("ragged_cross_empty_row", {"ablate": "multicast"})])  # fmt: skip
+            (name, {"ablate": "multicast"}) for name in ("wan_480p_81f_radial", "ragged_cross_empty_row")])  # fmt: skip
     def test_forward_is_bitwise_the_grid_one_on_its_order(self, name, fields):
         # fields: a 3-slot ring; every block loaded alone (ablate="multicast": the pairs without it); matched
         # pairs (pair_matching: a tile read from the wrong row of the pairs' table, or written twice, moves values)
@@ -1011,18 +1016,8 @@ class TestMosaicMulticastGPU:
     def test_default_runs_matched_pairs_from_384_query_tiles(self):
         # The library's default forward at 385 tiles: out and lse bitwise the grid kernel's on the matched
         # pairs' order (at 256 tiles, wan_480p_81f_radial, it is the grid kernel: TestMosaicPersistentGPU)
-        from radial_jax.kernels import mosaic_fwd
-
-        (q, k, v), mask = self.long_case()
-        tables = block_tables(mask, 128, q.shape[1], k.shape[1])
-        run = functools.partial(mosaic_fwd.mosaic_forward, q, k, v, scale=128**-0.5)
-        ref_out, ref_lse = jax.block_until_ready(run(tables=self.reordered(tables, matching=True),
-                                                     tuning=GRID_MOSAIC_FWD))  # fmt: skip
-        padded_q = -(-q.shape[1] // 8) * 8  # the kernel's output rows (a multiple of the TMA's 8)
-        _poison_free_memory(((1, padded_q, 2, 128), q.dtype), ((1, 2, tables.num_q_blocks * 128), jnp.float32))
-        out, lse = run(tables=tables)
-        assert not jnp.isnan(ref_out).any() and not jnp.isnan(ref_lse).any()
-        assert bool((out == ref_out).all()) and bool(jnp.array_equal(lse, ref_lse))
+        _assert_forward_bitwise(*self.long_case(), GRID_MOSAIC_FWD, DEFAULT_MOSAIC_FWD,
+                                functools.partial(self.reordered, matching=True))
 
     def test_default_gradients_from_384_query_tiles_match_the_grid_kernels(self):
         # The backward reads the pairs' out and lse: its gradients must be the grid forward's up to the
