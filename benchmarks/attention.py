@@ -34,7 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # benchmarks/ is
 import fa4  # noqa: E402
 
 from radial_jax import attention_flops, block_density, computed_token_pairs, radial_block_mask  # noqa: E402
-from radial_jax.kernels import (DEFAULT_MOSAIC_BWD, GRID_MOSAIC_FWD, LAZY_MOSAIC_FWD, KernelTuning,  # noqa: E402
+from radial_jax.kernels import (DEFAULT_MOSAIC_BWD, DEFAULT_MOSAIC_FWD, GRID_MOSAIC_FWD, LAZY_MOSAIC_FWD, KernelTuning,  # noqa: E402
                                 MosaicBwdTuning, MosaicTuning, block_sparse_attention)
 from radial_jax.kernels.mosaic_fwd import STAGE_ABLATIONS  # noqa: E402
 from radial_jax.kernels.tables import block_tables  # noqa: E402
@@ -326,7 +326,10 @@ def forward_variants() -> dict[str, KernelTuning]:
                 GRID_MOSAIC_FWD, kv_multicast=True, ablate="multicast")),
             "kv_multicast_ablate_cluster_fwd": KernelTuning(mosaic_fwd=dataclasses.replace(
                 GRID_MOSAIC_FWD, kv_multicast=True, ablate="cluster")),
-            "overlap_late_p_sep_s3_fwd": fwd(**session9, num_stages=3)}
+            "overlap_late_p_sep_s3_fwd": fwd(**session9, num_stages=3),
+            # Q K^T with Q in registers (an RS wgmma): the grid kernel, and the default (pairs from 384 tiles).
+            "q_regs_grid_fwd": KernelTuning(mosaic_fwd=dataclasses.replace(GRID_MOSAIC_FWD, q_in_registers=True)),
+            "q_regs_fwd": KernelTuning(mosaic_fwd=dataclasses.replace(DEFAULT_MOSAIC_FWD, q_in_registers=True))}
 
 
 def variants(backward: bool) -> dict[str, KernelTuning]:
