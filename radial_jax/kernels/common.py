@@ -227,11 +227,6 @@ class MosaicTuning:
     # (591 and 1154 tiles) 1.014-1.023x alternating and, at 720p-81f, 1.031-1.036x at the cap (NOTES
     # session 20).
     pairs_from_q_tiles: int = 0
-    # Q K^T reads Q from the compute warpgroup's registers (an RS wgmma, as P V reads P) instead of its
-    # SMEM tile: Q is loaded once, after it lands, and held through the key loop (32 registers a thread
-    # at head_dim 128). Each step's S then reads only K from shared memory: a fifth less of the SMEM
-    # operand traffic of a step (Q 16 KiB, K 32 KiB, V 32 KiB a warpgroup), an energy lever at the cap.
-    q_in_registers: bool = False
     # Timing only, the output is wrong: the grid kernel with GRID_MOSAIC_FWD's loop minus one stage of
     # its middle steps, to measure what that stage costs at the 700 W cap (issue 16: "timing variants that
     # drop one stage"). "softmax": P = bf16(S), no row max, exp2, sum or rescale (what the matmuls, loads

@@ -446,9 +446,6 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
         raise ValueError(f"exp2_poly_every={tuning.exp2_poly_every}: None, or k >= 1 (every k-th 8-key tile)")
     # pv_wait_after_cols (checked above) implies the overlapped loop with late_pv_wait, the late P cast and
     # no early rescale.
-    if tuning.q_in_registers and tuning.carry_items:
-        raise ValueError("q_in_registers holds one item's Q through its key loop; carry_items' loop runs across "
-                         "items (each Q in its SMEM slot): set one of them")
     if tuning.carry_items and not (persistent and head_cols is not None and tuning.overlap_waits_first
                                    and lazy_threshold is None):
         raise ValueError("carry_items runs GRID_MOSAIC_FWD's loop across the persistent kernel's items: set "
@@ -592,8 +589,6 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
 
         m_i, l_i = fresh_row_state()
         acc = plgpu.layout_cast(jnp.full((block_q, head_dim), 0.0, jnp.float32), plgpu.Layout.WGMMA)
-        # Q K^T's lhs: the SMEM tile, or (q_in_registers) Q [block_q, head_dim] loaded from it once
-        q_operand = qo_smem[...] if tuning.q_in_registers else qo_smem
 
         def shifted_scores(s, m_i, step, *, mask_tail):
             return shifted_block_scores(s, m_i, ids_ref, q_tile, step, mask_tail=mask_tail)
@@ -612,7 +607,7 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
             slot = ring_slot(step)
 
             def compute_qk(acc_ref):
-                plgpu.wgmma(acc_ref, q_operand, k_smem.at[slot].transpose((1, 0)))
+                plgpu.wgmma(acc_ref, qo_smem, k_smem.at[slot].transpose((1, 0)))
                 if pingpong:
                     schedule()
                 return acc_ref[...]
@@ -662,7 +657,7 @@ def mosaic_forward(q, k, v, *, tables: BlockTables, scale: float, tuning: Mosaic
             first_slot = 0 if base is None else ring_slot(0)  # the persistent kernel's ring runs on
 
             def issue_qk(s_ref, step):  # after K_step's barrier: FA3 waits for data before its turn
-                plgpu.wgmma(s_ref, q_operand, k_smem.at[ring_slot(step)].transpose((1, 0)))
+                plgpu.wgmma(s_ref, qo_smem, k_smem.at[ring_slot(step)].transpose((1, 0)))
 
             def issue_pv(p16, step):  # p16: P in registers, or None: P in this warpgroup's SMEM tile
                 slot = ring_slot(step)

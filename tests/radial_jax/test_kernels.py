@@ -1036,24 +1036,6 @@ class TestMosaicMulticastGPU:
                                            dataclasses.replace(GRID_MOSAIC_FWD, kv_multicast=True, ablate="cluster"))
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not IS_HOPPER, reason="needs a Hopper GPU (sm90) for the Mosaic kernel")
-class TestMosaicQInRegistersGPU:
-    """MosaicTuning.q_in_registers against the same tuning with Q read from SMEM: S = Q K^T takes the same
-    bf16/f16 products in the same order from registers, so out and lse must be bitwise equal, for the grid
-    kernel and for its pairs. Q loaded before it lands, or into the wrong fragment layout, moves values."""
-
-    @pytest.mark.parametrize("name", list(_PERSISTENT_CASES))
-    def test_grid_forward_is_bitwise_with_q_from_smem(self, name):
-        _assert_persistent_forward_bitwise(name, GRID_MOSAIC_FWD,
-                                           dataclasses.replace(GRID_MOSAIC_FWD, q_in_registers=True))
-
-    @pytest.mark.parametrize("name", ["wan_480p_81f_radial", "ragged_cross_empty_row", "tiny_61x130"])
-    def test_matched_pairs_are_bitwise_with_q_from_smem(self, name):
-        pairs = dataclasses.replace(GRID_MOSAIC_FWD, kv_multicast=True, pair_matching=True)
-        _assert_persistent_forward_bitwise(name, pairs, dataclasses.replace(pairs, q_in_registers=True))
-
-
 @pytest.mark.parametrize("matching", [False, True])
 def test_shared_first_pairs_put_a_pairs_common_full_blocks_first_in_both_rows(matching):
     from radial_jax.kernels.common import matched_pairs, shared_first_pairs

@@ -6,7 +6,6 @@ copies, barriers. The kernels themselves run only on a Hopper GPU (test_kernels.
 catches tracing and lowering errors in CI, on the jax version CI has.
 """
 
-import collections
 import dataclasses
 import re
 
@@ -76,10 +75,9 @@ def test_lazy_rescale_forward_lowers_with_a_warp_vote(case):
     ({"pv_wait_after_cols": 12, "overlap_qk": True, "overlap_late_p": True, "late_pv_wait": True},
      "pv_wait_after_cols=12"),
     ({"producer_warp": True, "persistent": True}, "producer_warp"),
-    ({"q_in_registers": True, "carry_items": True, "persistent": True}, "q_in_registers"),
 ], ids=["lazy_overflow", "exp2_poly_0", "waits_first_alone", "named_turn_alone", "late_pv_wait_alone",
         "late_pv_wait_paired", "pv_wait_after_without_late_wait", "pv_wait_after_12",
-        "producer_warp_persistent", "q_in_registers_carried"])
+        "producer_warp_persistent"])
 def test_forward_refuses_a_tuning_it_cannot_run(fields, message):
     tables, q, kv, _ = _setup(*CASES[0])
     tuning = mosaic_fwd.MosaicTuning(**fields)
@@ -795,26 +793,6 @@ def test_pair_matching_reads_its_tiles_from_a_table_and_keeps_the_loop(monkeypat
     assert _TMA_LOADS.findall(matched) == _TMA_LOADS.findall(pairs)
     assert matched.count("ex2.approx") == pairs.count("ex2.approx")
     assert _wgmma_waits(matched) == _wgmma_waits(pairs)
-
-
-# A wgmma's issue as inline PTX (jax 0.10 and 0.11): the accumulator's registers, then the lhs: "{" when it is
-# in registers (an RS wgmma: P V's P, or Q with q_in_registers), a descriptor operand when it is in SMEM.
-_WGMMA_LHS = re.compile(r"wgmma\.mma_async\.sync\.aligned\.[\w.]+ \{[^}]*\}, (\{?)")
-
-
-@pytest.mark.parametrize("case, pairs", [(case, pairs) for case in CASES for pairs in (False, True)])
-def test_q_in_registers_issues_q_k_with_its_lhs_in_registers(monkeypatch, case, pairs):
-    # MosaicTuning.q_in_registers: every wgmma (S's and P V's) reads its lhs from registers, where the grid
-    # kernel's S reads Q's SMEM tile; the softmax and the wgmma waits are the same, with or without the pairs.
-    tables, q, kv, _ = _setup(*case)
-    base = dataclasses.replace(mosaic_fwd.GRID_MOSAIC_FWD, kv_multicast=pairs)
-    smem_q, q_regs = (_forward_module(monkeypatch, tables, q, kv, dataclasses.replace(base, q_in_registers=on))
-                      for on in (False, True))
-    lhs = lambda module: collections.Counter(_WGMMA_LHS.findall(module))
-    assert lhs(smem_q)[""] > 0 and lhs(smem_q)["{"] > 0  # S's from SMEM, P V's from registers
-    assert lhs(q_regs) == {"{": sum(lhs(smem_q).values())}
-    assert q_regs.count("ex2.approx") == smem_q.count("ex2.approx")
-    assert _wgmma_waits(q_regs) == _wgmma_waits(smem_q)
 
 
 @pytest.mark.parametrize("q_len", [383 * 128, 383 * 128 + 1, 384 * 128 + 77])
